@@ -1,0 +1,7 @@
+"""flashdreams: fast streaming inference of autoregressive video diffusion and world models."""
+
+__version__ = "0.1.0"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the CLI prints it as one line naming the setting."""

@@ -1,0 +1,100 @@
+"""Assemble the parts named by a composed config into a ready ``Rollout``.
+
+Shared by ``flashdreams-run``, the benchmark harness and the streaming server.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from flashdreams import ConfigError
+from flashdreams.rollout import NoiseFn, Rollout
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r} is not a torch device (auto | cpu | cuda:N)") from err
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype={name!r} is not one of {['auto', *_DTYPES]}")
+    return _DTYPES[name]
+
+
+def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, seed: int):
+    """Construct the DiT on the meta device and fill it (checkpoint or seeded random weights)."""
+    from flashdreams.io.checkpoint import materialize
+
+    spec = OmegaConf.to_container(model_cfg, resolve=True)
+    checkpoint = spec.pop("checkpoint", None)
+    with torch.device("meta"):
+        model = instantiate(spec)
+    if checkpoint is None:
+        log.warning(
+            "model.checkpoint=null: RANDOM WEIGHTS (seed %d). The output demonstrates the "
+            "pipeline, not a trained model.", seed,
+        )  # fmt: skip
+    model = materialize(model, checkpoint, device=device, dtype=dtype, seed=seed)
+    return model.eval().requires_grad_(False)
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    """The run's prompts: one per line of ``prompt_file``, else ``prompt``."""
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"prompt_file={cfg.prompt_file!r} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"prompt_file={cfg.prompt_file!r} holds no prompt")
+        return prompts
+    return [cfg.prompt]
+
+
+def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
+    """Instantiate every part of ``cfg`` and wire them into a ``Rollout``."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    parallel = instantiate(cfg.parallel)
+    parallel.setup()
+    model = build_model(cfg.model, device, dtype, cfg.seed)
+    model.attention = parallel.wrap_attention(instantiate(cfg.attention))
+    graph = instantiate(cfg.graph)
+    model = graph.prepare(model)
+    vae = instantiate(cfg.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    text_encoder = instantiate(cfg.text_encoder)
+    if getattr(text_encoder, "text_dim", model.text_dim) != model.text_dim:
+        raise ConfigError(
+            f"text_encoder.text_dim={text_encoder.text_dim} does not match "
+            f"model.text_dim={model.text_dim}"
+        )
+    r = cfg.rollout
+    rollout = Rollout(
+        model=model, scheduler=instantiate(cfg.scheduler), vae=vae, text_encoder=text_encoder,
+        cache_factory=instantiate(cfg.cache), graph=graph, height=r.height, width=r.width,
+        frames_per_block=r.frames_per_block, total_blocks=r.total_blocks,
+        context_noise=r.context_noise, batch_size=r.batch_size, device=device, dtype=dtype,
+        seed=cfg.seed, noise_fn=noise_fn,
+    )  # fmt: skip
+    rollout.parallel = parallel
+    return rollout

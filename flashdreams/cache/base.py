@@ -1,0 +1,99 @@
+"""Protocol of a block KV cache for block-causal AR attention."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Static per-layer K/V buffers laid out (B, L, H, D), written in place.
+
+    Per-AR-step protocol (the rollout loop drives it):
+
+    1. ``begin_block(start_frame, num_frames)`` selects the token slots of the block that starts
+       at absolute frame ``start_frame`` and the range of valid keys for its forwards.
+    2. Every forward of that block (each denoising step, then the commit at t = 0) calls
+       ``update(layer, k, v)`` in every layer: this writes the block's K/V into its slots,
+       overwriting what the previous forward of the same block wrote, and returns the keys and
+       values the block's queries attend to (sink + window + the block itself).
+
+    Keys are stored after RoPE at absolute positions, so slot order never matters to attention.
+    Buffers are allocated once; only index tensors and the valid length change, which is what
+    graph capture needs.
+
+    Args:
+        num_layers: transformer layers.
+        num_heads: attention heads.
+        head_dim: dims per head.
+        tokens_per_frame: latent tokens per frame (h * w after patching).
+        frames_per_block: latent frames per AR step.
+        total_frames: latent frames of the whole rollout (a full cache holds them all).
+        batch_size: batch.
+        device: buffer device.
+        dtype: buffer dtype.
+    """
+
+    capacity_frames: int
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        frames_per_block: int,
+        total_frames: int,
+        batch_size: int = 1,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.num_layers = num_layers
+        self.tokens_per_frame = tokens_per_frame
+        self.frames_per_block = frames_per_block
+        self.total_frames = total_frames
+        self.capacity_frames = self._capacity()
+        shape = (batch_size, self.capacity_frames * tokens_per_frame, num_heads, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.write_index = torch.zeros(0, dtype=torch.long, device=device)
+        self.valid_tokens = 0
+        self.filled_frames = 0
+
+    def _capacity(self) -> int:
+        """Frames the buffers hold."""
+        raise NotImplementedError
+
+    def frame_slot(self, frame: int) -> int:
+        """Buffer slot of absolute latent frame ``frame``."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget all blocks (buffers keep their memory; contents become invalid)."""
+        self.valid_tokens = 0
+        self.filled_frames = 0
+
+    @property
+    def is_steady(self) -> bool:
+        """True once the valid key range no longer grows (shapes are static from here on)."""
+        return self.filled_frames >= self.capacity_frames
+
+    def begin_block(self, start_frame: int, num_frames: int) -> None:
+        """Select slots and valid keys for the block [start_frame, start_frame + num_frames)."""
+        slots = [self.frame_slot(f) for f in range(start_frame, start_frame + num_frames)]
+        tpf = self.tokens_per_frame
+        idx = torch.tensor(slots, dtype=torch.long)[:, None] * tpf + torch.arange(tpf)[None]
+        idx = idx.flatten().to(self.write_index.device, non_blocking=True)
+        if self.write_index.shape != idx.shape:
+            self.write_index = torch.empty_like(idx)
+        self.write_index.copy_(idx)
+        self.filled_frames = min(max(self.filled_frames, start_frame + num_frames), self.capacity_frames)
+        self.valid_tokens = self.filled_frames * tpf
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this block's K/V (B, L, H, D) and return the attended K/V (B, Lk, H, D)."""
+        self.k[layer].index_copy_(1, self.write_index, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(1, self.write_index, v.to(self.v[layer].dtype))
+        return self.k[layer][:, : self.valid_tokens], self.v[layer][:, : self.valid_tokens]

@@ -1,0 +1,88 @@
+"""Console entry points. torch is imported lazily so ``--help`` and ``--cfg`` stay fast.
+
+Errors the user can fix (bad settings, unknown options, unreadable files) are printed as one
+line naming the setting, with exit status 2; ``debug=true`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from flashdreams import ConfigError
+from flashdreams.config import schema  # noqa: F401  (registers the structured configs)
+
+CONF_DIR = Path(__file__).parent / "conf"
+GROUPS = ("model", "scheduler", "cache", "attention", "parallel", "graph", "vae",
+          "text_encoder", "logger", "recipe", "paths")  # fmt: skip
+
+
+def group_options(group: str) -> list[str]:
+    """YAML options available in a config group."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _check_choices(argv: list[str]) -> None:
+    """One-line error for ``group=unknown`` before Hydra composes anything."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~").removeprefix("override ")
+        if key in GROUPS:
+            allowed = group_options(key)
+            for choice in value.split(","):
+                if choice and choice not in allowed and not choice.startswith(("choice(", "glob(")):
+                    _fail(f"{key}={choice}: unknown option; allowed: {', '.join(allowed)}")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"flashdreams: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _user_error(err: BaseException) -> str | None:
+    """The one-line message of a user-fixable error (also when wrapped by instantiate)."""
+    while err is not None:
+        if isinstance(err, ConfigError):
+            return str(err)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="run")
+def _run(cfg: DictConfig) -> None:
+    from flashdreams.job import run_job
+
+    try:
+        run_job(cfg)
+    except KeyboardInterrupt:
+        _fail("interrupted; the video and stats.json written so far are kept", 130)
+    except Exception as err:  # noqa: BLE001
+        message = _user_error(err)
+        if message is None or cfg.debug:
+            raise
+        _fail(message)
+
+
+def run_main() -> None:
+    """``flashdreams-run``: run a recipe (Hydra app)."""
+    _check_choices(sys.argv[1:])
+    if "debug=true" in sys.argv[1:]:
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    _run()
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    """``flashdreams-report <sweep dir>``: table, report.csv and report.png of a sweep."""
+    from flashdreams.report import main
+
+    sys.exit(main(argv))
+
+
+if __name__ == "__main__":
+    run_main()

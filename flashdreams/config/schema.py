@@ -1,0 +1,118 @@
+"""Structured-config schemas registered in Hydra's ConfigStore.
+
+The primary config and each YAML option extend a schema here through their defaults list
+(``base_run``, ``base_rolling``, ...), so a misspelled key or a wrong type fails at
+composition with Hydra's own message. This module must not import torch (``--help`` is fast).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class RolloutConfig:
+    height: int = 128  # video height in pixels
+    width: int = 128  # video width in pixels
+    frames_per_block: int = 3  # latent frames generated per AR step
+    total_blocks: int = 7  # AR steps
+    context_noise: float = 0.0  # timestep of the commit forward
+    batch_size: int = 1  # videos generated together
+
+
+@dataclass
+class RunConfig:
+    run_name: str = "demo"
+    seed: int = 0
+    prompt: str = "A red fox running through fresh snow at dawn, cinematic."
+    prompt_file: Optional[str] = None
+    negative_prompt: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    profile: bool = False
+    fps: int = 16
+    save_embeddings: Optional[str] = None
+    debug: bool = False
+    tags: list[str] = field(default_factory=list)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    paths: Any = MISSING
+    model: Any = MISSING
+    scheduler: Any = MISSING
+    cache: Any = MISSING
+    attention: Any = MISSING
+    parallel: Any = MISSING
+    graph: Any = MISSING
+    vae: Any = MISSING
+    text_encoder: Any = MISSING
+    logger: Any = MISSING
+    recipe: Any = None
+
+
+@dataclass
+class WanModelConfig:
+    _target_: str = "flashdreams.model.wan.WanDiT"
+    checkpoint: Optional[str] = None  # consumed by the loader, not the constructor
+    dim: int = 1536
+    num_heads: int = 12
+    num_layers: int = 30
+    ffn_dim: int = 8960
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    eps: float = 1e-6
+    cross_attn_norm: bool = True
+    image_dim: Optional[int] = None
+    text_len: int = 512
+    rope_max_frames: int = 1024
+
+
+@dataclass
+class FewStepFlowConfig:
+    _target_: str = "flashdreams.scheduler.flow.FewStepFlowScheduler"
+    timesteps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    shift: float = 5.0
+    warp: bool = True
+
+
+@dataclass
+class SolverConfig:
+    _target_: str = "flashdreams.scheduler.solver.DiffusersFlowScheduler"
+    solver: str = "unipc"
+    num_steps: int = 50
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+
+
+@dataclass
+class _CacheConfig:
+    _partial_: bool = True
+
+
+@dataclass
+class FullCacheConfig(_CacheConfig):
+    _target_: str = "flashdreams.cache.full.FullKVCache"
+
+
+@dataclass
+class RollingCacheConfig(_CacheConfig):
+    _target_: str = "flashdreams.cache.rolling.RollingKVCache"
+    window_frames: int = 21
+    sink_frames: int = 0
+
+
+def register() -> None:
+    """Store the schemas (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_run", node=RunConfig)
+    cs.store(group="model", name="base_wan", node=WanModelConfig)
+    cs.store(group="scheduler", name="base_few_step", node=FewStepFlowConfig)
+    cs.store(group="scheduler", name="base_solver", node=SolverConfig)
+    cs.store(group="cache", name="base_full", node=FullCacheConfig)
+    cs.store(group="cache", name="base_rolling", node=RollingCacheConfig)
+
+
+register()

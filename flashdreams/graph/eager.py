@@ -1,0 +1,14 @@
+"""Plain eager execution: the reference every other policy is tested against."""
+
+from __future__ import annotations
+
+from flashdreams.graph.base import GraphPolicy
+
+
+class EagerPolicy(GraphPolicy):
+    """Runs every forward eagerly (the escape hatch when capture misbehaves)."""
+
+    name = "eager"
+
+    def run(self, key, fn, *args, static):
+        return fn(*args)

@@ -1,0 +1,168 @@
+"""One `flashdreams-run` job: build, roll out, write video / stats / plot / logs."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from flashdreams.build import build_rollout, read_prompts
+from flashdreams.rollout import Rollout, StepOutput, run_rollout
+from flashdreams.stats import RunStats, StepTimer
+
+log = logging.getLogger("flashdreams")
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """The run's output dir (Hydra's, or ``paths.root`` when run outside Hydra)."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.paths.root) / "runs" / cfg.run_name / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _StepSink:
+    """Writes each step's frames and resolves its timings without forcing device syncs."""
+
+    def __init__(self, rollout: Rollout, stats: RunStats, logger, writers, clip: int) -> None:
+        self.rollout, self.stats, self.logger, self.writers = rollout, stats, logger, writers
+        self.clip = clip
+        self.pending: list[StepTimer] = []
+
+    def __call__(self, out: StepOutput) -> None:
+        if out.frames is not None:
+            frames = (out.frames.clamp(0, 1) * 255).round().to(torch.uint8)  # (B, T, 3, H, W)
+            frames = frames.permute(0, 1, 3, 4, 2).cpu().numpy()  # (B, T, H, W, 3)
+            for writer, clip_frames in zip(self.writers, frames):
+                writer.write(clip_frames)
+        self.pending.append(out.timer)
+        self.drain(force=False)
+
+    def drain(self, force: bool) -> None:
+        if force and self.rollout.device.type == "cuda":
+            torch.cuda.synchronize(self.rollout.device)
+        while self.pending:
+            timer = self.pending[0]
+            last = list(timer.marks.values())[-1][1].event
+            if not force and last is not None and not last.query():
+                return
+            row = {"clip": self.clip, **timer.resolve()}
+            self.stats.add(row)
+            self.logger.log_step(len(self.stats.steps) - 1, row)
+            self.pending.pop(0)
+
+
+def _print_summary(stats: RunStats, run_dir: Path) -> None:
+    s = stats.summary
+    rows = [
+        ("AR steps", f"{s['num_steps']}"),
+        ("median step latency (steps>=2)", f"{s['median_step_ms']:.1f} ms"),
+        ("median block period (steps>=2)", f"{s['median_period_ms']:.1f} ms"),
+        ("warm-up (steps 0-1)", f"{s['warmup_s']:.2f} s"),
+        ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"),
+        ("frames / throughput", f"{s['num_frames']} / {s['fps'] or 0:.1f} fps"),
+        ("output", str(run_dir)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+
+
+def run_job(cfg: DictConfig) -> int:
+    """Run the composed config; returns the process exit status."""
+    from flashdreams.io.plot import plot_latency
+    from flashdreams.io.video import Mp4Writer
+
+    run_dir = output_dir(cfg)
+    rollout = build_rollout(cfg)
+    is_main = rollout.parallel.is_main
+    prompts = read_prompts(cfg)
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    header = {
+        "run_name": cfg.run_name,
+        "config_hash": hashlib.sha1(resolved.encode()).hexdigest(),
+        "device": torch.cuda.get_device_name(rollout.device)
+        if rollout.device.type == "cuda" else "cpu",
+        "dtype": str(rollout.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+    }  # fmt: skip
+    logger = instantiate(cfg.logger) if is_main else None
+    stats = RunStats(run_dir / "stats.json" if is_main else None, header)
+    writers: list = []
+    failed, status, warmup_s, t0 = True, "failed", 0.0, time.perf_counter()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(resolved)
+        logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir, cfg.run_name)
+    try:
+        b = rollout.batch_size
+        batches = [prompts[i : i + b] for i in range(0, len(prompts), b)]
+        for clip, batch in enumerate(batches):
+            batch = batch + [batch[-1]] * (b - len(batch))
+            names = [f"video_{clip * b + k:03d}.mp4" for k in range(b)]
+            if len(prompts) == 1 and b == 1:
+                names = ["video.mp4"]
+            writers = [Mp4Writer(run_dir / n, cfg.fps) for n in names] if is_main else []
+            sink = _StepSink(rollout, stats, logger or _Null(), writers, clip)
+            bar = tqdm(total=rollout.total_blocks, desc=f"AR steps ({cfg.run_name})", unit="step",
+                       disable=not is_main, file=sys.stderr)  # fmt: skip
+
+            def on_step(out: StepOutput, sink=sink, bar=bar) -> None:
+                sink(out)
+                bar.update(1)
+
+            w = run_rollout(rollout, batch, on_step, profile=cfg.profile)
+            warmup_s = warmup_s or w
+            sink.drain(force=True)
+            bar.close()
+            for writer in writers:
+                writer.close()
+            if cfg.save_embeddings and clip == 0:
+                _save_embeddings(cfg, rollout, batch)
+        failed, status = False, "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        for writer in writers:
+            writer.close()
+        if is_main:
+            peak = peak_memory_bytes(rollout.device)
+            stats.finish(status, warmup_s, peak, time.perf_counter() - t0)
+            if stats.steps:
+                plot_latency(stats.as_dict(), run_dir / "latency.png")
+            logger.log_summary(stats.summary)
+            for writer in writers:
+                logger.log_video(Path(writer.path), cfg.fps)
+            logger.finish(failed=failed)
+        rollout.parallel.teardown()
+    if is_main:
+        _print_summary(stats, run_dir)
+    return 0
+
+
+def _save_embeddings(cfg: DictConfig, rollout: Rollout, prompts: list[str]) -> None:
+    from flashdreams.text_encoder.precomputed import save_embeddings
+
+    emb = rollout.text_encoder.encode(prompts, torch.device("cpu"), torch.float32)
+    save_embeddings(cfg.save_embeddings, prompts, emb)
+    log.info("wrote prompt embeddings to %s", cfg.save_embeddings)
+
+
+class _Null:
+    def log_step(self, *args) -> None:
+        pass

@@ -1,0 +1,298 @@
+"""The Wan 2.x DiT, sized by config, with a bidirectional and a block-causal AR forward.
+
+State-dict keys follow the Wan original checkpoints (``blocks.N.self_attn.q.weight``, ...).
+Loading, compilation and parallelism live elsewhere; this file holds the network only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashdreams.attention.base import AttentionBackend
+from flashdreams.attention.sdpa import SdpaAttention
+from flashdreams.cache.base import KVCache
+from flashdreams.model.layers import (
+    RMSNorm,
+    Rope3D,
+    apply_rope,
+    layer_norm_fp32,
+    modulate,
+    sinusoidal_embedding,
+)
+
+CrossKV = tuple[torch.Tensor, ...]  # (k, v) or (k, v, k_img, v_img), each (B, Lc, H, D)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``layer`` in its weight dtype."""
+    return layer(x.to(layer.weight.dtype))
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with RMS q/k norm across all heads and 3-D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x, cos, sin, attn, cache=None, layer=0, mask=None):
+        # x: (B, L, C) in the weight dtype
+        heads = (self.num_heads, -1)
+        q = self.norm_q(_linear(self.q, x)).unflatten(-1, heads)  # (B, L, H, D)
+        k = self.norm_k(_linear(self.k, x)).unflatten(-1, heads)
+        v = _linear(self.v, x).unflatten(-1, heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Lk, H, D): sink + window + this block
+        out = attn(q, k, v, mask)
+        return _linear(self.o, out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention to text (and, for I2V, image) tokens whose K/V are cached per prompt."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, with_image: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.with_image = with_image
+        if with_image:
+            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def context_kv(self, text: torch.Tensor, image: torch.Tensor | None) -> CrossKV:
+        """K/V of the context tokens: computed once per prompt, reused by every forward."""
+        heads = (self.num_heads, -1)
+        kv = (
+            self.norm_k(_linear(self.k, text)).unflatten(-1, heads),
+            _linear(self.v, text).unflatten(-1, heads),
+        )
+        if self.with_image:
+            kv += (
+                self.norm_k_img(_linear(self.k_img, image)).unflatten(-1, heads),
+                _linear(self.v_img, image).unflatten(-1, heads),
+            )
+        return kv
+
+    def forward(self, x: torch.Tensor, kv: CrossKV, attn: AttentionBackend) -> torch.Tensor:
+        q = self.norm_q(_linear(self.q, x)).unflatten(-1, (self.num_heads, -1))
+        out = attn(q, kv[0], kv[1])
+        if self.with_image:
+            out = out + attn(q, kv[2], kv[3])
+        return _linear(self.o, out.flatten(2))
+
+
+class WanBlock(nn.Module):
+    """One DiT block: modulated self-attn, cross-attn, modulated FFN; fp32 residual stream."""
+
+    def __init__(self, dim, ffn_dim, num_heads, eps, cross_attn_norm, with_image) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.norm3 = nn.LayerNorm(dim, eps) if cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(dim, num_heads, eps, with_image)
+        self.norm2 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.empty(1, 6, dim))
+
+    def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None):
+        # x: (B, L, C) fp32; e0: (B, F, 6, C) fp32 per-frame modulation
+        num_frames = e0.shape[1]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
+        dtype = self.ffn[0].weight.dtype
+
+        # 1. self-attention on modulated tokens
+        h = modulate(layer_norm_fp32(x, self.norm1).unflatten(1, (num_frames, -1)), shift1, scale1)
+        y = self.self_attn(h.flatten(1, 2).to(dtype), cos, sin, attn, cache, layer, mask)
+        x = x + (y.float().unflatten(1, (num_frames, -1)) * gate1.unsqueeze(2)).flatten(1, 2)
+
+        # 2. cross-attention to the cached context K/V
+        h = layer_norm_fp32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
+        x = x + self.cross_attn(h.to(dtype), cross_kv, attn).float()
+
+        # 3. feed-forward on modulated tokens
+        h = modulate(layer_norm_fp32(x, self.norm2).unflatten(1, (num_frames, -1)), shift2, scale2)
+        y = self.ffn(h.flatten(1, 2).to(dtype))
+        return x + (y.float().unflatten(1, (num_frames, -1)) * gate2.unsqueeze(2)).flatten(1, 2)
+
+
+class WanDiT(nn.Module):
+    """Wan 2.x text/image-to-video DiT (1.3B: dim 1536, 12 heads, 30 layers, FFN 8960).
+
+    Two modes share every weight:
+        * bidirectional: ``forward(x, t, ctx)`` over the whole clip, optional attention mask;
+        * block-causal AR: ``forward(x_block, t, ctx, frame_positions=..., cache=...)`` attends
+          to the KV cache plus the block, with RoPE at absolute frame positions.
+
+    Attributes:
+        _keep_fp32: name substrings of parameters kept in fp32 when the model is cast.
+    """
+
+    _keep_fp32 = ("modulation", "norm", "time_embedding", "time_projection", "head.head")
+
+    def __init__(
+        self,
+        dim: int = 1536,
+        num_heads: int = 12,
+        num_layers: int = 30,
+        ffn_dim: int = 8960,
+        in_dim: int = 16,
+        out_dim: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        patch_size: Sequence[int] = (1, 2, 2),
+        eps: float = 1e-6,
+        cross_attn_norm: bool = True,
+        image_dim: int | None = None,
+        text_len: int = 512,
+        rope_max_frames: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
+        self.head_dim = dim // num_heads
+        self.in_dim, self.out_dim, self.text_dim, self.text_len = in_dim, out_dim, text_dim, text_len
+        self.freq_dim = freq_dim
+        self.patch_size = tuple(patch_size)
+        self.patch_embedding = nn.Conv3d(in_dim, dim, self.patch_size, stride=self.patch_size)
+        gelu = nn.GELU(approximate="tanh")
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), gelu, nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(
+            WanBlock(dim, ffn_dim, num_heads, eps, cross_attn_norm, image_dim is not None)
+            for _ in range(num_layers)
+        )
+        self.head = WanHead(dim, out_dim, self.patch_size, eps)
+        if image_dim is not None:
+            self.img_emb = ImageProjection(image_dim, dim)
+        self.rope = Rope3D(self.head_dim, rope_max_frames)
+        self.attention: AttentionBackend = SdpaAttention()
+
+    # ---------------------------------------------------------------- weights
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator) -> None:
+        """Seeded random weights with the reference's init scales (for benchmarks and demos)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:  # norm scales
+                p.fill_(1.0)
+            elif "modulation" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) / self.dim**0.5)
+            else:
+                fan_in = p[0].numel()
+                std = (2.0 / (fan_in + p.shape[0])) ** 0.5  # xavier-normal scale
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+    # ---------------------------------------------------------------- conditioning
+    def prepare_context(
+        self, text: torch.Tensor, image: torch.Tensor | None = None
+    ) -> list[CrossKV]:
+        """Per-layer cross-attention K/V for a prompt (and image), computed once.
+
+        Args:
+            text: (B, text_len, text_dim) text embeddings.
+            image: (B, 257, image_dim) CLIP features for I2V models, else None.
+        """
+        text = self.text_embedding(text.to(self.text_embedding[0].weight.dtype))
+        img = self.img_emb(image) if image is not None else None
+        return [blk.cross_attn.context_kv(text, img) for blk in self.blocks]
+
+    def time_modulation(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame time embedding e (B, F, C) and block modulation e0 (B, F, 6, C), fp32."""
+        b, f = timestep.shape
+        emb = sinusoidal_embedding(timestep.flatten(), self.freq_dim)
+        emb = emb.to(self.time_embedding[0].weight.dtype)
+        e = self.time_embedding(emb).float()
+        e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
+        return e.view(b, f, -1), e0.view(b, f, 6, -1)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: list[CrossKV],
+        frame_positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow for latents ``x``.
+
+        Args:
+            x: (B, C_in, F, H, W) latents (the whole clip, or one AR block).
+            timestep: (B,) or (B, F) timesteps in [0, 1000] (per frame in AR mode).
+            context: output of ``prepare_context``.
+            frame_positions: (F,) long absolute frame index of each latent frame (RoPE);
+                defaults to 0..F-1.
+            cache: the KV cache in AR mode (``begin_block`` already called), else None.
+            mask: optional (L, L) boolean attention mask for masked full-sequence forwards.
+
+        Returns:
+            (B, C_out, F, H, W) flow prediction in fp32.
+        """
+        b, _, num_frames, height, width = x.shape
+        pt, ph, pw = self.patch_size
+        gf, gh, gw = num_frames // pt, height // ph, width // pw
+        if frame_positions is None:
+            frame_positions = torch.arange(gf, device=x.device)
+        if timestep.ndim == 1:
+            timestep = timestep[:, None].expand(b, gf)
+
+        # 1. patchify: (B, C, F, H, W) -> (B, L, dim) tokens in (f, h, w) order, fp32 stream
+        weight = self.patch_embedding.weight
+        tokens = self.patch_embedding(x.to(weight.dtype)).flatten(2).transpose(1, 2).float()
+
+        # 2. time modulation per frame and RoPE tables at absolute positions
+        e, e0 = self.time_modulation(timestep)
+        cos, sin = self.rope.cos_sin(frame_positions, gh, gw)
+
+        # 3. transformer blocks
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, context[i], cos, sin, self.attention, cache, i, mask)
+
+        # 4. head and unpatchify
+        out = self.head(tokens, e)  # (B, L, pt*ph*pw*C_out)
+        out = out.view(b, gf, gh, gw, pt, ph, pw, self.out_dim)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.out_dim, num_frames, height, width)
+
+
+class WanHead(nn.Module):
+    """Final modulated norm + linear projection to patch pixels (kept in fp32)."""
+
+    def __init__(self, dim: int, out_dim: int, patch_size: tuple[int, ...], eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_dim * patch_size[0] * patch_size[1] * patch_size[2])
+        self.modulation = nn.Parameter(torch.empty(1, 2, dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        # x: (B, L, C) fp32; e: (B, F, C) fp32
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
+        h = modulate(layer_norm_fp32(x, self.norm).unflatten(1, (e.shape[1], -1)), shift, scale)
+        return F.linear(h.flatten(1, 2), self.head.weight.float(), self.head.bias.float())
+
+
+class ImageProjection(nn.Module):
+    """I2V: CLIP image features (B, 257, image_dim) -> context tokens (B, 257, dim)."""
+
+    def __init__(self, image_dim: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(image_dim), nn.Linear(image_dim, image_dim), nn.GELU(),
+            nn.Linear(image_dim, dim), nn.LayerNorm(dim),
+        )  # fmt: skip
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.proj(image.to(self.proj[1].weight.dtype))

@@ -1,0 +1,211 @@
+"""The generic block-autoregressive rollout loop (DESIGN.md section 2).
+
+It imports only the protocols in ``*/base.py``; concrete parts arrive by injection.
+
+Randomness: all draws come from one seeded ``torch.Generator`` on the run's device in a fixed
+order, block-major then step-minor: for AR step i, first the block's initial noise, then the
+fresh noise of each re-noising step in order, then (if ``context_noise > 0``) the commit's
+noise. ``noise_fn`` may be injected instead (parity against reference implementations).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from flashdreams import ConfigError
+from flashdreams.cache.base import KVCache
+from flashdreams.graph.base import GraphPolicy
+from flashdreams.scheduler.base import Scheduler
+from flashdreams.stats import StepTimer
+from flashdreams.text_encoder.base import TextEncoder
+from flashdreams.vae.base import StreamingDecoder
+
+NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+@dataclass
+class StepOutput:
+    """What one AR step produced."""
+
+    step: int
+    latents: torch.Tensor  # (B, C, F, h, w) clean latents of the block
+    frames: torch.Tensor | None  # (B, T, 3, H, W) float in [0, 1], or None without a decoder
+    timer: StepTimer
+
+
+class Rollout:
+    """Runs a DiT block by block: diffuse, decode, commit.
+
+    Args:
+        model: the DiT (``prepare_context``, ``forward`` with cache/frame positions).
+        scheduler: denoising schedule of one block.
+        vae: streaming decoder.
+        text_encoder: prompt encoder.
+        cache_factory: partial KV cache, finished here with the model's dimensions; it may
+            return None (bidirectional recipes: no cache, one step over the whole clip).
+        graph: graph-capture policy that executes the forwards.
+        height: video height in pixels.
+        width: video width in pixels.
+        frames_per_block: latent frames per AR step.
+        total_blocks: AR steps of a finite run (``None``: endless, for streaming sessions).
+        context_noise: timestep of the commit forward (0 = clean K/V).
+        batch_size: videos generated together.
+        device: torch device.
+        dtype: activation / weight dtype of the model.
+        seed: seed of the run's generator.
+        noise_fn: optional injected noise source replacing the generator.
+    """
+
+    def __init__(
+        self, *, model, scheduler: Scheduler, vae: StreamingDecoder, text_encoder: TextEncoder,
+        cache_factory: Callable[..., KVCache | None], graph: GraphPolicy, height: int, width: int,
+        frames_per_block: int, total_blocks: int | None, context_noise: float = 0.0,
+        batch_size: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        seed: int = 0, noise_fn: NoiseFn | None = None,
+    ) -> None:  # fmt: skip
+        self.model, self.scheduler, self.vae, self.text_encoder = model, scheduler, vae, text_encoder
+        self.graph = graph
+        self.device, self.dtype = torch.device(device), dtype
+        self.batch_size, self.frames_per_block = batch_size, frames_per_block
+        self.total_blocks, self.context_noise = total_blocks, float(context_noise)
+        self.seed, self._injected_noise = seed, noise_fn
+        self.latent_hw = self._latent_size(height, width)
+        if frames_per_block < 1:
+            raise ConfigError(f"rollout.frames_per_block={frames_per_block} must be >= 1")
+        if total_blocks is not None and total_blocks < 1:
+            raise ConfigError(f"rollout.total_blocks={total_blocks} must be >= 1 (or null)")
+        h, w = self.latent_hw
+        _, ph, pw = model.patch_size
+        total_frames = frames_per_block * (total_blocks or 1)
+        self.cache = cache_factory(
+            num_layers=model.num_layers, num_heads=model.num_heads, head_dim=model.head_dim,
+            tokens_per_frame=(h // ph) * (w // pw), frames_per_block=frames_per_block,
+            total_frames=total_frames, batch_size=batch_size, device=self.device, dtype=dtype,
+        )  # fmt: skip
+        self._contexts: dict[tuple[str, ...], list] = {}
+        self.prompts: list[str] = []
+        self.step_index = 0
+
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+        factor = self.vae.spatial_factor * self.model.patch_size[1]
+        for key, value in (("height", height), ("width", width)):
+            if value <= 0 or value % factor:
+                raise ConfigError(
+                    f"rollout.{key}={value} must be a positive multiple of {factor} "
+                    f"(VAE factor {self.vae.spatial_factor} x patch {self.model.patch_size[1]})"
+                )
+        return height // self.vae.spatial_factor, width // self.vae.spatial_factor
+
+    # ------------------------------------------------------------------ session state
+    def start(self, prompts: list[str], seed: int | None = None) -> None:
+        """Begin a new clip: reset cache, decoder and generator; encode prompts lazily."""
+        if len(prompts) != self.batch_size:
+            raise ConfigError(f"got {len(prompts)} prompts for rollout.batch_size={self.batch_size}")
+        self.prompts = list(prompts)
+        self.seed = self.seed if seed is None else seed
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        if self.cache is not None:
+            self.cache.reset()
+        self.vae.reset()
+        self.graph.reset()
+        self.step_index = 0
+
+    def noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Next draw of the run's documented noise order."""
+        if self._injected_noise is not None:
+            return self._injected_noise(shape).to(self.device, torch.float32)
+        return torch.randn(shape, generator=self.generator, device=self.device)
+
+    def context(self) -> list:
+        """Cross-attention K/V of the current prompts (encoded once per prompt tuple)."""
+        key = tuple(self.prompts)
+        if key not in self._contexts:
+            emb = self.text_encoder.encode(self.prompts, self.device, self.dtype)
+            self._contexts[key] = self.model.prepare_context(emb)
+        return self._contexts[key]
+
+    # ------------------------------------------------------------------ one AR step
+    @torch.no_grad()
+    def step(self, sync: bool = False) -> StepOutput:
+        """Generate, decode and commit the next block.
+
+        Args:
+            sync: synchronise the device at the end of the step (profiling runs only).
+        """
+        i, fpb = self.step_index, self.frames_per_block
+        timer = StepTimer(i, self.device)
+        start_frame = i * fpb
+        h, w = self.latent_hw
+        shape = (self.batch_size, self.model.in_dim, fpb, h, w)
+        positions = torch.arange(start_frame, start_frame + fpb, device=self.device)
+        static = self.cache is None or self.cache.is_steady
+
+        timer.start("encode")
+        ctx = self.context()
+        timer.stop()
+
+        timer.start("diffuse")
+        x0 = self._denoise(self.noise(shape), ctx, positions, static)
+        timer.stop()
+
+        timer.start("decode")
+        frames = self.vae.decode_step(x0.to(self.dtype))
+        timer.stop()
+        timer.num_frames = 0 if frames is None else frames.shape[1]
+
+        is_last = self.total_blocks is not None and i + 1 >= self.total_blocks
+        if self.cache is not None and not is_last:
+            timer.start("commit")
+            self._commit(x0, ctx, positions, static)
+            timer.stop()
+        if sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step_index += 1
+        return StepOutput(i, x0, frames, timer)
+
+    def _forward(self, x, t, ctx, positions):
+        return self.model(x.to(self.dtype), t, ctx, positions, self.cache)
+
+    def _block_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, 1).expand(self.batch_size, self.frames_per_block)
+
+    def _denoise(self, x, ctx, positions, static) -> torch.Tensor:
+        timesteps = self.scheduler.begin_block(self.device)  # (num_steps,)
+        if self.cache is not None:
+            self.cache.begin_block(self.step_index * self.frames_per_block, self.frames_per_block)
+        for j in range(self.scheduler.num_steps):
+            t = self._block_timestep(timesteps[j])
+            flow = self.graph.run("diffuse", self._forward, x, t, ctx, positions, static=static)
+            x = self.scheduler.step(flow, x, j, self.noise)
+        return x
+
+    def _commit(self, x0, ctx, positions, static) -> None:
+        x = x0
+        if self.context_noise > 0:
+            s = self.context_noise / 1000.0
+            x = (1 - s) * x0 + s * self.noise(tuple(x0.shape))
+        t = torch.full((1,), self.context_noise, device=self.device)
+        self.cache.begin_block(self.step_index * self.frames_per_block, self.frames_per_block)
+        self.graph.run("commit", self._forward, x, self._block_timestep(t), ctx, positions, static=static)
+
+
+def run_rollout(rollout: Rollout, prompts: list[str], on_step: Callable[[StepOutput], None],
+                profile: bool = False) -> float:  # fmt: skip
+    """Run all blocks of a finite rollout, handing each step to ``on_step``.
+
+    Returns:
+        Seconds spent in steps 0 and 1 (warm-up).
+    """
+    rollout.start(prompts)
+    warm_start, warmup_s = time.perf_counter(), 0.0
+    for i in range(rollout.total_blocks):
+        on_step(rollout.step(sync=profile))
+        if i == min(1, rollout.total_blocks - 1):
+            if rollout.device.type == "cuda":
+                torch.cuda.synchronize(rollout.device)
+            warmup_s = time.perf_counter() - warm_start
+    return warmup_s

@@ -1,0 +1,34 @@
+"""Protocol of a denoising schedule, as the rollout loop sees it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+class Scheduler:
+    """Turns flow predictions into the next latent of one AR block.
+
+    Per block the loop calls ``begin_block(device)`` (resets solver state, returns the model
+    timesteps), then for each index ``i``: ``x = step(flow, x, i, noise_fn)``. After the last
+    index ``x`` is the clean latent x0. ``noise_fn(shape)`` draws fresh noise in the run's
+    documented order; schedules that re-noise call it, others never do.
+
+    Attributes:
+        num_steps: model forwards per block.
+    """
+
+    num_steps: int
+
+    def begin_block(self, device: torch.device) -> torch.Tensor:
+        """Reset per-block state; return the (num_steps,) model timesteps in [0, 1000]."""
+        raise NotImplementedError
+
+    def step(
+        self, flow: torch.Tensor, x: torch.Tensor, index: int, noise_fn: NoiseFn
+    ) -> torch.Tensor:
+        """Advance ``x`` (the latent at timestep ``index``) using the model's ``flow``."""
+        raise NotImplementedError

@@ -1,0 +1,121 @@
+"""Per-AR-step stage timing and the stats.json record (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STAGES = ("encode", "diffuse", "decode", "commit")
+WARMUP_STEPS = 2  # steps 0 and 1 are warm-up (compile, capture) and excluded from medians
+
+
+class _Mark:
+    """A point in time on the host clock or a CUDA stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.event = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+        self.host = time.perf_counter()
+
+    def ms_until(self, other: _Mark) -> float:
+        if self.event is not None:
+            return self.event.elapsed_time(other.event)
+        return (other.host - self.host) * 1000.0
+
+
+class StepTimer:
+    """Marks stage boundaries of one AR step; resolved to milliseconds after a sync.
+
+    CUDA events are recorded without synchronising; ``resolve`` is only called once the
+    step's work is known to be finished (a profiling sync, or the end of the run).
+    """
+
+    def __init__(self, step: int, device: torch.device) -> None:
+        self.step = step
+        self.device = device
+        self.marks: dict[str, tuple[_Mark, _Mark]] = {}
+        self._open: tuple[str, _Mark] | None = None
+        self.num_frames = 0
+
+    def start(self, stage: str) -> None:
+        self._open = (stage, _Mark(self.device))
+
+    def stop(self) -> None:
+        stage, begin = self._open
+        self.marks[stage] = (begin, _Mark(self.device))
+        self._open = None
+
+    def resolve(self) -> dict[str, Any]:
+        """Stage times of this step in ms, plus step latency and block period."""
+        row: dict[str, Any] = {"step": self.step}
+        for stage in STAGES:
+            pair = self.marks.get(stage)
+            row[f"{stage}_ms"] = pair[0].ms_until(pair[1]) if pair else 0.0
+        row["step_ms"] = row["encode_ms"] + row["diffuse_ms"] + row["decode_ms"]
+        row["period_ms"] = row["step_ms"] + row["commit_ms"]
+        row["num_frames"] = self.num_frames
+        return row
+
+
+def summarize(steps: list[dict[str, Any]], warmup_s: float, peak_bytes: int, total_s: float):
+    """DESIGN.md metrics: medians over steps >= 2 (all steps when fewer than 3)."""
+    timed = [s for s in steps if s["step"] >= WARMUP_STEPS] or steps
+    frames = sum(s["num_frames"] for s in steps)
+    with_commit = [s for s in timed if s["commit_ms"] > 0] or timed
+    return {
+        "num_steps": len(steps),
+        "median_step_ms": statistics.median(s["step_ms"] for s in timed) if timed else None,
+        "median_period_ms": (
+            statistics.median(s["period_ms"] for s in with_commit) if timed else None
+        ),
+        "median_diffuse_ms": statistics.median(s["diffuse_ms"] for s in timed) if timed else None,
+        "median_decode_ms": statistics.median(s["decode_ms"] for s in timed) if timed else None,
+        "median_commit_ms": (
+            statistics.median(s["commit_ms"] for s in with_commit) if timed else None
+        ),
+        "warmup_s": warmup_s,
+        "peak_memory_bytes": peak_bytes,
+        "total_s": total_s,
+        "num_frames": frames,
+        "fps": frames / total_s if total_s > 0 else None,
+    }
+
+
+class RunStats:
+    """Accumulates resolved steps and rewrites ``stats.json`` after each one.
+
+    Rewriting per step keeps the file true to the completed steps even if the run dies.
+    """
+
+    def __init__(self, path: Path | None, header: dict[str, Any]) -> None:
+        self.path = path
+        self.header = dict(header)
+        self.steps: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] = {}
+        self.status = "running"
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.steps.append(row)
+        self.write()
+
+    def finish(self, status: str, warmup_s: float, peak_bytes: int, total_s: float) -> None:
+        self.status = status
+        self.summary = summarize(self.steps, warmup_s, peak_bytes, total_s)
+        self.write()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.header, "status": self.status, "steps": self.steps, "summary": self.summary}
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.as_dict(), indent=1))
+        tmp.replace(self.path)
