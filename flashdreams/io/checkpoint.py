@@ -1,0 +1,361 @@
+"""Checkpoint resolution, reading and loading into meta-built models.
+
+Formats read (DESIGN.md section 5): the Wan original release (``diffusion_pytorch_model*``
+safetensors, optionally sharded with an index json), a diffusers ``WanTransformer3DModel``
+folder (converted to Wan names), and Self-Forcing / CausVid training ``.pt`` files.
+Models are built on the meta device and filled by assignment, so weights are allocated once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from flashdreams import ConfigError
+from flashdreams.io.keymap import (
+    diffusers_to_wan,
+    looks_like_diffusers,
+    strip_wrapper_prefixes,
+    unwrap_training_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+HF_SCHEME = "hf://"
+# Files of a DiT inside a model repository; the text encoder and VAE files are left out.
+DIT_PATTERNS = ("diffusion_pytorch_model*", "config.json", "transformer/*")
+_FILE_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".json", ".model", ".txt"}
+_TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+_MAX_LISTED = 8
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be found, read, or does not match the model it is loaded into."""
+
+
+def _describe(err: BaseException) -> str:
+    """``TypeName: first line of the message`` of an exception."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def _parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """Split ``hf://org/repo[@revision]/path/in/repo`` into (repo_id, revision, path)."""
+    parts = spec[len(HF_SCHEME) :].strip("/").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise CheckpointError(f"checkpoint spec {spec!r} is not of the form hf://org/repo[/path]")
+    name, _, revision = parts[1].partition("@")
+    return f"{parts[0]}/{name}", revision or None, "/".join(parts[2:])
+
+
+def _hf_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return bool(constants.HF_HUB_OFFLINE) or env in {"1", "true", "yes", "on"}
+
+
+def resolve_path(spec: str | os.PathLike, allow_patterns: Iterable[str] | None = None) -> Path:
+    """Turn a checkpoint spec into a local path, downloading from the Hugging Face Hub if needed.
+
+    Args:
+        spec: a local file or folder, or ``hf://org/repo[@revision][/path/in/repo]``. A path
+            whose last part has a file suffix is fetched as one file, otherwise as a folder.
+        allow_patterns: for a whole-repository spec, glob patterns of the files to fetch.
+
+    Returns:
+        The local file or folder.
+
+    Raises:
+        CheckpointError: the path does not exist, or the Hub file is neither cached nor
+            downloadable (e.g. ``HF_HUB_OFFLINE=1`` and not in the cache).
+    """
+    spec = str(spec)
+    if not spec.startswith(HF_SCHEME):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {spec!r} does not exist")
+        return path
+    repo_id, revision, sub = _parse_hf_spec(spec)
+    import huggingface_hub as hub
+
+    offline = _hf_offline()
+    try:
+        if sub and Path(sub).suffix in _FILE_SUFFIXES:
+            return Path(
+                hub.hf_hub_download(repo_id, sub, revision=revision, local_files_only=offline)
+            )
+        patterns = [f"{sub}/*"] if sub else (list(allow_patterns) if allow_patterns else None)
+        root = hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline
+        )
+    except Exception as err:  # the hub raises many types (offline, 404, gated, network)
+        hint = " (HF_HUB_OFFLINE is set and it is not in the cache)" if offline else ""
+        raise CheckpointError(f"cannot fetch checkpoint {spec!r}{hint}: {_describe(err)}") from err
+    path = Path(root) / sub if sub else Path(root)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {spec!r}: {sub!r} not found in {repo_id}")
+    return path
+
+
+def load_torch_file(path: str | os.PathLike) -> dict:
+    """``torch.load`` a checkpoint on CPU with ``weights_only=True``, memory-mapped if possible.
+
+    Raises:
+        CheckpointError: the file holds objects that a weights-only load refuses.
+    """
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not weights-only: {_describe(err)}"
+        ) from err
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files named by a ``*.safetensors.index.json``."""
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return [index.parent / name for name in sorted(set(weight_map.values()))]
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The ``diffusion_pytorch_model*`` safetensors of a folder, via its index when sharded."""
+    indexes = sorted(folder.glob("diffusion_pytorch_model*.safetensors.index.json"))
+    if indexes:
+        return _shards(indexes[0])
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if single.exists():
+        return [single]
+    return sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.exists():
+            raise CheckpointError(f"checkpoint shard {str(file)!r} is missing")
+        state.update(load_file(file, device="cpu"))
+    return state
+
+
+def _is_diffusers_folder(folder: Path) -> bool:
+    config = folder / "config.json"
+    if not config.exists():
+        return False
+    try:
+        return json.loads(config.read_text()).get("_class_name") == "WanTransformer3DModel"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    if not _is_diffusers_folder(folder) and _is_diffusers_folder(folder / "transformer"):
+        folder = folder / "transformer"
+    files = _safetensors_files(folder)
+    if not files:
+        raise CheckpointError(
+            f"no diffusion_pytorch_model*.safetensors (or index json) in folder {str(folder)!r}"
+        )
+    return _read_safetensors(files)
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(".safetensors.index.json"):
+        return _read_safetensors(_shards(path))
+    if path.suffix == ".safetensors":
+        return _read_safetensors([path])
+    if path.suffix in _TORCH_SUFFIXES:
+        obj = load_torch_file(path)
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}")
+        return unwrap_training_checkpoint(obj)
+    raise CheckpointError(f"checkpoint {str(path)!r} has an unknown format (suffix)")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a Wan DiT checkpoint in any supported format, keyed by Wan original names.
+
+    Args:
+        path: a local Wan original / diffusers folder (or its ``transformer/`` parent), a
+            ``.safetensors`` file or shard index, or a ``.pt`` / ``.pth`` training checkpoint.
+
+    Returns:
+        CPU tensors in their stored dtype, keyed like ``blocks.0.self_attn.q.weight``.
+    """
+    path = Path(path)
+    try:
+        state = _read_folder(path) if path.is_dir() else _read_file(path)
+    except CheckpointError:
+        raise
+    except Exception as err:  # corrupt or truncated files: safetensors / zip / json errors
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {_describe(err)}") from err
+    state = strip_wrapper_prefixes(state)
+    if looks_like_diffusers(state):
+        state = diffusers_to_wan(state)
+    return state
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.bfloat16`` from ``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
+    name = aliases.get(str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ConfigError(f"unknown dtype {dtype!r}")
+    return value
+
+
+def target_dtype(
+    name: str, tensor: torch.Tensor, dtype: torch.dtype, keep_fp32: tuple
+) -> torch.dtype:
+    """Dtype a tensor gets under the policy: fp32 where its name contains a ``keep_fp32`` part.
+
+    Integer and bool tensors keep their dtype.
+    """
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if any(part in name for part in keep_fp32) else dtype
+
+
+def _listing(title: str, items: list[str]) -> list[str]:
+    if not items:
+        return []
+    lines = [f"  {title} ({len(items)}):"]
+    lines += [f"    {item}" for item in items[:_MAX_LISTED]]
+    if len(items) > _MAX_LISTED:
+        lines.append(f"    ... and {len(items) - _MAX_LISTED} more")
+    return lines
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Compare a state dict with the keys and shapes a model expects.
+
+    Args:
+        model: the (meta) model.
+        state: the checkpoint's tensors.
+        source: the checkpoint spec, named in the error.
+
+    Raises:
+        CheckpointError: listing missing, unexpected and wrongly shaped keys in one block.
+    """
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{name}: checkpoint {tuple(state[name].shape)} vs model {shape}"
+        for name, shape in sorted(expected.items())
+        if name in state and tuple(state[name].shape) != shape
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [
+        f"checkpoint {source!r} does not match {type(model).__name__} "
+        f"({len(state)} tensors found, {len(expected)} expected):"
+    ]
+    lines += _listing("missing", missing)
+    lines += _listing("unexpected", unexpected)
+    lines += _listing("wrong shape", wrong)
+    raise CheckpointError("\n".join(lines))
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer ``name`` of ``model`` by ``value`` (no copy)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters.get(attr)
+    if old is not None:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[attr] = value
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """Fill non-persistent buffers left on meta (via ``init_buffers``) or fail naming them."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    left = [name for name, t in tensors if t.is_meta]
+    init_buffers = getattr(model, "init_buffers", None)
+    if left and callable(init_buffers):
+        init_buffers()
+        left = [
+            name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
+        ]
+    if left:
+        raise CheckpointError(
+            f"{type(model).__name__} still has meta tensors after loading: {', '.join(left[:8])}"
+        )
+
+
+def _init_random(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+    keep = tuple(getattr(model, "_keep_fp32", ()))
+    model.to_empty(device=device)
+    generator = torch.Generator().manual_seed(seed)  # CPU: same weights on every device
+    with torch.no_grad():
+        model.init_weights(generator)
+        for name, tensor in model.state_dict().items():
+            wanted = target_dtype(name, tensor, dtype, keep)
+            if tensor.dtype != wanted:
+                _set_tensor(model, name, tensor.to(wanted))
+
+
+def _assign(model: nn.Module, state: dict[str, torch.Tensor], device, dtype) -> None:
+    """Move checkpoint tensors into the model one by one, freeing each source as it goes."""
+    keep = tuple(getattr(model, "_keep_fp32", ()))
+    for name in list(state):
+        tensor = state.pop(name)
+        wanted = target_dtype(name, tensor, dtype, keep)
+        _set_tensor(model, name, tensor.to(device=device, dtype=wanted).contiguous())
+
+
+def materialize(
+    model_on_meta: nn.Module,
+    checkpoint: str | os.PathLike | None,
+    device: torch.device | str,
+    dtype: torch.dtype | str,
+    seed: int = 0,
+) -> nn.Module:
+    """Give a model built under ``torch.device("meta")`` real weights, allocated once.
+
+    With no checkpoint, weights are seeded random (``model.init_weights(generator)`` with a CPU
+    generator, so every device gets the same weights), for benchmarks and tests. Either way,
+    floating tensors are cast to ``dtype`` except those whose name contains a part of the
+    model's ``_keep_fp32`` class attribute, which stay fp32.
+
+    Args:
+        model_on_meta: the model, its parameters on the meta device.
+        checkpoint: a checkpoint spec for :func:`resolve_path` (Wan original, diffusers or
+            Self-Forcing format), or None for random weights.
+        device: where the weights live.
+        dtype: compute dtype of the weights, e.g. ``torch.bfloat16`` or ``"bfloat16"``.
+        seed: seed of the random weights (ignored with a checkpoint).
+
+    Returns:
+        The same module, materialized on ``device``.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, unreadable or does not match the model.
+    """
+    device, dtype = torch.device(device), as_dtype(dtype)
+    if checkpoint is None:
+        _init_random(model_on_meta, device, dtype, seed)
+    else:
+        state = read_state_dict(resolve_path(checkpoint, DIT_PATTERNS))
+        check_state_dict(model_on_meta, state, source=str(checkpoint))
+        _assign(model_on_meta, state, device, dtype)
+        log.info("loaded %s into %s", checkpoint, type(model_on_meta).__name__)
+    _check_materialized(model_on_meta)
+    return model_on_meta

@@ -1,0 +1,75 @@
+"""KV caches: block append, same-slot overwrite, rolling eviction with sink, positions."""
+
+import pytest
+import torch
+
+from flashdreams import ConfigError
+from flashdreams.cache.full import FullKVCache
+from flashdreams.cache.rolling import RollingKVCache
+
+DIMS = dict(num_layers=1, num_heads=1, head_dim=1, tokens_per_frame=2, frames_per_block=2)
+
+
+def _kv(frame_ids, tpf=2):
+    """K/V whose values name their absolute frame (B=1, L, H=1, D=1)."""
+    vals = torch.tensor([float(f) for f in frame_ids for _ in range(tpf)])
+    return vals.view(1, -1, 1, 1)
+
+
+def _frames(view, tpf=2):
+    return sorted({int(x) for x in view.flatten()[::tpf].tolist()})
+
+
+def test_full_cache_appends_blocks_and_overwrites_same_slot():
+    cache = FullKVCache(total_frames=6, **DIMS)
+    cache.begin_block(0, 2)
+    k, _ = cache.update(0, _kv([100, 101]), _kv([100, 101]))  # a noisy denoising step
+    assert k.shape[1] == 4
+    k, v = cache.update(0, _kv([0, 1]), _kv([0, 1]))  # the commit overwrites the same slot
+    assert _frames(k) == [0, 1] and _frames(v) == [0, 1]
+    cache.begin_block(2, 2)
+    k, _ = cache.update(0, _kv([2, 3]), _kv([2, 3]))
+    assert _frames(k) == [0, 1, 2, 3]
+    assert not cache.is_steady
+    cache.begin_block(4, 2)
+    cache.update(0, _kv([4, 5]), _kv([4, 5]))
+    assert cache.is_steady
+
+
+def test_rolling_cache_evicts_oldest_non_sink_frames():
+    cache = RollingKVCache(window_frames=4, sink_frames=2, total_frames=100, **DIMS)
+    assert cache.capacity_frames == 6
+    seen = []
+    for block in range(6):
+        frames = [2 * block, 2 * block + 1]
+        cache.begin_block(frames[0], 2)
+        k, _ = cache.update(0, _kv(frames), _kv(frames))
+        seen.append(_frames(k))
+    assert seen[0] == [0, 1]
+    assert seen[2] == [0, 1, 2, 3, 4, 5]  # filling: prefix grows
+    assert cache.is_steady
+    # steady: sink {0,1} kept forever + the 4 most recent frames incl. the current block
+    assert seen[4] == [0, 1, 6, 7, 8, 9]
+    assert seen[5] == [0, 1, 8, 9, 10, 11]
+
+
+def test_rolling_cache_shapes_static_once_steady():
+    cache = RollingKVCache(window_frames=2, sink_frames=0, total_frames=100, **DIMS)
+    buffer = cache.k[0].data_ptr()
+    shapes = []
+    for block in range(4):
+        cache.begin_block(2 * block, 2)
+        k, _ = cache.update(0, _kv([2 * block] * 2), _kv([2 * block] * 2))
+        shapes.append(k.shape[1])
+    assert shapes == [4, 4, 4, 4]
+    assert cache.k[0].data_ptr() == buffer  # written in place, never reallocated
+
+
+def test_rolling_window_smaller_than_block_is_a_clear_error():
+    with pytest.raises(ConfigError, match="cache.window_frames=1"):
+        RollingKVCache(window_frames=1, total_frames=10, **DIMS)
+
+
+def test_positions_are_absolute_slots_wrap():
+    cache = RollingKVCache(window_frames=4, sink_frames=1, total_frames=100, **DIMS)
+    assert [cache.frame_slot(f) for f in range(8)] == [0, 1, 2, 3, 4, 1, 2, 3]
