@@ -77,6 +77,21 @@ def run_main() -> None:
     _run()
 
 
+@hydra.main(version_base="1.3", config_path="conf", config_name="bench")
+def _bench(cfg: DictConfig) -> None:
+    from flashdreams.bench import run_bench
+    from flashdreams.job import output_dir, run_job
+
+    run_job(cfg)
+    run_bench(cfg, output_dir(cfg))
+
+
+def bench_main() -> None:
+    """``flashdreams-bench``: a profiled random-weight run + floor + diffusers peer (JSON)."""
+    _check_choices(sys.argv[1:])
+    _bench()
+
+
 def report_main(argv: list[str] | None = None) -> None:
     """``flashdreams-report <sweep dir>``: table, report.csv and report.png of a sweep."""
     from flashdreams.report import main

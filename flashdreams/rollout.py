@@ -128,6 +128,13 @@ class Rollout:
             self._contexts[key] = self.model.prepare_context(emb)
         return self._contexts[key]
 
+    def set_prompts(self, prompts: list[str]) -> None:
+        """Switch prompts mid-clip (the next forward uses them); other prompts' K/V are freed."""
+        if len(prompts) != self.batch_size:
+            raise ConfigError(f"got {len(prompts)} prompts for rollout.batch_size={self.batch_size}")
+        self.prompts = list(prompts)
+        self._contexts = {k: v for k, v in self._contexts.items() if k == tuple(self.prompts)}
+
     # ------------------------------------------------------------------ one AR step
     @torch.no_grad()
     def step(self, sync: bool = False) -> StepOutput:
@@ -142,14 +149,13 @@ class Rollout:
         h, w = self.latent_hw
         shape = (self.batch_size, self.model.in_dim, fpb, h, w)
         positions = torch.arange(start_frame, start_frame + fpb, device=self.device)
-        static = self.cache is None or self.cache.is_steady
 
         timer.start("encode")
         ctx = self.context()
         timer.stop()
 
         timer.start("diffuse")
-        x0 = self._denoise(self.noise(shape), ctx, positions, static)
+        x0 = self._denoise(self.noise(shape), ctx, positions)
         timer.stop()
 
         timer.start("decode")
@@ -160,7 +166,7 @@ class Rollout:
         is_last = self.total_blocks is not None and i + 1 >= self.total_blocks
         if self.cache is not None and not is_last:
             timer.start("commit")
-            self._commit(x0, ctx, positions, static)
+            self._commit(x0, ctx, positions)
             timer.stop()
         if sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -173,24 +179,58 @@ class Rollout:
     def _block_timestep(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(1, 1).expand(self.batch_size, self.frames_per_block)
 
-    def _denoise(self, x, ctx, positions, static) -> torch.Tensor:
-        timesteps = self.scheduler.begin_block(self.device)  # (num_steps,)
+    def _shape_key(self) -> int:
+        """What changes a forward's work besides its argument shapes: the valid KV length."""
+        return 0 if self.cache is None else self.cache.valid_tokens
+
+    def _begin_block(self, block: int) -> None:
         if self.cache is not None:
-            self.cache.begin_block(self.step_index * self.frames_per_block, self.frames_per_block)
+            self.cache.begin_block(block * self.frames_per_block, self.frames_per_block)
+
+    def _denoise(self, x, ctx, positions) -> torch.Tensor:
+        timesteps = self.scheduler.begin_block(self.device)  # (num_steps,)
+        self._begin_block(self.step_index)
         for j in range(self.scheduler.num_steps):
             t = self._block_timestep(timesteps[j])
-            flow = self.graph.run("diffuse", self._forward, x, t, ctx, positions, static=static)
+            flow = self.graph.run(self._forward, x, t, ctx, positions, shape_key=self._shape_key())
             x = self.scheduler.step(flow, x, j, self.noise)
         return x
 
-    def _commit(self, x0, ctx, positions, static) -> None:
+    def precapture(self) -> None:
+        """Run every forward shape of the rollout once (graph capture during warm-up).
+
+        One shape per KV length while the cache fills, plus the steady one. The forwards
+        write only into the slots of the block they pretend to be, which every real block
+        overwrites before reading, and the cache is reset afterwards.
+        """
+        if not self.graph.wants_precapture or self.device.type != "cuda":
+            return
+        blocks = self.total_blocks or 10**9
+        if self.cache is not None:
+            blocks = min(blocks, self.cache.capacity_frames // self.frames_per_block + 1)
+        h, w = self.latent_hw
+        x = torch.zeros(self.batch_size, self.model.in_dim, self.frames_per_block, h, w,
+                        device=self.device)  # fmt: skip
+        t = torch.zeros(self.batch_size, self.frames_per_block, device=self.device)
+        with torch.no_grad():
+            ctx = self.context()
+            for block in range(min(blocks, 1 if self.cache is None else blocks)):
+                self._begin_block(block)
+                start = block * self.frames_per_block
+                positions = torch.arange(start, start + self.frames_per_block, device=self.device)
+                self.graph.run(self._forward, x, t, ctx, positions, shape_key=self._shape_key())
+        if self.cache is not None:
+            self.cache.reset()
+
+    def _commit(self, x0, ctx, positions) -> None:
         x = x0
         if self.context_noise > 0:
             s = self.context_noise / 1000.0
             x = (1 - s) * x0 + s * self.noise(tuple(x0.shape))
         t = torch.full((1,), self.context_noise, device=self.device)
-        self.cache.begin_block(self.step_index * self.frames_per_block, self.frames_per_block)
-        self.graph.run("commit", self._forward, x, self._block_timestep(t), ctx, positions, static=static)
+        self._begin_block(self.step_index)
+        t = self._block_timestep(t)
+        self.graph.run(self._forward, x, t, ctx, positions, shape_key=self._shape_key())
 
 
 def run_rollout(rollout: Rollout, prompts: list[str], on_step: Callable[[StepOutput], None],
@@ -200,8 +240,9 @@ def run_rollout(rollout: Rollout, prompts: list[str], on_step: Callable[[StepOut
     Returns:
         Seconds spent in steps 0 and 1 (warm-up).
     """
-    rollout.start(prompts)
     warm_start, warmup_s = time.perf_counter(), 0.0
+    rollout.start(prompts)
+    rollout.precapture()
     for i in range(rollout.total_blocks):
         on_step(rollout.step(sync=profile))
         if i == min(1, rollout.total_blocks - 1):

@@ -48,6 +48,7 @@ class RunConfig:
     text_encoder: Any = MISSING
     logger: Any = MISSING
     recipe: Any = None
+    bench: Any = None
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -13,9 +13,11 @@ class GraphPolicy:
     """Decides how the rollout's forwards run (eager, compiled, captured as CUDA graphs).
 
     The loop calls ``prepare(model)`` once after loading, then routes every model forward
-    through ``run(key, fn, *args, static=...)``. ``key`` names the call site ("diffuse",
-    "commit"); ``static`` is True when every buffer the forward reads has reached its final
-    shape (the KV cache is steady), which is when a capture may be replayed safely.
+    through ``run(fn, *args, shape_key=...)``. ``shape_key`` names everything that is not a
+    tensor argument but changes the work a forward does (the KV cache's valid length); two
+    calls with equal ``shape_key`` and equal argument shapes do identical work on different
+    data, which is what makes a capture replayable. ``shape_key=None`` forbids capture.
+    Tensor arguments may be nested in lists/tuples (the per-layer context K/V).
     """
 
     name = "base"
@@ -24,9 +26,14 @@ class GraphPolicy:
         """Return the model to run (possibly compiled); called once after loading."""
         return model
 
-    def run(self, key: str, fn: Callable[..., torch.Tensor], *args: Any, static: bool) -> Any:
+    def run(self, fn: Callable[..., torch.Tensor], *args: Any, shape_key: Hashable | None) -> Any:
         """Execute ``fn(*args)`` under this policy."""
         raise NotImplementedError
 
+    @property
+    def wants_precapture(self) -> bool:
+        """True if the loop should run every future shape once during warm-up."""
+        return False
+
     def reset(self) -> None:
-        """Drop captured state (e.g. when a new clip or prompt changes static inputs)."""
+        """Drop captured state."""

@@ -10,5 +10,5 @@ class EagerPolicy(GraphPolicy):
 
     name = "eager"
 
-    def run(self, key, fn, *args, static):
+    def run(self, fn, *args, shape_key):
         return fn(*args)

@@ -1,18 +1,15 @@
-"""Protocol of a streaming latent decoder, as the rollout loop sees it.
-
-Also holds the two checkpoint helpers the decoders share (reading a state dict from a file, and
-one readable error for a state dict that does not fit a module).
-"""
+"""Protocol of a streaming latent decoder, as the rollout loop sees it; the decoders' file reader."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from flashdreams import ConfigError
+from flashdreams.io.checkpoint import CheckpointError, load_torch_file
 
 
 class StreamingDecoder(nn.Module):
@@ -50,68 +47,24 @@ class StreamingDecoder(nn.Module):
         raise NotImplementedError
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a flat tensor dict from a ``.safetensors`` file or a torch pickle (``.pth``/``.pt``).
+def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a decoder checkpoint file: ``.safetensors`` or a weights-only torch pickle.
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``).
 
     Returns:
-        Key → tensor, on the CPU.
+        Key -> CPU tensor, keys as stored.
 
     Raises:
-        ConfigError: if the file does not exist or holds no tensor dict.
+        CheckpointError: the file is missing, unreadable or holds no flat tensor dict.
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"vae.checkpoint: no such file: {path}")
+        raise CheckpointError(f"checkpoint {str(path)!r} not found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
+    state = load_torch_file(path)
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ConfigError(f"vae.checkpoint: {path} does not hold a flat dict of tensors")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a flat dict of tensors")
     return dict(state)
-
-
-def _listing(names: Iterable[str], limit: int = 6) -> str:
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise one readable error if ``state`` does not fit ``module`` exactly.
-
-    Args:
-        module: the module to fill (it may live on the meta device).
-        state: the tensors to load, already under the module's key names.
-        source: what the tensors came from, named in the message.
-
-    Raises:
-        ConfigError: listing the missing, unexpected and wrongly shaped keys.
-    """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    problems = [
-        f"{len(items)} {label} [{_listing(items)}]"
-        for label, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrongly shaped", wrong),
-        )
-        if items
-    ]
-    if problems:
-        raise ConfigError(
-            f"vae.checkpoint: {source} does not fit {type(module).__name__}: " + "; ".join(problems)
-        )

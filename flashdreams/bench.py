@@ -1,0 +1,159 @@
+"""Benchmark harness: a profiled run plus the hardware floor and a diffusers peer, as JSON.
+
+The floor of an AR step is its FLOP count (from the model config and the KV length of each
+step) divided by throughputs measured on the same GPU in the same process: a large bf16 GEMM
+for the linear layers and the configured attention backend at the step's own shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+log = logging.getLogger("flashdreams.bench")
+
+
+def forward_flops(cfg_model, q_tokens: int, kv_tokens: int) -> dict[str, float]:
+    """FLOPs of one DiT forward over ``q_tokens`` attending to ``kv_tokens`` (self-attn)."""
+    d, ffn, layers, text = cfg_model.dim, cfg_model.ffn_dim, cfg_model.num_layers, cfg_model.text_len
+    linear = 2 * q_tokens * (4 * d * d + 2 * d * d + 2 * d * ffn) * layers
+    attention = 4 * q_tokens * kv_tokens * d * layers + 4 * q_tokens * text * d * layers
+    return {"linear": float(linear), "attention": float(attention)}
+
+
+def time_cuda(fn: Callable[[], Any], repeats: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_throughput(attention, heads: int, head_dim: int, q_tokens: int, kv_tokens: int):
+    """TFLOP/s of a bf16 8192^3 GEMM and of ``attention`` at the given shape."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    gemm_ms = time_cuda(lambda: a @ a)
+    q = torch.randn(1, q_tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, kv_tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    attn_ms = time_cuda(lambda: attention(q, k, k))
+    return {
+        "matmul_tflops": 2 * 8192**3 / gemm_ms / 1e9,
+        "attention_tflops": 4 * q_tokens * kv_tokens * heads * head_dim / attn_ms / 1e9,
+        "attention_shape": [q_tokens, kv_tokens, heads, head_dim],
+    }
+
+
+def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame: int):
+    """Per-step floor (ms) of the diffuse stage: num_steps forwards at that step's KV length."""
+    r = cfg.rollout
+    q = r.frames_per_block * tokens_per_frame
+    window = cfg.cache.get("window_frames") if "window_frames" in cfg.cache else None
+    sink = cfg.cache.get("sink_frames", 0) if window else 0
+    num_steps = len(cfg.scheduler.timesteps) if "timesteps" in cfg.scheduler else cfg.scheduler.num_steps
+    rows = []
+    for s in stats["steps"]:
+        frames = (s["step"] + 1) * r.frames_per_block
+        if window:
+            frames = min(frames, window + sink)
+        f = forward_flops(cfg.model, q, frames * tokens_per_frame)
+        ms = (f["linear"] / throughput["matmul_tflops"] + f["attention"] / throughput["attention_tflops"]) / 1e9
+        rows.append({"step": s["step"], "kv_tokens": frames * tokens_per_frame,
+                     "floor_ms": num_steps * ms, "tflop": num_steps * sum(f.values()) / 1e12})  # fmt: skip
+    return rows
+
+
+def diffusers_peer(cfg: DictConfig, ours_forward: Callable, latent_hw, frames: list[int], text):
+    """Median ms of diffusers' WanTransformer3DModel vs our bidirectional forward per frame count."""
+    from diffusers import WanTransformer3DModel
+
+    m = cfg.model
+    peer = WanTransformer3DModel(
+        patch_size=tuple(m.patch_size), num_attention_heads=m.num_heads,
+        attention_head_dim=m.dim // m.num_heads, in_channels=m.in_dim, out_channels=m.out_dim,
+        text_dim=m.text_dim, freq_dim=m.freq_dim, ffn_dim=m.ffn_dim, num_layers=m.num_layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=m.eps,
+    ).to("cuda", torch.bfloat16).eval()  # fmt: skip
+    h, w = latent_hw
+    out = {}
+    with torch.no_grad():
+        for f in frames:
+            x = torch.randn(1, m.in_dim, f, h, w, device="cuda", dtype=torch.bfloat16)
+            t = torch.full((1,), 500.0, device="cuda")
+            out[f] = {
+                "diffusers_ms": time_cuda(lambda: peer(x, t, text, return_dict=False), 5, 2),
+                "ours_ms": time_cuda(lambda: ours_forward(x, t), 5, 2),
+            }
+    del peer
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
+    """After a profiled run in ``run_dir``: add floor and peer numbers, write bench.json."""
+    from flashdreams.build import build_model, resolve_dtype
+
+    stats = json.loads((run_dir / "stats.json").read_text())
+    result: dict[str, Any] = {"stats": stats, "config": {"graph": cfg.graph._target_,
+                              "attention": dict(cfg.attention)}}  # fmt: skip
+    bench = cfg.get("bench") or {}
+    if torch.cuda.is_available():
+        m, r = cfg.model, cfg.rollout
+        hw = (r.height // 8, r.width // 8)
+        tpf = (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2])
+        attention = instantiate(cfg.attention)
+        med_kv = min((2 + len(stats["steps"])) // 2 * r.frames_per_block, 21) * tpf
+        tp = measure_throughput(attention, m.num_heads, m.dim // m.num_heads,
+                                r.frames_per_block * tpf, med_kv)  # fmt: skip
+        floors = step_floor(cfg, stats, tp, tpf)
+        timed = [f for f in floors if f["step"] >= 2] or floors
+        floor_ms = statistics.median(f["floor_ms"] for f in timed)
+        measured = stats["summary"]["median_step_ms"]
+        result["floor"] = {**tp, "steps": floors, "median_floor_ms": floor_ms,
+                           "floor_over_measured": floor_ms / measured}  # fmt: skip
+        if bench.get("peer", False):
+            dtype = resolve_dtype(cfg.dtype, torch.device("cuda"))
+            model = build_model(m, torch.device("cuda"), dtype, cfg.seed)
+            model.attention = attention
+            text = torch.randn(1, m.text_len, m.text_dim, device="cuda", dtype=dtype)
+            ctx = model.prepare_context(text)
+
+            def ours(x, t):
+                return model(x, t, ctx)
+
+            frames = list(bench.get("peer_frames", [21, 15]))
+            result["peer"] = diffusers_peer(cfg, ours, hw, frames, text)
+            del model
+    (run_dir / "bench.json").write_text(json.dumps(result, indent=1))
+    _print(result)
+    return result
+
+
+def _print(result: dict) -> None:
+    s = result["stats"]["summary"]
+    print(f"  graph={result['config']['graph'].rsplit('.', 1)[-1]} "
+          f"attention={result['config']['attention'].get('backend')}")  # fmt: skip
+    print(f"  median step {s['median_step_ms']:.1f} ms | period {s['median_period_ms']:.1f} ms | "
+          f"warm-up {s['warmup_s']:.1f} s | peak {s['peak_memory_bytes'] / 2**30:.2f} GiB")  # fmt: skip
+    if "floor" in result:
+        f = result["floor"]
+        print(f"  floor {f['median_floor_ms']:.1f} ms (GEMM {f['matmul_tflops']:.0f} TFLOP/s, "
+              f"attention {f['attention_tflops']:.0f} TFLOP/s) -> floor/measured "
+              f"{f['floor_over_measured']:.2f}")  # fmt: skip
+    for frames, p in result.get("peer", {}).items():
+        print(f"  bidirectional {frames} latent frames: ours {p['ours_ms']:.1f} ms, "
+              f"diffusers {p['diffusers_ms']:.1f} ms ({p['diffusers_ms'] / p['ours_ms']:.2f}x)")

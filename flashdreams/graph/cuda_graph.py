@@ -1,0 +1,117 @@
+"""CUDA-graph capture of whole forwards, one graph per shape, replayed with static inputs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+
+import torch
+from torch import nn
+
+from flashdreams.graph.base import GraphPolicy
+from flashdreams.graph.compile import compile_blocks
+
+log = logging.getLogger(__name__)
+
+
+def _flatten(args) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(_flatten(a))
+    return out
+
+
+def _rebuild(args, tensors):
+    it = iter(tensors)
+
+    def walk(a):
+        if isinstance(a, torch.Tensor):
+            return next(it)
+        if isinstance(a, (list, tuple)):
+            return type(a)(walk(x) for x in a)
+        return a
+
+    return [walk(a) for a in args]
+
+
+class _Captured:
+    """One captured forward: static input buffers, the graph, its static output."""
+
+    def __init__(self, fn, args, pool, stream: torch.cuda.Stream, warmup: int) -> None:
+        flat = _flatten(args)
+        self.inputs = [t.clone() for t in flat]
+        self.sources: list = [None] * len(flat)  # (tensor, version) last copied per input
+        static_args = _rebuild(args, self.inputs)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn(*static_args)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
+            self.output = fn(*static_args)
+
+    def replay(self, args):
+        for i, (dst, src) in enumerate(zip(self.inputs, _flatten(args))):
+            last = self.sources[i]
+            if last is None or last[0] is not src or last[1] != src._version:
+                dst.copy_(src, non_blocking=True)  # the prompt's K/V are copied once, not per call
+                self.sources[i] = (src, src._version)
+        self.graph.replay()
+        return self.output
+
+
+class CudaGraphPolicy(GraphPolicy):
+    """Captures each forward shape once and replays it.
+
+    Every distinct (argument shapes, ``shape_key``) gets its own graph; all graphs share one
+    memory pool (they run one at a time). The KV cache is read through fixed buffers with the
+    write slots in a device index tensor, so a replay sees the current cache contents, never
+    the ones present at capture. With ``precapture`` the loop runs every shape it will meet
+    (one per KV length while the cache fills, one when it is steady) during warm-up, so no
+    capture happens inside a timed step. On CPU (or ``shape_key=None``) it runs eagerly.
+
+    Args:
+        compile: compile the blocks first (``compile_cuda_graph``).
+        mode: Inductor mode when compiling.
+        warmup: eager runs before each capture.
+        precapture: capture every future shape during warm-up.
+    """
+
+    name = "cuda_graph"
+
+    def __init__(self, compile: bool = False, mode: str = "max-autotune-no-cudagraphs",
+                 warmup: int = 2, precapture: bool = True) -> None:  # fmt: skip
+        self.compile, self.mode, self.warmup, self.precapture = compile, mode, warmup, precapture
+        self.graphs: dict[Hashable, _Captured] = {}
+        self.pool = None
+        self.stream: torch.cuda.Stream | None = None
+
+    @property
+    def wants_precapture(self) -> bool:
+        return self.precapture
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if self.compile:
+            torch.set_float32_matmul_precision("high")
+            compile_blocks(model, self.mode, dynamic=False)
+        return model
+
+    def run(self, fn, *args, shape_key):
+        flat = _flatten(args)
+        if shape_key is None or not flat or flat[0].device.type != "cuda":
+            return fn(*args)
+        key = (shape_key, tuple((tuple(t.shape), t.dtype) for t in flat))
+        if key not in self.graphs:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+                self.stream = torch.cuda.Stream()
+            log.info("capturing a CUDA graph for shape key %s", shape_key)
+            self.graphs[key] = _Captured(fn, args, self.pool, self.stream, self.warmup)
+        return self.graphs[key].replay(args)
+
+    def reset(self) -> None:
+        """Graphs stay valid across clips (they read buffers, not values); nothing to drop."""
