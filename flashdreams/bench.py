@@ -129,6 +129,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
             dtype = resolve_dtype(cfg.dtype, torch.device("cuda"))
             model = build_model(m, torch.device("cuda"), dtype, cfg.seed)
             model.attention = attention
+            model = instantiate(cfg.graph).prepare(model)  # same compiled regions as the run
             text = torch.randn(1, m.text_len, m.text_dim, device="cuda", dtype=dtype)
             ctx = model.prepare_context(text)
 

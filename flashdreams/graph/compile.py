@@ -9,9 +9,16 @@ from flashdreams.graph.eager import EagerPolicy
 
 
 def compile_blocks(model: nn.Module, mode: str, dynamic: bool | None) -> nn.Module:
-    """Compile each transformer block in place; every block shares one compiled graph."""
+    """Compile the attention-free regions of every block in place.
+
+    Blocks name their regions in ``_compile_regions`` (static shapes: the block's tokens);
+    attention stays on its pinned kernel. All blocks share the compiled code (parameters are
+    graph inputs), so compile time does not grow with depth.
+    """
     for block in model.blocks:
-        block.compile(mode=mode, dynamic=dynamic, fullgraph=False)
+        for name in getattr(block, "_compile_regions", ()):
+            region = getattr(block, name)
+            setattr(block, name, torch.compile(region, mode=mode, dynamic=dynamic, fullgraph=True))
     return model
 
 
@@ -20,12 +27,12 @@ class CompilePolicy(EagerPolicy):
 
     Args:
         mode: Inductor mode; ``max-autotune-no-cudagraphs`` autotunes GEMMs without capturing.
-        dynamic: ``None`` lets dynamo mark the growing KV length dynamic after it changes.
+        dynamic: passed to ``torch.compile`` (the regions have static shapes; False is right).
     """
 
     name = "compile"
 
-    def __init__(self, mode: str = "max-autotune-no-cudagraphs", dynamic: bool | None = None):
+    def __init__(self, mode: str = "default", dynamic: bool | None = False):
         self.mode, self.dynamic = mode, dynamic
 
     def prepare(self, model: nn.Module) -> nn.Module:

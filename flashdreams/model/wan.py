@@ -33,7 +33,7 @@ def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Self-attention with RMS q/k norm across all heads and 3-D RoPE."""
+    """Self-attention weights: RMS q/k norm across all heads, 3-D RoPE (applied by the block)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
@@ -41,18 +41,6 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
-
-    def forward(self, x, cos, sin, attn, cache=None, layer=0, mask=None):
-        # x: (B, L, C) in the weight dtype
-        heads = (self.num_heads, -1)
-        q = self.norm_q(_linear(self.q, x)).unflatten(-1, heads)  # (B, L, H, D)
-        k = self.norm_k(_linear(self.k, x)).unflatten(-1, heads)
-        v = _linear(self.v, x).unflatten(-1, heads)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, Lk, H, D): sink + window + this block
-        out = attn(q, k, v, mask)
-        return _linear(self.o, out.flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -83,16 +71,24 @@ class CrossAttention(nn.Module):
             )
         return kv
 
-    def forward(self, x: torch.Tensor, kv: CrossKV, attn: AttentionBackend) -> torch.Tensor:
-        q = self.norm_q(_linear(self.q, x)).unflatten(-1, (self.num_heads, -1))
+    def attend(self, q: torch.Tensor, kv: CrossKV, attn: AttentionBackend) -> torch.Tensor:
+        """(B, L, H, D) queries against the cached text (+ image) K/V."""
         out = attn(q, kv[0], kv[1])
         if self.with_image:
             out = out + attn(q, kv[2], kv[3])
-        return _linear(self.o, out.flatten(2))
+        return out
 
 
 class WanBlock(nn.Module):
-    """One DiT block: modulated self-attn, cross-attn, modulated FFN; fp32 residual stream."""
+    """One DiT block: modulated self-attn, cross-attn, modulated FFN; fp32 residual stream.
+
+    The block is three attention-free regions around two attention calls. The regions have
+    static shapes (the block's own tokens) and hold every norm, modulation, RoPE, projection
+    and residual; a graph policy may compile them (``_compile_regions``) while the attention
+    calls stay on the pinned kernel with the KV cache's growing length.
+    """
+
+    _compile_regions = ("self_attn_in", "self_attn_out", "cross_out_ffn")
 
     def __init__(self, dim, ffn_dim, num_heads, eps, cross_attn_norm, with_image) -> None:
         super().__init__()
@@ -106,25 +102,52 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
 
-    def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None):
-        # x: (B, L, C) fp32; e0: (B, F, 6, C) fp32 per-frame modulation
-        num_frames = e0.shape[1]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
-        dtype = self.ffn[0].weight.dtype
+    def _mod(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """shift1, scale1, gate1, shift2, scale2, gate2: each (B, F, C) fp32."""
+        return (self.modulation.float() + e0).unbind(2)
 
-        # 1. self-attention on modulated tokens
-        h = modulate(layer_norm_fp32(x, self.norm1).unflatten(1, (num_frames, -1)), shift1, scale1)
-        y = self.self_attn(h.flatten(1, 2).to(dtype), cos, sin, attn, cache, layer, mask)
-        x = x + (y.float().unflatten(1, (num_frames, -1)) * gate1.unsqueeze(2)).flatten(1, 2)
+    def _gated(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x + y * gate per frame, in fp32. x: (B, L, C); y: (B, L, C); gate: (B, F, C)."""
+        num_frames = gate.shape[1]
+        y = y.float().unflatten(1, (num_frames, -1)) * gate.unsqueeze(2)
+        return x + y.flatten(1, 2)
 
-        # 2. cross-attention to the cached context K/V
+    def self_attn_in(self, x, e0, cos, sin):
+        """Region 1: norm1 + modulation, q/k/v projections, q/k RMS norm, RoPE."""
+        shift, scale = self._mod(e0)[:2]
+        sa = self.self_attn
+        h = modulate(layer_norm_fp32(x, self.norm1).unflatten(1, (e0.shape[1], -1)), shift, scale)
+        h = h.flatten(1, 2).to(sa.q.weight.dtype)
+        heads = (sa.num_heads, -1)
+        q = sa.norm_q(sa.q(h)).unflatten(-1, heads)  # (B, L, H, D)
+        k = sa.norm_k(sa.k(h)).unflatten(-1, heads)
+        v = sa.v(h).unflatten(-1, heads)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def self_attn_out(self, x, y, e0):
+        """Region 2: output projection + gated residual, norm3, cross-attention queries."""
+        x = self._gated(x, self.self_attn.o(y.flatten(2)), self._mod(e0)[2])
         h = layer_norm_fp32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
-        x = x + self.cross_attn(h.to(dtype), cross_kv, attn).float()
+        ca = self.cross_attn
+        q = ca.norm_q(ca.q(h.to(ca.q.weight.dtype))).unflatten(-1, (ca.num_heads, -1))
+        return x, q
 
-        # 3. feed-forward on modulated tokens
-        h = modulate(layer_norm_fp32(x, self.norm2).unflatten(1, (num_frames, -1)), shift2, scale2)
-        y = self.ffn(h.flatten(1, 2).to(dtype))
-        return x + (y.float().unflatten(1, (num_frames, -1)) * gate2.unsqueeze(2)).flatten(1, 2)
+    def cross_out_ffn(self, x, y, e0):
+        """Region 3: cross-attention output + residual, norm2 + modulation, FFN, gated residual."""
+        _, _, _, shift, scale, gate = self._mod(e0)
+        x = x + self.cross_attn.o(y.flatten(2)).float()
+        h = modulate(layer_norm_fp32(x, self.norm2).unflatten(1, (e0.shape[1], -1)), shift, scale)
+        return self._gated(x, self.ffn(h.flatten(1, 2).to(self.ffn[0].weight.dtype)), gate)
+
+    def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None):
+        # x: (B, L, C) fp32 residual stream; e0: (B, F, 6, C) fp32 per-frame modulation
+        # 1. self-attention over (KV cache +) this block's tokens
+        q, k, v = self.self_attn_in(x, e0, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Lk, H, D): sink + window + this block
+        x, q = self.self_attn_out(x, attn(q, k, v, mask), e0)
+        # 2. cross-attention to the cached context K/V, then 3. the feed-forward
+        return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0)
 
 
 class WanDiT(nn.Module):
