@@ -11,6 +11,7 @@ import json
 import logging
 import statistics
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +91,13 @@ def diffusers_peer(cfg: DictConfig, ours_forward: Callable, latent_hw, frames: l
     ).to("cuda", torch.bfloat16).eval()  # fmt: skip
     h, w = latent_hw
     out = {}
+    t = torch.full((1,), 500.0, device="cuda")
     with torch.no_grad():
         for f in frames:
             x = torch.randn(1, m.in_dim, f, h, w, device="cuda", dtype=torch.bfloat16)
-            t = torch.full((1,), 500.0, device="cuda")
             out[f] = {
-                "diffusers_ms": time_cuda(lambda: peer(x, t, text, return_dict=False), 5, 2),
-                "ours_ms": time_cuda(lambda: ours_forward(x, t), 5, 2),
+                "diffusers_ms": time_cuda(partial(peer, x, t, text, return_dict=False), 5, 2),
+                "ours_ms": time_cuda(partial(ours_forward, x, t), 5, 2),
             }
     del peer
     torch.cuda.empty_cache()

@@ -71,10 +71,38 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return [cfg.prompt]
 
 
+def build_conditioning(cfg: DictConfig, device: torch.device) -> tuple:
+    """Guidance, image encoder and conditioner of ``cfg``, checked against the model config.
+
+    Runs before the DiT is built, so a missing ``image=`` fails before minutes of loading.
+    """
+    guidance, image_encoder = instantiate(cfg.guidance), instantiate(cfg.image_encoder)
+    conditioner = instantiate(cfg.conditioner).to(device)
+    m = cfg.model
+    if m.image_dim != image_encoder.image_dim:
+        raise ConfigError(
+            f"model.image_dim={m.image_dim} but the image encoder gives tokens of width "
+            f"{image_encoder.image_dim}: I2V models need image_encoder=clip, others none"
+        )
+    if m.in_dim != m.out_dim + conditioner.num_channels:
+        raise ConfigError(
+            f"model.in_dim={m.in_dim} must be model.out_dim={m.out_dim} + the conditioner's "
+            f"{conditioner.num_channels} channels (Wan I2V models: conditioner=concat)"
+        )
+    needs_image = conditioner.needs_image or image_encoder.image_dim is not None
+    if needs_image and not cfg.image:
+        raise ConfigError("image=null: this recipe conditions on an input image; "
+                          "pass image=path/to/first_frame.png (PNG or JPEG)")  # fmt: skip
+    if cfg.image and not needs_image:
+        log.warning("image=%s is ignored: this recipe does not condition on an image", cfg.image)
+    return guidance, image_encoder, conditioner
+
+
 def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
     """Instantiate every part of ``cfg`` and wire them into a ``Rollout``."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    guidance, image_encoder, conditioner = build_conditioning(cfg, device)
     parallel = instantiate(cfg.parallel)
     parallel.setup()
     model = build_model(cfg.model, device, dtype, cfg.seed)
@@ -94,7 +122,8 @@ def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
         cache_factory=instantiate(cfg.cache), graph=graph, height=r.height, width=r.width,
         frames_per_block=r.frames_per_block, total_blocks=r.total_blocks,
         context_noise=r.context_noise, batch_size=r.batch_size, device=device, dtype=dtype,
-        seed=cfg.seed, noise_fn=noise_fn,
+        seed=cfg.seed, noise_fn=noise_fn, guidance=guidance, image_encoder=image_encoder,
+        conditioner=conditioner, negative_prompt=cfg.negative_prompt,
     )  # fmt: skip
     rollout.parallel = parallel
     return rollout

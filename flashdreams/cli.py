@@ -7,6 +7,7 @@ line naming the setting, with exit status 2; ``debug=true`` shows the traceback 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from flashdreams.config import schema  # noqa: F401  (registers the structured c
 
 CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("model", "scheduler", "cache", "attention", "parallel", "graph", "vae",
-          "text_encoder", "logger", "recipe", "paths")  # fmt: skip
+          "text_encoder", "guidance", "image_encoder", "conditioner", "logger", "recipe",
+          "paths")  # fmt: skip
 
 
 def group_options(group: str) -> list[str]:
@@ -69,8 +71,25 @@ def _run(cfg: DictConfig) -> None:
         _fail(message)
 
 
+def _image_flag(argv: list[str]) -> list[str]:
+    """``--image PATH`` / ``--image=PATH`` -> the Hydra override ``image=PATH``."""
+    out, args = [], iter(argv)
+    for arg in args:
+        if arg != "--image" and not arg.startswith("--image="):
+            out.append(arg)
+            continue
+        value = arg.partition("=")[2] if "=" in arg else next(args, "")
+        if not value:
+            _fail("--image needs a path: --image path/to/first_frame.png")
+        if not re.fullmatch(r"[\w./+-]+", value):  # quote for Hydra's override grammar
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        out.append(f"image={value}")
+    return out
+
+
 def run_main() -> None:
-    """``flashdreams-run``: run a recipe (Hydra app)."""
+    """``flashdreams-run``: run a recipe (Hydra app); ``--image PATH`` is ``image=PATH``."""
+    sys.argv[1:] = _image_flag(sys.argv[1:])
     _check_choices(sys.argv[1:])
     if "debug=true" in sys.argv[1:]:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
@@ -88,6 +107,7 @@ def _bench(cfg: DictConfig) -> None:
 
 def bench_main() -> None:
     """``flashdreams-bench``: a profiled random-weight run + floor + diffusers peer (JSON)."""
+    sys.argv[1:] = _image_flag(sys.argv[1:])
     _check_choices(sys.argv[1:])
     _bench()
 

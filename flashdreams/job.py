@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from flashdreams.build import build_rollout, read_prompts
+from flashdreams.io.image import load_image
 from flashdreams.rollout import Rollout, StepOutput, run_rollout
 from flashdreams.stats import RunStats, StepTimer
 
@@ -48,7 +49,7 @@ class _StepSink:
         if out.frames is not None:
             frames = (out.frames.clamp(0, 1) * 255).round().to(torch.uint8)  # (B, T, 3, H, W)
             frames = frames.permute(0, 1, 3, 4, 2).cpu().numpy()  # (B, T, H, W, 3)
-            for writer, clip_frames in zip(self.writers, frames):
+            for writer, clip_frames in zip(self.writers, frames, strict=False):
                 writer.write(clip_frames)
         self.pending.append(out.timer)
         self.drain(force=False)
@@ -88,6 +89,7 @@ def run_job(cfg: DictConfig) -> int:
     from flashdreams.io.video import Mp4Writer
 
     run_dir = output_dir(cfg)
+    image = load_image(cfg.image) if cfg.image else None  # a bad path fails before any loading
     rollout = build_rollout(cfg)
     is_main = rollout.parallel.is_main
     prompts = read_prompts(cfg)
@@ -125,7 +127,8 @@ def run_job(cfg: DictConfig) -> int:
                 sink(out)
                 bar.update(1)
 
-            w = run_rollout(rollout, batch, on_step, profile=cfg.profile)
+            images = None if image is None else [image] * b
+            w = run_rollout(rollout, batch, on_step, profile=cfg.profile, images=images)
             warmup_s = warmup_s or w
             sink.drain(force=True)
             bar.close()
@@ -158,6 +161,8 @@ def run_job(cfg: DictConfig) -> int:
 def _save_embeddings(cfg: DictConfig, rollout: Rollout, prompts: list[str]) -> None:
     from flashdreams.text_encoder.precomputed import save_embeddings
 
+    if rollout.guidance.needs_negative and cfg.negative_prompt not in prompts:
+        prompts = [*prompts, cfg.negative_prompt]  # CFG looks the negative prompt up too
     emb = rollout.text_encoder.encode(prompts, torch.device("cpu"), torch.float32)
     save_embeddings(cfg.save_embeddings, prompts, emb)
     log.info("wrote prompt embeddings to %s", cfg.save_embeddings)

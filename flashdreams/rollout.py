@@ -5,7 +5,8 @@ It imports only the protocols in ``*/base.py``; concrete parts arrive by injecti
 Randomness: all draws come from one seeded ``torch.Generator`` on the run's device in a fixed
 order, block-major then step-minor: for AR step i, first the block's initial noise, then the
 fresh noise of each re-noising step in order, then (if ``context_noise > 0``) the commit's
-noise. ``noise_fn`` may be injected instead (parity against reference implementations).
+noise. A conditioner's prefix frames (I2V) draw none. ``noise_fn`` may be injected instead
+(parity against reference implementations).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import torch
 
 from flashdreams import ConfigError
 from flashdreams.cache.base import KVCache
+from flashdreams.conditioner.base import Conditioner
 from flashdreams.graph.base import GraphPolicy
+from flashdreams.guidance.base import Guidance
+from flashdreams.image_encoder.base import ImageEncoder
 from flashdreams.scheduler.base import Scheduler
 from flashdreams.stats import StepTimer
 from flashdreams.text_encoder.base import TextEncoder
@@ -32,9 +36,10 @@ class StepOutput:
     """What one AR step produced."""
 
     step: int
-    latents: torch.Tensor  # (B, C, F, h, w) clean latents of the block
+    latents: torch.Tensor  # (B, C, F, h, w) clean latents of the block (+ prefix at step 0)
     frames: torch.Tensor | None  # (B, T, 3, H, W) float in [0, 1], or None without a decoder
     timer: StepTimer
+    start_frame: int = 0  # latent frame index of latents[:, :, 0] (step 0 includes any prefix)
 
 
 class Rollout:
@@ -58,6 +63,10 @@ class Rollout:
         dtype: activation / weight dtype of the model.
         seed: seed of the run's generator.
         noise_fn: optional injected noise source replacing the generator.
+        guidance: how predictions combine per step (None: one conditional forward).
+        image_encoder: image tokens for the DiT's image cross-attention (None: no tokens).
+        conditioner: latent image conditioning, prefix frames and/or extra input channels.
+        negative_prompt: prompt of the unconditional prediction when ``guidance`` needs one.
     """
 
     def __init__(
@@ -65,7 +74,9 @@ class Rollout:
         cache_factory: Callable[..., KVCache | None], graph: GraphPolicy, height: int, width: int,
         frames_per_block: int, total_blocks: int | None, context_noise: float = 0.0,
         batch_size: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-        seed: int = 0, noise_fn: NoiseFn | None = None,
+        seed: int = 0, noise_fn: NoiseFn | None = None, guidance: Guidance | None = None,
+        image_encoder: ImageEncoder | None = None, conditioner: Conditioner | None = None,
+        negative_prompt: str = "",
     ) -> None:  # fmt: skip
         self.model, self.scheduler, self.vae, self.text_encoder = model, scheduler, vae, text_encoder
         self.graph = graph
@@ -73,6 +84,13 @@ class Rollout:
         self.batch_size, self.frames_per_block = batch_size, frames_per_block
         self.total_blocks, self.context_noise = total_blocks, float(context_noise)
         self.seed, self._injected_noise = seed, noise_fn
+        self.guidance = guidance if guidance is not None else Guidance()
+        self.image_encoder = image_encoder if image_encoder is not None else ImageEncoder()
+        self.conditioner = conditioner if conditioner is not None else Conditioner()
+        self.negative_prompt, self.height, self.width = negative_prompt, height, width
+        self.frame_offset = self.conditioner.num_prefix_frames  # latent frames before block 0
+        self.images: list | None = None
+        self._image_tokens: torch.Tensor | None = None
         self.latent_hw = self._latent_size(height, width)
         if frames_per_block < 1:
             raise ConfigError(f"rollout.frames_per_block={frames_per_block} must be >= 1")
@@ -80,13 +98,18 @@ class Rollout:
             raise ConfigError(f"rollout.total_blocks={total_blocks} must be >= 1 (or null)")
         h, w = self.latent_hw
         _, ph, pw = model.patch_size
-        total_frames = frames_per_block * (total_blocks or 1)
+        total_frames = self.frame_offset + frames_per_block * (total_blocks or 1)
         self.cache = cache_factory(
             num_layers=model.num_layers, num_heads=model.num_heads, head_dim=model.head_dim,
             tokens_per_frame=(h // ph) * (w // pw), frames_per_block=frames_per_block,
             total_frames=total_frames, batch_size=batch_size, device=self.device, dtype=dtype,
         )  # fmt: skip
-        self._contexts: dict[tuple[str, ...], list] = {}
+        if self.cache is not None and self.guidance.needs_negative:
+            raise ConfigError("guidance=cfg needs a bidirectional recipe (cache=none): the KV "
+                              "cache holds the K/V of one prompt")  # fmt: skip
+        if self.cache is None and self.frame_offset:
+            raise ConfigError("conditioner=first_frame needs a KV cache (an AR recipe)")
+        self._contexts: dict[tuple[str, ...], tuple] = {}
         self.prompts: list[str] = []
         self.step_index = 0
 
@@ -101,8 +124,16 @@ class Rollout:
         return height // self.vae.spatial_factor, width // self.vae.spatial_factor
 
     # ------------------------------------------------------------------ session state
-    def start(self, prompts: list[str], seed: int | None = None) -> None:
-        """Begin a new clip: reset cache, decoder and generator; encode prompts lazily."""
+    def start(
+        self, prompts: list[str], seed: int | None = None, images: list | None = None
+    ) -> None:
+        """Begin a new clip: reset cache, decoder and generator; encode prompts lazily.
+
+        Args:
+            prompts: one prompt per video of the batch.
+            seed: reseed the generator (None: the run's seed).
+            images: one PIL image per video for I2V recipes (encoded here, once per clip).
+        """
         if len(prompts) != self.batch_size:
             raise ConfigError(f"got {len(prompts)} prompts for rollout.batch_size={self.batch_size}")
         self.prompts = list(prompts)
@@ -113,6 +144,21 @@ class Rollout:
         self.vae.reset()
         self.graph.reset()
         self.step_index = 0
+        self._prepare_images(images)
+
+    def _prepare_images(self, images: list | None) -> None:
+        """Image tokens (cross-attention) and latent conditioning of the clip's images."""
+        if images is not None and len(images) != self.batch_size:
+            raise ConfigError(f"got {len(images)} images for rollout.batch_size={self.batch_size}")
+        if images is not None or self._image_tokens is not None:
+            self._contexts.clear()  # the image tokens are part of the cached context
+        self.images = None if images is None else list(images)
+        self._image_tokens = None
+        if self.images is not None:
+            self._image_tokens = self.image_encoder.encode(self.images, self.device, self.dtype)
+        num_frames = self.frame_offset + self.frames_per_block * (self.total_blocks or 1)
+        self.conditioner.prepare(self.images, height=self.height, width=self.width,
+                                 num_frames=num_frames, device=self.device)  # fmt: skip
 
     def noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         """Next draw of the run's documented noise order."""
@@ -120,13 +166,21 @@ class Rollout:
             return self._injected_noise(shape).to(self.device, torch.float32)
         return torch.randn(shape, generator=self.generator, device=self.device)
 
-    def context(self) -> list:
-        """Cross-attention K/V of the current prompts (encoded once per prompt tuple)."""
+    def _encode(self) -> tuple:
+        """(conditional K/V, guidance state) of the current prompts, once per prompt tuple."""
         key = tuple(self.prompts)
         if key not in self._contexts:
-            emb = self.text_encoder.encode(self.prompts, self.device, self.dtype)
-            self._contexts[key] = self.model.prepare_context(emb)
+            b, needs_neg = self.batch_size, self.guidance.needs_negative
+            texts = self.prompts + [self.negative_prompt] * b if needs_neg else self.prompts
+            emb = self.text_encoder.encode(texts, self.device, self.dtype)  # (B or 2B, L, C)
+            cond = self.model.prepare_context(emb[:b], self._image_tokens)
+            uncond = self.model.prepare_context(emb[b:], self._image_tokens) if needs_neg else None
+            self._contexts[key] = (cond, self.guidance.prepare(cond, uncond))
         return self._contexts[key]
+
+    def context(self) -> list:
+        """Cross-attention K/V of the current prompts (encoded once per prompt tuple)."""
+        return self._encode()[0]
 
     def set_prompts(self, prompts: list[str]) -> None:
         """Switch prompts mid-clip (the next forward uses them); other prompts' K/V are freed."""
@@ -145,19 +199,22 @@ class Rollout:
         """
         i, fpb = self.step_index, self.frames_per_block
         timer = StepTimer(i, self.device)
-        start_frame = i * fpb
+        start_frame = self._start_frame(i)
         h, w = self.latent_hw
-        shape = (self.batch_size, self.model.in_dim, fpb, h, w)
+        shape = (self.batch_size, self.model.out_dim, fpb, h, w)
         positions = torch.arange(start_frame, start_frame + fpb, device=self.device)
 
         timer.start("encode")
-        ctx = self.context()
+        ctx, guided = self._encode()
+        prefix = self._commit_prefix(ctx) if i == 0 and self.frame_offset else None
         timer.stop()
 
         timer.start("diffuse")
-        x0 = self._denoise(self.noise(shape), ctx, positions)
+        x0 = self._denoise(self.noise(shape), guided, positions)
         timer.stop()
 
+        if prefix is not None:  # step 0 also emits the conditioner's clean prefix frames
+            x0, start_frame = torch.cat([prefix.to(x0.dtype), x0], dim=2), 0
         timer.start("decode")
         frames = self.vae.decode_step(x0.to(self.dtype))
         timer.stop()
@@ -166,12 +223,12 @@ class Rollout:
         is_last = self.total_blocks is not None and i + 1 >= self.total_blocks
         if self.cache is not None and not is_last:
             timer.start("commit")
-            self._commit(x0, ctx, positions)
+            self._commit(x0[:, :, -fpb:], ctx, positions)
             timer.stop()
         if sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step_index += 1
-        return StepOutput(i, x0, frames, timer)
+        return StepOutput(i, x0, frames, timer, start_frame)
 
     def _forward(self, x, t, ctx, positions):
         return self.model(x.to(self.dtype), t, ctx, positions, self.cache)
@@ -183,18 +240,44 @@ class Rollout:
         """What changes a forward's work besides its argument shapes: the valid KV length."""
         return 0 if self.cache is None else self.cache.valid_tokens
 
+    def _start_frame(self, block: int) -> int:
+        """Absolute latent frame where AR block ``block`` starts (after any prefix frames)."""
+        return self.frame_offset + block * self.frames_per_block
+
     def _begin_block(self, block: int) -> None:
         if self.cache is not None:
-            self.cache.begin_block(block * self.frames_per_block, self.frames_per_block)
+            self.cache.begin_block(self._start_frame(block), self.frames_per_block)
 
-    def _denoise(self, x, ctx, positions) -> torch.Tensor:
+    def _model_input(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Latents (B, C, F, h, w) plus the conditioner's extra channels of those frames."""
+        extra = self.conditioner.channels(start, x.shape[2])
+        return x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1)
+
+    def _denoise(self, x, guided, positions) -> torch.Tensor:
         timesteps = self.scheduler.begin_block(self.device)  # (num_steps,)
         self._begin_block(self.step_index)
+        start = self._start_frame(self.step_index)
+
+        def forward(x_in, t, ctx):
+            return self.graph.run(self._forward, x_in, t, ctx, positions,
+                                  shape_key=self._shape_key())  # fmt: skip
+
         for j in range(self.scheduler.num_steps):
             t = self._block_timestep(timesteps[j])
-            flow = self.graph.run(self._forward, x, t, ctx, positions, shape_key=self._shape_key())
+            flow = self.guidance.predict(forward, self._model_input(x, start), t, guided, j)
             x = self.scheduler.step(flow, x, j, self.noise)
         return x
+
+    def _commit_prefix(self, ctx) -> torch.Tensor:
+        """Commit the conditioner's clean prefix frames at t = 0 before block 0; return them."""
+        prefix = self.conditioner.prefix()  # (B, C, P, h, w)
+        p = prefix.shape[2]
+        self.cache.begin_block(0, p)
+        positions = torch.arange(p, device=self.device)
+        t = torch.zeros(self.batch_size, p, device=self.device)
+        x = self._model_input(prefix.float(), 0)
+        self.graph.run(self._forward, x, t, ctx, positions, shape_key=self._shape_key())
+        return prefix
 
     def precapture(self) -> None:
         """Run every forward shape of the rollout once (graph capture during warm-up).
@@ -230,18 +313,19 @@ class Rollout:
         t = torch.full((1,), self.context_noise, device=self.device)
         self._begin_block(self.step_index)
         t = self._block_timestep(t)
+        x = self._model_input(x, self._start_frame(self.step_index))
         self.graph.run(self._forward, x, t, ctx, positions, shape_key=self._shape_key())
 
 
 def run_rollout(rollout: Rollout, prompts: list[str], on_step: Callable[[StepOutput], None],
-                profile: bool = False) -> float:  # fmt: skip
+                profile: bool = False, images: list | None = None) -> float:  # fmt: skip
     """Run all blocks of a finite rollout, handing each step to ``on_step``.
 
     Returns:
         Seconds spent in steps 0 and 1 (warm-up).
     """
     warm_start, warmup_s = time.perf_counter(), 0.0
-    rollout.start(prompts)
+    rollout.start(prompts, images=images)
     rollout.precapture()
     for i in range(rollout.total_blocks):
         on_step(rollout.step(sync=profile))

@@ -7,7 +7,6 @@ Usage (GPU machine):
 
 import sys
 
-import torch
 from hydra import compose, initialize_config_module
 from torch.profiler import ProfilerActivity, profile
 

@@ -6,7 +6,7 @@ composition with Hydra's own message. This module must not import torch (``--hel
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -27,13 +27,14 @@ class RunConfig:
     run_name: str = "demo"
     seed: int = 0
     prompt: str = "A red fox running through fresh snow at dawn, cinematic."
-    prompt_file: Optional[str] = None
+    prompt_file: str | None = None
     negative_prompt: str = ""
+    image: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     profile: bool = False
     fps: int = 16
-    save_embeddings: Optional[str] = None
+    save_embeddings: str | None = None
     debug: bool = False
     tags: list[str] = field(default_factory=list)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -46,6 +47,9 @@ class RunConfig:
     graph: Any = MISSING
     vae: Any = MISSING
     text_encoder: Any = MISSING
+    guidance: Any = MISSING
+    image_encoder: Any = MISSING
+    conditioner: Any = MISSING
     logger: Any = MISSING
     recipe: Any = None
     bench: Any = None
@@ -54,7 +58,7 @@ class RunConfig:
 @dataclass
 class WanModelConfig:
     _target_: str = "flashdreams.model.wan.WanDiT"
-    checkpoint: Optional[str] = None  # consumed by the loader, not the constructor
+    checkpoint: str | None = None  # consumed by the loader, not the constructor
     dim: int = 1536
     num_heads: int = 12
     num_layers: int = 30
@@ -66,7 +70,7 @@ class WanModelConfig:
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
     eps: float = 1e-6
     cross_attn_norm: bool = True
-    image_dim: Optional[int] = None
+    image_dim: int | None = None
     text_len: int = 512
     rope_max_frames: int = 1024
 
@@ -86,6 +90,13 @@ class SolverConfig:
     num_steps: int = 50
     shift: float = 5.0
     num_train_timesteps: int = 1000
+
+
+@dataclass
+class CfgGuidanceConfig:
+    _target_: str = "flashdreams.guidance.cfg.ClassifierFreeGuidance"
+    scale: float = 5.0
+    batched: bool = False
 
 
 @dataclass
@@ -114,6 +125,7 @@ def register() -> None:
     cs.store(group="scheduler", name="base_solver", node=SolverConfig)
     cs.store(group="cache", name="base_full", node=FullCacheConfig)
     cs.store(group="cache", name="base_rolling", node=RollingCacheConfig)
+    cs.store(group="guidance", name="base_cfg", node=CfgGuidanceConfig)
 
 
 register()

@@ -16,6 +16,7 @@ def compile_blocks(model: nn.Module, mode: str, dynamic: bool | None) -> nn.Modu
     graph inputs), so compile time does not grow with depth.
     """
     for block in model.blocks:
+        block.self_attn.fuse_qkv()
         for name in getattr(block, "_compile_regions", ()):
             region = getattr(block, name)
             setattr(block, name, torch.compile(region, mode=mode, dynamic=dynamic, fullgraph=True))

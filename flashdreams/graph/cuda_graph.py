@@ -55,7 +55,7 @@ class _Captured:
             self.output = fn(*static_args)
 
     def replay(self, args):
-        for i, (dst, src) in enumerate(zip(self.inputs, _flatten(args))):
+        for i, (dst, src) in enumerate(zip(self.inputs, _flatten(args), strict=False)):
             last = self.sources[i]
             if last is None or last[0] is not src or last[1] != src._version:
                 dst.copy_(src, non_blocking=True)  # the prompt's K/V are copied once, not per call

@@ -48,6 +48,7 @@ class ClassifierFreeGuidance(Guidance):
             flow = forward(torch.cat([x, x]), torch.cat([t, t]), prepared)
             cond, uncond = flow.chunk(2, dim=0)
         else:
-            cond = forward(x, t, prepared[0])
+            # clone: a replayed CUDA graph returns the same static output buffer twice
+            cond = forward(x, t, prepared[0]).clone()
             uncond = forward(x, t, prepared[1])
         return uncond + self.scale * (cond - uncond)

@@ -32,7 +32,9 @@ def load_image(path: str | Path, setting: str = "image") -> Image.Image:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"{setting}={str(path)!r}: cannot read it as an image ({reason})") from err
+        raise ConfigError(
+            f"{setting}={str(path)!r}: cannot read it as an image ({reason})"
+        ) from err
 
 
 def fit_image(img: Image.Image, height: int, width: int) -> Image.Image:

@@ -41,6 +41,26 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+        self.qkv_weight: torch.Tensor | None = None  # (3 dim, dim) once fused
+        self.qkv_bias: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Concatenate q/k/v into one (3 dim, dim) projection; q/k/v become views of it."""
+        if self.qkv_weight is not None:
+            return
+        self.qkv_weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+        self.qkv_bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        for i, layer in enumerate((self.q, self.k, self.v)):
+            rows = slice(i * layer.out_features, (i + 1) * layer.out_features)
+            layer.weight = nn.Parameter(self.qkv_weight[rows], requires_grad=False)
+            layer.bias = nn.Parameter(self.qkv_bias[rows], requires_grad=False)
+
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections of (B, L, C) tokens: one GEMM once fused, else three."""
+        if self.qkv_weight is not None:
+            return F.linear(h, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+        return self.q(h), self.k(h), self.v(h)
 
 
 class CrossAttention(nn.Module):
@@ -119,9 +139,10 @@ class WanBlock(nn.Module):
         h = modulate(layer_norm_fp32(x, self.norm1).unflatten(1, (e0.shape[1], -1)), shift, scale)
         h = h.flatten(1, 2).to(sa.q.weight.dtype)
         heads = (sa.num_heads, -1)
-        q = sa.norm_q(sa.q(h)).unflatten(-1, heads)  # (B, L, H, D)
-        k = sa.norm_k(sa.k(h)).unflatten(-1, heads)
-        v = sa.v(h).unflatten(-1, heads)
+        q, k, v = sa.project(h)
+        q = sa.norm_q(q).unflatten(-1, heads)  # (B, L, H, D)
+        k = sa.norm_k(k).unflatten(-1, heads)
+        v = v.unflatten(-1, heads)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def self_attn_out(self, x, y, e0):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashdreams.io.checkpoint import check_state_dict
+from flashdreams.io.checkpoint import check_state_dict, resolve_path
 from flashdreams.vae.base import StreamingDecoder, read_tensor_file
 
 TIME_STRIDES = (1, 2, 2)  # TGrow stride per level for Wan 2.1: 1 latent frame -> 4 frames
@@ -118,7 +118,7 @@ class TAEHVDecoder(StreamingDecoder):
         else:
             with torch.device("meta"):
                 self.decoder = build_taehv_decoder(self.latent_channels, channels)
-            state = self._decoder_state(read_tensor_file(checkpoint))
+            state = self._decoder_state(read_tensor_file(resolve_path(checkpoint)))
             check_state_dict(self, state, str(checkpoint))
             self.load_state_dict(state, assign=True)
         self.reset()

@@ -17,7 +17,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanDecoder3d
 
 from flashdreams import ConfigError
-from flashdreams.io.checkpoint import CheckpointError, check_state_dict
+from flashdreams.io.checkpoint import CheckpointError, check_state_dict, resolve_path
 from flashdreams.vae.base import StreamingDecoder, read_tensor_file
 
 # Per-channel statistics of Wan 2.1 latents; the DiT works on (z - mean) / std.
@@ -157,7 +157,7 @@ class Wan21StreamingDecoder(StreamingDecoder):
         )
         mean, std, state, source = WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, None, None
         if checkpoint is not None:
-            path = Path(checkpoint)
+            path = resolve_path(checkpoint)
             source = str(path)
             if path.is_dir():
                 config, state = _read_diffusers_folder(path)

@@ -1,0 +1,48 @@
+"""Protocol of an image conditioner (I2V latent conditioning), as the rollout loop sees it.
+
+The base class is also the no-op conditioner of text-to-video recipes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Conditioner(nn.Module):
+    """Turns the clip's input image into latent conditioning of the DiT.
+
+    Two mechanisms, either or both:
+
+    * prefix frames: clean latent frames placed before the first generated block. The loop
+      commits them to the KV cache at t = 0 and emits them with AR step 0; generated blocks start
+      at frame ``num_prefix_frames`` (Causal-Forcing I2V: the encoded image is frame 0).
+    * extra channels: a (B, num_channels, T, h, w) tensor concatenated to the DiT input along
+      channels, sliced to each forward's frames (Wan I2V: 4 mask + 16 image-latent channels).
+
+    Per clip the loop calls ``prepare(images, ...)`` once, then ``prefix()`` at step 0 and
+    ``channels(start, num)`` for every forward.
+
+    Attributes:
+        num_prefix_frames: latent frames the condition supplies before block 0.
+        num_channels: channels concatenated to the DiT input (its ``in_dim - out_dim``).
+        needs_image: whether a clip cannot start without an input image.
+    """
+
+    num_prefix_frames: int = 0
+    num_channels: int = 0
+    needs_image: bool = False
+
+    def prepare(
+        self, images: list | None, *, height: int, width: int, num_frames: int,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        """Encode the clip's images (PIL, one per video) for a clip of ``num_frames`` latents."""
+
+    def prefix(self) -> torch.Tensor | None:
+        """(B, C, num_prefix_frames, h, w) clean latents, or None."""
+        return None
+
+    def channels(self, start: int, num: int) -> torch.Tensor | None:
+        """(B, num_channels, num, h, w) extra input channels of frames [start, start + num)."""
+        return None

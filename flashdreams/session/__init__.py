@@ -1,0 +1,270 @@
+"""``flashdreams.Session``: one steerable, possibly endless AR video stream.
+
+A session drives a ``Rollout`` built from a composed config::
+
+    session = Session.from_overrides(["recipe=demo"], prompt="a fox in the snow", seed=0)
+    for frames in itertools.islice(session, 8):   # endless with cache=rolling; (B, T, 3, H, W)
+        ...
+    session.set_prompt("the fox jumps into a river")  # takes effect at the next step
+    frames = session.step(control={"keys": ["w"]})
+    session.reset(seed=1)
+
+A prompt switch ("recache") re-encodes the cross-attention K/V and rewrites the K/V of every
+frame still in the KV cache under the new prompt (``recache.py``): the clean latents of those
+frames are kept and their commit forwards replayed in order, block-causally, at the commit
+timestep ``rollout.context_noise`` without fresh noise. Evicted frames are not replayed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flashdreams import ConfigError
+from flashdreams.rollout import Rollout, StepOutput
+from flashdreams.session.control import validate_control
+from flashdreams.session.recache import block_frames, replay, resident_frames
+
+__all__ = ["Session", "SessionEnded", "SessionStep", "validate_control"]
+
+_CONFIG = object()  # sentinel: take the value from the config / the cache's capabilities
+
+
+class SessionEnded(RuntimeError):
+    """The stream has no next step (its ``total_blocks`` are done or RoPE range is used up)."""
+
+
+@dataclass
+class SessionStep:
+    """One step of a session, as the server reports it."""
+
+    step: int
+    frames: torch.Tensor | None  # (B, T, 3, H, W) float in [0, 1]
+    output: StepOutput
+    prompt_version: int  # increments with every prompt switch that took effect
+    control: dict[str, Any] | None  # the control applied at this step
+    recache_ms: float  # time spent recaching on a prompt switch (0 otherwise)
+
+    def timings(self) -> dict[str, float]:
+        """Stage times in ms; call once the step's device work is done (e.g. after ``.cpu()``)."""
+        row = self.output.timer.resolve()
+        row["recache_ms"] = self.recache_ms
+        row["step_ms"] += self.recache_ms  # the switch delays this visible block
+        row["period_ms"] += self.recache_ms
+        return row
+
+
+def _wraps(cache) -> bool:
+    """True if the cache can hold an endless stream (old frames are evicted, not refused)."""
+    try:
+        cache.frame_slot(cache.capacity_frames + cache.frames_per_block)
+    except IndexError:
+        return False
+    return True
+
+
+class Session:
+    """A steerable stream over one ``Rollout``.
+
+    Args:
+        cfg: composed run config (builds the rollout; its ``prompt``, ``seed`` and ``image``
+            are defaults).
+        rollout: an already built rollout to drive instead (the server shares model weights).
+        prompt: the first prompt (one string for every video of the batch, or one per video).
+        seed: seed of the stream's noise.
+        total_blocks: AR steps of the stream; ``None`` is endless (needs a rolling cache).
+            Default: endless when the cache rolls, else the config's ``rollout.total_blocks``.
+        images: one PIL image per video for image-conditioned recipes (kept across resets).
+    """
+
+    def __init__(self, cfg=None, *, rollout: Rollout | None = None, prompt=None, seed=None,
+                 total_blocks: Any = _CONFIG, images: list | None = None) -> None:  # fmt: skip
+        if rollout is None:
+            if cfg is None:
+                raise ValueError("Session needs a composed config or a rollout")
+            from flashdreams.build import build_rollout
+
+            rollout = build_rollout(cfg)
+        self.rollout = rollout
+        self._default_total = rollout.total_blocks
+        if prompt is None:
+            prompt = cfg.prompt if cfg is not None else ""
+        seed = cfg.seed if seed is None and cfg is not None else seed
+        if images is None and cfg is not None and cfg.get("image"):
+            from flashdreams.io.image import load_image
+
+            images = [load_image(cfg.image)] * rollout.batch_size
+        self.images = images
+        self.reset(seed, prompt, total_blocks)
+
+    @classmethod
+    def from_overrides(cls, overrides: list[str] = (), **kwargs) -> Session:
+        """Compose the run config with ``flashdreams-run`` overrides and build a session.
+
+        Example: ``Session.from_overrides(["recipe=demo", "device=cpu"], prompt="a fox")``.
+        """
+        from hydra import compose, initialize_config_module
+        from hydra.core.global_hydra import GlobalHydra
+
+        from flashdreams.config import schema  # noqa: F401  (registers the structured configs)
+
+        GlobalHydra.instance().clear()
+        with initialize_config_module("flashdreams.conf", version_base="1.3"):
+            cfg = compose("run", overrides=list(overrides))
+        return cls(cfg, **kwargs)
+
+    # ------------------------------------------------------------------ state
+    def reset(self, seed: int | None = None, prompt=None, total_blocks: Any = _CONFIG) -> None:
+        """Start the stream over: empty cache, fresh decoder state, generator seeded ``seed``.
+
+        Args:
+            seed: new seed (``None`` keeps the current one).
+            prompt: new prompt (``None`` keeps the current one).
+            total_blocks: as in the constructor (default keeps the current choice).
+        """
+        r = self.rollout
+        if total_blocks is _CONFIG:
+            total_blocks = getattr(self, "total_blocks", _CONFIG)
+        if total_blocks is _CONFIG:
+            total_blocks = None if r.cache is not None and _wraps(r.cache) else self._default_total
+        self._check_total_blocks(total_blocks)
+        prompts = self._prompts(prompt) if prompt is not None else list(r.prompts)
+        self.total_blocks = r.total_blocks = total_blocks
+        if self.images is None:
+            r.start(prompts, seed)
+        else:
+            r.start(prompts, seed, images=self.images)
+        if hasattr(r, "precapture"):
+            r.precapture()
+        self._blocks: list[tuple[int, torch.Tensor]] = []  # (start frame, clean latents)
+        self._pending_prompts: list[str] | None = None
+        self.prompt_version = 0
+        self.last: SessionStep | None = None
+
+    def _check_total_blocks(self, total_blocks: int | None) -> None:
+        r, cache = self.rollout, self.rollout.cache
+        if total_blocks is not None and (isinstance(total_blocks, bool) or total_blocks < 1):
+            raise ConfigError(f"total_blocks={total_blocks!r} must be >= 1 or null (endless)")
+        if cache is None:
+            if total_blocks != 1:
+                raise ConfigError("a recipe without KV cache (bidirectional) streams one block")
+            return
+        offset = getattr(r, "frame_offset", 0)
+        frames = None if total_blocks is None else offset + total_blocks * r.frames_per_block
+        if not _wraps(cache) and (frames is None or frames > cache.capacity_frames):
+            raise ConfigError(
+                f"the KV cache holds {cache.capacity_frames} latent frames, too few for "
+                f"total_blocks={total_blocks}; endless streams need cache=rolling"
+            )
+        limit = self.rope_limit_frames
+        if frames is not None and limit is not None and frames > limit:
+            raise ConfigError(f"total_blocks={total_blocks} needs {frames} latent frames, more "
+                              f"than model.rope_max_frames={limit}")  # fmt: skip
+
+    @property
+    def rope_limit_frames(self) -> int | None:
+        """Absolute latent frames the model can position (RoPE table size), if known."""
+        rope = getattr(self.rollout.model, "rope", None)
+        return getattr(rope, "max_pos", None)
+
+    def _prompts(self, prompt) -> list[str]:
+        prompts = [prompt] * self.rollout.batch_size if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != self.rollout.batch_size or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or {self.rollout.batch_size} strings")
+        if any(not p.strip() for p in prompts):
+            raise ValueError("prompt must not be empty")
+        return prompts
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts of the next step (a pending switch included)."""
+        return list(self._pending_prompts or self.rollout.prompts)
+
+    @property
+    def step_index(self) -> int:
+        """Index of the next AR step."""
+        return self.rollout.step_index
+
+    @property
+    def finished(self) -> bool:
+        """True when no further step can run."""
+        r = self.rollout
+        if self.total_blocks is not None:
+            return r.step_index >= self.total_blocks
+        limit = self.rope_limit_frames
+        end = getattr(r, "frame_offset", 0) + (r.step_index + 1) * r.frames_per_block
+        return limit is not None and end > limit
+
+    def set_prompt(self, prompt) -> None:
+        """Switch to ``prompt`` (a string, or one per video) at the next step."""
+        self._pending_prompts = self._prompts(prompt)
+
+    def close(self) -> None:
+        """Drop the rollout and the kept latents (the caller frees device memory after)."""
+        self._blocks, self.last, self.rollout = [], None, None
+
+    # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self, control: dict[str, Any] | None = None) -> torch.Tensor | None:
+        """Run one AR step and return its frames (B, T, 3, H, W) in [0, 1].
+
+        Args:
+            control: this step's control (validated; passed to ``rollout.set_control`` when the
+                recipe has a control encoder, else only recorded on ``self.last``).
+
+        Raises:
+            SessionEnded: the stream is finished.
+        """
+        if self.finished:
+            raise SessionEnded(f"the stream ended after {self.rollout.step_index} AR steps")
+        if control is not None:
+            control = validate_control(control)
+        if hasattr(self.rollout, "set_control"):
+            self.rollout.set_control(control)
+        recache_ms = self._apply_prompt()
+        out = self.rollout.step()
+        self._remember(out)
+        self.last = SessionStep(out.step, out.frames, out, self.prompt_version, control, recache_ms)
+        return out.frames
+
+    def __iter__(self) -> Iterator[torch.Tensor | None]:
+        while not self.finished:
+            yield self.step()
+
+    def _remember(self, out: StepOutput) -> None:
+        """Keep the clean latents of blocks whose frames are still in the KV cache."""
+        r = self.rollout
+        if r.cache is None:
+            return
+        start, latents = getattr(out, "start_frame", out.step * r.frames_per_block), out.latents
+        offset = getattr(r, "frame_offset", 0)
+        if start < offset:  # an I2V prefix, committed on its own before block 0
+            self._blocks.append((start, latents[:, :, : offset - start]))
+            start, latents = offset, latents[:, :, offset - start :]
+        self._blocks.append((start, latents))
+        resident = self._resident_frames()
+        self._blocks = [b for b in self._blocks if resident & set(block_frames(b))]
+
+    def _resident_frames(self) -> set[int]:
+        return resident_frames(self.rollout.cache, self._blocks)
+
+    # ------------------------------------------------------------------ recache
+    def _apply_prompt(self) -> float:
+        prompts, self._pending_prompts = self._pending_prompts, None
+        if prompts is None or prompts == self.rollout.prompts:
+            return 0.0
+        t0 = time.perf_counter()
+        self.rollout.set_prompts(prompts)
+        self.prompt_version += 1
+        if self.rollout.step_index > 0 and self.rollout.cache is not None:
+            self.recache()
+        return (time.perf_counter() - t0) * 1000.0
+
+    @torch.no_grad()
+    def recache(self) -> None:
+        """Rewrite the K/V of every frame in the cache under the current prompts."""
+        replay(self.rollout, self._blocks, self._resident_frames(), self.rollout.context())

@@ -1,0 +1,99 @@
+"""Recache: rewrite the K/V of the frames still in a KV cache under new cross-attention.
+
+The session keeps the clean latents of every block that still has a frame in the cache, as
+``(start frame, latents (B, C, F, h, w))`` in chronological order. ``replay`` runs their commit
+forwards again, block-causally: each kept block attends to the frames replayed before it and
+to itself, through a stand-in cache that writes into the real buffers' slots. Slot order does
+not matter to attention (keys carry RoPE at absolute positions), so every frame keeps its slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+Block = tuple[int, torch.Tensor]  # (start frame, clean latents (B, C, F, h, w))
+
+
+def block_frames(block: Block) -> range:
+    """Absolute latent frames of a kept block."""
+    return range(block[0], block[0] + block[1].shape[2])
+
+
+def resident_frames(cache, blocks: list[Block]) -> set[int]:
+    """Frames of ``blocks`` whose slot no later frame has overwritten (they are in the cache)."""
+    seen, resident = set(), set()
+    for f in sorted((f for b in blocks for f in block_frames(b)), reverse=True):
+        slot = cache.frame_slot(f)
+        if slot not in seen:
+            seen.add(slot)
+            resident.add(f)
+    return resident
+
+
+class _ReplayView:
+    """Stands in for the KV cache during one replayed forward.
+
+    Writes the forward's K/V into its slots of the real buffers and returns the K/V of the
+    visible slots (the frames replayed so far, this chunk included).
+    """
+
+    def __init__(self, cache, write_index: torch.Tensor, visible_index: torch.Tensor) -> None:
+        self.cache, self.write_index, self.visible_index = cache, write_index, visible_index
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        ck, cv = self.cache.k[layer], self.cache.v[layer]  # (B, L, H, D)
+        ck.index_copy_(1, self.write_index, k.to(ck.dtype))
+        cv.index_copy_(1, self.write_index, v.to(cv.dtype))
+        return ck.index_select(1, self.visible_index), cv.index_select(1, self.visible_index)
+
+
+@torch.no_grad()
+def replay(rollout, blocks: list[Block], resident: set[int], ctx) -> None:
+    """Re-run the commit forwards of the ``resident`` frames of ``blocks`` with context ``ctx``.
+
+    Each contiguous run of resident frames of a block is one forward at the commit timestep
+    (``rollout.context_noise``; 0 for an I2V prefix), without fresh noise, with the
+    conditioner's extra input channels of those frames.
+    """
+    r, cache = rollout, rollout.cache
+    model = getattr(r.model, "_orig_mod", r.model)
+    tpf, visible = cache.tokens_per_frame, []
+    offset, conditioner = getattr(r, "frame_offset", 0), getattr(r, "conditioner", None)
+    for start, latents in blocks:
+        for run in _contiguous_runs([f for f in block_frames((start, latents)) if f in resident]):
+            slots = torch.tensor([cache.frame_slot(f) for f in run])
+            write = (slots[:, None] * tpf + torch.arange(tpf)[None]).flatten()
+            visible.append(write)
+            view = _ReplayView(cache, write.to(r.device), torch.cat(visible).to(r.device))
+            x = latents[:, :, run[0] - start : run[-1] - start + 1].float()
+            extra = None if conditioner is None else conditioner.channels(run[0], len(run))
+            x = x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1)
+            t = torch.tensor([0.0 if f < offset else r.context_noise for f in run])
+            t = t.to(r.device).expand(r.batch_size, len(run))
+            positions = torch.tensor(run, device=r.device)
+            with _eager():
+                model(x.to(r.dtype), t, ctx, positions, view)
+
+
+def _contiguous_runs(frames: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for f in frames:
+        if runs and runs[-1][-1] == f - 1:
+            runs[-1].append(f)
+        else:
+            runs.append([f])
+    return runs
+
+
+def _eager():
+    """Run compiled modules eagerly (a replay's shapes would otherwise trigger recompiles).
+
+    Nothing can be compiled before ``torch._dynamo`` is imported, and importing it takes
+    about a second, so it is only touched when already loaded.
+    """
+    if "torch._dynamo" not in sys.modules or not hasattr(torch.compiler, "set_stance"):
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
