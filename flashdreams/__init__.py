@@ -5,3 +5,12 @@ __version__ = "0.1.0"
 
 class ConfigError(ValueError):
     """A user-facing configuration error; the CLI prints it as one line naming the setting."""
+
+
+def __getattr__(name: str):
+    """Lazy exports: ``import flashdreams`` stays free of torch."""
+    if name == "Session":
+        from flashdreams.session import Session
+
+        return Session
+    raise AttributeError(f"module 'flashdreams' has no attribute {name!r}")

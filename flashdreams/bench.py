@@ -24,7 +24,12 @@ log = logging.getLogger("flashdreams.bench")
 
 def forward_flops(cfg_model, q_tokens: int, kv_tokens: int) -> dict[str, float]:
     """FLOPs of one DiT forward over ``q_tokens`` attending to ``kv_tokens`` (self-attn)."""
-    d, ffn, layers, text = cfg_model.dim, cfg_model.ffn_dim, cfg_model.num_layers, cfg_model.text_len
+    d, ffn, layers, text = (
+        cfg_model.dim,
+        cfg_model.ffn_dim,
+        cfg_model.num_layers,
+        cfg_model.text_len,
+    )
     linear = 2 * q_tokens * (4 * d * d + 2 * d * d + 2 * d * ffn) * layers
     attention = 4 * q_tokens * kv_tokens * d * layers + 4 * q_tokens * text * d * layers
     return {"linear": float(linear), "attention": float(attention)}
@@ -65,14 +70,19 @@ def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame:
     q = r.frames_per_block * tokens_per_frame
     window = cfg.cache.get("window_frames") if "window_frames" in cfg.cache else None
     sink = cfg.cache.get("sink_frames", 0) if window else 0
-    num_steps = len(cfg.scheduler.timesteps) if "timesteps" in cfg.scheduler else cfg.scheduler.num_steps
+    num_steps = (
+        len(cfg.scheduler.timesteps) if "timesteps" in cfg.scheduler else cfg.scheduler.num_steps
+    )
     rows = []
     for s in stats["steps"]:
         frames = (s["step"] + 1) * r.frames_per_block
         if window:
             frames = min(frames, window + sink)
         f = forward_flops(cfg.model, q, frames * tokens_per_frame)
-        ms = (f["linear"] / throughput["matmul_tflops"] + f["attention"] / throughput["attention_tflops"]) / 1e9
+        ms = (
+            f["linear"] / throughput["matmul_tflops"]
+            + f["attention"] / throughput["attention_tflops"]
+        ) / 1e9
         rows.append({"step": s["step"], "kv_tokens": frames * tokens_per_frame,
                      "floor_ms": num_steps * ms, "tflop": num_steps * sum(f.values()) / 1e12})  # fmt: skip
     return rows
@@ -157,5 +167,7 @@ def _print(result: dict) -> None:
               f"attention {f['attention_tflops']:.0f} TFLOP/s) -> floor/measured "
               f"{f['floor_over_measured']:.2f}")  # fmt: skip
     for frames, p in result.get("peer", {}).items():
-        print(f"  bidirectional {frames} latent frames: ours {p['ours_ms']:.1f} ms, "
-              f"diffusers {p['diffusers_ms']:.1f} ms ({p['diffusers_ms'] / p['ours_ms']:.2f}x)")
+        print(
+            f"  bidirectional {frames} latent frames: ours {p['ours_ms']:.1f} ms, "
+            f"diffusers {p['diffusers_ms']:.1f} ms ({p['diffusers_ms'] / p['ours_ms']:.2f}x)"
+        )

@@ -100,13 +100,12 @@ def build_conditioning(cfg: DictConfig, device: torch.device) -> tuple:
 
 def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
     """Instantiate every part of ``cfg`` and wire them into a ``Rollout``."""
-    device = resolve_device(cfg.device)
+    parallel = instantiate(cfg.parallel)
+    device = parallel.setup(resolve_device(cfg.device))  # joins torchrun's job: cuda:LOCAL_RANK
     dtype = resolve_dtype(cfg.dtype, device)
     guidance, image_encoder, conditioner = build_conditioning(cfg, device)
-    parallel = instantiate(cfg.parallel)
-    parallel.setup()
     model = build_model(cfg.model, device, dtype, cfg.seed)
-    model.attention = parallel.wrap_attention(instantiate(cfg.attention))
+    parallel.parallelize(model, instantiate(cfg.attention))
     graph = instantiate(cfg.graph)
     model = graph.prepare(model)
     vae = instantiate(cfg.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -119,7 +118,8 @@ def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
     r = cfg.rollout
     rollout = Rollout(
         model=model, scheduler=instantiate(cfg.scheduler), vae=vae, text_encoder=text_encoder,
-        cache_factory=instantiate(cfg.cache), graph=graph, height=r.height, width=r.width,
+        cache_factory=parallel.cache_factory(instantiate(cfg.cache)),  # this rank's share
+        graph=graph, height=r.height, width=r.width,
         frames_per_block=r.frames_per_block, total_blocks=r.total_blocks,
         context_noise=r.context_noise, batch_size=r.batch_size, device=device, dtype=dtype,
         seed=cfg.seed, noise_fn=noise_fn, guidance=guidance, image_encoder=image_encoder,

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from flashdreams import ConfigError
 from flashdreams.config import schema  # noqa: F401  (registers the structured configs)
+from flashdreams.parallel.launch import failure_line, launched_rank, rank_overrides, rank_prefix
 
 CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("model", "scheduler", "cache", "attention", "parallel", "graph", "vae",
@@ -43,7 +44,7 @@ def _check_choices(argv: list[str]) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    print(f"flashdreams: error: {message}", file=sys.stderr)
+    print(f"flashdreams: error: {rank_prefix()}{message}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -67,6 +68,8 @@ def _run(cfg: DictConfig) -> None:
     except Exception as err:  # noqa: BLE001
         message = _user_error(err)
         if message is None or cfg.debug:
+            if rank_prefix():  # torchrun: one line naming this rank above the traceback
+                print(f"flashdreams: error: {failure_line(err)}", file=sys.stderr)
             raise
         _fail(message)
 
@@ -91,6 +94,7 @@ def run_main() -> None:
     """``flashdreams-run``: run a recipe (Hydra app); ``--image PATH`` is ``image=PATH``."""
     sys.argv[1:] = _image_flag(sys.argv[1:])
     _check_choices(sys.argv[1:])
+    sys.argv[1:] += rank_overrides()  # torchrun ranks > 0: no output dir of their own
     if "debug=true" in sys.argv[1:]:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     _run()
@@ -102,13 +106,15 @@ def _bench(cfg: DictConfig) -> None:
     from flashdreams.job import output_dir, run_job
 
     run_job(cfg)
-    run_bench(cfg, output_dir(cfg))
+    if launched_rank()[0] == 0:
+        run_bench(cfg, output_dir(cfg))
 
 
 def bench_main() -> None:
     """``flashdreams-bench``: a profiled random-weight run + floor + diffusers peer (JSON)."""
     sys.argv[1:] = _image_flag(sys.argv[1:])
     _check_choices(sys.argv[1:])
+    sys.argv[1:] += rank_overrides()  # torchrun ranks > 0: no output dir of their own
     _bench()
 
 

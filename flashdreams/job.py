@@ -88,9 +88,9 @@ def run_job(cfg: DictConfig) -> int:
     from flashdreams.io.plot import plot_latency
     from flashdreams.io.video import Mp4Writer
 
-    run_dir = output_dir(cfg)
     image = load_image(cfg.image) if cfg.image else None  # a bad path fails before any loading
     rollout = build_rollout(cfg)
+    run_dir = rollout.parallel.broadcast(output_dir(cfg))  # rank 0's dir: one per torchrun job
     is_main = rollout.parallel.is_main
     prompts = read_prompts(cfg)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
@@ -101,6 +101,7 @@ def run_job(cfg: DictConfig) -> int:
         if rollout.device.type == "cuda" else "cpu",
         "dtype": str(rollout.dtype).removeprefix("torch."),
         "torch": torch.__version__,
+        "parallel": f"{rollout.parallel.name} x{rollout.parallel.world_size}",
     }  # fmt: skip
     logger = instantiate(cfg.logger) if is_main else None
     stats = RunStats(run_dir / "stats.json" if is_main else None, header)
@@ -134,7 +135,7 @@ def run_job(cfg: DictConfig) -> int:
             bar.close()
             for writer in writers:
                 writer.close()
-            if cfg.save_embeddings and clip == 0:
+            if cfg.save_embeddings and clip == 0 and is_main:
                 _save_embeddings(cfg, rollout, batch)
         failed, status = False, "completed"
     except KeyboardInterrupt:

@@ -78,7 +78,12 @@ class Rollout:
         image_encoder: ImageEncoder | None = None, conditioner: Conditioner | None = None,
         negative_prompt: str = "",
     ) -> None:  # fmt: skip
-        self.model, self.scheduler, self.vae, self.text_encoder = model, scheduler, vae, text_encoder
+        self.model, self.scheduler, self.vae, self.text_encoder = (
+            model,
+            scheduler,
+            vae,
+            text_encoder,
+        )
         self.graph = graph
         self.device, self.dtype = torch.device(device), dtype
         self.batch_size, self.frames_per_block = batch_size, frames_per_block
@@ -135,7 +140,9 @@ class Rollout:
             images: one PIL image per video for I2V recipes (encoded here, once per clip).
         """
         if len(prompts) != self.batch_size:
-            raise ConfigError(f"got {len(prompts)} prompts for rollout.batch_size={self.batch_size}")
+            raise ConfigError(
+                f"got {len(prompts)} prompts for rollout.batch_size={self.batch_size}"
+            )
         self.prompts = list(prompts)
         self.seed = self.seed if seed is None else seed
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
@@ -185,7 +192,9 @@ class Rollout:
     def set_prompts(self, prompts: list[str]) -> None:
         """Switch prompts mid-clip (the next forward uses them); other prompts' K/V are freed."""
         if len(prompts) != self.batch_size:
-            raise ConfigError(f"got {len(prompts)} prompts for rollout.batch_size={self.batch_size}")
+            raise ConfigError(
+                f"got {len(prompts)} prompts for rollout.batch_size={self.batch_size}"
+            )
         self.prompts = list(prompts)
         self._contexts = {k: v for k, v in self._contexts.items() if k == tuple(self.prompts)}
 

@@ -24,7 +24,9 @@ def main(overrides: list[str]) -> None:
         rollout.step(sync=True)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         rollout.step(sync=True)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    table = prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=30, max_name_column_width=70
+    )
     print(table)
 
 

@@ -87,7 +87,9 @@ class KVCache:
         if self.write_index.shape != idx.shape:
             self.write_index = torch.empty_like(idx)
         self.write_index.copy_(idx)
-        self.filled_frames = min(max(self.filled_frames, start_frame + num_frames), self.capacity_frames)
+        self.filled_frames = min(
+            max(self.filled_frames, start_frame + num_frames), self.capacity_frames
+        )
         self.valid_tokens = self.filled_frames * tpf
 
     def update(

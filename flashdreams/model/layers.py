@@ -109,7 +109,9 @@ class Rope3D:
         """
         ang_f, ang_h, ang_w = self._angles(frame_positions.device)
         num_f = frame_positions.shape[0]
-        f = ang_f.index_select(0, frame_positions)[:, None, None, :].expand(num_f, height, width, -1)
+        f = ang_f.index_select(0, frame_positions)[:, None, None, :].expand(
+            num_f, height, width, -1
+        )
         h = ang_h[:height][None, :, None, :].expand(num_f, height, width, -1)
         w = ang_w[:width][None, None, :, :].expand(num_f, height, width, -1)
         angles = torch.cat([f, h, w], dim=-1).reshape(num_f * height * width, -1)

@@ -23,6 +23,7 @@ from flashdreams.model.layers import (
     modulate,
     sinusoidal_embedding,
 )
+from flashdreams.parallel.base import SequenceParallel
 
 CrossKV = tuple[torch.Tensor, ...]  # (k, v) or (k, v, k_img, v_img), each (B, Lc, H, D)
 
@@ -205,13 +206,20 @@ class WanDiT(nn.Module):
         super().__init__()
         self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
         self.head_dim = dim // num_heads
-        self.in_dim, self.out_dim, self.text_dim, self.text_len = in_dim, out_dim, text_dim, text_len
+        self.in_dim, self.out_dim, self.text_dim, self.text_len = (
+            in_dim,
+            out_dim,
+            text_dim,
+            text_len,
+        )
         self.freq_dim = freq_dim
         self.patch_size = tuple(patch_size)
         self.patch_embedding = nn.Conv3d(in_dim, dim, self.patch_size, stride=self.patch_size)
         gelu = nn.GELU(approximate="tanh")
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), gelu, nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(
+            nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
+        )
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(
             WanBlock(dim, ffn_dim, num_heads, eps, cross_attn_norm, image_dim is not None)
@@ -222,6 +230,7 @@ class WanDiT(nn.Module):
             self.img_emb = ImageProjection(image_dim, dim)
         self.rope = Rope3D(self.head_dim, rope_max_frames)
         self.attention: AttentionBackend = SdpaAttention()
+        self.sequence_parallel = SequenceParallel()  # identity; a parallel policy shards tokens
 
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
@@ -302,14 +311,17 @@ class WanDiT(nn.Module):
         e, e0 = self.time_modulation(timestep)
         cos, sin = self.rope.cos_sin(frame_positions, gh, gw)
 
-        # 3. transformer blocks
+        # 3. transformer blocks (on this rank's tokens under context parallelism)
+        tokens, cos, sin, cache = self.sequence_parallel.scatter(tokens, cos, sin, cache, gf)
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, e0, context[i], cos, sin, self.attention, cache, i, mask)
 
-        # 4. head and unpatchify
-        out = self.head(tokens, e)  # (B, L, pt*ph*pw*C_out)
+        # 4. head, gather the ranks' tokens, unpatchify
+        out = self.sequence_parallel.gather(self.head(tokens, e), gf)  # (B, L, pt*ph*pw*C_out)
         out = out.view(b, gf, gh, gw, pt, ph, pw, self.out_dim)
-        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.out_dim, num_frames, height, width)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(
+            b, self.out_dim, num_frames, height, width
+        )
 
 
 class WanHead(nn.Module):

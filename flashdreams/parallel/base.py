@@ -1,18 +1,54 @@
-"""Protocol of a parallel layout: which rank does what."""
+"""Protocol of a parallel layout: which rank does what, and the model's sequence hook.
+
+This module must stay free of ``torch.distributed``: the model imports ``SequenceParallel``.
+"""
 
 from __future__ import annotations
 
-from flashdreams.attention.base import AttentionBackend
+from collections.abc import Callable
+from typing import Any
+
+
+class SequenceParallel:
+    """Hook the DiT calls around its blocks; the identity for one process.
+
+    A context-parallel policy installs a subclass as ``model.sequence_parallel`` that keeps
+    only this rank's tokens through the blocks and reassembles the head's output.
+    """
+
+    def scatter(self, tokens, cos, sin, cache, num_frames: int) -> tuple:
+        """This rank's share of the block's tokens before the transformer blocks.
+
+        Args:
+            tokens: (B, L, C) patch tokens in (frame, h, w) order.
+            cos: (L, D // 2) RoPE table.
+            sin: (L, D // 2) RoPE table.
+            cache: the KV cache or None; a policy may return a stand-in whose ``update``
+                moves K/V between ranks before (or instead of) caching them.
+            num_frames: latent frames in the forward (L = num_frames * tokens per frame).
+
+        Returns:
+            (tokens, cos, sin, cache) for the blocks.
+        """
+        return tokens, cos, sin, cache
+
+    def gather(self, out, num_frames: int):
+        """(B, L_local, C') per-token head output -> (B, L, C') of the whole block."""
+        return out
 
 
 class ParallelPolicy:
-    """Rank bookkeeping and the attention wrapper of a context-parallel layout.
+    """Rank bookkeeping and model wiring of a parallel layout (one process: a no-op).
+
+    Call order (``build_rollout``): ``setup`` -> ``parallelize(model, attention)`` ->
+    ``cache_factory(factory)`` -> the rollout runs -> ``teardown``.
 
     Attributes:
         rank: this process's rank.
         world_size: number of processes.
     """
 
+    name: str = "single"
     rank: int = 0
     world_size: int = 1
 
@@ -21,12 +57,32 @@ class ParallelPolicy:
         """Only the main rank writes video, stats and logs."""
         return self.rank == 0
 
-    def setup(self) -> None:
-        """Initialise the process group (no-op for a single process)."""
+    def setup(self, device):
+        """Join the launcher's process group (no-op for one process).
 
-    def wrap_attention(self, attention: AttentionBackend) -> AttentionBackend:
-        """Return the attention backend the model should call."""
-        return attention
+        Args:
+            device: the run's resolved torch device.
+
+        Returns:
+            This rank's device (``cuda:LOCAL_RANK`` under torchrun on GPUs).
+        """
+        return device
+
+    def parallelize(self, model, attention) -> None:
+        """Install the attention backend (and any sequence hook) on the model."""
+        model.attention = attention
+
+    def cache_factory(self, factory: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap the rollout's cache factory so it builds this rank's share of the KV cache.
+
+        The rollout finishes the factory with the model's ``num_heads`` and
+        ``tokens_per_frame``; a policy rewrites them to the local head count / token count.
+        """
+        return factory
+
+    def broadcast(self, obj: Any) -> Any:
+        """``obj`` as rank 0 has it (e.g. its output dir), on every rank."""
+        return obj
 
     def teardown(self) -> None:
-        """Destroy the process group."""
+        """Leave the process group if this policy created it."""

@@ -38,10 +38,10 @@ class FewStepFlowScheduler(Scheduler):
         ts = [float(t) for t in timesteps]
         if not ts:
             raise ConfigError("scheduler.timesteps must list at least one timestep")
-        if any(t <= 0 or t > 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:], strict=False)):
-            raise ConfigError(
-                f"scheduler.timesteps={ts} must be decreasing values in (0, 1000]"
-            )
+        if any(t <= 0 or t > 1000 for t in ts) or any(
+            a <= b for a, b in zip(ts, ts[1:], strict=False)
+        ):
+            raise ConfigError(f"scheduler.timesteps={ts} must be decreasing values in (0, 1000]")
         self.timesteps = warp_timesteps(ts, shift) if warp else ts
         self.num_steps = len(self.timesteps)
 

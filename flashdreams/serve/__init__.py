@@ -1,0 +1,1 @@
+"""Streaming server of flashdreams: `flashdreams-serve`, its protocol and its web page."""

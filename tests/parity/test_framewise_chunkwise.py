@@ -24,7 +24,7 @@ SIZE = 32  # pixels -> 4 x 4 latents
 TPF = (SIZE // 8 // 2) ** 2  # tokens per latent frame (patch 2 x 2)
 TINY = ["model.dim=64", "model.num_heads=4", "model.num_layers=2", "model.ffn_dim=128",
         "model.text_dim=32", "model.text_len=16", "model.checkpoint=null", "device=cpu",
-        "dtype=float32", "text_encoder=random", "vae.checkpoint=null", "vae.base_dim=8",
+        "dtype=float32", "graph=eager", "text_encoder=random", "vae.checkpoint=null", "vae.base_dim=8",
         f"rollout.height={SIZE}", f"rollout.width={SIZE}"]  # fmt: skip
 ENCODER = ["conditioner.encoder.checkpoint=null", "conditioner.encoder.base_dim=8",
            "conditioner.encoder.num_res_blocks=1"]  # fmt: skip

@@ -144,7 +144,7 @@ def test_mismatched_checkpoint_is_one_clear_error(reference, tmp_path):
     assert "missing (1):\n    decoder.conv_out.bias" in message
     assert "unexpected (1):\n    decoder.extra.weight" in message
     assert "wrong shape (1):\n    decoder.conv_in.weight: checkpoint (3, 3, 3, 3, 3)" in message
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         Wan21StreamingDecoder(checkpoint=str(tmp_path / "missing.pth"), **TINY)
 
 

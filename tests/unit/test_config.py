@@ -38,8 +38,17 @@ def test_every_recipe_composes(recipe):
 
 GROUP_CASES = [
     (g, o)
-    for g in ("model", "scheduler", "cache", "attention", "parallel", "graph", "vae",
-              "text_encoder", "logger")  # fmt: skip
+    for g in (
+        "model",
+        "scheduler",
+        "cache",
+        "attention",
+        "parallel",
+        "graph",
+        "vae",
+        "text_encoder",
+        "logger",
+    )  # fmt: skip
     for o in group_options(g)
     if (g, o) not in NEEDS_FILES
 ]

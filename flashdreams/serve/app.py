@@ -1,0 +1,170 @@
+"""The HTTP + WebSocket app of ``flashdreams-serve``: ``/`` (web page), ``/status``, ``/ws``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from pathlib import Path
+
+from omegaconf import DictConfig
+from starlette.applications import Starlette
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from flashdreams.serve import protocol
+from flashdreams.serve.config import check_serve
+from flashdreams.serve.engine import Engine
+from flashdreams.serve.stream import Stream
+
+log = logging.getLogger("flashdreams.serve")
+STATIC = Path(__file__).parent / "static"
+_DROPPED_OFFSET = protocol.FRAME_HEADER.size - 8  # the header's `dropped` field
+MAX_PENDING_REPLIES = 256  # unread JSON replies before a client is cut off
+
+
+class OutQueue:
+    """Outgoing messages of one client; frames beyond ``max_frames`` drop the oldest frame.
+
+    JSON replies are never dropped (a client that does not read them is disconnected once
+    ``MAX_PENDING_REPLIES`` pile up). Used on the event loop only.
+    """
+
+    def __init__(self, max_frames: int) -> None:
+        self.max_frames = max(1, max_frames)
+        self.items: deque[tuple[str | bytes, bool]] = deque()
+        self.num_droppable = 0
+        self.dropped = 0  # frames dropped so far
+        self._ready = asyncio.Event()
+
+    def put(self, item: str | bytes, droppable: bool) -> None:
+        """Queue a message (``droppable``: a frame or per-step info)."""
+        self.items.append((item, droppable))
+        self.num_droppable += droppable
+        while self.num_droppable > self.max_frames:
+            for i, (old, can_drop) in enumerate(self.items):
+                if can_drop:
+                    del self.items[i]
+                    self.num_droppable -= 1
+                    self.dropped += isinstance(old, bytes)
+                    break
+        self._ready.set()
+
+    @property
+    def pending_replies(self) -> int:
+        """Queued messages that cannot be dropped."""
+        return len(self.items) - self.num_droppable
+
+    async def get(self) -> str | bytes:
+        """Next message, oldest first."""
+        while not self.items:
+            self._ready.clear()
+            await self._ready.wait()
+        item, droppable = self.items.popleft()
+        self.num_droppable -= droppable
+        if isinstance(item, bytes):  # report the drops known at send time
+            item = bytearray(item)
+            protocol.FRAME_HEADER_DROPPED.pack_into(item, _DROPPED_OFFSET, self.dropped)
+            item = bytes(item)
+        return item
+
+
+async def _send_loop(ws: WebSocket, out: OutQueue) -> None:
+    while True:
+        item = await out.get()
+        if isinstance(item, bytes):
+            await ws.send_bytes(item)
+        else:
+            await ws.send_text(item)
+
+
+async def websocket_endpoint(ws: WebSocket) -> None:
+    """One client: a receive loop here, a send loop, and at most one generating stream."""
+    engine: Engine = ws.app.state.engine
+    cfg: DictConfig = ws.app.state.cfg
+    await ws.accept()
+    out = OutQueue(cfg.serve.queue_frames)
+    stream = Stream(engine, cfg, out)
+    sender = asyncio.create_task(_send_loop(ws, out))
+    out.put(protocol.event("hello", **stream.hello()), droppable=False)
+    try:
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                break
+            await stream.handle(
+                msg.get("text") if msg.get("text") is not None else msg.get("bytes")
+            )
+            if out.pending_replies > MAX_PENDING_REPLIES or sender.done():
+                break
+    finally:
+        await stream.end("disconnect")
+        sender.cancel()
+        try:
+            await ws.close()
+        except (RuntimeError, OSError):
+            pass  # already closed by the client
+
+
+async def index(request) -> FileResponse:
+    return FileResponse(STATIC / "index.html")
+
+
+async def status(request) -> JSONResponse:
+    return JSONResponse(request.app.state.engine.status())
+
+
+def create_app(cfg: DictConfig, engine: Engine | None = None) -> Starlette:
+    """The Starlette app; the engine (model weights) is built here unless given."""
+    check_serve(cfg.serve)
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/status", status),
+            WebSocketRoute("/ws", websocket_endpoint),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ]
+    )
+    app.state.cfg = cfg
+    app.state.engine = engine or Engine(cfg)
+    return app
+
+
+def bind_socket(host: str, port: int, send_buffer_bytes: int = 0) -> socket.socket:
+    """A listening TCP socket (port 0: a free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer_bytes > 0:  # inherited by accepted connections
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(cfg: DictConfig) -> None:
+    """Load the recipe, bind, and serve until interrupted."""
+    import uvicorn
+
+    s = cfg.serve
+    app = create_app(cfg)
+    sock = bind_socket(s.host, s.port, s.send_buffer_bytes)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_config=None, log_level="warning", ws_max_size=max(s.max_message_bytes * 4, 2**20),
+        ws_per_message_deflate=False, lifespan="off",
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    url = f"http://{s.host}:{port}/"
+    print(f"flashdreams-serve: listening on {url} (recipe {cfg.run_name}, "
+          f"max_sessions={s.max_sessions})", flush=True)  # fmt: skip
+    if s.port_file:
+        Path(s.port_file).write_text(str(port))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        app.state.engine.shutdown()

@@ -1,0 +1,42 @@
+"""``flashdreams-serve``: the streaming server as a Hydra app (same recipes as ``flashdreams-run``).
+
+torch is imported lazily so ``--help`` and ``--cfg`` stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from flashdreams.cli import _check_choices, _fail, _user_error
+from flashdreams.serve import config  # noqa: F401  (registers the serve schema)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+def _serve(cfg: DictConfig) -> None:
+    from flashdreams.serve.app import serve
+
+    try:
+        serve(cfg)
+    except KeyboardInterrupt:
+        pass
+    except Exception as err:  # noqa: BLE001
+        message = _user_error(err)
+        if message is None or cfg.debug:
+            raise
+        _fail(message)
+
+
+def serve_main() -> None:
+    """``flashdreams-serve``: serve a recipe over HTTP + WebSocket (Hydra app)."""
+    _check_choices(sys.argv[1:])
+    if "debug=true" in sys.argv[1:]:
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    _serve()
+
+
+if __name__ == "__main__":
+    serve_main()

@@ -1,0 +1,59 @@
+"""Schema of ``flashdreams-serve``'s config: the run config plus a ``serve`` block.
+
+Registered in Hydra's ConfigStore as ``base_serve_run``; ``conf/serve.yaml`` composes the
+whole run config (``- run``) and then this schema, so a misspelled ``serve.*`` key or a wrong
+type fails at composition. No torch import here (``--help`` stays fast).
+"""
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from flashdreams.config.schema import RunConfig
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # interface to bind
+    port: int = 8000  # TCP port; 0 picks a free one
+    port_file: str | None = None  # write the bound port to this file once listening
+    max_sessions: int = 1  # concurrent generating sessions (GPU work); more clients get "busy"
+    max_message_bytes: int = 65536  # largest accepted client message
+    max_prompt_chars: int = 2000  # longest accepted prompt
+    queue_frames: int = 64  # per-client outgoing frame queue; oldest frames dropped when full
+    jpeg_quality: int = 85  # JPEG quality of streamed frames (1-95)
+    realtime: bool = True  # pace generation at `fps` so the stream never runs far ahead
+    lead_s: float = 1.0  # seconds of video generated ahead of real time when realtime
+    send_buffer_bytes: int = 0  # kernel send buffer per client (0: OS default)
+    total_blocks: int | None = None  # AR steps when `start` names none (null: endless)
+
+
+@dataclass
+class ServeRunConfig(RunConfig):
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def register() -> None:
+    """Store the schema (idempotent)."""
+    ConfigStore.instance().store(name="base_serve_run", node=ServeRunConfig)
+
+
+register()
+
+
+def check_serve(serve) -> None:
+    """Range checks the schema's types cannot express; raises ``ConfigError``."""
+    from flashdreams import ConfigError
+
+    bounds = {
+        "port": (0, 65535), "max_sessions": (1, None), "max_message_bytes": (256, None),
+        "max_prompt_chars": (1, None), "queue_frames": (1, None), "jpeg_quality": (1, 95),
+        "send_buffer_bytes": (0, None), "lead_s": (0, None),
+    }  # fmt: skip
+    for key, (lo, hi) in bounds.items():
+        value = serve[key]
+        if value < lo or (hi is not None and value > hi):
+            allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ConfigError(f"serve.{key}={value} must be {allowed}")
+    if serve.total_blocks is not None and serve.total_blocks < 1:
+        raise ConfigError(f"serve.total_blocks={serve.total_blocks} must be >= 1 or null")

@@ -1,0 +1,158 @@
+"""The WebSocket protocol of ``flashdreams-serve`` (documented in the README, "Serving").
+
+Client -> server: JSON text messages with a ``type``::
+
+    {"type": "start", "prompt": "...", "seed": 0, "total_blocks": null}
+    {"type": "prompt", "text": "..."}
+    {"type": "control", ...any control fields...}     e.g. {"type": "control", "keys": ["w"]}
+    {"type": "pause"} / {"type": "resume"} / {"type": "stop"}
+
+Server -> client: JSON text messages (``hello``, ``started``, ``prompt``, ``paused``,
+``resumed``, ``stopped``, ``error``) and one binary message per video frame: a fixed
+little-endian header (``FRAME_HEADER``) followed by the frame as a JPEG file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+FRAME_MAGIC = b"FDF1"
+# magic, step, frame, index in block, frames in block, batch index, batch size,
+# step_ms, period_ms, dropped, prompt version
+FRAME_HEADER = struct.Struct("<4sIIHHHHffII")
+FRAME_HEADER_DROPPED = struct.Struct("<I")  # rewritten at send time, at FRAME_HEADER.size - 8
+MESSAGE_TYPES = ("start", "prompt", "control", "pause", "resume", "stop")
+_FIELDS = {
+    "start": {"type", "prompt", "seed", "total_blocks"},
+    "prompt": {"type", "text"},
+    "pause": {"type"},
+    "resume": {"type"},
+    "stop": {"type"},
+}
+
+
+class ProtocolError(ValueError):
+    """A client message the server rejects; sent back as an ``error`` message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class FrameInfo:
+    """Header fields of one binary frame message."""
+
+    step: int  # AR step that produced the frame
+    frame: int  # index of the frame in its video stream
+    index_in_block: int  # index of the frame among its step's frames
+    frames_in_block: int  # frames the step produced
+    batch_index: int  # which video of the batch
+    batch_size: int  # videos generated together
+    step_ms: float  # step latency (encode + diffuse + decode, + recache on a switch)
+    period_ms: float  # block period (step latency + commit)
+    dropped: int  # frames dropped so far for this client (slow reader)
+    prompt_version: int  # 0 for the start prompt, +1 per prompt switch that took effect
+
+
+def parse_message(raw: str | bytes | None, max_bytes: int, max_prompt_chars: int) -> dict:
+    """Decode and validate one client message.
+
+    Args:
+        raw: the text of a WebSocket message (bytes for a binary message).
+        max_bytes: size limit in bytes.
+        max_prompt_chars: longest prompt accepted.
+
+    Returns:
+        The message as a dict with a known ``type``.
+
+    Raises:
+        ProtocolError: the message is binary, too large, not JSON, or not a valid message.
+    """
+    if raw is None or isinstance(raw, bytes):
+        raise ProtocolError("binary", "binary messages are not accepted; send JSON text")
+    size = len(raw.encode())
+    if size > max_bytes:
+        raise ProtocolError("too_large", f"message of {size} bytes exceeds "
+                            f"serve.max_message_bytes={max_bytes}")  # fmt: skip
+    try:
+        msg = json.loads(raw)
+    except ValueError as err:
+        raise ProtocolError("bad_json", f"message is not valid JSON: {err}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ProtocolError("bad_message", 'message must be a JSON object with a string "type"')
+    kind = msg["type"]
+    if kind not in MESSAGE_TYPES:
+        raise ProtocolError("unknown_type", f"unknown message type {kind!r}; "
+                            f"known: {', '.join(MESSAGE_TYPES)}")  # fmt: skip
+    extra = set(msg) - _FIELDS.get(kind, set(msg))
+    if extra:
+        raise ProtocolError("bad_message", f"{kind}: unknown field(s) {sorted(extra)}")
+    if kind == "start":
+        _check_text(msg, "prompt", max_prompt_chars, required=False)
+        for key in ("seed", "total_blocks"):
+            value = msg.get(key)
+            ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+            if not ok or (value is not None and not 0 <= value < 2**63):
+                raise ProtocolError("bad_message", f"start: {key} must be a non-negative integer"
+                                    " or null")  # fmt: skip
+        if msg.get("total_blocks") == 0:
+            raise ProtocolError("bad_message", "start: total_blocks must be >= 1 or null")
+    elif kind == "prompt":
+        _check_text(msg, "text", max_prompt_chars, required=True)
+    return msg
+
+
+def _check_text(msg: dict[str, Any], key: str, max_chars: int, required: bool) -> None:
+    value = msg.get(key)
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ProtocolError("bad_message", f"{msg['type']}: {key} must be a non-empty string")
+    if len(value) > max_chars:
+        raise ProtocolError("bad_message", f"{msg['type']}: {key} has {len(value)} characters "
+                            f"(serve.max_prompt_chars={max_chars})")  # fmt: skip
+
+
+def event(kind: str, **fields: Any) -> str:
+    """A server JSON message."""
+    return json.dumps({"type": kind, **fields})
+
+
+def error(code: str, message: str) -> str:
+    """A server ``error`` message."""
+    return event("error", code=code, message=message)
+
+
+def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of one (H, W, 3) uint8 RGB frame."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(frame, "RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def pack_frame(info: FrameInfo, jpeg: bytes) -> bytes:
+    """One binary frame message: header + JPEG."""
+    header = FRAME_HEADER.pack(
+        FRAME_MAGIC, info.step, info.frame, info.index_in_block, info.frames_in_block,
+        info.batch_index, info.batch_size, info.step_ms, info.period_ms, info.dropped,
+        info.prompt_version,
+    )  # fmt: skip
+    return header + jpeg
+
+
+def unpack_frame(data: bytes) -> tuple[FrameInfo, bytes]:
+    """Split a binary frame message into its header fields and JPEG bytes (clients, tests)."""
+    fields = FRAME_HEADER.unpack_from(data)
+    if fields[0] != FRAME_MAGIC:
+        raise ValueError(f"not a flashdreams frame message (magic {fields[0]!r})")
+    return FrameInfo(*fields[1:]), data[FRAME_HEADER.size :]

@@ -1,0 +1,237 @@
+"""One client's stream: its protocol state machine and its generation loop.
+
+Everything here runs on the event loop except the jobs handed to the engine's device thread
+(``_step_job``, session build and free) and JPEG encoding (a worker thread), so the server
+stays responsive while a step runs. A step's frames are encoded while the next step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from flashdreams import ConfigError
+from flashdreams.serve import protocol
+from flashdreams.serve.protocol import FrameInfo, ProtocolError
+from flashdreams.session import Session, SessionStep, validate_control
+
+log = logging.getLogger("flashdreams.serve")
+
+
+class _Pacer:
+    """Keeps generated video at most ``lead_s`` ahead of wall-clock playback at ``fps``."""
+
+    def __init__(self, fps: float, lead_s: float) -> None:
+        self.fps, self.lead_s = fps, lead_s
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.video_s = None, 0.0
+
+    def add(self, frames: int) -> None:
+        self.t0 = time.monotonic() if self.t0 is None else self.t0
+        self.video_s += frames / self.fps
+
+    def delay(self) -> float:
+        if self.t0 is None:
+            return 0.0
+        return self.t0 + self.video_s - self.lead_s - time.monotonic()
+
+
+class Stream:
+    """Protocol handler of one WebSocket client (at most one session at a time).
+
+    Args:
+        engine: the shared engine (model weights, device thread, session slots).
+        cfg: the serve config.
+        out: the client's outgoing queue.
+    """
+
+    def __init__(self, engine, cfg: DictConfig, out) -> None:
+        self.engine, self.cfg, self.out = engine, cfg, out
+        self.session: Session | None = None
+        self.task: asyncio.Task | None = None
+        self.paused = self.stop_requested = False
+        self.stop_reason = "finished"
+        self.wake = asyncio.Event()
+        self.pending_prompt: str | None = None
+        self.control: dict | None = None  # applies to every step until replaced
+        self.frames_made = 0
+        self.pacer = _Pacer(cfg.fps, cfg.serve.lead_s) if cfg.serve.realtime else None
+
+    def hello(self) -> dict:
+        """Fields of the ``hello`` message sent on connect."""
+        r, s = self.cfg.rollout, self.cfg.serve
+        return {
+            "version": protocol.PROTOCOL_VERSION, "run_name": self.cfg.run_name,
+            "height": r.height, "width": r.width, "fps": self.cfg.fps,
+            "frames_per_block": r.frames_per_block, "batch_size": r.batch_size,
+            "max_sessions": s.max_sessions, "max_message_bytes": s.max_message_bytes,
+            "queue_frames": s.queue_frames, "prompt": self.cfg.prompt,
+        }  # fmt: skip
+
+    def reply(self, kind: str, **fields) -> None:
+        self.out.put(protocol.event(kind, **fields), droppable=False)
+
+    # ------------------------------------------------------------------ messages
+    async def handle(self, raw: str | bytes | None) -> None:
+        """Act on one client message; a bad one gets an ``error`` reply and nothing else."""
+        s = self.cfg.serve
+        try:
+            msg = protocol.parse_message(raw, s.max_message_bytes, s.max_prompt_chars)
+            kind = msg["type"]
+            if kind == "start":
+                await self._start(msg)
+                return
+            if self.session is None:
+                raise ProtocolError("no_session", f"{kind}: no stream is running; send start")
+            if kind == "prompt":
+                self.pending_prompt = msg["text"]
+                self.reply("prompt", text=msg["text"], applies="next step")
+            elif kind == "control":
+                control = {k: v for k, v in msg.items() if k != "type"}
+                try:
+                    self.control = validate_control(control)
+                except ValueError as err:
+                    raise ProtocolError("bad_message", f"control: {err}") from None
+            elif kind in ("pause", "resume"):
+                self.paused = kind == "pause"
+                if self.pacer is not None:
+                    self.pacer.restart()
+                self.wake.set()
+                self.reply("paused" if self.paused else "resumed", step=self.session.step_index)
+            elif kind == "stop":
+                await self.end("client")
+        except ProtocolError as err:
+            self.out.put(protocol.error(err.code, str(err)), droppable=False)
+
+    async def _start(self, msg: dict) -> None:
+        await self.end("restart")
+        if not self.engine.try_acquire():
+            n = self.engine.max_sessions
+            raise ProtocolError("busy", f"server busy: all {n} session(s) (serve.max_sessions="
+                                f"{n}) are in use; try again later")  # fmt: skip
+        prompt = msg.get("prompt") or self.cfg.prompt
+        seed = msg["seed"] if msg.get("seed") is not None else self.cfg.seed
+        total = msg["total_blocks"] if "total_blocks" in msg else self.cfg.serve.total_blocks
+        loop = asyncio.get_running_loop()
+        try:
+            self.session = await loop.run_in_executor(
+                self.engine.executor, self.engine.new_session, prompt, seed, total
+            )
+        except (ConfigError, ValueError) as err:
+            self.engine.release()
+            raise ProtocolError("bad_message", f"start: {err}") from None
+        except Exception as err:  # e.g. out of device memory: the server goes on
+            self.engine.release()
+            log.exception("could not build a session")
+            raise ProtocolError("internal", f"start: {type(err).__name__}: {err}") from None
+        self.paused = self.stop_requested = False
+        self.pending_prompt = self.control = None
+        self.frames_made = 0
+        if self.pacer is not None:
+            self.pacer.restart()
+        self.reply("started", prompt=prompt, seed=seed, total_blocks=self.session.total_blocks)
+        self.task = asyncio.create_task(self._generate())
+
+    async def end(self, reason: str) -> None:
+        """Stop the running stream (after its current step) and free its session."""
+        if self.task is None:
+            return
+        self.stop_requested, self.stop_reason = True, reason
+        self.wake.set()
+        task, self.task = self.task, None
+        await task
+
+    # ------------------------------------------------------------------ generation
+    async def _wait(self, timeout: float | None) -> None:
+        self.wake.clear()
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _generate(self) -> None:
+        loop = asyncio.get_running_loop()
+        session, emitting, reason = self.session, None, None
+        try:
+            while not self.stop_requested and not session.finished:
+                if self.paused:
+                    await self._wait(None)
+                    continue
+                delay = self.pacer.delay() if self.pacer is not None else 0.0
+                if delay > 0:
+                    await self._wait(delay)
+                    continue
+                prompt, self.pending_prompt = self.pending_prompt, None
+                job = await loop.run_in_executor(
+                    self.engine.executor, _step_job, session, prompt, self.control
+                )
+                if emitting is not None:
+                    await emitting
+                emitting = asyncio.create_task(self._emit(*job))
+        except Exception as err:  # noqa: BLE001  (reported to the client; the server goes on)
+            log.exception("stream failed")
+            reason = "error"
+            self.reply("error", code="internal", message=f"{type(err).__name__}: {err}")
+        finally:
+            if emitting is not None:
+                await emitting
+            steps = session.step_index
+            self.session = None
+            await loop.run_in_executor(self.engine.executor, self.engine.free, session)
+            del session
+            self.engine.release()
+            reason = reason or (self.stop_reason if self.stop_requested else "finished")
+            self.reply("stopped", reason=reason, steps=steps, frames=self.frames_made,
+                       dropped=self.out.dropped)  # fmt: skip
+            self.task = None if self.task is asyncio.current_task() else self.task
+
+    async def _emit(self, step: SessionStep, host, done) -> None:
+        """Encode a step's frames on a worker thread and queue them (with a ``step`` message)."""
+        messages, num_frames = await asyncio.to_thread(self._encode, step, host, done)
+        for item in messages:
+            self.out.put(item, droppable=True)
+        self.frames_made += num_frames
+        if self.pacer is not None:
+            self.pacer.add(num_frames)
+
+    def _encode(self, step: SessionStep, host, done) -> tuple[list[str | bytes], int]:
+        if done is not None:
+            done.synchronize()
+        t = step.timings()
+        frames_in_block = 0 if host is None else host.shape[1]
+        head = protocol.event(
+            "step", step=step.step, frames=frames_in_block, prompt_version=step.prompt_version,
+            control=step.control, **{k: round(t[k], 3) for k in
+                                     ("step_ms", "period_ms", "recache_ms", "commit_ms")},
+        )  # fmt: skip
+        messages: list[str | bytes] = [head]
+        q = self.cfg.serve.jpeg_quality
+        for i in range(frames_in_block):
+            for b in range(host.shape[0]):
+                info = FrameInfo(step.step, self.frames_made + i, i, frames_in_block, b,
+                                 host.shape[0], t["step_ms"], t["period_ms"], 0,
+                                 step.prompt_version)  # fmt: skip
+                messages.append(protocol.pack_frame(info, protocol.encode_jpeg(host[b, i], q)))
+        return messages, frames_in_block
+
+
+def _step_job(session: Session, prompt: str | None, control: dict | None):
+    """On the device thread: one AR step, its frames copied to the host without a sync."""
+    if prompt is not None:
+        session.set_prompt(prompt)
+    frames = session.step(control)  # (B, T, 3, H, W) in [0, 1]
+    step, host, done = session.last, None, None
+    if frames is not None:
+        u8 = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+        u8 = u8.contiguous()  # (B, T, H, W, 3)
+        host = u8.to("cpu", non_blocking=True).numpy() if frames.is_cuda else u8.numpy()
+        if frames.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+    return step, host, done

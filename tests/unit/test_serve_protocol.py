@@ -1,0 +1,252 @@
+"""The streaming protocol against a real `flashdreams-serve` process on loopback."""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from websockets.sync.client import connect
+
+from flashdreams.serve.protocol import unpack_frame
+
+SERVE = [sys.executable, "-m", "flashdreams.serve.cli"]
+DEVICE = os.environ.get("FLASHDREAMS_TEST_DEVICE", "cpu")  # cuda: the same tests on a GPU
+TINY = [f"device={DEVICE}", "rollout.height=64", "rollout.width=64"]
+
+
+class ServerProcess:
+    """A `flashdreams-serve` subprocess on a free loopback port."""
+
+    def __init__(self, tmp: Path, *overrides: str) -> None:
+        port_file = tmp / "port"
+        args = [*TINY, "serve.port=0", f"serve.port_file={port_file}",
+                f"hydra.run.dir={tmp / 'run'}", *overrides]  # fmt: skip
+        self.log = open(tmp / "server.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen([*SERVE, *args], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        deadline = time.monotonic() + 90
+        while not port_file.is_file() or not port_file.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("server did not start:\n" + (tmp / "server.log").read_text())
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def ws(self, **kwargs):
+        return connect(f"ws://127.0.0.1:{self.port}/ws", open_timeout=10, **kwargs)
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.url + "/status", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def wait_idle(self, timeout: float = 20.0) -> dict:
+        """Wait until no session holds a slot or device memory."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status["active_sessions"] == 0 and status["live_sessions"] == 0:
+                return status
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def recv_json(ws, kind: str, timeout: float = 20.0) -> dict:
+    """Next JSON message of type ``kind`` (frames and other messages are skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+        if isinstance(msg, str) and json.loads(msg)["type"] == kind:
+            return json.loads(msg)
+
+
+def recv_frames(ws, count: int, timeout: float = 20.0) -> list:
+    """The next ``count`` frames as (FrameInfo, jpeg); JSON messages are skipped."""
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < count:
+        msg = ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+        if isinstance(msg, bytes):
+            out.append(unpack_frame(msg))
+    return out
+
+
+def send(ws, **msg) -> None:
+    ws.send(json.dumps(msg))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("serve"), "serve.max_sessions=2",
+                        "serve.realtime=false", "serve.queue_frames=16",
+                        "serve.send_buffer_bytes=8192")  # fmt: skip
+    yield srv
+    srv.close()
+
+
+def test_page_and_hello(server):
+    with urllib.request.urlopen(server.url + "/", timeout=10) as resp:
+        assert b"<canvas" in resp.read()
+    with server.ws() as ws:
+        hello = json.loads(ws.recv(timeout=10))
+        assert hello["type"] == "hello" and (hello["height"], hello["width"]) == (64, 64)
+
+
+def test_finite_stream_frames_have_the_right_size_and_count(server):
+    with server.ws() as ws:
+        send(ws, type="start", prompt="a fox", seed=1, total_blocks=3)
+        assert recv_json(ws, "started")["total_blocks"] == 3
+        frames, stopped = [], None
+        while stopped is None:
+            msg = ws.recv(timeout=20)
+            if isinstance(msg, bytes):
+                frames.append(unpack_frame(msg))
+            elif json.loads(msg)["type"] == "stopped":
+                stopped = json.loads(msg)
+    assert stopped["reason"] == "finished" and stopped["frames"] == len(frames) == 9 + 12 + 12
+    assert [info.step for info, _ in frames] == [0] * 9 + [1] * 12 + [2] * 12
+    assert [info.frame for info, _ in frames] == list(range(33))
+    assert all(info.step_ms > 0 and info.period_ms >= info.step_ms for info, _ in frames[:-12])
+    assert Image.open(io.BytesIO(frames[-1][1])).size == (64, 64)
+
+
+def test_prompt_switch_mid_stream_then_stop(server):
+    with server.ws() as ws:
+        send(ws, type="start", prompt="a fox")  # endless
+        assert recv_json(ws, "started")["total_blocks"] is None
+        first = recv_frames(ws, 21)
+        assert {info.prompt_version for info, _ in first} == {0}
+        send(ws, type="prompt", text="a river at night")
+        assert recv_json(ws, "prompt")["text"] == "a river at night"
+        step = recv_json(ws, "step")
+        while step["prompt_version"] == 0:
+            step = recv_json(ws, "step")
+        assert step["recache_ms"] > 0 and step["step"] >= 2
+        after = recv_frames(ws, 12)
+        assert {info.prompt_version for info, _ in after} == {1}
+        send(ws, type="stop")
+        stopped = recv_json(ws, "stopped")
+        assert stopped["reason"] == "client" and stopped["steps"] > step["step"]
+        send(ws, type="prompt", text="too late")
+        assert recv_json(ws, "error")["code"] == "no_session"
+    server.wait_idle()
+
+
+BAD = [
+    ("not json", "bad_json"),
+    (json.dumps([1, 2]), "bad_message"),
+    (json.dumps({"type": "fly"}), "unknown_type"),
+    (json.dumps({"type": "start", "seed": "x"}), "bad_message"),
+    (json.dumps({"type": "start", "total_blocks": 0}), "bad_message"),
+    (json.dumps({"type": "start", "colour": "red"}), "bad_message"),
+    (json.dumps({"type": "prompt", "text": ""}), "bad_message"),
+    (json.dumps({"type": "prompt", "text": "x" * 3000}), "bad_message"),
+    (json.dumps({"type": "control", "keys": {"a": 1}}), "bad_message"),
+    (json.dumps({"type": "prompt", "text": "x" * 70000}), "too_large"),
+    (b"\x00\x01", "binary"),
+]
+
+
+def test_malformed_messages_get_errors_and_the_stream_goes_on(server):
+    with server.ws() as ws:
+        send(ws, type="pause")
+        assert recv_json(ws, "error")["code"] == "no_session"
+        send(ws, type="start", prompt="a fox")
+        recv_json(ws, "started")
+        recv_frames(ws, 3)
+        for raw, code in BAD:
+            ws.send(raw)
+            error = recv_json(ws, "error")
+            assert error["code"] == code, (raw[:40], error)
+        before = recv_frames(ws, 1)[0][0].frame
+        send(ws, type="control", keys=["w"], yaw=0.5)
+        controlled = recv_json(ws, "step")
+        while controlled["control"] is None:
+            controlled = recv_json(ws, "step")
+        assert controlled["control"] == {"keys": ["w"], "yaw": 0.5}
+        assert recv_frames(ws, 12)[-1][0].frame > before  # still streaming
+        send(ws, type="pause")
+        assert recv_json(ws, "paused")["step"] >= 1
+        send(ws, type="resume")
+        recv_json(ws, "resumed")
+        recv_frames(ws, 12)
+    server.wait_idle()
+
+
+def test_max_sessions_plus_one_gets_busy_and_no_device_work(server):
+    with server.ws() as a, server.ws() as b, server.ws() as c:
+        for ws in (a, b):
+            send(ws, type="start", prompt="a fox")
+            recv_json(ws, "started")
+        send(c, type="start", prompt="a fox")
+        busy = recv_json(c, "error")
+        assert busy["code"] == "busy" and "serve.max_sessions=2" in busy["message"]
+        status = server.status()
+        assert status["active_sessions"] == 2 and status["live_sessions"] == 2
+        send(a, type="stop")
+        recv_json(a, "stopped")
+        send(c, type="start", prompt="a fox")  # a slot is free again
+        recv_json(c, "started")
+        recv_frames(c, 9)
+        for ws in (b, c):  # stop and drain, so closing needs no timeout
+            send(ws, type="stop")
+            recv_json(ws, "stopped")
+    server.wait_idle()
+
+
+def test_disconnect_mid_stream_frees_the_session(server):
+    with server.ws() as ws:
+        send(ws, type="start", prompt="a fox")
+        recv_json(ws, "started")
+        recv_frames(ws, 10)
+        assert server.status()["active_sessions"] == 1
+        ws.socket.shutdown(socket.SHUT_RDWR)  # vanish without a close handshake
+        status = server.wait_idle()
+    assert status["live_sessions"] == 0
+
+
+def test_slow_client_never_stalls_generation(server):
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow link: tiny buffers
+    with connect(f"ws://127.0.0.1:{server.port}/ws", sock=sock, max_queue=1) as ws:
+        send(ws, type="start", prompt="a fox")
+        recv_json(ws, "started")
+        time.sleep(1.5)  # read nothing: the buffers fill, then the server's queue drops frames
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # now read fast
+        frames = []
+        while not frames or frames[-1][0].dropped == 0:
+            frames += recv_frames(ws, 1)
+            assert len(frames) < 1000
+        send(ws, type="stop")
+        stopped = recv_json(ws, "stopped", timeout=30)
+    dropped = frames[-1][0].dropped
+    assert dropped > 0 and stopped["dropped"] >= dropped
+    gap = frames[-1][0].frame - frames[-2][0].frame
+    assert gap > 1  # the oldest queued frames were dropped, the newest kept
+    assert stopped["frames"] > 2 * len(frames)  # generation went on while the client stalled
+    server.wait_idle()
+
+
+def test_cli_help_and_one_line_config_errors(tmp_path):
+    help_text = subprocess.run([*SERVE, "--help"], capture_output=True, text=True, timeout=120)
+    assert "flashdreams-serve" in help_text.stdout and "serve.max_sessions" in help_text.stdout
+    proc = subprocess.run([*SERVE, *TINY, "serve.max_sessions=0", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "flashdreams: error: serve.max_sessions=0 must be >= 1"
+    )
