@@ -107,6 +107,9 @@ def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
     model = build_model(cfg.model, device, dtype, cfg.seed)
     parallel.parallelize(model, instantiate(cfg.attention))
     graph = instantiate(cfg.graph)
+    if parallel.world_size > 1 and graph.name == "eager" and device.type == "cuda":
+        log.warning("parallel=%s with graph=eager is launch-bound on GPUs (no speed-up measured); "
+                    "use graph=cuda_graph or graph=compile_cuda_graph", parallel.name)  # fmt: skip
     model = graph.prepare(model)
     vae = instantiate(cfg.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
     text_encoder = instantiate(cfg.text_encoder)
