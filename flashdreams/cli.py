@@ -29,7 +29,7 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def _check_choices(argv: list[str]) -> None:
+def check_choices(argv: list[str]) -> None:
     """One-line error for ``group=unknown`` before Hydra composes anything."""
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
@@ -40,15 +40,15 @@ def _check_choices(argv: list[str]) -> None:
             allowed = group_options(key)
             for choice in value.split(","):
                 if choice and choice not in allowed and not choice.startswith(("choice(", "glob(")):
-                    _fail(f"{key}={choice}: unknown option; allowed: {', '.join(allowed)}")
+                    fail(f"{key}={choice}: unknown option; allowed: {', '.join(allowed)}")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> None:
     print(f"flashdreams: error: {rank_prefix()}{message}", file=sys.stderr)
     raise SystemExit(code)
 
 
-def _user_error(err: BaseException) -> str | None:
+def user_error(err: BaseException) -> str | None:
     """The one-line message of a user-fixable error (also when wrapped by instantiate)."""
     while err is not None:
         if isinstance(err, ConfigError):
@@ -64,14 +64,14 @@ def _run(cfg: DictConfig) -> None:
     try:
         run_job(cfg)
     except KeyboardInterrupt:
-        _fail("interrupted; the video and stats.json written so far are kept", 130)
+        fail("interrupted; the video and stats.json written so far are kept", 130)
     except Exception as err:  # noqa: BLE001
-        message = _user_error(err)
+        message = user_error(err)
         if message is None or cfg.debug:
             if rank_prefix():  # torchrun: one line naming this rank above the traceback
                 print(f"flashdreams: error: {failure_line(err)}", file=sys.stderr)
             raise
-        _fail(message)
+        fail(message)
 
 
 def _image_flag(argv: list[str]) -> list[str]:
@@ -83,7 +83,7 @@ def _image_flag(argv: list[str]) -> list[str]:
             continue
         value = arg.partition("=")[2] if "=" in arg else next(args, "")
         if not value:
-            _fail("--image needs a path: --image path/to/first_frame.png")
+            fail("--image needs a path: --image path/to/first_frame.png")
         if not re.fullmatch(r"[\w./+-]+", value):  # quote for Hydra's override grammar
             value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
         out.append(f"image={value}")
@@ -93,7 +93,7 @@ def _image_flag(argv: list[str]) -> list[str]:
 def run_main() -> None:
     """``flashdreams-run``: run a recipe (Hydra app); ``--image PATH`` is ``image=PATH``."""
     sys.argv[1:] = _image_flag(sys.argv[1:])
-    _check_choices(sys.argv[1:])
+    check_choices(sys.argv[1:])
     sys.argv[1:] += rank_overrides()  # torchrun ranks > 0: no output dir of their own
     if "debug=true" in sys.argv[1:]:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
@@ -113,7 +113,7 @@ def _bench(cfg: DictConfig) -> None:
 def bench_main() -> None:
     """``flashdreams-bench``: a profiled random-weight run + floor + diffusers peer (JSON)."""
     sys.argv[1:] = _image_flag(sys.argv[1:])
-    _check_choices(sys.argv[1:])
+    check_choices(sys.argv[1:])
     sys.argv[1:] += rank_overrides()  # torchrun ranks > 0: no output dir of their own
     _bench()
 

@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from flashdreams.cli import _check_choices, _fail, _user_error
+from flashdreams.cli import check_choices, fail, user_error
 from flashdreams.serve import config  # noqa: F401  (registers the serve schema)
 
 
@@ -24,15 +24,15 @@ def _serve(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         pass
     except Exception as err:  # noqa: BLE001
-        message = _user_error(err)
+        message = user_error(err)
         if message is None or cfg.debug:
             raise
-        _fail(message)
+        fail(message)
 
 
 def serve_main() -> None:
     """``flashdreams-serve``: serve a recipe over HTTP + WebSocket (Hydra app)."""
-    _check_choices(sys.argv[1:])
+    check_choices(sys.argv[1:])
     if "debug=true" in sys.argv[1:]:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     _serve()

@@ -1,0 +1,88 @@
+"""Attention backends: FlexAttention (block-sparse masked) and optional FlashAttention packages.
+
+Tolerance: fp32, max abs error <= 1e-5 against masked SDPA (the math is the same softmax).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from flashdreams import ConfigError
+from flashdreams.attention.flash_attn import FlashAttnAttention, find_flash_attn
+from flashdreams.attention.flex import FlexAttention
+from flashdreams.attention.sdpa import SdpaAttention
+
+
+def _qkv(lq=300, lk=300, heads=4, dim=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, n, heads, dim, generator=gen) for n in (lq, lk, lk))
+
+
+def _block_causal(frames_per_block: list[int], tokens_per_frame: int) -> torch.Tensor:
+    ids = torch.cat(
+        [torch.full((f * tokens_per_frame,), i) for i, f in enumerate(frames_per_block)]
+    )
+    return ids[None, :] <= ids[:, None]
+
+
+def test_flex_masked_equals_sdpa_and_skips_masked_tiles():
+    mask = _block_causal([1, 3, 3, 3], 30)  # 300 tokens, blocks not aligned to the 128 tile
+    q, k, v = _qkv()
+    flex = FlexAttention(block_size=128)
+    out = flex(q, k, v, mask)
+    ref = SdpaAttention()(q, k, v, mask)
+    assert (out - ref).abs().max() <= 1e-5
+    block_mask = flex.block_mask(mask)
+    assert flex.block_mask(mask) is block_mask  # built once per mask
+    tiles = block_mask.kv_num_blocks.sum() + (
+        block_mask.full_kv_num_blocks.sum() if block_mask.full_kv_num_blocks is not None else 0
+    )
+    assert tiles < 3 * 3  # the upper-right tile of the 3 x 3 grid is never visited
+
+
+def test_flex_rectangular_mask_and_unmasked_path():
+    q, k, v = _qkv(lq=90, lk=270, seed=1)
+    mask = torch.ones(90, 270, dtype=torch.bool)
+    mask[:, 200:] = False
+    flex = FlexAttention()
+    ref = SdpaAttention()(q, k, v, mask)
+    assert (flex(q, k, v, mask) - ref).abs().max() <= 1e-5
+    assert torch.equal(flex(q, k, v), SdpaAttention("cudnn")(q, k, v))  # unmasked: pinned SDPA
+
+
+def test_flex_in_the_model_masked_forward():
+    from flashdreams.model.wan import WanDiT
+
+    torch.manual_seed(0)
+    model = WanDiT(dim=64, num_heads=4, num_layers=2, ffn_dim=128, text_dim=32, text_len=8).eval()
+    x = torch.randn(1, 16, 3, 4, 4)
+    t = torch.tensor([[0.0, 500.0, 500.0]])
+    ctx = model.prepare_context(torch.randn(1, 8, 32))
+    mask = _block_causal([1, 2], 4)
+    with torch.no_grad():
+        ref = model(x, t, ctx, torch.arange(3), mask=mask)
+        model.attention = FlexAttention(block_size=16)
+        out = model(x, t, ctx, torch.arange(3), mask=mask)
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_flash_attn_missing_package_falls_back_with_one_line(caplog):
+    q, k, v = _qkv(lq=64, lk=64)
+    with caplog.at_level(logging.INFO, logger="flashdreams.attention.flash_attn"):
+        attn = FlashAttnAttention(version="auto")
+        if attn.package is not None:
+            pytest.skip(f"{attn.package} is installed here")
+        out = attn(q, k, v)
+        attn(q, k, v)
+    assert torch.equal(out, SdpaAttention("cudnn")(q, k, v))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "no flash-attn package" in lines[0]
+    assert find_flash_attn("2") == (None, None) or find_flash_attn("2")[0] == "flash-attn 2"
+
+
+def test_flash_attn_bad_version_is_one_line():
+    with pytest.raises(ConfigError, match="attention.version='5'"):
+        FlashAttnAttention(version="5")
