@@ -112,10 +112,12 @@ class ResidualUpLevel(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_blocks: int, up: bool, up_time: bool):
         super().__init__()
         dims = [in_dim] + [out_dim] * num_blocks
-        self.resnets = nn.ModuleList(WanResidualBlock(i, o) for i, o in zip(dims, dims[1:]))
+        self.resnets = nn.ModuleList(
+            WanResidualBlock(i, o) for i, o in zip(dims[:-1], dims[1:], strict=True)
+        )
         mode = "upsample3d" if up_time else "upsample2d"
         self.upsampler = WanResample(out_dim, mode, upsample_out_dim=out_dim) if up else None
-        self.out_dim, self.up, self.factor_t = out_dim, up, 2 if up_time else 1
+        self.out_dim, self.factor_t = out_dim, 2 if up_time else 1
 
     def forward(self, x, feat_cache=None, feat_idx=(0,), first_chunk=False):
         shortcut = x

@@ -40,10 +40,13 @@ class ResidualDownLevel(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_blocks: int, down: bool, down_time: bool):
         super().__init__()
         dims = [in_dim] + [out_dim] * num_blocks
-        self.resnets = nn.ModuleList(WanResidualBlock(i, o) for i, o in zip(dims, dims[1:]))
+        self.resnets = nn.ModuleList(
+            WanResidualBlock(i, o) for i, o in zip(dims[:-1], dims[1:], strict=True)
+        )
         mode = "downsample3d" if down_time else "downsample2d"
         self.downsampler = WanResample(out_dim, mode) if down else None
-        self.out_dim, self.factor_t, self.factor_s = out_dim, 2 if down_time else 1, 2 if down else 1
+        self.out_dim = out_dim
+        self.factor_t, self.factor_s = (2 if down_time else 1), (2 if down else 1)
 
     def forward(self, x, feat_cache=None, feat_idx=(0,)):
         shortcut = gather_channels(x, self.out_dim, self.factor_t, self.factor_s)
@@ -116,7 +119,9 @@ class Wan22Encoder(nn.Module):
         std = config.get("latents_std", WAN22_LATENTS_STD)
         z = int(arch["z_dim"])
         if not len(mean) == len(std) == z:
-            raise ConfigError(f"vae encoder z_dim={z} does not match its latent stats (Wan 2.2: 48)")
+            raise ConfigError(
+                f"vae encoder z_dim={z} does not match its latent stats (Wan 2.2: 48)"
+            )
         self.patch_size = int(arch["patch_size"])
         self.spatial_factor = self.patch_size * 2 ** (len(arch["dim_mult"]) - 1)
         self.temporal_factor = 2 ** sum(bool(v) for v in arch["temperal_downsample"])
