@@ -32,8 +32,13 @@ from flashdreams.io.keymap import wan22_vae_key_to_diffusers, wan_to_diffusers
 from flashdreams.io.video import read_video_frames
 from flashdreams.job import run_job
 from flashdreams.model.wan import WanDiT
-from flashdreams.vae.wan22 import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, Wan22StreamingDecoder
-from flashdreams.vae.wan22_encode import Wan22Encoder
+from flashdreams.vae.wan22 import (
+    WAN22_LATENTS_MEAN,
+    WAN22_LATENTS_STD,
+    Wan22Decoder3d,
+    Wan22StreamingDecoder,
+)
+from flashdreams.vae.wan22_encode import Wan22Encoder, Wan22Encoder3d
 from tests.unit.test_config import compose_run
 
 NUM_RES = 1  # residual blocks per level of the tiny VAE
@@ -200,7 +205,7 @@ def test_vae_encoder_matches_diffusers(vae_folder):
     torch.testing.assert_close(encoder.encode(video), (mode - mean) / std, rtol=0, atol=1e-5)
 
 
-def to_wan22_name(key: str) -> str:
+def to_wan22_name(key: str, num_res: int = NUM_RES) -> str:
     """diffusers name -> ``Wan2.2_VAE.pth`` name (the test's own inverse of the key map)."""
     for new, old in (("quant_conv.", "conv1."), ("post_quant_conv.", "conv2.")):
         if key.startswith(new):
@@ -210,7 +215,7 @@ def to_wan22_name(key: str) -> str:
     key = re.sub(r"^(encoder|decoder)\.conv_out\.", r"\1.head.2.", key)
     key = re.sub(r"mid_block\.attentions\.0\.", "middle.1.", key)
     key = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"middle.{2 * int(m[1])}.", key)
-    for kind, resampler in (("down", NUM_RES), ("up", NUM_RES + 1)):  # after the resnets
+    for kind, resampler in (("down", num_res), ("up", num_res + 1)):  # after the resnets
         key = re.sub(rf"{kind}_blocks\.(\d+)\.resnets\.", rf"{kind}samples.\1.{kind}samples.", key)
         key = re.sub(rf"{kind}_blocks\.(\d+)\.{kind}sampler\.",
                      rf"{kind}samples.\1.{kind}samples.{resampler}.", key)  # fmt: skip
@@ -236,6 +241,25 @@ def test_wan_format_checkpoint_loads_through_key_map(vae_folder, tmp_path):
     encoder = Wan22Encoder(str(tmp_path / "Wan2.2_VAE.pth"), base_dim=8, dim_mult=[1, 2, 2],
                            num_res_blocks=1, temperal_downsample=[True, True])  # fmt: skip
     assert encoder.encode(torch.zeros(1, 3, 1, 16, 16)).shape == (1, Z, 1, 2, 2)
+
+
+def test_real_size_layout_matches_diffusers_and_key_map():
+    """At the real Wan 2.2 size (meta tensors): same names and shapes as diffusers' VAE."""
+    with torch.device("meta"):
+        ref = AutoencoderKLWan(base_dim=160, decoder_base_dim=256, z_dim=Z, is_residual=True,
+                               in_channels=12, out_channels=12, patch_size=2,
+                               scale_factor_spatial=16, latents_mean=list(WAN22_LATENTS_MEAN),
+                               latents_std=list(WAN22_LATENTS_STD))  # fmt: skip
+        dec = Wan22Decoder3d(256, Z, [1, 2, 4, 4], 2, [True, True, False], 2)
+        enc = Wan22Encoder3d(160, 2 * Z, [1, 2, 4, 4], 2, [False, True, True], 2)
+    expected = {k: v.shape for k, v in ref.state_dict().items()}
+    for side, module in (("decoder", dec), ("encoder", enc)):
+        ours = {f"{side}.{k}": v.shape for k, v in module.state_dict().items()}
+        assert ours == {k: v for k, v in expected.items() if k.startswith(side + ".")}
+    originals = [to_wan22_name(k, num_res=2) for k in expected]
+    assert "decoder.upsamples.2.upsamples.3.resample.1.weight" in originals
+    assert "encoder.downsamples.0.downsamples.2.resample.1.weight" in originals
+    assert [wan22_vae_key_to_diffusers(k) for k in originals] == list(expected)
 
 
 # ------------------------------------------------------------------ (d) mismatched checkpoint
