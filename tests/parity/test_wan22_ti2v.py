@@ -292,9 +292,14 @@ def test_recipe_composes_at_reference_settings():
     assert (cfg.model.dim, cfg.model.in_dim, cfg.vae.z_dim) == (3072, 48, 48)
 
 
-def test_tiny_recipe_run_writes_video(tmp_path):
+@pytest.mark.parametrize("with_image", [False, True])
+def test_tiny_recipe_run_writes_video(tmp_path, with_image):
     overrides = [*RUN, f"paths.root={tmp_path}", "vae.checkpoint=null", *VAE_ARGS,
-                 "conditioner.encoder.checkpoint=null", "scheduler.num_steps=1"]  # fmt: skip
+                 "conditioner.encoder.checkpoint=null", "scheduler.num_steps=1",
+                 *[a.replace("vae.", "conditioner.encoder.") for a in VAE_ARGS]]  # fmt: skip
+    if with_image:  # another size: center-cropped and resized to the video's
+        Image.new("RGB", (48, 40), (200, 40, 10)).save(tmp_path / "first.jpg")
+        overrides.append(f"image={tmp_path / 'first.jpg'}")
     assert run_job(compose_run(overrides)) == 0
     run_dir = next((tmp_path / "runs" / "wan22_ti2v_5b_720p").iterdir())
     assert read_video_frames(run_dir / "video.mp4") == 1 + 4 * (FRAMES - 1)
