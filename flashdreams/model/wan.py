@@ -290,7 +290,9 @@ class WanDiT(nn.Module):
             x: (B, C_in, F, H, W) latents (the whole clip, or one AR block).
             timestep: (B,), (B, F) or (B, L) timesteps in [0, 1000]: one per clip, per latent
                 frame (AR mode), or per token (L = F * H * W / patch area; Wan2.2 TI2V's
-                ``expand_timesteps``, e.g. t = 0 on the tokens of a given first frame).
+                ``expand_timesteps``, e.g. t = 0 on the tokens of a given first frame). Per
+                token costs a (B, L, 6, dim) fp32 modulation (2 GB at 704x1280x121): pass
+                timesteps that are uniform within frames per frame (the rollout does).
             context: output of ``prepare_context``.
             frame_positions: (F,) long absolute frame index of each latent frame (RoPE);
                 defaults to 0..F-1.

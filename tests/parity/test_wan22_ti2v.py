@@ -82,12 +82,17 @@ def _diffusers_dit(model: WanDiT) -> WanTransformer3DModel:
 
 
 # ------------------------------------------------------------------ (a) DiT, per-token t
-def test_dit_per_token_timesteps_match_diffusers():
+def _tiny_dit(checkpoint=None) -> WanDiT:
     with torch.device("meta"):
         model = WanDiT(dim=64, num_heads=4, num_layers=2, ffn_dim=128, in_dim=Z, out_dim=Z,
                        text_dim=32, text_len=16)  # fmt: skip
-    model = materialize(model, None, "cpu", torch.float32, seed=3).eval()
-    reference = _diffusers_dit(model)
+    return materialize(model, checkpoint, "cpu", torch.float32, seed=3).eval()
+
+
+def test_dit_per_token_timesteps_match_diffusers(tmp_path):
+    reference = _diffusers_dit(_tiny_dit())
+    reference.save_pretrained(tmp_path / "transformer")  # a TI2V-Diffusers-style folder
+    model = _tiny_dit(str(tmp_path))  # read back through our diffusers-folder loader
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, Z, 3, 4, 6, generator=gen)  # 3 frames x 2 x 3 tokens
     text = torch.randn(2, 16, 32, generator=gen)
