@@ -93,7 +93,7 @@ def build_conditioning(cfg: DictConfig, device: torch.device) -> tuple:
     if needs_image and not cfg.image:
         raise ConfigError("image=null: this recipe conditions on an input image; "
                           "pass image=path/to/first_frame.png (PNG or JPEG)")  # fmt: skip
-    if cfg.image and not needs_image:
+    if cfg.image and not (needs_image or conditioner.optional_image):
         log.warning("image=%s is ignored: this recipe does not condition on an image", cfg.image)
     return guidance, image_encoder, conditioner
 

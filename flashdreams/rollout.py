@@ -259,6 +259,7 @@ class Rollout:
 
     def _model_input(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Latents (B, C, F, h, w) plus the conditioner's extra channels of those frames."""
+        x = self.conditioner.replace(x, start)  # frames given by the condition (TI2V)
         extra = self.conditioner.channels(start, x.shape[2])
         return x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1)
 
@@ -272,10 +273,10 @@ class Rollout:
                                   shape_key=self._shape_key())  # fmt: skip
 
         for j in range(self.scheduler.num_steps):
-            t = self._block_timestep(timesteps[j])
+            t = self.conditioner.timesteps(self._block_timestep(timesteps[j]), start)
             flow = self.guidance.predict(forward, self._model_input(x, start), t, guided, j)
             x = self.scheduler.step(flow, x, j, self.noise)
-        return x
+        return self.conditioner.replace(x, start)
 
     def _commit_prefix(self, ctx) -> torch.Tensor:
         """Commit the conditioner's clean prefix frames at t = 0 before block 0; return them."""

@@ -20,18 +20,24 @@ class Conditioner(nn.Module):
     * extra channels: a (B, num_channels, T, h, w) tensor concatenated to the DiT input along
       channels, sliced to each forward's frames (Wan I2V: 4 mask + 16 image-latent channels).
 
-    Per clip the loop calls ``prepare(images, ...)`` once, then ``prefix()`` at step 0 and
-    ``channels(start, num)`` for every forward.
+    * replaced frames: latent frames overwritten in every forward's input, with timestep 0 on
+      their tokens (Wan 2.2 TI2V: the encoded image is frame 0 of a bidirectional clip).
+
+    Per clip the loop calls ``prepare(images, ...)`` once, then ``prefix()`` at step 0,
+    ``replace(x, start)``, ``timesteps(t, start)`` and ``channels(start, num)`` for every forward,
+    and ``replace`` once more on a block's final latents.
 
     Attributes:
         num_prefix_frames: latent frames the condition supplies before block 0.
         num_channels: channels concatenated to the DiT input (its ``in_dim - out_dim``).
         needs_image: whether a clip cannot start without an input image.
+        optional_image: whether an input image is used when given (a clip may start without).
     """
 
     num_prefix_frames: int = 0
     num_channels: int = 0
     needs_image: bool = False
+    optional_image: bool = False
 
     def prepare(
         self, images: list | None, *, height: int, width: int, num_frames: int,
@@ -46,3 +52,11 @@ class Conditioner(nn.Module):
     def channels(self, start: int, num: int) -> torch.Tensor | None:
         """(B, num_channels, num, h, w) extra input channels of frames [start, start + num)."""
         return None
+
+    def replace(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """(B, C, F, h, w) latents of frames [start, start + F) with the given frames put in."""
+        return x
+
+    def timesteps(self, t: torch.Tensor, start: int) -> torch.Tensor:
+        """(B, F) per-frame timesteps of frames [start, start + F); given frames get 0."""
+        return t

@@ -266,3 +266,51 @@ def transformers_t5_to_wan(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
             new_key = _rename(key, _T5_TOP_LEVEL, reverse=True) or key
         out[new_key] = tensor
     return out
+
+
+# Wan 2.2 VAE (``Wan2.2_VAE.pth``) → diffusers ``AutoencoderKLWan`` (``is_residual=True``) names.
+_VAE_RESNET_RULES: tuple[tuple[str, str], ...] = (
+    ("residual.0", "norm1"),
+    ("residual.2", "conv1"),
+    ("residual.3", "norm2"),
+    ("residual.6", "conv2"),
+    ("shortcut", "conv_shortcut"),
+)
+_VAE_TOP_LEVEL: tuple[tuple[str, str], ...] = (
+    ("conv1", "quant_conv"),
+    ("conv2", "post_quant_conv"),
+    ("encoder.conv1", "encoder.conv_in"),
+    ("decoder.conv1", "decoder.conv_in"),
+    ("encoder.head.0", "encoder.norm_out"),
+    ("encoder.head.2", "encoder.conv_out"),
+    ("decoder.head.0", "decoder.norm_out"),
+    ("decoder.head.2", "decoder.conv_out"),
+    ("encoder.middle.1", "encoder.mid_block.attentions.0"),
+    ("decoder.middle.1", "decoder.mid_block.attentions.0"),
+)
+# encoder.downsamples.I.downsamples.J.<rest> / decoder.upsamples.I.upsamples.J.<rest>
+_VAE22_LEVEL_RE = re.compile(
+    r"^(encoder|decoder)\.(down|up)samples\.(\d+)\.(?:down|up)samples\.(\d+)\.(.+)$"
+)
+_VAE_MIDDLE_RE = re.compile(r"^(encoder|decoder)\.middle\.([02])\.(.+)$")
+
+
+def wan22_vae_key_to_diffusers(key: str) -> str:
+    """Name of one key of Wan's ``Wan2.2_VAE.pth`` in diffusers' ``AutoencoderKLWan``.
+
+    Each level of the original is a flat list (``decoder.upsamples.I.upsamples.J``): residual
+    blocks first, then one resampler; diffusers names them ``up_blocks.I.resnets.J`` and
+    ``up_blocks.I.upsampler`` (``down_blocks.I.downsampler`` in the encoder). The parameter-free
+    average / duplicate shortcuts have no keys. Unknown keys come back unchanged.
+    """
+    if m := _VAE22_LEVEL_RE.match(key):
+        side, kind, level, index, rest = m.groups()
+        if rest.startswith(("resample.", "time_conv.")):
+            return f"{side}.{kind}_blocks.{level}.{kind}sampler.{rest}"
+        tail = _rename(rest, _VAE_RESNET_RULES, reverse=False)
+        return key if tail is None else f"{side}.{kind}_blocks.{level}.resnets.{index}.{tail}"
+    if m := _VAE_MIDDLE_RE.match(key):
+        tail = _rename(m[3], _VAE_RESNET_RULES, reverse=False)
+        resnet = int(m[2]) // 2
+        return key if tail is None else f"{m[1]}.mid_block.resnets.{resnet}.{tail}"
+    return _rename(key, _VAE_TOP_LEVEL, reverse=False) or key

@@ -263,7 +263,10 @@ class WanDiT(nn.Module):
         return [blk.cross_attn.context_kv(text, img) for blk in self.blocks]
 
     def time_modulation(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-frame time embedding e (B, F, C) and block modulation e0 (B, F, 6, C), fp32."""
+        """Time embedding e (B, G, C) and block modulation e0 (B, G, 6, C), fp32.
+
+        G groups of tokens share one timestep: G = frames (per-frame) or G = tokens (per-token).
+        """
         b, f = timestep.shape
         emb = sinusoidal_embedding(timestep.flatten(), self.freq_dim)
         emb = emb.to(self.time_embedding[0].weight.dtype)
@@ -285,7 +288,11 @@ class WanDiT(nn.Module):
 
         Args:
             x: (B, C_in, F, H, W) latents (the whole clip, or one AR block).
-            timestep: (B,) or (B, F) timesteps in [0, 1000] (per frame in AR mode).
+            timestep: (B,), (B, F) or (B, L) timesteps in [0, 1000]: one per clip, per latent
+                frame (AR mode), or per token (L = F * H * W / patch area; Wan2.2 TI2V's
+                ``expand_timesteps``, e.g. t = 0 on the tokens of a given first frame). Per
+                token costs a (B, L, 6, dim) fp32 modulation (2 GB at 704x1280x121): pass
+                timesteps that are uniform within frames per frame (the rollout does).
             context: output of ``prepare_context``.
             frame_positions: (F,) long absolute frame index of each latent frame (RoPE);
                 defaults to 0..F-1.
@@ -302,6 +309,8 @@ class WanDiT(nn.Module):
             frame_positions = torch.arange(gf, device=x.device)
         if timestep.ndim == 1:
             timestep = timestep[:, None].expand(b, gf)
+        if timestep.shape[1] not in (gf, gf * gh * gw):
+            raise ValueError(f"timestep {tuple(timestep.shape)}: need (B,), (B, F) or (B, L)")
 
         # 1. patchify: (B, C, F, H, W) -> (B, L, dim) tokens in (f, h, w) order, fp32 stream
         weight = self.patch_embedding.weight
@@ -312,7 +321,10 @@ class WanDiT(nn.Module):
         cos, sin = self.rope.cos_sin(frame_positions, gh, gw)
 
         # 3. transformer blocks (on this rank's tokens under context parallelism)
+        num_tokens = tokens.shape[1]
         tokens, cos, sin, cache = self.sequence_parallel.scatter(tokens, cos, sin, cache, gf)
+        if e0.shape[1] != gf and tokens.shape[1] != num_tokens:
+            raise ValueError("per-token timesteps need parallel=single; pass them per frame")
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, e0, context[i], cos, sin, self.attention, cache, i, mask)
 

@@ -15,6 +15,7 @@ from flashdreams.cli import group_options
 # disk are covered by their own tests (named here).
 TINY_OPTION = {
     ("vae", "wan21"): ["vae.base_dim=8"],
+    ("vae", "wan22"): ["vae.base_dim=8"],
     ("vae", "taehv"): ["vae.channels=[16,8,8,8]"],
 }
 NEEDS_FILES = {
