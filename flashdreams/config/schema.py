@@ -72,7 +72,7 @@ class WanModelConfig:
     cross_attn_norm: bool = True
     image_dim: int | None = None
     text_len: int = 512
-    rope_max_frames: int = 1024
+    rope_max_pos: int = 1024  # RoPE table rows of the height/width axes (frames are unbounded)
 
 
 @dataclass

@@ -76,8 +76,11 @@ def rope_freqs(max_pos: int, dim: int, theta: float = 10000.0) -> torch.Tensor:
 class Rope3D:
     """3-D rotary embedding over (frame, height, width) at absolute frame positions.
 
-    Tables are plain tensors cached per device (not buffers), so a model built on the meta
-    device needs no re-initialisation. Rotation acts on interleaved pairs of the head dim.
+    Height/width angles come from fp64 tables of ``max_pos`` rows cached per device (plain
+    tensors, not buffers, so a model built on the meta device needs no re-initialisation). Frame
+    angles are computed from the positions themselves in fp64, so frame positions are unbounded:
+    an endless stream never runs out of RoPE range, and a position p gives exactly the angles a
+    table row p would. Rotation acts on interleaved pairs of the head dim.
     """
 
     def __init__(self, head_dim: int, max_pos: int = 1024, theta: float = 10000.0) -> None:
@@ -88,9 +91,13 @@ class Rope3D:
 
     def _angles(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         if device not in self._tables:
-            dims = rope_axis_dims(self.head_dim)
-            self._tables[device] = tuple(
-                rope_freqs(self.max_pos, d, self.theta).float().to(device) for d in dims
+            dim_f, dim_h, dim_w = rope_axis_dims(self.head_dim)
+            wide = torch.float32 if device.type == "mps" else torch.float64
+            inv_f = 1.0 / self.theta ** (torch.arange(0, dim_f, 2, dtype=torch.float64) / dim_f)
+            self._tables[device] = (
+                inv_f.to(device=device, dtype=wide),
+                rope_freqs(self.max_pos, dim_h, self.theta).float().to(device),
+                rope_freqs(self.max_pos, dim_w, self.theta).float().to(device),
             )
         return self._tables[device]
 
@@ -100,22 +107,23 @@ class Rope3D:
         """Cos/sin tables for the tokens of frames at ``frame_positions`` (f, h, w order).
 
         Args:
-            frame_positions: (F,) long absolute frame indices (device tensor).
-            height: latent tokens per column.
-            width: latent tokens per row.
+            frame_positions: (F,) long absolute frame indices (device tensor), any value.
+            height: latent tokens per column (at most ``max_pos``).
+            width: latent tokens per row (at most ``max_pos``).
 
         Returns:
             cos, sin: (F * height * width, head_dim // 2) fp32.
         """
-        ang_f, ang_h, ang_w = self._angles(frame_positions.device)
+        inv_f, ang_h, ang_w = self._angles(frame_positions.device)
         num_f = frame_positions.shape[0]
-        f = ang_f.index_select(0, frame_positions)[:, None, None, :].expand(
-            num_f, height, width, -1
-        )
-        h = ang_h[:height][None, :, None, :].expand(num_f, height, width, -1)
-        w = ang_w[:width][None, None, :, :].expand(num_f, height, width, -1)
-        angles = torch.cat([f, h, w], dim=-1).reshape(num_f * height * width, -1)
-        return torch.cos(angles), torch.sin(angles)
+        ang_f = frame_positions.to(inv_f.dtype)[:, None] * inv_f[None]  # exact in fp64
+        parts = []
+        for fn in (torch.cos, torch.sin):
+            f = fn(ang_f).float()[:, None, None, :].expand(num_f, height, width, -1)
+            h = fn(ang_h[:height])[None, :, None, :].expand(num_f, height, width, -1)
+            w = fn(ang_w[:width])[None, None, :, :].expand(num_f, height, width, -1)
+            parts.append(torch.cat([f, h, w], dim=-1).reshape(num_f * height * width, -1))
+        return parts[0], parts[1]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

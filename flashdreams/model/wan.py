@@ -201,7 +201,7 @@ class WanDiT(nn.Module):
         cross_attn_norm: bool = True,
         image_dim: int | None = None,
         text_len: int = 512,
-        rope_max_frames: int = 1024,
+        rope_max_pos: int = 1024,
     ) -> None:
         super().__init__()
         self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
@@ -228,7 +228,7 @@ class WanDiT(nn.Module):
         self.head = WanHead(dim, out_dim, self.patch_size, eps)
         if image_dim is not None:
             self.img_emb = ImageProjection(image_dim, dim)
-        self.rope = Rope3D(self.head_dim, rope_max_frames)
+        self.rope = Rope3D(self.head_dim, rope_max_pos)
         self.attention: AttentionBackend = SdpaAttention()
         self.sequence_parallel = SequenceParallel()  # identity; a parallel policy shards tokens
 

@@ -160,16 +160,6 @@ class Session:
                 f"the KV cache holds {cache.capacity_frames} latent frames, too few for "
                 f"total_blocks={total_blocks}; endless streams need cache=rolling"
             )
-        limit = self.rope_limit_frames
-        if frames is not None and limit is not None and frames > limit:
-            raise ConfigError(f"total_blocks={total_blocks} needs {frames} latent frames, more "
-                              f"than model.rope_max_frames={limit}")  # fmt: skip
-
-    @property
-    def rope_limit_frames(self) -> int | None:
-        """Absolute latent frames the model can position (RoPE table size), if known."""
-        rope = getattr(self.rollout.model, "rope", None)
-        return getattr(rope, "max_pos", None)
 
     def _prompts(self, prompt) -> list[str]:
         prompts = [prompt] * self.rollout.batch_size if isinstance(prompt, str) else list(prompt)
@@ -192,12 +182,8 @@ class Session:
     @property
     def finished(self) -> bool:
         """True when no further step can run."""
-        r = self.rollout
-        if self.total_blocks is not None:
-            return r.step_index >= self.total_blocks
-        limit = self.rope_limit_frames
-        end = getattr(r, "frame_offset", 0) + (r.step_index + 1) * r.frames_per_block
-        return limit is not None and end > limit
+        # endless streams (rolling cache) never end: RoPE frame positions are unbounded
+        return self.total_blocks is not None and self.rollout.step_index >= self.total_blocks
 
     def set_prompt(self, prompt) -> None:
         """Switch to ``prompt`` (a string, or one per video) at the next step."""

@@ -46,9 +46,14 @@ def test_finite_stream_ends_and_reset_reproduces():
     assert not torch.equal(first[0], session.step())
 
 
-def test_rope_range_ends_an_endless_stream():
-    session = make("model.rope_max_frames=12", "cache.window_frames=6")
-    assert len(list(session)) == 4  # 4 blocks x 3 frames = the 12 positions RoPE covers
+def test_endless_stream_runs_past_the_rope_table():
+    """Frame positions past the 1024-row table: the stream goes on, finite, never finished."""
+    session = make("cache.window_frames=6")
+    for _ in range(2):
+        session.step()
+    session.rollout.step_index = 400  # absolute frames 1200..1202 (the ring cache maps any frame)
+    frames = session.step()
+    assert not session.finished and torch.isfinite(frames).all()
 
 
 def test_full_cache_refuses_endless_and_too_long_streams():
