@@ -58,7 +58,9 @@ def test_each_block_streams_once_per_forward(fp8):
 
 
 def test_offload_rejects_bad_settings_in_one_line():
-    with pytest.raises(ConfigError, match=r"^offload=blocks works with graph=eager only, not graph=cuda_graph"):
+    with pytest.raises(
+        ConfigError, match=r"^offload=blocks works with graph=eager only, not graph=cuda_graph"
+    ):
         check_offload("blocks", "cuda_graph")
     with pytest.raises(ConfigError, match=r"^offload='disk' is not one of: none, blocks$"):
         check_offload("disk", "eager")
@@ -69,7 +71,9 @@ def test_offload_rejects_bad_settings_in_one_line():
 def test_memory_fraction_setting():
     assert apply_memory_fraction(compose_run([])) is None  # run config: no bench section
     cfg = compose_run(["+bench.memory_fraction=1.5"])
-    with pytest.raises(ConfigError, match=r"^bench.memory_fraction=1.5 must be a number in \(0, 1\]$"):
+    with pytest.raises(
+        ConfigError, match=r"^bench.memory_fraction=1.5 must be a number in \(0, 1\]$"
+    ):
         apply_memory_fraction(cfg)
     if not torch.cuda.is_available():
         assert apply_memory_fraction(compose_run(["+bench.memory_fraction=0.15"])) is None

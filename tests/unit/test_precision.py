@@ -102,7 +102,10 @@ def test_emulated_fp8_swaps_only_block_linears(ref):
     assert len(fp8) == 8 * model.num_layers  # fused qkv, o, cross q/k/v/o, ffn x2
     assert all(n.startswith("blocks.") for n in fp8)
     for block in model.blocks:
-        assert isinstance(block.self_attn.qkv, Fp8Linear) and block.self_attn.qkv.out_features == 3 * model.dim
+        assert (
+            isinstance(block.self_attn.qkv, Fp8Linear)
+            and block.self_attn.qkv.out_features == 3 * model.dim
+        )
         assert isinstance(block.self_attn.q, Fp8RowSlice)
     plain = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     assert sorted(plain) == ["head.head", "text_embedding.0", "text_embedding.2",
