@@ -109,8 +109,8 @@ class BlockOffloader:
 
     @staticmethod
     def _to_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
-        host = t.detach().to("cpu", copy=True)  # its own memory, never the slot's
-        return host.pin_memory() if pin else host
+        host = t.detach().to("cpu")
+        return host.pin_memory() if pin else host.clone()  # its own memory, never a slot's
 
     def _point(self, block: int, slot: int) -> None:
         """Make block ``block``'s parameters and buffers the tensors of ``slot``."""

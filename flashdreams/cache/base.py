@@ -107,19 +107,38 @@ class KVCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this block's K/V (B, L, H, D) and return the attended K/V (B, Lk, H, D)."""
-        if self.k_scale is not None:
-            return self._update_fp8(layer, k, v)
+        if self.k_scale is not None:  # e4m3 storage: quantize on write, dequantize on read
+            self.write(layer, self.write_index, k, v)
+            return self.read(layer)
         self.k[layer].index_copy_(1, self.write_index, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(1, self.write_index, v.to(self.v[layer].dtype))
         return self.k[layer][:, : self.valid_tokens], self.v[layer][:, : self.valid_tokens]
 
-    def _update_fp8(self, layer, k, v) -> tuple[torch.Tensor, torch.Tensor]:
-        """``update`` for e4m3 buffers: quantize per (token, head), dequantize the valid range."""
-        out = []
+    def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V (B, n, H, D) in the token slots ``index`` (n,) of ``layer``."""
         for buffers, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            q, scale = quantize_rowwise(x)  # (B, L, H, D) e4m3, (B, L, H, 1) fp32
-            buffers[layer].view(torch.uint8).index_copy_(1, self.write_index, q.view(torch.uint8))
-            scales[layer].index_copy_(1, self.write_index, scale)
-            n = self.valid_tokens
-            out.append(dequantize(buffers[layer][:, :n], scales[layer][:, :n], self.dtype))
+            if scales is None:
+                buffers[layer].index_copy_(1, index, x.to(buffers[layer].dtype))
+                continue
+            q, scale = quantize_rowwise(x)  # (B, n, H, D) e4m3, (B, n, H, 1) fp32
+            buffers[layer].view(torch.uint8).index_copy_(1, index, q.view(torch.uint8))
+            scales[layer].index_copy_(1, index, scale)
+
+    def read(
+        self, layer: int, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of ``layer`` in ``dtype``: the valid range (B, Lk, H, D), or the slots ``index``."""
+        out = []
+        for buffers, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            x = self._select(buffers[layer], index)
+            if scales is not None:
+                x = dequantize(x, self._select(scales[layer], index), self.dtype)
+            out.append(x)
         return out[0], out[1]
+
+    def _select(self, t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        if index is None:
+            return t[:, : self.valid_tokens]
+        if t.dtype == FP8:  # index kernels take the bytes; e4m3 has none of its own on CPU
+            return t.view(torch.uint8).index_select(1, index).view(FP8)
+        return t.index_select(1, index)

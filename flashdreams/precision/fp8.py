@@ -156,10 +156,12 @@ class Fp8RowSlice(nn.Module):
         self._fused = (fused,)  # a tuple: the fused layer is registered once, on the attention
         self.start, self.stop = start, stop
         self.in_features, self.out_features = fused.in_features, stop - start
+        self.register_buffer("dtype_probe", torch.empty_like(fused.weight), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._fused[0].weight
+        """0-element tensor of the compute dtype (its own: compiled regions read it directly)."""
+        return self.dtype_probe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fused[0](x)[..., self.start : self.stop]

@@ -155,3 +155,13 @@ def test_fp8_kv_cache_rollout_close_to_bf16_cache(ref):
     assert rollout.cache.k[0].dtype == FP8
     for a, b in zip(got, ref, strict=True):
         assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+def test_fp8_cache_write_read_by_slot_index():  # the path a prompt switch's recache takes
+    cache = _cache(torch.float8_e4m3fn)
+    k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    index = torch.tensor([9, 1, 4, 0, 11, 2, 7, 5])
+    cache.write(0, index, k, v)
+    k_got, v_got = cache.read(0, index[[2, 0]])
+    torch.testing.assert_close(k_got, k[:, [2, 0]], rtol=E4M3_REL, atol=1e-2)
+    torch.testing.assert_close(v_got, v[:, [2, 0]], rtol=E4M3_REL, atol=1e-2)
