@@ -105,8 +105,14 @@ def _bench(cfg: DictConfig) -> None:
     from flashdreams.bench import apply_memory_fraction, run_bench
     from flashdreams.job import output_dir, run_job
 
-    apply_memory_fraction(cfg)  # before anything is allocated
-    run_job(cfg)
+    try:
+        apply_memory_fraction(cfg)  # before anything is allocated
+        run_job(cfg)
+    except Exception as err:  # noqa: BLE001
+        message = _user_error(err)
+        if message is None or cfg.debug:
+            raise
+        _fail(message)
     if launched_rank()[0] == 0:
         run_bench(cfg, output_dir(cfg))
 

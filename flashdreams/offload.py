@@ -41,8 +41,8 @@ def check_offload(mode: str, graph_name: str) -> None:
         raise ConfigError(f"offload={mode!r} is not one of: {', '.join(OFFLOAD_MODES)}")
     if mode == "blocks" and graph_name not in COMPATIBLE_GRAPHS:
         raise ConfigError(
-            f"offload=blocks works with graph=eager only, not graph={graph_name}: CUDA graphs "
-            "bake in the weight addresses that offloading swaps per block"
+            f"offload=blocks works with graph=eager only, not graph={graph_name} (CUDA graphs "
+            "bake in the weight addresses it swaps per block; compiled regions are untested)"
         )
 
 

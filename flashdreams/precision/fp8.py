@@ -29,11 +29,24 @@ _EPS = 1e-12  # floor of a row's amax: an all-zero row gets a tiny scale, not a 
 
 
 def fp8_supported(device: torch.device | str) -> bool:
-    """True where ``torch._scaled_mm`` runs e4m3 GEMMs: CUDA compute capability >= 8.9."""
+    """True where ``torch._scaled_mm`` runs rowwise-scaled e4m3 GEMMs.
+
+    Needs CUDA compute capability >= 8.9, and a 16x16x16 probe GEMM must run (a build whose
+    kernels lack rowwise scaling on this GPU fails the probe instead of the first forward).
+    """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return False
+    a = torch.ones(16, 16, device=device).to(FP8)
+    ones = torch.ones(16, 1, device=device)
+    try:
+        torch._scaled_mm(a, a.t(), ones, ones.t().contiguous(), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as err:
+        log.debug("FP8 probe GEMM failed on %s: %s", device, err)
+        return False
+    return True
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +244,7 @@ class Fp8Precision(Precision):
         else:
             dtype = next(model.blocks.parameters()).dtype
             log.warning("precision=fp8: %s has no FP8 GEMMs (needs CUDA compute capability "
-                        ">= 8.9); keeping %s linears", _device_name(device),
+                        ">= 8.9 and rowwise _scaled_mm); keeping %s linears", _device_name(device),
                         str(dtype).removeprefix("torch."))  # fmt: skip
             return model
         count = quantize_blocks(model, backend)
