@@ -200,14 +200,18 @@ def _fuse_qkv_fp8(attn: nn.Module, backend: str) -> bool:
 
 
 def quantize_blocks(model: nn.Module, backend: str) -> int:
-    """Swap every ``nn.Linear`` inside ``model.blocks`` for an e4m3 one; return how many.
+    """Swap every ``nn.Linear`` inside ``blocks`` (of ``model`` or its sub-DiTs) for e4m3 ones.
 
     Self-attention q/k/v become one fused QKV GEMM. Everything outside the blocks (patch,
     text and time embeddings, time projection, head) and every norm and modulation table
     stays in its dtype. Each bf16 weight is freed as soon as its e4m3 copy exists.
+
+    Returns:
+        How many linears were swapped (the fused QKV counts as three).
     """
     count = 0
-    for block in model.blocks:
+    owners = [m for m in model.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
+    for block in (b for owner in owners for b in owner.blocks):  # several DiTs (experts) too
         for _, module in list(block.named_modules()):
             if _fuse_qkv_fp8(module, backend):
                 count += 3
@@ -242,7 +246,7 @@ class Fp8Precision(Precision):
         elif self.emulate:
             backend = "reference"
         else:
-            dtype = next(model.blocks.parameters()).dtype
+            dtype = next(model.parameters()).dtype
             log.warning("precision=fp8: %s has no FP8 GEMMs (needs CUDA compute capability "
                         ">= 8.9 and rowwise _scaled_mm); keeping %s linears", _device_name(device),
                         str(dtype).removeprefix("torch."))  # fmt: skip

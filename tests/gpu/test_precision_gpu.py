@@ -62,7 +62,7 @@ def _latents(overrides, steps=3):
 
 
 @needs_fp8
-@pytest.mark.parametrize("graph", ["eager", "compile", "compile_cuda_graph"])
+@pytest.mark.parametrize("graph", ["eager", "compile", "cuda_graph", "compile_cuda_graph"])
 def test_fp8_rollout_close_to_bf16(graph):
     ref, _ = _latents(["graph=eager"])
     got, rollout = _latents([f"graph={graph}", "precision=fp8"])
