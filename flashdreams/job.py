@@ -112,6 +112,8 @@ def run_job(cfg: DictConfig) -> int:
         "dtype": str(rollout.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "parallel": f"{rollout.parallel.name} x{rollout.parallel.world_size}",
+        "precision": rollout.precision.effective, "offload": cfg.get("offload", "none"),
+        "kv_cache": rollout.precision.kv_cache or "model dtype",
     }  # fmt: skip
     logger = instantiate(cfg.logger) if is_main else None
     stats = RunStats(run_dir / "stats.json" if is_main else None, header)

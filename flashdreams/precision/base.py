@@ -29,6 +29,7 @@ class Precision:
         if kv_cache not in KV_CACHE_DTYPES:
             raise ConfigError(f"precision.kv_cache={kv_cache!r} is not one of: null, fp8")
         self.kv_cache = kv_cache
+        self.effective = self.name  # what the model runs after ``apply`` (stats.json header)
 
     @property
     def kv_dtype(self) -> torch.dtype | None:

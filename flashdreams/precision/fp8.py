@@ -250,9 +250,11 @@ class Fp8Precision(Precision):
             log.warning("precision=fp8: %s has no FP8 GEMMs (needs CUDA compute capability "
                         ">= 8.9 and rowwise _scaled_mm); keeping %s linears", _device_name(device),
                         str(dtype).removeprefix("torch."))  # fmt: skip
+            self.effective = f"{str(dtype).removeprefix('torch.')} (fp8 unavailable)"
             return model
         count = quantize_blocks(model, backend)
         log.info("precision=fp8: %d block linears in e4m3 (%s)", count, backend)
+        self.effective = f"fp8 ({backend})"
         return model
 
 

@@ -37,6 +37,7 @@ def test_reference_config_is_bf16_without_offload():
 
 def test_bf16_against_bf16_is_identical(tmp_path, capsys):
     stats = _stats(tmp_path, [])
+    assert stats["precision"] == "bf16" and stats["offload"] == "none"
     rows = stats["quality"]
     assert [r["step"] for r in rows] == [0, 1]
     for row in rows:
@@ -52,6 +53,8 @@ def test_bf16_against_bf16_is_identical(tmp_path, capsys):
 
 
 def test_emulated_fp8_is_measured_against_bf16(tmp_path):
-    s = _stats(tmp_path, ["precision=fp8", "precision.emulate=true"])["summary"]
+    stats = _stats(tmp_path, ["precision=fp8", "precision.emulate=true"])
+    assert stats["precision"] == "fp8 (reference)"
+    s = stats["summary"]
     assert 0.99 < s["quality_min_cosine"] < 1.0
     assert 20.0 < s["quality_min_psnr_db"] < PSNR_CAP_DB and math.isfinite(s["quality_min_psnr_db"])
