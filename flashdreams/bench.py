@@ -195,6 +195,10 @@ def _print(result: dict) -> None:
     s = result["stats"]["summary"]
     print(f"  graph={result['config']['graph'].rsplit('.', 1)[-1]} "
           f"attention={result['config']['attention'].get('backend')}")  # fmt: skip
+    st, cap = result["stats"], result["config"].get("memory_fraction")
+    if "precision" in st:
+        print(f"  precision={st['precision']} kv_cache={st['kv_cache']} offload={st['offload']}"
+              + (f" memory_fraction={cap}" if cap is not None else ""))  # fmt: skip
     print(f"  median step {s['median_step_ms']:.1f} ms | period {s['median_period_ms']:.1f} ms | "
           f"warm-up {s['warmup_s']:.1f} s | peak {s['peak_memory_bytes'] / 2**30:.2f} GiB")  # fmt: skip
     if "floor" in result:
