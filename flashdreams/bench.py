@@ -114,6 +114,39 @@ def diffusers_peer(cfg: DictConfig, ours_forward: Callable, latent_hw, frames: l
     return out
 
 
+def apply_memory_fraction(cfg: DictConfig) -> float | None:
+    """``bench.memory_fraction``: cap this process's CUDA allocations before anything is built.
+
+    Returns:
+        The cap in bytes, or None when unset (or without CUDA, with a warning).
+    """
+    import os
+
+    from flashdreams import ConfigError
+
+    fraction = (cfg.get("bench") or {}).get("memory_fraction")
+    if fraction is None:
+        return None
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 < fraction <= 1
+    ):
+        raise ConfigError(f"bench.memory_fraction={fraction!r} must be a number in (0, 1]")
+    if not torch.cuda.is_available():
+        log.warning("bench.memory_fraction=%s is ignored: CUDA is not available", fraction)
+        return None
+    name = str(cfg.device)
+    device = torch.device(
+        name if name.startswith("cuda:") else f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    )
+    torch.cuda.set_per_process_memory_fraction(float(fraction), device)
+    cap = float(fraction) * torch.cuda.get_device_properties(device).total_memory
+    log.info("bench.memory_fraction=%s: allocations capped at %.2f GiB on %s", fraction,
+             cap / 2**30, device)  # fmt: skip
+    return cap
+
+
 def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     """After a profiled run in ``run_dir``: add floor and peer numbers, write bench.json."""
     from flashdreams.build import build_model, resolve_dtype
@@ -122,6 +155,9 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     result: dict[str, Any] = {"stats": stats, "config": {"graph": cfg.graph._target_,
                               "attention": dict(cfg.attention)}}  # fmt: skip
     bench = cfg.get("bench") or {}
+    if "precision" in cfg:
+        result["config"].update(precision=dict(cfg.precision), offload=cfg.get("offload"),
+                                memory_fraction=bench.get("memory_fraction"))  # fmt: skip
     if torch.cuda.is_available():
         m, r = cfg.model, cfg.rollout
         hw = (r.height // 8, r.width // 8)
@@ -159,6 +195,10 @@ def _print(result: dict) -> None:
     s = result["stats"]["summary"]
     print(f"  graph={result['config']['graph'].rsplit('.', 1)[-1]} "
           f"attention={result['config']['attention'].get('backend')}")  # fmt: skip
+    st, cap = result["stats"], result["config"].get("memory_fraction")
+    if "precision" in st:
+        print(f"  precision={st['precision']} kv_cache={st['kv_cache']} offload={st['offload']}"
+              + (f" memory_fraction={cap}" if cap is not None else ""))  # fmt: skip
     print(f"  median step {s['median_step_ms']:.1f} ms | period {s['median_period_ms']:.1f} ms | "
           f"warm-up {s['warmup_s']:.1f} s | peak {s['peak_memory_bytes'] / 2**30:.2f} GiB")  # fmt: skip
     if "floor" in result:

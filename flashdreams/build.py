@@ -6,6 +6,7 @@ Shared by ``flashdreams-run``, the benchmark harness and the streaming server.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -100,17 +101,27 @@ def build_conditioning(cfg: DictConfig, device: torch.device) -> tuple:
 
 def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
     """Instantiate every part of ``cfg`` and wire them into a ``Rollout``."""
+    from flashdreams.offload import BlockOffloader, check_offload
+    from flashdreams.precision.base import Precision
+
     parallel = instantiate(cfg.parallel)
     device = parallel.setup(resolve_device(cfg.device))  # joins torchrun's job: cuda:LOCAL_RANK
     dtype = resolve_dtype(cfg.dtype, device)
     guidance, image_encoder, conditioner = build_conditioning(cfg, device)
-    model = build_model(cfg.model, device, dtype, cfg.seed)
-    parallel.parallelize(model, instantiate(cfg.attention))
     graph = instantiate(cfg.graph)
+    offload = cfg.get("offload", "none")
+    check_offload(offload, graph.name)
+    precision = instantiate(cfg.precision) if "precision" in cfg else Precision()
+    # offload=blocks loads on the CPU, so the full model never sits on the device
+    model = build_model(cfg.model, torch.device("cpu") if offload == "blocks" else device,
+                        dtype, cfg.seed)  # fmt: skip
+    model = precision.apply(model, device)
+    parallel.parallelize(model, instantiate(cfg.attention))
     if parallel.world_size > 1 and graph.name == "eager" and device.type == "cuda":
         log.warning("parallel=%s with graph=eager is launch-bound on GPUs (no speed-up measured); "
                     "use graph=cuda_graph or graph=compile_cuda_graph", parallel.name)  # fmt: skip
     model = graph.prepare(model)
+    offloader = BlockOffloader(model, device) if offload == "blocks" else None
     vae = instantiate(cfg.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
     text_encoder = instantiate(cfg.text_encoder)
     if getattr(text_encoder, "text_dim", model.text_dim) != model.text_dim:
@@ -119,9 +130,12 @@ def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
             f"model.text_dim={model.text_dim}"
         )
     r = cfg.rollout
+    cache = instantiate(cfg.cache)
+    if precision.kv_dtype is not None:
+        cache = partial(cache, kv_dtype=precision.kv_dtype)
     rollout = Rollout(
         model=model, scheduler=instantiate(cfg.scheduler), vae=vae, text_encoder=text_encoder,
-        cache_factory=parallel.cache_factory(instantiate(cfg.cache)),  # this rank's share
+        cache_factory=parallel.cache_factory(cache),  # this rank's share
         graph=graph, height=r.height, width=r.width,
         frames_per_block=r.frames_per_block, total_blocks=r.total_blocks,
         context_noise=r.context_noise, batch_size=r.batch_size, device=device, dtype=dtype,
@@ -129,4 +143,5 @@ def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
         conditioner=conditioner, negative_prompt=cfg.negative_prompt,
     )  # fmt: skip
     rollout.parallel = parallel
+    rollout.precision, rollout.offloader = precision, offloader
     return rollout

@@ -21,7 +21,7 @@ from flashdreams.parallel.launch import failure_line, launched_rank, rank_overri
 CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("model", "scheduler", "cache", "attention", "parallel", "graph", "vae",
           "text_encoder", "guidance", "image_encoder", "conditioner", "logger", "recipe",
-          "paths")  # fmt: skip
+          "paths", "precision")  # fmt: skip
 
 
 def group_options(group: str) -> list[str]:
@@ -102,10 +102,17 @@ def run_main() -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
 def _bench(cfg: DictConfig) -> None:
-    from flashdreams.bench import run_bench
+    from flashdreams.bench import apply_memory_fraction, run_bench
     from flashdreams.job import output_dir, run_job
 
-    run_job(cfg)
+    try:
+        apply_memory_fraction(cfg)  # before anything is allocated
+        run_job(cfg)
+    except Exception as err:  # noqa: BLE001
+        message = _user_error(err)
+        if message is None or cfg.debug:
+            raise
+        _fail(message)
     if launched_rank()[0] == 0:
         run_bench(cfg, output_dir(cfg))
 

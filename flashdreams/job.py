@@ -77,10 +77,20 @@ def _print_summary(stats: RunStats, run_dir: Path) -> None:
         ("warm-up (steps 0-1)", f"{s['warmup_s']:.2f} s"),
         ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"),
         ("frames / throughput", f"{s['num_frames']} / {s['fps'] or 0:.1f} fps"),
+        *_quality_rows(s),
         ("output", str(run_dir)),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+
+
+def _quality_rows(s: dict) -> list[tuple[str, str]]:
+    if s.get("quality_min_cosine") is None:
+        return []
+    psnr = s.get("quality_min_psnr_db")
+    text = f"min DiT cosine {s['quality_min_cosine']:.6f}"
+    text += f", min PSNR {psnr:.2f} dB" if psnr is not None else ""
+    return [(f"quality vs {s['quality_reference']}", text)]
 
 
 def run_job(cfg: DictConfig) -> int:
@@ -102,9 +112,17 @@ def run_job(cfg: DictConfig) -> int:
         "dtype": str(rollout.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "parallel": f"{rollout.parallel.name} x{rollout.parallel.world_size}",
+        "precision": rollout.precision.effective, "offload": cfg.get("offload", "none"),
+        "kv_cache": rollout.precision.kv_cache or "model dtype",
     }  # fmt: skip
     logger = instantiate(cfg.logger) if is_main else None
     stats = RunStats(run_dir / "stats.json" if is_main else None, header)
+    quality = None
+    if cfg.get("quality"):
+        from flashdreams.quality import build_quality
+
+        quality = build_quality(cfg, rollout)
+        stats.sections["quality"] = quality.steps  # rewritten with stats.json after each step
     writers: list = []
     failed, status, warmup_s, t0 = True, "failed", 0.0, time.perf_counter()
     if is_main:
@@ -124,7 +142,9 @@ def run_job(cfg: DictConfig) -> int:
             bar = tqdm(total=rollout.total_blocks, desc=f"AR steps ({cfg.run_name})", unit="step",
                        disable=not is_main, file=sys.stderr)  # fmt: skip
 
-            def on_step(out: StepOutput, sink=sink, bar=bar) -> None:
+            def on_step(out: StepOutput, sink=sink, bar=bar, clip=clip) -> None:
+                if quality is not None:
+                    quality.compare(out, clip)
                 sink(out)
                 bar.update(1)
 
@@ -146,7 +166,8 @@ def run_job(cfg: DictConfig) -> int:
             writer.close()
         if is_main:
             peak = peak_memory_bytes(rollout.device)
-            stats.finish(status, warmup_s, peak, time.perf_counter() - t0)
+            extra = quality.summary() if quality is not None else None
+            stats.finish(status, warmup_s, peak, time.perf_counter() - t0, extra)
             if stats.steps:
                 plot_latency(stats.as_dict(), run_dir / "latency.png")
             logger.log_summary(stats.summary)

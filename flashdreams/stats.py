@@ -99,19 +99,22 @@ class RunStats:
         self.header = dict(header)
         self.steps: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
+        self.sections: dict[str, Any] = {}  # extra top-level entries (e.g. "quality")
         self.status = "running"
 
     def add(self, row: dict[str, Any]) -> None:
         self.steps.append(row)
         self.write()
 
-    def finish(self, status: str, warmup_s: float, peak_bytes: int, total_s: float) -> None:
+    def finish(self, status: str, warmup_s: float, peak_bytes: int, total_s: float,
+               extra: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.status = status
-        self.summary = summarize(self.steps, warmup_s, peak_bytes, total_s)
+        self.summary = {**summarize(self.steps, warmup_s, peak_bytes, total_s), **(extra or {})}
         self.write()
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.header, "status": self.status, "steps": self.steps, "summary": self.summary}
+        return {**self.header, "status": self.status, "steps": self.steps,
+                "summary": self.summary, **self.sections}  # fmt: skip
 
     def write(self) -> None:
         if self.path is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from flashdreams.precision.fp8 import FP8, dequantize, quantize_rowwise
+
 
 class KVCache:
     """Static per-layer K/V buffers laid out (B, L, H, D), written in place.
@@ -30,7 +32,9 @@ class KVCache:
         total_frames: latent frames of the whole rollout (a full cache holds them all).
         batch_size: batch.
         device: buffer device.
-        dtype: buffer dtype.
+        dtype: dtype of the K/V that ``update`` returns (and of the buffers by default).
+        kv_dtype: storage dtype of the buffers; ``torch.float8_e4m3fn`` stores e4m3 with one
+            fp32 scale per (token, head), quantized on write and dequantized on read.
     """
 
     capacity_frames: int
@@ -47,6 +51,7 @@ class KVCache:
         batch_size: int = 1,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.num_layers = num_layers
         self.tokens_per_frame = tokens_per_frame
@@ -54,8 +59,14 @@ class KVCache:
         self.total_frames = total_frames
         self.capacity_frames = self._capacity()
         shape = (batch_size, self.capacity_frames * tokens_per_frame, num_heads, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.dtype, store = dtype, kv_dtype or dtype
+        self.k = [torch.zeros(shape, device=device, dtype=store) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=store) for _ in range(num_layers)]
+        self.k_scale: list[torch.Tensor] | None = None  # (B, L, H, 1) fp32 when stored in e4m3
+        self.v_scale: list[torch.Tensor] | None = None
+        if store == FP8:
+            self.k_scale = [torch.ones(shape[:-1] + (1,), device=device) for _ in self.k]
+            self.v_scale = [torch.ones(shape[:-1] + (1,), device=device) for _ in self.v]
         self.write_index = torch.zeros(0, dtype=torch.long, device=device)
         self.valid_tokens = 0
         self.filled_frames = 0
@@ -96,6 +107,38 @@ class KVCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this block's K/V (B, L, H, D) and return the attended K/V (B, Lk, H, D)."""
+        if self.k_scale is not None:  # e4m3 storage: quantize on write, dequantize on read
+            self.write(layer, self.write_index, k, v)
+            return self.read(layer)
         self.k[layer].index_copy_(1, self.write_index, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(1, self.write_index, v.to(self.v[layer].dtype))
         return self.k[layer][:, : self.valid_tokens], self.v[layer][:, : self.valid_tokens]
+
+    def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V (B, n, H, D) in the token slots ``index`` (n,) of ``layer``."""
+        for buffers, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            if scales is None:
+                buffers[layer].index_copy_(1, index, x.to(buffers[layer].dtype))
+                continue
+            q, scale = quantize_rowwise(x)  # (B, n, H, D) e4m3, (B, n, H, 1) fp32
+            buffers[layer].view(torch.uint8).index_copy_(1, index, q.view(torch.uint8))
+            scales[layer].index_copy_(1, index, scale)
+
+    def read(
+        self, layer: int, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of ``layer`` in ``dtype``: the valid range (B, Lk, H, D), or the slots ``index``."""
+        out = []
+        for buffers, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            x = self._select(buffers[layer], index)
+            if scales is not None:
+                x = dequantize(x, self._select(scales[layer], index), self.dtype)
+            out.append(x)
+        return out[0], out[1]
+
+    def _select(self, t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        if index is None:
+            return t[:, : self.valid_tokens]
+        if t.dtype == FP8:  # index kernels take the bytes; e4m3 has none of its own on CPU
+            return t.view(torch.uint8).index_select(1, index).view(FP8)
+        return t.index_select(1, index)

@@ -37,6 +37,8 @@ class RunConfig:
     save_embeddings: str | None = None
     debug: bool = False
     tags: list[str] = field(default_factory=list)
+    offload: str = "none"  # none | blocks (block weights in pinned host memory, streamed in)
+    quality: bool = False  # also run a precision=bf16 reference; cosine / PSNR into stats.json
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     paths: Any = MISSING
     model: Any = MISSING
@@ -51,6 +53,7 @@ class RunConfig:
     image_encoder: Any = MISSING
     conditioner: Any = MISSING
     logger: Any = MISSING
+    precision: Any = MISSING
     recipe: Any = None
     bench: Any = None
 

@@ -44,11 +44,12 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.qkv_weight: torch.Tensor | None = None  # (3 dim, dim) once fused
         self.qkv_bias: torch.Tensor | None = None
+        self.qkv: nn.Module | None = None  # a fused q/k/v module (precision=fp8 installs one)
 
     @torch.no_grad()
     def fuse_qkv(self) -> None:
         """Concatenate q/k/v into one (3 dim, dim) projection; q/k/v become views of it."""
-        if self.qkv_weight is not None:
+        if self.qkv_weight is not None or self.qkv is not None:
             return
         self.qkv_weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
         self.qkv_bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
@@ -59,6 +60,8 @@ class SelfAttention(nn.Module):
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections of (B, L, C) tokens: one GEMM once fused, else three."""
+        if self.qkv is not None:
+            return self.qkv(h).chunk(3, dim=-1)
         if self.qkv_weight is not None:
             return F.linear(h, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
         return self.q(h), self.k(h), self.v(h)

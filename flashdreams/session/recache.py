@@ -44,10 +44,8 @@ class _ReplayView:
         self.cache, self.write_index, self.visible_index = cache, write_index, visible_index
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        ck, cv = self.cache.k[layer], self.cache.v[layer]  # (B, L, H, D)
-        ck.index_copy_(1, self.write_index, k.to(ck.dtype))
-        cv.index_copy_(1, self.write_index, v.to(cv.dtype))
-        return ck.index_select(1, self.visible_index), cv.index_select(1, self.visible_index)
+        self.cache.write(layer, self.write_index, k, v)  # (B, L, H, D), quantized if e4m3
+        return self.cache.read(layer, self.visible_index)
 
 
 @torch.no_grad()

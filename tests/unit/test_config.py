@@ -49,6 +49,7 @@ GROUP_CASES = [
         "vae",
         "text_encoder",
         "logger",
+        "precision",
     )  # fmt: skip
     for o in group_options(g)
     if (g, o) not in NEEDS_FILES

@@ -1,0 +1,137 @@
+"""``quality=true``: measure a run against a ``precision=bf16`` reference of the same config.
+
+The reference is built from the same config with ``precision=bf16`` (no FP8 GEMMs, no FP8 KV
+cache) and ``offload=none``, so it has the same seeded weights, the same prompt embeddings and
+the same noise draws (one generator seeded alike, drawn in the same order). After each AR step
+of the run, the reference runs the same step and we compare:
+
+* ``dit_cosine``: cosine similarity of each denoising step's DiT output (the flow the scheduler
+  receives, after guidance) with the reference's, one value per denoising step;
+* ``latent_cosine``: cosine of the block's clean latents;
+* ``psnr_db``: PSNR of the decoded frames (in [0, 1]) against the reference's frames; capped at
+  ``PSNR_CAP_DB`` (identical frames), ``None`` without a decoder.
+
+Both trajectories run free (the run is not re-fed the reference's latents), so later steps
+include the drift accumulated through the KV cache: the numbers are end to end.
+
+The reference doubles the model's memory; it is a quality check, not a benchmark setting
+(the run's stage times are unaffected: the reference runs between the run's steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+from flashdreams import ConfigError
+
+PSNR_CAP_DB = 100.0  # reported for identical frames (MSE 0)
+REFERENCE_PRECISION = {"_target_": "flashdreams.precision.base.Precision", "kv_cache": None}
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two tensors over all their elements, in float64."""
+    a, b = a.detach().flatten().double(), b.detach().flatten().double()
+    denom = math.sqrt(float(a.dot(a)) * float(b.dot(b)))
+    if denom == 0.0:
+        return 1.0 if torch.equal(a, b) else 0.0
+    return max(-1.0, min(1.0, float(a.dot(b)) / denom))
+
+
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR (dB) of frames in [0, 1] (clamped), capped at ``PSNR_CAP_DB``."""
+    mse = float((a.double().clamp(0, 1) - b.double().clamp(0, 1)).pow(2).mean())
+    return PSNR_CAP_DB if mse <= 10 ** (-PSNR_CAP_DB / 10) else -10.0 * math.log10(mse)
+
+
+def reference_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``precision=bf16`` (and its KV cache in the run's dtype), no offload."""
+    ref = copy.deepcopy(cfg)
+    with open_dict(ref):
+        ref.precision = dict(REFERENCE_PRECISION)
+        ref.offload = "none"
+        ref.quality = False
+    return ref
+
+
+class _RecordingScheduler:
+    """A scheduler that keeps a copy of each flow (DiT output) it is given; else delegates."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.flows: list[torch.Tensor] = []
+
+    def step(self, flow: torch.Tensor, x: torch.Tensor, j: int, noise) -> torch.Tensor:
+        self.flows.append(flow.detach().float().clone())  # a captured graph reuses its output
+        return self.inner.step(flow, x, j, noise)
+
+    def take(self) -> list[torch.Tensor]:
+        flows, self.flows = self.flows, []
+        return flows
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class QualityReport:
+    """Runs ``reference`` in lockstep with ``rollout`` and collects per-step metrics.
+
+    Args:
+        rollout: the run's rollout (any precision / offload).
+        reference: a rollout of :func:`reference_config` of the same config.
+    """
+
+    def __init__(self, rollout, reference) -> None:
+        self.rollout, self.reference = rollout, reference
+        rollout.scheduler = _RecordingScheduler(rollout.scheduler)
+        reference.scheduler = _RecordingScheduler(reference.scheduler)
+        self.steps: list[dict[str, Any]] = []
+
+    def compare(self, out, clip: int = 0) -> dict[str, Any]:
+        """Run the reference's step matching the run's step ``out`` and compare them."""
+        flows = self.rollout.scheduler.take()
+        if out.step == 0:
+            r = self.rollout
+            self.reference.start(list(r.prompts), seed=r.seed, images=r.images)
+            self.reference.precapture()
+        ref = self.reference.step()
+        ref_flows = self.reference.scheduler.take()
+        dit = [cosine(a, b) for a, b in zip(flows, ref_flows, strict=True)]
+        row = {
+            "clip": clip,
+            "step": out.step,
+            "dit_cosine": dit,
+            "min_dit_cosine": min(dit) if dit else None,
+            "latent_cosine": cosine(out.latents, ref.latents),
+            "psnr_db": None if out.frames is None else psnr_db(out.frames, ref.frames),
+        }
+        self.steps.append(row)
+        return row
+
+    def summary(self) -> dict[str, Any]:
+        """Worst values over all steps (``quality_*`` keys of the stats summary)."""
+
+        def worst(key: str) -> float | None:
+            values = [s[key] for s in self.steps if s[key] is not None]
+            return min(values) if values else None
+
+        return {
+            "quality_reference": "precision=bf16",
+            "quality_min_cosine": worst("min_dit_cosine"),
+            "quality_min_latent_cosine": worst("latent_cosine"),
+            "quality_min_psnr_db": worst("psnr_db"),
+        }
+
+
+def build_quality(cfg: DictConfig, rollout) -> QualityReport:
+    """The reference rollout of ``cfg`` wired to ``rollout``."""
+    from flashdreams.build import build_rollout
+
+    if rollout.parallel.world_size > 1:
+        raise ConfigError("quality=true needs parallel=single (the reference is a second "
+                          "model in the same process)")  # fmt: skip
+    return QualityReport(rollout, build_rollout(reference_config(cfg)))
