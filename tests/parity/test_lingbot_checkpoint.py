@@ -39,7 +39,9 @@ def meta_model() -> WanDiT:
 def source() -> dict[str, torch.Tensor]:
     model = materialize(meta_model(), None, "cpu", torch.float32, seed=4)
     gen = torch.Generator().manual_seed(8)
-    return {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+    return {
+        k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()
+    }
 
 
 def write_release(tmp_path, sd) -> str:
@@ -65,7 +67,9 @@ def test_release_names_of_the_camera_modules(source):
 def test_sharded_release_round_trip(tmp_path, source, spec):
     folder = write_release(tmp_path, source)
     assert len(list(tmp_path.glob("diffusion_pytorch_model-0000*-of-00002.safetensors"))) == 2
-    path = folder if spec == "folder" else f"{folder}/diffusion_pytorch_model.safetensors.index.json"
+    path = (
+        folder if spec == "folder" else f"{folder}/diffusion_pytorch_model.safetensors.index.json"
+    )
     loaded = materialize(meta_model(), path, "cpu", torch.float32)
     assert_same(loaded.state_dict(), source)
 
