@@ -69,4 +69,5 @@ class CameraInjector(nn.Module):
         """x: (B, L, C) fp32 residual stream; cam: (B, L, C) camera tokens. Returns fp32."""
         p = cam.to(self.mlp1.weight.dtype)
         h = self.mlp2(F.silu(self.mlp1(p))) + p
-        return (1.0 + self.scale(h).float()) * x + self.shift(h).float()
+        scale = (1.0 + self.scale(h)).float()  # 1 + scale in the weights' dtype, as the reference
+        return scale * x + self.shift(h).float()
