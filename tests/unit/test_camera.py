@@ -234,3 +234,21 @@ def test_lingbot_schedule_matches_wan_unipc_grid():
     np.testing.assert_allclose(sched.sigmas, grid[index], rtol=1e-12)
     assert sched.timesteps == [999.0, 978.0, 947.0, 825.0]
     assert sched.timesteps == (grid[index] * 1000).astype(np.int64).tolist()
+
+
+def test_token_features_follow_the_reference_layout():
+    """Token (f, i, j) feature ((c * 64 + py * 8 + px) * 4 + qy * 2 + qx) is ray channel c at
+    pixel (16 i + 8 qy + py, 16 j + 8 qx + px): the reference's ``f (h c1) (w c2) c -> ... (c c1
+    c2)`` fold followed by its ``c (f c1) (h c2) (w c3) -> (f h w) (c c1 c2 c3)`` patchify."""
+    from flashdreams.model.camera import CameraEncoder
+
+    rays = torch.randn(2, 6, 32, 48, generator=torch.Generator().manual_seed(0))
+    tokens = CameraEncoder(384, 8, (1, 2, 2)).patchify(fold_rays(rays, 8)[None])
+    assert tokens.shape == (1, 2 * 2 * 3, 1536)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        f, i, j, c, py, px, qy, qx = (int(torch.randint(0, n, (1,), generator=gen))
+                                      for n in (2, 2, 3, 6, 8, 8, 2, 2))  # fmt: skip
+        token = (f * 2 + i) * 3 + j
+        feature = (c * 64 + py * 8 + px) * 4 + qy * 2 + qx
+        assert tokens[0, token, feature] == rays[f, c, 16 * i + 8 * qy + py, 16 * j + 8 * qx + px]
