@@ -90,6 +90,15 @@ def build_conditioning(cfg: DictConfig, device: torch.device) -> tuple:
             f"model.in_dim={m.in_dim} must be model.out_dim={m.out_dim} + the conditioner's "
             f"{conditioner.num_channels} channels (Wan I2V models: conditioner=concat)"
         )
+    camera = m.get("camera_channels")
+    if (camera or 0) != conditioner.control_channels:
+        raise ConfigError(
+            f"model.camera_channels={camera} but the conditioner gives "
+            f"{conditioner.control_channels} camera channels: camera-controlled models "
+            f"(model=lingbot_world_14b) need conditioner=camera, other models another conditioner"
+        )
+    if (cfg.get("poses") or cfg.get("intrinsics")) and not conditioner.control_channels:
+        log.warning("poses=/intrinsics= are ignored: this recipe has no camera control")
     needs_image = conditioner.needs_image or image_encoder.image_dim is not None
     if needs_image and not cfg.image:
         raise ConfigError("image=null: this recipe conditions on an input image; "

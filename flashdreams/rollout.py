@@ -239,8 +239,17 @@ class Rollout:
         self.step_index += 1
         return StepOutput(i, x0, frames, timer, start_frame)
 
-    def _forward(self, x, t, ctx, positions):
-        return self.model(x.to(self.dtype), t, ctx, positions, self.cache)
+    def _forward(self, x, t, ctx, positions, control=None):
+        extra = {} if control is None else {"control": control}  # camera-controlled models
+        return self.model(x.to(self.dtype), t, ctx, positions, self.cache, **extra)
+
+    def set_control(self, control: dict | None) -> None:
+        """Live control of the next step (keys, ...), handed to the conditioner."""
+        self.conditioner.set_control(control)
+
+    def control_state(self) -> dict | None:
+        """What the conditioner applied last (e.g. the camera pose), for the server."""
+        return self.conditioner.state()
 
     def _block_timestep(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(1, 1).expand(self.batch_size, self.frames_per_block)
@@ -267,9 +276,10 @@ class Rollout:
         timesteps = self.scheduler.begin_block(self.device)  # (num_steps,)
         self._begin_block(self.step_index)
         start = self._start_frame(self.step_index)
+        control = self.conditioner.control(start, x.shape[2])  # e.g. camera rays, or None
 
         def forward(x_in, t, ctx):
-            return self.graph.run(self._forward, x_in, t, ctx, positions,
+            return self.graph.run(self._forward, x_in, t, ctx, positions, control,
                                   shape_key=self._shape_key())  # fmt: skip
 
         for j in range(self.scheduler.num_steps):
@@ -286,7 +296,8 @@ class Rollout:
         positions = torch.arange(p, device=self.device)
         t = torch.zeros(self.batch_size, p, device=self.device)
         x = self._model_input(prefix.float(), 0)
-        self.graph.run(self._forward, x, t, ctx, positions, shape_key=self._shape_key())
+        control = self.conditioner.control(0, p)
+        self.graph.run(self._forward, x, t, ctx, positions, control, shape_key=self._shape_key())
         return prefix
 
     def precapture(self) -> None:
@@ -305,13 +316,17 @@ class Rollout:
         x = torch.zeros(self.batch_size, self.model.in_dim, self.frames_per_block, h, w,
                         device=self.device)  # fmt: skip
         t = torch.zeros(self.batch_size, self.frames_per_block, device=self.device)
+        num_ctl = self.conditioner.control_channels  # a stand-in: no live trajectory is consumed
+        control = torch.zeros(self.batch_size, num_ctl, self.frames_per_block, h, w,
+                              device=self.device) if num_ctl else None  # fmt: skip
         with torch.no_grad():
             ctx = self.context()
             for block in range(min(blocks, 1 if self.cache is None else blocks)):
                 self._begin_block(block)
                 start = block * self.frames_per_block
                 positions = torch.arange(start, start + self.frames_per_block, device=self.device)
-                self.graph.run(self._forward, x, t, ctx, positions, shape_key=self._shape_key())
+                self.graph.run(self._forward, x, t, ctx, positions, control,
+                               shape_key=self._shape_key())  # fmt: skip
         if self.cache is not None:
             self.cache.reset()
 
@@ -323,8 +338,9 @@ class Rollout:
         t = torch.full((1,), self.context_noise, device=self.device)
         self._begin_block(self.step_index)
         t = self._block_timestep(t)
-        x = self._model_input(x, self._start_frame(self.step_index))
-        self.graph.run(self._forward, x, t, ctx, positions, shape_key=self._shape_key())
+        start = self._start_frame(self.step_index)
+        x, control = self._model_input(x, start), self.conditioner.control(start, x.shape[2])
+        self.graph.run(self._forward, x, t, ctx, positions, control, shape_key=self._shape_key())
 
 
 def run_rollout(rollout: Rollout, prompts: list[str], on_step: Callable[[StepOutput], None],

@@ -27,17 +27,24 @@ class Conditioner(nn.Module):
     ``replace(x, start)``, ``timesteps(t, start)`` and ``channels(start, num)`` for every forward,
     and ``replace`` once more on a block's final latents.
 
+    A conditioner may also steer a control branch of the DiT (camera-controlled models): then
+    ``control(start, num)`` gives the features of every forward (the model's ``control``
+    argument), ``set_control(control)`` receives each step's live control (keys, ...) before
+    the step, and ``state()`` reports what was applied (sent with the server's step message).
+
     Attributes:
         num_prefix_frames: latent frames the condition supplies before block 0.
         num_channels: channels concatenated to the DiT input (its ``in_dim - out_dim``).
         needs_image: whether a clip cannot start without an input image.
         optional_image: whether an input image is used when given (a clip may start without).
+        control_channels: channels of ``control`` features (the model's ``camera_channels``).
     """
 
     num_prefix_frames: int = 0
     num_channels: int = 0
     needs_image: bool = False
     optional_image: bool = False
+    control_channels: int = 0
 
     def prepare(
         self, images: list | None, *, height: int, width: int, num_frames: int,
@@ -60,3 +67,14 @@ class Conditioner(nn.Module):
     def timesteps(self, t: torch.Tensor, start: int) -> torch.Tensor:
         """(B, F) per-frame timesteps of frames [start, start + F); given frames get 0."""
         return t
+
+    def control(self, start: int, num: int) -> torch.Tensor | None:
+        """(B, control_channels, num, h, w) control features of frames [start, start + num)."""
+        return None
+
+    def set_control(self, control: dict | None) -> None:
+        """The live control of the next step (validated by the session), or None."""
+
+    def state(self) -> dict | None:
+        """JSON-able summary of the control applied last (e.g. the camera pose), or None."""
+        return None

@@ -30,6 +30,8 @@ class RunConfig:
     prompt_file: str | None = None
     negative_prompt: str = ""
     image: str | None = None
+    poses: str | None = None
+    intrinsics: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     profile: bool = False
@@ -76,6 +78,7 @@ class WanModelConfig:
     image_dim: int | None = None
     text_len: int = 512
     rope_max_pos: int = 1024  # RoPE table rows of the height/width axes (frames are unbounded)
+    camera_channels: int | None = None
 
 
 @dataclass
@@ -84,6 +87,7 @@ class FewStepFlowConfig:
     timesteps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
     shift: float = 5.0
     warp: bool = True
+    integer_timesteps: bool = False
 
 
 @dataclass

@@ -22,6 +22,7 @@ from torch import nn
 from flashdreams import ConfigError
 from flashdreams.io.keymap import (
     diffusers_to_wan,
+    lingbot_to_flashdreams,
     looks_like_diffusers,
     strip_wrapper_prefixes,
     unwrap_training_checkpoint,
@@ -205,7 +206,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     state = strip_wrapper_prefixes(state)
     if looks_like_diffusers(state):
         state = diffusers_to_wan(state)
-    return state
+    return lingbot_to_flashdreams(state)  # camera modules of LingBot-World; others unchanged
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:

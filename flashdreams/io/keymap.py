@@ -314,3 +314,40 @@ def wan22_vae_key_to_diffusers(key: str) -> str:
         resnet = int(m[2]) // 2
         return key if tail is None else f"{m[1]}.mid_block.resnets.{resnet}.{tail}"
     return _rename(key, _VAE_TOP_LEVEL, reverse=False) or key
+# LingBot-World camera branch: release names (Wan original scheme + camera modules) →
+# flashdreams names (``flashdreams.model.camera``). Top-level, then the part after ``blocks.N.``.
+_LINGBOT_TOP_LEVEL: tuple[tuple[str, str], ...] = (
+    ("patch_embedding_wancamctrl", "camera_encoder.proj"),  # Linear(6*64*1*2*2 = 1536, dim)
+    ("c2ws_hidden_states_layer1", "camera_encoder.mlp1"),
+    ("c2ws_hidden_states_layer2", "camera_encoder.mlp2"),
+)
+_LINGBOT_BLOCK_RULES: tuple[tuple[str, str], ...] = (
+    ("cam_injector_layer1", "camera_injector.mlp1"),
+    ("cam_injector_layer2", "camera_injector.mlp2"),
+    ("cam_scale_layer", "camera_injector.scale"),
+    ("cam_shift_layer", "camera_injector.shift"),
+)
+
+
+def _convert_lingbot_key(key: str, reverse: bool) -> str:
+    match = _BLOCK_RE.match(key)
+    if match is not None:
+        renamed = _rename(match.group(2), _LINGBOT_BLOCK_RULES, reverse=reverse)
+        return key if renamed is None else match.group(1) + renamed
+    return _rename(key, _LINGBOT_TOP_LEVEL, reverse=reverse) or key
+
+
+def lingbot_to_flashdreams(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the camera modules of a LingBot-World checkpoint; other keys pass unchanged.
+
+    ``patch_embedding_wancamctrl`` → ``camera_encoder.proj``, ``c2ws_hidden_states_layer{1,2}``
+    → ``camera_encoder.mlp{1,2}``, ``blocks.N.cam_injector_layer{1,2}`` →
+    ``blocks.N.camera_injector.mlp{1,2}``, ``blocks.N.cam_{scale,shift}_layer`` →
+    ``blocks.N.camera_injector.{scale,shift}``.
+    """
+    return {_convert_lingbot_key(k, reverse=False): v for k, v in state_dict.items()}
+
+
+def flashdreams_to_lingbot(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`lingbot_to_flashdreams` (release names of the camera modules)."""
+    return {_convert_lingbot_key(k, reverse=True): v for k, v in state_dict.items()}

@@ -15,6 +15,7 @@ from torch import nn
 from flashdreams.attention.base import AttentionBackend
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.base import KVCache
+from flashdreams.model.camera import CameraEncoder, CameraInjector
 from flashdreams.model.layers import (
     RMSNorm,
     Rope3D,
@@ -114,7 +115,8 @@ class WanBlock(nn.Module):
 
     _compile_regions = ("self_attn_in", "self_attn_out", "cross_out_ffn")
 
-    def __init__(self, dim, ffn_dim, num_heads, eps, cross_attn_norm, with_image) -> None:
+    def __init__(self, dim, ffn_dim, num_heads, eps, cross_attn_norm, with_image,
+                 camera: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps, elementwise_affine=False)
         self.self_attn = SelfAttention(dim, num_heads, eps)
@@ -125,6 +127,7 @@ class WanBlock(nn.Module):
             nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim)
         )
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
+        self.camera_injector = CameraInjector(dim) if camera else None
 
     def _mod(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """shift1, scale1, gate1, shift2, scale2, gate2: each (B, F, C) fp32."""
@@ -149,9 +152,11 @@ class WanBlock(nn.Module):
         v = v.unflatten(-1, heads)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def self_attn_out(self, x, y, e0):
-        """Region 2: output projection + gated residual, norm3, cross-attention queries."""
+    def self_attn_out(self, x, y, e0, cam=None):
+        """Region 2: output projection + gated residual, camera injection, norm3, cross queries."""
         x = self._gated(x, self.self_attn.o(y.flatten(2)), self._mod(e0)[2])
+        if cam is not None and self.camera_injector is not None:
+            x = self.camera_injector(x, cam)  # (B, L, C) camera tokens of the same frames
         h = layer_norm_fp32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
         ca = self.cross_attn
         q = ca.norm_q(ca.q(h.to(ca.q.weight.dtype))).unflatten(-1, (ca.num_heads, -1))
@@ -164,13 +169,14 @@ class WanBlock(nn.Module):
         h = modulate(layer_norm_fp32(x, self.norm2).unflatten(1, (e0.shape[1], -1)), shift, scale)
         return self._gated(x, self.ffn(h.flatten(1, 2).to(self.ffn[0].weight.dtype)), gate)
 
-    def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None):
+    def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None, cam=None):
         # x: (B, L, C) fp32 residual stream; e0: (B, F, 6, C) fp32 per-frame modulation
+        # cam: (B, L, C) camera tokens of camera-controlled models, else None
         # 1. self-attention over (KV cache +) this block's tokens
         q, k, v = self.self_attn_in(x, e0, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Lk, H, D): sink + window + this block
-        x, q = self.self_attn_out(x, attn(q, k, v, mask), e0)
+        x, q = self.self_attn_out(x, attn(q, k, v, mask), e0, cam)
         # 2. cross-attention to the cached context K/V, then 3. the feed-forward
         return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0)
 
@@ -205,6 +211,7 @@ class WanDiT(nn.Module):
         image_dim: int | None = None,
         text_len: int = 512,
         rope_max_pos: int = 1024,
+        camera_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
@@ -224,10 +231,14 @@ class WanDiT(nn.Module):
             nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
         )
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.camera_channels = camera_channels  # per latent pixel (LingBot-World: 384), or None
         self.blocks = nn.ModuleList(
-            WanBlock(dim, ffn_dim, num_heads, eps, cross_attn_norm, image_dim is not None)
+            WanBlock(dim, ffn_dim, num_heads, eps, cross_attn_norm, image_dim is not None,
+                     camera=camera_channels is not None)
             for _ in range(num_layers)
-        )
+        )  # fmt: skip
+        if camera_channels is not None:
+            self.camera_encoder = CameraEncoder(camera_channels, dim, self.patch_size)
         self.head = WanHead(dim, out_dim, self.patch_size, eps)
         if image_dim is not None:
             self.img_emb = ImageProjection(image_dim, dim)
@@ -286,6 +297,7 @@ class WanDiT(nn.Module):
         frame_positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow for latents ``x``.
 
@@ -301,6 +313,8 @@ class WanDiT(nn.Module):
                 defaults to 0..F-1.
             cache: the KV cache in AR mode (``begin_block`` already called), else None.
             mask: optional (L, L) boolean attention mask for masked full-sequence forwards.
+            control: (B, camera_channels, F, H, W) folded ray maps of camera-controlled models
+                (ignored by models without a camera branch; None: no camera injection).
 
         Returns:
             (B, C_out, F, H, W) flow prediction in fp32.
@@ -323,13 +337,20 @@ class WanDiT(nn.Module):
         e, e0 = self.time_modulation(timestep)
         cos, sin = self.rope.cos_sin(frame_positions, gh, gw)
 
-        # 3. transformer blocks (on this rank's tokens under context parallelism)
+        # 3. transformer blocks (on this rank's tokens under context parallelism); camera
+        #    tokens ride along the patch tokens' channels so they are sharded the same way
         num_tokens = tokens.shape[1]
+        cam = None
+        if control is not None and self.camera_channels is not None:
+            cam = self.camera_encoder(control).float()  # (B, L, dim)
+            tokens = torch.cat([tokens, cam], dim=-1)
         tokens, cos, sin, cache = self.sequence_parallel.scatter(tokens, cos, sin, cache, gf)
         if e0.shape[1] != gf and tokens.shape[1] != num_tokens:
             raise ValueError("per-token timesteps need parallel=single; pass them per frame")
+        if cam is not None:
+            tokens, cam = (t.contiguous() for t in tokens.split(self.dim, dim=-1))
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, context[i], cos, sin, self.attention, cache, i, mask)
+            tokens = block(tokens, e0, context[i], cos, sin, self.attention, cache, i, mask, cam)
 
         # 4. head, gather the ranks' tokens, unpatchify
         out = self.sequence_parallel.gather(self.head(tokens, e), gf)  # (B, L, pt*ph*pw*C_out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,9 +33,13 @@ class FewStepFlowScheduler(Scheduler):
         timesteps: model timesteps before warping, in [0, 1000], decreasing.
         shift: flow shift applied to the list (1 = no warp).
         warp: whether to apply the shift (Self-Forcing warps its denoising list).
+        integer_timesteps: feed the model the (warped) timesteps truncated to integers while
+            the update keeps the exact sigmas, as samplers built on Wan's UniPC grid do (its
+            timesteps are int64; LingBot-World-Fast).
     """
 
-    def __init__(self, timesteps: Sequence[float], shift: float = 5.0, warp: bool = True):
+    def __init__(self, timesteps: Sequence[float], shift: float = 5.0, warp: bool = True,
+                 integer_timesteps: bool = False):  # fmt: skip
         ts = [float(t) for t in timesteps]
         if not ts:
             raise ConfigError("scheduler.timesteps must list at least one timestep")
@@ -42,16 +47,18 @@ class FewStepFlowScheduler(Scheduler):
             a <= b for a, b in zip(ts, ts[1:], strict=False)
         ):
             raise ConfigError(f"scheduler.timesteps={ts} must be decreasing values in (0, 1000]")
-        self.timesteps = warp_timesteps(ts, shift) if warp else ts
+        exact = warp_timesteps(ts, shift) if warp else ts
+        self.sigmas = [t / 1000.0 for t in exact]  # noise level of each step
+        self.timesteps = [float(math.floor(t)) for t in exact] if integer_timesteps else exact
         self.num_steps = len(self.timesteps)
 
     def begin_block(self, device: torch.device) -> torch.Tensor:
         return torch.tensor(self.timesteps, dtype=torch.float32, device=device)
 
     def step(self, flow, x, index, noise_fn: NoiseFn):
-        sigma = self.timesteps[index] / 1000.0
+        sigma = self.sigmas[index]
         x0 = x.float() - sigma * flow.float()
         if index + 1 == self.num_steps:
             return x0
-        nxt = self.timesteps[index + 1] / 1000.0
+        nxt = self.sigmas[index + 1]
         return (1.0 - nxt) * x0 + nxt * noise_fn(tuple(x.shape))

@@ -209,6 +209,7 @@ class Stream:
             "step", step=step.step, frames=frames_in_block, prompt_version=step.prompt_version,
             control=step.control, **{k: round(t[k], 3) for k in
                                      ("step_ms", "period_ms", "recache_ms", "commit_ms")},
+            **({} if step.state is None else {"state": step.state}),  # e.g. the camera pose
         )  # fmt: skip
         messages: list[str | bytes] = [head]
         q = self.cfg.serve.jpeg_quality

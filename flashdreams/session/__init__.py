@@ -48,6 +48,7 @@ class SessionStep:
     prompt_version: int  # increments with every prompt switch that took effect
     control: dict[str, Any] | None  # the control applied at this step
     recache_ms: float  # time spent recaching on a prompt switch (0 otherwise)
+    state: dict[str, Any] | None = None  # what the control did (camera recipes: the pose)
 
     def timings(self) -> dict[str, float]:
         """Stage times in ms; call once the step's device work is done (e.g. after ``.cpu()``)."""
@@ -214,7 +215,9 @@ class Session:
         recache_ms = self._apply_prompt()
         out = self.rollout.step()
         self._remember(out)
-        self.last = SessionStep(out.step, out.frames, out, self.prompt_version, control, recache_ms)
+        state = self.rollout.control_state() if hasattr(self.rollout, "control_state") else None
+        self.last = SessionStep(out.step, out.frames, out, self.prompt_version, control, recache_ms,
+                                state)  # fmt: skip
         return out.frames
 
     def __iter__(self) -> Iterator[torch.Tensor | None]:

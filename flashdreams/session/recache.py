@@ -72,8 +72,10 @@ def replay(rollout, blocks: list[Block], resident: set[int], ctx) -> None:
             t = torch.tensor([0.0 if f < offset else r.context_noise for f in run])
             t = t.to(r.device).expand(r.batch_size, len(run))
             positions = torch.tensor(run, device=r.device)
+            control = None if conditioner is None else conditioner.control(run[0], len(run))
+            kwargs = {} if control is None else {"control": control}  # camera rays of the frames
             with _eager():
-                model(x.to(r.dtype), t, ctx, positions, view)
+                model(x.to(r.dtype), t, ctx, positions, view, **kwargs)
 
 
 def _contiguous_runs(frames: list[int]) -> list[list[int]]:

@@ -10,7 +10,7 @@ const ctx = canvas.getContext("2d");
 // Read by the browser test; also handy in the devtools console.
 const stats = (window.flashdreams = {
   state: "connecting", framesReceived: 0, framesDrawn: 0, lastStep: -1, promptVersion: 0,
-  dropped: 0, stepMs: null, fps: 0, hello: null, errors: [], lastControl: null,
+  dropped: 0, stepMs: null, fps: 0, hello: null, errors: [], lastControl: null, lastState: null,
 });
 
 let ws = null;
@@ -65,6 +65,11 @@ function onJson(msg) {
       break;
     case "step":
       stats.lastControl = msg.control;
+      stats.lastState = msg.state ?? null; // camera recipes: the pose the keys led to
+      if (msg.state && msg.state.position) {
+        const p = msg.state.position.map((v) => v.toFixed(1)).join(", ");
+        $("camera").textContent = `(${p}) yaw ${msg.state.yaw_deg.toFixed(0)}° pitch ${msg.state.pitch_deg.toFixed(0)}°`;
+      }
       if (msg.recache_ms > 0) log(`step ${msg.step}: prompt v${msg.prompt_version} (recache ${msg.recache_ms.toFixed(1)} ms)`);
       break;
     case "prompt": log(`prompt queued: ${msg.text}`); break;
@@ -144,7 +149,8 @@ $("prompt").addEventListener("keydown", (ev) => {
 });
 
 // ---------------------------------------------------------------- keyboard controls
-const CONTROL_KEYS = new Set(["w", "a", "s", "d", "q", "e", " ", "shift",
+// Camera recipes (LingBot-World): W/S forward/back, A/D yaw, Q/E strafe, I/K pitch.
+const CONTROL_KEYS = new Set(["w", "a", "s", "d", "q", "e", "i", "k", " ", "shift",
   "arrowup", "arrowdown", "arrowleft", "arrowright"]);
 
 function onKey(ev, down) {
