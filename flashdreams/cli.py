@@ -109,10 +109,10 @@ def _bench(cfg: DictConfig) -> None:
         apply_memory_fraction(cfg)  # before anything is allocated
         run_job(cfg)
     except Exception as err:  # noqa: BLE001
-        message = _user_error(err)
+        message = user_error(err)
         if message is None or cfg.debug:
             raise
-        _fail(message)
+        fail(message)
     if launched_rank()[0] == 0:
         run_bench(cfg, output_dir(cfg))
 
