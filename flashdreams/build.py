@@ -47,6 +47,7 @@ def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype,
 
     spec = OmegaConf.to_container(model_cfg, resolve=True)
     checkpoint = spec.pop("checkpoint", None)
+    low_noise_checkpoint = spec.pop("low_noise_checkpoint", None)  # two-expert models only
     with torch.device("meta"):
         model = instantiate(spec)
     if checkpoint is None:
@@ -54,7 +55,12 @@ def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype,
             "model.checkpoint=null: RANDOM WEIGHTS (seed %d). The output demonstrates the "
             "pipeline, not a trained model.", seed,
         )  # fmt: skip
-    model = materialize(model, checkpoint, device=device, dtype=dtype, seed=seed)
+    if hasattr(model, "experts"):  # Wan 2.2 A14B: one checkpoint per expert
+        from flashdreams.io.experts import materialize_experts
+
+        model = materialize_experts(model, checkpoint, low_noise_checkpoint, device, dtype, seed)
+    else:
+        model = materialize(model, checkpoint, device=device, dtype=dtype, seed=seed)
     return model.eval().requires_grad_(False)
 
 
