@@ -133,14 +133,13 @@ class WanMoE(nn.Module):
         Args:
             expert: 0 = high noise, 1 = low noise; None picks it from the largest timestep
                 of ``timestep`` (a host read: the loop names the expert instead).
-            cache: ``ExpertKVCaches`` (the named expert's cache is used) or None.
+            cache: ``ExpertKVCaches`` (the named expert's cache is used), one expert's own
+                cache (a recache replay names the expert), or None.
         """
         if expert is None:
             expert = self.expert_index(float(timestep.max()))
         layers = self.num_layers
         ctx = context[expert * layers : (expert + 1) * layers]
-        if cache is not None:
-            if not isinstance(cache, ExpertKVCaches):
-                raise TypeError(f"WanMoE needs one KV cache per expert, got {type(cache).__name__}")
+        if isinstance(cache, ExpertKVCaches):
             cache = cache.experts[expert]
         return self._activate(expert)(x, timestep, ctx, frame_positions, cache, mask)

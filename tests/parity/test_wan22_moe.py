@@ -24,6 +24,7 @@ from diffusers import AutoencoderKLWan, WanPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
+from flashdreams import Session
 from flashdreams.build import build_model, build_rollout
 from flashdreams.cache.full import FullKVCache
 from flashdreams.cli import _user_error
@@ -190,6 +191,28 @@ def test_offload_idle_expert_keeps_results_and_swaps(tmp_path):
     got = torch.cat([rollout.step().latents for _ in range(2)], dim=2)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert moe.resident == 1  # the last block ends on the low-noise expert (no commit after it)
+
+
+def test_session_recache_rewrites_both_expert_caches():
+    # the demo recipe (preview decoder, 4 steps [1000, 937.5, 833.3, 625]) with A14B experts
+    cfg = compose_run(["model=wan22_t2v_a14b", *DIT, "device=cpu", "rollout.height=64",
+                       "rollout.width=64", "cache.window_frames=12"])  # fmt: skip
+    session = Session(cfg, prompt="a fox")
+    assert session.rollout.model.expert_plan(torch.tensor([1000.0, 937.5, 833.3, 625.0])) == [
+        0, 0, 1, 1]  # fmt: skip
+    for _ in range(3):
+        session.step()
+    caches = session.rollout.cache.experts
+    before = [[k.clone() for k in cache.k] for cache in caches]
+    session.recache()  # replays the 3 committed blocks through each expert, into its own cache
+    for cache, ks in zip(caches, before, strict=True):
+        for a, b in zip(ks, cache.k, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    session.set_prompt("a burning city")
+    session.step()
+    assert session.last.recache_ms > 0
+    assert not torch.allclose(caches[0].k[1], before[0][1])  # the switch rewrote both caches
+    assert not torch.allclose(caches[1].k[1], before[1][1])
 
 
 # ---------------------------------------------------------------- (d) recipes and settings
