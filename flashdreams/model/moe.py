@@ -96,6 +96,16 @@ class WanMoE(nn.Module):
         for expert in self.experts:
             expert.attention = backend
 
+    @property
+    def sequence_parallel(self):
+        return self.experts[HIGH_NOISE].sequence_parallel
+
+    @sequence_parallel.setter
+    def sequence_parallel(self, hook) -> None:
+        """Context parallelism: one hook, used by one expert at a time."""
+        for expert in self.experts:
+            expert.sequence_parallel = hook
+
     # ------------------------------------------------------------------ placement
     def place(self, device: torch.device) -> None:
         """Record the run's device; under offload, keep only the high-noise expert there."""

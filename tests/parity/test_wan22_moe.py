@@ -159,6 +159,7 @@ def test_expert_caches_are_separate_and_both_hold_clean_kv(tmp_path):
     moe, caches = rollout.model, rollout.cache.experts
     assert len(caches) == 2 and caches[0] is not caches[1]
     assert all(caches[0].k[i].data_ptr() != caches[1].k[i].data_ptr() for i in range(2))
+    assert all(e.attention is moe.attention for e in moe.experts)  # the policy reached both
     rollout.start([PROMPT], images=[image])
     out = rollout.step()  # image frame + block 0 (frames 1..3), then the commit
     emb = rollout.text_encoder.encode([PROMPT], torch.device("cpu"), torch.float32)
