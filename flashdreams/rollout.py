@@ -247,6 +247,13 @@ class Rollout:
         kwargs = {} if expert is None else {"expert": expert}  # two-expert models only
         return self.model(x.to(self.dtype), t, ctx, positions, self.cache, **kwargs)
 
+    def _run(self, x, t, ctx, positions, expert=None):
+        """One forward under the graph policy; two-expert models get the named expert's K/V."""
+        if expert is not None:
+            ctx = self.model.expert_context(ctx, expert)
+        return self.graph.run(self._forward, x, t, ctx, positions, expert,
+                              shape_key=self._shape_key(expert))  # fmt: skip
+
     def _block_timestep(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(1, 1).expand(self.batch_size, self.frames_per_block)
 
@@ -285,8 +292,7 @@ class Rollout:
         start = self._start_frame(self.step_index)
 
         def forward(x_in, t, ctx, expert=None):
-            return self.graph.run(self._forward, x_in, t, ctx, positions, expert,
-                                  shape_key=self._shape_key(expert))  # fmt: skip
+            return self._run(x_in, t, ctx, positions, expert)
 
         for j, expert in enumerate(self._expert_plan(timesteps)):
             t = self._block_timestep(timesteps[j])
@@ -305,7 +311,7 @@ class Rollout:
         t = torch.zeros(self.batch_size, p, device=self.device)
         x = self._model_input(prefix.float(), 0)
         for e in self._all_experts():
-            self.graph.run(self._forward, x, t, ctx, positions, e, shape_key=self._shape_key(e))
+            self._run(x, t, ctx, positions, e)
         return prefix
 
     def precapture(self) -> None:
@@ -331,8 +337,7 @@ class Rollout:
                 start = block * self.frames_per_block
                 positions = torch.arange(start, start + self.frames_per_block, device=self.device)
                 for e in self._all_experts():
-                    self.graph.run(self._forward, x, t, ctx, positions, e,
-                                   shape_key=self._shape_key(e))  # fmt: skip
+                    self._run(x, t, ctx, positions, e)
         if self.cache is not None:
             self.cache.reset()
 
@@ -346,7 +351,7 @@ class Rollout:
         t = self._block_timestep(t)
         x = self._model_input(x, self._start_frame(self.step_index))
         for e in self._all_experts():  # every expert's cache gets this block's clean K/V
-            self.graph.run(self._forward, x, t, ctx, positions, e, shape_key=self._shape_key(e))
+            self._run(x, t, ctx, positions, e)
 
 
 def run_rollout(rollout: Rollout, prompts: list[str], on_step: Callable[[StepOutput], None],

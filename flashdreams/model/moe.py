@@ -127,6 +127,14 @@ class WanMoE(nn.Module):
         return self.experts[expert]
 
     # ------------------------------------------------------------------ forward
+    def expert_context(self, context: list, expert: int) -> list:
+        """The named expert's per-layer K/V of a ``[*high, *low]`` context (one already
+        sliced passes through), so a captured forward holds only its expert's K/V."""
+        layers = self.num_layers
+        if len(context) == layers:
+            return context
+        return context[expert * layers : (expert + 1) * layers]
+
     def prepare_context(self, text: torch.Tensor, image: torch.Tensor | None = None) -> list:
         """Per-layer cross-attention K/V of both experts, ``[*high, *low]``."""
         low = None
@@ -148,8 +156,7 @@ class WanMoE(nn.Module):
         """
         if expert is None:
             expert = self.expert_index(float(timestep.max()))
-        layers = self.num_layers
-        ctx = context[expert * layers : (expert + 1) * layers]
+        ctx = self.expert_context(context, expert)
         if isinstance(cache, ExpertKVCaches):
             cache = cache.experts[expert]
         return self._activate(expert)(x, timestep, ctx, frame_positions, cache, mask)
