@@ -1,9 +1,11 @@
 """Wan 2.2 A14B two-expert MoE: bidirectional parity with diffusers, causal parity with a masked
 reference, per-expert caches, recipes and checkpoint layouts.
 
-(a) ``recipe=wan22_t2v_a14b_480p`` (tiny experts, random weights) == diffusers' ``WanPipeline``
-    with ``transformer_2`` and ``boundary_ratio`` (same weights, prompt embeddings, noise, UniPC
-    schedule; guidance 4.0 high / 3.0 low). fp32, max abs difference <= 5e-5 on the latents.
+(a) ``recipe=wan22_t2v_a14b_480p`` / ``wan22_i2v_a14b_480p`` (tiny experts, random weights) ==
+    diffusers' ``WanPipeline`` / ``WanImageToVideoPipeline`` with ``transformer_2`` and
+    ``boundary_ratio`` (same weights, prompt embeddings, noise, UniPC schedule, tiny VAE for the
+    I2V image latents; a different guidance scale per expert). fp32, max abs difference <= 5e-5
+    on the latents.
 (b) ``recipe=causal_wan22_a14b_480p`` (tiny, image prefix) == a teacher-forced reference that
     recomputes every forward from scratch: one full-sequence forward of the expert of the step's
     timestep over ``[image | clean blocks so far | noisy block]`` with a block-causal mask, that
@@ -20,7 +22,7 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, WanPipeline
+from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -28,6 +30,8 @@ from flashdreams import Session
 from flashdreams.build import build_model, build_rollout
 from flashdreams.cache.full import FullKVCache
 from flashdreams.cli import _user_error
+from flashdreams.graph.eager import EagerPolicy
+from flashdreams.io.image import load_image
 from flashdreams.io.keymap import wan_to_diffusers
 from tests.parity.test_pipeline_parity import TINY_VAE, _diffusers_dit, _unipc
 from tests.unit.test_config import compose_run
@@ -86,6 +90,40 @@ def test_t2v_a14b_matches_wan_pipeline_with_two_transformers(batched):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=5e-5)
 
 
+def test_i2v_a14b_matches_wan_image_to_video_pipeline_with_two_transformers(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**TINY_VAE).eval()
+    vae.save_pretrained(tmp_path / "vae")
+    path, _ = _image(tmp_path)
+    image = load_image(path)  # as flashdreams-run reads image=
+    overrides = ["recipe=wan22_i2v_a14b_480p", *DIT, *RUN, f"rollout.frames_per_block={FRAMES}",
+                 "scheduler.num_steps=4", f"conditioner.encoder.checkpoint={tmp_path / 'vae'}",
+                 f"image={path}", f"prompt='{PROMPT}'", f"negative_prompt='{NEGATIVE}'",
+                 "guidance.low_noise_scale=2.0"]  # fmt: skip
+    torch.manual_seed(1)
+    noise = torch.randn(1, 16, FRAMES, SIZE // 8, SIZE // 8)
+    rollout = build_rollout(compose_run(overrides), noise_fn=lambda shape: noise.clone())
+    moe = rollout.model
+    assert moe.in_dim == 36 and moe.boundary == 0.9
+    plan = moe.expert_plan(rollout.scheduler.begin_block(torch.device("cpu")))
+    assert 0 in plan and 1 in plan, plan
+    rollout.start([PROMPT], images=[image])
+    ours = rollout.step().latents
+
+    emb = rollout.text_encoder.encode([PROMPT, NEGATIVE], torch.device("cpu"), torch.float32)
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, scheduler=_unipc(5.0), image_processor=None,
+        image_encoder=None, transformer=_diffusers_dit(moe.experts[0]),
+        transformer_2=_diffusers_dit(moe.experts[1]), boundary_ratio=0.9,
+    )  # fmt: skip
+    theirs = pipe(image=image, prompt_embeds=emb[:1], negative_prompt_embeds=emb[1:], height=SIZE,
+                  width=SIZE, num_frames=1 + 4 * (FRAMES - 1), num_inference_steps=4,
+                  guidance_scale=3.5, guidance_scale_2=2.0, latents=noise.clone(),
+                  output_type="latent", return_dict=False)[0]  # fmt: skip
+    assert ours.shape == theirs.shape == noise.shape
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=5e-5)
+
+
 # ---------------------------------------------------------------- (b) causal vs masked reference
 def _block_causal_mask(block_ids: list[int]) -> torch.Tensor:
     ids = torch.tensor(block_ids)
@@ -129,7 +167,7 @@ def reference_moe_rollout(moe, contexts, timesteps, prefix, fpb, num_blocks, noi
 def _causal(tmp_path, *extra):
     path, image = _image(tmp_path)
     cfg = compose_run(["recipe=causal_wan22_a14b_480p", *DIT, *RUN, *ENCODER, f"image={path}",
-                       "rollout.total_blocks=3", *extra])  # fmt: skip
+                       "rollout.total_blocks=2", *extra])  # fmt: skip
     return build_rollout(cfg, noise_fn=_generator_noise(11)), image
 
 
@@ -140,7 +178,7 @@ def test_causal_moe_rollout_equals_masked_reference_per_expert(tmp_path, shared)
     assert sched.boundary == moe.boundary == 0.875 and rollout.frames_per_block == 3
     assert moe.expert_plan(sched.begin_block(torch.device("cpu"))) == [0] * 4 + [1] * 4
     rollout.start([PROMPT], images=[image])
-    outs = [rollout.step() for _ in range(3)]
+    outs = [rollout.step() for _ in range(2)]
     ours = torch.cat([o.latents for o in outs], dim=2)
 
     emb = rollout.text_encoder.encode([PROMPT], torch.device("cpu"), torch.float32)
@@ -148,8 +186,8 @@ def test_causal_moe_rollout_equals_masked_reference_per_expert(tmp_path, shared)
     if shared:  # FastVideo: one cross-attention cache, filled by the high-noise expert
         contexts[1] = contexts[0]
     prefix = outs[0].latents[:, :, :1]
-    ref = reference_moe_rollout(moe, contexts, sched.timesteps, prefix, 3, 3, _generator_noise(11))
-    assert ours.shape == (1, 16, 1 + 3 * 3, 4, 4)
+    ref = reference_moe_rollout(moe, contexts, sched.timesteps, prefix, 3, 2, _generator_noise(11))
+    assert ours.shape == (1, 16, 1 + 2 * 3, 4, 4)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
 
 
@@ -181,11 +219,35 @@ def test_expert_caches_are_separate_and_both_hold_clean_kv(tmp_path):
     assert not torch.allclose(caches[0].k[1][:, :valid], caches[1].k[1][:, :valid])
 
 
+class _RecordingPolicy(EagerPolicy):
+    """Eager, recording the shape key and the expert of every forward."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def run(self, fn, *args, shape_key):
+        self.calls.append((shape_key, args[4]))
+        return fn(*args)
+
+
+def test_graph_shape_key_names_the_expert(tmp_path):
+    rollout, image = _causal(tmp_path)
+    rollout.graph = policy = _RecordingPolicy()
+    rollout.start([PROMPT], images=[image])
+    rollout.step()
+    rollout.step()
+    # a captured graph replays one expert: equal keys never mix experts
+    assert all(key[1] == expert for key, expert in policy.calls)
+    experts = [expert for _, expert in policy.calls]
+    # image commit (both experts), 4 high + 4 low steps, commit (both), 4 high + 4 low steps
+    assert experts == [0, 1] + [0] * 4 + [1] * 4 + [0, 1] + [0] * 4 + [1] * 4
+
+
 def test_offload_idle_expert_keeps_results_and_swaps(tmp_path):
-    base, image = _causal(tmp_path, "rollout.total_blocks=2")
+    base, image = _causal(tmp_path)
     base.start([PROMPT], images=[image])
     want = torch.cat([base.step().latents for _ in range(2)], dim=2)
-    rollout, _ = _causal(tmp_path, "rollout.total_blocks=2", "model.offload_idle_expert=true")
+    rollout, _ = _causal(tmp_path, "model.offload_idle_expert=true")
     moe = rollout.model
     assert moe.resident == 0 and moe.commit_order() == [0, 1]
     rollout.start([PROMPT], images=[image])
