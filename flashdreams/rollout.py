@@ -266,7 +266,10 @@ class Rollout:
     def _expert_plan(self, timesteps: torch.Tensor) -> list:
         """Expert of each denoising step (None for single-expert models)."""
         plan = getattr(self.model, "expert_plan", None)
-        return [None] * len(timesteps) if plan is None else plan(timesteps)
+        if plan is None:
+            return [None] * len(timesteps)
+        host = getattr(self.scheduler, "timesteps", None)  # a few-step list: no device sync
+        return plan(host if isinstance(host, list) and len(host) == len(timesteps) else timesteps)
 
     def _all_experts(self) -> list:
         """Experts a clean commit runs through, so that each expert's cache holds clean K/V."""

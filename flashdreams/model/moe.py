@@ -5,7 +5,8 @@ high-noise expert denoises while ``t >= boundary * 1000`` (the layout of the cli
 low-noise expert below (the details); exactly one runs per forward. This wrapper is the model
 the rollout sees: it holds both experts, keeps one cross-attention context and one KV cache per
 expert, and runs the expert the loop names (``expert=``) or, without one, the expert of the
-forward's timestep. Loading, offload policy and compilation stay outside the network code.
+forward's timestep. Loading and compilation stay outside; the idle-expert offload lives here
+because only this wrapper sees which expert the next forward needs.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ class WanMoE(nn.Module):
         """Expert of a forward at ``timestep`` (in [0, num_train_timesteps])."""
         return HIGH_NOISE if timestep >= self.boundary_timestep else LOW_NOISE
 
-    def expert_plan(self, timesteps: torch.Tensor) -> list[int]:
-        """Expert of every step of a block's (num_steps,) schedule (one host read per block)."""
-        return [self.expert_index(t) for t in timesteps.tolist()]
+    def expert_plan(self, timesteps) -> list[int]:
+        """Expert of every step of a block's schedule: a host list, or a (num_steps,) tensor
+        (read to the host: a device sync when it lives on the GPU)."""
+        values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps
+        return [self.expert_index(float(t)) for t in values]
 
     def commit_order(self) -> list[int]:
         """Experts the clean commit runs through: all, the one on the device first."""
