@@ -110,9 +110,12 @@ def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
     device = parallel.setup(resolve_device(cfg.device))  # joins torchrun's job: cuda:LOCAL_RANK
     dtype = resolve_dtype(cfg.dtype, device)
     guidance, image_encoder, conditioner = build_conditioning(cfg, device)
+    graph = instantiate(cfg.graph)
+    if cfg.model.get("offload_idle_expert") and graph.name == "cuda_graph":  # before loading
+        raise ConfigError("model.offload_idle_expert=true moves expert weights between forwards, "
+                          "which captured CUDA graphs cannot follow; use graph=eager or compile")  # fmt: skip
     model = build_model(cfg.model, device, dtype, cfg.seed)
     parallel.parallelize(model, instantiate(cfg.attention))
-    graph = instantiate(cfg.graph)
     if parallel.world_size > 1 and graph.name == "eager" and device.type == "cuda":
         log.warning("parallel=%s with graph=eager is launch-bound on GPUs (no speed-up measured); "
                     "use graph=cuda_graph or graph=compile_cuda_graph", parallel.name)  # fmt: skip

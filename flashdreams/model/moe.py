@@ -36,7 +36,8 @@ class WanMoE(nn.Module):
         boundary: the high-noise expert runs where ``t >= boundary * num_train_timesteps``
             (Wan 2.2 reference: 0.875 for T2V, 0.900 for I2V).
         offload_idle_expert: keep only the expert in use on the device, the other in CPU
-            memory; they swap when a forward needs the other one (eager / compile only).
+            memory; they swap when a forward needs the other one (not with CUDA graphs, which
+            replay fixed weight addresses: ``build_rollout`` refuses the combination).
         shared_cross_attn: both experts attend to the high-noise expert's text K/V (FastVideo's
             causal inference fills one cross-attention cache and passes it to both experts);
             False gives each expert its own K/V, as the architecture and the bidirectional
@@ -121,9 +122,6 @@ class WanMoE(nn.Module):
     def _activate(self, expert: int) -> WanDiT:
         """The expert, moved onto the device first under offload (the other one leaves)."""
         if self.offload_idle_expert and expert != self.resident and self.device is not None:
-            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise ConfigError("model.offload_idle_expert=true cannot run under CUDA-graph "
-                                  "capture; use graph=eager or graph=compile")  # fmt: skip
             self.experts[self.resident].to("cpu")
             self.experts[expert].to(self.device)
             self.resident = expert

@@ -298,12 +298,13 @@ def test_recipes_compose_with_reference_settings():
 
 @pytest.mark.parametrize("override,needle", [
     ("model.boundary=1.5", "model.boundary=1.5 must be in (0, 1)"),
+    ("model.offload_idle_expert=true graph=cuda_graph", "model.offload_idle_expert=true"),
     ("model.boundary=0", "model.boundary=0"),
     ("guidance.low_noise_scale=-1", "guidance.low_noise_scale=-1.0 must be >= 0"),
 ])  # fmt: skip
 def test_bad_moe_setting_is_one_line_config_error(override, needle):
     cfg = compose_run(["recipe=wan22_t2v_a14b_480p", *DIT, *RUN, "rollout.frames_per_block=3",
-                       override])  # fmt: skip
+                       *override.split()])  # fmt: skip
     with pytest.raises(Exception) as info:
         build_rollout(cfg)
     message = _user_error(info.value)
