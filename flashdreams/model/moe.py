@@ -146,7 +146,8 @@ class WanMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: list,
                 frame_positions: torch.Tensor | None = None, cache=None,
-                mask: torch.Tensor | None = None, expert: int | None = None) -> torch.Tensor:  # fmt: skip
+                mask: torch.Tensor | None = None, expert: int | None = None,
+                **kwargs) -> torch.Tensor:  # fmt: skip
         """One expert's ``WanDiT.forward`` (see there) with its context and KV cache.
 
         Args:
@@ -154,10 +155,11 @@ class WanMoE(nn.Module):
                 of ``timestep`` (a host read: the loop names the expert instead).
             cache: ``ExpertKVCaches`` (the named expert's cache is used), one expert's own
                 cache (a recache replay names the expert), or None.
+            **kwargs: further ``WanDiT.forward`` arguments, passed to the expert.
         """
         if expert is None:
             expert = self.expert_index(float(timestep.max()))
         ctx = self.expert_context(context, expert)
         if isinstance(cache, ExpertKVCaches):
             cache = cache.experts[expert]
-        return self._activate(expert)(x, timestep, ctx, frame_positions, cache, mask)
+        return self._activate(expert)(x, timestep, ctx, frame_positions, cache, mask, **kwargs)
