@@ -23,23 +23,30 @@ LAYOUTS = (("high_noise_model", "low_noise_model"), ("transformer", "transformer
 
 
 def expert_checkpoints(checkpoint, low_noise_checkpoint) -> tuple:
-    """(high-noise spec, low-noise spec) from the two settings; both None means random weights.
+    """(high-noise spec, low-noise spec) from the two settings; (None, None) = random weights.
+
+    ``model.checkpoint=null`` gives both experts random weights (as for every recipe, so the
+    usual random-weight overrides work unchanged); the low-noise setting is then ignored.
 
     Raises:
-        ConfigError: only one expert has a checkpoint and the other cannot be derived.
+        ConfigError: the high-noise expert has a checkpoint and the low-noise one cannot be
+            derived.
     """
-    if checkpoint is None and low_noise_checkpoint is None:
+    if checkpoint is None:
+        if low_noise_checkpoint is not None:
+            log.warning("model.checkpoint=null: both experts get random weights; "
+                        "model.low_noise_checkpoint=%s is ignored", low_noise_checkpoint)  # fmt: skip
         return None, None
     if low_noise_checkpoint is None and not str(checkpoint).startswith("hf://"):
         root = Path(os.fspath(checkpoint)).expanduser()
         for high, low in LAYOUTS:
             if (root / high).is_dir() and (root / low).is_dir():
                 return str(root / high), str(root / low)
-    if checkpoint is None or low_noise_checkpoint is None:
+    if low_noise_checkpoint is None:
         raise ConfigError(
-            f"model.checkpoint={checkpoint} and model.low_noise_checkpoint={low_noise_checkpoint}:"
-            " a two-expert model needs both (or model.checkpoint = a local folder holding "
-            "high_noise_model/ + low_noise_model/ or transformer/ + transformer_2/)"
+            f"model.low_noise_checkpoint=null with model.checkpoint={checkpoint}: name the "
+            "low-noise expert's folder (low_noise_model/ or transformer_2/), or set "
+            "model.checkpoint to a local folder holding both experts' folders"
         )
     return checkpoint, low_noise_checkpoint
 
