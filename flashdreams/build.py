@@ -48,6 +48,7 @@ def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype,
 
     spec = OmegaConf.to_container(model_cfg, resolve=True)
     checkpoint = spec.pop("checkpoint", None)
+    low_noise_checkpoint = spec.pop("low_noise_checkpoint", None)  # two-expert models only
     with torch.device("meta"):
         model = instantiate(spec)
     if checkpoint is None:
@@ -55,7 +56,12 @@ def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype,
             "model.checkpoint=null: RANDOM WEIGHTS (seed %d). The output demonstrates the "
             "pipeline, not a trained model.", seed,
         )  # fmt: skip
-    model = materialize(model, checkpoint, device=device, dtype=dtype, seed=seed)
+    if hasattr(model, "experts"):  # Wan 2.2 A14B: one checkpoint per expert
+        from flashdreams.io.experts import materialize_experts
+
+        model = materialize_experts(model, checkpoint, low_noise_checkpoint, device, dtype, seed)
+    else:
+        model = materialize(model, checkpoint, device=device, dtype=dtype, seed=seed)
     return model.eval().requires_grad_(False)
 
 
@@ -120,6 +126,9 @@ def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
     graph = instantiate(cfg.graph)
     offload = cfg.get("offload", "none")
     check_offload(offload, graph.name)
+    if cfg.model.get("offload_idle_expert") and graph.name == "cuda_graph":  # before loading
+        raise ConfigError("model.offload_idle_expert=true moves expert weights between forwards, "
+                          "which captured CUDA graphs cannot follow; use graph=eager or compile")  # fmt: skip
     precision = instantiate(cfg.precision) if "precision" in cfg else Precision()
     # offload=blocks loads on the CPU, so the full model never sits on the device
     model = build_model(cfg.model, torch.device("cpu") if offload == "blocks" else device,

@@ -11,6 +11,7 @@ noise. A conditioner's prefix frames (I2V) draw none. ``noise_fn`` may be inject
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,6 +105,9 @@ class Rollout:
         h, w = self.latent_hw
         _, ph, pw = model.patch_size
         total_frames = self.frame_offset + frames_per_block * (total_blocks or 1)
+        build_cache = getattr(model, "build_cache", None)  # two-expert models: one per expert
+        if build_cache is not None:
+            cache_factory = functools.partial(build_cache, cache_factory)
         self.cache = cache_factory(
             num_layers=model.num_layers, num_heads=model.num_heads, head_dim=model.head_dim,
             tokens_per_frame=(h // ph) * (w // pw), frames_per_block=frames_per_block,
@@ -239,9 +243,18 @@ class Rollout:
         self.step_index += 1
         return StepOutput(i, x0, frames, timer, start_frame)
 
-    def _forward(self, x, t, ctx, positions, control=None):
+    def _forward(self, x, t, ctx, positions, control=None, expert=None):
         extra = {} if control is None else {"control": control}  # camera-controlled models
+        if expert is not None:
+            extra["expert"] = expert  # two-expert models only
         return self.model(x.to(self.dtype), t, ctx, positions, self.cache, **extra)
+
+    def _run(self, x, t, ctx, positions, control=None, expert=None):
+        """One forward under the graph policy; two-expert models get the named expert's K/V."""
+        if expert is not None:
+            ctx = self.model.expert_context(ctx, expert)
+        return self.graph.run(self._forward, x, t, ctx, positions, control, expert,
+                              shape_key=self._shape_key(expert))  # fmt: skip
 
     def set_control(self, control: dict | None) -> None:
         """Live control of the next step (keys, ...), handed to the conditioner."""
@@ -254,9 +267,24 @@ class Rollout:
     def _block_timestep(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(1, 1).expand(self.batch_size, self.frames_per_block)
 
-    def _shape_key(self) -> int:
-        """What changes a forward's work besides its argument shapes: the valid KV length."""
-        return 0 if self.cache is None else self.cache.valid_tokens
+    def _shape_key(self, expert: int | None = None):
+        """What changes a forward's work besides its argument shapes: the valid KV length
+        (and, for two-expert models, the expert)."""
+        key = 0 if self.cache is None else self.cache.valid_tokens
+        return key if expert is None else (key, expert)
+
+    def _expert_plan(self, timesteps: torch.Tensor) -> list:
+        """Expert of each denoising step (None for single-expert models)."""
+        plan = getattr(self.model, "expert_plan", None)
+        if plan is None:
+            return [None] * len(timesteps)
+        host = getattr(self.scheduler, "timesteps", None)  # a few-step list: no device sync
+        return plan(host if isinstance(host, list) and len(host) == len(timesteps) else timesteps)
+
+    def _all_experts(self) -> list:
+        """Experts a clean commit runs through, so that each expert's cache holds clean K/V."""
+        order = getattr(self.model, "commit_order", None)
+        return [None] if order is None else order()
 
     def _start_frame(self, block: int) -> int:
         """Absolute latent frame where AR block ``block`` starts (after any prefix frames)."""
@@ -278,13 +306,14 @@ class Rollout:
         start = self._start_frame(self.step_index)
         control = self.conditioner.control(start, x.shape[2])  # e.g. camera rays, or None
 
-        def forward(x_in, t, ctx):
-            return self.graph.run(self._forward, x_in, t, ctx, positions, control,
-                                  shape_key=self._shape_key())  # fmt: skip
+        def forward(x_in, t, ctx, expert=None):
+            return self._run(x_in, t, ctx, positions, control, expert)
 
-        for j in range(self.scheduler.num_steps):
+        for j, expert in enumerate(self._expert_plan(timesteps)):
             t = self.conditioner.timesteps(self._block_timestep(timesteps[j]), start)
-            flow = self.guidance.predict(forward, self._model_input(x, start), t, guided, j)
+            fwd = forward if expert is None else functools.partial(forward, expert=expert)
+            x_in = self._model_input(x, start)
+            flow = self.guidance.predict(fwd, x_in, t, guided, j, expert=expert or 0)
             x = self.scheduler.step(flow, x, j, self.noise)
         return self.conditioner.replace(x, start)
 
@@ -297,7 +326,8 @@ class Rollout:
         t = torch.zeros(self.batch_size, p, device=self.device)
         x = self._model_input(prefix.float(), 0)
         control = self.conditioner.control(0, p)
-        self.graph.run(self._forward, x, t, ctx, positions, control, shape_key=self._shape_key())
+        for e in self._all_experts():
+            self._run(x, t, ctx, positions, control, e)
         return prefix
 
     def precapture(self) -> None:
@@ -325,8 +355,8 @@ class Rollout:
                 self._begin_block(block)
                 start = block * self.frames_per_block
                 positions = torch.arange(start, start + self.frames_per_block, device=self.device)
-                self.graph.run(self._forward, x, t, ctx, positions, control,
-                               shape_key=self._shape_key())  # fmt: skip
+                for e in self._all_experts():
+                    self._run(x, t, ctx, positions, control, e)
         if self.cache is not None:
             self.cache.reset()
 
@@ -340,7 +370,8 @@ class Rollout:
         t = self._block_timestep(t)
         start = self._start_frame(self.step_index)
         x, control = self._model_input(x, start), self.conditioner.control(start, x.shape[2])
-        self.graph.run(self._forward, x, t, ctx, positions, control, shape_key=self._shape_key())
+        for e in self._all_experts():  # every expert's cache gets this block's clean K/V
+            self._run(x, t, ctx, positions, control, e)
 
 
 def run_rollout(rollout: Rollout, prompts: list[str], on_step: Callable[[StepOutput], None],

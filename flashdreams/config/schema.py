@@ -82,12 +82,22 @@ class WanModelConfig:
 
 
 @dataclass
+class WanMoEModelConfig(WanModelConfig):
+    _target_: str = "flashdreams.model.moe.WanMoE"
+    low_noise_checkpoint: str | None = None  # the low-noise expert's weights (loader)
+    boundary: float = 0.875  # high-noise expert where t >= boundary * 1000
+    offload_idle_expert: bool = False  # keep only the expert in use on the device
+    shared_cross_attn: bool = False  # both experts use the high-noise expert's text K/V
+
+
+@dataclass
 class FewStepFlowConfig:
     _target_: str = "flashdreams.scheduler.flow.FewStepFlowScheduler"
     timesteps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
     shift: float = 5.0
     warp: bool = True
     integer_timesteps: bool = False
+    boundary: float | None = None  # MoE: high-noise steps bridge to this sigma (FastVideo)
 
 
 @dataclass
@@ -104,6 +114,7 @@ class CfgGuidanceConfig:
     _target_: str = "flashdreams.guidance.cfg.ClassifierFreeGuidance"
     scale: float = 5.0
     batched: bool = False
+    low_noise_scale: float | None = None  # MoE: scale while the low-noise expert runs
 
 
 @dataclass
@@ -128,6 +139,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_run", node=RunConfig)
     cs.store(group="model", name="base_wan", node=WanModelConfig)
+    cs.store(group="model", name="base_wan_moe", node=WanMoEModelConfig)
     cs.store(group="scheduler", name="base_few_step", node=FewStepFlowConfig)
     cs.store(group="scheduler", name="base_solver", node=SolverConfig)
     cs.store(group="cache", name="base_full", node=FullCacheConfig)

@@ -21,7 +21,9 @@ class Guidance:
     Per prompt the loop calls ``prepare(cond, uncond)`` once (the per-layer cross-attention K/V of
     the prompt and, when ``needs_negative``, of the negative prompt) and caches the result; each
     denoising step then calls ``predict(forward, x, t, prepared, index)``. ``index`` (the step
-    of the schedule) is passed so that rules varying per step, or caching per step, fit here.
+    of the schedule) is passed so that rules varying per step, or caching per step, fit here;
+    ``expert`` names the expert ``forward`` runs for two-expert models (0 = high noise, 1 = low
+    noise; always 0 otherwise), for rules whose scale differs per expert (Wan 2.2 A14B).
 
     Attributes:
         needs_negative: whether the loop must encode the negative prompt.
@@ -36,7 +38,8 @@ class Guidance:
         return cond
 
     def predict(
-        self, forward: ForwardFn, x: torch.Tensor, t: torch.Tensor, prepared: Any, index: int
-    ) -> torch.Tensor:
+        self, forward: ForwardFn, x: torch.Tensor, t: torch.Tensor, prepared: Any, index: int,
+        expert: int = 0,
+    ) -> torch.Tensor:  # fmt: skip
         """Flow for latents ``x`` (B, C, F, h, w) at timesteps ``t`` (B, F)."""
         return forward(x, t, prepared)

@@ -26,16 +26,24 @@ class ClassifierFreeGuidance(Guidance):
     Args:
         scale: guidance scale w (Wan 2.1 uses 5.0); 1.0 equals the conditional prediction.
         batched: one batch-2B forward instead of two batch-B forwards.
+        low_noise_scale: two-expert models (Wan 2.2 A14B): the scale while the low-noise expert
+            runs (diffusers' ``guidance_scale_2``); ``scale`` is then the high-noise one.
+            None: ``scale`` throughout.
     """
 
     needs_negative = True
     forwards_per_step = 2
 
-    def __init__(self, scale: float = 5.0, batched: bool = False) -> None:
+    def __init__(self, scale: float = 5.0, batched: bool = False,
+                 low_noise_scale: float | None = None) -> None:  # fmt: skip
         if scale < 0:
             raise ConfigError(f"guidance.scale={scale} must be >= 0")
+        if low_noise_scale is not None and low_noise_scale < 0:
+            raise ConfigError(f"guidance.low_noise_scale={low_noise_scale} must be >= 0")
         self.scale = float(scale)
         self.batched = bool(batched)
+        low = self.scale if low_noise_scale is None else float(low_noise_scale)
+        self.scales = (self.scale, low)  # per expert: high noise, low noise
 
     def prepare(self, cond: list, uncond: list | None) -> list | tuple[list, list]:
         """The batched [cond | uncond] K/V, or the pair for two forwards."""
@@ -43,7 +51,9 @@ class ClassifierFreeGuidance(Guidance):
             raise ConfigError("guidance=cfg needs the negative prompt's context")
         return _batch_context(cond, uncond) if self.batched else (cond, uncond)
 
-    def predict(self, forward: ForwardFn, x, t, prepared, index: int) -> torch.Tensor:
+    def predict(
+        self, forward: ForwardFn, x, t, prepared, index: int, expert: int = 0
+    ) -> torch.Tensor:
         if self.batched:
             flow = forward(torch.cat([x, x]), torch.cat([t, t]), prepared)
             cond, uncond = flow.chunk(2, dim=0)
@@ -51,4 +61,4 @@ class ClassifierFreeGuidance(Guidance):
             # clone: a replayed CUDA graph returns the same static output buffer twice
             cond = forward(x, t, prepared[0]).clone()
             uncond = forward(x, t, prepared[1])
-        return uncond + self.scale * (cond - uncond)
+        return uncond + self.scales[expert] * (cond - uncond)

@@ -314,6 +314,8 @@ def wan22_vae_key_to_diffusers(key: str) -> str:
         resnet = int(m[2]) // 2
         return key if tail is None else f"{m[1]}.mid_block.resnets.{resnet}.{tail}"
     return _rename(key, _VAE_TOP_LEVEL, reverse=False) or key
+
+
 # LingBot-World camera branch: release names (Wan original scheme + camera modules) →
 # flashdreams names (``flashdreams.model.camera``). Top-level, then the part after ``blocks.N.``.
 _LINGBOT_TOP_LEVEL: tuple[tuple[str, str], ...] = (

@@ -36,10 +36,16 @@ class FewStepFlowScheduler(Scheduler):
         integer_timesteps: feed the model the (warped) timesteps truncated to integers while
             the update keeps the exact sigmas, as samplers built on Wan's UniPC grid do (its
             timesteps are int64; LingBot-World-Fast).
+        boundary: two-expert models distilled by FastVideo (CausalWan2.2 A14B): sigma of the
+            expert boundary. A step at ``s >= boundary`` (high-noise expert) moves to the
+            boundary, ``x_b = x_t - (s - b) v``, and re-noises with the Gaussian bridge from
+            the boundary, ``a x_b + sqrt(s'^2 - (a b)^2) eps'`` with ``a = (1 - s') / (1 - b)``;
+            the last high-noise step hands ``x_b`` to the low-noise expert without noise.
+            None: every step re-noises from x0.
     """
 
     def __init__(self, timesteps: Sequence[float], shift: float = 5.0, warp: bool = True,
-                 integer_timesteps: bool = False):  # fmt: skip
+                 integer_timesteps: bool = False, boundary: float | None = None) -> None:  # fmt: skip
         ts = [float(t) for t in timesteps]
         if not ts:
             raise ConfigError("scheduler.timesteps must list at least one timestep")
@@ -51,14 +57,26 @@ class FewStepFlowScheduler(Scheduler):
         self.sigmas = [t / 1000.0 for t in exact]  # noise level of each step
         self.timesteps = [float(math.floor(t)) for t in exact] if integer_timesteps else exact
         self.num_steps = len(self.timesteps)
+        if boundary is not None and not 0.0 < boundary < 1.0:
+            raise ConfigError(f"scheduler.boundary={boundary} must be in (0, 1) (or null)")
+        self.boundary = boundary
 
     def begin_block(self, device: torch.device) -> torch.Tensor:
         return torch.tensor(self.timesteps, dtype=torch.float32, device=device)
 
     def step(self, flow, x, index, noise_fn: NoiseFn):
         sigma = self.sigmas[index]
+        last = index + 1 == self.num_steps
+        b = self.boundary
+        if b is not None and sigma >= b and not last:  # high-noise expert: bridge
+            x_b = x.float() - (sigma - b) * flow.float()
+            nxt = self.sigmas[index + 1]
+            if nxt < b:
+                return x_b
+            a = (1.0 - nxt) / (1.0 - b)
+            return a * x_b + max(nxt**2 - (a * b) ** 2, 0.0) ** 0.5 * noise_fn(tuple(x.shape))
         x0 = x.float() - sigma * flow.float()
-        if index + 1 == self.num_steps:
+        if last:
             return x0
         nxt = self.sigmas[index + 1]
         return (1.0 - nxt) * x0 + nxt * noise_fn(tuple(x.shape))

@@ -54,9 +54,19 @@ def replay(rollout, blocks: list[Block], resident: set[int], ctx) -> None:
 
     Each contiguous run of resident frames of a block is one forward at the commit timestep
     (``rollout.context_noise``; 0 for an I2V prefix), without fresh noise, with the
-    conditioner's extra input channels of those frames.
+    conditioner's extra input channels of those frames. A two-expert model (Wan 2.2 A14B)
+    replays once per expert, each into its own cache.
     """
-    r, cache = rollout, rollout.cache
+    experts = getattr(rollout.cache, "experts", None)  # ExpertKVCaches: one cache per expert
+    if experts is None:
+        _replay(rollout, rollout.cache, blocks, resident, ctx, {})
+        return
+    for e in getattr(rollout.model, "_orig_mod", rollout.model).commit_order():
+        _replay(rollout, experts[e], blocks, resident, ctx, {"expert": e})
+
+
+def _replay(rollout, cache, blocks: list[Block], resident: set[int], ctx, kwargs: dict) -> None:
+    r = rollout
     model = getattr(r.model, "_orig_mod", r.model)
     tpf, visible = cache.tokens_per_frame, []
     offset, conditioner = getattr(r, "frame_offset", 0), getattr(r, "conditioner", None)
