@@ -83,9 +83,9 @@ def _replay(rollout, cache, blocks: list[Block], resident: set[int], ctx, kwargs
             t = t.to(r.device).expand(r.batch_size, len(run))
             positions = torch.tensor(run, device=r.device)
             control = None if conditioner is None else conditioner.control(run[0], len(run))
-            kwargs = {} if control is None else {"control": control}  # camera rays of the frames
+            extra = kwargs if control is None else {**kwargs, "control": control}  # camera rays
             with _eager():
-                model(x.to(r.dtype), t, ctx, positions, view, **kwargs)
+                model(x.to(r.dtype), t, ctx, positions, view, **extra)
 
 
 def _contiguous_runs(frames: list[int]) -> list[list[int]]:

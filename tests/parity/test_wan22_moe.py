@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from flashdreams import Session
 from flashdreams.build import build_model, build_rollout
 from flashdreams.cache.full import FullKVCache
-from flashdreams.cli import _user_error
+from flashdreams.cli import user_error
 from flashdreams.graph.eager import EagerPolicy
 from flashdreams.io.image import load_image
 from flashdreams.io.keymap import wan_to_diffusers
@@ -225,7 +225,7 @@ class _RecordingPolicy(EagerPolicy):
         self.calls: list[tuple] = []
 
     def run(self, fn, *args, shape_key):
-        self.calls.append((shape_key, args[4]))
+        self.calls.append((shape_key, args[5]))  # (x, t, ctx, positions, control, expert)
         return fn(*args)
 
 
@@ -306,7 +306,7 @@ def test_bad_moe_setting_is_one_line_config_error(override, needle):
                        *override.split()])  # fmt: skip
     with pytest.raises(Exception) as info:
         build_rollout(cfg)
-    message = _user_error(info.value)
+    message = user_error(info.value)
     assert message is not None and needle in message and "\n" not in message
 
 
@@ -339,5 +339,5 @@ def test_both_expert_checkpoint_layouts_load(tmp_path, layout):
         build_model(compose_run(["model=wan22_t2v_a14b", *DIT,
                                  f"model.checkpoint={tmp_path / high}"]).model,
                     torch.device("cpu"), torch.float32, seed=0)  # fmt: skip
-    message = str(_user_error(info.value))
+    message = str(user_error(info.value))
     assert message.startswith("model.low_noise_checkpoint=null") and "\n" not in message
