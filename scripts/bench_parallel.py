@@ -30,13 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flashdreams.build import build_rollout  # noqa: E402
+from flashdreams.io.image import load_image  # noqa: E402
 from flashdreams.rollout import run_rollout  # noqa: E402
 from flashdreams.stats import summarize  # noqa: E402
 from tests.unit.test_config import compose_run  # noqa: E402
 
 
 def _run(overrides: list[str], prompt: str) -> tuple[dict, torch.Tensor]:
-    rollout = build_rollout(compose_run(overrides))
+    cfg = compose_run(overrides)
+    image = load_image(cfg.image) if cfg.image else None  # I2V / camera recipes
+    rollout = build_rollout(cfg)
     device = rollout.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -47,7 +50,9 @@ def _run(overrides: list[str], prompt: str) -> tuple[dict, torch.Tensor]:
         latents.append(out.latents.float().cpu())
 
     start = time.perf_counter()
-    warmup_s = run_rollout(rollout, [prompt], on_step, profile=True)
+    images = None if image is None else [image] * rollout.batch_size
+    warmup_s = run_rollout(rollout, [prompt] * rollout.batch_size, on_step, profile=True,
+                           images=images)  # fmt: skip
     total_s = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     summary = summarize(rows, warmup_s, peak, total_s)
