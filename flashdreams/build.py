@@ -6,6 +6,7 @@ Shared by ``flashdreams-run``, the benchmark harness and the streaming server.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -140,26 +141,60 @@ def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
                     "use graph=cuda_graph or graph=compile_cuda_graph", parallel.name)  # fmt: skip
     model = graph.prepare(model)
     offloader = BlockOffloader(model, device) if offload == "blocks" else None
-    vae = instantiate(cfg.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
     text_encoder = instantiate(cfg.text_encoder)
     if getattr(text_encoder, "text_dim", model.text_dim) != model.text_dim:
         raise ConfigError(
             f"text_encoder.text_dim={text_encoder.text_dim} does not match "
             f"model.text_dim={model.text_dim}"
         )
+    shared = SharedParts(model=model, text_encoder=text_encoder, guidance=guidance,
+                         image_encoder=image_encoder, parallel=parallel, precision=precision,
+                         offloader=offloader, device=device, dtype=dtype)  # fmt: skip
+    return assemble_rollout(cfg, shared, conditioner=conditioner, graph=graph, noise_fn=noise_fn)
+
+
+@dataclass
+class SharedParts:
+    """What rollouts of one recipe can share: the loaded weights and the run-wide policies."""
+
+    model: torch.nn.Module
+    text_encoder: object
+    guidance: object
+    image_encoder: object
+    parallel: object
+    precision: object
+    offloader: object
+    device: torch.device
+    dtype: torch.dtype
+
+
+def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, conditioner=None, graph=None,
+                     noise_fn: NoiseFn | None = None, total_blocks: int | None = None) -> Rollout:  # fmt: skip
+    """A ``Rollout`` around ``shared`` weights with its own cache, decoder, scheduler and state.
+
+    ``build_rollout`` calls it once; the server calls it per session (sharing one loaded model).
+    ``graph`` defaults to a fresh policy (the model was already prepared by the first one), and
+    ``total_blocks`` to the recipe's.
+    """
+    device, dtype, precision = shared.device, shared.dtype, shared.precision
+    if conditioner is None:
+        conditioner = instantiate(cfg.conditioner).to(device)
+    vae = instantiate(cfg.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
     r = cfg.rollout
     cache = instantiate(cfg.cache)
     if precision.kv_dtype is not None:
         cache = partial(cache, kv_dtype=precision.kv_dtype)
     rollout = Rollout(
-        model=model, scheduler=instantiate(cfg.scheduler), vae=vae, text_encoder=text_encoder,
-        cache_factory=parallel.cache_factory(cache),  # this rank's share
-        graph=graph, height=r.height, width=r.width,
-        frames_per_block=r.frames_per_block, total_blocks=r.total_blocks,
-        context_noise=r.context_noise, batch_size=r.batch_size, device=device, dtype=dtype,
-        seed=cfg.seed, noise_fn=noise_fn, guidance=guidance, image_encoder=image_encoder,
-        conditioner=conditioner, negative_prompt=cfg.negative_prompt,
+        model=shared.model, scheduler=instantiate(cfg.scheduler), vae=vae,
+        text_encoder=shared.text_encoder,
+        cache_factory=shared.parallel.cache_factory(cache),  # this rank's share
+        graph=graph if graph is not None else instantiate(cfg.graph), height=r.height,
+        width=r.width, frames_per_block=r.frames_per_block,
+        total_blocks=total_blocks or r.total_blocks, context_noise=r.context_noise,
+        batch_size=r.batch_size, device=device, dtype=dtype, seed=cfg.seed, noise_fn=noise_fn,
+        guidance=shared.guidance, image_encoder=shared.image_encoder, conditioner=conditioner,
+        negative_prompt=cfg.negative_prompt,
     )  # fmt: skip
-    rollout.parallel = parallel
-    rollout.precision, rollout.offloader = precision, offloader
+    rollout.parallel, rollout.shared = shared.parallel, shared
+    rollout.precision, rollout.offloader = precision, shared.offloader
     return rollout

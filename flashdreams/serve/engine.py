@@ -14,10 +14,9 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from flashdreams.build import build_rollout
+from flashdreams.build import assemble_rollout, build_rollout
 from flashdreams.rollout import Rollout
 from flashdreams.session import Session
 
@@ -31,21 +30,7 @@ def spawn_rollout(template: Rollout, cfg: DictConfig, total_blocks: int | None =
     state, scheduler, conditioner and graph-policy state. The model was already prepared
     (compiled) by the template's policy, so ``prepare`` does not run again.
     """
-    r = cfg.rollout
-    vae = instantiate(cfg.vae).to(device=template.device, dtype=template.dtype)
-    conditioner = instantiate(cfg.conditioner).to(template.device)
-    rollout = Rollout(
-        model=template.model, scheduler=instantiate(cfg.scheduler),
-        vae=vae.eval().requires_grad_(False), text_encoder=template.text_encoder,
-        cache_factory=instantiate(cfg.cache), graph=instantiate(cfg.graph), height=r.height,
-        width=r.width, frames_per_block=r.frames_per_block,
-        total_blocks=total_blocks or r.total_blocks, context_noise=r.context_noise,
-        batch_size=r.batch_size, device=template.device, dtype=template.dtype, seed=cfg.seed,
-        guidance=template.guidance, image_encoder=template.image_encoder,
-        conditioner=conditioner, negative_prompt=cfg.negative_prompt,
-    )  # fmt: skip
-    rollout.parallel = getattr(template, "parallel", None)
-    return rollout
+    return assemble_rollout(cfg, template.shared, total_blocks=total_blocks)
 
 
 class Engine:

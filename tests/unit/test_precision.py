@@ -166,3 +166,16 @@ def test_fp8_cache_write_read_by_slot_index():  # the path a prompt switch's rec
     k_got, v_got = cache.read(0, index[[2, 0]])
     torch.testing.assert_close(k_got, k[:, [2, 0]], rtol=E4M3_REL, atol=1e-2)
     torch.testing.assert_close(v_got, v[:, [2, 0]], rtol=E4M3_REL, atol=1e-2)
+
+
+def test_served_sessions_keep_the_fp8_kv_cache():
+    """The server's per-session rollouts are assembled like the job's (fp8 cache included)."""
+    from flashdreams.serve.engine import spawn_rollout
+
+    cfg = compose_run(["precision.kv_cache=fp8"])
+    template = build_rollout(cfg)
+    session = spawn_rollout(template, cfg, total_blocks=2)
+    assert session.model is template.model and session.cache is not template.cache
+    session.start(["a fox"])
+    session.step()
+    assert session.cache.k[0].dtype == FP8
