@@ -302,15 +302,18 @@ def _check_materialized(model: nn.Module) -> None:
 
 
 def _init_random(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+    """Allocate every tensor once, in its final dtype, then fill it from a CPU generator.
+
+    ``init_weights`` draws each tensor in fp32 on the CPU and ``copy_`` casts it into place, so
+    the device never holds an fp32 copy of the model (a 14B model: 28 GB in bf16, not 56 GB).
+    """
     keep = tuple(getattr(model, "_keep_fp32", ()))
-    model.to_empty(device=device)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        wanted = target_dtype(name, tensor, dtype, keep)
+        _set_tensor(model, name, torch.empty(tensor.shape, dtype=wanted, device=device))
     generator = torch.Generator().manual_seed(seed)  # CPU: same weights on every device
     with torch.no_grad():
         model.init_weights(generator)
-        for name, tensor in model.state_dict().items():
-            wanted = target_dtype(name, tensor, dtype, keep)
-            if tensor.dtype != wanted:
-                _set_tensor(model, name, tensor.to(wanted))
 
 
 def _assign(model: nn.Module, state: dict[str, torch.Tensor], device, dtype) -> None:

@@ -148,6 +148,9 @@ def test_random_init_seeded_and_cast():
     assert not torch.equal(first["blocks.0.ffn.0.weight"], other["blocks.0.ffn.0.weight"])
     assert first["blocks.0.ffn.0.weight"].dtype == torch.bfloat16
     assert first["blocks.0.modulation"].dtype == torch.float32
+    full = materialize(meta_model(), None, "cpu", torch.float32, seed=5).state_dict()
+    for name, tensor in first.items():  # drawn in fp32, cast straight into the final dtype
+        assert torch.equal(tensor, full[name].to(tensor.dtype)), name
 
 
 def test_mismatch_lists_keys(tmp_path, source):
