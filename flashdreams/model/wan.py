@@ -249,18 +249,22 @@ class WanDiT(nn.Module):
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
-        """Seeded random weights with the reference's init scales (for benchmarks and demos)."""
+        """Seeded random weights with the reference's init scales (for benchmarks and demos).
+
+        Draws happen on ``generator``'s device, in fp32, cast into each parameter's dtype.
+        """
+        on = generator.device
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
             elif p.ndim == 1:  # norm scales
                 p.fill_(1.0)
             elif "modulation" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) / self.dim**0.5)
+                p.copy_(torch.randn(p.shape, generator=generator, device=on) / self.dim**0.5)
             else:
                 fan_in = p[0].numel()
                 std = (2.0 / (fan_in + p.shape[0])) ** 0.5  # xavier-normal scale
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
+                p.copy_(torch.randn(p.shape, generator=generator, device=on) * std)
 
     # ---------------------------------------------------------------- conditioning
     def prepare_context(
