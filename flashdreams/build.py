@@ -110,6 +110,9 @@ def build_conditioning(cfg: DictConfig, device: torch.device) -> tuple:
     if needs_image and not cfg.image:
         raise ConfigError("image=null: this recipe conditions on an input image; "
                           "pass image=path/to/first_frame.png (PNG or JPEG)")  # fmt: skip
+    r = cfg.rollout  # the clip prepare() will see: prefix + every block (one if endless)
+    conditioner.check_frames(conditioner.num_prefix_frames
+                             + r.frames_per_block * (r.total_blocks or 1))  # fmt: skip
     if cfg.image and not (needs_image or conditioner.optional_image):
         log.warning("image=%s is ignored: this recipe does not condition on an image", cfg.image)
     return guidance, image_encoder, conditioner

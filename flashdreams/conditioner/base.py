@@ -52,6 +52,11 @@ class Conditioner(nn.Module):
     ) -> None:  # fmt: skip
         """Encode the clip's images (PIL, one per video) for a clip of ``num_frames`` latents."""
 
+    def check_frames(self, num_frames: int) -> object:
+        """Fail in one line, before any model loads, if a clip of ``num_frames`` latent frames
+        cannot be conditioned (e.g. a pose file too short); nothing to check by default."""
+        return None
+
     def prefix(self) -> torch.Tensor | None:
         """(B, C, num_prefix_frames, h, w) clean latents, or None."""
         return None

@@ -140,6 +140,18 @@ class CameraConditioner(Conditioner):
         """Latent-cadence poses of the file (all of them when the clip is shorter)."""
         if self.file_poses is None:
             return [torch.eye(4, dtype=torch.float64)]
+        usable = self.check_frames(num_frames)
+        targets = [self.tf * n for n in range((usable - 1) // self.tf + 1)]
+        return list(resample_poses(self.file_poses[:usable], targets))
+
+    def check_frames(self, num_frames: int) -> int:
+        """Fail in one line when the pose file is too short for ``num_frames`` latent frames.
+
+        Returns:
+            The usable video frames of the file (4n + 1), 0 without a file.
+        """
+        if self.file_poses is None:
+            return 0
         usable = (self.file_poses.shape[0] - 1) // self.tf * self.tf + 1  # 4n + 1 video frames
         latent = (usable - 1) // self.tf + 1
         if latent < num_frames:
@@ -148,8 +160,7 @@ class CameraConditioner(Conditioner):
                 f"latent frames, the run needs {num_frames} ({(num_frames - 1) * self.tf + 1} "
                 f"video frames); pass a longer trajectory or fewer rollout.total_blocks"
             )
-        targets = [self.tf * n for n in range(latent)]
-        return list(resample_poses(self.file_poses[:usable], targets))
+        return usable
 
     def channels(self, start: int, num: int) -> torch.Tensor | None:
         """The image conditioner's channels; frames past the prepared clip (endless streams)

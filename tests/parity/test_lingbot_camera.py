@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flashdreams import ConfigError
 from flashdreams.build import build_rollout
 from flashdreams.model.wan import WanDiT
 from tests.parity.test_framewise_chunkwise import TINY, TPF, _block_causal_mask, _generator_noise
@@ -131,3 +132,19 @@ def test_zero_camera_layers_reproduce_the_plain_i2v_model():
                 layer.weight.zero_()
                 layer.bias.zero_()
         assert torch.equal(cam(x, t, ctx, control=rays), base)
+
+
+def test_short_pose_file_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import flashdreams.build as build
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "first.png")
+    np.save(tmp_path / "poses.npy", trajectory(4 * 5 + 1, 0.05, 0.02))  # 6 latent frames
+    cfg = compose_run(["recipe=lingbot_world_fast", *TINY, *ENCODER, "rollout.total_blocks=3",
+                       f"image={tmp_path / 'first.png'}", f"poses={tmp_path / 'poses.npy'}"])  # fmt: skip
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was built before the pose file was checked")
+
+    monkeypatch.setattr(build, "build_model", no_loading)
+    with pytest.raises(ConfigError, match="cover 6 latent frames, the run needs 9"):
+        build.build_rollout(cfg)
