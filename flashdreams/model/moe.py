@@ -115,15 +115,31 @@ class WanMoE(nn.Module):
         """Record the run's device; under offload, keep only the high-noise expert there."""
         self.device = torch.device(device)
         if self.offload_idle_expert:
-            self.experts[LOW_NOISE].to("cpu")
-            self.experts[HIGH_NOISE].to(self.device)
+            self._host: dict[int, list[torch.Tensor]] = {}
+            self._move(LOW_NOISE, torch.device("cpu"))
+            self._move(HIGH_NOISE, self.device)
             self.resident = HIGH_NOISE
+
+    def _move(self, expert: int, device: torch.device) -> None:
+        """Point an expert's tensors at ``device``.
+
+        The weights never change during inference, so each expert keeps one host copy (pinned
+        when CUDA is present, for fast asynchronous uploads): leaving the device costs nothing,
+        arriving is one host-to-device copy per tensor on the current stream.
+        """
+        tensors = [*self.experts[expert].parameters(), *self.experts[expert].buffers()]
+        if expert not in self._host:
+            pin = torch.cuda.is_available()
+            self._host[expert] = [t.detach().to("cpu").pin_memory() if pin else
+                                  t.detach().to("cpu") for t in tensors]  # fmt: skip
+        for t, host in zip(tensors, self._host[expert], strict=True):
+            t.data = host if device.type == "cpu" else host.to(device, non_blocking=True)
 
     def _activate(self, expert: int) -> WanDiT:
         """The expert, moved onto the device first under offload (the other one leaves)."""
         if self.offload_idle_expert and expert != self.resident and self.device is not None:
-            self.experts[self.resident].to("cpu")
-            self.experts[expert].to(self.device)
+            self._move(self.resident, torch.device("cpu"))
+            self._move(expert, self.device)
             self.resident = expert
         return self.experts[expert]
 

@@ -56,3 +56,5 @@ def test_offload_keeps_one_expert_on_the_gpu():
     rollout.step()
     devices = [next(e.parameters()).device.type for e in moe.experts]
     assert devices.count("cuda") == 1 and devices[moe.resident] == "cuda"
+    idle = moe.experts[1 - moe.resident]
+    assert all(p.is_pinned() for p in idle.parameters())  # fast uploads, free evictions
