@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flashdreams import ConfigError
 from flashdreams.config import schema  # noqa: F401  (registers the structured configs)
@@ -27,6 +27,14 @@ GROUPS = ("model", "scheduler", "cache", "attention", "parallel", "graph", "vae"
 def group_options(group: str) -> list[str]:
     """YAML options available in a config group."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def groups_help() -> str:
+    """``group: options`` lines of ``--help`` (YAML options only, not the ``base_*`` schemas)."""
+    return "\n".join(f"{g}: {', '.join(group_options(g))}" for g in sorted(GROUPS))
+
+
+OmegaConf.register_new_resolver("fd_groups_help", groups_help, replace=True)
 
 
 def check_choices(argv: list[str]) -> None:

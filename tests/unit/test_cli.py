@@ -60,6 +60,8 @@ def test_help_lists_groups():
     proc = _run(["--help"], ".")
     for group in ("cache", "model", "recipe", "scheduler", "vae"):
         assert group in proc.stdout
+    assert "cache: full, none, rolling\n" in proc.stdout  # options, not the base_* schemas
+    assert "base_" not in proc.stdout.split("== Config ==")[0]
 
 
 @pytest.mark.parametrize(
