@@ -168,16 +168,18 @@ class Wan21StreamingDecoder(StreamingDecoder):
                 state = read_tensor_file(path)
             state = _decoder_side(state, int(arch["num_res_blocks"]))
         self.chunk_frames = int(chunk_frames)
-        self._latents_mean = tuple(float(v) for v in mean)
-        self._latents_std = tuple(float(v) for v in std)
-        if not len(self._latents_mean) == len(self._latents_std) == int(arch["z_dim"]):
-            raise ConfigError(
-                f"vae.z_dim={arch['z_dim']}: the latent mean/std have {len(self._latents_mean)} "
-                "channels (Wan 2.1: 16)"
-            )
-        self._stats: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._set_latent_stats(mean, std, int(arch["z_dim"]), "Wan 2.1: 16")
         self._build(state, source, seed, **arch)
         self.reset()
+
+    def _set_latent_stats(self, mean, std, z_dim: int, expected: str) -> None:
+        """Per-channel latent mean/std of the DiT's latent space (checked against ``z_dim``)."""
+        self._latents_mean = tuple(float(v) for v in mean)
+        self._latents_std = tuple(float(v) for v in std)
+        if not len(self._latents_mean) == len(self._latents_std) == z_dim:
+            raise ConfigError(f"vae.z_dim={z_dim}: the latent mean/std have "
+                              f"{len(self._latents_mean)} channels ({expected})")  # fmt: skip
+        self._stats: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _build(
         self,

@@ -30,7 +30,6 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 from torch import nn
 
-from flashdreams import ConfigError
 from flashdreams.io.checkpoint import CheckpointError, check_state_dict, resolve_path
 from flashdreams.io.keymap import wan22_vae_key_to_diffusers
 from flashdreams.vae.base import read_tensor_file
@@ -228,14 +227,7 @@ class Wan22StreamingDecoder(Wan21StreamingDecoder):
             arch["base_dim"] = config.get("decoder_base_dim") or config.get("base_dim", base_dim)
             mean, std = config.get("latents_mean", mean), config.get("latents_std", std)
         self.chunk_frames = int(chunk_frames)
-        self._latents_mean = tuple(float(v) for v in mean)
-        self._latents_std = tuple(float(v) for v in std)
-        if not len(self._latents_mean) == len(self._latents_std) == int(arch["z_dim"]):
-            raise ConfigError(
-                f"vae.z_dim={arch['z_dim']}: the latent mean/std have {len(self._latents_mean)} "
-                "channels (Wan 2.2: 48)"
-            )
-        self._stats: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._set_latent_stats(mean, std, int(arch["z_dim"]), "Wan 2.2: 48")
         self._build(state, source, seed, **arch)
         self.reset()
 
