@@ -56,11 +56,25 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+OOM_HINT = ("lower the footprint with text_encoder.offload=true, precision.kv_cache=fp8, a "
+            "shorter cache.window_frames, offload=blocks (graph=eager) or, for two-expert "
+            "models, model.offload_idle_expert=true")  # fmt: skip
+
+
 def user_error(err: BaseException) -> str | None:
-    """The one-line message of a user-fixable error (also when wrapped by instantiate)."""
+    """The one-line message of a user-fixable error (also when wrapped by instantiate).
+
+    Config and checkpoint errors carry their own line; running out of GPU memory is reported
+    with what the device said and the settings that shrink the run.
+    """
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
     while err is not None:
         if isinstance(err, ConfigError):
             return str(err)
+        if oom is not None and isinstance(err, oom):
+            said = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+            return f"out of GPU memory ({said.rstrip('.')}); {OOM_HINT}"
         err = err.__cause__ or err.__context__
     return None
 

@@ -93,3 +93,21 @@ def test_multirun_two_points_and_report(tmp_path):
     assert "cache.window_frames=3" in proc.stdout and "cache.window_frames=6" in proc.stdout
     assert (sweep / "report.csv").read_text().count("\n") == 3
     assert (sweep / "report.png").is_file()
+
+
+def test_out_of_memory_is_one_line_with_what_to_change():
+    import torch
+
+    from flashdreams.cli import user_error
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+    try:
+        try:
+            raise oom
+        except torch.OutOfMemoryError as err:
+            raise RuntimeError("while building the KV cache") from err  # e.g. wrapped by a part
+    except RuntimeError as wrapped:
+        message = user_error(wrapped)
+    assert message.startswith("out of GPU memory (CUDA out of memory")
+    assert "\n" not in message and "precision.kv_cache=fp8" in message
+    assert user_error(RuntimeError("a bug")) is None  # real bugs keep their traceback
