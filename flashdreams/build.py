@@ -196,7 +196,7 @@ def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, conditioner=None, 
         total_blocks=total_blocks or r.total_blocks, context_noise=r.context_noise,
         batch_size=r.batch_size, device=device, dtype=dtype, seed=cfg.seed, noise_fn=noise_fn,
         guidance=shared.guidance, image_encoder=shared.image_encoder, conditioner=conditioner,
-        negative_prompt=cfg.negative_prompt,
+        negative_prompt=cfg.negative_prompt, overlap_decode=r.get("overlap_decode", False),
     )  # fmt: skip
     rollout.parallel, rollout.shared = shared.parallel, shared
     rollout.precision, rollout.offloader = precision, shared.offloader

@@ -7,11 +7,18 @@ order, block-major then step-minor: for AR step i, first the block's initial noi
 fresh noise of each re-noising step in order, then (if ``context_noise > 0``) the commit's
 noise. A conditioner's prefix frames (I2V) draw none. ``noise_fn`` may be injected instead
 (parity against reference implementations).
+
+Overlapped decode (``overlap_decode``, CUDA only): the block's decode runs on a side stream,
+after the diffuse, while the commit forward runs on the current stream. The commit writes only
+the KV cache, never the latents the decode reads; the current stream waits for the decode
+before the frames leave ``step``. Step latency stays encode + diffuse + decode (the decode timed
+on its stream); the block period becomes the time from the step's start to both being done.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +37,8 @@ from flashdreams.text_encoder.base import TextEncoder
 from flashdreams.vae.base import StreamingDecoder
 
 NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
+log = logging.getLogger(__name__)
+_logged_cpu_overlap = False  # the CPU fallback of ``overlap_decode`` is logged once per process
 
 
 @dataclass
@@ -77,7 +86,7 @@ class Rollout:
         batch_size: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
         seed: int = 0, noise_fn: NoiseFn | None = None, guidance: Guidance | None = None,
         image_encoder: ImageEncoder | None = None, conditioner: Conditioner | None = None,
-        negative_prompt: str = "",
+        negative_prompt: str = "", overlap_decode: bool = False,
     ) -> None:  # fmt: skip
         self.model, self.scheduler, self.vae, self.text_encoder = (
             model,
@@ -102,6 +111,8 @@ class Rollout:
             raise ConfigError(f"rollout.frames_per_block={frames_per_block} must be >= 1")
         if total_blocks is not None and total_blocks < 1:
             raise ConfigError(f"rollout.total_blocks={total_blocks} must be >= 1 (or null)")
+        self.overlap_decode = self._check_overlap(overlap_decode)
+        self._side_stream = None  # the decode's stream under overlap_decode (made on first use)
         h, w = self.latent_hw
         _, ph, pw = model.patch_size
         total_frames = self.frame_offset + frames_per_block * (total_blocks or 1)
@@ -121,6 +132,19 @@ class Rollout:
         self._contexts: dict[tuple[str, ...], tuple] = {}
         self.prompts: list[str] = []
         self.step_index = 0
+
+    def _check_overlap(self, overlap_decode) -> bool:
+        """Whether the decode really overlaps the commit: asked for, and on CUDA."""
+        global _logged_cpu_overlap
+        if not isinstance(overlap_decode, bool):
+            raise ConfigError(f"rollout.overlap_decode={overlap_decode!r} must be true or false")
+        if overlap_decode and self.device.type != "cuda":
+            if not _logged_cpu_overlap:
+                _logged_cpu_overlap = True
+                log.info("rollout.overlap_decode=true: decode and commit run one after the "
+                         "other on %s (overlap needs CUDA streams)", self.device.type)  # fmt: skip
+            return False
+        return overlap_decode
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         factor = self.vae.spatial_factor * self.model.patch_size[1]
@@ -228,20 +252,56 @@ class Rollout:
 
         if prefix is not None:  # step 0 also emits the conditioner's clean prefix frames
             x0, start_frame = torch.cat([prefix.to(x0.dtype), x0], dim=2), 0
-        timer.start("decode")
-        frames = self.vae.decode_step(x0.to(self.dtype))
-        timer.stop()
-        timer.num_frames = 0 if frames is None else frames.shape[1]
-
         is_last = self.total_blocks is not None and i + 1 >= self.total_blocks
-        if self.cache is not None and not is_last:
-            timer.start("commit")
-            self._commit(x0[:, :, -fpb:], ctx, positions)
-            timer.stop()
+        commit = self.cache is not None and not is_last
+        decode_commit = self._overlapped if self.overlap_decode else self._sequential
+        frames = decode_commit(x0, ctx, positions, timer, commit)
+        timer.num_frames = 0 if frames is None else frames.shape[1]
         if sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step_index += 1
         return StepOutput(i, x0, frames, timer, start_frame)
+
+    def _sequential(self, x0, ctx, positions, timer: StepTimer, commit: bool):
+        """Decode the block, then commit its last ``frames_per_block`` frames; returns frames."""
+        timer.start("decode")
+        frames = self.vae.decode_step(x0.to(self.dtype))
+        timer.stop()
+        if commit:
+            timer.start("commit")
+            self._commit(x0[:, :, -self.frames_per_block :], ctx, positions)
+            timer.stop()
+        return frames
+
+    def _overlapped(self, x0, ctx, positions, timer: StepTimer, commit: bool):
+        """Decode on the side stream while the commit runs on the current one (CUDA).
+
+        Both start after the diffuse. The commit writes only the KV cache (its input is a read
+        of ``x0``, as is the decode's); the current stream waits for the decode before the
+        frames are returned, so every later use of them is ordered after it.
+        """
+        main = torch.cuda.current_stream(self.device)
+        if self._side_stream is None:  # high priority: the decode is on the visible path
+            self._side_stream = torch.cuda.Stream(self.device, priority=-1)
+        side = self._side_stream
+        latents = x0.to(self.dtype)  # (B, C, F, h, w), made on the current stream
+        side.wait_stream(main)  # the decode starts after the diffuse
+        with torch.cuda.stream(side):
+            latents.record_stream(side)  # its memory is not reused before the decode read it
+            timer.start("decode")  # events on the side stream: the decode's own time
+            frames = self.vae.decode_step(latents)
+            timer.stop()
+            decoded = torch.cuda.Event()
+            decoded.record(side)
+        if commit:
+            timer.start("commit")
+            self._commit(x0[:, :, -self.frames_per_block :], ctx, positions)
+            timer.stop()
+        main.wait_event(decoded)  # frames are complete for whatever the caller runs next
+        if frames is not None:
+            frames.record_stream(main)  # made on the side stream, freed after main's uses
+        timer.close_period()
+        return frames
 
     def _forward(self, x, t, ctx, positions, control=None, expert=None):
         extra = {} if control is None else {"control": control}  # camera-controlled models

@@ -52,6 +52,14 @@ class StepTimer:
         self.marks[stage] = (begin, _Mark(self.device))
         self._open = None
 
+    def close_period(self) -> None:
+        """Mark the end of the block period on the current stream, for stages that overlap
+        (decode on a side stream beside the commit): record it once the current stream has
+        waited for every stage. The period is then the time from the first stage's start to
+        this mark, not the sum of the stages."""
+        first = next(iter(self.marks.values()))[0]
+        self.marks["period"] = (first, _Mark(self.device))
+
     def resolve(self) -> dict[str, Any]:
         """Stage times of this step in ms, plus step latency and block period."""
         row: dict[str, Any] = {"step": self.step}
@@ -60,6 +68,8 @@ class StepTimer:
             row[f"{stage}_ms"] = pair[0].ms_until(pair[1]) if pair else 0.0
         row["step_ms"] = row["encode_ms"] + row["diffuse_ms"] + row["decode_ms"]
         row["period_ms"] = row["step_ms"] + row["commit_ms"]
+        if "period" in self.marks:  # overlapping stages: step start to all of them done
+            row["period_ms"] = self.marks["period"][0].ms_until(self.marks["period"][1])
         row["num_frames"] = self.num_frames
         return row
 

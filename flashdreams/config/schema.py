@@ -20,6 +20,7 @@ class RolloutConfig:
     total_blocks: int = 7  # AR steps
     context_noise: float = 0.0  # timestep of the commit forward
     batch_size: int = 1  # videos generated together
+    overlap_decode: bool = False  # CUDA: decode on a side stream, concurrent with the commit
 
 
 @dataclass

@@ -8,18 +8,28 @@ layer at once; streaming only needs, per MemBlock, the last input frame of the p
 Layer order (and so checkpoint key names ``decoder.<index>.*``) follows the reference network:
 Clamp, conv, ReLU, then three levels of [3 MemBlocks, 2x Upsample, TGrow, conv], then ReLU, conv.
 TAEHV consumes the DiT's (normalized) latents directly; it has no latent mean/std.
+
+With ``compile=True`` on CUDA the stateless part of a block's decode (latents + the carried
+MemBlock inputs -> frames + the new MemBlock inputs) runs through ``torch.compile`` with static
+shapes; the memory bookkeeping stays in Python. One compile per block shape (the first block,
+and the steady one when it differs), so it happens during the warm-up steps.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashdreams import ConfigError
 from flashdreams.io.checkpoint import check_state_dict, resolve_path
 from flashdreams.vae.base import StreamingDecoder, read_tensor_file
+
+log = logging.getLogger(__name__)
+_logged_cpu_fallback = False  # the CPU fallback of ``compile=True`` is logged once per process
 
 TIME_STRIDES = (1, 2, 2)  # TGrow stride per level for Wan 2.1: 1 latent frame -> 4 frames
 
@@ -95,6 +105,8 @@ class TAEHVDecoder(StreamingDecoder):
         channels: level widths (256, 128, 64, 64); smaller only for tests.
         latent_channels: latent channels (16 for Wan 2.1).
         seed: seed of the random weights when ``checkpoint`` is None.
+        compile: compile the per-block decode with ``torch.compile`` (CUDA only; on CPU it
+            logs one line and stays eager).
     """
 
     spatial_factor = 8
@@ -107,8 +119,13 @@ class TAEHVDecoder(StreamingDecoder):
         channels: Sequence[int] = (256, 128, 64, 64),
         latent_channels: int = 16,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(compile, bool):
+            raise ConfigError(f"vae.compile={compile!r} must be true or false")
+        self.compile = compile
+        self._compiled = None  # torch.compile of ``_stack``, built on the first CUDA decode
         self.latent_channels = int(latent_channels)
         if checkpoint is None:
             with torch.random.fork_rng(devices=[]):
@@ -148,31 +165,80 @@ class TAEHVDecoder(StreamingDecoder):
         self._memory: dict[int, torch.Tensor] = {}
         self._started = False
 
-    def _forward(self, x: torch.Tensor, memory: dict[int, torch.Tensor] | None) -> torch.Tensor:
-        """Run the stack on a run of consecutive latent frames.
+    def _stack(
+        self, x: torch.Tensor, pasts: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stateless decode of consecutive latent frames (what ``compile`` compiles).
 
         Args:
             x: (N, T, C, h, w) latent frames.
-            memory: per MemBlock index, its input frame just before ``x`` (absent = zeros, the
-                clip start); updated in place with the last frame. None = a whole clip.
+            pasts: per MemBlock in order, its input frame just before ``x`` (N, C', H', W').
 
         Returns:
-            (N, 4 T, 3, H, W) frames in [0, 1], untrimmed.
+            (N, 4 T, 3, H, W) untrimmed frames in [0, 1], and per MemBlock its last input frame.
         """
         n = x.shape[0]
         h = x.flatten(0, 1)  # (N*T, C, h, w)
-        for i, layer in enumerate(self.decoder):
+        lasts: list[torch.Tensor] = []
+        for layer in self.decoder:
             if not isinstance(layer, MemBlock):
                 h = layer(h)
                 continue
             frames = h.unflatten(0, (n, -1))  # (N, T', C, H, W)
-            prev = memory.get(i) if memory is not None else None
-            prev = torch.zeros_like(frames[:, :1]) if prev is None else prev.unsqueeze(1)
+            prev = pasts[len(lasts)].unsqueeze(1)  # (N, 1, C, H, W)
             past = torch.cat([prev, frames[:, :-1]], dim=1).flatten(0, 1)  # (N*T', C, H, W)
-            if memory is not None:
-                memory[i] = frames[:, -1].clone()  # (N, C, H, W)
+            # (N, C, H, W), contiguous as the clip start's zeros: one compiled graph for both
+            lasts.append(frames[:, -1].clone(memory_format=torch.contiguous_format))
             h = layer(h, past)
-        return h.unflatten(0, (n, -1)).clamp(0.0, 1.0)  # (N, 4T, 3, H, W)
+        return h.unflatten(0, (n, -1)).clamp(0.0, 1.0), lasts  # (N, 4T, 3, H, W)
+
+    def _memory_shapes(self, n: int, height: int, width: int) -> list[tuple[int, ...]]:
+        """(N, C, H, W) of each MemBlock's input for latents of size ``height`` x ``width``."""
+        shapes, c = [], self.latent_channels
+        for layer in self.decoder:
+            if isinstance(layer, MemBlock):
+                shapes.append((n, c, height, width))
+            elif isinstance(layer, nn.Upsample):
+                height, width = height * 2, width * 2
+            elif isinstance(layer, nn.Conv2d):
+                c = layer.out_channels
+        return shapes
+
+    def _forward(self, x: torch.Tensor, memory: dict[int, torch.Tensor] | None,
+                 stack=None) -> torch.Tensor:  # fmt: skip
+        """Run the stack on a run of consecutive latent frames.
+
+        Args:
+            x: (N, T, C, h, w) latent frames.
+            memory: per MemBlock number, its input frame just before ``x`` (absent = zeros, the
+                clip start); updated in place with the last frame. None = a whole clip.
+            stack: the stateless decode to run (``_stack`` or its compiled form).
+
+        Returns:
+            (N, 4 T, 3, H, W) frames in [0, 1], untrimmed.
+        """
+        memory = {} if memory is None else memory
+        shapes = self._memory_shapes(x.shape[0], x.shape[3], x.shape[4])
+        pasts = [memory[k] if k in memory else x.new_zeros(shape)
+                 for k, shape in enumerate(shapes)]  # fmt: skip
+        frames, lasts = (stack or self._stack)(x, pasts)
+        memory.update(enumerate(lasts))
+        return frames
+
+    def _stack_for(self, x: torch.Tensor):
+        """The decode of ``x``'s device: compiled on CUDA when ``compile`` is set, else eager."""
+        global _logged_cpu_fallback
+        if not self.compile:
+            return self._stack
+        if x.device.type != "cuda":
+            if not _logged_cpu_fallback:
+                _logged_cpu_fallback = True
+                log.info("vae.compile=true: TAEHV decode stays eager on %s (compiled on CUDA "
+                         "only)", x.device.type)  # fmt: skip
+            return self._stack
+        if self._compiled is None:
+            self._compiled = torch.compile(self._stack, dynamic=False, fullgraph=True)
+        return self._compiled
 
     def _as_frames(self, latents: torch.Tensor) -> torch.Tensor:
         dtype = self.decoder[1].weight.dtype
@@ -201,7 +267,8 @@ class TAEHVDecoder(StreamingDecoder):
             (B, T_out, 3, H, W) frames in [0, 1]; T_out = 1 + 4 (T - 1) on the first call of a
             clip, 4 T after.
         """
-        frames = self._forward(self._as_frames(latents), self._memory)
+        x = self._as_frames(latents)
+        frames = self._forward(x, self._memory, self._stack_for(x))
         if not self._started:
             self._started = True
             frames = frames[:, self.frames_to_trim :]
