@@ -130,7 +130,7 @@ def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
     graph = instantiate(cfg.graph)
     offload = cfg.get("offload", "none")
     check_offload(offload, graph.name)
-    if cfg.model.get("offload_idle_expert") and graph.name == "cuda_graph":  # before loading
+    if cfg.model.get("offload_idle_expert") and graph.name.endswith("cuda_graph"):  # before loading
         raise ConfigError("model.offload_idle_expert=true moves expert weights between forwards, "
                           "which captured CUDA graphs cannot follow; use graph=eager or compile")  # fmt: skip
     precision = instantiate(cfg.precision) if "precision" in cfg else Precision()

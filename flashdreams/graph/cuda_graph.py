@@ -86,6 +86,7 @@ class CudaGraphPolicy(GraphPolicy):
     def __init__(self, compile: bool = False, mode: str = "max-autotune-no-cudagraphs",
                  warmup: int = 2, precapture: bool = True) -> None:  # fmt: skip
         self.compile, self.mode, self.warmup, self.precapture = compile, mode, warmup, precapture
+        self.name = "compile_cuda_graph" if compile else "cuda_graph"  # the option's name
         self.graphs: dict[Hashable, _Captured] = {}
         self.pool = None
         self.stream: torch.cuda.Stream | None = None

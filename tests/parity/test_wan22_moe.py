@@ -298,6 +298,7 @@ def test_recipes_compose_with_reference_settings():
 @pytest.mark.parametrize("override,needle", [
     ("model.boundary=1.5", "model.boundary=1.5 must be in (0, 1)"),
     ("model.offload_idle_expert=true graph=cuda_graph", "model.offload_idle_expert=true"),
+    ("model.offload_idle_expert=true graph=compile_cuda_graph", "model.offload_idle_expert=true"),
     ("model.boundary=0", "model.boundary=0"),
     ("guidance.low_noise_scale=-1", "guidance.low_noise_scale=-1.0 must be >= 0"),
 ])  # fmt: skip

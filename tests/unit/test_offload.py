@@ -66,6 +66,8 @@ def test_offload_rejects_bad_settings_in_one_line():
         check_offload("disk", "eager")
     with pytest.raises(ConfigError, match="graph=cuda_graph"):
         build_rollout(compose_run(["offload=blocks", "graph=cuda_graph"]))
+    with pytest.raises(ConfigError, match="not graph=compile_cuda_graph "):  # the user's choice
+        build_rollout(compose_run(["offload=blocks", "graph=compile_cuda_graph"]))
 
 
 def test_memory_fraction_setting():
