@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ IMAGE = "image={image}"  # filled with a generated test picture
 
 # name -> (set, entry, overrides, what it measures)
 RUNS: dict[str, tuple[str, str, list[str], str]] = {
+    "gpu_tests": ("gpu", "pytest", ["tests/gpu"], "GPU correctness tests (policies, fp8, CP, MoE)"),
     "sf_bf16": ("gpu", "bench", SF, "Self-Forcing 1.3B reference workload, bf16"),
     "sf_fp8": ("gpu", "bench", [*SF, "precision=fp8"], "FP8 block GEMMs (target: -15 % step)"),
     "sf_fp8_kv": (
@@ -181,13 +183,15 @@ def command(name: str, out: Path, image: Path, tiny: bool, nproc: int) -> list[s
     _, entry, overrides, _ = RUNS[name]
     cap12 = 12e9 / _total_memory() if not tiny else 0.15
     args = [o.format(image=image, cap12=f"{cap12:.4f}") for o in overrides]
-    if entry != "parallel":
+    if entry in ("bench", "run"):
         args = [*RANDOM, *args]  # flashdreams-bench forces random DiT weights; decoders too
     if tiny:
         args = [a for a in args if not a.startswith(TINY_DROP)] + TINY
         args += [p for p, names in TINY_PARTS.items() if name.startswith(names)]
         if entry == "parallel":
             args = [a for a in args if not a.startswith("model=")]
+    if entry == "pytest":
+        return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *overrides]
     if entry == "parallel":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={nproc}", str(ROOT / "scripts" / "bench_parallel.py"),
@@ -211,6 +215,10 @@ def _gpus() -> int:
 
 def summarize(name: str, out: Path, entry: str) -> dict:
     """The DESIGN.md metrics a finished run wrote (stats.json / bench.json / bench_parallel)."""
+    if entry == "pytest":
+        lines = (out / f"{name}.log").read_text().splitlines()
+        counts = [ln for ln in lines if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
+        return {"result": counts[-1].strip("= ") if counts else "no pytest summary"}
     if entry == "parallel":
         record = json.loads((out / f"{name}.json").read_text())
         return {p: {k: v for k, v in s.items() if k != "steps"}
@@ -290,6 +298,9 @@ def _table(suite: dict) -> None:
         s = r.get("summary")
         if s is None:
             print(f"{name:18} {'failed':>9}  {r['error'][:80]}")
+            continue
+        if "result" in s:
+            print(f"{name:18} {s['result']}")
             continue
         rows = s.items() if "median_step_ms" not in s else [("", s)]
         for policy, m in rows:
