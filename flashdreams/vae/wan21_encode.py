@@ -90,7 +90,39 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, out
 
 
-class Wan21Encoder(nn.Module):
+class CausalChunkEncoder(nn.Module):
+    """What the Wan 2.1 and 2.2 VAE encoders share: latent stats, loading, causal chunking.
+
+    Subclasses build ``self.encoder`` (diffusers-style ``forward(x, feat_cache, feat_idx)``) and
+    ``self.quant_conv`` under :meth:`_build`, then call :meth:`_load`; :meth:`_encode_chunks`
+    runs the first frame alone, then chunks of ``temporal_factor`` frames through one per-conv
+    cache (as ``AutoencoderKLWan._encode``), and returns normalized posterior means.
+    """
+
+    def _set_stats(self, mean, std, temperal_downsample) -> None:
+        self.temporal_factor = 2 ** sum(bool(v) for v in temperal_downsample)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1, 1), persistent=False)
+
+    def _load(self, state: dict | None, checkpoint, dtype: str) -> None:
+        """Assign checkpoint tensors (the modules were built on meta) and cast to ``dtype``."""
+        if state is not None:
+            check_state_dict(self, state, str(checkpoint))
+            self.load_state_dict(state, assign=True)
+        self.to(as_dtype(dtype))
+        self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in self.encoder.modules())
+
+    def _encode_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) encoder input -> (B, z_dim, T', h, w) float32 normalized latents."""
+        cache, tf = [None] * self._num_convs, self.temporal_factor
+        chunks = [x[:, :, :1]] + list(x[:, :, 1:].split(tf, dim=2))
+        outs = [self.encoder(c, feat_cache=cache, feat_idx=[0]) for c in chunks if c.shape[2]]
+        moments = self.quant_conv(torch.cat(outs, dim=2)).float()
+        mu = moments[:, : self.mean.shape[1]]  # posterior mode
+        return (mu - self.mean.float()) / self.std.float()
+
+
+class Wan21Encoder(CausalChunkEncoder):
     """Encoder half of the Wan 2.1 VAE, returning normalized posterior means.
 
     Args:
@@ -125,9 +157,7 @@ class Wan21Encoder(nn.Module):
             raise ConfigError(f"vae encoder z_dim={arch['z_dim']} does not match its latent stats")
         z = int(arch["z_dim"])
         self.spatial_factor = 2 ** (len(arch["dim_mult"]) - 1)
-        self.temporal_factor = 2 ** sum(bool(v) for v in arch["temperal_downsample"])
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1, 1), persistent=False)
+        self._set_stats(mean, std, arch["temperal_downsample"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             with torch.device("meta" if state is not None else "cpu"):
@@ -137,11 +167,7 @@ class Wan21Encoder(nn.Module):
                     temperal_downsample=[bool(v) for v in arch["temperal_downsample"]],
                 )  # fmt: skip
                 self.quant_conv = WanCausalConv3d(2 * z, 2 * z, 1)
-        if state is not None:
-            check_state_dict(self, state, str(checkpoint))
-            self.load_state_dict(state, assign=True)
-        self.to(as_dtype(dtype))
-        self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in self.encoder.modules())
+        self._load(state, checkpoint, dtype)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -153,10 +179,4 @@ class Wan21Encoder(nn.Module):
         Returns:
             (B, z_dim, 1 + k, H / 8, W / 8) float32 latents in the DiT's space.
         """
-        x = video.to(self.quant_conv.weight.dtype)
-        cache, tf = [None] * self._num_convs, self.temporal_factor
-        chunks = [x[:, :, :1]] + list(x[:, :, 1:].split(tf, dim=2))
-        outs = [self.encoder(c, feat_cache=cache, feat_idx=[0]) for c in chunks if c.shape[2]]
-        moments = self.quant_conv(torch.cat(outs, dim=2)).float()
-        mu = moments[:, : self.mean.shape[1]]  # posterior mode
-        return (mu - self.mean.float()) / self.std.float()
+        return self._encode_chunks(video.to(self.quant_conv.weight.dtype))

@@ -23,7 +23,8 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 from torch import nn
 
 from flashdreams import ConfigError
-from flashdreams.io.checkpoint import as_dtype, check_state_dict, resolve_path
+from flashdreams.io.checkpoint import resolve_path
+from flashdreams.vae.wan21_encode import CausalChunkEncoder
 from flashdreams.vae.wan22 import (
     WAN22_LATENTS_MEAN,
     WAN22_LATENTS_STD,
@@ -84,7 +85,7 @@ class Wan22Encoder3d(nn.Module):
         return cached_conv(self.conv_out, F.silu(self.norm_out(x)), feat_cache, idx)
 
 
-class Wan22Encoder(nn.Module):
+class Wan22Encoder(CausalChunkEncoder):
     """Encoder half of the Wan 2.2 VAE, returning normalized posterior means.
 
     Args:
@@ -124,9 +125,7 @@ class Wan22Encoder(nn.Module):
             )
         self.patch_size = int(arch["patch_size"])
         self.spatial_factor = self.patch_size * 2 ** (len(arch["dim_mult"]) - 1)
-        self.temporal_factor = 2 ** sum(bool(v) for v in arch["temperal_downsample"])
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1, 1), persistent=False)
+        self._set_stats(mean, std, arch["temperal_downsample"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             with torch.device("meta" if state is not None else "cpu"):
@@ -136,11 +135,7 @@ class Wan22Encoder(nn.Module):
                     self.patch_size,
                 )  # fmt: skip
                 self.quant_conv = WanCausalConv3d(2 * z, 2 * z, 1)
-        if state is not None:
-            check_state_dict(self, state, str(checkpoint))
-            self.load_state_dict(state, assign=True)
-        self.to(as_dtype(dtype))
-        self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in self.encoder.modules())
+        self._load(state, checkpoint, dtype)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -153,10 +148,6 @@ class Wan22Encoder(nn.Module):
         Returns:
             (B, z_dim, 1 + k, H / 16, W / 16) float32 latents in the DiT's space.
         """
-        x = patchify(video.to(self.quant_conv.weight.dtype), self.patch_size)
-        cache, tf = [None] * self._num_convs, self.temporal_factor
-        chunks = [x[:, :, :1]] + list(x[:, :, 1:].split(tf, dim=2))
-        outs = [self.encoder(c, feat_cache=cache, feat_idx=[0]) for c in chunks if c.shape[2]]
-        moments = self.quant_conv(torch.cat(outs, dim=2)).float()
-        mu = moments[:, : self.mean.shape[1]]  # posterior mode
-        return (mu - self.mean.float()) / self.std.float()
+        return self._encode_chunks(
+            patchify(video.to(self.quant_conv.weight.dtype), self.patch_size)
+        )
