@@ -129,10 +129,7 @@ def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
     guidance, image_encoder, conditioner = build_conditioning(cfg, device)
     graph = instantiate(cfg.graph)
     offload = cfg.get("offload", "none")
-    check_offload(offload, graph.name)
-    if cfg.model.get("offload_idle_expert") and graph.name.endswith("cuda_graph"):  # before loading
-        raise ConfigError("model.offload_idle_expert=true moves expert weights between forwards, "
-                          "which captured CUDA graphs cannot follow; use graph=eager or compile")  # fmt: skip
+    check_offload(offload, graph.name, idle_expert=bool(cfg.model.get("offload_idle_expert")))
     precision = instantiate(cfg.precision) if "precision" in cfg else Precision()
     # offload=blocks loads on the CPU, so the full model never sits on the device
     model = build_model(cfg.model, torch.device("cpu") if offload == "blocks" else device,

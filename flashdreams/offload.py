@@ -35,8 +35,15 @@ OFFLOAD_MODES = ("none", "blocks")
 COMPATIBLE_GRAPHS = ("eager",)
 
 
-def check_offload(mode: str, graph_name: str) -> None:
-    """One-line ``ConfigError`` for an unknown mode or a graph policy it does not compose with."""
+def check_offload(mode: str, graph_name: str, idle_expert: bool = False) -> None:
+    """One-line ``ConfigError`` for an unknown mode or a graph policy it does not compose with.
+
+    ``idle_expert`` is ``model.offload_idle_expert`` (two-expert models), which moves weights
+    between forwards as well; checked here, before any weights load.
+    """
+    if idle_expert and graph_name.endswith("cuda_graph"):
+        raise ConfigError("model.offload_idle_expert=true moves expert weights between forwards, "
+                          "which captured CUDA graphs cannot follow; use graph=eager or compile")  # fmt: skip
     if mode not in OFFLOAD_MODES:
         raise ConfigError(f"offload={mode!r} is not one of: {', '.join(OFFLOAD_MODES)}")
     if mode == "blocks" and graph_name not in COMPATIBLE_GRAPHS:
