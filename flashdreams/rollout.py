@@ -88,12 +88,8 @@ class Rollout:
         image_encoder: ImageEncoder | None = None, conditioner: Conditioner | None = None,
         negative_prompt: str = "", overlap_decode: bool = False,
     ) -> None:  # fmt: skip
-        self.model, self.scheduler, self.vae, self.text_encoder = (
-            model,
-            scheduler,
-            vae,
-            text_encoder,
-        )
+        self.model, self.scheduler = model, scheduler
+        self.vae, self.text_encoder = vae, text_encoder
         self.graph = graph
         self.device, self.dtype = torch.device(device), dtype
         self.batch_size, self.frames_per_block = batch_size, frames_per_block

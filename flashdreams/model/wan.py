@@ -216,12 +216,8 @@ class WanDiT(nn.Module):
         super().__init__()
         self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
         self.head_dim = dim // num_heads
-        self.in_dim, self.out_dim, self.text_dim, self.text_len = (
-            in_dim,
-            out_dim,
-            text_dim,
-            text_len,
-        )
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.text_dim, self.text_len = text_dim, text_len
         self.freq_dim = freq_dim
         self.patch_size = tuple(patch_size)
         self.patch_embedding = nn.Conv3d(in_dim, dim, self.patch_size, stride=self.patch_size)
