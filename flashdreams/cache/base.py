@@ -107,12 +107,8 @@ class KVCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this block's K/V (B, L, H, D) and return the attended K/V (B, Lk, H, D)."""
-        if self.k_scale is not None:  # e4m3 storage: quantize on write, dequantize on read
-            self.write(layer, self.write_index, k, v)
-            return self.read(layer)
-        self.k[layer].index_copy_(1, self.write_index, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(1, self.write_index, v.to(self.v[layer].dtype))
-        return self.k[layer][:, : self.valid_tokens], self.v[layer][:, : self.valid_tokens]
+        self.write(layer, self.write_index, k, v)  # e4m3 storage: quantized here
+        return self.read(layer)  # the valid range (dequantized from e4m3)
 
     def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V (B, n, H, D) in the token slots ``index`` (n,) of ``layer``."""
