@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,8 +181,9 @@ TINY_PARTS = {"vae.base_dim=8": ("wan21_t2v", "wan21_i2v", "wan22", "causal_wan2
               "conditioner.image.encoder.num_res_blocks=1": ("lingbot",)}  # fmt: skip
 
 
-def command(name: str, out: Path, image: Path, tiny: bool, nproc: int) -> list[str]:
-    """The command line of run ``name`` (Hydra overrides filled in)."""
+def command(name: str, out: Path, image: Path, tiny: bool, nproc: int, key: str = "") -> list[str]:
+    """The command line of run ``name`` (Hydra overrides filled in), writing under ``key``."""
+    key = key or name
     _, entry, overrides, _ = RUNS[name]
     cap12 = 12e9 / _total_memory() if not tiny else 0.15
     args = [o.format(image=image, cap12=f"{cap12:.4f}") for o in overrides]
@@ -195,10 +199,10 @@ def command(name: str, out: Path, image: Path, tiny: bool, nproc: int) -> list[s
     if entry == "parallel":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={nproc}", str(ROOT / "scripts" / "bench_parallel.py"),
-                "--out", str(out / f"{name}.json"), "--", *args]  # fmt: skip
+                "--out", str(out / f"{key}.json"), "--", *args]  # fmt: skip
     main = {"bench": "bench_main", "run": "run_main"}[entry]
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from flashdreams.cli import {main}; {main}()"
-    return [sys.executable, "-c", code, *args, f"hydra.run.dir={out / name}"]
+    return [sys.executable, "-c", code, *args, f"hydra.run.dir={out / key}"]
 
 
 def _total_memory() -> float:
@@ -214,7 +218,7 @@ def _gpus() -> int:
 
 
 def summarize(name: str, out: Path, entry: str) -> dict:
-    """The DESIGN.md metrics a finished run wrote (stats.json / bench.json / bench_parallel)."""
+    """The DESIGN.md metrics a finished run ``name`` (its key) wrote (stats / bench / parallel)."""
     if entry == "pytest":
         lines = (out / f"{name}.log").read_text().splitlines()
         counts = [ln for ln in lines if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
@@ -233,54 +237,160 @@ def summarize(name: str, out: Path, entry: str) -> dict:
     return row
 
 
+@dataclass
+class Job:
+    key: str  # result name: the run's name, with _x<N> when several GPU counts are asked for
+    name: str
+    need: int  # GPUs it occupies
+    cmd: list[str]
+
+
+def jobs_for(names: list[str], out: Path, image: Path, tiny: bool, gpus: int,
+             nprocs: list[int]) -> list[Job]:  # fmt: skip
+    """One job per run, the multi-GPU runs once per GPU count (single-GPU runs need one GPU)."""
+    jobs = []
+    for n in names:
+        entry = RUNS[n][1]
+        if entry == "parallel":
+            for k in nprocs:
+                key = n if len(nprocs) == 1 else f"{n}_x{k}"
+                jobs.append(Job(key, n, k, command(n, out, image, tiny, k, key)))
+        else:  # tests/gpu holds a two-GPU context-parallel test
+            need = min(2, gpus) if entry == "pytest" else 1
+            jobs.append(Job(n, n, need, command(n, out, image, tiny, 2)))
+    return jobs
+
+
+def schedule(jobs: list[Job], out: Path, gpus: int, timeout: float, budget: float,
+             concurrent: bool = True) -> dict:
+    """Run ``jobs`` in order, each on its own free GPUs, up to ``gpus`` GPUs busy at once.
+
+    A job starts when the GPUs it needs are free (in list order, so a 4-GPU run is not starved by
+    later 1-GPU runs) and sees only its GPUs through ``CUDA_VISIBLE_DEVICES``. A job past
+    ``timeout`` seconds, or still running when the suite's ``budget`` ends, is killed and
+    recorded; ``suite.json`` is rewritten after every job, so a cut-short call keeps the rest.
+    """
+    suite_path, suite = out / "suite.json", {}
+    free, running, pending = list(range(gpus)), [], list(jobs)
+    t0 = time.perf_counter()
+
+    def finish(job, proc, ids, start, why=None):
+        free.extend(ids)
+        free.sort()
+        log = (out / f"{job.key}.log").read_text(errors="replace")
+        result = {"command": " ".join(job.cmd), "rc": proc.returncode if why is None else -1,
+                  "wall_s": round(time.perf_counter() - start, 1), "gpus": ids,
+                  "concurrent": concurrent}  # fmt: skip
+        if why is None and proc.returncode == 0:
+            try:
+                result["summary"] = summarize(job.key, out, RUNS[job.name][1])
+            except (OSError, ValueError, KeyError) as err:
+                result["error"] = f"finished but its results could not be read: {err}"
+        else:
+            lines = [ln for ln in log.strip().splitlines() if ln.strip()]
+            last = next((ln for ln in reversed(lines) if "error" in ln.lower()),
+                        lines[-1] if lines else "no output")  # fmt: skip
+            result["error"] = f"{why}; {last}" if why else last
+        if "error" in result:
+            print(f"   {job.key} failed: {result['error']}", flush=True)
+        else:
+            print(f"   {job.key} done in {result['wall_s']:.0f} s", flush=True)
+        suite[job.key] = result
+        suite_path.write_text(json.dumps(suite, indent=1))
+
+    while pending or running:
+        elapsed = time.perf_counter() - t0
+        while pending and elapsed < budget:
+            job = pending[0]
+            if job.need > gpus:
+                pending.pop(0)
+                suite[job.key] = {"command": " ".join(job.cmd), "rc": -1,
+                                  "error": f"needs {job.need} GPUs, --gpus is {gpus}"}  # fmt: skip
+                continue
+            if job.need > len(free):
+                break
+            ids, free[:] = free[: job.need], free[job.need :]
+            env = dict(os.environ)
+            if concurrent:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
+            print(f"== {job.key} on GPU {ids}: {RUNS[job.name][3]}", flush=True)
+            log = open(out / f"{job.key}.log", "w")  # noqa: SIM115 (closed in finish)
+            proc = subprocess.Popen(job.cmd, cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            running.append((job, proc, ids, time.perf_counter(), log))
+            pending.pop(0)
+        if elapsed >= budget:
+            for job in pending:
+                suite[job.key] = {"command": " ".join(job.cmd), "rc": -1,
+                                  "error": f"not started: the suite budget of {budget:.0f} s ran out"}  # fmt: skip
+            pending.clear()
+        for item in list(running):
+            job, proc, ids, start, log = item
+            why = None
+            if proc.poll() is None:
+                if time.perf_counter() - start > timeout:
+                    why = f"timed out after {timeout:.0f} s"
+                elif time.perf_counter() - t0 > budget:
+                    why = f"killed when the suite budget of {budget:.0f} s ran out"
+                else:
+                    continue
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.close()
+            running.remove(item)
+            finish(job, proc, ids, start, why)
+        time.sleep(0.2)
+    suite_path.write_text(json.dumps(suite, indent=1))
+    return suite
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="results folder (created)")
-    parser.add_argument("--set", default="gpu", choices=["gpu", "h200", "multi", "all"])
+    parser.add_argument("--set", default="gpu", help="gpu, h200, multi, all, or a comma list")
     parser.add_argument("--only", default="", help="comma-separated run names (any set)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (plumbing)")
     parser.add_argument("--list", action="store_true", help="print names and commands, run none")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="seconds for the whole suite: later runs are skipped, running ones killed")  # fmt: skip
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="run jobs side by side on this many GPUs (one GPU per 1-GPU run)")  # fmt: skip
+    parser.add_argument("--nproc", default="",
+                        help="comma-separated GPU counts for the multi runs (default: every GPU)")  # fmt: skip
     args = parser.parse_args()
+    sets = [x for x in args.set.split(",") if x]
+    bad_sets = [x for x in sets if x not in ("gpu", "h200", "multi", "all")]
+    if bad_sets:
+        parser.error(f"--set: unknown set(s) {', '.join(bad_sets)}; known: gpu, h200, multi, all")
     names = [n for n in args.only.split(",") if n] or [
-        n for n, (s, *_) in RUNS.items() if args.set in ("all", s)]  # fmt: skip
+        n for n, (s, *_) in RUNS.items() if "all" in sets or s in sets]  # fmt: skip
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         parser.error(f"--only: unknown run(s) {', '.join(unknown)}; known: {', '.join(RUNS)}")
+    try:
+        nprocs = [int(k) for k in args.nproc.split(",") if k] or [2 if args.tiny else _gpus()]
+    except ValueError:
+        parser.error(f"--nproc: expected GPU counts like 2,4, got {args.nproc!r}")
+    if args.gpus < 1 or min(nprocs) < 1:
+        parser.error("--gpus and --nproc need at least 1 GPU")
     out = (args.out or Path("bench_suite_out")).resolve()
     image = out / "first_frame.png"
     if args.list:
         for n in names:
-            print(f"{n:18} {RUNS[n][3]}\n    {' '.join(command(n, out, image, args.tiny, 2)[3:])}")
+            print(f"{n:18} {RUNS[n][3]}\n    {' '.join(command(n, out, image, args.tiny, nprocs[0])[3:])}")
         return
     if args.out is None:
         parser.error("--out is required to run")
     out.mkdir(parents=True, exist_ok=True)
     _write_image(image, 32 if args.tiny else 480, 32 if args.tiny else 832)
-    suite_path, suite = out / "suite.json", {}
-    nproc = 2 if args.tiny else _gpus()
-    for n in names:
-        entry = RUNS[n][1]
-        cmd = command(n, out, image, args.tiny, nproc)
-        print(f"== {n}: {RUNS[n][3]}", flush=True)
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                  timeout=args.timeout)  # fmt: skip
-            rc, log = proc.returncode, proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as err:
-            rc, log = -1, f"timed out after {args.timeout:.0f} s\n{err.stdout or ''}"
-        (out / f"{n}.log").write_text(log if isinstance(log, str) else str(log))
-        entry_result = {"command": " ".join(cmd), "rc": rc, "wall_s": time.perf_counter() - start}
-        if rc == 0:
-            entry_result["summary"] = summarize(n, out, entry)
-        else:
-            lines = [ln for ln in log.strip().splitlines() if ln.strip()]
-            entry_result["error"] = next((ln for ln in reversed(lines) if "error" in ln.lower()),
-                                         lines[-1] if lines else "no output")  # fmt: skip
-            print(f"   failed: {entry_result['error']}", flush=True)
-        suite[n] = entry_result
-        suite_path.write_text(json.dumps(suite, indent=1))
+    jobs = jobs_for(names, out, image, args.tiny, args.gpus, nprocs)
+    gpus = args.gpus
+    if gpus == 1:  # one job at a time, each seeing every GPU
+        gpus = max(j.need for j in jobs)
+        for j in jobs:
+            j.need = gpus
+    suite = schedule(jobs, out, gpus, args.timeout, args.budget, concurrent=args.gpus > 1)
     _table(suite)
 
 

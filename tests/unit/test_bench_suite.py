@@ -50,3 +50,27 @@ def test_tiny_suite_records_the_metrics(tmp_path):
     policies = suite["cp_14b"]["summary"]
     assert set(policies) == {"single", "ulysses", "ring"}
     assert policies["ring"]["rel_l2_vs_single"] <= 1e-5
+
+
+def test_schedule_spreads_runs_over_gpus_and_keeps_order(tmp_path):
+    """1-GPU jobs run side by side on their own GPU; a 2-GPU job waits for both; budget kills."""
+    sys.path.insert(0, str(SUITE.parent))
+    import bench_suite
+
+    def job(key, need, sleep):
+        code = ("import os, sys, time; print('gpus', os.environ['CUDA_VISIBLE_DEVICES'], "
+                f"time.time(), flush=True); time.sleep({sleep}); sys.exit(3)")  # fmt: skip
+        return bench_suite.Job(key, "sf_bf16", need, [sys.executable, "-c", code])
+
+    jobs = [job("a", 1, 1.5), job("b", 1, 1.5), job("both", 2, 0.1), job("slow", 2, 60),
+            job("never", 1, 0)]  # fmt: skip
+    suite = bench_suite.schedule(jobs, tmp_path, gpus=2, timeout=30, budget=6)
+    logs = {k: (tmp_path / f"{k}.log").read_text().split() for k in ("a", "b", "both", "slow")}
+    assert {logs["a"][1], logs["b"][1]} == {"0", "1"} and logs["both"][1] == "0,1"
+    start = {k: float(v[2]) for k, v in logs.items()}
+    assert abs(start["a"] - start["b"]) < 1.0  # side by side, not one after the other
+    assert start["both"] >= max(start["a"], start["b"]) + 1.0  # waited for both GPUs
+    assert suite["a"]["rc"] == 3 and suite["a"]["gpus"] in ([0], [1])
+    assert "suite budget" in suite["slow"]["error"] and suite["slow"]["rc"] == -1
+    assert "not started" in suite["never"]["error"]
+    assert json.loads((tmp_path / "suite.json").read_text()).keys() == suite.keys()
