@@ -43,8 +43,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, seed: int):
-    """Construct the DiT on the meta device and fill it (checkpoint or seeded random weights)."""
+def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, seed: int,
+                draw_on: torch.device | None = None):  # fmt: skip
+    """Construct the DiT on the meta device and fill it (checkpoint or seeded random weights).
+
+    ``draw_on``: the compute device when ``device`` is the CPU for offloading; random weights are
+    drawn there (the same weights as a resident run) when they fit (see ``materialize``).
+    """
     from flashdreams.io.checkpoint import materialize
 
     spec = OmegaConf.to_container(model_cfg, resolve=True)
@@ -62,7 +67,8 @@ def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype,
 
         model = materialize_experts(model, checkpoint, low_noise_checkpoint, device, dtype, seed)
     else:
-        model = materialize(model, checkpoint, device=device, dtype=dtype, seed=seed)
+        model = materialize(model, checkpoint, device=device, dtype=dtype, seed=seed,
+                            draw_on=draw_on)  # fmt: skip
     return model.eval().requires_grad_(False)
 
 
@@ -133,7 +139,7 @@ def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
     precision = instantiate(cfg.precision) if "precision" in cfg else Precision()
     # offload=blocks loads on the CPU, so the full model never sits on the device
     model = build_model(cfg.model, torch.device("cpu") if offload == "blocks" else device,
-                        dtype, cfg.seed)  # fmt: skip
+                        dtype, cfg.seed, draw_on=device)  # fmt: skip
     model = precision.apply(model, device)
     parallel.parallelize(model, instantiate(cfg.attention))
     if parallel.world_size > 1 and graph.name == "eager" and device.type == "cuda":

@@ -35,6 +35,9 @@ SF = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", *FAST]
 IMAGE_ENC = ["conditioner.encoder.checkpoint=null"]
 CLIP = ["image_encoder.checkpoint=null", "image_encoder.processor=null"]
 IMAGE = "image={image}"  # filled with a generated test picture
+# one-step (bidirectional) recipes: 3 prompts run as 3 clips, so the median step is a warm one
+# (the first clip compiles); time per denoising step = median diffuse / scheduler.num_steps
+CLIPS3 = "prompt_file={prompts}"
 
 # name -> (set, entry, overrides, what it measures)
 RUNS: dict[str, tuple[str, str, list[str], str]] = {
@@ -46,6 +49,25 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         "bench",
         [*SF, "precision=fp8", "precision.kv_cache=fp8"],
         "FP8 GEMMs + FP8 KV cache",
+    ),
+    "sf_fp8_exact_accum": (
+        "gpu",
+        "bench",
+        [*SF, "precision=fp8", "precision.fast_accum=false"],
+        "FP8 GEMMs with fp32-promoted accumulation (use_fast_accum=False)",
+    ),
+    "profile_bf16": (
+        "gpu",
+        "profile",
+        ["recipe=self_forcing_wan21_t2v_1_3b_taehv", "graph=compile", "attention=sdpa_cudnn"],
+        "kernel time of AR step 4 by op (compiled, no CUDA graphs so kernels are visible)",
+    ),
+    "profile_fp8": (
+        "gpu",
+        "profile",
+        ["recipe=self_forcing_wan21_t2v_1_3b_taehv", "graph=compile", "attention=sdpa_cudnn",
+         "precision=fp8"],
+        "kernel time of AR step 4 by op, FP8 GEMMs",
     ),
     "sf_fp8_quality": (
         "gpu",
@@ -79,8 +101,9 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
             "scheduler.num_steps=3",
             "graph=compile",
             "attention=sdpa_cudnn",
+            CLIPS3,
         ],
-        "bidirectional 1.3B, 3 CFG steps (diffuse / 3 = per step incl. compile)",
+        "bidirectional 1.3B, 3 CFG steps, 3 clips (median diffuse / 3 = one warm CFG step)",
     ),
     "wan21_i2v_14b": (
         "gpu",
@@ -93,8 +116,9 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
             *IMAGE_ENC,
             *CLIP,
             IMAGE,
+            CLIPS3,
         ],
-        "Wan2.1 I2V 14B 480p, 2 CFG steps (80 GB fit)",
+        "Wan2.1 I2V 14B 480p, 2 CFG steps, 3 clips (80 GB fit)",
     ),
     "wan22_ti2v_5b": (
         "gpu",
@@ -105,8 +129,9 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
             "graph=compile",
             "attention=sdpa_cudnn",
             *IMAGE_ENC,
+            CLIPS3,
         ],
-        "Wan2.2 TI2V-5B 704x1280, 2 CFG steps",
+        "Wan2.2 TI2V-5B 704x1280, 2 CFG steps, 3 clips",
     ),
     "lingbot_w15": (
         "gpu",
@@ -171,7 +196,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
 TINY = ["model.dim=64", "model.num_heads=4", "model.num_layers=2", "model.ffn_dim=128",
         "model.text_dim=32", "model.text_len=16", "device=cpu", "dtype=float32", "graph=eager",
         "attention=sdpa", "rollout.height=32", "rollout.width=32", "rollout.total_blocks=3"]  # fmt: skip
-TINY_DROP = ("graph=", "attention=", "precision=", "precision.kv_cache=", "bench.memory_fraction=",
+TINY_DROP = ("graph=", "attention=", "precision", "bench.memory_fraction=",
              "rollout.total_blocks=", "vae.compile=", "rollout.overlap_decode=", "quality=")  # fmt: skip
 TINY_PARTS = {"vae.base_dim=8": ("wan21_t2v", "wan21_i2v", "wan22", "causal_wan22"),
               "conditioner.encoder.base_dim=8": ("cf_i2v", "wan21_i2v", "causal_wan22", "wan22_ti2v"),
@@ -186,8 +211,9 @@ def command(name: str, out: Path, image: Path, tiny: bool, nproc: int, key: str 
     key = key or name
     _, entry, overrides, _ = RUNS[name]
     cap12 = 12e9 / _total_memory() if not tiny else 0.15
-    args = [o.format(image=image, cap12=f"{cap12:.4f}") for o in overrides]
-    if entry in ("bench", "run"):
+    prompts = image.with_name("prompts3.txt")
+    args = [o.format(image=image, cap12=f"{cap12:.4f}", prompts=prompts) for o in overrides]
+    if entry in ("bench", "run", "profile"):
         args = [*RANDOM, *args]  # flashdreams-bench forces random DiT weights; decoders too
     if tiny:
         args = [a for a in args if not a.startswith(TINY_DROP)] + TINY
@@ -196,6 +222,8 @@ def command(name: str, out: Path, image: Path, tiny: bool, nproc: int, key: str 
             args = [a for a in args if not a.startswith("model=")]
     if entry == "pytest":
         return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *overrides]
+    if entry == "profile":
+        return [sys.executable, str(ROOT / "scripts" / "profile_step.py"), *args]
     if entry == "parallel":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={nproc}", str(ROOT / "scripts" / "bench_parallel.py"),
@@ -219,6 +247,8 @@ def _gpus() -> int:
 
 def summarize(name: str, out: Path, entry: str) -> dict:
     """The DESIGN.md metrics a finished run ``name`` (its key) wrote (stats / bench / parallel)."""
+    if entry == "profile":
+        return {"result": f"kernel table in {name}.log"}
     if entry == "pytest":
         lines = (out / f"{name}.log").read_text().splitlines()
         counts = [ln for ln in lines if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
@@ -384,6 +414,9 @@ def main() -> None:
         parser.error("--out is required to run")
     out.mkdir(parents=True, exist_ok=True)
     _write_image(image, 32 if args.tiny else 480, 32 if args.tiny else 832)
+    image.with_name("prompts3.txt").write_text(
+        "a red fox running through fresh snow\na lighthouse in a storm at night\n"
+        "a busy street market seen from above\n")  # fmt: skip
     jobs = jobs_for(names, out, image, args.tiny, args.gpus, nprocs)
     gpus = args.gpus
     if gpus == 1:  # one job at a time, each seeing every GPU

@@ -20,7 +20,7 @@ def main(overrides: list[str]) -> None:
     rollout = build_rollout(cfg)
     rollout.start([cfg.prompt])
     rollout.precapture()
-    for _ in range(4):
+    for _ in range(min(4, rollout.total_blocks - 1)):  # profile step 4 (or the last one)
         rollout.step(sync=True)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         rollout.step(sync=True)

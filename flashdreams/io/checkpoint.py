@@ -320,6 +320,21 @@ def _init_random(model: nn.Module, device: torch.device, dtype: torch.dtype, see
         model.init_weights(generator)
 
 
+def _draw_device(model: nn.Module, device: torch.device, draw_on, dtype) -> torch.device:
+    """Where random weights are drawn: ``draw_on`` (a CUDA device) when they fit there."""
+    if draw_on is None or torch.device(draw_on) == device or torch.device(draw_on).type != "cuda":
+        return device
+    draw_on = torch.device(draw_on)
+    need = sum(t.numel() for t in model.state_dict(keep_vars=True).values()) * dtype.itemsize
+    free, _ = torch.cuda.mem_get_info(draw_on)
+    if need <= 0.9 * free:
+        return draw_on
+    log.warning("random weights drawn on the CPU (%.1f GiB do not fit in %.1f GiB free on %s): "
+                "they differ from the weights of a run resident on the GPU", need / 2**30,
+                free / 2**30, draw_on)  # fmt: skip
+    return device
+
+
 def _assign(model: nn.Module, state: dict[str, torch.Tensor], device, dtype) -> None:
     """Move checkpoint tensors into the model one by one, freeing each source as it goes."""
     keep = tuple(getattr(model, "_keep_fp32", ()))
@@ -335,6 +350,7 @@ def materialize(
     device: torch.device | str,
     dtype: torch.dtype | str,
     seed: int = 0,
+    draw_on: torch.device | str | None = None,
 ) -> nn.Module:
     """Give a model built under ``torch.device("meta")`` real weights, allocated once.
 
@@ -350,6 +366,10 @@ def materialize(
         device: where the weights live.
         dtype: compute dtype of the weights, e.g. ``torch.bfloat16`` or ``"bfloat16"``.
         seed: seed of the random weights (ignored with a checkpoint).
+        draw_on: the compute device when ``device`` is the CPU only as a staging place
+            (``offload=blocks``, an idle expert): random weights are drawn there, so they equal
+            a run resident on it, then moved to ``device``. When they do not fit in its free
+            memory they are drawn on ``device`` instead, with a log line saying so.
 
     Returns:
         The same module, materialized on ``device``.
@@ -359,7 +379,10 @@ def materialize(
     """
     device, dtype = torch.device(device), as_dtype(dtype)
     if checkpoint is None:
-        _init_random(model_on_meta, device, dtype, seed)
+        where = _draw_device(model_on_meta, device, draw_on, dtype)
+        _init_random(model_on_meta, where, dtype, seed)
+        if where != device:
+            model_on_meta.to(device)
     else:
         state = read_state_dict(resolve_path(checkpoint, DIT_PATTERNS))
         check_state_dict(model_on_meta, state, source=str(checkpoint))

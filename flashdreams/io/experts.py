@@ -56,11 +56,12 @@ def materialize_experts(model, checkpoint, low_noise_checkpoint, device: torch.d
     """Fill both experts of a meta-built ``WanMoE`` and place them (see ``WanMoE.place``).
 
     With ``model.offload_idle_expert`` the low-noise expert is loaded straight into CPU memory,
-    so the device never holds both. Random weights use ``seed`` and ``seed + 1``.
+    so the device never holds both checkpoints. Random weights use ``seed`` and ``seed + 1``,
+    drawn on ``device`` for both experts when they fit (the weights of a resident run).
     """
     specs = expert_checkpoints(checkpoint, low_noise_checkpoint)
     for i, (expert, spec) in enumerate(zip(model.experts, specs, strict=True)):
         where = torch.device("cpu") if model.offload_idle_expert and i > 0 else device
-        materialize(expert, spec, device=where, dtype=dtype, seed=seed + i)
+        materialize(expert, spec, device=where, dtype=dtype, seed=seed + i, draw_on=device)
     model.place(device)
     return model

@@ -102,10 +102,15 @@ class Fp8Linear(nn.Module):
         weight: (N, K) weight to quantize (its dtype is the compute dtype).
         bias: (N,) bias or None.
         backend: ``scaled_mm`` (FP8 tensor cores) or ``reference`` (dequantized fp32 matmul).
+        fast_accum: ``_scaled_mm``'s ``use_fast_accum`` (Hopper: accumulate in the tensor
+            cores' own precision instead of promoting partial sums to fp32 every few K-steps;
+            faster, slightly less exact; what torchao's float8 inference uses).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str,
+                 fast_accum: bool = True) -> None:  # fmt: skip
         super().__init__()
+        self.fast_accum = bool(fast_accum)
         if backend not in ("scaled_mm", "reference"):
             raise ValueError(f"Fp8Linear backend {backend!r} is not scaled_mm | reference")
         self.backend = backend
@@ -135,13 +140,15 @@ class Fp8Linear(nn.Module):
             out = torch._scaled_mm(
                 xq, self.qweight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                 bias=self.bias if fused_bias else None, out_dtype=out_dtype,
+                use_fast_accum=self.fast_accum,
             )  # fmt: skip
             if self.bias is not None and not fused_bias:
                 out = out + self.bias
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, backend={self.backend}"
+        accum = ", fast_accum" if self.fast_accum and self.backend == "scaled_mm" else ""
+        return f"in={self.in_features}, out={self.out_features}, backend={self.backend}{accum}"
 
 
 def quantizable(layer: nn.Linear) -> bool:
@@ -149,11 +156,11 @@ def quantizable(layer: nn.Linear) -> bool:
     return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
 
 
-def to_fp8(layer: nn.Linear, backend: str) -> nn.Module:
+def to_fp8(layer: nn.Linear, backend: str, fast_accum: bool = True) -> nn.Module:
     """An ``Fp8Linear`` replacing ``layer`` (or ``layer`` itself when its dims do not fit)."""
     if not quantizable(layer):
         return layer
-    return Fp8Linear(layer.weight, layer.bias, backend)
+    return Fp8Linear(layer.weight, layer.bias, backend, fast_accum)
 
 
 class Fp8RowSlice(nn.Module):
@@ -180,7 +187,7 @@ class Fp8RowSlice(nn.Module):
         return self._fused[0](x)[..., self.start : self.stop]
 
 
-def _fuse_qkv_fp8(attn: nn.Module, backend: str) -> bool:
+def _fuse_qkv_fp8(attn: nn.Module, backend: str, fast_accum: bool = True) -> bool:
     """Install one fused e4m3 QKV projection on a self-attention with q/k/v ``nn.Linear``s."""
     layers = [getattr(attn, name, None) for name in ("q", "k", "v")]
     if not hasattr(attn, "qkv") or not all(isinstance(x, nn.Linear) for x in layers):
@@ -188,7 +195,7 @@ def _fuse_qkv_fp8(attn: nn.Module, backend: str) -> bool:
     if not all(quantizable(x) for x in layers) or any(x.bias is None for x in layers):
         return False
     weight = torch.cat([x.weight for x in layers])  # (3N, K): per-row scales fuse exactly
-    fused = Fp8Linear(weight, torch.cat([x.bias for x in layers]), backend)
+    fused = Fp8Linear(weight, torch.cat([x.bias for x in layers]), backend, fast_accum)
     del weight
     attn.qkv_weight = attn.qkv_bias = None  # a bf16 fusion (compile) is superseded
     attn.qkv = fused
@@ -199,7 +206,7 @@ def _fuse_qkv_fp8(attn: nn.Module, backend: str) -> bool:
     return True
 
 
-def quantize_blocks(model: nn.Module, backend: str) -> int:
+def quantize_blocks(model: nn.Module, backend: str, fast_accum: bool = True) -> int:
     """Swap every ``nn.Linear`` inside ``blocks`` (of ``model`` or its sub-DiTs) for e4m3 ones.
 
     Self-attention q/k/v become one fused QKV GEMM. Everything outside the blocks (patch,
@@ -213,11 +220,11 @@ def quantize_blocks(model: nn.Module, backend: str) -> int:
     owners = [m for m in model.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
     for block in (b for owner in owners for b in owner.blocks):  # several DiTs (experts) too
         for _, module in list(block.named_modules()):
-            if _fuse_qkv_fp8(module, backend):
+            if _fuse_qkv_fp8(module, backend, fast_accum):
                 count += 3
             for child_name, child in list(module.named_children()):
                 if type(child) is nn.Linear and quantizable(child):
-                    setattr(module, child_name, to_fp8(child, backend))
+                    setattr(module, child_name, to_fp8(child, backend, fast_accum))
                     count += 1
     return count
 
@@ -232,13 +239,16 @@ class Fp8Precision(Precision):
     Args:
         kv_cache: ``null`` or ``fp8`` (see :class:`flashdreams.precision.base.Precision`).
         emulate: quantize even without FP8 GEMMs, computing with ``reference_scaled_mm``.
+        fast_accum: ``use_fast_accum`` of the FP8 GEMMs (see :class:`Fp8Linear`).
     """
 
     name = "fp8"
 
-    def __init__(self, kv_cache: str | None = None, emulate: bool = False) -> None:
+    def __init__(self, kv_cache: str | None = None, emulate: bool = False,
+                 fast_accum: bool = True) -> None:  # fmt: skip
         super().__init__(kv_cache)
         self.emulate = emulate
+        self.fast_accum = bool(fast_accum)
 
     def apply(self, model: nn.Module, device: torch.device) -> nn.Module:
         if fp8_supported(device):
@@ -252,8 +262,9 @@ class Fp8Precision(Precision):
                         str(dtype).removeprefix("torch."))  # fmt: skip
             self.effective = f"{str(dtype).removeprefix('torch.')} (fp8 unavailable)"
             return model
-        count = quantize_blocks(model, backend)
-        log.info("precision=fp8: %d block linears in e4m3 (%s)", count, backend)
+        count = quantize_blocks(model, backend, self.fast_accum)
+        log.info("precision=fp8: %d block linears in e4m3 (%s%s)", count, backend,
+                 ", fast accumulation" if self.fast_accum and backend == "scaled_mm" else "")  # fmt: skip
         self.effective = f"fp8 ({backend})"
         return model
 

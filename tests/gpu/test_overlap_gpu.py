@@ -81,6 +81,9 @@ def test_taehv_compiled_matches_eager():
     for block in latents.split(3, dim=2):
         a, b = compiled.decode_step(block).float(), eager.decode_step(block).float()
         assert a.shape == b.shape and b.std() > 0.05
+        # bf16 pixels in [-1, 1] (ulp 2^-8 near 1) after ~20 fused conv layers: a few ulp apart
+        # at the worst pixel, ~1e-3 relative overall (measured on H200: max 0.027)
         err = (a - b).abs().max().item()
-        assert err <= 2e-2, f"compiled TAEHV max abs error {err:.3g}"
+        rel = ((a - b).norm() / b.norm()).item()
+        assert err <= 5e-2 and rel <= 1e-2, f"compiled TAEHV max abs {err:.3g}, rel L2 {rel:.3g}"
     assert compiled._compiled is not None
