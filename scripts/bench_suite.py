@@ -50,6 +50,19 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         [*SF, "precision=fp8", "precision.kv_cache=fp8"],
         "FP8 GEMMs + FP8 KV cache",
     ),
+    "sf_fp8_all": (
+        "gpu",
+        "bench",
+        [*SF, "precision=fp8", "precision.min_out_features=0"],
+        "FP8 for every block linear, the narrow ones too",
+    ),
+    "sf_offload": (
+        "gpu",
+        "bench",
+        ["recipe=self_forcing_wan21_t2v_1_3b_taehv", "graph=eager", "attention=sdpa_cudnn",
+         "offload=blocks"],
+        "blocks streamed from pinned host memory (eager only)",
+    ),
     "sf_fp8_exact_accum": (
         "gpu",
         "bench",
@@ -144,6 +157,25 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         ],
         "LingBot-World-Fast 14B, window 15 + sink 3",
     ),
+    "lingbot_w15_80gb": (
+        "gpu",
+        "bench",
+        [
+            "recipe=lingbot_world_fast_taehv_window15_sink3",
+            *FAST,
+            "conditioner.image.encoder.checkpoint=null",
+            IMAGE,
+            "bench.memory_fraction={cap80}",
+        ],
+        "LingBot-World-Fast 14B, window 15 + sink 3, capped at 80 GB (one H100)",
+    ),
+    "causal_wan22_80gb": (
+        "gpu",
+        "bench",
+        ["recipe=causal_wan22_a14b_480p", *FAST, *IMAGE_ENC, IMAGE, "precision=fp8",
+         "precision.kv_cache=fp8", "bench.memory_fraction={cap80}"],
+        "causal Wan2.2 A14B, FP8 weights + FP8 KV caches, capped at 80 GB (one H100)",
+    ),
     "lingbot_w63": (
         "h200",
         "bench",
@@ -211,8 +243,10 @@ def command(name: str, out: Path, image: Path, tiny: bool, nproc: int, key: str 
     key = key or name
     _, entry, overrides, _ = RUNS[name]
     cap12 = 12e9 / _total_memory() if not tiny else 0.15
+    cap80 = min(1.0, 80e9 / _total_memory()) if not tiny else 0.9
     prompts = image.with_name("prompts3.txt")
-    args = [o.format(image=image, cap12=f"{cap12:.4f}", prompts=prompts) for o in overrides]
+    args = [o.format(image=image, cap12=f"{cap12:.4f}", cap80=f"{cap80:.4f}", prompts=prompts)
+            for o in overrides]  # fmt: skip
     if entry in ("bench", "run", "profile"):
         args = [*RANDOM, *args]  # flashdreams-bench forces random DiT weights; decoders too
     if tiny:

@@ -187,12 +187,15 @@ class Fp8RowSlice(nn.Module):
         return self._fused[0](x)[..., self.start : self.stop]
 
 
-def _fuse_qkv_fp8(attn: nn.Module, backend: str, fast_accum: bool = True) -> bool:
+def _fuse_qkv_fp8(attn: nn.Module, backend: str, fast_accum: bool = True,
+                  min_out_features: int = 0) -> bool:  # fmt: skip
     """Install one fused e4m3 QKV projection on a self-attention with q/k/v ``nn.Linear``s."""
     layers = [getattr(attn, name, None) for name in ("q", "k", "v")]
     if not hasattr(attn, "qkv") or not all(isinstance(x, nn.Linear) for x in layers):
         return False
     if not all(quantizable(x) for x in layers) or any(x.bias is None for x in layers):
+        return False
+    if sum(x.out_features for x in layers) < min_out_features:
         return False
     weight = torch.cat([x.weight for x in layers])  # (3N, K): per-row scales fuse exactly
     fused = Fp8Linear(weight, torch.cat([x.bias for x in layers]), backend, fast_accum)
@@ -206,12 +209,16 @@ def _fuse_qkv_fp8(attn: nn.Module, backend: str, fast_accum: bool = True) -> boo
     return True
 
 
-def quantize_blocks(model: nn.Module, backend: str, fast_accum: bool = True) -> int:
+def quantize_blocks(model: nn.Module, backend: str, fast_accum: bool = True,
+                    min_out_features: int = 0) -> int:  # fmt: skip
     """Swap every ``nn.Linear`` inside ``blocks`` (of ``model`` or its sub-DiTs) for e4m3 ones.
 
     Self-attention q/k/v become one fused QKV GEMM. Everything outside the blocks (patch,
     text and time embeddings, time projection, head) and every norm and modulation table
     stays in its dtype. Each bf16 weight is freed as soon as its e4m3 copy exists.
+
+    ``min_out_features``: linears with fewer outputs (the fused QKV counts its 3 x dim) stay in
+    bf16. A narrow GEMM saves less time in FP8 than quantizing its input per token costs.
 
     Returns:
         How many linears were swapped (the fused QKV counts as three).
@@ -220,10 +227,11 @@ def quantize_blocks(model: nn.Module, backend: str, fast_accum: bool = True) -> 
     owners = [m for m in model.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
     for block in (b for owner in owners for b in owner.blocks):  # several DiTs (experts) too
         for _, module in list(block.named_modules()):
-            if _fuse_qkv_fp8(module, backend, fast_accum):
+            if _fuse_qkv_fp8(module, backend, fast_accum, min_out_features):
                 count += 3
             for child_name, child in list(module.named_children()):
-                if type(child) is nn.Linear and quantizable(child):
+                wide = getattr(child, "out_features", 0) >= min_out_features
+                if type(child) is nn.Linear and quantizable(child) and wide:
                     setattr(module, child_name, to_fp8(child, backend, fast_accum))
                     count += 1
     return count
@@ -240,13 +248,15 @@ class Fp8Precision(Precision):
         kv_cache: ``null`` or ``fp8`` (see :class:`flashdreams.precision.base.Precision`).
         emulate: quantize even without FP8 GEMMs, computing with ``reference_scaled_mm``.
         fast_accum: ``use_fast_accum`` of the FP8 GEMMs (see :class:`Fp8Linear`).
+        min_out_features: block linears with fewer outputs stay bf16 (``quantize_blocks``).
     """
 
     name = "fp8"
 
     def __init__(self, kv_cache: str | None = None, emulate: bool = False,
-                 fast_accum: bool = True) -> None:  # fmt: skip
+                 fast_accum: bool = True, min_out_features: int = 0) -> None:  # fmt: skip
         super().__init__(kv_cache)
+        self.min_out_features = int(min_out_features)
         self.emulate = emulate
         self.fast_accum = bool(fast_accum)
 
@@ -262,7 +272,7 @@ class Fp8Precision(Precision):
                         str(dtype).removeprefix("torch."))  # fmt: skip
             self.effective = f"{str(dtype).removeprefix('torch.')} (fp8 unavailable)"
             return model
-        count = quantize_blocks(model, backend, self.fast_accum)
+        count = quantize_blocks(model, backend, self.fast_accum, self.min_out_features)
         log.info("precision=fp8: %d block linears in e4m3 (%s%s)", count, backend,
                  ", fast accumulation" if self.fast_accum and backend == "scaled_mm" else "")  # fmt: skip
         self.effective = f"fp8 ({backend})"

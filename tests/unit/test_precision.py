@@ -97,7 +97,8 @@ def test_fp8_falls_back_on_cpu_with_one_line(caplog, ref):
 
 
 def test_emulated_fp8_swaps_only_block_linears(ref):
-    got, rollout = _latents(["precision=fp8", "precision.emulate=true"])
+    got, rollout = _latents(["precision=fp8", "precision.emulate=true",
+                             "precision.min_out_features=0"])  # fmt: skip
     model = rollout.model
     fp8 = [n for n, m in model.named_modules() if isinstance(m, Fp8Linear)]
     assert len(fp8) == 8 * model.num_layers  # fused qkv, o, cross q/k/v/o, ffn x2
@@ -179,3 +180,18 @@ def test_served_sessions_keep_the_fp8_kv_cache():
     session.start(["a fox"])
     session.step()
     assert session.cache.k[0].dtype == FP8
+
+
+def test_min_out_features_keeps_narrow_linears_in_bf16():
+    """The recipe default: only GEMMs at least 3 x dim wide (fused QKV, FFN-up) go e4m3."""
+    _, rollout = _latents(["precision=fp8", "precision.emulate=true"])
+    model = rollout.model
+    threshold = rollout.precision.min_out_features
+    assert threshold == 3072  # the fp8.yaml default
+    _, rollout = _latents(["precision=fp8", "precision.emulate=true",
+                           f"precision.min_out_features={3 * model.dim}"])  # fmt: skip
+    fp8 = {n.split(".", 2)[2] for n, m in rollout.model.named_modules()
+           if isinstance(m, Fp8Linear)}  # fmt: skip
+    wide_ffn = {"ffn.0"} if rollout.model.blocks[0].ffn[0].out_features >= 3 * model.dim else set()
+    assert fp8 == {"self_attn.qkv", *wide_ffn}
+    assert isinstance(rollout.model.blocks[0].cross_attn.o, torch.nn.Linear)
