@@ -116,24 +116,47 @@ class WanMoE(nn.Module):
         self.device = torch.device(device)
         if self.offload_idle_expert:
             self._host: dict[int, list[torch.Tensor]] = {}
+            self._layout: dict[int, list] = {}
             self._move(LOW_NOISE, torch.device("cpu"))
             self._move(HIGH_NOISE, self.device)
             self.resident = HIGH_NOISE
+
+    def _tensors(self, expert: int) -> tuple[list[torch.Tensor], list[nn.Module]]:
+        """The tensors an expert owns, and its attentions with a fused QKV.
+
+        A fused QKV (``graph=compile`` fuses after loading) owns one (3 dim, dim) tensor and its
+        q/k/v weights are views of it: the fused tensor moves, and the views are re-pointed.
+        """
+        model = self.experts[expert]
+        fused = [m for m in model.modules() if getattr(m, "qkv_weight", None) is not None]
+        views = {id(t) for m in fused for layer in (m.q, m.k, m.v)
+                 for t in (layer.weight, layer.bias)}  # fmt: skip
+        tensors = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in views]
+        return tensors + [t for m in fused for t in (m.qkv_weight, m.qkv_bias)], fused
 
     def _move(self, expert: int, device: torch.device) -> None:
         """Point an expert's tensors at ``device``.
 
         The weights never change during inference, so each expert keeps one host copy (pinned
         when CUDA is present, for fast asynchronous uploads): leaving the device costs nothing,
-        arriving is one host-to-device copy per tensor on the current stream.
+        arriving is one host-to-device copy per tensor on the current stream. The host copy is
+        taken again when the expert's tensors changed since (a fused QKV, FP8 layers).
         """
-        tensors = [*self.experts[expert].parameters(), *self.experts[expert].buffers()]
-        if expert not in self._host:
+        tensors, fused = self._tensors(expert)
+        layout = [(t.shape, t.dtype) for t in tensors]
+        if expert not in self._host or self._layout.get(expert) != layout:
             pin = torch.cuda.is_available()
             self._host[expert] = [t.detach().to("cpu").pin_memory() if pin else
                                   t.detach().to("cpu") for t in tensors]  # fmt: skip
+            self._layout[expert] = layout
         for t, host in zip(tensors, self._host[expert], strict=True):
             t.data = host if device.type == "cpu" else host.to(device, non_blocking=True)
+        for attn in fused:  # q/k/v: views of the moved fused tensors again
+            start = 0
+            for layer in (attn.q, attn.k, attn.v):
+                rows = slice(start, start + layer.out_features)
+                layer.weight.data, layer.bias.data = attn.qkv_weight[rows], attn.qkv_bias[rows]
+                start += layer.out_features
 
     def _activate(self, expert: int) -> WanDiT:
         """The expert, moved onto the device first under offload (the other one leaves)."""

@@ -58,3 +58,20 @@ def test_offload_keeps_one_expert_on_the_gpu():
     assert devices.count("cuda") == 1 and devices[moe.resident] == "cuda"
     idle = moe.experts[1 - moe.resident]
     assert all(p.is_pinned() for p in idle.parameters())  # fast uploads, free evictions
+
+
+@pytest.mark.parametrize("reference,overrides", [
+    (["graph=eager", "precision.kv_cache=fp8"], ["graph=cuda_graph", "precision.kv_cache=fp8"]),
+    (["graph=eager", "precision=fp8", "precision.min_out_features=0"],
+     ["graph=compile_cuda_graph", "precision=fp8", "precision.min_out_features=0",
+      "precision.kv_cache=fp8"]),
+    (["graph=eager"], ["graph=compile", "model.offload_idle_expert=true"]),
+])  # fmt: skip
+def test_moe_precision_and_offload_compose_with_graphs(reference, overrides):
+    """FP8 weights / KV caches under captured graphs, and idle-expert moves of a fused QKV."""
+    want, got = _latents(reference), _latents(overrides)
+    for block, (a, b) in enumerate(zip(got, want, strict=True)):
+        rel = ((a - b).norm() / b.norm()).item()
+        fp8_kv_only_here = "precision.kv_cache=fp8" in set(overrides) - set(reference)
+        bound = 6e-2 if fp8_kv_only_here else 2e-2  # e4m3 K/V against bf16 K/V
+        assert rel <= bound, f"block {block}: relative error {rel:.3g} for {overrides}"

@@ -342,3 +342,27 @@ def test_both_expert_checkpoint_layouts_load(tmp_path, layout):
                     torch.device("cpu"), torch.float32, seed=0)  # fmt: skip
     message = str(user_error(info.value))
     assert message.startswith("model.low_noise_checkpoint=null") and "\n" not in message
+
+
+def test_idle_expert_move_follows_a_fused_qkv():
+    """graph=compile fuses q/k/v after the experts are placed: a move installs the fused tensor
+    (the one the forward reads) from the host copy, and q/k/v become views of it again."""
+    cfg = compose_run(["model=wan22_t2v_a14b", *DIT, "model.offload_idle_expert=true"])
+    moe = build_model(cfg.model, torch.device("cpu"), torch.float32, seed=0)
+    for expert in moe.experts:
+        for block in expert.blocks:
+            block.self_attn.fuse_qkv()
+    moe._move(1, torch.device("cpu"))  # the layout changed: host copies are taken again
+    tensors, fused = moe._tensors(1)
+    assert len(fused) == len(moe.experts[1].blocks)
+    sa = fused[0]
+    index = next(i for i, t in enumerate(tensors) if t is sa.qkv_weight)
+    marked = moe._host[1][index] + 1.0  # a host copy the live weights do not hold yet
+    moe._host[1][index] = marked
+    moe._move(1, torch.device("cpu"))
+    torch.testing.assert_close(sa.qkv_weight, marked, rtol=0, atol=0)
+    dim = sa.q.weight.shape[0]
+    torch.testing.assert_close(sa.k.weight, marked[dim : 2 * dim], rtol=0, atol=0)
+    h = torch.randn(1, 5, sa.qkv_weight.shape[1])
+    q, k, v = sa.project(h)
+    torch.testing.assert_close(k, sa.k(h))  # fused GEMM and the q/k/v views agree
