@@ -68,6 +68,10 @@ class KVCache:
             self.k_scale = [torch.ones(shape[:-1] + (1,), device=device) for _ in self.k]
             self.v_scale = [torch.ones(shape[:-1] + (1,), device=device) for _ in self.v]
         self.write_index = torch.zeros(0, dtype=torch.long, device=device)
+        # one index buffer per block length, kept for the cache's life: a captured graph bakes
+        # in the buffer's address, so a block of another length (an image frame committed
+        # before 3-frame blocks) must not replace the buffer the graph reads
+        self._index_buffers: dict[int, torch.Tensor] = {}
         self.valid_tokens = 0
         self.filled_frames = 0
 
@@ -95,9 +99,11 @@ class KVCache:
         tpf = self.tokens_per_frame
         idx = torch.tensor(slots, dtype=torch.long)[:, None] * tpf + torch.arange(tpf)[None]
         idx = idx.flatten().to(self.write_index.device, non_blocking=True)
-        if self.write_index.shape != idx.shape:
-            self.write_index = torch.empty_like(idx)
-        self.write_index.copy_(idx)
+        buffer = self._index_buffers.get(idx.numel())
+        if buffer is None:
+            buffer = self._index_buffers[idx.numel()] = torch.empty_like(idx)
+        buffer.copy_(idx)
+        self.write_index = buffer
         self.filled_frames = min(
             max(self.filled_frames, start_frame + num_frames), self.capacity_frames
         )

@@ -73,3 +73,20 @@ def test_rolling_window_smaller_than_block_is_a_clear_error():
 def test_positions_are_absolute_slots_wrap():
     cache = RollingKVCache(window_frames=4, sink_frames=1, total_frames=100, **DIMS)
     assert [cache.frame_slot(f) for f in range(8)] == [0, 1, 2, 3, 4, 1, 2, 3]
+
+
+def test_write_index_buffer_is_stable_per_block_length():
+    """A captured graph reads the cache's write-index tensor by address: an image frame
+    committed between 3-frame blocks must not replace the 3-frame buffer (it did, and a CUDA
+    graph then read freed memory: index_copy_ out of bounds at 14B size)."""
+    cache = RollingKVCache(window_frames=9, sink_frames=0, total_frames=100, **DIMS)
+    tpf = cache.tokens_per_frame
+    cache.begin_block(1, 3)
+    three = cache.write_index
+    cache.begin_block(0, 1)  # the image frame
+    one = cache.write_index
+    assert one is not three and one.numel() == tpf
+    cache.begin_block(4, 3)
+    assert cache.write_index is three  # same tensor, new contents
+    want = torch.cat([torch.arange(tpf) + cache.frame_slot(f) * tpf for f in range(4, 7)])
+    assert torch.equal(three, want)
