@@ -65,14 +65,15 @@ def measure_throughput(attention, heads: int, head_dim: int, q_tokens: int, kv_t
 
 
 def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame: int):
-    """Per-step floor (ms) of the diffuse stage: num_steps forwards at that step's KV length."""
+    """Per-step floor (ms) of the diffuse stage: num_steps forwards at that step's KV length
+    (two per step under classifier-free guidance, ``forwards_per_step`` in the stats header)."""
     r = cfg.rollout
     q = r.frames_per_block * tokens_per_frame
     window = cfg.cache.get("window_frames") if "window_frames" in cfg.cache else None
     sink = cfg.cache.get("sink_frames", 0) if window else 0
     num_steps = (
         len(cfg.scheduler.timesteps) if "timesteps" in cfg.scheduler else cfg.scheduler.num_steps
-    )
+    ) * stats.get("forwards_per_step", 1)
     rows = []
     for s in stats["steps"]:
         frames = (s["step"] + 1) * r.frames_per_block
@@ -160,8 +161,8 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
                                 memory_fraction=bench.get("memory_fraction"))  # fmt: skip
     if torch.cuda.is_available():
         m, r = cfg.model, cfg.rollout
-        hw = (r.height // 8, r.width // 8)
-        tpf = (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2])
+        hw = (r.height // 8, r.width // 8)  # the diffusers peer: Wan 2.1 VAE geometry
+        tpf = stats.get("tokens_per_frame") or (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2])
         attention = instantiate(cfg.attention)
         med_kv = min((2 + len(stats["steps"])) // 2 * r.frames_per_block, 21) * tpf
         tp = measure_throughput(attention, m.num_heads, m.dim // m.num_heads,

@@ -114,6 +114,9 @@ def run_job(cfg: DictConfig) -> int:
         "parallel": f"{rollout.parallel.name} x{rollout.parallel.world_size}",
         "precision": rollout.precision.effective, "offload": cfg.get("offload", "none"),
         "kv_cache": rollout.precision.kv_cache or "model dtype",
+        # the shape the benchmark floor counts: DiT tokens per latent frame, forwards per step
+        "tokens_per_frame": rollout.cache_tokens_per_frame(),
+        "forwards_per_step": 2 if rollout.guidance.needs_negative else 1,
     }  # fmt: skip
     logger = instantiate(cfg.logger) if is_main else None
     stats = RunStats(run_dir / "stats.json" if is_main else None, header)

@@ -109,15 +109,13 @@ class Rollout:
             raise ConfigError(f"rollout.total_blocks={total_blocks} must be >= 1 (or null)")
         self.overlap_decode = self._check_overlap(overlap_decode)
         self._side_stream = None  # the decode's stream under overlap_decode (made on first use)
-        h, w = self.latent_hw
-        _, ph, pw = model.patch_size
         total_frames = self.frame_offset + frames_per_block * (total_blocks or 1)
         build_cache = getattr(model, "build_cache", None)  # two-expert models: one per expert
         if build_cache is not None:
             cache_factory = functools.partial(build_cache, cache_factory)
         self.cache = cache_factory(
             num_layers=model.num_layers, num_heads=model.num_heads, head_dim=model.head_dim,
-            tokens_per_frame=(h // ph) * (w // pw), frames_per_block=frames_per_block,
+            tokens_per_frame=self.cache_tokens_per_frame(), frames_per_block=frames_per_block,
             total_frames=total_frames, batch_size=batch_size, device=self.device, dtype=dtype,
         )  # fmt: skip
         if self.cache is not None and self.guidance.needs_negative:
@@ -151,6 +149,11 @@ class Rollout:
                     f"(VAE factor {self.vae.spatial_factor} x patch {self.model.patch_size[1]})"
                 )
         return height // self.vae.spatial_factor, width // self.vae.spatial_factor
+
+    def cache_tokens_per_frame(self) -> int:
+        """DiT tokens per latent frame (after the VAE's and the patch's spatial factors)."""
+        (h, w), (_, ph, pw) = self.latent_hw, self.model.patch_size
+        return (h // ph) * (w // pw)
 
     # ------------------------------------------------------------------ session state
     def start(

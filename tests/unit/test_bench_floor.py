@@ -1,0 +1,42 @@
+"""The benchmark floor counts the FLOPs of the shape that really runs (VAE factor, CFG)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flashdreams.bench import forward_flops, step_floor
+from tests.unit.test_config import compose_run
+
+TINY = ["model.dim=64", "model.num_heads=4", "model.num_layers=2", "model.ffn_dim=128",
+        "model.text_dim=32", "model.text_len=16"]  # fmt: skip
+THROUGHPUT = {"matmul_tflops": 500.0, "attention_tflops": 250.0}
+
+
+def _floor(cfg, tokens_per_frame, forwards):
+    stats = {"steps": [{"step": 0}], "tokens_per_frame": tokens_per_frame,
+             "forwards_per_step": forwards}  # fmt: skip
+    return step_floor(cfg, stats, THROUGHPUT, tokens_per_frame)[0]
+
+
+def test_bidirectional_floor_counts_both_guidance_forwards():
+    cfg = compose_run(["recipe=wan21_t2v_1_3b_480p", "scheduler.num_steps=3", *TINY])
+    tpf = (480 // 8 // 2) * (832 // 8 // 2)
+    frames = cfg.rollout.frames_per_block
+    f = forward_flops(cfg.model, frames * tpf, frames * tpf)
+    one = (f["linear"] / 500.0 + f["attention"] / 250.0) / 1e9
+    assert _floor(cfg, tpf, 1)["floor_ms"] == pytest.approx(3 * one)
+    assert _floor(cfg, tpf, 2)["floor_ms"] == pytest.approx(6 * one)
+
+
+def test_tokens_per_frame_follow_the_vae_factor():
+    """Wan 2.2's VAE compresses 16x: a 704x1280 frame is 22 x 40 DiT tokens, not 44 x 80."""
+    from flashdreams.build import build_rollout
+
+    cfg = compose_run(["recipe=wan22_ti2v_5b_720p", *TINY, "device=cpu", "dtype=float32",
+                       "text_encoder=random", "vae.checkpoint=null", "vae.base_dim=8",
+                       "model.checkpoint=null", "rollout.height=64", "rollout.width=128",
+                       "conditioner.encoder.checkpoint=null", "conditioner.encoder.base_dim=8",
+                       "conditioner.encoder.num_res_blocks=1"])  # fmt: skip
+    rollout = build_rollout(cfg)
+    assert rollout.cache_tokens_per_frame() == (64 // 16 // 2) * (128 // 16 // 2)
+    assert rollout.guidance.needs_negative
