@@ -258,8 +258,9 @@ def command(name: str, out: Path, image: Path, tiny: bool, nproc: int, key: str 
     """The command line of run ``name`` (Hydra overrides filled in), writing under ``key``."""
     key = key or name
     _, entry, overrides, _ = RUNS[name]
-    cap12 = 12e9 / _total_memory() if not tiny else 0.15
-    cap80 = min(1.0, H100_BYTES / _total_memory()) if not tiny else 0.9
+    total = _total_memory()
+    cap12 = 12e9 / total if not tiny else 0.15
+    cap80 = min(1.0, H100_BYTES / total) if not tiny else 0.9
     prompts = image.with_name("prompts3.txt")
     args = [o.format(image=image, cap12=f"{cap12:.4f}", cap80=f"{cap80:.4f}", prompts=prompts)
             for o in overrides]  # fmt: skip
@@ -394,7 +395,7 @@ def schedule(jobs: list[Job], out: Path, gpus: int, timeout: float, budget: floa
             if concurrent:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
             print(f"== {job.key} on GPU {ids}: {RUNS[job.name][3]}", flush=True)
-            log = open(out / f"{job.key}.log", "w")  # noqa: SIM115 (closed in finish)
+            log = open(out / f"{job.key}.log", "w")  # noqa: SIM115 (closed when the job ends)
             proc = subprocess.Popen(job.cmd, cwd=ROOT, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
             running.append((job, proc, ids, time.perf_counter(), log))

@@ -322,9 +322,9 @@ def _init_random(model: nn.Module, device: torch.device, dtype: torch.dtype, see
 
 def _draw_device(model: nn.Module, device: torch.device, draw_on, dtype) -> torch.device:
     """Where random weights are drawn: ``draw_on`` (a CUDA device) when they fit there."""
-    if draw_on is None or torch.device(draw_on) == device or torch.device(draw_on).type != "cuda":
+    draw_on = None if draw_on is None else torch.device(draw_on)
+    if draw_on is None or draw_on == device or draw_on.type != "cuda":
         return device
-    draw_on = torch.device(draw_on)
     need = sum(t.numel() for t in model.state_dict(keep_vars=True).values()) * dtype.itemsize
     free, _ = torch.cuda.mem_get_info(draw_on)
     if need <= 0.9 * free:

@@ -129,7 +129,7 @@ class WanMoE(nn.Module):
         """
         model = self.experts[expert]
         fused = [m for m in model.modules() if getattr(m, "qkv_weight", None) is not None]
-        views = {id(t) for m in fused for layer in (m.q, m.k, m.v)
+        views = {id(t) for m in fused for layer, _ in m.qkv_rows()
                  for t in (layer.weight, layer.bias)}  # fmt: skip
         tensors = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in views]
         return tensors + [t for m in fused for t in (m.qkv_weight, m.qkv_bias)], fused
@@ -151,12 +151,8 @@ class WanMoE(nn.Module):
             self._layout[expert] = layout
         for t, host in zip(tensors, self._host[expert], strict=True):
             t.data = host if device.type == "cpu" else host.to(device, non_blocking=True)
-        for attn in fused:  # q/k/v: views of the moved fused tensors again
-            start = 0
-            for layer in (attn.q, attn.k, attn.v):
-                rows = slice(start, start + layer.out_features)
-                layer.weight.data, layer.bias.data = attn.qkv_weight[rows], attn.qkv_bias[rows]
-                start += layer.out_features
+        for attn in fused:
+            attn.repoint_qkv_views()
 
     def _activate(self, expert: int) -> WanDiT:
         """The expert, moved onto the device first under offload (the other one leaves)."""

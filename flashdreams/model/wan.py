@@ -54,10 +54,24 @@ class SelfAttention(nn.Module):
             return
         self.qkv_weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
         self.qkv_bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        for i, layer in enumerate((self.q, self.k, self.v)):
-            rows = slice(i * layer.out_features, (i + 1) * layer.out_features)
+        for layer, rows in self.qkv_rows():
             layer.weight = nn.Parameter(self.qkv_weight[rows], requires_grad=False)
             layer.bias = nn.Parameter(self.qkv_bias[rows], requires_grad=False)
+
+    def qkv_rows(self) -> list[tuple[nn.Linear, slice]]:
+        """q, k and v with their rows in the fused (3 dim, dim) projection."""
+        dim = self.q.out_features
+        layers = (self.q, self.k, self.v)
+        return [(layer, slice(i * dim, (i + 1) * dim)) for i, layer in enumerate(layers)]
+
+    @torch.no_grad()
+    def repoint_qkv_views(self) -> None:
+        """After the fused tensors moved (``.data`` swapped), make q/k/v views of them again.
+
+        Keeps the Parameter objects (compiled regions hold them), only their storage changes.
+        """
+        for layer, rows in self.qkv_rows():
+            layer.weight.data, layer.bias.data = self.qkv_weight[rows], self.qkv_bias[rows]
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections of (B, L, C) tokens: one GEMM once fused, else three."""

@@ -256,9 +256,9 @@ class Fp8Precision(Precision):
     def __init__(self, kv_cache: str | None = None, emulate: bool = False,
                  fast_accum: bool = True, min_out_features: int = 0) -> None:  # fmt: skip
         super().__init__(kv_cache)
-        self.min_out_features = int(min_out_features)
         self.emulate = emulate
         self.fast_accum = bool(fast_accum)
+        self.min_out_features = int(min_out_features)
 
     def apply(self, model: nn.Module, device: torch.device) -> nn.Module:
         if fp8_supported(device):
