@@ -163,7 +163,8 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         m, r = cfg.model, cfg.rollout
         hw = (r.height // 8, r.width // 8)  # the diffusers peer: Wan 2.1 VAE geometry
         tpf = stats.get("tokens_per_frame") or (
-            (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2]))  # stats from before the header had it
+            (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2])
+        )  # stats from before the header had it
         attention = instantiate(cfg.attention)
         med_kv = min((2 + len(stats["steps"])) // 2 * r.frames_per_block, 21) * tpf
         tp = measure_throughput(attention, m.num_heads, m.dim // m.num_heads,

@@ -1,7 +1,7 @@
 """``quality=true``: measure a run against a ``precision=bf16`` reference of the same config.
 
 The reference is built from the same config with ``precision=bf16`` (no FP8 GEMMs, no FP8 KV
-cache) and ``offload=none``, so it has the same seeded weights, the same prompt embeddings and
+cache), bf16 attention (``attention=cudnn_fp8`` becomes its SDPA fallback) and ``offload=none``, so it has the same seeded weights, the same prompt embeddings and
 the same noise draws (one generator seeded alike, drawn in the same order). After each AR step
 of the run, the reference runs the same step and we compare:
 
@@ -48,10 +48,18 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
     return PSNR_CAP_DB if mse <= 10 ** (-PSNR_CAP_DB / 10) else -10.0 * math.log10(mse)
 
 
+FP8_ATTENTION = "flashdreams.attention.cudnn_fp8.CudnnFp8Attention"
+
+
 def reference_config(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with ``precision=bf16`` (and its KV cache in the run's dtype), no offload."""
+    """``cfg`` with ``precision=bf16`` (and its KV cache in the run's dtype), no offload, and
+    FP8 attention replaced by the bf16 SDPA kernel it falls back to."""
     ref = copy.deepcopy(cfg)
     with open_dict(ref):
+        attention = ref.get("attention")
+        if attention is not None and attention.get("_target_") == FP8_ATTENTION:
+            ref.attention = {"_target_": "flashdreams.attention.sdpa.SdpaAttention",
+                             "backend": attention.get("fallback", "cudnn")}  # fmt: skip
         ref.precision = dict(REFERENCE_PRECISION)
         ref.offload = "none"
         ref.quality = False

@@ -17,6 +17,7 @@ on its stream); the block period becomes the time from the step's start to both 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -308,12 +309,23 @@ class Rollout:
             extra["expert"] = expert  # two-expert models only
         return self.model(x.to(self.dtype), t, ctx, positions, self.cache, **extra)
 
-    def _run(self, x, t, ctx, positions, control=None, expert=None):
-        """One forward under the graph policy; two-expert models get the named expert's K/V."""
+    def _run(self, x, t, ctx, positions, control=None, expert=None, commit=False):
+        """One forward under the graph policy; two-expert models get the named expert's K/V.
+
+        ``commit``: the forward that writes the block's clean K/V for later blocks; it runs
+        inside the attention's ``exact()`` (a reduced-precision backend's fallback kernel).
+        """
         if expert is not None:
             ctx = self.model.expert_context(ctx, expert)
-        return self.graph.run(self._forward, x, t, ctx, positions, control, expert,
-                              shape_key=self._shape_key(expert))  # fmt: skip
+        exact = commit and self._exact_commit
+        with self.model.attention.exact() if exact else contextlib.nullcontext():
+            return self.graph.run(self._forward, x, t, ctx, positions, control, expert,
+                                  shape_key=self._shape_key(expert, exact))  # fmt: skip
+
+    @property
+    def _exact_commit(self) -> bool:
+        """Whether commits compute differently from denoising forwards (own captured graphs)."""
+        return bool(getattr(getattr(self.model, "attention", None), "has_exact_mode", False))
 
     def set_control(self, control: dict | None) -> None:
         """Live control of the next step (keys, ...), handed to the conditioner."""
@@ -326,11 +338,12 @@ class Rollout:
     def _block_timestep(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(1, 1).expand(self.batch_size, self.frames_per_block)
 
-    def _shape_key(self, expert: int | None = None):
+    def _shape_key(self, expert: int | None = None, exact: bool = False):
         """What changes a forward's work besides its argument shapes: the valid KV length
-        (and, for two-expert models, the expert)."""
+        (and, for two-expert models, the expert; for an exact commit, that)."""
         key = 0 if self.cache is None else self.cache.valid_tokens
-        return key if expert is None else (key, expert)
+        key = key if expert is None else (key, expert)
+        return (key, "exact") if exact else key
 
     def _expert_plan(self, timesteps: torch.Tensor) -> list:
         """Expert of each denoising step (None for single-expert models)."""
@@ -386,7 +399,7 @@ class Rollout:
         x = self._model_input(prefix.float(), 0)
         control = self.conditioner.control(0, p)
         for e in self._all_experts():
-            self._run(x, t, ctx, positions, control, e)
+            self._run(x, t, ctx, positions, control, e, commit=True)
         return prefix
 
     def precapture(self) -> None:
@@ -416,6 +429,8 @@ class Rollout:
                 positions = torch.arange(start, start + self.frames_per_block, device=self.device)
                 for e in self._all_experts():
                     self._run(x, t, ctx, positions, control, e)
+                    if self._exact_commit and self.cache is not None:
+                        self._run(x, t, ctx, positions, control, e, commit=True)
         if self.cache is not None:
             self.cache.reset()
 
@@ -430,7 +445,7 @@ class Rollout:
         start = self._start_frame(self.step_index)
         x, control = self._model_input(x, start), self.conditioner.control(start, x.shape[2])
         for e in self._all_experts():  # every expert's cache gets this block's clean K/V
-            self._run(x, t, ctx, positions, control, e)
+            self._run(x, t, ctx, positions, control, e, commit=True)
 
 
 def run_rollout(rollout: Rollout, prompts: list[str], on_step: Callable[[StepOutput], None],

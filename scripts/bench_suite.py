@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RANDOM = ["model.checkpoint=null", "text_encoder=random", "vae.checkpoint=null"]
 FAST = ["graph=compile_cuda_graph", "attention=sdpa_cudnn"]
 SF = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", *FAST]
+# the same with FP8 attention (cuDNN FP8 SDPA) in place of SDPA-cuDNN
+SF_ATTN8 = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", "graph=compile_cuda_graph",
+            "attention=cudnn_fp8"]  # fmt: skip
 IMAGE_ENC = ["conditioner.encoder.checkpoint=null"]
 CLIP = ["image_encoder.checkpoint=null", "image_encoder.processor=null"]
 IMAGE = "image={image}"  # filled with a generated test picture
@@ -57,11 +60,76 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         [*SF, "precision=fp8", "precision.min_out_features=0"],
         "FP8 for every block linear, the narrow ones too",
     ),
+    "sf_fp8_attn": (
+        "gpu",
+        "bench",
+        [
+            *SF_ATTN8,
+            "precision=fp8",
+        ],
+        "FP8 GEMMs + FP8 attention (cuDNN FP8 SDPA, per-tensor scales)",
+    ),
+    "sf_fp8_attn_fp8_commit": (
+        "gpu",
+        "bench",
+        [
+            *SF_ATTN8,
+            "attention.exact_commit=false",
+            "precision=fp8",
+        ],
+        "FP8 GEMMs + FP8 attention in the commit too",
+    ),
+    "sf_fp8_attn_fp8_commit_quality": (
+        "gpu",
+        "run",
+        [
+            *SF_ATTN8,
+            "attention.exact_commit=false",
+            "precision=fp8",
+            "quality=true",
+            "profile=true",
+        ],
+        "FP8 attention in the commit too vs bf16: per-call cosine, frame PSNR",
+    ),
+    "sf_bf16_fp8_attn": (
+        "gpu",
+        "bench",
+        [
+            *SF_ATTN8,
+        ],
+        "bf16 GEMMs + FP8 attention",
+    ),
+    "sf_fp8_attn_quality": (
+        "gpu",
+        "run",
+        [
+            *SF_ATTN8,
+            "precision=fp8",
+            "quality=true",
+            "profile=true",
+        ],
+        "FP8 GEMMs + FP8 attention vs bf16: per-call cosine, frame PSNR",
+    ),
+    "profile_fp8_attn": (
+        "gpu",
+        "profile",
+        [
+            "recipe=self_forcing_wan21_t2v_1_3b_taehv",
+            "graph=compile",
+            "attention=cudnn_fp8",
+            "precision=fp8",
+        ],
+        "kernel time of AR step 4 by op, FP8 GEMMs + FP8 attention",
+    ),
     "sf_offload": (
         "gpu",
         "bench",
-        ["recipe=self_forcing_wan21_t2v_1_3b_taehv", "graph=eager", "attention=sdpa_cudnn",
-         "offload=blocks"],
+        [
+            "recipe=self_forcing_wan21_t2v_1_3b_taehv",
+            "graph=eager",
+            "attention=sdpa_cudnn",
+            "offload=blocks",
+        ],
         "blocks streamed from pinned host memory (eager only)",
     ),
     "sf_fp8_exact_accum": (
@@ -79,8 +147,12 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "profile_fp8": (
         "gpu",
         "profile",
-        ["recipe=self_forcing_wan21_t2v_1_3b_taehv", "graph=compile", "attention=sdpa_cudnn",
-         "precision=fp8"],
+        [
+            "recipe=self_forcing_wan21_t2v_1_3b_taehv",
+            "graph=compile",
+            "attention=sdpa_cudnn",
+            "precision=fp8",
+        ],
         "kernel time of AR step 4 by op, FP8 GEMMs",
     ),
     "sf_fp8_quality": (
@@ -173,23 +245,45 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "causal_wan22_80gb": (
         "gpu",
         "bench",
-        ["recipe=causal_wan22_a14b_480p", *FAST, *IMAGE_ENC, IMAGE, "precision=fp8",
-         "precision.kv_cache=fp8", "bench.memory_fraction={cap80}"],
+        [
+            "recipe=causal_wan22_a14b_480p",
+            *FAST,
+            *IMAGE_ENC,
+            IMAGE,
+            "precision=fp8",
+            "precision.kv_cache=fp8",
+            "bench.memory_fraction={cap80}",
+        ],
         "causal Wan2.2 A14B, FP8 weights + FP8 KV caches, capped at 80 GB (one H100)",
     ),
     "causal_wan22_80gb_compile": (
         "gpu",
         "bench",
-        ["recipe=causal_wan22_a14b_480p", "graph=compile", "attention=sdpa_cudnn", *IMAGE_ENC,
-         IMAGE, "precision=fp8", "precision.kv_cache=fp8", "bench.memory_fraction={cap80}"],
+        [
+            "recipe=causal_wan22_a14b_480p",
+            "graph=compile",
+            "attention=sdpa_cudnn",
+            *IMAGE_ENC,
+            IMAGE,
+            "precision=fp8",
+            "precision.kv_cache=fp8",
+            "bench.memory_fraction={cap80}",
+        ],
         "as causal_wan22_80gb without CUDA-graph memory pools",
     ),
     "causal_wan22_80gb_idle": (
         "gpu",
         "bench",
-        ["recipe=causal_wan22_a14b_480p", "graph=compile", "attention=sdpa_cudnn", *IMAGE_ENC,
-         IMAGE, "precision.kv_cache=fp8", "model.offload_idle_expert=true",
-         "bench.memory_fraction={cap80}"],
+        [
+            "recipe=causal_wan22_a14b_480p",
+            "graph=compile",
+            "attention=sdpa_cudnn",
+            *IMAGE_ENC,
+            IMAGE,
+            "precision.kv_cache=fp8",
+            "model.offload_idle_expert=true",
+            "bench.memory_fraction={cap80}",
+        ],
         "causal Wan2.2 A14B, bf16, idle expert in pinned host memory, FP8 KV, 80 GB cap",
     ),
     "lingbot_w63": (
@@ -342,8 +436,9 @@ def jobs_for(names: list[str], out: Path, image: Path, tiny: bool, gpus: int,
     return jobs
 
 
-def schedule(jobs: list[Job], out: Path, gpus: int, timeout: float, budget: float,
-             concurrent: bool = True) -> dict:
+def schedule(
+    jobs: list[Job], out: Path, gpus: int, timeout: float, budget: float, concurrent: bool = True
+) -> dict:
     """Run ``jobs`` in order, each on its own free GPUs, up to ``gpus`` GPUs busy at once.
 
     A job starts when the GPUs it needs are free (in list order, so a 4-GPU run is not starved by
@@ -459,7 +554,9 @@ def main() -> None:
     image = out / "first_frame.png"
     if args.list:
         for n in names:
-            print(f"{n:18} {RUNS[n][3]}\n    {' '.join(command(n, out, image, args.tiny, nprocs[0])[3:])}")
+            print(
+                f"{n:18} {RUNS[n][3]}\n    {' '.join(command(n, out, image, args.tiny, nprocs[0])[3:])}"
+            )
         return
     if args.out is None:
         parser.error("--out is required to run")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -13,6 +15,14 @@ class AttentionBackend:
     """
 
     name: str = "base"
+    #: whether ``exact()`` changes what calls compute; a graph policy then captures the forwards
+    #: run inside it (the KV-cache commit) apart from the others
+    has_exact_mode: bool = False
+
+    def exact(self) -> contextlib.AbstractContextManager:
+        """Calls inside run at the model's own precision (a reduced-precision backend's
+        fallback kernel); the rollout runs the commit, which writes the KV cache, inside."""
+        return contextlib.nullcontext()
 
     def __call__(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from flashdreams.precision.fp8 import FP8, dequantize, quantize_rowwise
+from flashdreams.precision.fp8_tensor import running_amax
 
 
 class KVCache:
@@ -35,6 +36,10 @@ class KVCache:
         dtype: dtype of the K/V that ``update`` returns (and of the buffers by default).
         kv_dtype: storage dtype of the buffers; ``torch.float8_e4m3fn`` stores e4m3 with one
             fp32 scale per (token, head), quantized on write and dequantized on read.
+        track_amax: keep, per layer, the largest |K| and |V| written since ``reset`` (one fp32
+            scalar each, updated on the device by every write) and hand it to attention as the
+            ``kv_amax`` attribute of the K/V that ``update`` returns. It bounds the valid
+            range's amax, so FP8 attention with per-tensor scales skips a pass over the cache.
     """
 
     capacity_frames: int
@@ -52,6 +57,7 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         kv_dtype: torch.dtype | None = None,
+        track_amax: bool = False,
     ) -> None:
         self.num_layers = num_layers
         self.tokens_per_frame = tokens_per_frame
@@ -67,6 +73,11 @@ class KVCache:
         if store == FP8:
             self.k_scale = [torch.ones(shape[:-1] + (1,), device=device) for _ in self.k]
             self.v_scale = [torch.ones(shape[:-1] + (1,), device=device) for _ in self.v]
+        self.k_amax: list[torch.Tensor] | None = None  # (1,) fp32 per layer with track_amax
+        self.v_amax: list[torch.Tensor] | None = None
+        if track_amax:
+            self.k_amax = [torch.zeros(1, device=device) for _ in range(num_layers)]
+            self.v_amax = [torch.zeros(1, device=device) for _ in range(num_layers)]
         self.write_index = torch.zeros(0, dtype=torch.long, device=device)
         # one index buffer per block length, kept for the cache's life: a captured graph bakes
         # in the buffer's address, so a block of another length (an image frame committed
@@ -87,6 +98,8 @@ class KVCache:
         """Forget all blocks (buffers keep their memory; contents become invalid)."""
         self.valid_tokens = 0
         self.filled_frames = 0
+        for amax in (self.k_amax or []) + (self.v_amax or []):
+            amax.zero_()  # in place: captured graphs keep reading these buffers
 
     @property
     def is_steady(self) -> bool:
@@ -114,10 +127,16 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this block's K/V (B, L, H, D) and return the attended K/V (B, Lk, H, D)."""
         self.write(layer, self.write_index, k, v)  # e4m3 storage: quantized here
-        return self.read(layer)  # the valid range (dequantized from e4m3)
+        k, v = self.read(layer)  # the valid range (dequantized from e4m3)
+        if self.k_amax is not None:
+            k.kv_amax, v.kv_amax = self.k_amax[layer], self.v_amax[layer]
+        return k, v
 
     def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V (B, n, H, D) in the token slots ``index`` (n,) of ``layer``."""
+        if self.k_amax is not None:
+            running_amax(self.k_amax[layer], k)
+            running_amax(self.v_amax[layer], v)
         for buffers, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             if scales is None:
                 buffers[layer].index_copy_(1, index, x.to(buffers[layer].dtype))

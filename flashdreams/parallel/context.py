@@ -267,6 +267,10 @@ class ContextParallelAttention(AttentionBackend):
         self.inner, self.hook = inner, hook
         self.name = f"{hook.policy.name}+{inner.name}"
         self.backend = getattr(inner, "backend", "auto")
+        self.has_exact_mode = inner.has_exact_mode
+
+    def exact(self):
+        return self.inner.exact()
 
     def __call__(self, q, k, v, mask=None):
         if k is not self.hook.marker:

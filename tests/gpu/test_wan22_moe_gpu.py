@@ -77,8 +77,9 @@ def test_moe_precision_and_offload_compose_with_graphs(reference, overrides):
         assert rel <= bound, f"block {block}: relative error {rel:.3g} for {overrides}"
 
 
-@pytest.mark.parametrize("overrides", [["graph=cuda_graph"],
-                                       ["graph=compile_cuda_graph", "precision.kv_cache=fp8"]])
+@pytest.mark.parametrize(
+    "overrides", [["graph=cuda_graph"], ["graph=compile_cuda_graph", "precision.kv_cache=fp8"]]
+)
 def test_image_commit_then_blocks_under_graphs(tmp_path, overrides):
     """Causal Wan2.2 I2V: a 1-frame image commit before 3-frame blocks (a different write
     length) must leave the captured 3-frame graphs reading live cache indices."""

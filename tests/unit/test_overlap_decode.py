@@ -34,7 +34,8 @@ def test_config_composes_with_both_knobs():
                        "rollout.overlap_decode=true", "vae.compile=true"])  # fmt: skip
     assert cfg.rollout.overlap_decode is True and cfg.vae.compile is True
     cfg = compose_run(["recipe=self_forcing_wan21_t2v_1_3b_taehv"])
-    assert cfg.rollout.overlap_decode is False and cfg.vae.compile is False
+    assert cfg.rollout.overlap_decode is False and cfg.vae.compile is True  # the recipe's speed
+    assert compose_run(["vae=taehv"]).vae.compile is False  # the decoder's own default
 
 
 def test_overlap_on_cpu_is_sequential_and_bit_identical(monkeypatch, caplog):

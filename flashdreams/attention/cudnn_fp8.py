@@ -1,0 +1,245 @@
+"""FP8 (e4m3) attention: the cuDNN frontend's FP8 SDPA with per-tensor scales (Hopper and newer).
+
+Scaling (what cuDNN's FP8 forward takes, one fp32 scale per tensor):
+    * Q, K, V: ``amax / 448`` each, measured on the device every call (no host sync);
+    * P (the softmax tile, in [0, 1] before normalization): a fixed scale of 448;
+    * O: a convex combination of V's rows, so ``|O| <= amax(V)``: O is written in e4m3 with V's
+      scale (Hopper's kernel only writes e4m3) and dequantized to the compute dtype.
+
+The optional ``nvidia-cudnn-frontend`` package (``pip install nvidia-cudnn-frontend``, which uses
+the cuDNN that PyTorch ships) runs the kernel. Without it, on CPU, on GPUs below sm90, for masked
+calls and for short key ranges (cross-attention to text, where quantizing costs more than FP8
+saves) the call goes to pinned SDPA, the first fallback of each kind logged once. ``emulate``
+runs the same e4m3 math in fp32 torch ops instead of SDPA (slow; for CPU tests and quality
+checks of the scheme).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import math
+
+import torch
+
+from flashdreams import ConfigError
+from flashdreams.attention.base import AttentionBackend
+from flashdreams.attention.sdpa import SdpaAttention
+from flashdreams.precision.fp8_tensor import (
+    FP8,
+    FP8_MAX,
+    dequantize_tensor,
+    kernels,
+    quantize_tensor,
+    quantize_tensor_device,
+)
+
+log = logging.getLogger(__name__)
+
+
+def reference_fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    o_fp8: bool = True,
+) -> torch.Tensor:
+    """The FP8 scheme in fp32 torch ops on (B, L, H, D): e4m3 Q/K/V and P, per-tensor scales.
+
+    ``o_fp8``: O rounded to e4m3 with V's scale (Hopper's kernel writes e4m3 O), else kept.
+    Returns (B, Lq, H, D) in q's dtype. What the cuDNN kernel computes up to accumulation order;
+    the emulation path and the GPU parity test use it.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    (qq, dq), (kq, dk), (vq, dv) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
+    qf = qq.float().transpose(1, 2) * dq  # (B, H, Lq, D)
+    kf = kq.float().transpose(1, 2) * dk
+    vf = vq.float().transpose(1, 2) * dv
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    p = torch.exp(s - s.amax(-1, keepdim=True))  # unnormalized tile values in [0, 1]
+    denom = p.sum(-1, keepdim=True)
+    p = (p * FP8_MAX).to(FP8).float() / FP8_MAX  # P in e4m3 at scale 448
+    o = (p @ vf) / denom
+    if o_fp8:
+        o = (o / dv).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * dv  # e4m3 with V's scale
+    return o.transpose(1, 2).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- cuDNN graphs
+def find_cudnn_frontend():
+    """The ``cudnn`` module of nvidia-cudnn-frontend, or None when it is not importable."""
+    try:
+        return importlib.import_module("cudnn")
+    except (ImportError, OSError, RuntimeError, AttributeError):
+        return None
+
+
+_CUDNN_DTYPES = {
+    torch.bfloat16: lambda cudnn: cudnn.data_type.BFLOAT16,
+    torch.float16: lambda cudnn: cudnn.data_type.HALF,
+}
+
+
+class _Fp8Plan:
+    """One built cuDNN FP8 SDPA graph for a (B, H, Lq, Lk, D) shape on one device."""
+
+    def __init__(self, cudnn, handle, shape_q, shape_k, scale: float, device,
+                 out_dtype: torch.dtype) -> None:  # fmt: skip
+        b, lq, h, d = shape_q
+        lk = shape_k[1]
+        e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+        graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32,
+                              compute_data_type=fp32, handle=handle)  # fmt: skip
+
+        def bshd(name, seq):  # logical (B, H, S, D) over (B, S, H, D) memory
+            return graph.tensor(name=name, dim=[b, h, seq, d],
+                                stride=[seq * h * d, d, h * d, 1], data_type=e4m3)  # fmt: skip
+
+        self.q, self.k, self.v = bshd("q", lq), bshd("k", lk), bshd("v", lk)
+        scalar = dict(dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=fp32)
+        self.dq, self.dk, self.dv, self.ds, self.ss, self.so = (
+            graph.tensor(name=n, **scalar) for n in ("dq", "dk", "dv", "ds", "ss", "so")
+        )
+        o, _, amax_s, amax_o = graph.sdpa_fp8(
+            q=self.q, k=self.k, v=self.v, descale_q=self.dq, descale_k=self.dk,
+            descale_v=self.dv, descale_s=self.ds, scale_s=self.ss, scale_o=self.so,
+            attn_scale=scale, use_causal_mask=False, generate_stats=False, name="sdpa_fp8",
+        )  # fmt: skip
+        o.set_output(True).set_dim([b, h, lq, d]).set_stride([lq * h * d, d, h * d, 1])
+        self.out_dtype = out_dtype  # e4m3 (dequantized by the caller) or the compute dtype
+        o.set_data_type(e4m3 if out_dtype == FP8 else _CUDNN_DTYPES[out_dtype](cudnn))
+        for t in (amax_s, amax_o):
+            t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(fp32)
+        self.o, self.amax_s, self.amax_o = o, amax_s, amax_o
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans()
+        self.graph, self.handle, self.cudnn = graph, handle, cudnn
+        self.workspace = torch.empty(graph.get_workspace_size(), device=device, dtype=torch.uint8)
+        self.amax_buf = torch.empty(2, 1, 1, 1, 1, device=device, dtype=torch.float32)
+        self.s_scale = torch.full((1, 1, 1, 1), FP8_MAX, device=device)
+        self.s_descale = torch.full((1, 1, 1, 1), 1.0 / FP8_MAX, device=device)
+        self.s_one = torch.ones((1, 1, 1, 1), device=device)
+        self.out_shape = (b, lq, h, d)
+
+    def run(self, q8, dq, k8, dk, v8, dv) -> torch.Tensor:
+        """O (B, Lq, H, D): e4m3 scaled by ``dv`` (V's descale), or already in ``out_dtype``."""
+        o8 = torch.empty(self.out_shape, device=q8.device, dtype=self.out_dtype)
+        scale_o = 1.0 / dv if self.out_dtype == FP8 else self.s_one  # e4m3 O takes V's scale
+        self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream().cuda_stream)
+        pack = {
+            self.q: q8, self.k: k8, self.v: v8, self.dq: dq, self.dk: dk, self.dv: dv,
+            self.ds: self.s_descale, self.ss: self.s_scale, self.so: scale_o, self.o: o8,
+            self.amax_s: self.amax_buf[0], self.amax_o: self.amax_buf[1],
+        }  # fmt: skip
+        self.graph.execute(pack, self.workspace, handle=self.handle)
+        return o8
+
+
+class CudnnFp8Attention(AttentionBackend):
+    """e4m3 attention through cuDNN's FP8 SDPA, with pinned SDPA as the clean fallback.
+
+    Args:
+        fallback: SDPA kernel of the calls FP8 does not take (auto | cudnn | flash | ...).
+        min_kv_tokens: calls with fewer keys use the fallback (text cross-attention: 512 keys).
+        exact_commit: the commit forward (clean K/V written to the cache for every later block)
+            attends with the fallback kernel, so FP8 error does not accumulate through the
+            cache; the denoising forwards, the step latency, stay FP8.
+        emulate: without the cuDNN path, run the e4m3 scheme as fp32 torch ops instead of SDPA.
+    """
+
+    wants_kv_amax = True  # a KV cache with track_amax saves the amax pass over K/V
+
+    def __init__(self, fallback: str = "cudnn", min_kv_tokens: int = 2048,
+                 exact_commit: bool = True, emulate: bool = False) -> None:  # fmt: skip
+        if int(min_kv_tokens) < 0:
+            raise ConfigError(f"attention.min_kv_tokens={min_kv_tokens} must be >= 0")
+        self.sdpa = SdpaAttention(fallback)
+        self.min_kv_tokens = int(min_kv_tokens)
+        self.has_exact_mode = bool(exact_commit)
+        self._exact = False
+        self.emulate = bool(emulate)
+        self._cudnn = find_cudnn_frontend()
+        self._handles: dict[int, object] = {}
+        self._plans: dict[tuple, _Fp8Plan | None] = {}
+        self._logged: set[str] = set()
+        self.name = "cudnn_fp8"
+        if self._cudnn is None:
+            self._once("missing", "attention=cudnn_fp8: nvidia-cudnn-frontend is not installed "
+                       "(pip install nvidia-cudnn-frontend); %s", self._fallback_words())  # fmt: skip
+
+    @contextlib.contextmanager
+    def exact(self):
+        if not self.has_exact_mode:
+            yield
+            return
+        self._exact, before = True, self._exact
+        try:
+            yield
+        finally:
+            self._exact = before
+
+    def _fallback_words(self) -> str:
+        return "emulating e4m3 in fp32" if self.emulate else f"using SDPA ({self.sdpa.backend})"
+
+    def _once(self, kind: str, msg: str, *args) -> None:
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.info(msg, *args)
+
+    def _kernel_ready(self, q: torch.Tensor) -> bool:
+        if self._cudnn is None or q.device.type != "cuda" or kernels() is None:
+            return False
+        if torch.cuda.get_device_capability(q.device) < (9, 0):
+            self._once("arch", "attention=cudnn_fp8: cuDNN FP8 attention needs sm90+ (%s); %s",
+                       torch.cuda.get_device_name(q.device), self._fallback_words())  # fmt: skip
+            return False
+        return q.shape[-1] % 16 == 0
+
+    def _plan(self, q: torch.Tensor, k: torch.Tensor) -> _Fp8Plan | None:
+        key = (q.device.index, tuple(q.shape), k.shape[1])
+        if key not in self._plans:
+            dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            if dev not in self._handles:
+                with torch.cuda.device(dev):
+                    self._handles[dev] = self._cudnn.create_handle()
+            self._plans[key], errors = None, []
+            # O in the compute dtype where the kernel writes it (Blackwell), else e4m3 (Hopper)
+            outs = [q.dtype, FP8] if q.dtype in _CUDNN_DTYPES else [FP8]
+            for out_dtype in outs:
+                try:
+                    with torch.cuda.device(dev):
+                        self._plans[key] = _Fp8Plan(
+                            self._cudnn, self._handles[dev], q.shape, k.shape,
+                            1.0 / math.sqrt(q.shape[-1]), q.device, out_dtype,
+                        )  # fmt: skip
+                    break
+                except Exception as err:  # cuDNN raises its own types for unsupported graphs
+                    errors.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            if self._plans[key] is None:
+                self._once(f"build{key}", "attention=cudnn_fp8: cuDNN cannot run shape q=%s "
+                           "k=%s (%s); such calls use SDPA", tuple(q.shape), tuple(k.shape),
+                           "; ".join(errors))  # fmt: skip
+            else:
+                self._once("out", "attention=cudnn_fp8: O written in %s",
+                           str(self._plans[key].out_dtype).removeprefix("torch."))  # fmt: skip
+        return self._plans[key]
+
+    def __call__(self, q, k, v, mask=None):
+        if self._exact or mask is not None or k.shape[1] < self.min_kv_tokens:
+            return self.sdpa(q, k, v, mask)
+        if not self._kernel_ready(q):
+            if self.emulate:
+                return reference_fp8_attention(q, k, v)
+            return self.sdpa(q, k, v, mask)
+        plan = self._plan(q, k)
+        if plan is None:
+            return self.sdpa(q, k, v, mask)
+        # a KV cache with track_amax hands over a bound on |K|, |V|: one pass over them, not two
+        (q8, dq), (k8, dk), (v8, dv) = (quantize_tensor_device(x, getattr(x, "kv_amax", None))
+                                        for x in (q, k, v))  # fmt: skip
+        o = plan.run(q8, dq, k8, dk, v8, dv)
+        return dequantize_tensor(o, dv, q.dtype) if o.dtype == FP8 else o

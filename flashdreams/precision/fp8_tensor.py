@@ -1,0 +1,168 @@
+"""Per-tensor e4m3 quantization (one fp32 scale for a whole tensor), on the device, no host sync.
+
+What FP8 attention kernels with per-tensor scales take (cuDNN's FP8 SDPA). On CUDA the passes
+are Triton kernels: an amax reduction (``running_amax``, an atomic max into a device scalar, so
+it can also keep a running bound over many writes) and a scale + cast that reads the amax from
+the device. ``quantize_tensor`` is the same math in torch ops (CPU, reference).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_TINY = 1e-12  # floor of an amax: an all-zero tensor gets a tiny scale, not a division by 0
+_FLAT_BLOCK = 8192  # elements per program of the flat (contiguous) kernels
+_ROWS, _COLS = 16, 256  # tile of the strided kernels
+
+
+def quantize_tensor(
+    x: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, descale)``: q e4m3 contiguous with ``q * descale ~= x``, descale fp32 (1, 1, 1, 1).
+
+    ``amax``: a bound on ``|x|`` to scale by (values past it saturate); default the exact amax.
+    """
+    if amax is None:
+        amax = x.detach().abs().amax()
+    descale = amax.float().reshape(()).clamp(min=_TINY) / FP8_MAX
+    q = (x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.contiguous(), descale.reshape(1, 1, 1, 1)
+
+
+def _build_kernels():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def amax_flat(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+        tl.atomic_max(out_ptr, tl.max(tl.abs(x), 0))
+
+    @triton.jit
+    def amax_rows(x_ptr, out_ptr, rows, cols, row_stride,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for c0 in range(0, cols, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)[None, :]
+            x = tl.load(x_ptr + r * row_stride + c, mask=(r < rows) & (c < cols), other=0.0)
+            acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+        tl.atomic_max(out_ptr, tl.max(tl.max(acc, 1), 0))
+
+    @triton.jit
+    def quant_flat(x_ptr, amax_ptr, y_ptr, descale_ptr, n, BLOCK: tl.constexpr):
+        amax = tl.maximum(tl.load(amax_ptr), 1e-12)
+        if tl.program_id(0) == 0:
+            tl.store(descale_ptr, amax / 448.0)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+        y = tl.minimum(tl.maximum(x * (448.0 / amax), -448.0), 448.0)
+        tl.store(y_ptr + i, y.to(tl.float8e4nv), mask=i < n)
+
+    @triton.jit
+    def quant_rows(x_ptr, amax_ptr, y_ptr, descale_ptr, rows, cols, row_stride,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        amax = tl.maximum(tl.load(amax_ptr), 1e-12)
+        if tl.program_id(0) == 0:
+            tl.store(descale_ptr, amax / 448.0)
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        for c0 in range(0, cols, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)[None, :]
+            m = (r < rows) & (c < cols)
+            x = tl.load(x_ptr + r * row_stride + c, mask=m, other=0.0).to(tl.float32)
+            y = tl.minimum(tl.maximum(x * (448.0 / amax), -448.0), 448.0)
+            tl.store(y_ptr + r * cols + c, y.to(tl.float8e4nv), mask=m)
+
+    @triton.jit
+    def dequant_flat(y_ptr, descale_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        y = tl.load(y_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+        out = (y * tl.load(descale_ptr)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + i, out, mask=i < n)
+
+    return {"amax_flat": amax_flat, "amax_rows": amax_rows, "quant_flat": quant_flat,
+            "quant_rows": quant_rows, "dequant_flat": dequant_flat}  # fmt: skip
+
+
+_KERNELS: dict | None | bool = False  # False: not looked up yet
+
+
+def kernels() -> dict | None:
+    """The Triton kernels, or None without Triton."""
+    global _KERNELS
+    if _KERNELS is False:
+        _KERNELS = _build_kernels()
+    return _KERNELS
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, D) as a (B*L, H*D) view with unit column stride (a copy only if it must be).
+
+    The V of a fused QKV projection is such a view with rows 3x as far apart as its width.
+    """
+    if x.dim() == 4:
+        b, seq, h, d = x.shape
+        packed = x.stride(3) == 1 and (h == 1 or x.stride(2) == d)
+        if packed and (b == 1 or x.stride(0) == seq * x.stride(1)):
+            return x.as_strided((b * seq, h * d), (x.stride(1), 1))
+    return x.contiguous().view(-1, x.shape[-1])
+
+
+def running_amax(amax: torch.Tensor, x: torch.Tensor) -> None:
+    """``amax = max(amax, max |x|)`` in place on the device (amax: (1,) fp32)."""
+    k = kernels() if x.device.type == "cuda" else None
+    if k is None:
+        amax.copy_(torch.maximum(amax, x.detach().abs().amax().float().reshape(1)))
+        return
+    if x.is_contiguous():
+        n = x.numel()
+        k["amax_flat"][(_cdiv(n, _FLAT_BLOCK),)](x, amax, n, BLOCK=_FLAT_BLOCK)
+        return
+    rows = _rows(x)
+    k["amax_rows"][(_cdiv(rows.shape[0], _ROWS),)](rows, amax, rows.shape[0], rows.shape[1],
+                                                   rows.stride(0), BLOCK_R=_ROWS,
+                                                   BLOCK_C=_COLS)  # fmt: skip
+
+
+def quantize_tensor_device(
+    x: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_tensor`` as Triton passes on CUDA (amax, unless given, then scale + cast)."""
+    k = kernels() if x.device.type == "cuda" else None
+    if k is None:
+        return quantize_tensor(x, amax)
+    if amax is None:
+        amax = torch.zeros(1, device=x.device, dtype=torch.float32)
+        running_amax(amax, x)
+    out = torch.empty(x.shape, device=x.device, dtype=FP8)
+    descale = torch.empty(1, 1, 1, 1, device=x.device, dtype=torch.float32)
+    if x.is_contiguous():
+        n = x.numel()
+        k["quant_flat"][(_cdiv(n, _FLAT_BLOCK),)](x, amax, out, descale, n, BLOCK=_FLAT_BLOCK)
+        return out, descale
+    rows = _rows(x)
+    k["quant_rows"][(_cdiv(rows.shape[0], _ROWS),)](rows, amax, out, descale, rows.shape[0],
+                                                    rows.shape[1], rows.stride(0), BLOCK_R=_ROWS,
+                                                    BLOCK_C=_COLS)  # fmt: skip
+    return out, descale
+
+
+def dequantize_tensor(y: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``y * descale`` in ``dtype`` (y e4m3 contiguous, descale a one-element fp32 tensor)."""
+    k = kernels() if y.device.type == "cuda" else None
+    if k is None:
+        return (y.float() * descale.reshape(())).to(dtype)
+    out = torch.empty(y.shape, device=y.device, dtype=dtype)
+    n = y.numel()
+    k["dequant_flat"][(_cdiv(n, _FLAT_BLOCK),)](y, descale, out, n, BLOCK=_FLAT_BLOCK)
+    return out

@@ -1,0 +1,139 @@
+"""Attention kernels side by side at the Wan shapes: time, TFLOP/s and error against bf16 SDPA.
+
+For each (Lq, Lk) it times, in one process on one GPU: SDPA pinned to cuDNN and to flash (bf16),
+``attention=cudnn_fp8`` end to end (per-tensor quantization of Q/K/V + the FP8 kernel + O back to
+bf16), the FP8 kernel alone on pre-quantized inputs, and the quantization of K/V alone. Error of
+each against SDPA-cuDNN bf16 (relative L2, cosine), and of the FP8 kernel against the fp32
+emulation of the same e4m3 scheme (``reference_fp8_attention``) on a smaller shape.
+
+    python scripts/bench_attention.py --heads 12 --lq 4680 --lk 4680,14040,23400,32760 \
+        --out benchmarks/<dir>/attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flashdreams.attention.cudnn_fp8 import CudnnFp8Attention, reference_fp8_attention
+from flashdreams.attention.sdpa import SdpaAttention
+from flashdreams.precision.fp8_tensor import quantize_tensor_device
+
+
+def time_ms(fn, repeats: int = 20, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def error(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    o, r = out.float().flatten(), ref.float().flatten()
+    return {"rel_l2": float((o - r).norm() / r.norm()),
+            "cosine": float(F.cosine_similarity(o, r, dim=0))}  # fmt: skip
+
+
+def _row(lq: int, lk: int, h: int, d: int, backends: dict, fp8, repeats: int) -> dict:
+    """Every backend at one (Lq, Lk): median ms, TFLOP/s, error against SDPA-cuDNN bf16."""
+    dev = torch.device("cuda")
+    q = torch.randn(1, lq, h, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, lk, h, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, lk, h, d, device=dev, dtype=torch.bfloat16)
+    flops = 4 * lq * lk * h * d
+    ref = backends["sdpa_cudnn"](q, k, v)
+    row = {"lq": lq, "lk": lk, "heads": h, "head_dim": d}
+    for name, fn in backends.items():
+        ms = time_ms(lambda fn=fn: fn(q, k, v), repeats)
+        row[name] = {"ms": ms, "tflops": flops / ms / 1e9, **error(fn(q, k, v), ref)}
+    # as in a rollout: the KV cache hands over a running bound on |K|, |V| (one pass less)
+    kb, vb = k.detach(), v.detach()
+    kb.kv_amax, vb.kv_amax = (x.abs().amax().float().reshape(1) for x in (k, v))
+    ms = time_ms(lambda: fp8(q, kb, vb), repeats)
+    row["cudnn_fp8_kv_bound"] = {"ms": ms, "tflops": flops / ms / 1e9}
+    plan = fp8._plan(q, k)
+    if plan is not None:
+        (q8, dq), (k8, dk), (v8, dv) = (quantize_tensor_device(x) for x in (q, k, v))
+        ms = time_ms(lambda: plan.run(q8, dq, k8, dk, v8, dv), repeats)
+        row["cudnn_fp8_kernel"] = {"ms": ms, "tflops": flops / ms / 1e9}
+        row["quantize_kv_ms"] = time_ms(
+            lambda: (quantize_tensor_device(k), quantize_tensor_device(v)), repeats
+        )
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--lq", type=int, default=4680)
+    ap.add_argument("--lk", default="4680,14040,23400,32760")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_attention: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    dev, h, d = torch.device("cuda"), args.heads, args.head_dim
+    fp8 = CudnnFp8Attention(min_kv_tokens=0)
+    backends = {"sdpa_cudnn": SdpaAttention("cudnn"), "sdpa_flash": SdpaAttention("flash"),
+                "cudnn_fp8": fp8}  # fmt: skip
+
+    rows = []
+    for lk in (int(x) for x in args.lk.split(",")):
+        rows.append(_row(args.lq, lk, h, d, backends, fp8, args.repeats))
+        print(json.dumps(rows[-1]), flush=True)
+    # the kernel against the fp32 emulation of the same e4m3 scheme (small shape: the emulation
+    # materializes the score matrix)
+    q = torch.randn(1, 1024, h, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, 2048, h, d, device=dev, dtype=torch.bfloat16) * 3
+    v = torch.randn(1, 2048, h, d, device=dev, dtype=torch.bfloat16) * 0.5
+    plan = fp8._plan(q, k)
+    o_fp8 = plan is not None and plan.out_dtype == torch.float8_e4m3fn
+    parity = {"shape": [1024, 2048, h, d], "o_dtype": str(plan and plan.out_dtype),
+              "kernel_vs_emulation": error(fp8(q, k, v), reference_fp8_attention(q, k, v, None, o_fp8)),
+              "emulation_vs_bf16": error(reference_fp8_attention(q, k, v),
+                                         backends["sdpa_cudnn"](q, k, v))}  # fmt: skip
+    # captured in a CUDA graph (what graph=cuda_graph does) and replayed on new inputs
+    graph, static = torch.cuda.CUDAGraph(), [q.clone(), k.clone(), v.clone()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fp8(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        captured = fp8(*static)
+    for t, scale in zip(static, (2.0, 0.5, 4.0), strict=True):
+        t.mul_(scale)
+    graph.replay()
+    parity["cuda_graph_replay_vs_eager"] = error(captured, fp8(*static))
+    print(json.dumps(parity), flush=True)
+    result = {
+        "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+        "cudnn_frontend": getattr(fp8._cudnn, "__version__", None),
+        "command": " ".join(sys.argv), "rows": rows, "parity": parity,
+    }  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""attention=cudnn_fp8 on a GPU: the cuDNN FP8 kernel against the fp32 emulation of the same
+e4m3 scheme, under CUDA-graph capture, and in rollouts under every graph policy.
+
+Skipped without CUDA, below sm90, or without nvidia-cudnn-frontend. Tolerances: kernel vs
+emulation relative L2 <= 0.05 (both round Q/K/V/P/O to e4m3; they differ in accumulation order
+and where P is rounded); policies vs eager FP8 relative L2 <= 2e-2 per block (bf16 rounding, as
+for SDPA); FP8 vs bf16 latents relative L2 <= 0.15.
+"""
+
+import pytest
+import torch
+
+from flashdreams.attention.cudnn_fp8 import (
+    CudnnFp8Attention,
+    find_cudnn_frontend,
+    reference_fp8_attention,
+)
+from flashdreams.attention.sdpa import SdpaAttention
+from flashdreams.build import build_rollout
+from flashdreams.quality import cosine
+from tests.gpu.test_graph_policies import BASE
+from tests.unit.test_config import compose_run
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available()
+    or torch.cuda.get_device_capability() < (9, 0)
+    or find_cudnn_frontend() is None,
+    reason="needs CUDA sm90+ and nvidia-cudnn-frontend",
+)
+CUDA = torch.device("cuda")
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _qkv(lq=1560, lk=4680, heads=12):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(1, n, heads, 128, device=CUDA, generator=g, dtype=torch.bfloat16) * s
+            for n, s in ((lq, 1.0), (lk, 2.0), (lk, 0.5))]  # fmt: skip
+
+
+def test_kernel_matches_emulation_and_kv_bound():
+    q, k, v = _qkv()
+    attn = CudnnFp8Attention(min_kv_tokens=0)
+    out = attn(q, k, v)
+    plan = attn._plan(q, k)
+    assert plan is not None and out.dtype == torch.bfloat16 and out.shape == q.shape
+    ref = reference_fp8_attention(q, k, v, None, plan.out_dtype == torch.float8_e4m3fn)
+    assert _rel(out, ref) <= 0.05
+    assert cosine(out, SdpaAttention("cudnn")(q, k, v)) >= 0.99
+    # a KV cache's running bound: the exact amax gives the same codes; a 2x looser one is close
+    k.kv_amax, v.kv_amax = k.abs().amax().float().reshape(1), v.abs().amax().float().reshape(1)
+    assert torch.equal(attn(q, k, v), out)
+    k.kv_amax, v.kv_amax = k.kv_amax * 2, v.kv_amax * 2
+    assert _rel(attn(q, k, v), out) <= 0.05
+
+
+def test_fused_qkv_view_is_read_in_place():
+    q, k, v = _qkv(lq=2048, lk=2048)
+    fused = torch.cat([x.flatten(2) for x in (q, k, v)], dim=-1)  # (1, L, 3 * H * D)
+    views = [fused[..., i * 1536 : (i + 1) * 1536].unflatten(-1, (12, 128)) for i in range(3)]
+    attn = CudnnFp8Attention(min_kv_tokens=0)
+    assert torch.equal(attn(*views), attn(q, k, v))
+
+
+def test_cuda_graph_replay_equals_eager():
+    q, k, v = _qkv()
+    attn = CudnnFp8Attention(min_kv_tokens=0)
+    static = [x.clone() for x in (q, k, v)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        attn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attn(*static)
+    for x, scale in zip(static, (0.5, 3.0, 2.0), strict=True):
+        x.mul_(scale)
+    graph.replay()
+    assert torch.equal(captured, attn(*static))
+
+
+def _latents(overrides):
+    rollout = build_rollout(compose_run(BASE + overrides))
+    rollout.start(["a prompt"])
+    rollout.precapture()
+    return [rollout.step().latents.float() for _ in range(5)]
+
+
+FP8 = ["attention=cudnn_fp8", "attention.min_kv_tokens=0"]
+
+
+@pytest.fixture(scope="module")
+def eager_fp8():
+    return _latents(["graph=eager", *FP8])
+
+
+@pytest.mark.parametrize("graph", ["cuda_graph", "compile_cuda_graph"])
+def test_policies_match_eager_fp8(eager_fp8, graph):
+    got = _latents([f"graph={graph}", *FP8])
+    for a, b in zip(got, eager_fp8, strict=True):
+        assert _rel(a, b) <= 2e-2
+
+
+def test_fp8_rollout_is_close_to_bf16(eager_fp8):
+    bf16 = _latents(["graph=eager", "attention=sdpa_cudnn"])
+    for a, b in zip(eager_fp8, bf16, strict=True):
+        assert _rel(a, b) <= 0.15

@@ -1,0 +1,176 @@
+"""FP8 attention (attention=cudnn_fp8): per-tensor e4m3 math, fallbacks, the KV cache's running
+|K|/|V| bound, and the commit that runs at full precision.
+
+Tolerances: the e4m3 scheme on random data is within relative L2 0.15 / cosine >= 0.99 of bf16
+SDPA (measured ~0.06-0.09); calls routed to the fallback equal SDPA exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashdreams import ConfigError
+from flashdreams.attention.cudnn_fp8 import CudnnFp8Attention, reference_fp8_attention
+from flashdreams.attention.sdpa import SdpaAttention
+from flashdreams.cache.full import FullKVCache
+from flashdreams.precision.fp8_tensor import (
+    FP8,
+    FP8_MAX,
+    _rows,
+    dequantize_tensor,
+    quantize_tensor,
+    running_amax,
+)
+from tests.unit.test_config import compose_run
+
+
+def _qkv(lq=200, lk=2500, heads=4, dim=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, n, heads, dim, generator=gen) for n in (lq, lk, lk))
+    return q, k * 2, v
+
+
+def _cos(a, b):
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def test_quantize_tensor_round_trip_and_bound():
+    x = torch.randn(3, 50, 4, 16) * 7
+    q, descale = quantize_tensor(x)
+    assert q.dtype == FP8 and descale.shape == (1, 1, 1, 1)
+    assert descale.item() == pytest.approx(x.abs().max().item() / FP8_MAX)
+    back = dequantize_tensor(q, descale, torch.float32)
+    assert ((back - x).norm() / x.norm()) < 0.04  # 3 mantissa bits
+    # a looser bound scales by it (no saturation); a tighter one saturates at +-448
+    q2, d2 = quantize_tensor(x, x.abs().max() * 4)
+    assert d2.item() == pytest.approx(4 * descale.item())
+    q3, _ = quantize_tensor(x, x.abs().max() / 4)
+    assert q3.float().abs().max() == FP8_MAX
+
+
+def test_rows_view_of_a_fused_qkv_slice_is_not_a_copy():
+    fused = torch.randn(1, 30, 3 * 64)
+    v = fused[..., 128:].unflatten(-1, (4, 16))  # (B, L, H, D) view, rows 192 apart
+    rows = _rows(v)
+    assert rows.shape == (30, 64) and rows.stride() == (192, 1)
+    assert rows.data_ptr() == v.data_ptr() and torch.equal(rows, v.reshape(30, 64))
+
+
+def test_running_amax_keeps_the_largest():
+    amax = torch.zeros(1)
+    running_amax(amax, torch.tensor([1.0, -3.0]))
+    running_amax(amax, torch.tensor([2.0]))
+    assert amax.item() == 3.0
+
+
+def test_emulation_is_close_to_sdpa_and_routes_short_and_masked_calls():
+    q, k, v = _qkv()
+    attn = CudnnFp8Attention(emulate=True, min_kv_tokens=1000)
+    ref = SdpaAttention()(q, k, v)
+    out = attn(q, k, v)
+    assert out.shape == ref.shape and not torch.equal(out, ref)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 0.15 and _cos(out, ref) > 0.99
+    assert torch.equal(out, reference_fp8_attention(q, k, v))
+    short = _qkv(lk=500)
+    assert torch.equal(attn(*short), SdpaAttention()(*short))  # < min_kv_tokens: bf16 kernel
+    mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool)
+    mask[:, 1000:] = False
+    assert torch.equal(attn(q, k, v, mask), SdpaAttention()(q, k, v, mask))
+
+
+def test_exact_mode_runs_the_fallback_and_nests():
+    q, k, v = _qkv()
+    attn = CudnnFp8Attention(emulate=True, min_kv_tokens=0)
+    assert attn.has_exact_mode
+    ref = SdpaAttention()(q, k, v)
+    with attn.exact():
+        with attn.exact():
+            assert torch.equal(attn(q, k, v), ref)
+        assert torch.equal(attn(q, k, v), ref)  # the inner exit restores the outer state
+    assert not torch.equal(attn(q, k, v), ref)
+    off = CudnnFp8Attention(emulate=True, min_kv_tokens=0, exact_commit=False)
+    with off.exact():
+        assert not off.has_exact_mode and not torch.equal(off(q, k, v), ref)
+
+
+def test_missing_frontend_falls_back_with_one_line(caplog):
+    q, k, v = _qkv()
+    with caplog.at_level(logging.INFO, logger="flashdreams.attention.cudnn_fp8"):
+        attn = CudnnFp8Attention(min_kv_tokens=0)
+        out = attn(q, k, v)
+        attn(q, k, v)
+    if attn._cudnn is None:  # CPU CI: no nvidia-cudnn-frontend
+        lines = [r for r in caplog.records if "cudnn_fp8" in r.getMessage()]
+        assert len(lines) == 1 and "nvidia-cudnn-frontend" in lines[0].getMessage()
+    assert torch.equal(out, SdpaAttention()(q, k, v))  # on CPU the kernel never runs
+
+
+def test_bad_min_kv_tokens_is_one_line():
+    with pytest.raises(ConfigError, match="attention.min_kv_tokens"):
+        CudnnFp8Attention(min_kv_tokens=-1)
+
+
+def test_cache_tracks_a_bound_on_the_valid_keys_and_values():
+    cache = FullKVCache(num_layers=2, num_heads=2, head_dim=4, tokens_per_frame=3,
+                        frames_per_block=1, total_frames=3, track_amax=True)  # fmt: skip
+    cache.begin_block(0, 1)
+    k0, v0 = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4) * 5
+    k, v = cache.update(1, k0, v0)
+    assert k.kv_amax.item() == k0.abs().max().item() and v.kv_amax.item() == v0.abs().max().item()
+    assert cache.k_amax[0].item() == 0.0  # per layer
+    cache.begin_block(1, 1)
+    k, v = cache.update(1, k0 / 10, v0 / 10)  # smaller values: the bound stays
+    assert v.kv_amax.item() >= v.abs().max().item()
+    cache.reset()
+    assert cache.k_amax[1].item() == 0.0 and cache.v_amax[1].item() == 0.0
+    plain = FullKVCache(num_layers=1, num_heads=2, head_dim=4, tokens_per_frame=3,
+                        frames_per_block=1, total_frames=3)  # fmt: skip
+    plain.begin_block(0, 1)
+    assert not hasattr(plain.update(0, k0, v0)[0], "kv_amax")
+
+
+def test_rollout_commits_at_full_precision_under_its_own_graph_key(monkeypatch):
+    from flashdreams.build import build_rollout
+    from flashdreams.rollout import Rollout
+
+    cfg = compose_run(["attention=cudnn_fp8", "attention.emulate=true",
+                       "attention.min_kv_tokens=0", "rollout.total_blocks=2"])  # fmt: skip
+    rollout = build_rollout(cfg)
+    attn = rollout.model.attention
+    assert isinstance(attn, CudnnFp8Attention) and rollout.cache.k_amax is not None
+    seen = []
+    run = Rollout._run
+
+    def spy(self, *args, commit=False, **kwargs):
+        seen.append((commit, self._shape_key(None, commit and self._exact_commit)))
+        return run(self, *args, commit=commit, **kwargs)
+
+    calls = []
+    inner = CudnnFp8Attention.__call__
+    monkeypatch.setattr(Rollout, "_run", spy)
+    monkeypatch.setattr(
+        CudnnFp8Attention,
+        "__call__",
+        lambda self, *a, **kw: calls.append(self._exact) or inner(self, *a, **kw),
+    )
+    rollout.start(["a prompt"])
+    rollout.step()
+    assert [c for c, _ in seen] == [False] * 4 + [True]  # 4 denoising forwards, then the commit
+    assert seen[-1][1] == (seen[0][1], "exact")
+    layers = rollout.model.num_layers
+    assert calls[-2 * layers :] == [True] * (2 * layers) and not any(calls[: 8 * layers])
+
+
+def test_quality_reference_uses_the_bf16_fallback_kernel():
+    from flashdreams.quality import reference_config
+
+    cfg = compose_run(["attention=cudnn_fp8", "attention.fallback=flash", "quality=true"])
+    ref = reference_config(cfg)
+    assert ref.attention._target_ == "flashdreams.attention.sdpa.SdpaAttention"
+    assert ref.attention.backend == "flash"
+    assert cfg.attention._target_.endswith("CudnnFp8Attention")
