@@ -11,8 +11,14 @@ of the run, the reference runs the same step and we compare:
 * ``psnr_db``: PSNR of the decoded frames (in [0, 1]) against the reference's frames; capped at
   ``PSNR_CAP_DB`` (identical frames), ``None`` without a decoder.
 
-Both trajectories run free (the run is not re-fed the reference's latents), so later steps
-include the drift accumulated through the KV cache: the numbers are end to end.
+With ``quality_mode=free`` both trajectories run free (the run is not re-fed the reference's
+latents), so later steps include the drift accumulated through the KV cache: the numbers are end
+to end. With ``quality_mode=forced`` the reference is teacher-forced onto the run: its scheduler
+still steps (the noise draws stay aligned) but hands on the run's latents, so every reference
+DiT call sees the run's input and the reference commits the run's clean latents into its own
+(bf16) KV cache. ``dit_cosine`` then measures each call's own error against bf16 given the
+same inputs and latent history; ``latent_cosine`` and ``psnr_db`` are not reported (the
+latents are the run's by construction).
 
 The reference doubles the model's memory; it is a quality check, not a benchmark setting
 (the run's stage times are unaffected: the reference runs between the run's steps).
@@ -67,19 +73,35 @@ def reference_config(cfg: DictConfig) -> DictConfig:
 
 
 class _RecordingScheduler:
-    """A scheduler that keeps a copy of each flow (DiT output) it is given; else delegates."""
+    """A scheduler that keeps a copy of each flow (DiT output) it is given; else delegates.
 
-    def __init__(self, inner) -> None:
+    ``keep_outputs``: also keep each step's result (the run's latents, for a forced reference).
+    ``forced``: a list the reference's steps take their results from (teacher forcing); the
+    inner step still runs so that its noise draws stay in the run's order.
+    """
+
+    def __init__(self, inner, keep_outputs: bool = False) -> None:
         self.inner = inner
         self.flows: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] | None = [] if keep_outputs else None
+        self.forced: list[torch.Tensor] | None = None
 
     def step(self, flow: torch.Tensor, x: torch.Tensor, j: int, noise) -> torch.Tensor:
         self.flows.append(flow.detach().float().clone())  # a captured graph reuses its output
-        return self.inner.step(flow, x, j, noise)
+        out = self.inner.step(flow, x, j, noise)
+        if self.outputs is not None:
+            self.outputs.append(out.detach().clone())
+        if self.forced is not None:
+            out = self.forced.pop(0).to(out.dtype)
+        return out
 
     def take(self) -> list[torch.Tensor]:
         flows, self.flows = self.flows, []
         return flows
+
+    def take_outputs(self) -> list[torch.Tensor]:
+        outputs, self.outputs = self.outputs, []
+        return outputs
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -91,22 +113,30 @@ class QualityReport:
     Args:
         rollout: the run's rollout (any precision / offload).
         reference: a rollout of :func:`reference_config` of the same config.
+        mode: ``free`` or ``forced`` (see the module docstring).
     """
 
-    def __init__(self, rollout, reference) -> None:
-        self.rollout, self.reference = rollout, reference
-        rollout.scheduler = _RecordingScheduler(rollout.scheduler)
+    def __init__(self, rollout, reference, mode: str = "free") -> None:
+        if mode not in ("free", "forced"):
+            raise ConfigError(f"quality_mode={mode!r} is not free | forced")
+        self.rollout, self.reference, self.mode = rollout, reference, mode
+        forced = mode == "forced"
+        rollout.scheduler = _RecordingScheduler(rollout.scheduler, keep_outputs=forced)
         reference.scheduler = _RecordingScheduler(reference.scheduler)
         self.steps: list[dict[str, Any]] = []
+        self.last_reference = None  # the reference's StepOutput of the last compared step
 
     def compare(self, out, clip: int = 0) -> dict[str, Any]:
         """Run the reference's step matching the run's step ``out`` and compare them."""
         flows = self.rollout.scheduler.take()
+        forced = self.mode == "forced"
+        if forced:
+            self.reference.scheduler.forced = self.rollout.scheduler.take_outputs()
         if out.step == 0:
             r = self.rollout
             self.reference.start(list(r.prompts), seed=r.seed, images=r.images)
             self.reference.precapture()
-        ref = self.reference.step()
+        ref = self.last_reference = self.reference.step()
         ref_flows = self.reference.scheduler.take()
         dit = [cosine(a, b) for a, b in zip(flows, ref_flows, strict=True)]
         row = {
@@ -114,8 +144,8 @@ class QualityReport:
             "step": out.step,
             "dit_cosine": dit,
             "min_dit_cosine": min(dit) if dit else None,
-            "latent_cosine": cosine(out.latents, ref.latents),
-            "psnr_db": None if out.frames is None else psnr_db(out.frames, ref.frames),
+            "latent_cosine": None if forced else cosine(out.latents, ref.latents),
+            "psnr_db": None if forced or out.frames is None else psnr_db(out.frames, ref.frames),
         }
         self.steps.append(row)
         return row
@@ -128,7 +158,8 @@ class QualityReport:
             return min(values) if values else None
 
         return {
-            "quality_reference": "precision=bf16",
+            "quality_reference": "precision=bf16"
+            + (" (teacher-forced)" if self.mode == "forced" else ""),
             "quality_min_cosine": worst("min_dit_cosine"),
             "quality_min_latent_cosine": worst("latent_cosine"),
             "quality_min_psnr_db": worst("psnr_db"),
@@ -139,7 +170,10 @@ def build_quality(cfg: DictConfig, rollout) -> QualityReport:
     """The reference rollout of ``cfg`` wired to ``rollout``."""
     from flashdreams.build import build_rollout
 
+    mode = cfg.get("quality_mode", "free")
+    if mode not in ("free", "forced"):
+        raise ConfigError(f"quality_mode={mode!r} is not free | forced")
     if rollout.parallel.world_size > 1:
         raise ConfigError("quality=true needs parallel=single (the reference is a second "
                           "model in the same process)")  # fmt: skip
-    return QualityReport(rollout, build_rollout(reference_config(cfg)))
+    return QualityReport(rollout, build_rollout(reference_config(cfg)), mode)

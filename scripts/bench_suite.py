@@ -91,6 +91,18 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         ],
         "FP8 attention in the commit too vs bf16: per-call cosine, frame PSNR",
     ),
+    "sf_fp8_attn_quality_forced": (
+        "gpu",
+        "run",
+        [*SF_ATTN8, "precision=fp8", "quality=true", "quality_mode=forced", "profile=true"],
+        "FP8 GEMMs + FP8 attention, each DiT call vs bf16 on the same inputs (teacher-forced)",
+    ),
+    "sf_fp8_quality_forced": (
+        "gpu",
+        "run",
+        [*SF, "precision=fp8", "quality=true", "quality_mode=forced", "profile=true"],
+        "FP8 GEMMs, each DiT call vs bf16 on the same inputs (teacher-forced)",
+    ),
     "sf_bf16_fp8_attn": (
         "gpu",
         "bench",

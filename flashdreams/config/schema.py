@@ -42,6 +42,7 @@ class RunConfig:
     tags: list[str] = field(default_factory=list)
     offload: str = "none"  # none | blocks (block weights in pinned host memory, streamed in)
     quality: bool = False  # also run a precision=bf16 reference; cosine / PSNR into stats.json
+    quality_mode: str = "free"  # free (both trajectories run on) | forced (reference on the run's)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     paths: Any = MISSING
     model: Any = MISSING

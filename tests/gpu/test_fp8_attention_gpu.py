@@ -108,3 +108,24 @@ def test_fp8_rollout_is_close_to_bf16(eager_fp8):
     bf16 = _latents(["graph=eager", "attention=sdpa_cudnn"])
     for a, b in zip(eager_fp8, bf16, strict=True):
         assert _rel(a, b) <= 0.15
+
+
+@pytest.mark.parametrize("timestep", [1000.0, 0.0])
+def test_dit_call_cosine_at_the_1_3b_width(timestep):
+    """One DiT call (1.3B width, 4 layers, one 3-frame 480x832 block: 4680 keys) with FP8
+    attention against the same call with SDPA-cuDNN: cosine >= 0.99."""
+    from flashdreams.build import build_model
+    from tests.gpu.test_precision_gpu import MID
+
+    model = build_model(compose_run(MID).model, CUDA, torch.bfloat16, seed=0)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    text = torch.randn(1, 512, 4096, device=CUDA, generator=g, dtype=torch.bfloat16)
+    x = torch.randn(1, 16, 3, 60, 104, device=CUDA, generator=g)
+    t = torch.full((1,), timestep, device=CUDA)
+    with torch.no_grad():
+        ctx = model.prepare_context(text)
+        model.attention = SdpaAttention("cudnn")
+        ref = model(x, t, ctx)
+        model.attention = CudnnFp8Attention()
+        got = model(x, t, ctx)
+    assert cosine(got, ref) >= 0.99

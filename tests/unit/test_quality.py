@@ -59,3 +59,35 @@ def test_emulated_fp8_is_measured_against_bf16(tmp_path):
     s = stats["summary"]
     assert 0.99 < s["quality_min_cosine"] < 1.0
     assert 20.0 < s["quality_min_psnr_db"] < PSNR_CAP_DB and math.isfinite(s["quality_min_psnr_db"])
+
+
+def test_forced_reference_runs_on_the_runs_latents():
+    from flashdreams.build import build_rollout
+    from flashdreams.quality import QualityReport
+
+    over = ["precision=fp8", "precision.emulate=true", "precision.min_out_features=0",
+            "rollout.total_blocks=2"]  # fmt: skip
+    cfg = compose_run(over)
+    for mode in ("free", "forced"):
+        run = build_rollout(cfg)
+        report = QualityReport(run, build_rollout(reference_config(cfg)), mode)
+        run.start(["a prompt"])
+        rows = []
+        for _ in range(2):
+            out = run.step()
+            rows.append(report.compare(out))
+            same = torch.equal(report.last_reference.latents, out.latents)
+            assert same == (mode == "forced")  # forced: the reference hands on the run's latents
+        for row in rows:
+            assert 0.99 < row["min_dit_cosine"] < 1.0  # the DiT calls themselves still differ
+            assert (row["latent_cosine"] is None) == (mode == "forced")
+    assert report.summary()["quality_reference"] == "precision=bf16 (teacher-forced)"
+
+
+def test_bad_quality_mode_is_one_line():
+    from flashdreams import ConfigError
+    from flashdreams.quality import build_quality
+
+    cfg = compose_run(["quality=true", "quality_mode=teacher"])
+    with pytest.raises(ConfigError, match="quality_mode='teacher'"):
+        build_quality(cfg, None)
