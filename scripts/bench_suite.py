@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RANDOM = ["model.checkpoint=null", "text_encoder=random", "vae.checkpoint=null"]
 FAST = ["graph=compile_cuda_graph", "attention=sdpa_cudnn"]
 SF = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", *FAST]
+# bidirectional Wan2.1-T2V-1.3B, 81 frames, 3 CFG steps; the attention group is added per run
+BIDIR13 = ["recipe=wan21_t2v_1_3b_480p", "scheduler.num_steps=3", "graph=compile"]
 # the same with FP8 attention (cuDNN FP8 SDPA) in place of SDPA-cuDNN
 SF_ATTN8 = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", "graph=compile_cuda_graph",
             "attention=cudnn_fp8"]  # fmt: skip
@@ -202,6 +204,24 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
             CLIPS3,
         ],
         "bidirectional 1.3B, 3 CFG steps, 3 clips (median diffuse / 3 = one warm CFG step)",
+    ),
+    "wan21_t2v_bidir_fp8_attn": (
+        "gpu",
+        "bench",
+        [*BIDIR13, "attention=cudnn_fp8", CLIPS3],
+        "bidirectional 1.3B with FP8 attention (bf16 GEMMs), 3 CFG steps, 3 clips",
+    ),
+    "wan21_t2v_bidir_fp8": (
+        "gpu",
+        "bench",
+        [*BIDIR13, "attention=cudnn_fp8", "precision=fp8", CLIPS3],
+        "bidirectional 1.3B with FP8 attention and FP8 GEMMs",
+    ),
+    "wan21_t2v_bidir_fp8_quality": (
+        "gpu",
+        "run",
+        [*BIDIR13, "attention=cudnn_fp8", "precision=fp8", "quality=true"],
+        "bidirectional FP8 attention + GEMMs vs bf16: cosine of each CFG step's flow, PSNR",
     ),
     "wan21_i2v_14b": (
         "gpu",
