@@ -1,6 +1,7 @@
 """Attention kernels side by side at the Wan shapes: time, TFLOP/s and error against bf16 SDPA.
 
 For each (Lq, Lk) it times, in one process on one GPU: SDPA pinned to cuDNN and to flash (bf16),
+an installed flash-attn 4 / FlashAttention-3 package (bf16),
 ``attention=cudnn_fp8`` end to end (per-tensor quantization of Q/K/V + the FP8 kernel + O back to
 bf16), the FP8 kernel alone on pre-quantized inputs, and the quantization of K/V alone. Error of
 each against SDPA-cuDNN bf16 (relative L2, cosine), and of the FP8 kernel against the fp32
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from flashdreams.attention.cudnn_fp8 import CudnnFp8Attention, reference_fp8_attention
+from flashdreams.attention.flash_attn import FlashAttnAttention, find_flash_attn
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.precision.fp8_tensor import quantize_tensor_device
 
@@ -93,6 +95,9 @@ def main() -> int:
     fp8 = CudnnFp8Attention(min_kv_tokens=0)
     backends = {"sdpa_cudnn": SdpaAttention("cudnn"), "sdpa_flash": SdpaAttention("flash"),
                 "cudnn_fp8": fp8}  # fmt: skip
+    for version in ("4", "3"):  # optional FlashAttention packages, when installed
+        if find_flash_attn(version)[1] is not None:
+            backends[f"flash_attn{version}"] = FlashAttnAttention(version)
 
     rows = []
     for lk in (int(x) for x in args.lk.split(",")):

@@ -62,6 +62,12 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         [*SF, "precision=fp8", "precision.min_out_features=0"],
         "FP8 for every block linear, the narrow ones too",
     ),
+    "sf_bf16_fa4": (
+        "gpu",
+        "bench",
+        [*SF_ATTN8[:2], "attention=flash_attn", "attention.version=4"],
+        "bf16 with flash-attn 4 (CuTe DSL, sm90 path) when installed, else its SDPA fallback",
+    ),
     "sf_fp8_attn": (
         "gpu",
         "bench",
@@ -217,6 +223,12 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         [*BIDIR13, "attention=cudnn_fp8", "precision=fp8", CLIPS3],
         "bidirectional 1.3B with FP8 attention and FP8 GEMMs",
     ),
+    "wan21_t2v_bidir_fp8_quality_forced": (
+        "gpu",
+        "run",
+        [*BIDIR13, "attention=cudnn_fp8", "precision=fp8", "quality=true", "quality_mode=forced"],
+        "bidirectional FP8 vs bf16 on the same inputs (teacher-forced): each CFG step's flow",
+    ),
     "wan21_t2v_bidir_fp8_quality": (
         "gpu",
         "run",
@@ -261,6 +273,18 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
             IMAGE,
         ],
         "LingBot-World-Fast 14B, window 15 + sink 3",
+    ),
+    "lingbot_w15_fp8": (
+        "gpu",
+        "bench",
+        [
+            "recipe=lingbot_world_fast_taehv_window15_sink3",
+            *SF_ATTN8[1:],
+            "precision=fp8",
+            "conditioner.image.encoder.checkpoint=null",
+            IMAGE,
+        ],
+        "LingBot-World-Fast 14B, window 15 + sink 3, FP8 attention + FP8 GEMMs",
     ),
     "lingbot_w15_80gb": (
         "gpu",
