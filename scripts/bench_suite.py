@@ -62,12 +62,6 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         [*SF, "precision=fp8", "precision.min_out_features=0"],
         "FP8 for every block linear, the narrow ones too",
     ),
-    "sf_bf16_fa4": (
-        "gpu",
-        "bench",
-        [*SF_ATTN8[:2], "attention=flash_attn", "attention.version=4"],
-        "bf16 with flash-attn 4 (CuTe DSL, sm90 path) when installed, else its SDPA fallback",
-    ),
     "sf_fp8_attn": (
         "gpu",
         "bench",
