@@ -1,10 +1,13 @@
 """FP8 (e4m3) attention: the cuDNN frontend's FP8 SDPA with per-tensor scales (Hopper and newer).
 
 Scaling (what cuDNN's FP8 forward takes, one fp32 scale per tensor):
-    * Q, K, V: ``amax / 448`` each, measured on the device every call (no host sync);
+    * Q, K, V: ``amax / 448`` each, on the device (no host sync): measured every call for Q; for
+      K and V taken from the bound a KV cache with ``track_amax`` keeps (the ``kv_amax``
+      attribute of the tensors it returns), else measured too;
     * P (the softmax tile, in [0, 1] before normalization): a fixed scale of 448;
     * O: a convex combination of V's rows, so ``|O| <= amax(V)``: O is written in e4m3 with V's
-      scale (Hopper's kernel only writes e4m3) and dequantized to the compute dtype.
+      scale (Hopper's kernel only writes e4m3; cuDNN writes bf16 O from Blackwell on) and
+      dequantized to the compute dtype.
 
 The optional ``nvidia-cudnn-frontend`` package (``pip install nvidia-cudnn-frontend``, which uses
 the cuDNN that PyTorch ships) runs the kernel. Without it, on CPU, on GPUs below sm90, for masked
@@ -208,7 +211,8 @@ class CudnnFp8Attention(AttentionBackend):
                     self._handles[dev] = self._cudnn.create_handle()
             self._plans[key], errors = None, []
             # O in the compute dtype where the kernel writes it (Blackwell), else e4m3 (Hopper)
-            outs = [q.dtype, FP8] if q.dtype in _CUDNN_DTYPES else [FP8]
+            blackwell = torch.cuda.get_device_capability(q.device) >= (10, 0)
+            outs = [q.dtype, FP8] if blackwell and q.dtype in _CUDNN_DTYPES else [FP8]
             for out_dtype in outs:
                 try:
                     with torch.cuda.device(dev):
