@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,22 +25,8 @@ import torch.nn.functional as F
 from flashdreams.attention.cudnn_fp8 import CudnnFp8Attention, reference_fp8_attention
 from flashdreams.attention.flash_attn import FlashAttnAttention, find_flash_attn
 from flashdreams.attention.sdpa import SdpaAttention
+from flashdreams.bench import time_cuda
 from flashdreams.precision.fp8_tensor import quantize_tensor_device
-
-
-def time_ms(fn, repeats: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def error(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -60,19 +45,19 @@ def _row(lq: int, lk: int, h: int, d: int, backends: dict, fp8, repeats: int) ->
     ref = backends["sdpa_cudnn"](q, k, v)
     row = {"lq": lq, "lk": lk, "heads": h, "head_dim": d}
     for name, fn in backends.items():
-        ms = time_ms(lambda fn=fn: fn(q, k, v), repeats)
+        ms = time_cuda(lambda fn=fn: fn(q, k, v), repeats)
         row[name] = {"ms": ms, "tflops": flops / ms / 1e9, **error(fn(q, k, v), ref)}
     # as in a rollout: the KV cache hands over a running bound on |K|, |V| (one pass less)
     kb, vb = k.detach(), v.detach()
     kb.kv_amax, vb.kv_amax = (x.abs().amax().float().reshape(1) for x in (k, v))
-    ms = time_ms(lambda: fp8(q, kb, vb), repeats)
+    ms = time_cuda(lambda: fp8(q, kb, vb), repeats)
     row["cudnn_fp8_kv_bound"] = {"ms": ms, "tflops": flops / ms / 1e9}
     plan = fp8._plan(q, k)
     if plan is not None:
         (q8, dq), (k8, dk), (v8, dv) = (quantize_tensor_device(x) for x in (q, k, v))
-        ms = time_ms(lambda: plan.run(q8, dq, k8, dk, v8, dv), repeats)
+        ms = time_cuda(lambda: plan.run(q8, dq, k8, dk, v8, dv), repeats)
         row["cudnn_fp8_kernel"] = {"ms": ms, "tflops": flops / ms / 1e9}
-        row["quantize_kv_ms"] = time_ms(
+        row["quantize_kv_ms"] = time_cuda(
             lambda: (quantize_tensor_device(k), quantize_tensor_device(v)), repeats
         )
     return row
