@@ -1,8 +1,11 @@
 """Benchmark harness: a profiled run plus the hardware floor and a diffusers peer, as JSON.
 
 The floor of an AR step is its FLOP count (from the model config and the KV length of each
-step) divided by throughputs measured on the same GPU in the same process: a large bf16 GEMM
-for the linear layers and the configured attention backend at the step's own shape.
+step) divided by throughputs measured on the same GPU in the same process: a large GEMM for the
+linear layers (bf16, or e4m3 ``_scaled_mm`` when the run's precision is FP8: then every linear
+is counted at the FP8 rate, a floor below what the bf16-kept narrow layers allow) and the
+configured attention backend at the step's own shape, called as the run calls it (an FP8
+attention gets the KV cache's |K|/|V| bound).
 """
 
 from __future__ import annotations
@@ -50,15 +53,34 @@ def time_cuda(fn: Callable[[], Any], repeats: int = 10, warmup: int = 3) -> floa
     return statistics.median(times)
 
 
-def measure_throughput(attention, heads: int, head_dim: int, q_tokens: int, kv_tokens: int):
-    """TFLOP/s of a bf16 8192^3 GEMM and of ``attention`` at the given shape."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    gemm_ms = time_cuda(lambda: a @ a)
+def measure_throughput(attention, heads: int, head_dim: int, q_tokens: int, kv_tokens: int,
+                       fp8_linears: bool = False):  # fmt: skip
+    """TFLOP/s of an 8192^3 GEMM (bf16; also e4m3 with ``fp8_linears``) and of ``attention``
+    at the given shape. ``linear_tflops`` is the rate the floor charges the linear layers."""
+    from flashdreams.precision.fp8 import FP8, fp8_supported
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    bf16 = 2 * n**3 / time_cuda(lambda: a @ a) / 1e9
+    out = {"matmul_tflops": bf16, "linear_tflops": bf16}
+    if fp8_linears and fp8_supported("cuda"):
+        a8, scale = a.to(FP8), torch.ones(n, 1, device="cuda")
+
+        def fp8_gemm():
+            return torch._scaled_mm(a8, a8.t(), scale, scale.t().contiguous(),
+                                    out_dtype=torch.bfloat16, use_fast_accum=True)  # fmt: skip
+
+        try:
+            out["fp8_matmul_tflops"] = out["linear_tflops"] = 2 * n**3 / time_cuda(fp8_gemm) / 1e9
+        except RuntimeError as err:  # a build without this GEMM: the floor stays bf16
+            log.warning("floor: e4m3 GEMM not timed (%s); linears at the bf16 rate", err)
     q = torch.randn(1, q_tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, kv_tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    if getattr(attention, "wants_kv_amax", False):  # as a KV cache with track_amax hands it over
+        k.kv_amax = k.abs().amax().float().reshape(1)
     attn_ms = time_cuda(lambda: attention(q, k, k))
     return {
-        "matmul_tflops": 2 * 8192**3 / gemm_ms / 1e9,
+        **out,
         "attention_tflops": 4 * q_tokens * kv_tokens * heads * head_dim / attn_ms / 1e9,
         "attention_shape": [q_tokens, kv_tokens, heads, head_dim],
     }
@@ -80,10 +102,8 @@ def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame:
         if window:
             frames = min(frames, window + sink)
         f = forward_flops(cfg.model, q, frames * tokens_per_frame)
-        ms = (
-            f["linear"] / throughput["matmul_tflops"]
-            + f["attention"] / throughput["attention_tflops"]
-        ) / 1e9
+        linear = throughput.get("linear_tflops", throughput["matmul_tflops"])
+        ms = (f["linear"] / linear + f["attention"] / throughput["attention_tflops"]) / 1e9
         rows.append({"step": s["step"], "kv_tokens": frames * tokens_per_frame,
                      "floor_ms": num_steps * ms, "tflop": num_steps * sum(f.values()) / 1e12})  # fmt: skip
     return rows
@@ -167,8 +187,10 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         )  # stats from before the header had it
         attention = instantiate(cfg.attention)
         med_kv = min((2 + len(stats["steps"])) // 2 * r.frames_per_block, 21) * tpf
+        target = str(cfg.precision.get("_target_", "")) if "precision" in cfg else ""
+        fp8 = target.endswith("Fp8Precision")
         tp = measure_throughput(attention, m.num_heads, m.dim // m.num_heads,
-                                r.frames_per_block * tpf, med_kv)  # fmt: skip
+                                r.frames_per_block * tpf, med_kv, fp8_linears=fp8)  # fmt: skip
         floors = step_floor(cfg, stats, tp, tpf)
         timed = [f for f in floors if f["step"] >= 2] or floors
         floor_ms = statistics.median(f["floor_ms"] for f in timed)
@@ -196,8 +218,9 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _print(result: dict) -> None:
     s = result["stats"]["summary"]
-    print(f"  graph={result['config']['graph'].rsplit('.', 1)[-1]} "
-          f"attention={result['config']['attention'].get('backend')}")  # fmt: skip
+    attention = result["config"]["attention"]
+    name = attention.get("backend") or str(attention.get("_target_", "?")).rsplit(".", 1)[-1]
+    print(f"  graph={result['config']['graph'].rsplit('.', 1)[-1]} attention={name}")
     st, cap = result["stats"], result["config"].get("memory_fraction")
     if "precision" in st:
         print(f"  precision={st['precision']} kv_cache={st['kv_cache']} offload={st['offload']}"
@@ -206,7 +229,8 @@ def _print(result: dict) -> None:
           f"warm-up {s['warmup_s']:.1f} s | peak {s['peak_memory_bytes'] / 2**30:.2f} GiB")  # fmt: skip
     if "floor" in result:
         f = result["floor"]
-        print(f"  floor {f['median_floor_ms']:.1f} ms (GEMM {f['matmul_tflops']:.0f} TFLOP/s, "
+        gemm = f.get("linear_tflops", f["matmul_tflops"])
+        print(f"  floor {f['median_floor_ms']:.1f} ms (GEMM {gemm:.0f} TFLOP/s, "
               f"attention {f['attention_tflops']:.0f} TFLOP/s) -> floor/measured "
               f"{f['floor_over_measured']:.2f}")  # fmt: skip
     for frames, p in result.get("peer", {}).items():

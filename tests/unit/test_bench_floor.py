@@ -40,3 +40,15 @@ def test_tokens_per_frame_follow_the_vae_factor():
     rollout = build_rollout(cfg)
     assert rollout.cache_tokens_per_frame() == (64 // 16 // 2) * (128 // 16 // 2)
     assert rollout.guidance.needs_negative
+
+
+def test_fp8_runs_charge_the_linears_at_the_fp8_gemm_rate():
+    cfg = compose_run(["recipe=self_forcing_wan21_t2v_1_3b", *TINY])
+    stats = {"steps": [{"step": 0}], "tokens_per_frame": 10, "forwards_per_step": 1}
+    bf16 = step_floor(cfg, stats, THROUGHPUT, 10)[0]["floor_ms"]
+    fp8 = step_floor(cfg, stats, {**THROUGHPUT, "linear_tflops": 1000.0}, 10)[0]["floor_ms"]
+    f = forward_flops(
+        cfg.model, cfg.rollout.frames_per_block * 10, cfg.rollout.frames_per_block * 10
+    )
+    steps = len(cfg.scheduler.timesteps)
+    assert bf16 - fp8 == pytest.approx(steps * f["linear"] * (1 / 500.0 - 1 / 1000.0) / 1e9)
