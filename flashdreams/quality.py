@@ -1,8 +1,9 @@
 """``quality=true``: measure a run against a ``precision=bf16`` reference of the same config.
 
 The reference is built from the same config with ``precision=bf16`` (no FP8 GEMMs, no FP8 KV
-cache), bf16 attention (``attention=cudnn_fp8`` becomes its SDPA fallback) and ``offload=none``, so it has the same seeded weights, the same prompt embeddings and
-the same noise draws (one generator seeded alike, drawn in the same order). After each AR step
+cache), bf16 attention (``attention=cudnn_fp8`` becomes its SDPA fallback) and
+``offload=none``, so it has the same seeded weights, the same prompt embeddings and the same
+noise draws (one generator seeded alike, drawn in the same order). After each AR step
 of the run, the reference runs the same step and we compare:
 
 * ``dit_cosine``: cosine similarity of each denoising step's DiT output (the flow the scheduler
@@ -55,6 +56,14 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 FP8_ATTENTION = "flashdreams.attention.cudnn_fp8.CudnnFp8Attention"
+MODES = ("free", "forced")  # quality_mode
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is a ``quality_mode``, else a one-line ConfigError."""
+    if mode not in MODES:
+        raise ConfigError(f"quality_mode={mode!r} is not {' | '.join(MODES)}")
+    return mode
 
 
 def reference_config(cfg: DictConfig) -> DictConfig:
@@ -117,9 +126,7 @@ class QualityReport:
     """
 
     def __init__(self, rollout, reference, mode: str = "free") -> None:
-        if mode not in ("free", "forced"):
-            raise ConfigError(f"quality_mode={mode!r} is not free | forced")
-        self.rollout, self.reference, self.mode = rollout, reference, mode
+        self.rollout, self.reference, self.mode = rollout, reference, check_mode(mode)
         forced = mode == "forced"
         rollout.scheduler = _RecordingScheduler(rollout.scheduler, keep_outputs=forced)
         reference.scheduler = _RecordingScheduler(reference.scheduler)
@@ -170,9 +177,7 @@ def build_quality(cfg: DictConfig, rollout) -> QualityReport:
     """The reference rollout of ``cfg`` wired to ``rollout``."""
     from flashdreams.build import build_rollout
 
-    mode = cfg.get("quality_mode", "free")
-    if mode not in ("free", "forced"):
-        raise ConfigError(f"quality_mode={mode!r} is not free | forced")
+    mode = check_mode(cfg.get("quality_mode", "free"))  # before building the reference
     if rollout.parallel.world_size > 1:
         raise ConfigError("quality=true needs parallel=single (the reference is a second "
                           "model in the same process)")  # fmt: skip

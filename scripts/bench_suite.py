@@ -35,8 +35,8 @@ SF = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", *FAST]
 # bidirectional Wan2.1-T2V-1.3B, 81 frames, 3 CFG steps; the attention group is added per run
 BIDIR13 = ["recipe=wan21_t2v_1_3b_480p", "scheduler.num_steps=3", "graph=compile"]
 # the same with FP8 attention (cuDNN FP8 SDPA) in place of SDPA-cuDNN
-SF_ATTN8 = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", "graph=compile_cuda_graph",
-            "attention=cudnn_fp8"]  # fmt: skip
+FAST8 = ["graph=compile_cuda_graph", "attention=cudnn_fp8"]
+SF_ATTN8 = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", *FAST8]
 IMAGE_ENC = ["conditioner.encoder.checkpoint=null"]
 CLIP = ["image_encoder.checkpoint=null", "image_encoder.processor=null"]
 IMAGE = "image={image}"  # filled with a generated test picture
@@ -273,7 +273,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         "bench",
         [
             "recipe=lingbot_world_fast_taehv_window15_sink3",
-            *SF_ATTN8[1:],
+            *FAST8,
             "precision=fp8",
             "conditioner.image.encoder.checkpoint=null",
             IMAGE,

@@ -176,10 +176,8 @@ class CudnnFp8Attention(AttentionBackend):
 
     @contextlib.contextmanager
     def exact(self):
-        if not self.has_exact_mode:
-            yield
-            return
-        self._exact, before = True, self._exact
+        before = self._exact
+        self._exact = before or self.has_exact_mode  # without the mode, calls stay FP8
         try:
             yield
         finally:

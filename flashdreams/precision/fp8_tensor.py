@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-_TINY = 1e-12  # floor of an amax: an all-zero tensor gets a tiny scale, not a division by 0
+from flashdreams.precision.fp8 import _EPS, FP8, FP8_MAX, dequantize
+
 _FLAT_BLOCK = 8192  # elements per program of the flat (contiguous) kernels
 _ROWS, _COLS = 16, 256  # tile of the strided kernels
 
@@ -26,7 +25,7 @@ def quantize_tensor(
     """
     if amax is None:
         amax = x.detach().abs().amax()
-    descale = amax.float().reshape(()).clamp(min=_TINY) / FP8_MAX
+    descale = amax.float().reshape(()).clamp(min=_EPS) / FP8_MAX
     q = (x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.contiguous(), descale.reshape(1, 1, 1, 1)
 
@@ -161,7 +160,7 @@ def dequantize_tensor(y: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype
     """``y * descale`` in ``dtype`` (y e4m3 contiguous, descale a one-element fp32 tensor)."""
     k = kernels() if y.device.type == "cuda" else None
     if k is None:
-        return (y.float() * descale.reshape(())).to(dtype)
+        return dequantize(y, descale.reshape(()), dtype)
     out = torch.empty(y.shape, device=y.device, dtype=dtype)
     n = y.numel()
     k["dequant_flat"][(_cdiv(n, _FLAT_BLOCK),)](y, descale, out, n, BLOCK=_FLAT_BLOCK)

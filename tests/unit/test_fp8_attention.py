@@ -11,7 +11,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from flashdreams import ConfigError
 from flashdreams.attention.cudnn_fp8 import CudnnFp8Attention, reference_fp8_attention
@@ -25,6 +24,7 @@ from flashdreams.precision.fp8_tensor import (
     quantize_tensor,
     running_amax,
 )
+from flashdreams.quality import cosine
 from tests.unit.test_config import compose_run
 
 
@@ -32,10 +32,6 @@ def _qkv(lq=200, lk=2500, heads=4, dim=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, n, heads, dim, generator=gen) for n in (lq, lk, lk))
     return q, k * 2, v
-
-
-def _cos(a, b):
-    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
 def test_quantize_tensor_round_trip_and_bound():
@@ -74,7 +70,7 @@ def test_emulation_is_close_to_sdpa_and_routes_short_and_masked_calls():
     out = attn(q, k, v)
     assert out.shape == ref.shape and not torch.equal(out, ref)
     rel = ((out - ref).norm() / ref.norm()).item()
-    assert rel < 0.15 and _cos(out, ref) > 0.99
+    assert rel < 0.15 and cosine(out, ref) > 0.99
     assert torch.equal(out, reference_fp8_attention(q, k, v))
     short = _qkv(lk=500)
     assert torch.equal(attn(*short), SdpaAttention()(*short))  # < min_kv_tokens: bf16 kernel
