@@ -1,7 +1,8 @@
 """Attention kernels side by side at the Wan shapes: time, TFLOP/s and error against bf16 SDPA.
 
 For each (Lq, Lk) it times, in one process on one GPU: SDPA pinned to cuDNN and to flash (bf16),
-an installed flash-attn 4 / FlashAttention-3 package (bf16),
+cuDNN over 2..N key chunks batched into one launch and merged by log-sum-exp (``kv_splits``; the
+launch alone too), an installed flash-attn 4 / FlashAttention-3 package (bf16, also split),
 ``attention=cudnn_fp8`` end to end (per-tensor quantization of Q/K/V + the FP8 kernel + O back to
 bf16), the FP8 kernel alone on pre-quantized inputs, and the quantization of K/V alone. Error of
 each against SDPA-cuDNN bf16 (relative L2, cosine), and of the FP8 kernel against the fp32
@@ -26,6 +27,7 @@ from flashdreams.attention.cudnn_fp8 import CudnnFp8Attention, reference_fp8_att
 from flashdreams.attention.flash_attn import FlashAttnAttention, find_flash_attn
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.bench import time_cuda
+from flashdreams.parallel.ring_attention import attention_lse
 from flashdreams.precision.fp8_tensor import quantize_tensor_device
 
 
@@ -35,7 +37,9 @@ def error(out: torch.Tensor, ref: torch.Tensor) -> dict:
             "cosine": float(F.cosine_similarity(o, r, dim=0))}  # fmt: skip
 
 
-def _row(lq: int, lk: int, h: int, d: int, backends: dict, fp8, repeats: int) -> dict:
+def _row(
+    lq: int, lk: int, h: int, d: int, backends: dict, fp8, repeats: int, max_splits: int
+) -> dict:
     """Every backend at one (Lq, Lk): median ms, TFLOP/s, error against SDPA-cuDNN bf16."""
     dev = torch.device("cuda")
     q = torch.randn(1, lq, h, d, device=dev, dtype=torch.bfloat16)
@@ -52,7 +56,16 @@ def _row(lq: int, lk: int, h: int, d: int, backends: dict, fp8, repeats: int) ->
     kb.kv_amax, vb.kv_amax = (x.abs().amax().float().reshape(1) for x in (k, v))
     ms = time_cuda(lambda: fp8(q, kb, vb), repeats)
     row["cudnn_fp8_kv_bound"] = {"ms": ms, "tflops": flops / ms / 1e9}
-    plan = fp8._plan(q, k)
+    for name, fn in backends.items():  # the split count "auto" chose for this shape
+        if getattr(fn, "kv_splits", 1) == "auto":  # fmt: skip
+            row[name]["splits"] = fn.splits_for(q, k)
+    for s in range(2, max_splits + 1):  # the batched launch alone, without the merge
+        if lk % s == 0:
+            qs = q.expand(s, lq, h, d).contiguous().transpose(1, 2)
+            ks, vs = (x.reshape(s, lk // s, h, d).transpose(1, 2) for x in (k, v))
+            ms = time_cuda(lambda qs=qs, ks=ks, vs=vs: attention_lse(qs, ks, vs, "cudnn"), repeats)
+            row[f"sdpa_cudnn_split{s}_kernel"] = {"ms": ms, "tflops": flops / ms / 1e9}
+    plan = fp8._plan(q, k) if fp8._kernel_ready(q) else None
     if plan is not None:
         (q8, dq), (k8, dk), (v8, dv) = (quantize_tensor_device(x) for x in (q, k, v))
         ms = time_cuda(lambda: plan.run(q8, dq, k8, dk, v8, dv), repeats)
@@ -70,6 +83,7 @@ def main() -> int:
     ap.add_argument("--lq", type=int, default=4680)
     ap.add_argument("--lk", default="4680,14040,23400,32760")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--max-splits", type=int, default=4, help="split-KV counts 2..N")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -80,20 +94,27 @@ def main() -> int:
     fp8 = CudnnFp8Attention(min_kv_tokens=0)
     backends = {"sdpa_cudnn": SdpaAttention("cudnn"), "sdpa_flash": SdpaAttention("flash"),
                 "cudnn_fp8": fp8}  # fmt: skip
+    for splits in (*range(2, args.max_splits + 1), "auto"):  # one launch over key chunks
+        backends[f"sdpa_cudnn_split{splits}"] = SdpaAttention("cudnn", kv_splits=splits)
     for version in ("4", "3"):  # optional FlashAttention packages, when installed
         if find_flash_attn(version)[1] is not None:
             backends[f"flash_attn{version}"] = FlashAttnAttention(version)
+            if version == "4":
+                for splits in (*range(2, args.max_splits + 1), "auto"):
+                    backends[f"flash_attn4_split{splits}"] = FlashAttnAttention(
+                        "4", kv_splits=splits
+                    )
 
     rows = []
     for lk in (int(x) for x in args.lk.split(",")):
-        rows.append(_row(args.lq, lk, h, d, backends, fp8, args.repeats))
+        rows.append(_row(args.lq, lk, h, d, backends, fp8, args.repeats, args.max_splits))
         print(json.dumps(rows[-1]), flush=True)
     # the kernel against the fp32 emulation of the same e4m3 scheme (small shape: the emulation
     # materializes the score matrix)
     q = torch.randn(1, 1024, h, d, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, 2048, h, d, device=dev, dtype=torch.bfloat16) * 3
     v = torch.randn(1, 2048, h, d, device=dev, dtype=torch.bfloat16) * 0.5
-    plan = fp8._plan(q, k)
+    plan = fp8._plan(q, k) if fp8._kernel_ready(q) else None
     o_fp8 = plan is not None and plan.out_dtype == torch.float8_e4m3fn
     parity = {"shape": [1024, 2048, h, d], "o_dtype": str(plan and plan.out_dtype),
               "kernel_vs_emulation": error(fp8(q, k, v), reference_fp8_attention(q, k, v, None, o_fp8)),

@@ -50,6 +50,30 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "gpu_tests": ("gpu", "pytest", ["tests/gpu"], "GPU correctness tests (policies, fp8, CP, MoE)"),
     "sf_bf16": ("gpu", "bench", SF, "Self-Forcing 1.3B reference workload, bf16"),
     "sf_fp8": ("gpu", "bench", [*SF, "precision=fp8"], "FP8 block GEMMs (target: -15 % step)"),
+    "sf_split": (
+        "gpu",
+        "bench",
+        [*SF, "attention.kv_splits=auto"],
+        "bf16, cuDNN attention over key chunks batched into one launch (last wave filled)",
+    ),
+    "sf_fa4": (
+        "gpu",
+        "bench",
+        [*SF[:2], "attention=flash_attn", "attention.version=4"],
+        "bf16, flash-attn 4 (CuTe DSL) attention, when installed",
+    ),
+    "sf_fa4_split": (
+        "gpu",
+        "bench",
+        [*SF[:2], "attention=flash_attn", "attention.version=4", "attention.kv_splits=auto"],
+        "bf16, flash-attn 4 over key chunks batched into one launch",
+    ),
+    "profile_fa4": (
+        "gpu",
+        "profile",
+        [*SF[:2], "attention=flash_attn", "attention.version=4"],
+        "kernel time of AR step 4 by op, bf16 with flash-attn 4",
+    ),
     "sf_fp8_kv": (
         "gpu",
         "bench",

@@ -14,6 +14,7 @@ import logging
 from flashdreams import ConfigError
 from flashdreams.attention.base import AttentionBackend
 from flashdreams.attention.sdpa import SdpaAttention
+from flashdreams.attention.split_kv import KvSplits, split_kv_attention
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,26 @@ class FlashAttnAttention(AttentionBackend):
     Args:
         version: ``auto`` (4, then 3, then 2) | ``4`` | ``3`` | ``2``.
         fallback: SDPA kernel used when the package cannot run a call.
+        kv_splits: flash-attn 4 only: the keys in that many equal chunks batched into one launch
+            and merged by log-sum-exp (``split_kv``; its own split-KV is not built for sm90);
+            ``auto`` picks the count from the shape and the SM count; 1 turns it off.
     """
 
-    def __init__(self, version: str = "auto", fallback: str = "cudnn") -> None:
+    def __init__(self, version: str = "auto", fallback: str = "cudnn",
+                 kv_splits: int | str = 1) -> None:  # fmt: skip
         version = str(version)
         if version != "auto" and version not in _PACKAGES:
             raise ConfigError(f"attention.version={version!r} is not one of auto, 4, 3, 2")
-        self.sdpa = SdpaAttention(fallback)
+        self._logged: set[str] = set()
+        self.splits_for = KvSplits(kv_splits, "attention")
+        # the fallback splits the keys the same way (where its kernel returns a log-sum-exp)
+        self.sdpa = SdpaAttention(fallback, kv_splits if fallback in ("cudnn", "flash") else 1)
         self.package, self._func = find_flash_attn(version)
         self.name = self.package.replace(" ", "") if self.package else self.sdpa.name
-        self._logged: set[str] = set()
+        self.kv_splits = kv_splits if self.package == "flash-attn 4" else 1
+        if self.package and kv_splits != 1 and self.kv_splits == 1:
+            self._once("splits", "attention.kv_splits is implemented for flash-attn 4 (and the "
+                       "SDPA fallback) only; %s runs unsplit", self.package)  # fmt: skip
         if self._func is None:
             self._once("missing", "attention=flash_attn: no flash-attn package (version %s) is "
                        "installed; using SDPA (%s)", version, fallback)  # fmt: skip
@@ -68,5 +79,13 @@ class FlashAttnAttention(AttentionBackend):
             self._once("call", "%s takes no mask and runs on CUDA only; such calls use SDPA",
                        self.package)  # fmt: skip
             return self.sdpa(q, k, v, mask)
+        if self.kv_splits != 1:
+            splits = self.splits_for(q, k)
+            if splits > 1:
+                return split_kv_attention(q, k, v, splits, self._attend_lse)
         out = self._func(q, k, v)
         return out[0] if isinstance(out, tuple) else out
+
+    def _attend_lse(self, q, k, v):
+        out, lse = self._func(q, k, v, return_lse=True)
+        return out.transpose(1, 2), lse

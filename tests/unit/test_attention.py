@@ -86,3 +86,51 @@ def test_flash_attn_missing_package_falls_back_with_one_line(caplog):
 def test_flash_attn_bad_version_is_one_line():
     with pytest.raises(ConfigError, match="attention.version='5'"):
         FlashAttnAttention(version="5")
+
+
+# --- split-KV attention (attention.kv_splits): the keys in equal chunks, one batched launch ---
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_split_kv_equals_one_call(splits):
+    from flashdreams.attention.split_kv import split_kv_attention
+
+    q, k, v = _qkv(lq=200, lk=600)
+    out = split_kv_attention(q, k, v, splits)
+    assert out.shape == q.shape
+    assert (out - SdpaAttention()(q, k, v)).abs().max() <= 1e-5
+
+
+def test_split_kv_rejects_uneven_chunks():
+    from flashdreams.attention.split_kv import split_kv_attention
+
+    q, k, v = _qkv(lq=10, lk=301)
+    with pytest.raises(ValueError, match="301 keys do not split into 2"):
+        split_kv_attention(q, k, v, 2)
+
+
+def test_choose_splits_fills_the_last_wave():
+    from flashdreams.attention.split_kv import choose_splits
+
+    # Self-Forcing 1.3B: 12 heads x 37 query tiles = 444 tiles on 132 SMs (3.36 waves, 84 % full)
+    assert choose_splits(1, 12, 4680, 32760, 132) == 2  # 888 tiles: 6.7 waves, 96 % full
+    assert choose_splits(1, 12, 4680, 4680, 132) == 2
+    assert choose_splits(1, 12, 4680, 3120, 132) == 1  # chunks would be < 2048 keys
+    assert choose_splits(1, 12, 32760, 32760, 132) == 1  # 3072 tiles: 23.3 waves, nothing to gain
+    assert choose_splits(1, 11, 1536, 8192, 132) == 1  # 132 tiles: exactly one full wave
+
+
+def test_kv_splits_setting_is_checked_and_routed():
+    attn = SdpaAttention("cudnn", kv_splits=2)
+    assert attn.name == "sdpa_cudnn_split2"
+    q, k, v = _qkv(lq=40, lk=100)
+    assert attn.splits_for(q, k) == 1  # CPU: one plain call
+    assert torch.equal(attn(q, k, v), SdpaAttention("cudnn")(q, k, v))
+    with pytest.raises(ConfigError, match="attention.kv_splits=0"):
+        SdpaAttention("cudnn", kv_splits=0)
+    with pytest.raises(ConfigError, match="attention.kv_splits='some'"):
+        SdpaAttention("cudnn", kv_splits="some")
+    with pytest.raises(ConfigError, match="needs attention.backend=cudnn"):
+        SdpaAttention("math", kv_splits=2)
+    with pytest.raises(ConfigError, match="attention.kv_splits=9"):
+        FlashAttnAttention("auto", kv_splits=9)
