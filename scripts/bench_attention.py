@@ -84,6 +84,9 @@ def main() -> int:
     ap.add_argument("--lk", default="4680,14040,23400,32760")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--max-splits", type=int, default=4, help="split-KV counts 2..N")
+    ap.add_argument(
+        "--fa4-tiles", default="", help="flash-attn 4 tiles to try, e.g. 128x176,192x128"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -68,6 +68,24 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         [*SF[:2], "attention=flash_attn", "attention.version=4", "attention.kv_splits=auto"],
         "bf16, flash-attn 4 over key chunks batched into one launch",
     ),
+    "sf_bf16_nofuse": (
+        "gpu",
+        "bench",
+        [*SF, "graph.fuse_gelu=false"],
+        "bf16 reference workload with the FFN GELU as its own kernel (the GEMM-epilogue fusion off)",
+    ),
+    "sf_fa4_tile176": (
+        "gpu",
+        "bench",
+        [
+            *SF[:2],
+            "attention=flash_attn",
+            "attention.version=4",
+            "attention.kv_splits=auto",
+            "attention.tile=[128,176]",
+        ],  # fmt: skip
+        "bf16, flash-attn 4 split, 128x176 tiles (FlashAttention-3's hdim-128 choice)",
+    ),
     "profile_fa4": (
         "gpu",
         "profile",
@@ -427,7 +445,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
 TINY = ["model.dim=64", "model.num_heads=4", "model.num_layers=2", "model.ffn_dim=128",
         "model.text_dim=32", "model.text_len=16", "device=cpu", "dtype=float32", "graph=eager",
         "attention=sdpa", "rollout.height=32", "rollout.width=32", "rollout.total_blocks=3"]  # fmt: skip
-TINY_DROP = ("graph=", "attention=", "precision", "bench.memory_fraction=",
+TINY_DROP = ("graph=", "graph.", "attention=", "attention.", "precision", "bench.memory_fraction=",
              "rollout.total_blocks=", "vae.compile=", "rollout.overlap_decode=", "quality=")  # fmt: skip
 TINY_PARTS = {"vae.base_dim=8": ("wan21_t2v", "wan21_i2v", "wan22", "causal_wan22"),
               "conditioner.encoder.base_dim=8": ("cf_i2v", "wan21_i2v", "causal_wan22", "wan22_ti2v"),

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from functools import partial
+
+import torch
 
 from flashdreams import ConfigError
 from flashdreams.attention.base import AttentionBackend
@@ -37,6 +40,13 @@ def find_flash_attn(version: str):
     return None, None
 
 
+def _tiled(fwd, tile, q, k, v, return_lse=False):
+    """flash-attn 4's forward with an explicit tile; ``(out, lse)`` as its public function."""
+    with torch.no_grad():
+        out, lse = fwd(q, k, v, tile_mn=tile, return_lse=return_lse)[:2]
+    return (out, lse) if return_lse else out
+
+
 class FlashAttnAttention(AttentionBackend):
     """A FlashAttention package's kernel, with pinned SDPA as the clean fallback.
 
@@ -46,10 +56,12 @@ class FlashAttnAttention(AttentionBackend):
         kv_splits: flash-attn 4 only: the keys in that many equal chunks batched into one launch
             and merged by log-sum-exp (``split_kv``; its own split-KV is not built for sm90);
             ``auto`` picks the count from the shape and the SM count; 1 turns it off.
+        tile: flash-attn 4 only: ``[tile_m, tile_n]`` of its forward kernel in place of the
+            package's per-architecture choice (through its internal ``_flash_attn_fwd``).
     """
 
     def __init__(self, version: str = "auto", fallback: str = "cudnn",
-                 kv_splits: int | str = 1) -> None:  # fmt: skip
+                 kv_splits: int | str = 1, tile: list[int] | None = None) -> None:  # fmt: skip
         version = str(version)
         if version != "auto" and version not in _PACKAGES:
             raise ConfigError(f"attention.version={version!r} is not one of auto, 4, 3, 2")
@@ -60,6 +72,14 @@ class FlashAttnAttention(AttentionBackend):
         self.package, self._func = find_flash_attn(version)
         self.name = self.package.replace(" ", "") if self.package else self.sdpa.name
         self.kv_splits = kv_splits if self.package == "flash-attn 4" else 1
+        if tile is not None and (len(tile) != 2 or any(int(t) % 16 for t in tile)):
+            raise ConfigError(f"attention.tile={list(tile)!r} is not [tile_m, tile_n], multiples "
+                              "of 16")  # fmt: skip
+        self.tile = tuple(int(t) for t in tile) if tile is not None else None
+        if self.tile is not None and self.package == "flash-attn 4":
+            from flash_attn.cute.interface import _flash_attn_fwd
+
+            self._func = partial(_tiled, _flash_attn_fwd, self.tile)
         if self.package and kv_splits != 1 and self.kv_splits == 1:
             self._once("splits", "attention.kv_splits is implemented for flash-attn 4 (and the "
                        "SDPA fallback) only; %s runs unsplit", self.package)  # fmt: skip

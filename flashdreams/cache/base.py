@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from flashdreams.cache.scatter import write_rows
 from flashdreams.precision.fp8 import FP8, dequantize, quantize_rowwise
 from flashdreams.precision.fp8_tensor import running_amax
 
@@ -139,7 +140,7 @@ class KVCache:
             running_amax(self.v_amax[layer], v)
         for buffers, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             if scales is None:
-                buffers[layer].index_copy_(1, index, x.to(buffers[layer].dtype))
+                write_rows(buffers[layer], index, x)
                 continue
             q, scale = quantize_rowwise(x)  # (B, n, H, D) e4m3, (B, n, H, 1) fp32
             buffers[layer].view(torch.uint8).index_copy_(1, index, q.view(torch.uint8))

@@ -8,15 +8,19 @@ from torch import nn
 from flashdreams.graph.eager import EagerPolicy
 
 
-def compile_blocks(model: nn.Module, mode: str, dynamic: bool | None) -> nn.Module:
+def compile_blocks(model: nn.Module, mode: str, dynamic: bool | None,
+                   fuse_gelu: bool = True) -> nn.Module:  # fmt: skip
     """Compile the attention-free regions of every block in place.
 
     Blocks name their regions in ``_compile_regions`` (static shapes: the block's tokens);
     attention stays on its pinned kernel. All blocks share the compiled code (parameters are
-    graph inputs), so compile time does not grow with depth.
+    graph inputs), so compile time does not grow with depth. Before compiling, q/k/v become one
+    projection and (``fuse_gelu``) the FFN's first linear takes its GELU as a GEMM epilogue.
     """
     for block in model.blocks:
         block.self_attn.fuse_qkv()
+        if fuse_gelu and hasattr(block, "fuse_ffn_gelu"):
+            block.fuse_ffn_gelu()
         for name in getattr(block, "_compile_regions", ()):
             region = getattr(block, name)
             setattr(block, name, torch.compile(region, mode=mode, dynamic=dynamic, fullgraph=True))
@@ -29,13 +33,15 @@ class CompilePolicy(EagerPolicy):
     Args:
         mode: Inductor mode; ``max-autotune-no-cudagraphs`` autotunes GEMMs without capturing.
         dynamic: passed to ``torch.compile`` (the regions have static shapes; False is right).
+        fuse_gelu: the FFN's first linear + GELU as one GEMM with a GELU epilogue.
     """
 
     name = "compile"
 
-    def __init__(self, mode: str = "default", dynamic: bool | None = False):
-        self.mode, self.dynamic = mode, dynamic
+    def __init__(self, mode: str = "default", dynamic: bool | None = False,
+                 fuse_gelu: bool = True):  # fmt: skip
+        self.mode, self.dynamic, self.fuse_gelu = mode, dynamic, fuse_gelu
 
     def prepare(self, model: nn.Module) -> nn.Module:
         torch.set_float32_matmul_precision("high")
-        return compile_blocks(model, self.mode, self.dynamic)
+        return compile_blocks(model, self.mode, self.dynamic, self.fuse_gelu)

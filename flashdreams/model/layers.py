@@ -143,3 +143,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     sin = sin[None, :, None, :]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).to(x.dtype)
+
+
+@torch.library.custom_op("flashdreams::linear_gelu_tanh", mutates_args=())
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(x @ weight.T + bias)`` as one GEMM on CUDA: cuBLASLt's GELU+bias epilogue
+    (the tanh approximation, applied to the fp32 accumulator), so the (L, ffn_dim) hidden layer
+    is written once instead of written, read and written again by a separate GELU kernel.
+
+    A custom op, so ``torch.compile`` keeps it whole (Inductor would otherwise split the GEMM
+    from its activation). On CPU: the same math with separate ops.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    if x.is_cuda and flat.shape[0] > 1:
+        out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
+    else:
+        out = F.gelu(F.linear(flat, weight, bias), approximate="tanh")
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@linear_gelu_tanh.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class LinearGeluTanh(nn.Module):
+    """``nn.Sequential(linear, nn.GELU("tanh"))`` as one ``linear_gelu_tanh`` call; shares the
+    linear's parameters (a loaded checkpoint stays valid)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_gelu_tanh(x.to(self.weight.dtype), self.weight, self.bias)

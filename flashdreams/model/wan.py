@@ -17,6 +17,7 @@ from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.base import KVCache
 from flashdreams.model.camera import CameraEncoder, CameraInjector
 from flashdreams.model.layers import (
+    LinearGeluTanh,
     RMSNorm,
     Rope3D,
     apply_rope,
@@ -142,6 +143,13 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
         self.camera_injector = CameraInjector(dim) if camera else None
+
+    @torch.no_grad()
+    def fuse_ffn_gelu(self) -> None:
+        """The FFN's first linear and its GELU(tanh) as one GEMM with a GELU epilogue
+        (``LinearGeluTanh``, same parameters); skipped when the linear was replaced (FP8)."""
+        if type(self.ffn[0]) is nn.Linear and isinstance(self.ffn[1], nn.GELU):
+            self.ffn[0], self.ffn[1] = LinearGeluTanh(self.ffn[0]), nn.Identity()
 
     def _mod(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """shift1, scale1, gate1, shift2, scale2, gate2: each (B, F, C) fp32."""
