@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("flashdreams.bench")
 
@@ -173,11 +173,12 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     from flashdreams.build import build_model, resolve_dtype
 
     stats = json.loads((run_dir / "stats.json").read_text())
+    plain = partial(OmegaConf.to_container, resolve=True)
     result: dict[str, Any] = {"stats": stats, "config": {"graph": cfg.graph._target_,
-                              "attention": dict(cfg.attention)}}  # fmt: skip
+                              "attention": plain(cfg.attention)}}  # fmt: skip
     bench = cfg.get("bench") or {}
     if "precision" in cfg:
-        result["config"].update(precision=dict(cfg.precision), offload=cfg.get("offload"),
+        result["config"].update(precision=plain(cfg.precision), offload=cfg.get("offload"),
                                 memory_fraction=bench.get("memory_fraction"))  # fmt: skip
     if torch.cuda.is_available():
         m, r = cfg.model, cfg.rollout

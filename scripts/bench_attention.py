@@ -107,6 +107,11 @@ def main() -> int:
                     backends[f"flash_attn4_split{splits}"] = FlashAttnAttention(
                         "4", kv_splits=splits
                     )
+                for tile in filter(None, args.fa4_tiles.split(",")):
+                    m, n = (int(x) for x in tile.split("x"))
+                    for splits in (1, "auto"):
+                        backends[f"flash_attn4_{tile}_split{splits}"] = FlashAttnAttention(
+                            "4", kv_splits=splits, tile=[m, n])  # fmt: skip
 
     rows = []
     for lk in (int(x) for x in args.lk.split(",")):

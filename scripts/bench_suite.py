@@ -86,6 +86,12 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         ],  # fmt: skip
         "bf16, flash-attn 4 split, 128x176 tiles (FlashAttention-3's hdim-128 choice)",
     ),
+    "wan21_t2v_bidir_fa4": (
+        "gpu",
+        "bench",
+        [*BIDIR13, "attention=flash_attn", "attention.version=4", CLIPS3],
+        "bidirectional 1.3B, 81 frames, bf16 with flash-attn 4 (target <= 500 ms per forward)",
+    ),
     "profile_fa4": (
         "gpu",
         "profile",
