@@ -71,8 +71,8 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "sf_bf16_nofuse": (
         "gpu",
         "bench",
-        [*SF, "graph.fuse=false"],
-        "bf16 reference workload without the hand-written fusions (GELU epilogue, q/k norm + RoPE)",
+        [*SF, "graph.fuse_gelu=false"],
+        "bf16 reference workload with the FFN GELU as its own kernel (the GEMM-epilogue fusion off)",
     ),
     "sf_fa4_tile176": (
         "gpu",

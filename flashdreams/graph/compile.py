@@ -9,21 +9,18 @@ from flashdreams.graph.eager import EagerPolicy
 
 
 def compile_blocks(model: nn.Module, mode: str, dynamic: bool | None,
-                   fuse: bool = True) -> nn.Module:  # fmt: skip
+                   fuse_gelu: bool = True) -> nn.Module:  # fmt: skip
     """Compile the attention-free regions of every block in place.
 
     Blocks name their regions in ``_compile_regions`` (static shapes: the block's tokens);
     attention stays on its pinned kernel. All blocks share the compiled code (parameters are
     graph inputs), so compile time does not grow with depth. Before compiling, q/k/v become one
-    projection and, with ``fuse``, the hand-written fusions Inductor does not find are installed:
-    the FFN's first linear takes its GELU as a GEMM epilogue, and q/k RMS norm + RoPE run as one
-    Triton pass over the projection.
+    projection and (``fuse_gelu``) the FFN's first linear takes its GELU as a GEMM epilogue.
     """
     for block in model.blocks:
         block.self_attn.fuse_qkv()
-        if fuse and hasattr(block, "fuse_ffn_gelu"):
+        if fuse_gelu and hasattr(block, "fuse_ffn_gelu"):
             block.fuse_ffn_gelu()
-            block.self_attn.fuse_qk_norm_rope()
         for name in getattr(block, "_compile_regions", ()):
             region = getattr(block, name)
             setattr(block, name, torch.compile(region, mode=mode, dynamic=dynamic, fullgraph=True))
@@ -36,15 +33,15 @@ class CompilePolicy(EagerPolicy):
     Args:
         mode: Inductor mode; ``max-autotune-no-cudagraphs`` autotunes GEMMs without capturing.
         dynamic: passed to ``torch.compile`` (the regions have static shapes; False is right).
-        fuse: install the hand-written fusions (FFN GEMM + GELU epilogue, q/k norm + RoPE kernel).
+        fuse_gelu: the FFN's first linear + GELU as one GEMM with a GELU epilogue.
     """
 
     name = "compile"
 
     def __init__(self, mode: str = "default", dynamic: bool | None = False,
-                 fuse: bool = True):  # fmt: skip
-        self.mode, self.dynamic, self.fuse = mode, dynamic, fuse
+                 fuse_gelu: bool = True):  # fmt: skip
+        self.mode, self.dynamic, self.fuse_gelu = mode, dynamic, fuse_gelu
 
     def prepare(self, model: nn.Module) -> nn.Module:
         torch.set_float32_matmul_precision("high")
-        return compile_blocks(model, self.mode, self.dynamic, self.fuse)
+        return compile_blocks(model, self.mode, self.dynamic, self.fuse_gelu)

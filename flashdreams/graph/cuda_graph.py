@@ -79,15 +79,15 @@ class CudaGraphPolicy(GraphPolicy):
         mode: Inductor mode when compiling.
         warmup: eager runs before each capture.
         precapture: capture every future shape during warm-up.
-        fuse: when compiling, the hand-written fusions (``compile_blocks``).
+        fuse_gelu: when compiling, the FFN's first linear + GELU as one GEMM (GELU epilogue).
     """
 
     name = "cuda_graph"
 
     def __init__(self, compile: bool = False, mode: str = "max-autotune-no-cudagraphs",
-                 warmup: int = 2, precapture: bool = True, fuse: bool = True) -> None:  # fmt: skip
+                 warmup: int = 2, precapture: bool = True, fuse_gelu: bool = True) -> None:  # fmt: skip
         self.compile, self.mode, self.warmup, self.precapture = compile, mode, warmup, precapture
-        self.fuse = fuse
+        self.fuse_gelu = fuse_gelu
         self.name = "compile_cuda_graph" if compile else "cuda_graph"  # the option's name
         self.graphs: dict[Hashable, _Captured] = {}
         self.pool = None
@@ -100,7 +100,7 @@ class CudaGraphPolicy(GraphPolicy):
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.compile:
             torch.set_float32_matmul_precision("high")
-            compile_blocks(model, self.mode, dynamic=False, fuse=self.fuse)
+            compile_blocks(model, self.mode, dynamic=False, fuse_gelu=self.fuse_gelu)
         return model
 
     def run(self, fn, *args, shape_key):

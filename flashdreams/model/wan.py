@@ -25,7 +25,6 @@ from flashdreams.model.layers import (
     modulate,
     sinusoidal_embedding,
 )
-from flashdreams.model.qk_rope import qk_norm_rope
 from flashdreams.parallel.base import SequenceParallel
 
 CrossKV = tuple[torch.Tensor, ...]  # (k, v) or (k, v, k_img, v_img), each (B, Lc, H, D)
@@ -48,7 +47,6 @@ class SelfAttention(nn.Module):
         self.qkv_weight: torch.Tensor | None = None  # (3 dim, dim) once fused
         self.qkv_bias: torch.Tensor | None = None
         self.qkv: nn.Module | None = None  # a fused q/k/v module (precision=fp8 installs one)
-        self.qk_norm_weight: torch.Tensor | None = None  # (2 dim,) with fuse_qk_norm_rope
 
     @torch.no_grad()
     def fuse_qkv(self) -> None:
@@ -75,13 +73,6 @@ class SelfAttention(nn.Module):
         """
         for layer, rows in self.qkv_rows():
             layer.weight.data, layer.bias.data = self.qkv_weight[rows], self.qkv_bias[rows]
-
-    @torch.no_grad()
-    def fuse_qk_norm_rope(self) -> None:
-        """Normalize and rotate q and k with one kernel (``qk_norm_rope``) once q/k/v are one
-        projection; the two norm scales become one (2 dim,) tensor."""
-        if self.qkv_weight is not None or self.qkv is not None:
-            self.qk_norm_weight = torch.cat([self.norm_q.weight, self.norm_k.weight])
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections of (B, L, C) tokens: one GEMM once fused, else three."""
@@ -177,12 +168,6 @@ class WanBlock(nn.Module):
         h = modulate(layer_norm_fp32(x, self.norm1).unflatten(1, (e0.shape[1], -1)), shift, scale)
         h = h.flatten(1, 2).to(sa.q.weight.dtype)
         heads = (sa.num_heads, -1)
-        if sa.qk_norm_weight is not None and h.is_cuda:  # one kernel over the q|k columns
-            qkv = sa.qkv(h) if sa.qkv is not None else F.linear(h, sa.qkv_weight, sa.qkv_bias)
-            width = qkv.shape[-1] // 3
-            q, k = qk_norm_rope(qkv[..., : 2 * width], sa.qk_norm_weight, cos, sin,
-                                sa.num_heads, sa.norm_q.eps).unbind(0)  # fmt: skip
-            return q, k, qkv[..., 2 * width :].unflatten(-1, heads)
         q, k, v = sa.project(h)
         q = sa.norm_q(q).unflatten(-1, heads)  # (B, L, H, D)
         k = sa.norm_k(k).unflatten(-1, heads)
