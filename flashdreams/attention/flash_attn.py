@@ -69,6 +69,7 @@ class FlashAttnAttention(AttentionBackend):
         self.splits_for = KvSplits(kv_splits, "attention")
         # the fallback splits the keys the same way (where its kernel returns a log-sum-exp)
         self.sdpa = SdpaAttention(fallback, kv_splits if fallback in ("cudnn", "flash") else 1)
+        self.backend = self.sdpa.backend  # the SDPA kernel of log-sum-exp paths (ring attention)
         self.package, self._func = find_flash_attn(version)
         self.name = self.package.replace(" ", "") if self.package else self.sdpa.name
         self.kv_splits = kv_splits if self.package == "flash-attn 4" else 1

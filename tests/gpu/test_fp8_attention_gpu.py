@@ -18,6 +18,7 @@ from flashdreams.attention.cudnn_fp8 import (
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.build import build_rollout
 from flashdreams.quality import cosine
+from tests.gpu.graph_replay import replay_equals_eager
 from tests.gpu.test_graph_policies import BASE
 from tests.unit.test_config import compose_run
 
@@ -65,21 +66,8 @@ def test_fused_qkv_view_is_read_in_place():
 
 
 def test_cuda_graph_replay_equals_eager():
-    q, k, v = _qkv()
-    attn = CudnnFp8Attention(min_kv_tokens=0)
-    static = [x.clone() for x in (q, k, v)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        attn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = attn(*static)
-    for x, scale in zip(static, (0.5, 3.0, 2.0), strict=True):
-        x.mul_(scale)
-    graph.replay()
-    assert torch.equal(captured, attn(*static))
+    static = [x.clone() for x in _qkv()]
+    assert replay_equals_eager(CudnnFp8Attention(min_kv_tokens=0), static)
 
 
 def _latents(overrides):

@@ -13,6 +13,7 @@ import torch
 from flashdreams.attention.flash_attn import FlashAttnAttention, find_flash_attn
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.attention.split_kv import merge, merge_torch, sdpa_lse, split_kv_attention
+from tests.gpu.graph_replay import replay_equals_eager
 from tests.gpu.test_graph_policies import _latents
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -57,20 +58,8 @@ def test_auto_splits_at_the_1_3b_shape():
 
 
 def test_cuda_graph_replay_equals_eager():
-    attn = SdpaAttention("cudnn", kv_splits=2)
     static = [x.clone() for x in _qkv()]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        attn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = attn(*static)
-    for x, scale in zip(static, (0.5, 3.0, 2.0), strict=True):
-        x.mul_(scale)
-    graph.replay()
-    assert torch.equal(captured, attn(*static))
+    assert replay_equals_eager(SdpaAttention("cudnn", kv_splits=2), static)
 
 
 @pytest.fixture(scope="module")

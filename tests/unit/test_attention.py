@@ -118,6 +118,7 @@ def test_choose_splits_fills_the_last_wave():
     assert choose_splits(1, 12, 4680, 3120, 132) == 1  # chunks would be < 2048 keys
     assert choose_splits(1, 12, 32760, 32760, 132) == 1  # 3072 tiles: 23.3 waves, nothing to gain
     assert choose_splits(1, 11, 1536, 8192, 132) == 1  # 132 tiles: exactly one full wave
+    assert choose_splits(1, 40, 4680, 32760, 132) == 1  # 14B: 0.93 full; 3 chunks measured slower
 
 
 def test_kv_splits_setting_is_checked_and_routed():
