@@ -2,8 +2,9 @@
 flash-attn-4 ``flash_attn.cute``) on (B, L, H, D) tensors, their native layout.
 
 None of them is a dependency: when the requested package is not importable, the device is not
-CUDA, or a call carries a mask (these entry points take none), the call goes to pinned SDPA. The
-first fallback of each kind is logged once, never raised.
+CUDA, a call carries a mask (these entry points take none), or the package raises on a shape
+(an unsupported GPU, head size or dtype: from then on that shape goes straight to SDPA), the call
+goes to pinned SDPA. The first fallback of each kind is logged once, never raised.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class FlashAttnAttention(AttentionBackend):
         if version != "auto" and version not in _PACKAGES:
             raise ConfigError(f"attention.version={version!r} is not one of auto, 4, 3, 2")
         self._logged: set[str] = set()
+        self._failed: set[tuple] = set()  # shapes the package raised on: SDPA runs them
         self.splits_for = KvSplits(kv_splits, "attention")
         # the fallback splits the keys the same way (where its kernel returns a log-sum-exp)
         self.sdpa = SdpaAttention(fallback, kv_splits if fallback in ("cudnn", "flash") else 1)
@@ -85,27 +87,46 @@ class FlashAttnAttention(AttentionBackend):
             self._once("splits", "attention.kv_splits is implemented for flash-attn 4 (and the "
                        "SDPA fallback) only; %s runs unsplit", self.package)  # fmt: skip
         if self._func is None:
-            self._once("missing", "attention=flash_attn: no flash-attn package (version %s) is "
-                       "installed; using SDPA (%s)", version, fallback)  # fmt: skip
+            self._once("missing", "attention: no flash-attn package (version %s) is installed; "
+                       "using SDPA (%s)", version, fallback)  # fmt: skip
 
     def _once(self, kind: str, msg: str, *args) -> None:
         if kind not in self._logged:
             self._logged.add(kind)
             log.info(msg, *args)
 
-    def __call__(self, q, k, v, mask=None):
+    def _kernel_takes(self, q, mask) -> bool:
+        """Whether the package's kernel is asked at all (installed, CUDA, no mask)."""
         if self._func is None:
-            return self.sdpa(q, k, v, mask)
+            return False
         if q.device.type != "cuda" or mask is not None:
             self._once("call", "%s takes no mask and runs on CUDA only; such calls use SDPA",
                        self.package)  # fmt: skip
+            return False
+        return True
+
+    def __call__(self, q, k, v, mask=None):
+        if not self._kernel_takes(q, mask):
             return self.sdpa(q, k, v, mask)
-        if self.kv_splits != 1:
-            splits = self.splits_for(q, k)
-            if splits > 1:
-                return split_kv_attention(q, k, v, splits, self._attend_lse)
-        out = self._func(q, k, v)
-        return out[0] if isinstance(out, tuple) else out
+        shape = (tuple(q.shape), k.shape[1], q.dtype)
+        if shape in self._failed:
+            return self.sdpa(q, k, v)
+        try:
+            if self.kv_splits != 1:
+                splits = self.splits_for(q, k)
+                if splits > 1:
+                    return split_kv_attention(q, k, v, splits, self._attend_lse)
+            out = self._func(q, k, v)
+            return out[0] if isinstance(out, tuple) else out
+        except Exception as err:  # the package declines this GPU / shape / dtype: SDPA takes it
+            if q.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise  # the first call of a shape runs eagerly (warm-up); never hide a capture
+            self._failed.add(shape)
+            self._once(f"failed {shape}", "%s cannot run q %s over %d keys (%s: %s); SDPA (%s) "
+                       "takes these calls", self.package, list(q.shape), k.shape[1],
+                       type(err).__name__, str(err).splitlines()[0] if str(err) else "",
+                       self.sdpa.backend)  # fmt: skip
+            return self.sdpa(q, k, v)
 
     def _attend_lse(self, q, k, v):
         out, lse = self._func(q, k, v, return_lse=True)

@@ -135,3 +135,40 @@ def test_kv_splits_setting_is_checked_and_routed():
         SdpaAttention("math", kv_splits=2)
     with pytest.raises(ConfigError, match="attention.kv_splits=9"):
         FlashAttnAttention("auto", kv_splits=9)
+
+
+def test_flash_attn_package_error_falls_back_per_shape_with_one_line(caplog):
+    attn = FlashAttnAttention("2")
+    calls = []
+
+    def declines(q, k, v, **kw):
+        calls.append(q.shape)
+        raise AssertionError("head_dim 48 is not supported on this GPU\nsecond line")
+
+    attn.package, attn._func = "flash-attn 4", declines
+    attn._kernel_takes = lambda q, mask: True  # as on a GPU: the package is asked first
+    q, k, v = _qkv(lq=50, lk=80)
+    with caplog.at_level(logging.INFO, logger="flashdreams.attention.flash_attn"):
+        out = attn(q, k, v)
+        again = attn(q, k, v)
+    assert torch.equal(out, SdpaAttention("cudnn")(q, k, v)) and torch.equal(again, out)
+    assert len(calls) == 1  # the shape is remembered: the package is not asked again
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "cannot run q [2, 50, 4, 32] over 80 keys" in lines[0]
+    assert "AssertionError: head_dim 48 is not supported on this GPU" in lines[0]
+    assert "second line" not in lines[0]
+
+
+def test_fast_attention_composes_in_the_streaming_recipes():
+    from hydra.utils import instantiate
+
+    from tests.unit.test_config import compose_run
+
+    for recipe in ("self_forcing_wan21_t2v_1_3b_taehv", "causal_forcing_wan21_t2v_1_3b_framewise",
+                   "lingbot_world_fast", "causal_wan22_a14b_480p"):  # fmt: skip
+        cfg = compose_run([f"recipe={recipe}"])
+        assert cfg.attention.kv_splits == "auto" and str(cfg.attention.version) == "4"
+        attn = instantiate(cfg.attention)
+        assert isinstance(attn, FlashAttnAttention) and attn.sdpa.backend == "cudnn"
+        q, k, v = _qkv(lq=30, lk=60)  # CPU: SDPA, unsplit
+        assert torch.equal(attn(q, k, v), SdpaAttention()(q, k, v))
