@@ -118,6 +118,8 @@ class FlashAttnAttention(AttentionBackend):
                     return split_kv_attention(q, k, v, splits, self._attend_lse)
             out = self._func(q, k, v)
             return out[0] if isinstance(out, tuple) else out
+        except torch.OutOfMemoryError:
+            raise
         except Exception as err:  # the package declines this GPU / shape / dtype: SDPA takes it
             if q.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise  # the first call of a shape runs eagerly (warm-up); never hide a capture

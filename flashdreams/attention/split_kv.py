@@ -21,12 +21,6 @@ import torch
 from flashdreams import ConfigError
 from flashdreams.parallel.ring_attention import attention_lse
 
-try:  # Triton is optional (CPU installs); the torch merge is the fallback and the reference
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on installs without triton
-    triton = None
-
 #: query rows per tile assumed by ``choose_splits`` (cuDNN and FlashAttention use 128 at D=128)
 TILE_M = 128
 
@@ -63,47 +57,62 @@ def merge_torch(out: torch.Tensor, lse: torch.Tensor, splits: int) -> torch.Tens
     return (w * out).sum(1).transpose(1, 2)
 
 
-if triton is not None:
+_MERGE: object = False  # False: not built yet; None: no Triton (the torch merge runs)
 
-    @triton.jit
-    def _merge_kernel(o_ptr, lse_ptr, out_ptr, lq, heads,
-                      so_b, so_h, so_l, so_d, sl_b, sl_h, sl_l, st_b, st_l, st_h,
-                      S: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        pid_l, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // heads, bh % heads
-        rows = pid_l * BLOCK + tl.arange(0, BLOCK)
-        live = rows < lq
-        cols = tl.arange(0, D)
-        top = tl.full([BLOCK], float("-inf"), tl.float32)
-        for s in tl.static_range(S):
-            lse = tl.load(lse_ptr + (b * S + s) * sl_b + h * sl_h + rows * sl_l, mask=live,
-                          other=0.0)  # fmt: skip
-            top = tl.maximum(top, lse)
-        acc = tl.zeros([BLOCK, D], tl.float32)
-        den = tl.zeros([BLOCK], tl.float32)
-        for s in tl.static_range(S):
-            lse = tl.load(lse_ptr + (b * S + s) * sl_b + h * sl_h + rows * sl_l, mask=live,
-                          other=0.0)  # fmt: skip
-            w = tl.exp(lse - top)
-            den += w
-            o = tl.load(o_ptr + (b * S + s) * so_b + h * so_h + rows[:, None] * so_l
-                        + cols[None, :] * so_d, mask=live[:, None], other=0.0)  # fmt: skip
-            acc += w[:, None] * o.to(tl.float32)
-        acc = acc / den[:, None]
-        tl.store(out_ptr + b * st_b + rows[:, None] * st_l + h * st_h + cols[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=live[:, None])  # fmt: skip
+
+def _merge_kernel():
+    global _MERGE
+    if _MERGE is False:
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            _MERGE = None
+            return None
+
+        @triton.jit
+        def merge_splits(o_ptr, lse_ptr, out_ptr, lq, heads,
+                         so_b, so_h, so_l, so_d, sl_b, sl_h, sl_l, st_b, st_l, st_h,
+                         S: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+            pid_l, bh = tl.program_id(0), tl.program_id(1)
+            b, h = bh // heads, bh % heads
+            rows = pid_l * BLOCK + tl.arange(0, BLOCK)
+            live = rows < lq
+            cols = tl.arange(0, D)
+            top = tl.full([BLOCK], float("-inf"), tl.float32)
+            for s in tl.static_range(S):
+                lse = tl.load(lse_ptr + (b * S + s) * sl_b + h * sl_h + rows * sl_l, mask=live,
+                              other=0.0)  # fmt: skip
+                top = tl.maximum(top, lse)
+            acc = tl.zeros([BLOCK, D], tl.float32)
+            den = tl.zeros([BLOCK], tl.float32)
+            for s in tl.static_range(S):
+                lse = tl.load(lse_ptr + (b * S + s) * sl_b + h * sl_h + rows * sl_l, mask=live,
+                              other=0.0)  # fmt: skip
+                w = tl.exp(lse - top)
+                den += w
+                o = tl.load(o_ptr + (b * S + s) * so_b + h * so_h + rows[:, None] * so_l
+                            + cols[None, :] * so_d, mask=live[:, None], other=0.0)  # fmt: skip
+                acc += w[:, None] * o.to(tl.float32)
+            acc = acc / den[:, None]
+            tl.store(out_ptr + b * st_b + rows[:, None] * st_l + h * st_h + cols[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=live[:, None])  # fmt: skip
+
+        _MERGE = merge_splits
+    return _MERGE
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, splits: int, dtype: torch.dtype) -> torch.Tensor:
     """Log-sum-exp merge of ``splits`` partial outputs into (B, Lq, H, D) ``dtype`` (one fused
     Triton kernel on CUDA, torch ops elsewhere)."""
     bs, h, lq, d = out.shape
-    if triton is None or out.device.type != "cuda" or d & (d - 1):
+    kernel = _merge_kernel() if out.device.type == "cuda" and not d & (d - 1) else None
+    if kernel is None:
         return merge_torch(out, lse, splits).to(dtype)
     res = torch.empty(bs // splits, lq, h, d, device=out.device, dtype=dtype)
     block = 64
-    grid = (triton.cdiv(lq, block), (bs // splits) * h)
-    _merge_kernel[grid](out, lse, res, lq, h, *out.stride(), *lse.stride(), *res.stride()[:3],
+    grid = (-(-lq // block), (bs // splits) * h)
+    kernel[grid](out, lse, res, lq, h, *out.stride(), *lse.stride(), *res.stride()[:3],
                         S=splits, D=d, BLOCK=block, num_warps=4)  # fmt: skip
     return res
 

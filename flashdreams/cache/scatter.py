@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from flashdreams.precision.fp8_tensor import _rows
+from flashdreams.precision.fp8_tensor import as_rows
 
 _KERNEL: object = False  # False: not looked up yet; None: no Triton
 _BLOCK_R, _BLOCK_C = 16, 512
@@ -51,7 +51,7 @@ def write_rows(buffer: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> No
         buffer.index_copy_(1, index, x.to(buffer.dtype))
         return
     b, cap = buffer.shape[:2]
-    src = _rows(x)  # (B * n, H * D) with unit column stride
+    src = as_rows(x)  # (B * n, H * D) with unit column stride
     rows, cols = src.shape
     grid = (-(-rows // _BLOCK_R), -(-cols // _BLOCK_C))
     kernel[grid](src, buffer, index, rows, index.numel(), cap, cols, src.stride(0),

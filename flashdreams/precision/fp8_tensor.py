@@ -104,7 +104,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
     """(B, L, H, D) as a (B*L, H*D) view with unit column stride (a copy only if it must be).
 
     The V of a fused QKV projection is such a view with rows 3x as far apart as its width.
@@ -127,7 +127,7 @@ def running_amax(amax: torch.Tensor, x: torch.Tensor) -> None:
         n = x.numel()
         k["amax_flat"][(_cdiv(n, _FLAT_BLOCK),)](x, amax, n, BLOCK=_FLAT_BLOCK)
         return
-    rows = _rows(x)
+    rows = as_rows(x)
     k["amax_rows"][(_cdiv(rows.shape[0], _ROWS),)](rows, amax, rows.shape[0], rows.shape[1],
                                                    rows.stride(0), BLOCK_R=_ROWS,
                                                    BLOCK_C=_COLS)  # fmt: skip
@@ -149,7 +149,7 @@ def quantize_tensor_device(
         n = x.numel()
         k["quant_flat"][(_cdiv(n, _FLAT_BLOCK),)](x, amax, out, descale, n, BLOCK=_FLAT_BLOCK)
         return out, descale
-    rows = _rows(x)
+    rows = as_rows(x)
     k["quant_rows"][(_cdiv(rows.shape[0], _ROWS),)](rows, amax, out, descale, rows.shape[0],
                                                     rows.shape[1], rows.stride(0), BLOCK_R=_ROWS,
                                                     BLOCK_C=_COLS)  # fmt: skip

@@ -19,7 +19,7 @@ from flashdreams.cache.full import FullKVCache
 from flashdreams.precision.fp8_tensor import (
     FP8,
     FP8_MAX,
-    _rows,
+    as_rows,
     dequantize_tensor,
     quantize_tensor,
     running_amax,
@@ -51,7 +51,7 @@ def test_quantize_tensor_round_trip_and_bound():
 def test_rows_view_of_a_fused_qkv_slice_is_not_a_copy():
     fused = torch.randn(1, 30, 3 * 64)
     v = fused[..., 128:].unflatten(-1, (4, 16))  # (B, L, H, D) view, rows 192 apart
-    rows = _rows(v)
+    rows = as_rows(v)
     assert rows.shape == (30, 64) and rows.stride() == (192, 1)
     assert rows.data_ptr() == v.data_ptr() and torch.equal(rows, v.reshape(30, 64))
 
