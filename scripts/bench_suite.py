@@ -40,6 +40,10 @@ SF_ATTN8 = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", *FAST8]
 IMAGE_ENC = ["conditioner.encoder.checkpoint=null"]
 CLIP = ["image_encoder.checkpoint=null", "image_encoder.processor=null"]
 IMAGE = "image={image}"  # filled with a generated test picture
+# causal Wan2.2 A14B (image-conditioned); under an H100's 80 GB: FP8 weights + FP8 KV caches
+CW22 = ["recipe=causal_wan22_a14b_480p"]
+CW22_IMAGE = [*IMAGE_ENC, IMAGE]
+FP8_CAP80 = ["precision=fp8", "precision.kv_cache=fp8", "bench.memory_fraction={cap80}"]
 # one-step (bidirectional) recipes: 3 prompts run as 3 clips, so the median step is a warm one
 # (the first clip compiles); time per denoising step = median diffuse / scheduler.num_steps
 CLIPS3 = "prompt_file={prompts}"
@@ -343,60 +347,33 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "causal_wan22_80gb": (
         "gpu",
         "bench",
-        [
-            "recipe=causal_wan22_a14b_480p",
-            *FAST,
-            *IMAGE_ENC,
-            IMAGE,
-            "precision=fp8",
-            "precision.kv_cache=fp8",
-            "bench.memory_fraction={cap80}",
-        ],
+        [*CW22, *FAST, *CW22_IMAGE, *FP8_CAP80],
         "causal Wan2.2 A14B, FP8 weights + FP8 KV caches, capped at 80 GB (one H100)",
     ),
     "causal_wan22_80gb_fp8_attn": (
         "gpu",
         "bench",
-        [
-            "recipe=causal_wan22_a14b_480p",
-            "graph=compile",
-            "attention=cudnn_fp8",
-            *IMAGE_ENC,
-            IMAGE,
-            "precision=fp8",
-            "precision.kv_cache=fp8",
-            "bench.memory_fraction={cap80}",
-        ],
+        [*CW22, "graph=compile", "attention=cudnn_fp8", *CW22_IMAGE, *FP8_CAP80],
         "causal Wan2.2 A14B, FP8 weights + KV caches + attention, graph=compile, capped at 80 GB",
     ),
     "causal_wan22_80gb_compile": (
         "gpu",
         "bench",
-        [
-            "recipe=causal_wan22_a14b_480p",
-            "graph=compile",
-            "attention=sdpa_cudnn",
-            *IMAGE_ENC,
-            IMAGE,
-            "precision=fp8",
-            "precision.kv_cache=fp8",
-            "bench.memory_fraction={cap80}",
-        ],
+        [*CW22, "graph=compile", "attention=sdpa_cudnn", *CW22_IMAGE, *FP8_CAP80],
         "as causal_wan22_80gb without CUDA-graph memory pools",
     ),
     "causal_wan22_80gb_idle": (
         "gpu",
         "bench",
         [
-            "recipe=causal_wan22_a14b_480p",
+            *CW22,
             "graph=compile",
             "attention=sdpa_cudnn",
-            *IMAGE_ENC,
-            IMAGE,
+            *CW22_IMAGE,
             "precision.kv_cache=fp8",
             "model.offload_idle_expert=true",
             "bench.memory_fraction={cap80}",
-        ],
+        ],  # fmt: skip
         "causal Wan2.2 A14B, bf16, idle expert in pinned host memory, FP8 KV, 80 GB cap",
     ),
     "lingbot_w63": (
@@ -408,7 +385,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "causal_wan22": (
         "h200",
         "bench",
-        ["recipe=causal_wan22_a14b_480p", *FAST, *IMAGE_ENC, IMAGE],
+        [*CW22, *FAST, *CW22_IMAGE],
         "causal Wan2.2 A14B, two experts (H200)",
     ),
     "cp_sf": (

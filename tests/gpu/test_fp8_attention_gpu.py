@@ -18,7 +18,7 @@ from flashdreams.attention.cudnn_fp8 import (
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.build import build_rollout
 from flashdreams.quality import cosine
-from tests.gpu.graph_replay import replay_equals_eager
+from tests.gpu.helpers import random_qkv, rel_l2, replay_equals_eager
 from tests.gpu.test_graph_policies import BASE
 from tests.unit.test_config import compose_run
 
@@ -31,14 +31,8 @@ pytestmark = pytest.mark.skipif(
 CUDA = torch.device("cuda")
 
 
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def _qkv(lq=1560, lk=4680, heads=12):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    return [torch.randn(1, n, heads, 128, device=CUDA, generator=g, dtype=torch.bfloat16) * s
-            for n, s in ((lq, 1.0), (lk, 2.0), (lk, 0.5))]  # fmt: skip
+    return random_qkv(lq, lk, heads)
 
 
 def test_kernel_matches_emulation_and_kv_bound():
@@ -48,13 +42,13 @@ def test_kernel_matches_emulation_and_kv_bound():
     plan = attn._plan(q, k)
     assert plan is not None and out.dtype == torch.bfloat16 and out.shape == q.shape
     ref = reference_fp8_attention(q, k, v, None, plan.out_dtype == torch.float8_e4m3fn)
-    assert _rel(out, ref) <= 0.05
+    assert rel_l2(out, ref) <= 0.05
     assert cosine(out, SdpaAttention("cudnn")(q, k, v)) >= 0.99
     # a KV cache's running bound: the exact amax gives the same codes; a 2x looser one is close
     k.kv_amax, v.kv_amax = k.abs().amax().float().reshape(1), v.abs().amax().float().reshape(1)
     assert torch.equal(attn(q, k, v), out)
     k.kv_amax, v.kv_amax = k.kv_amax * 2, v.kv_amax * 2
-    assert _rel(attn(q, k, v), out) <= 0.05
+    assert rel_l2(attn(q, k, v), out) <= 0.05
 
 
 def test_fused_qkv_view_is_read_in_place():
@@ -89,13 +83,13 @@ def eager_fp8():
 def test_policies_match_eager_fp8(eager_fp8, graph):
     got = _latents([f"graph={graph}", *FP8])
     for a, b in zip(got, eager_fp8, strict=True):
-        assert _rel(a, b) <= 2e-2
+        assert rel_l2(a, b) <= 2e-2
 
 
 def test_fp8_rollout_is_close_to_bf16(eager_fp8):
     bf16 = _latents(["graph=eager", "attention=sdpa_cudnn"])
     for a, b in zip(eager_fp8, bf16, strict=True):
-        assert _rel(a, b) <= 0.15
+        assert rel_l2(a, b) <= 0.15
 
 
 @pytest.mark.parametrize("timestep", [1000.0, 0.0])

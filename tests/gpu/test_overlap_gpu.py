@@ -10,6 +10,7 @@ import torch
 
 from flashdreams.build import build_rollout
 from flashdreams.vae.taehv import TAEHVDecoder
+from tests.gpu.helpers import rel_l2
 from tests.gpu.test_graph_policies import BASE
 from tests.unit.test_config import compose_run
 
@@ -45,10 +46,6 @@ def _run(overrides):
     return rollout, outs
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize(
     "graph,extra",
     [("eager", []), ("compile_cuda_graph", []), ("compile_cuda_graph", ["vae.compile=true"])],
@@ -61,8 +58,8 @@ def test_overlap_matches_sequential(graph, extra):
     for block, ((lat, frames, timer), (ref_lat, ref_frames, _)) in enumerate(
         zip(got, ref, strict=True)
     ):
-        assert _rel(lat, ref_lat) <= 2e-2, f"block {block} latents ({graph})"
-        assert _rel(frames, ref_frames) <= 2e-2, f"block {block} frames ({graph})"
+        assert rel_l2(lat, ref_lat) <= 2e-2, f"block {block} latents ({graph})"
+        assert rel_l2(frames, ref_frames) <= 2e-2, f"block {block} frames ({graph})"
         row = timer.resolve()
         assert "period" in timer.marks and row["decode_ms"] > 5.0  # timed on the side stream
         serial = row["encode_ms"] + row["diffuse_ms"] + max(row["decode_ms"], row["commit_ms"])

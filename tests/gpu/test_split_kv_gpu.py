@@ -13,7 +13,7 @@ import torch
 from flashdreams.attention.flash_attn import FlashAttnAttention, find_flash_attn
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.attention.split_kv import merge, merge_torch, sdpa_lse, split_kv_attention
-from tests.gpu.graph_replay import replay_equals_eager
+from tests.gpu.helpers import random_qkv, rel_l2, replay_equals_eager
 from tests.gpu.test_graph_policies import _latents
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -21,14 +21,8 @@ CUDA = torch.device("cuda")
 fa4 = pytest.mark.skipif(find_flash_attn("4")[1] is None, reason="needs flash-attn 4")
 
 
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def _qkv(lq=4680, lk=14040, heads=12):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    return [torch.randn(1, n, heads, 128, device=CUDA, generator=g, dtype=torch.bfloat16) * s
-            for n, s in ((lq, 1.0), (lk, 2.0), (lk, 0.5))]  # fmt: skip
+    return random_qkv(lq, lk, heads)
 
 
 @pytest.mark.parametrize("splits", [2, 3, 4])
@@ -37,7 +31,7 @@ def test_split_equals_one_call(splits):
     ref = SdpaAttention("cudnn")(q, k, v)
     out = split_kv_attention(q, k, v, splits)
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
-    assert _rel(out, ref) <= 1e-2
+    assert rel_l2(out, ref) <= 1e-2
 
 
 def test_triton_merge_equals_torch_merge():
@@ -71,7 +65,7 @@ def eager_unsplit():
 def test_split_rollouts_match_eager(eager_unsplit, graph):
     got = _latents([f"graph={graph}", "attention=sdpa_cudnn", "attention.kv_splits=2"])
     for a, b in zip(got, eager_unsplit, strict=True):
-        assert _rel(a, b) <= 2e-2
+        assert rel_l2(a, b) <= 2e-2
 
 
 @fa4
@@ -80,7 +74,7 @@ def test_flash_attn4_equals_sdpa(splits):
     q, k, v = _qkv()
     attn = FlashAttnAttention("4", kv_splits=splits)
     assert attn.package == "flash-attn 4"
-    assert _rel(attn(q, k, v), SdpaAttention("cudnn")(q, k, v)) <= 1e-2
+    assert rel_l2(attn(q, k, v), SdpaAttention("cudnn")(q, k, v)) <= 1e-2
 
 
 @fa4
@@ -88,4 +82,4 @@ def test_flash_attn4_equals_sdpa(splits):
 def test_flash_attn4_rollouts_match_eager(eager_unsplit, graph):
     got = _latents([f"graph={graph}", "attention=flash_attn", "attention.version=4"])
     for a, b in zip(got, eager_unsplit, strict=True):
-        assert _rel(a, b) <= 2e-2
+        assert rel_l2(a, b) <= 2e-2

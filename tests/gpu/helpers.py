@@ -1,6 +1,18 @@
-"""Shared GPU-test check: a backend captured in a CUDA graph replays what eager computes."""
+"""Shared pieces of the GPU tests: relative error, random attention inputs, graph replay."""
 
 import torch
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of ``a`` against ``b``, in fp32."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def random_qkv(lq: int, lk: int, heads: int = 12, head_dim: int = 128) -> list[torch.Tensor]:
+    """Seeded bf16 (1, L, H, D) q, k, v on the GPU; k and v scaled 2 and 0.5 (unequal ranges)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(1, n, heads, head_dim, device="cuda", generator=g, dtype=torch.bfloat16) * s
+            for n, s in ((lq, 1.0), (lk, 2.0), (lk, 0.5))]  # fmt: skip
 
 
 def replay_equals_eager(attn, static: list[torch.Tensor], scales=(0.5, 3.0, 2.0)) -> bool:
