@@ -191,7 +191,7 @@ def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, conditioner=None, 
     if precision.kv_dtype is not None:
         cache = partial(cache, kv_dtype=precision.kv_dtype)
     attention = getattr(shared.model, "attention", None)
-    if getattr(getattr(attention, "inner", attention), "wants_kv_amax", False):
+    if getattr(attention, "wants_kv_amax", False):
         cache = partial(cache, track_amax=True)  # FP8 attention reads the running |K|, |V| bound
     rollout = Rollout(
         model=shared.model, scheduler=instantiate(cfg.scheduler), vae=vae,

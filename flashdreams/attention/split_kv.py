@@ -20,6 +20,7 @@ import torch
 
 from flashdreams import ConfigError
 from flashdreams.parallel.ring_attention import attention_lse
+from flashdreams.parallel.ring_attention import merge as merge_lse
 
 #: query rows per tile assumed by ``choose_splits`` (cuDNN and FlashAttention use 128 at D=128)
 TILE_M = 128
@@ -50,11 +51,14 @@ def choose_splits(batch: int, heads: int, lq: int, lk: int, sms: int, *, max_spl
 
 
 def merge_torch(out: torch.Tensor, lse: torch.Tensor, splits: int) -> torch.Tensor:
-    """(B*S, H, Lq, D) partial outputs and (B*S, H, Lq) log-sum-exps -> (B, Lq, H, D)."""
+    """(B*S, H, Lq, D) partial outputs and (B*S, H, Lq) log-sum-exps -> (B, Lq, H, D) fp32,
+    folded chunk by chunk with ring attention's ``merge``."""
     bs, h, lq, d = out.shape
-    out = out.view(bs // splits, splits, h, lq, d).float()
-    w = torch.softmax(lse.reshape(bs // splits, splits, h, lq), dim=1).unsqueeze(-1)
-    return (w * out).sum(1).transpose(1, 2)
+    out, lse = out.view(bs // splits, splits, h, lq, d), lse.reshape(bs // splits, splits, h, lq)
+    acc = acc_lse = None
+    for s in range(splits):
+        acc, acc_lse = merge_lse(acc, acc_lse, out[:, s], lse[:, s])
+    return acc.transpose(1, 2)
 
 
 _MERGE: object = False  # False: not built yet; None: no Triton (the torch merge runs)

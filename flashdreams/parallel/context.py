@@ -268,6 +268,7 @@ class ContextParallelAttention(AttentionBackend):
         self.name = f"{hook.policy.name}+{inner.name}"
         self.backend = getattr(inner, "backend", "auto")
         self.has_exact_mode = inner.has_exact_mode
+        self.wants_kv_amax = getattr(inner, "wants_kv_amax", False)
 
     def exact(self):
         return self.inner.exact()
