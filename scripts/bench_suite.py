@@ -78,6 +78,19 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         [*SF, "graph.fuse_gelu=false"],
         "bf16 reference workload with the FFN GELU as its own kernel (the GEMM-epilogue fusion off)",
     ),
+    "sf_bf16_nonorm": (
+        "gpu",
+        "bench",
+        [*SF, "graph.fuse_norms=false"],
+        "bf16 reference workload with the norms / residuals / q-k RoPE left to Inductor",
+    ),
+    "sf_fa4_split_nonorm": (
+        "gpu",
+        "bench",
+        [*SF[:2], "attention=flash_attn", "attention.version=4", "attention.kv_splits=auto",
+         "graph.fuse_norms=false"],  # fmt: skip
+        "flash-attn 4 split with the norms / residuals / q-k RoPE left to Inductor",
+    ),
     "sf_fa4_tile176": (
         "gpu",
         "bench",

@@ -9,18 +9,21 @@ from flashdreams.graph.eager import EagerPolicy
 
 
 def compile_blocks(model: nn.Module, mode: str, dynamic: bool | None,
-                   fuse_gelu: bool = True) -> nn.Module:  # fmt: skip
+                   fuse_gelu: bool = True, fuse_norms: bool = True) -> nn.Module:  # fmt: skip
     """Compile the attention-free regions of every block in place.
 
     Blocks name their regions in ``_compile_regions`` (static shapes: the block's tokens);
     attention stays on its pinned kernel. All blocks share the compiled code (parameters are
     graph inputs), so compile time does not grow with depth. Before compiling, q/k/v become one
-    projection and (``fuse_gelu``) the FFN's first linear takes its GELU as a GEMM epilogue.
+    projection, (``fuse_gelu``) the FFN's first linear takes its GELU as a GEMM epilogue and
+    (``fuse_norms``) each norm + modulation + residual runs as one Triton pass.
     """
     for block in model.blocks:
         block.self_attn.fuse_qkv()
         if fuse_gelu and hasattr(block, "fuse_ffn_gelu"):
             block.fuse_ffn_gelu()
+        if fuse_norms and hasattr(block, "fuse_norms"):
+            block.fuse_norms()
         for name in getattr(block, "_compile_regions", ()):
             region = getattr(block, name)
             setattr(block, name, torch.compile(region, mode=mode, dynamic=dynamic, fullgraph=True))
@@ -34,14 +37,16 @@ class CompilePolicy(EagerPolicy):
         mode: Inductor mode; ``max-autotune-no-cudagraphs`` autotunes GEMMs without capturing.
         dynamic: passed to ``torch.compile`` (the regions have static shapes; False is right).
         fuse_gelu: the FFN's first linear + GELU as one GEMM with a GELU epilogue.
+        fuse_norms: norms, modulation, gated residuals and q/k norm + RoPE as one pass each.
     """
 
     name = "compile"
 
     def __init__(self, mode: str = "default", dynamic: bool | None = False,
-                 fuse_gelu: bool = True):  # fmt: skip
+                 fuse_gelu: bool = True, fuse_norms: bool = True):  # fmt: skip
         self.mode, self.dynamic, self.fuse_gelu = mode, dynamic, fuse_gelu
+        self.fuse_norms = fuse_norms
 
     def prepare(self, model: nn.Module) -> nn.Module:
         torch.set_float32_matmul_precision("high")
-        return compile_blocks(model, self.mode, self.dynamic, self.fuse_gelu)
+        return compile_blocks(model, self.mode, self.dynamic, self.fuse_gelu, self.fuse_norms)

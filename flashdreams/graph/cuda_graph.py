@@ -80,14 +80,16 @@ class CudaGraphPolicy(GraphPolicy):
         warmup: eager runs before each capture.
         precapture: capture every future shape during warm-up.
         fuse_gelu: when compiling, the FFN's first linear + GELU as one GEMM (GELU epilogue).
+        fuse_norms: when compiling, norms / modulation / residuals / q-k norm + RoPE fused.
     """
 
     name = "cuda_graph"
 
     def __init__(self, compile: bool = False, mode: str = "max-autotune-no-cudagraphs",
-                 warmup: int = 2, precapture: bool = True, fuse_gelu: bool = True) -> None:  # fmt: skip
+                 warmup: int = 2, precapture: bool = True, fuse_gelu: bool = True,
+                 fuse_norms: bool = True) -> None:  # fmt: skip
         self.compile, self.mode, self.warmup, self.precapture = compile, mode, warmup, precapture
-        self.fuse_gelu = fuse_gelu
+        self.fuse_gelu, self.fuse_norms = fuse_gelu, fuse_norms
         self.name = "compile_cuda_graph" if compile else "cuda_graph"  # the option's name
         self.graphs: dict[Hashable, _Captured] = {}
         self.pool = None
@@ -100,7 +102,7 @@ class CudaGraphPolicy(GraphPolicy):
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.compile:
             torch.set_float32_matmul_precision("high")
-            compile_blocks(model, self.mode, dynamic=False, fuse_gelu=self.fuse_gelu)
+            compile_blocks(model, self.mode, False, self.fuse_gelu, self.fuse_norms)
         return model
 
     def run(self, fn, *args, shape_key):

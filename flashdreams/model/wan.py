@@ -15,6 +15,7 @@ from torch import nn
 from flashdreams.attention.base import AttentionBackend
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.base import KVCache
+from flashdreams.model import fused_norms as fused
 from flashdreams.model.camera import CameraEncoder, CameraInjector
 from flashdreams.model.layers import (
     LinearGeluTanh,
@@ -143,6 +144,7 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
         self.camera_injector = CameraInjector(dim) if camera else None
+        self.fused_norms = False  # fuse_norms(): norms, modulation, residuals as one pass each
 
     @torch.no_grad()
     def fuse_ffn_gelu(self) -> None:
@@ -150,6 +152,12 @@ class WanBlock(nn.Module):
         (``LinearGeluTanh``, same parameters); skipped when the linear was replaced (FP8)."""
         if type(self.ffn[0]) is nn.Linear and isinstance(self.ffn[1], nn.GELU):
             self.ffn[0], self.ffn[1] = LinearGeluTanh(self.ffn[0]), nn.Identity()
+
+    def fuse_norms(self) -> None:
+        """Run each norm + modulation (+ the gated residual before it) and the q/k RMS norm +
+        RoPE as one pass over the tokens (``flashdreams.model.fused_norms``; same math, same
+        parameters; the unfused ops where there is no CUDA or Triton)."""
+        self.fused_norms = True
 
     def _mod(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """shift1, scale1, gate1, shift2, scale2, gate2: each (B, F, C) fp32."""
@@ -165,6 +173,12 @@ class WanBlock(nn.Module):
         """Region 1: norm1 + modulation, q/k/v projections, q/k RMS norm, RoPE."""
         shift, scale = self._mod(e0)[:2]
         sa = self.self_attn
+        if self.fused_norms:
+            h = fused.norm_modulate(x, None, None, shift, scale, self.norm1.eps, sa.q.weight.dtype)
+            q, k, v = sa.project(h)
+            q, k = fused.qk_norm_rope(q, k, sa.norm_q.weight, sa.norm_k.weight, cos, sin,
+                                      sa.num_heads, sa.norm_q.eps)  # fmt: skip
+            return q, k, v.unflatten(-1, (sa.num_heads, -1))
         h = modulate(layer_norm_fp32(x, self.norm1).unflatten(1, (e0.shape[1], -1)), shift, scale)
         h = h.flatten(1, 2).to(sa.q.weight.dtype)
         heads = (sa.num_heads, -1)
@@ -176,17 +190,28 @@ class WanBlock(nn.Module):
 
     def self_attn_out(self, x, y, e0, cam=None):
         """Region 2: output projection + gated residual, camera injection, norm3, cross queries."""
+        ca = self.cross_attn
+        injected = cam is not None and self.camera_injector is not None
+        if self.fused_norms and not injected and isinstance(self.norm3, nn.LayerNorm):
+            n3 = self.norm3
+            x, h = fused.add_norm(x, self.self_attn.o(y.flatten(2)), self._mod(e0)[2],
+                                  n3.weight, n3.bias, None, None, n3.eps, ca.q.weight.dtype)  # fmt: skip
+            q = ca.norm_q(ca.q(h)).unflatten(-1, (ca.num_heads, -1))
+            return x, q
         x = self._gated(x, self.self_attn.o(y.flatten(2)), self._mod(e0)[2])
-        if cam is not None and self.camera_injector is not None:
+        if injected:
             x = self.camera_injector(x, cam)  # (B, L, C) camera tokens of the same frames
         h = layer_norm_fp32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
-        ca = self.cross_attn
         q = ca.norm_q(ca.q(h.to(ca.q.weight.dtype))).unflatten(-1, (ca.num_heads, -1))
         return x, q
 
     def cross_out_ffn(self, x, y, e0):
         """Region 3: cross-attention output + residual, norm2 + modulation, FFN, gated residual."""
         _, _, _, shift, scale, gate = self._mod(e0)
+        if self.fused_norms:
+            x, h = fused.add_norm(x, self.cross_attn.o(y.flatten(2)), None, None, None, shift,
+                                  scale, self.norm2.eps, self.ffn[0].weight.dtype)  # fmt: skip
+            return fused.gated_add(x, self.ffn(h), gate)
         x = x + self.cross_attn.o(y.flatten(2)).float()
         h = modulate(layer_norm_fp32(x, self.norm2).unflatten(1, (e0.shape[1], -1)), shift, scale)
         return self._gated(x, self.ffn(h.flatten(1, 2).to(self.ffn[0].weight.dtype)), gate)

@@ -1,10 +1,13 @@
 """Fusions a compiled graph policy applies: FFN linear + GELU(tanh) as one op, K/V rows written
-into the cache by one scatter. CPU checks of the shared math and wiring (the CUDA kernels are
-checked against the same references in tests/gpu/test_split_kv_gpu.py)."""
+into the cache by one scatter, norms / modulation / residuals / q-k norm + RoPE as one pass each.
+CPU checks of the shared math and wiring (the CUDA kernels are checked against the same
+references in tests/gpu/test_fusions_gpu.py and tests/gpu/test_fused_norms_gpu.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flashdreams.cache.scatter import write_rows
@@ -60,3 +63,91 @@ def test_write_rows_equals_index_copy():
     write_rows(buf, index, v)
     ref.index_copy_(1, index, v)
     assert torch.equal(buf, ref)
+
+
+def _block_and_inputs(batch: int = 2, camera: bool = False):
+    from flashdreams.model.layers import Rope3D
+
+    torch.manual_seed(0)
+    block = WanBlock(64, 128, 4, 1e-6, True, False, camera=camera)
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.1)
+    block.self_attn.fuse_qkv()
+    x = torch.randn(batch, 3 * 8, 64)
+    e0 = torch.randn(batch, 3, 6, 64)
+    cos, sin = Rope3D(16).cos_sin(torch.arange(4, 7), 2, 4)  # frames 4..6, a 2 x 4 grid
+    return block, x, e0, cos, sin
+
+
+@torch.no_grad()
+def _regions(block, x, e0, cos, sin, cam=None):
+    """The block's three regions around an SDPA self-attention and a stand-in cross output."""
+    q, k, v = block.self_attn_in(x, e0, cos, sin)
+    y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    x2, q_cross = block.self_attn_out(x, y, e0, cam)
+    return q, k, v, x2, q_cross, block.cross_out_ffn(x2, q_cross, e0)
+
+
+def test_fused_norms_keep_every_region_output():
+    """fuse_norms swaps each norm / residual / q-k RoPE stage for its fused op; without CUDA the
+    ops run the unfused math, so each region's outputs stay equal, also under torch.compile
+    (the ops trace through their fakes) and for a block whose camera injection sits between the
+    residual and norm3 (that region keeps its unfused path)."""
+    import copy
+
+    for camera in (False, True):
+        block, x, e0, cos, sin = _block_and_inputs(camera=camera)
+        cam = torch.randn_like(x) if camera else None
+        ref = _regions(block, x, e0, cos, sin, cam)
+        fused_block = copy.deepcopy(block)
+        fused_block.fuse_norms()
+        assert fused_block.fused_norms and not block.fused_norms
+        for out, want in zip(_regions(fused_block, x, e0, cos, sin, cam), ref, strict=True):
+            assert out.dtype == want.dtype and torch.allclose(out, want, atol=1e-5)
+    for name in fused_block._compile_regions:
+        region = getattr(fused_block, name)
+        setattr(fused_block, name, torch.compile(region, fullgraph=True))
+    for out, want in zip(_regions(fused_block, x, e0, cos, sin, cam), ref, strict=True):
+        assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_compile_blocks_fuses_norms_unless_told_not_to():
+    blocks = nn.Module()
+    blocks.blocks = nn.ModuleList([WanBlock(32, 64, 4, 1e-6, True, False) for _ in range(2)])
+    compile_blocks(blocks, "default", False, fuse_norms=False)
+    assert not any(b.fused_norms for b in blocks.blocks)
+    blocks.blocks = nn.ModuleList([WanBlock(32, 64, 4, 1e-6, True, False) for _ in range(2)])
+    compile_blocks(blocks, "default", False)
+    assert all(b.fused_norms for b in blocks.blocks)
+
+
+def test_fused_ops_take_per_frame_views_and_check_the_frame_split():
+    from flashdreams.model import fused_norms as fused
+
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 12, 8), torch.randn(2, 12, 16)[..., 8:]
+    mod = torch.randn(2, 3, 6, 8)
+    xo, h = fused.add_norm(x, y, mod[:, :, 2], None, None, mod[:, :, 0], mod[:, :, 1], 1e-6,
+                           torch.bfloat16)  # fmt: skip
+    gated = x + (y.unflatten(1, (3, 4)) * mod[:, :, 2, None]).flatten(1, 2)
+    assert torch.allclose(xo, gated, atol=1e-6) and h.dtype == torch.bfloat16
+    want = F.layer_norm(gated, (8,), eps=1e-6).unflatten(1, (3, 4))
+    want = (want * (1 + mod[:, :, 1, None]) + mod[:, :, 0, None]).flatten(1, 2)
+    assert torch.allclose(h.float(), want, atol=2e-2)
+    with pytest.raises(ValueError, match="12 tokens do not split into 5 frames"):
+        fused.norm_modulate(torch.randn(1, 12, 8), None, None, *torch.randn(2, 1, 5, 8), 1e-6,
+                            torch.float32)  # fmt: skip
+
+
+def test_qk_norm_rope_reference_is_the_modules():
+    from flashdreams.model import fused_norms as fused
+    from flashdreams.model.layers import RMSNorm, Rope3D, apply_rope
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 24, 64, dtype=torch.bfloat16).unbind(0)  # (B, L, C) each
+    nq, nk = RMSNorm(64), RMSNorm(64)
+    nn.init.normal_(nq.weight), nn.init.normal_(nk.weight)
+    cos, sin = Rope3D(16).cos_sin(torch.arange(3), 2, 4)
+    qo, ko = fused.qk_norm_rope(q, k, nq.weight, nk.weight, cos, sin, 4, 1e-6)
+    assert torch.equal(qo, apply_rope(nq(q).unflatten(-1, (4, 16)), cos, sin))
+    assert torch.equal(ko, apply_rope(nk(k).unflatten(-1, (4, 16)), cos, sin))

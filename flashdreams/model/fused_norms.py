@@ -1,0 +1,315 @@
+"""A Wan block's norms, modulation, gated residuals and q/k norm + RoPE as one pass each.
+
+Between its GEMMs a Wan block reads and writes its (L, C) tokens about a dozen times: LayerNorm
+of the fp32 residual stream, the per-frame adaLN shift/scale, the gated residual add, the q/k
+RMS norm across heads and the RoPE rotation of interleaved pairs. Inductor fuses these into
+regions, but a LayerNorm whose output feeds a per-frame broadcast comes out as a reduction
+kernel plus a second pass, and the pair shuffles of RoPE keep its q/k region near 1 TB/s. The
+ops here do each stage in one read and one write of the rows:
+
+    add_norm(x, y, gate, ...)  x + y * gate (fp32), then LayerNorm [+ affine] [+ modulation]
+    norm_modulate(x, ...)      LayerNorm [+ affine] [+ modulation]
+    gated_add(x, y, gate)      x + y * gate (fp32)
+    qk_norm_rope(q, k, ...)    RMS norm across heads x weight, then RoPE, for q and k at once
+
+Rounding follows the unfused modules step by step (the residual and the LayerNorm in fp32, the
+modulated result rounded once to the model dtype; the RMS norm rounded to the model dtype, times
+the weight in the model dtype, rotated in fp32 and rounded). Without CUDA or Triton each op runs
+that unfused math, which is also the reference the GPU tests compare the kernels with.
+
+Per-frame tensors (``gate``, ``shift``, ``scale``) are (B, F, C) views (the chunks of a block's
+modulation); token ``l`` of batch ``b`` uses frame ``l // (L // F)``. The ops are custom ops, so
+``torch.compile`` keeps each kernel whole inside the compiled regions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_KERNELS: object = False  # False: not built yet; None: no Triton
+# (rows per program, warps) by kernel; None: chosen from the row width (scripts/bench_fusions.py
+# sweeps these)
+TUNE: dict[str, tuple[int, int] | None] = {"norm": None, "qk": None}
+
+
+def _config(kind: str, block_c: int, rows_budget: int) -> tuple[int, int]:
+    if TUNE.get(kind) is not None:
+        return TUNE[kind]
+    block_r = max(1, min(4, rows_budget // block_c))
+    return block_r, min(16, max(4, block_c * block_r // 512))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is False:
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            _KERNELS = None
+            return None
+
+        @triton.jit
+        def norm_rows(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xo_ptr, h_ptr,
+                      rows, cols, seq, per_frame, mod_b, mod_f, x_row, y_row, eps,
+                      HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
+                      AFFINE: tl.constexpr, MODULATE: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+            r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+            c = tl.arange(0, BLOCK_C)
+            live_r = r < rows
+            live_c = c < cols
+            m = live_r[:, None] & live_c[None, :]
+            frame = (r // seq) * mod_b + ((r % seq) // per_frame) * mod_f  # (B, F) row offset
+            x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0).to(tl.float32)
+            if HAS_Y:
+                y = tl.load(y_ptr + r[:, None] * y_row + c[None, :], mask=m, other=0.0)
+                y = y.to(tl.float32)
+                if HAS_GATE:
+                    g = tl.load(gate_ptr + frame[:, None] + c[None, :], mask=m, other=0.0)
+                    y = y * g
+                x = x + y
+                tl.store(xo_ptr + r[:, None] * cols + c[None, :], x, mask=m)
+            if NORM:
+                mean = tl.sum(x, 1) / cols
+                d = tl.where(m, x - mean[:, None], 0.0)
+                rstd = tl.rsqrt(tl.sum(d * d, 1) / cols + eps)
+                h = d * rstd[:, None]
+                if AFFINE:
+                    w = tl.load(w_ptr + c, mask=live_c, other=0.0).to(tl.float32)
+                    bias = tl.load(b_ptr + c, mask=live_c, other=0.0).to(tl.float32)
+                    h = h * w[None, :] + bias[None, :]
+                if MODULATE:
+                    sc = tl.load(scale_ptr + frame[:, None] + c[None, :], mask=m, other=0.0)
+                    sh = tl.load(shift_ptr + frame[:, None] + c[None, :], mask=m, other=0.0)
+                    h = h * (1 + sc) + sh
+                dst = h_ptr + r[:, None] * cols + c[None, :]
+                tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
+
+        @triton.jit
+        def qk_one(src, src_row, w_ptr, dst, cos_ptr, sin_ptr, r, c, m, live_c, cols, seq, eps,
+                   HEAD: tl.constexpr):  # fmt: skip
+            partner = c ^ 1  # the other element of each rotated pair
+            x = tl.load(src + r[:, None] * src_row + c[None, :], mask=m, other=0.0)
+            xp = tl.load(src + r[:, None] * src_row + partner[None, :], mask=m, other=0.0)
+            x, xp = x.to(tl.float32), xp.to(tl.float32)
+            inv = tl.rsqrt(tl.sum(x * x, 1) / cols + eps)[:, None]
+            w = tl.load(w_ptr + c, mask=live_c, other=0.0)
+            wp = tl.load(w_ptr + partner, mask=live_c, other=0.0)
+            dt = w.dtype
+            # the norm rounds to the model dtype, the weight multiplies in it (as RMSNorm)
+            y = ((x * inv).to(dt) * w[None, :]).to(tl.float32)
+            yp = ((xp * inv).to(dt) * wp[None, :]).to(tl.float32)
+            f = (r % seq)[:, None] * (HEAD // 2) + ((c % HEAD) // 2)[None, :]
+            cs = tl.load(cos_ptr + f, mask=m, other=0.0)
+            sn = tl.load(sin_ptr + f, mask=m, other=0.0)
+            # even d: x0 cos - x1 sin; odd d: x0 sin + x1 cos (x0 the even element of the pair)
+            odd = (c % 2 == 1)[None, :]
+            out = tl.where(odd, yp * sn + y * cs, y * cs - yp * sn)
+            tl.store(dst + r[:, None] * cols + c[None, :], out.to(dst.dtype.element_ty), mask=m)
+
+        @triton.jit
+        def qk_rows(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
+                    rows, cols, seq, q_row, k_row, eps,
+                    HEAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+            r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+            c = tl.arange(0, BLOCK_C)
+            live_c = c < cols
+            m = (r < rows)[:, None] & live_c[None, :]
+            qk_one(q_ptr, q_row, wq_ptr, qo_ptr, cos_ptr, sin_ptr, r, c, m, live_c, cols, seq, eps,
+                   HEAD)  # fmt: skip
+            qk_one(k_ptr, k_row, wk_ptr, ko_ptr, cos_ptr, sin_ptr, r, c, m, live_c, cols, seq, eps,
+                   HEAD)  # fmt: skip
+
+        _KERNELS = (norm_rows, qk_rows)
+    return _KERNELS
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """(B, L, C) as (B * L, C) rows with unit column stride, a view where possible."""
+    if t.stride(-1) != 1:
+        return None
+    b, seq, _ = t.shape
+    if b > 1 and t.stride(0) != seq * t.stride(1):
+        t = t.contiguous()
+    return t.as_strided((b * seq, t.shape[-1]), (t.stride(1), 1))
+
+
+def _frame_strides(x: torch.Tensor, mods: list[torch.Tensor | None]):
+    """Per-frame tensors as views sharing (batch, frame) strides; made contiguous if not."""
+    live = [t for t in mods if t is not None]
+    if not live:
+        return mods, 0, 0, 1
+    b, seq, cols = x.shape
+    frames = live[0].shape[1]
+    ref = live[0]
+    same = all(
+        t.shape == (b, frames, cols) and t.stride() == ref.stride() and t.stride(-1) == 1
+        and t.dtype == torch.float32
+        for t in live
+    )  # fmt: skip
+    if not same:
+        mods = [None if t is None else t.float().expand(b, frames, cols).contiguous() for t in mods]
+        ref = next(t for t in mods if t is not None)
+    return mods, ref.stride(0), ref.stride(1), seq // frames
+
+
+def _check_frames(x: torch.Tensor, *mods: torch.Tensor | None) -> None:
+    for t in mods:
+        if t is not None and x.shape[1] % t.shape[1]:
+            raise ValueError(f"{x.shape[1]} tokens do not split into {t.shape[1]} frames")
+
+
+def _use_kernel(*tensors: torch.Tensor | None) -> bool:
+    t = tensors[0]
+    return t.is_cuda and _kernels() is not None and all(
+        u is None or u.is_cuda for u in tensors
+    )  # fmt: skip
+
+
+def _launch_norm(x, y, gate, weight, bias, shift, scale, eps, out_dtype, norm: bool):
+    kernels = _kernels()
+    b, seq, cols = x.shape
+    x2 = _rows(x)
+    y2 = None if y is None else _rows(y)
+    if x2 is None or (y is not None and y2 is None):
+        return None
+    (gate, shift, scale), mod_b, mod_f, per_frame = _frame_strides(x, [gate, shift, scale])
+    rows = b * seq
+    xo = torch.empty(b, seq, cols, device=x.device, dtype=torch.float32) if y is not None else x
+    h = torch.empty(b, seq, cols, device=x.device, dtype=out_dtype) if norm else xo
+    block_c = _next_pow2(cols)
+    block_r, warps = _config("norm", block_c, 4096)
+    dummy = x2
+    kernels[0][(-(-rows // block_r),)](
+        x2, dummy if y2 is None else y2, dummy if gate is None else gate,
+        dummy if weight is None else weight, dummy if bias is None else bias,
+        dummy if shift is None else shift, dummy if scale is None else scale, xo, h,
+        rows, cols, seq, per_frame, mod_b, mod_f, x2.stride(0),
+        0 if y2 is None else y2.stride(0), eps,
+        HAS_Y=y is not None, HAS_GATE=gate is not None, NORM=norm,
+        AFFINE=weight is not None, MODULATE=shift is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+    )  # fmt: skip
+    return xo, h
+
+
+def _norm_reference(x, weight, bias, shift, scale, eps, out_dtype):
+    cols = x.shape[-1]
+    w = None if weight is None else weight.float()
+    bias = None if bias is None else bias.float()
+    h = F.layer_norm(x.float(), (cols,), w, bias, eps)
+    if shift is not None:
+        frames = shift.shape[1]
+        h = h.unflatten(1, (frames, -1)) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
+        h = h.flatten(1, 2)
+    return h.to(out_dtype)
+
+
+def _gated_reference(x, y, gate):
+    if gate is None:
+        return x.float() + y.float()
+    frames = gate.shape[1]
+    y = y.float().unflatten(1, (frames, -1)) * gate.float().unsqueeze(2)
+    return x.float() + y.flatten(1, 2)
+
+
+@torch.library.custom_op("flashdreams::norm_modulate", mutates_args=())
+def norm_modulate(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+                  out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """``LayerNorm(x)[* weight + bias][* (1 + scale) + shift]`` of (B, L, C) tokens in fp32,
+    rounded to ``out_dtype``; shift/scale (B, F, C) per frame (both or neither)."""
+    _check_frames(x, shift, scale)
+    if _use_kernel(x, shift, scale):
+        out = _launch_norm(x, None, None, weight, bias, shift, scale, eps, out_dtype, True)
+        if out is not None:
+            return out[1]
+    return _norm_reference(x, weight, bias, shift, scale, eps, out_dtype)
+
+
+@norm_modulate.register_fake
+def _(x, weight, bias, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("flashdreams::add_norm", mutates_args=())
+def add_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None,
+             weight: torch.Tensor | None, bias: torch.Tensor | None,
+             shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The residual ``x + y [* gate]`` (fp32) and its ``norm_modulate`` in one pass."""
+    _check_frames(x, gate, shift, scale)
+    if _use_kernel(x, y, gate, shift, scale):
+        out = _launch_norm(x, y, gate, weight, bias, shift, scale, eps, out_dtype, True)
+        if out is not None:
+            return out
+    xo = _gated_reference(x, y, gate)
+    return xo, _norm_reference(xo, weight, bias, shift, scale, eps, out_dtype)
+
+
+@add_norm.register_fake
+def _(x, y, gate, weight, bias, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("flashdreams::gated_add", mutates_args=())
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """``x + y [* gate]`` in fp32, gate (B, F, C) per frame."""
+    _check_frames(x, gate)
+    if _use_kernel(x, y, gate):
+        out = _launch_norm(x, y, gate, None, None, None, None, 0.0, torch.float32, False)
+        if out is not None:
+            return out[0]
+    return _gated_reference(x, y, gate)
+
+
+@gated_add.register_fake
+def _(x, y, gate):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def qk_norm_rope_reference(q, k, weight_q, weight_k, cos, sin, heads, eps):
+    """The unfused math of ``qk_norm_rope`` (RMSNorm modules, then ``apply_rope``)."""
+    from flashdreams.model.layers import apply_rope
+
+    out = []
+    for x, w in ((q, weight_q), (k, weight_k)):
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * w.to(x.dtype)
+        out.append(apply_rope(y.unflatten(-1, (heads, -1)), cos, sin))
+    return out[0], out[1]
+
+
+@torch.library.custom_op("flashdreams::qk_norm_rope", mutates_args=())
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
+                 weight_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """RMS norm of (B, L, C) q and k across all heads times their weights, then RoPE of
+    interleaved pairs with (L, D/2) cos/sin; returns (B, L, H, D) q and k."""
+    b, seq, cols = q.shape
+    head = cols // heads
+    q2, k2 = (_rows(t) for t in (q, k)) if _use_kernel(q, k) else (None, None)
+    if q2 is None or k2 is None or k.shape != q.shape or head % 2:
+        return qk_norm_rope_reference(q, k, weight_q, weight_k, cos, sin, heads, eps)
+    qo = torch.empty(b, seq, heads, head, device=q.device, dtype=q.dtype)
+    ko = torch.empty_like(qo)
+    block_c = _next_pow2(cols)
+    block_r, warps = _config("qk", block_c, 4096)
+    _kernels()[1][(-(-b * seq // block_r), 2)](
+        q2, k2, weight_q.to(q.dtype).contiguous(), weight_k.to(q.dtype).contiguous(),
+        cos.float().contiguous(), sin.float().contiguous(), qo, ko,
+        b * seq, cols, seq, q2.stride(0), k2.stride(0), eps,
+        HEAD=head, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+    )  # fmt: skip
+    return qo, ko
+
+
+@qk_norm_rope.register_fake
+def _(q, k, weight_q, weight_k, cos, sin, heads, eps):
+    shape = (*q.shape[:-1], heads, q.shape[-1] // heads)
+    return q.new_empty(shape), q.new_empty(shape)

@@ -1,0 +1,173 @@
+"""The fused norm / residual / q-k RoPE kernels against Inductor's code for the same math.
+
+At a Wan block's shape (default: the 1.3B reference workload, 3 frames of 1560 tokens, width
+1536, 12 heads) it times, on one GPU in one process, each op of ``flashdreams.model.fused_norms``
+two ways: the Triton kernel (each (rows per program, warps) of ``--configs``) and the unfused
+reference math compiled by ``torch.compile`` (what a compiled block ran before). Each timing is
+the median over CUDA-graph replays of 20 back-to-back calls, so launch gaps do not count. Prints
+microseconds per call, the bytes each call must move and the bandwidth that makes, and the
+largest error of the kernel against the eager reference.
+
+    python scripts/bench_fusions.py --out benchmarks/<dir>/fusions.json
+    python scripts/bench_fusions.py --width 5120 --heads 40   # the 14B blocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from flashdreams.model import fused_norms as fused
+from flashdreams.model.layers import Rope3D
+
+REPS = 20
+
+
+def graph_time(fn, repeats: int) -> float:
+    """Median microseconds of one ``fn()`` over replays of a graph of REPS calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPS):
+            fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / REPS)
+    return statistics.median(times)
+
+
+def max_err(out, ref) -> float:
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    return max(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, refs, strict=True))
+
+
+def cases(seq: int, frames: int, width: int, heads: int):
+    """(name, kernel call, reference call, bytes moved) at one block shape."""
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, dtype=torch.float32, scale=1.0):
+        return torch.randn(*shape, device=dev, generator=g, dtype=dtype) * scale
+
+    x = rnd(1, seq, width)
+    y = rnd(1, seq, width, dtype=bf16)
+    mod = rnd(1, frames, 6, width, scale=0.1)
+    shift, scale, gate = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]
+    w, b = rnd(width, scale=0.1) + 1, rnd(width, scale=0.1)
+    qkv = rnd(1, seq, 3 * width, dtype=bf16)
+    q, k = qkv[..., :width], qkv[..., width : 2 * width]
+    wq, wk = rnd(width, scale=0.1) + 1, rnd(width, scale=0.1) + 1
+    grid = seq // frames
+    side = int(grid**0.5)
+    while grid % side:
+        side -= 1
+    cos, sin = Rope3D(width // heads).cos_sin(torch.arange(frames, device=dev), side, grid // side)
+    row32, row16 = seq * width * 4, seq * width * 2
+
+    def ref_norm(x):
+        return fused._norm_reference(x, None, None, shift, scale, 1e-6, bf16)
+
+    def ref_add_affine(x, y):
+        xo = fused._gated_reference(x, y, gate)
+        return xo, fused._norm_reference(xo, w, b, None, None, 1e-6, bf16)
+
+    def ref_add_mod(x, y):
+        xo = fused._gated_reference(x, y, None)
+        return xo, fused._norm_reference(xo, None, None, shift, scale, 1e-6, bf16)
+
+    def ref_gated(x, y):
+        return fused._gated_reference(x, y, gate)
+
+    def ref_qk(q, k):
+        return fused.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
+
+    return [
+        ("norm_modulate (norm1)", lambda: fused.norm_modulate(x, None, None, shift, scale, 1e-6, bf16),
+         ref_norm, (x,), row32 + row16),
+        ("add_norm gate+affine (norm3)",
+         lambda: fused.add_norm(x, y, gate, w, b, None, None, 1e-6, bf16),
+         ref_add_affine, (x, y), 2 * row32 + 2 * row16),
+        ("add_norm +modulate (norm2)",
+         lambda: fused.add_norm(x, y, None, None, None, shift, scale, 1e-6, bf16),
+         ref_add_mod, (x, y), 2 * row32 + 2 * row16),
+        ("gated_add (FFN out)", lambda: fused.gated_add(x, y, gate), ref_gated, (x, y),
+         2 * row32 + row16),
+        ("qk_norm_rope", lambda: fused.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6),
+         ref_qk, (q, k), 4 * row16),
+    ]  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=4680)
+    ap.add_argument("--frames", type=int, default=3)
+    ap.add_argument("--width", type=int, default=1536)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--configs", default="auto,1x4,1x8,2x4,2x8,4x8,4x16",
+                    help="rows-per-program x warps to sweep (auto: the built-in choice)")  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_fusions: needs a CUDA GPU")
+    rows = []
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    with torch.no_grad():
+        for name, call, ref, inputs, nbytes in cases(args.seq, args.frames, args.width, args.heads):
+            compiled = torch.compile(ref, fullgraph=True)
+            row = {"op": name, "bytes": nbytes}
+            row["inductor_us"] = graph_time(lambda c=compiled, i=inputs: c(*i), args.repeats)
+            expect = ref(*inputs)
+            kind = "qk" if name.startswith("qk") else "norm"
+            best = None
+            for cfg in configs:
+                fused.TUNE[kind] = None if cfg == "auto" else tuple(map(int, cfg.split("x")))
+                try:
+                    us = graph_time(call, args.repeats)
+                    err = max_err(call(), expect)
+                except Exception as e:  # noqa: BLE001 - a config the compiler rejects
+                    row[cfg] = {"error": str(e).splitlines()[0][:200]}
+                    continue
+                row[cfg] = {"us": us, "tb_s": nbytes / us / 1e6, "max_err": err}
+                best = us if best is None else min(best, us)
+            fused.TUNE[kind] = None
+            row["kernel_best_us"] = best
+            rows.append(row)
+            auto = row.get("auto", {})
+            print(f"{name:32s} inductor {row['inductor_us']:7.1f} us "
+                  f"({nbytes / row['inductor_us'] / 1e6:5.2f} TB/s)  kernel auto "
+                  f"{auto.get('us', float('nan')):7.1f} us ({auto.get('tb_s', float('nan')):5.2f}"
+                  f" TB/s, err {auto.get('max_err', float('nan')):.2e})  best {best}", flush=True)  # fmt: skip
+            for cfg in configs:
+                print(f"    {cfg:6s} {row[cfg]}", flush=True)
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "shape": {"seq": args.seq, "frames": args.frames, "width": args.width, "heads": args.heads},
+        "rows": rows,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The fused norm / residual / q-k RoPE kernels on a GPU against the unfused math.
+
+At the 1.3B block shape (3 frames x 1560 tokens, width 1536, 12 heads), batch 2 so that the
+per-frame modulation rows are indexed across batches: the fp32 residual equals the reference to
+fp32 rounding (the kernel may contract ``x + y * gate`` into one FMA), the bf16 outputs to a
+relative L2 of 2e-3 (the LayerNorm's sums run in another order, which moves a few elements by
+one bf16 step). Replayed in a CUDA graph, a kernel sees new inputs.
+"""
+
+import pytest
+import torch
+
+from flashdreams.model import fused_norms as fused
+from flashdreams.model.layers import Rope3D
+from tests.gpu.helpers import rel_l2
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA, BF16 = torch.device("cuda"), torch.bfloat16
+B, FRAMES, SEQ, WIDTH, HEADS = 2, 3, 3 * 1560, 1536, 12
+
+
+def _inputs():
+    g = torch.Generator(device=CUDA).manual_seed(0)
+
+    def rnd(*shape, dtype=torch.float32, scale=1.0):
+        return torch.randn(*shape, device=CUDA, generator=g, dtype=dtype) * scale
+
+    mod = rnd(B, FRAMES, 6, WIDTH, scale=0.3)
+    return {
+        "x": rnd(B, SEQ, WIDTH) * 3 + 1,
+        "y": rnd(B, SEQ, 2 * WIDTH, dtype=BF16)[..., WIDTH:],  # a strided view (a projection)
+        "shift": mod[:, :, 0], "scale": mod[:, :, 1], "gate": mod[:, :, 2],
+        "w": rnd(WIDTH, scale=0.2) + 1, "b": rnd(WIDTH, scale=0.2),
+    }  # fmt: skip
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["norm_modulate", "add_norm_affine", "add_norm_modulate"])
+def test_norm_kernels_match_the_unfused_math(kind):
+    t = _inputs()
+    if kind == "norm_modulate":
+        h = fused.norm_modulate(t["x"], None, None, t["shift"], t["scale"], 1e-6, BF16)
+        ref = fused._norm_reference(t["x"], None, None, t["shift"], t["scale"], 1e-6, BF16)
+    else:
+        gate, w, b, shift, scale = (
+            (t["gate"], t["w"], t["b"], None, None) if kind == "add_norm_affine"
+            else (None, None, None, t["shift"], t["scale"])
+        )  # fmt: skip
+        xo, h = fused.add_norm(t["x"], t["y"], gate, w, b, shift, scale, 1e-6, BF16)
+        xo_ref = fused._gated_reference(t["x"], t["y"], gate)
+        ref = fused._norm_reference(xo_ref, w, b, shift, scale, 1e-6, BF16)
+        assert xo.dtype == torch.float32
+        assert torch.allclose(xo, xo_ref, rtol=1e-6, atol=1e-6)
+    assert h.dtype == BF16 and h.shape == ref.shape
+    assert rel_l2(h, ref) <= 2e-3
+    assert float((h.float() - ref.float()).abs().max()) <= 0.1  # a bf16 step at |h| ~ 10
+
+
+@torch.no_grad()
+def test_gated_add_matches_and_replays_in_a_graph():
+    t = _inputs()
+    out = fused.gated_add(t["x"], t["y"], t["gate"])
+    assert torch.allclose(out, fused._gated_reference(t["x"], t["y"], t["gate"]), 1e-6, 1e-6)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fused.add_norm(t["x"], t["y"], t["gate"], t["w"], t["b"], None, None, 1e-6, BF16)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused.add_norm(t["x"], t["y"], t["gate"], t["w"], t["b"], None, None, 1e-6, BF16)
+    t["x"].mul_(0.5)
+    t["gate"].add_(1.0)
+    graph.replay()
+    eager = fused.add_norm(t["x"], t["y"], t["gate"], t["w"], t["b"], None, None, 1e-6, BF16)
+    assert all(torch.equal(c, e) for c, e in zip(captured, eager, strict=True))
+
+
+@torch.no_grad()
+def test_qk_norm_rope_matches_the_modules():
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    qkv = torch.randn(B, SEQ, 3 * WIDTH, device=CUDA, generator=g, dtype=BF16) * 2
+    q, k = qkv[..., :WIDTH], qkv[..., WIDTH : 2 * WIDTH]  # views of the fused projection
+    wq, wk = (torch.rand(WIDTH, device=CUDA, generator=g) + 0.5 for _ in range(2))
+    cos, sin = Rope3D(WIDTH // HEADS).cos_sin(torch.arange(5, 5 + FRAMES, device=CUDA), 30, 52)
+    qo, ko = fused.qk_norm_rope(q, k, wq, wk, cos, sin, HEADS, 1e-6)
+    qr, kr = fused.qk_norm_rope_reference(q, k, wq, wk, cos, sin, HEADS, 1e-6)
+    assert qo.shape == qr.shape == (B, SEQ, HEADS, WIDTH // HEADS) and qo.dtype == BF16
+    assert rel_l2(qo, qr) <= 2e-3 and rel_l2(ko, kr) <= 2e-3
+    # the rotation is applied (not only the norm): the kernel differs from the norm alone
+    normed = torch.nn.functional.rms_norm(q.float(), (WIDTH,), eps=1e-6).to(BF16) * wq.to(BF16)
+    assert rel_l2(qo, normed.unflatten(-1, (HEADS, -1))) > 0.1
