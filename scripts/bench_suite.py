@@ -87,8 +87,13 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "sf_fa4_split_nonorm": (
         "gpu",
         "bench",
-        [*SF[:2], "attention=flash_attn", "attention.version=4", "attention.kv_splits=auto",
-         "graph.fuse_norms=false"],  # fmt: skip
+        [
+            *SF[:2],
+            "attention=flash_attn",
+            "attention.version=4",
+            "attention.kv_splits=auto",
+            "graph.fuse_norms=false",
+        ],  # fmt: skip
         "flash-attn 4 split with the norms / residuals / q-k RoPE left to Inductor",
     ),
     "sf_fa4_tile176": (

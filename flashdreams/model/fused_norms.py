@@ -4,8 +4,10 @@ Between its GEMMs a Wan block reads and writes its (L, C) tokens about a dozen t
 of the fp32 residual stream, the per-frame adaLN shift/scale, the gated residual add, the q/k
 RMS norm across heads and the RoPE rotation of interleaved pairs. Inductor fuses these into
 regions, but a LayerNorm whose output feeds a per-frame broadcast comes out as a reduction
-kernel plus a second pass, and the pair shuffles of RoPE keep its q/k region near 1 TB/s. The
-ops here do each stage in one read and one write of the rows:
+kernel plus a second pass, and the pair shuffles of RoPE keep its q/k region near 0.8 TB/s. The
+ops here do each stage in one read and one write of the rows (``qk_norm_rope`` reads each
+rotated bf16 pair as one 32-bit word and unpacks it with two bit operations, so its loads and
+stores stay contiguous and vectorized):
 
     add_norm(x, y, gate, ...)  x + y * gate (fp32), then LayerNorm [+ affine] [+ modulation]
     norm_modulate(x, ...)      LayerNorm [+ affine] [+ modulation]
@@ -33,11 +35,13 @@ _KERNELS: object = False  # False: not built yet; None: no Triton
 TUNE: dict[str, tuple[int, int] | None] = {"norm": None, "qk": None}
 
 
-def _config(kind: str, block_c: int, rows_budget: int) -> tuple[int, int]:
+def _config(kind: str, block_c: int, rows_budget: int, per_warp: int) -> tuple[int, int]:
+    """Rows per program and warps: ``rows_budget`` values per program, ``per_warp`` per warp
+    (the best of scripts/bench_fusions.py's sweep on an H200 at widths 1536)."""
     if TUNE.get(kind) is not None:
         return TUNE[kind]
     block_r = max(1, min(4, rows_budget // block_c))
-    return block_r, min(16, max(4, block_c * block_r // 512))
+    return block_r, min(16, max(4, block_c * block_r // per_warp))
 
 
 def _next_pow2(n: int) -> int:
@@ -92,52 +96,51 @@ def _kernels():
                 tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
 
         @triton.jit
-        def qk_one(src, src_row, w_ptr, dst, cos_ptr, sin_ptr, r, c, m, live_c, cols, seq, eps,
-                   HEAD: tl.constexpr):  # fmt: skip
-            partner = c ^ 1  # the other element of each rotated pair
-            x = tl.load(src + r[:, None] * src_row + c[None, :], mask=m, other=0.0)
-            xp = tl.load(src + r[:, None] * src_row + partner[None, :], mask=m, other=0.0)
-            x, xp = x.to(tl.float32), xp.to(tl.float32)
-            inv = tl.rsqrt(tl.sum(x * x, 1) / cols + eps)[:, None]
-            w = tl.load(w_ptr + c, mask=live_c, other=0.0)
-            wp = tl.load(w_ptr + partner, mask=live_c, other=0.0)
-            dt = w.dtype
-            # the norm rounds to the model dtype, the weight multiplies in it (as RMSNorm)
-            y = ((x * inv).to(dt) * w[None, :]).to(tl.float32)
-            yp = ((xp * inv).to(dt) * wp[None, :]).to(tl.float32)
-            f = (r % seq)[:, None] * (HEAD // 2) + ((c % HEAD) // 2)[None, :]
-            cs = tl.load(cos_ptr + f, mask=m, other=0.0)
-            sn = tl.load(sin_ptr + f, mask=m, other=0.0)
-            # even d: x0 cos - x1 sin; odd d: x0 sin + x1 cos (x0 the even element of the pair)
-            odd = (c % 2 == 1)[None, :]
-            out = tl.where(odd, yp * sn + y * cs, y * cs - yp * sn)
-            tl.store(dst + r[:, None] * cols + c[None, :], out.to(dst.dtype.element_ty), mask=m)
+        def qk_one(src, src_row, w_ptr, dst, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
+                   HALF: tl.constexpr):  # fmt: skip
+            # one int32 word = one rotated pair of bf16 values (even element in the low half);
+            # a bf16's bits shifted up 16 are its fp32 value, so unpacking is two bit operations
+            word = tl.load(src + r[:, None] * src_row + j[None, :], mask=m, other=0)
+            x0 = (word << 16).to(tl.float32, bitcast=True)
+            x1 = (word & -65536).to(tl.float32, bitcast=True)
+            inv = tl.rsqrt(tl.sum(x0 * x0 + x1 * x1, 1) / cols + eps)[:, None]
+            wword = tl.load(w_ptr + j, mask=live_j, other=0)[None, :]
+            w0 = (wword << 16).to(tl.float32, bitcast=True)
+            w1 = (wword & -65536).to(tl.float32, bitcast=True)
+            # the norm rounds to bf16, the weight multiplies in bf16 (as the RMSNorm module)
+            y0 = ((x0 * inv).to(tl.bfloat16).to(tl.float32) * w0).to(tl.bfloat16).to(tl.float32)
+            y1 = ((x1 * inv).to(tl.bfloat16).to(tl.float32) * w1).to(tl.bfloat16).to(tl.float32)
+            f = (r % seq)[:, None] * HALF + (j % HALF)[None, :]
+            c = tl.load(cos_ptr + f, mask=m, other=0.0)
+            s = tl.load(sin_ptr + f, mask=m, other=0.0)
+            o0 = (y0 * c - y1 * s).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+            o1 = (y0 * s + y1 * c).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+            out = (o1 << 16) | (o0 & 65535)
+            tl.store(dst + r[:, None] * (cols // 2) + j[None, :], out, mask=m)
 
         @triton.jit
         def qk_rows(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
                     rows, cols, seq, q_row, k_row, eps,
-                    HEAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+                    HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
             r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-            c = tl.arange(0, BLOCK_C)
-            live_c = c < cols
-            m = (r < rows)[:, None] & live_c[None, :]
-            qk_one(q_ptr, q_row, wq_ptr, qo_ptr, cos_ptr, sin_ptr, r, c, m, live_c, cols, seq, eps,
-                   HEAD)  # fmt: skip
-            qk_one(k_ptr, k_row, wk_ptr, ko_ptr, cos_ptr, sin_ptr, r, c, m, live_c, cols, seq, eps,
-                   HEAD)  # fmt: skip
+            j = tl.arange(0, BLOCK_J)  # word (pair) index within the row
+            live_j = j < cols // 2
+            m = (r < rows)[:, None] & live_j[None, :]
+            qk_one(q_ptr, q_row, wq_ptr, qo_ptr, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
+                   HALF)  # fmt: skip
+            qk_one(k_ptr, k_row, wk_ptr, ko_ptr, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
+                   HALF)  # fmt: skip
 
         _KERNELS = (norm_rows, qk_rows)
     return _KERNELS
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor | None:
-    """(B, L, C) as (B * L, C) rows with unit column stride, a view where possible."""
-    if t.stride(-1) != 1:
-        return None
-    b, seq, _ = t.shape
-    if b > 1 and t.stride(0) != seq * t.stride(1):
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) as (B * L, C) rows with unit column stride, a view where the layout allows."""
+    b, seq, cols = t.shape
+    if t.stride(-1) != 1 or (b > 1 and t.stride(0) != seq * t.stride(1)):
         t = t.contiguous()
-    return t.as_strided((b * seq, t.shape[-1]), (t.stride(1), 1))
+    return t.as_strided((b * seq, cols), (t.stride(1), 1))
 
 
 def _frame_strides(x: torch.Tensor, mods: list[torch.Tensor | None]):
@@ -177,14 +180,15 @@ def _launch_norm(x, y, gate, weight, bias, shift, scale, eps, out_dtype, norm: b
     b, seq, cols = x.shape
     x2 = _rows(x)
     y2 = None if y is None else _rows(y)
-    if x2 is None or (y is not None and y2 is None):
-        return None
     (gate, shift, scale), mod_b, mod_f, per_frame = _frame_strides(x, [gate, shift, scale])
     rows = b * seq
     xo = torch.empty(b, seq, cols, device=x.device, dtype=torch.float32) if y is not None else x
     h = torch.empty(b, seq, cols, device=x.device, dtype=out_dtype) if norm else xo
     block_c = _next_pow2(cols)
-    block_r, warps = _config("norm", block_c, 4096)
+    if not norm:  # gated_add
+        block_r, warps = _config("norm", block_c, 2048, 256)
+    else:  # norm_modulate (y None) / add_norm
+        block_r, warps = _config("norm", block_c, 4096, 1024 if y is None else 512)
     dummy = x2
     kernels[0][(-(-rows // block_r),)](
         x2, dummy if y2 is None else y2, dummy if gate is None else gate,
@@ -227,10 +231,8 @@ def norm_modulate(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     rounded to ``out_dtype``; shift/scale (B, F, C) per frame (both or neither)."""
     _check_frames(x, shift, scale)
     if _use_kernel(x, shift, scale):
-        out = _launch_norm(x, None, None, weight, bias, shift, scale, eps, out_dtype, True)
-        if out is not None:
-            return out[1]
-    return _norm_reference(x, weight, bias, shift, scale, eps, out_dtype)
+        return _launch_norm(x, None, None, weight, bias, shift, scale, eps, out_dtype, True)[1]
+    return _norm_reference(x, weight, bias, shift, scale, eps, out_dtype).contiguous()
 
 
 @norm_modulate.register_fake
@@ -246,11 +248,9 @@ def add_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None,
     """The residual ``x + y [* gate]`` (fp32) and its ``norm_modulate`` in one pass."""
     _check_frames(x, gate, shift, scale)
     if _use_kernel(x, y, gate, shift, scale):
-        out = _launch_norm(x, y, gate, weight, bias, shift, scale, eps, out_dtype, True)
-        if out is not None:
-            return out
-    xo = _gated_reference(x, y, gate)
-    return xo, _norm_reference(xo, weight, bias, shift, scale, eps, out_dtype)
+        return _launch_norm(x, y, gate, weight, bias, shift, scale, eps, out_dtype, True)
+    xo = _gated_reference(x, y, gate).contiguous()  # the layout the fake promises
+    return xo, _norm_reference(xo, weight, bias, shift, scale, eps, out_dtype).contiguous()
 
 
 @add_norm.register_fake
@@ -263,10 +263,8 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> to
     """``x + y [* gate]`` in fp32, gate (B, F, C) per frame."""
     _check_frames(x, gate)
     if _use_kernel(x, y, gate):
-        out = _launch_norm(x, y, gate, None, None, None, None, 0.0, torch.float32, False)
-        if out is not None:
-            return out[0]
-    return _gated_reference(x, y, gate)
+        return _launch_norm(x, y, gate, None, None, None, None, 0.0, torch.float32, False)[0]
+    return _gated_reference(x, y, gate).contiguous()
 
 
 @gated_add.register_fake
@@ -293,20 +291,30 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
     interleaved pairs with (L, D/2) cos/sin; returns (B, L, H, D) q and k."""
     b, seq, cols = q.shape
     head = cols // heads
-    q2, k2 = (_rows(t) for t in (q, k)) if _use_kernel(q, k) else (None, None)
-    if q2 is None or k2 is None or k.shape != q.shape or head % 2:
+    words = None
+    if _use_kernel(q, k) and q.dtype == k.dtype == torch.bfloat16 and k.shape == q.shape:
+        words = [_words(t) for t in (q, k)]
+    if words is None or None in words or head % 2:
         return qk_norm_rope_reference(q, k, weight_q, weight_k, cos, sin, heads, eps)
     qo = torch.empty(b, seq, heads, head, device=q.device, dtype=q.dtype)
     ko = torch.empty_like(qo)
-    block_c = _next_pow2(cols)
-    block_r, warps = _config("qk", block_c, 4096)
-    _kernels()[1][(-(-b * seq // block_r), 2)](
-        q2, k2, weight_q.to(q.dtype).contiguous(), weight_k.to(q.dtype).contiguous(),
-        cos.float().contiguous(), sin.float().contiguous(), qo, ko,
-        b * seq, cols, seq, q2.stride(0), k2.stride(0), eps,
-        HEAD=head, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+    block_j = _next_pow2(cols // 2)
+    block_r, warps = _config("qk", block_j, 1024, 256)
+    (q2, k2), (wq, wk) = words, (_words(w.to(q.dtype).clone()) for w in (weight_q, weight_k))
+    _kernels()[1][(-(-b * seq // block_r),)](
+        q2, k2, wq, wk, cos.float().contiguous(), sin.float().contiguous(),
+        qo.view(torch.int32), ko.view(torch.int32), b * seq, cols, seq, q2.stride(0),
+        k2.stride(0), eps, HALF=head // 2, BLOCK_R=block_r, BLOCK_J=block_j, num_warps=warps,
     )  # fmt: skip
     return qo, ko
+
+
+def _words(t: torch.Tensor) -> torch.Tensor | None:
+    """bf16 rows (..., C) as int32 words of two values each (a view where the layout allows)."""
+    rows = _rows(t) if t.dim() == 3 else t.contiguous()
+    if (rows.dim() == 2 and rows.stride(0) % 2) or rows.storage_offset() % 2:
+        return None
+    return rows.view(torch.int32)
 
 
 @qk_norm_rope.register_fake
