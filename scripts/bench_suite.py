@@ -96,6 +96,18 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         ],  # fmt: skip
         "flash-attn 4 split with the norms / residuals / q-k RoPE left to Inductor",
     ),
+    "sf_fa4_split_cross_sdpa": (
+        "gpu",
+        "bench",
+        [*SF[:2], "attention=fast", "attention.min_keys=1024"],
+        "flash-attn 4 split for self-attention, SDPA-cuDNN for the 512-token cross-attention",
+    ),
+    "sf_fast": (
+        "gpu",
+        "bench",
+        [*SF[:2], "attention=fast"],
+        "the streaming recipes' default: attention=fast (flash-attn 4 + splits when installed)",
+    ),
     "sf_fa4_tile176": (
         "gpu",
         "bench",

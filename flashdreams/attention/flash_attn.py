@@ -59,11 +59,17 @@ class FlashAttnAttention(AttentionBackend):
             ``auto`` picks the count from the shape and the SM count; 1 turns it off.
         tile: flash-attn 4 only: ``[tile_m, tile_n]`` of its forward kernel in place of the
             package's per-architecture choice (through its internal ``_flash_attn_fwd``).
+        min_keys: calls over fewer keys than this (the 512 text tokens of cross-attention) go to
+            the SDPA fallback kernel; 0 sends every unmasked call to the package.
     """
 
     def __init__(self, version: str = "auto", fallback: str = "cudnn",
-                 kv_splits: int | str = 1, tile: list[int] | None = None) -> None:  # fmt: skip
+                 kv_splits: int | str = 1, tile: list[int] | None = None,
+                 min_keys: int = 0) -> None:  # fmt: skip
         version = str(version)
+        if int(min_keys) < 0:
+            raise ConfigError(f"attention.min_keys={min_keys!r} must be >= 0")
+        self.min_keys = int(min_keys)
         if version != "auto" and version not in _PACKAGES:
             raise ConfigError(f"attention.version={version!r} is not one of auto, 4, 3, 2")
         self._logged: set[str] = set()
@@ -109,7 +115,7 @@ class FlashAttnAttention(AttentionBackend):
         if not self._kernel_takes(q, mask):
             return self.sdpa(q, k, v, mask)
         shape = (tuple(q.shape), k.shape[1], q.dtype)
-        if shape in self._failed:
+        if shape in self._failed or k.shape[1] < self.min_keys:
             return self.sdpa(q, k, v)
         try:
             if self.kv_splits != 1:

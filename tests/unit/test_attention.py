@@ -159,6 +159,19 @@ def test_flash_attn_package_error_falls_back_per_shape_with_one_line(caplog):
     assert "second line" not in lines[0]
 
 
+def test_flash_attn_min_keys_sends_short_calls_to_sdpa():
+    attn = FlashAttnAttention("2", min_keys=64)
+    calls = []
+    attn.package, attn._func = "flash-attn 4", lambda q, k, v, **kw: calls.append(k.shape[1]) or q
+    attn._kernel_takes = lambda q, mask: True  # as on a GPU: the package is asked first
+    q, k, v = _qkv(lq=50, lk=40)
+    assert torch.equal(attn(q, k, v), SdpaAttention("cudnn")(q, k, v)) and calls == []
+    q, k, v = _qkv(lq=50, lk=80)
+    assert attn(q, k, v) is q and calls == [80]  # 80 keys >= 64: the package's kernel
+    with pytest.raises(ConfigError, match="attention.min_keys=-1"):
+        FlashAttnAttention("2", min_keys=-1)
+
+
 def test_fast_attention_composes_in_the_streaming_recipes():
     from hydra.utils import instantiate
 
