@@ -108,6 +108,12 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         [*SF[:2], "attention=fast"],
         "the streaming recipes' default: attention=fast (flash-attn 4 + splits when installed)",
     ),
+    "sf_fast_autotune": (
+        "gpu",
+        "bench",
+        [*SF[:2], "graph.mode=max-autotune-no-cudagraphs", "attention=fast"],
+        "attention=fast with Inductor autotuning the block GEMMs (cuBLAS vs Triton templates)",
+    ),
     "sf_fa4_tile176": (
         "gpu",
         "bench",

@@ -36,12 +36,13 @@ TUNE: dict[str, tuple[int, int] | None] = {"norm": None, "qk": None}
 
 
 def _config(kind: str, block_c: int, rows_budget: int, per_warp: int) -> tuple[int, int]:
-    """Rows per program and warps: ``rows_budget`` values per program, ``per_warp`` per warp
-    (the best of scripts/bench_fusions.py's sweep on an H200 at widths 1536)."""
+    """Rows per program and warps: ``rows_budget`` values per program, ``per_warp`` per warp,
+    at most 8 warps (the best of scripts/bench_fusions.py's sweeps on an H200 at widths 1536
+    and 5120)."""
     if TUNE.get(kind) is not None:
         return TUNE[kind]
     block_r = max(1, min(4, rows_budget // block_c))
-    return block_r, min(16, max(4, block_c * block_r // per_warp))
+    return block_r, min(8, max(4, block_c * block_r // per_warp))
 
 
 def _next_pow2(n: int) -> int:
