@@ -9,7 +9,7 @@ ops here do each stage in one read and one write of the rows (``qk_norm_rope`` r
 rotated bf16 pair as one 32-bit word and unpacks it with two bit operations, so its loads and
 stores stay contiguous and vectorized):
 
-    add_norm(x, y, gate, ...)  x + y * gate (fp32), then LayerNorm [+ affine] [+ modulation]
+    add_norm(x, y, ...)        x + y [* gate] (fp32), then LayerNorm [+ affine] [+ modulation]
     norm_modulate(x, ...)      LayerNorm [+ affine] [+ modulation]
     gated_add(x, y, gate)      x + y * gate (fp32)
     qk_norm_rope(q, k, ...)    RMS norm across heads x weight, then RoPE, for q and k at once
@@ -19,8 +19,10 @@ modulated result rounded once to the model dtype; the RMS norm rounded to the mo
 the weight in the model dtype, rotated in fp32 and rounded). Without CUDA or Triton each op runs
 that unfused math, which is also the reference the GPU tests compare the kernels with.
 
-Per-frame tensors (``gate``, ``shift``, ``scale``) are (B, F, C) views (the chunks of a block's
-modulation); token ``l`` of batch ``b`` uses frame ``l // (L // F)``. The ops are custom ops, so
+The adaLN shift / scale / gate are chunks of the block's modulation, ``table + e0`` with the
+block's (1, 6, C) parameter and the (B, F, 6, C) per-frame time embedding: the kernels add the
+two themselves (no separate kernels for the small modulation tensors); token ``l`` of batch
+``b`` uses frame ``l // (L // F)``. The ops are custom ops, so
 ``torch.compile`` keeps each kernel whole inside the compiled regions.
 """
 
@@ -60,24 +62,34 @@ def _kernels():
             return None
 
         @triton.jit
-        def norm_rows(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xo_ptr, h_ptr,
-                      rows, cols, seq, per_frame, mod_b, mod_f, x_row, y_row, eps,
-                      HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
-                      AFFINE: tl.constexpr, MODULATE: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        def mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, K: tl.constexpr,
+                      HAS_TABLE: tl.constexpr):  # fmt: skip
+            """Chunk K of the block's modulation (table + e0) for each row's frame, in fp32."""
+            v = tl.load(e_ptr + frame[:, None] + K * e_c + c[None, :], mask=m, other=0.0)
+            v = v.to(tl.float32)
+            if HAS_TABLE:
+                t = tl.load(t_ptr + K * cols + c, mask=c < cols, other=0.0).to(tl.float32)
+                v = t[None, :] + v
+            return v
+
+        @triton.jit
+        def norm_rows(x_ptr, y_ptr, e_ptr, t_ptr, w_ptr, b_ptr, xo_ptr, h_ptr,
+                      rows, cols, seq, per_frame, e_b, e_f, e_c, x_row, y_row, eps,
+                      HAS_Y: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr,
+                      HAS_TABLE: tl.constexpr, GATE: tl.constexpr, SHIFT: tl.constexpr,
+                      SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr):  # fmt: skip
             r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
             c = tl.arange(0, BLOCK_C)
-            live_r = r < rows
             live_c = c < cols
-            m = live_r[:, None] & live_c[None, :]
-            frame = (r // seq) * mod_b + ((r % seq) // per_frame) * mod_f  # (B, F) row offset
+            m = (r < rows)[:, None] & live_c[None, :]
+            frame = (r // seq) * e_b + ((r % seq) // per_frame) * e_f  # e0 offset of (b, f)
             x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0).to(tl.float32)
             if HAS_Y:
                 y = tl.load(y_ptr + r[:, None] * y_row + c[None, :], mask=m, other=0.0)
                 y = y.to(tl.float32)
-                if HAS_GATE:
-                    g = tl.load(gate_ptr + frame[:, None] + c[None, :], mask=m, other=0.0)
-                    y = y * g
+                if GATE >= 0:
+                    y = y * mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, GATE, HAS_TABLE)
                 x = x + y
                 tl.store(xo_ptr + r[:, None] * cols + c[None, :], x, mask=m)
             if NORM:
@@ -89,9 +101,9 @@ def _kernels():
                     w = tl.load(w_ptr + c, mask=live_c, other=0.0).to(tl.float32)
                     bias = tl.load(b_ptr + c, mask=live_c, other=0.0).to(tl.float32)
                     h = h * w[None, :] + bias[None, :]
-                if MODULATE:
-                    sc = tl.load(scale_ptr + frame[:, None] + c[None, :], mask=m, other=0.0)
-                    sh = tl.load(shift_ptr + frame[:, None] + c[None, :], mask=m, other=0.0)
+                if SCALE >= 0:
+                    sc = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, SCALE, HAS_TABLE)
+                    sh = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, SHIFT, HAS_TABLE)
                     h = h * (1 + sc) + sh
                 dst = h_ptr + r[:, None] * cols + c[None, :]
                 tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
@@ -144,29 +156,35 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((b * seq, cols), (t.stride(1), 1))
 
 
-def _frame_strides(x: torch.Tensor, mods: list[torch.Tensor | None]):
-    """Per-frame tensors as views sharing (batch, frame) strides; made contiguous if not."""
-    live = [t for t in mods if t is not None]
-    if not live:
-        return mods, 0, 0, 1
-    b, seq, cols = x.shape
-    frames = live[0].shape[1]
-    ref = live[0]
-    same = all(
-        t.shape == (b, frames, cols) and t.stride() == ref.stride() and t.stride(-1) == 1
-        and t.dtype == torch.float32
-        for t in live
-    )  # fmt: skip
-    if not same:
-        mods = [None if t is None else t.float().expand(b, frames, cols).contiguous() for t in mods]
-        ref = next(t for t in mods if t is not None)
-    return mods, ref.stride(0), ref.stride(1), seq // frames
+def _check_mod(
+    x: torch.Tensor, e0: torch.Tensor | None, table: torch.Tensor | None, *chunks: int
+) -> None:
+    used = [k for k in chunks if k >= 0]
+    if not used:
+        return
+    if e0 is None:
+        raise ValueError("modulation chunks given without e0")
+    if e0.dim() != 4 or e0.shape[-1] != x.shape[-1] or max(used) >= e0.shape[2]:
+        raise ValueError(f"e0 of shape {list(e0.shape)} is not (B, F, chunks, {x.shape[-1]}) "
+                         f"with chunks {used}")  # fmt: skip
+    if x.shape[1] % e0.shape[1]:
+        raise ValueError(f"{x.shape[1]} tokens do not split into {e0.shape[1]} frames")
+    if table is not None and table.numel() != e0.shape[2] * e0.shape[3]:
+        raise ValueError(f"modulation table of shape {list(table.shape)} does not match e0's "
+                         f"{list(e0.shape[2:])}")  # fmt: skip
 
 
-def _check_frames(x: torch.Tensor, *mods: torch.Tensor | None) -> None:
-    for t in mods:
-        if t is not None and x.shape[1] % t.shape[1]:
-            raise ValueError(f"{x.shape[1]} tokens do not split into {t.shape[1]} frames")
+def _check_shift_scale(shift: int, scale: int) -> None:
+    if (shift < 0) != (scale < 0):
+        raise ValueError(f"shift chunk {shift} and scale chunk {scale}: give both or neither")
+
+
+def _mod_reference(e0, table, k):
+    """Chunk k of ``table + e0`` as (B, F, C) fp32 (None for k < 0)."""
+    if k < 0:
+        return None
+    mod = e0.float() if table is None else table.float().reshape(e0.shape[2:]) + e0.float()
+    return mod[:, :, k]
 
 
 def _use_kernel(*tensors: torch.Tensor | None) -> bool:
@@ -176,12 +194,16 @@ def _use_kernel(*tensors: torch.Tensor | None) -> bool:
     )  # fmt: skip
 
 
-def _launch_norm(x, y, gate, weight, bias, shift, scale, eps, out_dtype, norm: bool):
+def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype, norm):
     kernels = _kernels()
     b, seq, cols = x.shape
     x2 = _rows(x)
     y2 = None if y is None else _rows(y)
-    (gate, shift, scale), mod_b, mod_f, per_frame = _frame_strides(x, [gate, shift, scale])
+    used = max(gate, shift, scale) >= 0
+    if used:
+        e0 = e0 if e0.stride(-1) == 1 else e0.contiguous()
+        e0 = e0.expand(b, -1, -1, -1)
+        table = None if table is None else table.reshape(-1, cols).contiguous()
     rows = b * seq
     xo = torch.empty(b, seq, cols, device=x.device, dtype=torch.float32) if y is not None else x
     h = torch.empty(b, seq, cols, device=x.device, dtype=out_dtype) if norm else xo
@@ -191,15 +213,16 @@ def _launch_norm(x, y, gate, weight, bias, shift, scale, eps, out_dtype, norm: b
     else:  # norm_modulate (y None) / add_norm
         block_r, warps = _config("norm", block_c, 4096, 1024 if y is None else 512)
     dummy = x2
+    e_b, e_f, e_c = (e0.stride(0), e0.stride(1), e0.stride(2)) if used else (0, 0, 0)
     kernels[0][(-(-rows // block_r),)](
-        x2, dummy if y2 is None else y2, dummy if gate is None else gate,
-        dummy if weight is None else weight, dummy if bias is None else bias,
-        dummy if shift is None else shift, dummy if scale is None else scale, xo, h,
-        rows, cols, seq, per_frame, mod_b, mod_f, x2.stride(0),
+        x2, dummy if y2 is None else y2, e0 if used else dummy,
+        table if used and table is not None else dummy,
+        dummy if weight is None else weight, dummy if bias is None else bias, xo, h,
+        rows, cols, seq, seq // e0.shape[1] if used else 1, e_b, e_f, e_c, x2.stride(0),
         0 if y2 is None else y2.stride(0), eps,
-        HAS_Y=y is not None, HAS_GATE=gate is not None, NORM=norm,
-        AFFINE=weight is not None, MODULATE=shift is not None,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        HAS_Y=y is not None, NORM=norm, AFFINE=weight is not None,
+        HAS_TABLE=used and table is not None, GATE=gate if y is not None else -1, SHIFT=shift,
+        SCALE=scale, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     return xo, h
 
@@ -226,50 +249,60 @@ def _gated_reference(x, y, gate):
 
 @torch.library.custom_op("flashdreams::norm_modulate", mutates_args=())
 def norm_modulate(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                  shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
-                  out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+                  e0: torch.Tensor | None, table: torch.Tensor | None, shift: int, scale: int,
+                  eps: float, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """``LayerNorm(x)[* weight + bias][* (1 + scale) + shift]`` of (B, L, C) tokens in fp32,
-    rounded to ``out_dtype``; shift/scale (B, F, C) per frame (both or neither)."""
-    _check_frames(x, shift, scale)
-    if _use_kernel(x, shift, scale):
-        return _launch_norm(x, None, None, weight, bias, shift, scale, eps, out_dtype, True)[1]
-    return _norm_reference(x, weight, bias, shift, scale, eps, out_dtype).contiguous()
+    rounded to ``out_dtype``. shift / scale are chunks of the block's modulation
+    ``table + e0`` ((6, C) + (B, F, 6, C)), per frame; -1 for both: no modulation."""
+    _check_mod(x, e0, table, shift, scale)
+    _check_shift_scale(shift, scale)
+    if _use_kernel(x, e0, table):
+        return _launch_norm(x, None, e0, table, -1, weight, bias, shift, scale, eps, out_dtype,
+                            True)[1]  # fmt: skip
+    sh, sc = (_mod_reference(e0, table, k) for k in (shift, scale))
+    return _norm_reference(x, weight, bias, sh, sc, eps, out_dtype).contiguous()
 
 
 @norm_modulate.register_fake
-def _(x, weight, bias, shift, scale, eps, out_dtype):
+def _(x, weight, bias, e0, table, shift, scale, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op("flashdreams::add_norm", mutates_args=())
-def add_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None,
-             weight: torch.Tensor | None, bias: torch.Tensor | None,
-             shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+def add_norm(x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor | None,
+             table: torch.Tensor | None, gate: int, weight: torch.Tensor | None,
+             bias: torch.Tensor | None, shift: int, scale: int, eps: float,
              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The residual ``x + y [* gate]`` (fp32) and its ``norm_modulate`` in one pass."""
-    _check_frames(x, gate, shift, scale)
-    if _use_kernel(x, y, gate, shift, scale):
-        return _launch_norm(x, y, gate, weight, bias, shift, scale, eps, out_dtype, True)
-    xo = _gated_reference(x, y, gate).contiguous()  # the layout the fake promises
-    return xo, _norm_reference(xo, weight, bias, shift, scale, eps, out_dtype).contiguous()
+    """The residual ``x + y [* gate]`` (fp32) and its ``norm_modulate`` in one pass (chunk
+    indices as there; gate -1: a plain add)."""
+    _check_mod(x, e0, table, gate, shift, scale)
+    _check_shift_scale(shift, scale)
+    if _use_kernel(x, y, e0, table):
+        return _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype,
+                            True)  # fmt: skip
+    xo = _gated_reference(x, y, _mod_reference(e0, table, gate)).contiguous()  # the fake's layout
+    sh, sc = (_mod_reference(e0, table, k) for k in (shift, scale))
+    return xo, _norm_reference(xo, weight, bias, sh, sc, eps, out_dtype).contiguous()
 
 
 @add_norm.register_fake
-def _(x, y, gate, weight, bias, shift, scale, eps, out_dtype):
+def _(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype):
     return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op("flashdreams::gated_add", mutates_args=())
-def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-    """``x + y [* gate]`` in fp32, gate (B, F, C) per frame."""
-    _check_frames(x, gate)
-    if _use_kernel(x, y, gate):
-        return _launch_norm(x, y, gate, None, None, None, None, 0.0, torch.float32, False)[0]
-    return _gated_reference(x, y, gate).contiguous()
+def gated_add(x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor | None,
+              table: torch.Tensor | None, gate: int) -> torch.Tensor:  # fmt: skip
+    """``x + y [* gate]`` in fp32, gate the chunk of ``table + e0`` per frame (-1: none)."""
+    _check_mod(x, e0, table, gate)
+    if _use_kernel(x, y, e0, table):
+        return _launch_norm(x, y, e0, table, gate, None, None, -1, -1, 0.0, torch.float32,
+                            False)[0]  # fmt: skip
+    return _gated_reference(x, y, _mod_reference(e0, table, gate)).contiguous()
 
 
 @gated_add.register_fake
-def _(x, y, gate):
+def _(x, y, e0, table, gate):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 

@@ -171,14 +171,15 @@ class WanBlock(nn.Module):
 
     def self_attn_in(self, x, e0, cos, sin):
         """Region 1: norm1 + modulation, q/k/v projections, q/k RMS norm, RoPE."""
-        shift, scale = self._mod(e0)[:2]
         sa = self.self_attn
-        if self.fused_norms:
-            h = fused.norm_modulate(x, None, None, shift, scale, self.norm1.eps, sa.q.weight.dtype)
+        if self.fused_norms:  # chunks 0, 1 of modulation + e0: shift, scale
+            h = fused.norm_modulate(x, None, None, e0, self.modulation, 0, 1, self.norm1.eps,
+                                    sa.q.weight.dtype)  # fmt: skip
             q, k, v = sa.project(h)
             q, k = fused.qk_norm_rope(q, k, sa.norm_q.weight, sa.norm_k.weight, cos, sin,
                                       sa.num_heads, sa.norm_q.eps)  # fmt: skip
             return q, k, v.unflatten(-1, (sa.num_heads, -1))
+        shift, scale = self._mod(e0)[:2]
         h = modulate(layer_norm_fp32(x, self.norm1).unflatten(1, (e0.shape[1], -1)), shift, scale)
         h = h.flatten(1, 2).to(sa.q.weight.dtype)
         heads = (sa.num_heads, -1)
@@ -194,8 +195,8 @@ class WanBlock(nn.Module):
         injected = cam is not None and self.camera_injector is not None
         if self.fused_norms and not injected and isinstance(self.norm3, nn.LayerNorm):
             n3 = self.norm3
-            x, h = fused.add_norm(x, self.self_attn.o(y.flatten(2)), self._mod(e0)[2],
-                                  n3.weight, n3.bias, None, None, n3.eps, ca.q.weight.dtype)  # fmt: skip
+            x, h = fused.add_norm(x, self.self_attn.o(y.flatten(2)), e0, self.modulation, 2,
+                                  n3.weight, n3.bias, -1, -1, n3.eps, ca.q.weight.dtype)  # fmt: skip
             q = ca.norm_q(ca.q(h)).unflatten(-1, (ca.num_heads, -1))
             return x, q
         x = self._gated(x, self.self_attn.o(y.flatten(2)), self._mod(e0)[2])
@@ -207,11 +208,11 @@ class WanBlock(nn.Module):
 
     def cross_out_ffn(self, x, y, e0):
         """Region 3: cross-attention output + residual, norm2 + modulation, FFN, gated residual."""
+        if self.fused_norms:  # chunks 3, 4, 5 of modulation + e0: shift, scale, gate
+            x, h = fused.add_norm(x, self.cross_attn.o(y.flatten(2)), e0, self.modulation, -1,
+                                  None, None, 3, 4, self.norm2.eps, self.ffn[0].weight.dtype)  # fmt: skip
+            return fused.gated_add(x, self.ffn(h), e0, self.modulation, 5)
         _, _, _, shift, scale, gate = self._mod(e0)
-        if self.fused_norms:
-            x, h = fused.add_norm(x, self.cross_attn.o(y.flatten(2)), None, None, None, shift,
-                                  scale, self.norm2.eps, self.ffn[0].weight.dtype)  # fmt: skip
-            return fused.gated_add(x, self.ffn(h), gate)
         x = x + self.cross_attn.o(y.flatten(2)).float()
         h = modulate(layer_norm_fp32(x, self.norm2).unflatten(1, (e0.shape[1], -1)), shift, scale)
         return self._gated(x, self.ffn(h.flatten(1, 2).to(self.ffn[0].weight.dtype)), gate)

@@ -25,13 +25,16 @@ def _inputs():
     def rnd(*shape, dtype=torch.float32, scale=1.0):
         return torch.randn(*shape, device=CUDA, generator=g, dtype=dtype) * scale
 
-    mod = rnd(B, FRAMES, 6, WIDTH, scale=0.3)
     return {
         "x": rnd(B, SEQ, WIDTH) * 3 + 1,
         "y": rnd(B, SEQ, 2 * WIDTH, dtype=BF16)[..., WIDTH:],  # a strided view (a projection)
-        "shift": mod[:, :, 0], "scale": mod[:, :, 1], "gate": mod[:, :, 2],
+        "e0": rnd(B, FRAMES, 6, WIDTH, scale=0.3), "table": rnd(1, 6, WIDTH, scale=0.1),
         "w": rnd(WIDTH, scale=0.2) + 1, "b": rnd(WIDTH, scale=0.2),
     }  # fmt: skip
+
+
+def _mod(t, k):
+    return (t["table"] + t["e0"])[:, :, k]  # the unfused block's modulation chunk
 
 
 @torch.no_grad()
@@ -39,16 +42,17 @@ def _inputs():
 def test_norm_kernels_match_the_unfused_math(kind):
     t = _inputs()
     if kind == "norm_modulate":
-        h = fused.norm_modulate(t["x"], None, None, t["shift"], t["scale"], 1e-6, BF16)
-        ref = fused._norm_reference(t["x"], None, None, t["shift"], t["scale"], 1e-6, BF16)
+        h = fused.norm_modulate(t["x"], None, None, t["e0"], t["table"], 0, 1, 1e-6, BF16)
+        ref = fused._norm_reference(t["x"], None, None, _mod(t, 0), _mod(t, 1), 1e-6, BF16)
     else:
         gate, w, b, shift, scale = (
-            (t["gate"], t["w"], t["b"], None, None) if kind == "add_norm_affine"
-            else (None, None, None, t["shift"], t["scale"])
+            (2, t["w"], t["b"], -1, -1) if kind == "add_norm_affine" else (-1, None, None, 3, 4)
         )  # fmt: skip
-        xo, h = fused.add_norm(t["x"], t["y"], gate, w, b, shift, scale, 1e-6, BF16)
-        xo_ref = fused._gated_reference(t["x"], t["y"], gate)
-        ref = fused._norm_reference(xo_ref, w, b, shift, scale, 1e-6, BF16)
+        xo, h = fused.add_norm(t["x"], t["y"], t["e0"], t["table"], gate, w, b, shift, scale,
+                               1e-6, BF16)  # fmt: skip
+        xo_ref = fused._gated_reference(t["x"], t["y"], _mod(t, gate) if gate >= 0 else None)
+        sh, sc = (_mod(t, k) if k >= 0 else None for k in (shift, scale))
+        ref = fused._norm_reference(xo_ref, w, b, sh, sc, 1e-6, BF16)
         assert xo.dtype == torch.float32
         assert torch.allclose(xo, xo_ref, rtol=1e-6, atol=1e-6)
     assert h.dtype == BF16 and h.shape == ref.shape
@@ -59,20 +63,21 @@ def test_norm_kernels_match_the_unfused_math(kind):
 @torch.no_grad()
 def test_gated_add_matches_and_replays_in_a_graph():
     t = _inputs()
-    out = fused.gated_add(t["x"], t["y"], t["gate"])
-    assert torch.allclose(out, fused._gated_reference(t["x"], t["y"], t["gate"]), 1e-6, 1e-6)
+    out = fused.gated_add(t["x"], t["y"], t["e0"], t["table"], 5)
+    assert torch.allclose(out, fused._gated_reference(t["x"], t["y"], _mod(t, 5)), 1e-6, 1e-6)
+    args = (t["e0"], t["table"], 2, t["w"], t["b"], -1, -1, 1e-6, BF16)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fused.add_norm(t["x"], t["y"], t["gate"], t["w"], t["b"], None, None, 1e-6, BF16)
+        fused.add_norm(t["x"], t["y"], *args)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = fused.add_norm(t["x"], t["y"], t["gate"], t["w"], t["b"], None, None, 1e-6, BF16)
+        captured = fused.add_norm(t["x"], t["y"], *args)
     t["x"].mul_(0.5)
-    t["gate"].add_(1.0)
+    t["e0"].add_(1.0)
     graph.replay()
-    eager = fused.add_norm(t["x"], t["y"], t["gate"], t["w"], t["b"], None, None, 1e-6, BF16)
+    eager = fused.add_norm(t["x"], t["y"], *args)
     assert all(torch.equal(c, e) for c, e in zip(captured, eager, strict=True))
 
 

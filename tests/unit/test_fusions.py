@@ -121,22 +121,30 @@ def test_compile_blocks_fuses_norms_unless_told_not_to():
     assert all(b.fused_norms for b in blocks.blocks)
 
 
-def test_fused_ops_take_per_frame_views_and_check_the_frame_split():
+def test_fused_ops_take_modulation_chunks_and_check_their_inputs():
     from flashdreams.model import fused_norms as fused
 
     torch.manual_seed(0)
     x, y = torch.randn(2, 12, 8), torch.randn(2, 12, 16)[..., 8:]
-    mod = torch.randn(2, 3, 6, 8)
-    xo, h = fused.add_norm(x, y, mod[:, :, 2], None, None, mod[:, :, 0], mod[:, :, 1], 1e-6,
-                           torch.bfloat16)  # fmt: skip
+    e0, table = torch.randn(2, 3, 6, 8), torch.randn(1, 6, 8)
+    mod = table + e0  # (B, F, 6, C): what the unfused block computes
+    xo, h = fused.add_norm(x, y, e0, table, 2, None, None, 0, 1, 1e-6, torch.bfloat16)
     gated = x + (y.unflatten(1, (3, 4)) * mod[:, :, 2, None]).flatten(1, 2)
     assert torch.allclose(xo, gated, atol=1e-6) and h.dtype == torch.bfloat16
     want = F.layer_norm(gated, (8,), eps=1e-6).unflatten(1, (3, 4))
     want = (want * (1 + mod[:, :, 1, None]) + mod[:, :, 0, None]).flatten(1, 2)
-    assert torch.allclose(h.float(), want, atol=2e-2)
+    assert torch.allclose(h.float(), want, rtol=1e-2, atol=1e-2)  # one bf16 rounding
+    assert torch.allclose(fused.gated_add(x, y, e0, table, 2), gated, atol=1e-6)
+    assert torch.equal(fused.gated_add(x, y, None, None, -1), x + y)
     with pytest.raises(ValueError, match="12 tokens do not split into 5 frames"):
-        fused.norm_modulate(torch.randn(1, 12, 8), None, None, *torch.randn(2, 1, 5, 8), 1e-6,
+        fused.norm_modulate(x, None, None, torch.randn(2, 5, 6, 8), None, 0, 1, 1e-6,
                             torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match="give both or neither"):
+        fused.norm_modulate(x, None, None, e0, table, 0, -1, 1e-6, torch.float32)
+    with pytest.raises(ValueError, match="without e0"):
+        fused.gated_add(x, y, None, None, 5)
+    with pytest.raises(ValueError, match="does not match"):
+        fused.gated_add(x, y, e0, torch.randn(6, 4), 5)
 
 
 def test_qk_norm_rope_reference_is_the_modules():
