@@ -62,15 +62,15 @@ def _kernels():
             return None
 
         @triton.jit
-        def mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, K: tl.constexpr,
+        def mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, K: tl.constexpr,
                       HAS_TABLE: tl.constexpr):  # fmt: skip
-            """Chunk K of the block's modulation (table + e0) at one frame, in fp32, as a
-            (1, BLOCK_C) row shared by the program's rows."""
-            v = tl.load(e_ptr + frame + K * e_c + c, mask=c < cols, other=0.0).to(tl.float32)
+            """Chunk K of the block's modulation (table + e0) for each row's frame, in fp32."""
+            v = tl.load(e_ptr + frame[:, None] + K * e_c + c[None, :], mask=m, other=0.0)
+            v = v.to(tl.float32)
             if HAS_TABLE:
                 t = tl.load(t_ptr + K * cols + c, mask=c < cols, other=0.0).to(tl.float32)
-                v = t + v
-            return v[None, :]
+                v = t[None, :] + v
+            return v
 
         @triton.jit
         def norm_rows(x_ptr, y_ptr, e_ptr, t_ptr, w_ptr, b_ptr, xo_ptr, h_ptr,
@@ -79,19 +79,17 @@ def _kernels():
                       HAS_TABLE: tl.constexpr, GATE: tl.constexpr, SHIFT: tl.constexpr,
                       SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_C: tl.constexpr):  # fmt: skip
-            first = tl.program_id(0).to(tl.int64) * BLOCK_R
-            r = first + tl.arange(0, BLOCK_R)
+            r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
             c = tl.arange(0, BLOCK_C)
             live_c = c < cols
             m = (r < rows)[:, None] & live_c[None, :]
-            # a program's rows lie in one frame (BLOCK_R divides the tokens per frame)
-            frame = (first // seq) * e_b + ((first % seq) // per_frame) * e_f
+            frame = (r // seq) * e_b + ((r % seq) // per_frame) * e_f  # e0 offset of (b, f)
             x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0).to(tl.float32)
             if HAS_Y:
                 y = tl.load(y_ptr + r[:, None] * y_row + c[None, :], mask=m, other=0.0)
                 y = y.to(tl.float32)
                 if GATE >= 0:
-                    y = y * mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, GATE, HAS_TABLE)
+                    y = y * mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, GATE, HAS_TABLE)
                 x = x + y
                 tl.store(xo_ptr + r[:, None] * cols + c[None, :], x, mask=m)
             if NORM:
@@ -104,8 +102,8 @@ def _kernels():
                     bias = tl.load(b_ptr + c, mask=live_c, other=0.0).to(tl.float32)
                     h = h * w[None, :] + bias[None, :]
                 if SCALE >= 0:
-                    sc = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, SCALE, HAS_TABLE)
-                    sh = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, SHIFT, HAS_TABLE)
+                    sc = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, SCALE, HAS_TABLE)
+                    sh = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, SHIFT, HAS_TABLE)
                     h = h * (1 + sc) + sh
                 dst = h_ptr + r[:, None] * cols + c[None, :]
                 tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
@@ -214,16 +212,13 @@ def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dty
         block_r, warps = _config("norm", block_c, 2048, 256)
     else:  # norm_modulate (y None) / add_norm
         block_r, warps = _config("norm", block_c, 4096, 1024 if y is None else 512)
-    per_frame = seq // e0.shape[1] if used else seq
-    while per_frame % block_r:  # a program's rows must share one frame
-        block_r //= 2
     dummy = x2
     e_b, e_f, e_c = (e0.stride(0), e0.stride(1), e0.stride(2)) if used else (0, 0, 0)
     kernels[0][(-(-rows // block_r),)](
         x2, dummy if y2 is None else y2, e0 if used else dummy,
         table if used and table is not None else dummy,
         dummy if weight is None else weight, dummy if bias is None else bias, xo, h,
-        rows, cols, seq, per_frame, e_b, e_f, e_c, x2.stride(0),
+        rows, cols, seq, seq // e0.shape[1] if used else 1, e_b, e_f, e_c, x2.stride(0),
         0 if y2 is None else y2.stride(0), eps,
         HAS_Y=y is not None, NORM=norm, AFFINE=weight is not None,
         HAS_TABLE=used and table is not None, GATE=gate if y is not None else -1, SHIFT=shift,

@@ -95,20 +95,3 @@ def test_qk_norm_rope_matches_the_modules():
     # the rotation is applied (not only the norm): the kernel differs from the norm alone
     normed = torch.nn.functional.rms_norm(q.float(), (WIDTH,), eps=1e-6).to(BF16) * wq.to(BF16)
     assert rel_l2(qo, normed.unflatten(-1, (HEADS, -1))) > 0.1
-
-
-@torch.no_grad()
-def test_odd_frame_length_keeps_each_program_in_one_frame():
-    """7 tokens per frame: the kernels drop to one row per program (rows share a frame's
-    modulation within a program), and still match the per-token reference."""
-    g = torch.Generator(device=CUDA).manual_seed(1)
-    x = torch.randn(2, 21, WIDTH, device=CUDA, generator=g)
-    y = torch.randn(2, 21, WIDTH, device=CUDA, generator=g, dtype=BF16)
-    e0 = torch.randn(2, 3, 6, WIDTH, device=CUDA, generator=g)
-    table = torch.randn(1, 6, WIDTH, device=CUDA, generator=g)
-    mod = table + e0
-    xo, h = fused.add_norm(x, y, e0, table, 2, None, None, 0, 1, 1e-6, BF16)
-    want_x = fused._gated_reference(x, y, mod[:, :, 2])
-    assert torch.allclose(xo, want_x, rtol=1e-6, atol=1e-6)
-    want = fused._norm_reference(want_x, None, None, mod[:, :, 0], mod[:, :, 1], 1e-6, BF16)
-    assert rel_l2(h, want) <= 2e-3
