@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flashdreams.precision.fp8_tensor import as_rows
+
 _KERNELS: object = False  # False: not built yet; None: no Triton
 # (rows per program, warps) by kernel; None: chosen from the row width (scripts/bench_fusions.py
 # sweeps these)
@@ -148,14 +150,6 @@ def _kernels():
     return _KERNELS
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(B, L, C) as (B * L, C) rows with unit column stride, a view where the layout allows."""
-    b, seq, cols = t.shape
-    if t.stride(-1) != 1 or (b > 1 and t.stride(0) != seq * t.stride(1)):
-        t = t.contiguous()
-    return t.as_strided((b * seq, cols), (t.stride(1), 1))
-
-
 def _check_mod(
     x: torch.Tensor, e0: torch.Tensor | None, table: torch.Tensor | None, *chunks: int
 ) -> None:
@@ -197,8 +191,8 @@ def _use_kernel(*tensors: torch.Tensor | None) -> bool:
 def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype, norm):
     kernels = _kernels()
     b, seq, cols = x.shape
-    x2 = _rows(x)
-    y2 = None if y is None else _rows(y)
+    x2 = as_rows(x)
+    y2 = None if y is None else as_rows(y)
     used = max(gate, shift, scale) >= 0
     if used:
         e0 = e0 if e0.stride(-1) == 1 else e0.contiguous()
@@ -345,7 +339,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
 
 def _words(t: torch.Tensor) -> torch.Tensor | None:
     """bf16 rows (..., C) as int32 words of two values each (a view where the layout allows)."""
-    rows = _rows(t) if t.dim() == 3 else t.contiguous()
+    rows = as_rows(t) if t.dim() == 3 else t.contiguous()
     if (rows.dim() == 2 and rows.stride(0) % 2) or rows.storage_offset() % 2:
         return None
     return rows.view(torch.int32)

@@ -105,16 +105,18 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, L, H, D) as a (B*L, H*D) view with unit column stride (a copy only if it must be).
+    """(B, L, H, D) or (B, L, C) as a (B*L, H*D) view with unit column stride (a copy only if it
+    must be).
 
     The V of a fused QKV projection is such a view with rows 3x as far apart as its width.
     """
-    if x.dim() == 4:
-        b, seq, h, d = x.shape
-        packed = x.stride(3) == 1 and (h == 1 or x.stride(2) == d)
+    if x.dim() in (3, 4):
+        b, seq = x.shape[:2]
+        h, d = x.shape[2:] if x.dim() == 4 else (1, x.shape[2])
+        packed = x.stride(-1) == 1 and (h == 1 or x.stride(2) == d)
         if packed and (b == 1 or x.stride(0) == seq * x.stride(1)):
             return x.as_strided((b * seq, h * d), (x.stride(1), 1))
-    return x.contiguous().view(-1, x.shape[-1])
+    return x.contiguous().view(-1, x.shape[-1] if x.dim() < 4 else x.shape[-2] * x.shape[-1])
 
 
 def running_amax(amax: torch.Tensor, x: torch.Tensor) -> None:

@@ -159,3 +159,17 @@ def test_qk_norm_rope_reference_is_the_modules():
     qo, ko = fused.qk_norm_rope(q, k, nq.weight, nk.weight, cos, sin, 4, 1e-6)
     assert torch.equal(qo, apply_rope(nq(q).unflatten(-1, (4, 16)), cos, sin))
     assert torch.equal(ko, apply_rope(nk(k).unflatten(-1, (4, 16)), cos, sin))
+
+
+def test_as_rows_views_token_rows_and_copies_only_when_it_must():
+    from flashdreams.precision.fp8_tensor import as_rows
+
+    qkv = torch.randn(2, 5, 3 * 12)
+    k = qkv[..., 12:24]  # (B, L, C) view of a fused projection: rows 36 apart
+    rows = as_rows(k)
+    assert rows.shape == (10, 12) and rows.data_ptr() == k.data_ptr()
+    assert torch.equal(rows, k.reshape(10, 12))
+    heads_last = torch.randn(2, 5, 4, 3).transpose(2, 3)  # (B, L, 3, 4) not packed: a copy
+    rows = as_rows(heads_last)
+    assert rows.shape == (10, 12) and torch.equal(rows, heads_last.reshape(10, 12))
+    assert torch.equal(as_rows(k.transpose(0, 1).transpose(0, 1)), k.reshape(10, 12))
