@@ -27,6 +27,7 @@ from flashdreams.attention.cudnn_fp8 import CudnnFp8Attention, reference_fp8_att
 from flashdreams.attention.flash_attn import FlashAttnAttention, find_flash_attn
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.bench import time_cuda
+from flashdreams.graph.cuda_graph import capture
 from flashdreams.parallel.ring_attention import attention_lse
 from flashdreams.precision.fp8_tensor import quantize_tensor_device
 
@@ -129,14 +130,8 @@ def main() -> int:
               "emulation_vs_bf16": error(reference_fp8_attention(q, k, v),
                                          backends["sdpa_cudnn"](q, k, v))}  # fmt: skip
     # captured in a CUDA graph (what graph=cuda_graph does) and replayed on new inputs
-    graph, static = torch.cuda.CUDAGraph(), [q.clone(), k.clone(), v.clone()]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fp8(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        captured = fp8(*static)
+    static = [q.clone(), k.clone(), v.clone()]
+    graph, captured = capture(lambda: fp8(*static))
     for t, scale in zip(static, (2.0, 0.5, 4.0), strict=True):
         t.mul_(scale)
     graph.replay()

@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
+from flashdreams.bench import time_cuda
+from flashdreams.graph.cuda_graph import capture
 from flashdreams.model import fused_norms as fused
 from flashdreams.model.layers import Rope3D
 
@@ -32,25 +33,8 @@ REPS = 20
 
 def graph_time(fn, repeats: int) -> float:
     """Median microseconds of one ``fn()`` over replays of a graph of REPS calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPS):
-            fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / REPS)
-    return statistics.median(times)
+    graph, _ = capture(lambda: [fn() for _ in range(REPS)])
+    return time_cuda(graph.replay, repeats, warmup=1) * 1000 / REPS
 
 
 def max_err(out, ref) -> float:

@@ -37,6 +37,21 @@ def _rebuild(args, tensors):
     return [walk(a) for a in args]
 
 
+def capture(fn, warmup: int = 1, pool=None, stream: torch.cuda.Stream | None = None):
+    """Run ``fn()`` ``warmup`` times on a side stream, then capture one call of it as a CUDA
+    graph (in ``pool``, on ``stream``); returns the graph and that call's static output."""
+    stream = torch.cuda.Stream() if stream is None else stream
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        output = fn()
+    return graph, output
+
+
 class _Captured:
     """One captured forward: static input buffers, the graph, its static output."""
 
@@ -45,14 +60,7 @@ class _Captured:
         self.inputs = [t.clone() for t in flat]
         self.sources: list = [None] * len(flat)  # (tensor, version) last copied per input
         static_args = _rebuild(args, self.inputs)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                fn(*static_args)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
-            self.output = fn(*static_args)
+        self.graph, self.output = capture(lambda: fn(*static_args), warmup, pool, stream)
 
     def replay(self, args):
         for i, (dst, src) in enumerate(zip(self.inputs, _flatten(args), strict=False)):

@@ -2,6 +2,8 @@
 
 import torch
 
+from flashdreams.graph.cuda_graph import capture
+
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error of ``a`` against ``b``, in fp32."""
@@ -18,14 +20,7 @@ def random_qkv(lq: int, lk: int, heads: int = 12, head_dim: int = 128) -> list[t
 def replay_equals_eager(attn, static: list[torch.Tensor], scales=(0.5, 3.0, 2.0)) -> bool:
     """Warm ``attn`` up on a side stream, capture one call on ``static`` (q, k, v), scale the
     inputs in place, replay, and compare with an eager call on the scaled inputs."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        attn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = attn(*static)
+    graph, captured = capture(lambda: attn(*static))
     for x, scale in zip(static, scales, strict=True):
         x.mul_(scale)
     graph.replay()

@@ -10,6 +10,7 @@ one bf16 step). Replayed in a CUDA graph, a kernel sees new inputs.
 import pytest
 import torch
 
+from flashdreams.graph.cuda_graph import capture
 from flashdreams.model import fused_norms as fused
 from flashdreams.model.layers import Rope3D
 from tests.gpu.helpers import rel_l2
@@ -66,14 +67,7 @@ def test_gated_add_matches_and_replays_in_a_graph():
     out = fused.gated_add(t["x"], t["y"], t["e0"], t["table"], 5)
     assert torch.allclose(out, fused._gated_reference(t["x"], t["y"], _mod(t, 5)), 1e-6, 1e-6)
     args = (t["e0"], t["table"], 2, t["w"], t["b"], -1, -1, 1e-6, BF16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fused.add_norm(t["x"], t["y"], *args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = fused.add_norm(t["x"], t["y"], *args)
+    graph, captured = capture(lambda: fused.add_norm(t["x"], t["y"], *args))
     t["x"].mul_(0.5)
     t["e0"].add_(1.0)
     graph.replay()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from flashdreams.cache.scatter import write_rows
+from flashdreams.graph.cuda_graph import capture
 from flashdreams.model.layers import linear_gelu_tanh
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -40,14 +41,7 @@ def test_write_rows_is_index_copy_also_in_a_graph():
     write_rows(buf, index, v)
     ref.index_copy_(1, index, v)
     assert torch.equal(buf, ref)
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        write_rows(buf, index, v)
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        write_rows(buf, index, v)
+    graph, _ = capture(lambda: write_rows(buf, index, v))
     index.copy_((torch.arange(4680, device=CUDA) + 30000) % buf.shape[1])  # wraps around
     qkv.mul_(2)
     graph.replay()
