@@ -26,7 +26,7 @@ import torch
 from flashdreams.bench import time_cuda
 from flashdreams.graph.cuda_graph import capture
 from flashdreams.model import fused_norms as fused
-from flashdreams.model.layers import Rope3D
+from flashdreams.model.layers import Rope3D, gated_residual
 
 REPS = 20
 
@@ -73,15 +73,15 @@ def cases(seq: int, frames: int, width: int, heads: int):
         return fused._norm_reference(x, None, None, mod(0), mod(1), 1e-6, bf16)
 
     def ref_add_affine(x, y):
-        xo = fused._gated_reference(x, y, mod(2))
+        xo = gated_residual(x, y, mod(2))
         return xo, fused._norm_reference(xo, w, b, None, None, 1e-6, bf16)
 
     def ref_add_mod(x, y):
-        xo = fused._gated_reference(x, y, None)
+        xo = gated_residual(x, y, None)
         return xo, fused._norm_reference(xo, None, None, mod(3), mod(4), 1e-6, bf16)
 
     def ref_gated(x, y):
-        return fused._gated_reference(x, y, mod(5))
+        return gated_residual(x, y, mod(5))
 
     def ref_qk(q, k):
         return fused.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)

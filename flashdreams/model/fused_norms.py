@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flashdreams.model.layers import apply_rope, gated_residual, modulate
 from flashdreams.precision.fp8_tensor import as_rows
 
 _KERNELS: object = False  # False: not built yet; None: no Triton
@@ -227,18 +228,8 @@ def _norm_reference(x, weight, bias, shift, scale, eps, out_dtype):
     bias = None if bias is None else bias.float()
     h = F.layer_norm(x.float(), (cols,), w, bias, eps)
     if shift is not None:
-        frames = shift.shape[1]
-        h = h.unflatten(1, (frames, -1)) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
-        h = h.flatten(1, 2)
+        h = modulate(h.unflatten(1, (shift.shape[1], -1)), shift, scale).flatten(1, 2)
     return h.to(out_dtype)
-
-
-def _gated_reference(x, y, gate):
-    if gate is None:
-        return x.float() + y.float()
-    frames = gate.shape[1]
-    y = y.float().unflatten(1, (frames, -1)) * gate.float().unsqueeze(2)
-    return x.float() + y.flatten(1, 2)
 
 
 @torch.library.custom_op("flashdreams::norm_modulate", mutates_args=())
@@ -274,7 +265,7 @@ def add_norm(x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor | None,
     if _use_kernel(x, y, e0, table):
         return _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype,
                             True)  # fmt: skip
-    xo = _gated_reference(x, y, _mod_reference(e0, table, gate)).contiguous()  # the fake's layout
+    xo = gated_residual(x, y, _mod_reference(e0, table, gate)).contiguous()  # the fake's layout
     sh, sc = (_mod_reference(e0, table, k) for k in (shift, scale))
     return xo, _norm_reference(xo, weight, bias, sh, sc, eps, out_dtype).contiguous()
 
@@ -292,7 +283,7 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor | None,
     if _use_kernel(x, y, e0, table):
         return _launch_norm(x, y, e0, table, gate, None, None, -1, -1, 0.0, torch.float32,
                             False)[0]  # fmt: skip
-    return _gated_reference(x, y, _mod_reference(e0, table, gate)).contiguous()
+    return gated_residual(x, y, _mod_reference(e0, table, gate)).contiguous()
 
 
 @gated_add.register_fake
@@ -302,8 +293,6 @@ def _(x, y, e0, table, gate):
 
 def qk_norm_rope_reference(q, k, weight_q, weight_k, cos, sin, heads, eps):
     """The unfused math of ``qk_norm_rope`` (RMSNorm modules, then ``apply_rope``)."""
-    from flashdreams.model.layers import apply_rope
-
     out = []
     for x, w in ((q, weight_q), (k, weight_k)):
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * w.to(x.dtype)

@@ -44,6 +44,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
 
 
+def gated_residual(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x + y [* gate]`` in fp32: (B, L, C) tokens, gate (B, F, C) per frame (S = L / F tokens
+    each), None for a plain residual add."""
+    if gate is None:
+        return x.float() + y.float()
+    y = y.float().unflatten(1, (gate.shape[1], -1)) * gate.float().unsqueeze(2)
+    return x.float() + y.flatten(1, 2)
+
+
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     """Wan's timestep embedding: [cos, sin] of t * 10000^(-i/half), in fp32.
 

@@ -22,6 +22,7 @@ from flashdreams.model.layers import (
     RMSNorm,
     Rope3D,
     apply_rope,
+    gated_residual,
     layer_norm_fp32,
     modulate,
     sinusoidal_embedding,
@@ -163,12 +164,6 @@ class WanBlock(nn.Module):
         """shift1, scale1, gate1, shift2, scale2, gate2: each (B, F, C) fp32."""
         return (self.modulation.float() + e0).unbind(2)
 
-    def _gated(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """x + y * gate per frame, in fp32. x: (B, L, C); y: (B, L, C); gate: (B, F, C)."""
-        num_frames = gate.shape[1]
-        y = y.float().unflatten(1, (num_frames, -1)) * gate.unsqueeze(2)
-        return x + y.flatten(1, 2)
-
     def self_attn_in(self, x, e0, cos, sin):
         """Region 1: norm1 + modulation, q/k/v projections, q/k RMS norm, RoPE."""
         sa = self.self_attn
@@ -199,7 +194,7 @@ class WanBlock(nn.Module):
                                   n3.weight, n3.bias, -1, -1, n3.eps, ca.q.weight.dtype)  # fmt: skip
             q = ca.norm_q(ca.q(h)).unflatten(-1, (ca.num_heads, -1))
             return x, q
-        x = self._gated(x, self.self_attn.o(y.flatten(2)), self._mod(e0)[2])
+        x = gated_residual(x, self.self_attn.o(y.flatten(2)), self._mod(e0)[2])
         if injected:
             x = self.camera_injector(x, cam)  # (B, L, C) camera tokens of the same frames
         h = layer_norm_fp32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
@@ -215,7 +210,7 @@ class WanBlock(nn.Module):
         _, _, _, shift, scale, gate = self._mod(e0)
         x = x + self.cross_attn.o(y.flatten(2)).float()
         h = modulate(layer_norm_fp32(x, self.norm2).unflatten(1, (e0.shape[1], -1)), shift, scale)
-        return self._gated(x, self.ffn(h.flatten(1, 2).to(self.ffn[0].weight.dtype)), gate)
+        return gated_residual(x, self.ffn(h.flatten(1, 2).to(self.ffn[0].weight.dtype)), gate)
 
     def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None, cam=None):
         # x: (B, L, C) fp32 residual stream; e0: (B, F, 6, C) fp32 per-frame modulation

@@ -12,7 +12,7 @@ import torch
 
 from flashdreams.graph.cuda_graph import capture
 from flashdreams.model import fused_norms as fused
-from flashdreams.model.layers import Rope3D
+from flashdreams.model.layers import Rope3D, gated_residual
 from tests.gpu.helpers import rel_l2
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -51,7 +51,7 @@ def test_norm_kernels_match_the_unfused_math(kind):
         )  # fmt: skip
         xo, h = fused.add_norm(t["x"], t["y"], t["e0"], t["table"], gate, w, b, shift, scale,
                                1e-6, BF16)  # fmt: skip
-        xo_ref = fused._gated_reference(t["x"], t["y"], _mod(t, gate) if gate >= 0 else None)
+        xo_ref = gated_residual(t["x"], t["y"], _mod(t, gate) if gate >= 0 else None)
         sh, sc = (_mod(t, k) if k >= 0 else None for k in (shift, scale))
         ref = fused._norm_reference(xo_ref, w, b, sh, sc, 1e-6, BF16)
         assert xo.dtype == torch.float32
@@ -65,7 +65,7 @@ def test_norm_kernels_match_the_unfused_math(kind):
 def test_gated_add_matches_and_replays_in_a_graph():
     t = _inputs()
     out = fused.gated_add(t["x"], t["y"], t["e0"], t["table"], 5)
-    assert torch.allclose(out, fused._gated_reference(t["x"], t["y"], _mod(t, 5)), 1e-6, 1e-6)
+    assert torch.allclose(out, gated_residual(t["x"], t["y"], _mod(t, 5)), 1e-6, 1e-6)
     args = (t["e0"], t["table"], 2, t["w"], t["b"], -1, -1, 1e-6, BF16)
     graph, captured = capture(lambda: fused.add_norm(t["x"], t["y"], *args))
     t["x"].mul_(0.5)
