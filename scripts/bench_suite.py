@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RANDOM = ["model.checkpoint=null", "text_encoder=random", "vae.checkpoint=null"]
 FAST = ["graph=compile_cuda_graph", "attention=sdpa_cudnn"]
 SF = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", *FAST]
+# the same workload with flash-attn 4 (when installed), unsplit and over split keys
+FA4 = [*SF[:2], "attention=flash_attn", "attention.version=4"]
+FA4_SPLIT = [*FA4, "attention.kv_splits=auto"]
 # bidirectional Wan2.1-T2V-1.3B, 81 frames, 3 CFG steps; the attention group is added per run
 BIDIR13 = ["recipe=wan21_t2v_1_3b_480p", "scheduler.num_steps=3", "graph=compile"]
 # the same with FP8 attention (cuDNN FP8 SDPA) in place of SDPA-cuDNN
@@ -63,13 +66,13 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "sf_fa4": (
         "gpu",
         "bench",
-        [*SF[:2], "attention=flash_attn", "attention.version=4"],
+        FA4,
         "bf16, flash-attn 4 (CuTe DSL) attention, when installed",
     ),
     "sf_fa4_split": (
         "gpu",
         "bench",
-        [*SF[:2], "attention=flash_attn", "attention.version=4", "attention.kv_splits=auto"],
+        FA4_SPLIT,
         "bf16, flash-attn 4 over key chunks batched into one launch",
     ),
     "sf_bf16_nofuse": (
@@ -87,13 +90,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "sf_fa4_split_nonorm": (
         "gpu",
         "bench",
-        [
-            *SF[:2],
-            "attention=flash_attn",
-            "attention.version=4",
-            "attention.kv_splits=auto",
-            "graph.fuse_norms=false",
-        ],  # fmt: skip
+        [*FA4_SPLIT, "graph.fuse_norms=false"],
         "flash-attn 4 split with the norms / residuals / q-k RoPE left to Inductor",
     ),
     "sf_fa4_split_cross_sdpa": (
@@ -117,13 +114,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "sf_fa4_tile176": (
         "gpu",
         "bench",
-        [
-            *SF[:2],
-            "attention=flash_attn",
-            "attention.version=4",
-            "attention.kv_splits=auto",
-            "attention.tile=[128,176]",
-        ],  # fmt: skip
+        [*FA4_SPLIT, "attention.tile=[128,176]"],
         "bf16, flash-attn 4 split, 128x176 tiles (FlashAttention-3's hdim-128 choice)",
     ),
     "wan21_t2v_bidir_fa4": (
@@ -135,7 +126,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "profile_fa4": (
         "gpu",
         "profile",
-        [*SF[:2], "attention=flash_attn", "attention.version=4"],
+        FA4,
         "kernel time of AR step 4 by op, bf16 with flash-attn 4",
     ),
     "sf_fp8_kv": (
