@@ -311,7 +311,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
     words = None
     if _use_kernel(q, k) and q.dtype == k.dtype == torch.bfloat16 and k.shape == q.shape:
         words = [_words(t) for t in (q, k)]
-    if words is None or None in words or head % 2:
+    if words is None or any(w is None for w in words) or head % 2:
         return qk_norm_rope_reference(q, k, weight_q, weight_k, cos, sin, heads, eps)
     qo = torch.empty(b, seq, heads, head, device=q.device, dtype=q.dtype)
     ko = torch.empty_like(qo)

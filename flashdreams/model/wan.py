@@ -192,12 +192,11 @@ class WanBlock(nn.Module):
             n3 = self.norm3
             x, h = fused.add_norm(x, self.self_attn.o(y.flatten(2)), e0, self.modulation, 2,
                                   n3.weight, n3.bias, -1, -1, n3.eps, ca.q.weight.dtype)  # fmt: skip
-            q = ca.norm_q(ca.q(h)).unflatten(-1, (ca.num_heads, -1))
-            return x, q
-        x = gated_residual(x, self.self_attn.o(y.flatten(2)), self._mod(e0)[2])
-        if injected:
-            x = self.camera_injector(x, cam)  # (B, L, C) camera tokens of the same frames
-        h = layer_norm_fp32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
+        else:
+            x = gated_residual(x, self.self_attn.o(y.flatten(2)), self._mod(e0)[2])
+            if injected:
+                x = self.camera_injector(x, cam)  # (B, L, C) camera tokens of the same frames
+            h = layer_norm_fp32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
         q = ca.norm_q(ca.q(h.to(ca.q.weight.dtype))).unflatten(-1, (ca.num_heads, -1))
         return x, q
 
