@@ -22,6 +22,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flashdreams.graph.cuda_graph import capture
+
 log = logging.getLogger("flashdreams.bench")
 
 
@@ -51,6 +53,14 @@ def time_cuda(fn: Callable[[], Any], repeats: int = 10, warmup: int = 3) -> floa
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def time_graph(fn: Callable[[], Any], repeats: int = 10, calls: int = 20) -> float:
+    """Median milliseconds of one ``fn()`` over replays of a CUDA graph of ``calls`` back-to-back
+    calls: the kernels' time without the host's launch gaps (which single short calls, e.g. a
+    cross-attention over 512 keys, are otherwise dominated by)."""
+    graph, _ = capture(lambda: [fn() for _ in range(calls)])
+    return time_cuda(graph.replay, repeats, warmup=1) / calls
 
 
 def measure_throughput(attention, heads: int, head_dim: int, q_tokens: int, kv_tokens: int,

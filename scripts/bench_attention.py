@@ -6,7 +6,9 @@ launch alone too), an installed flash-attn 4 / FlashAttention-3 package (bf16, a
 ``attention=cudnn_fp8`` end to end (per-tensor quantization of Q/K/V + the FP8 kernel + O back to
 bf16), the FP8 kernel alone on pre-quantized inputs, and the quantization of K/V alone. Error of
 each against SDPA-cuDNN bf16 (relative L2, cosine), and of the FP8 kernel against the fp32
-emulation of the same e4m3 scheme (``reference_fp8_attention``) on a smaller shape.
+emulation of the same e4m3 scheme (``reference_fp8_attention``) on a smaller shape. Times are
+medians over CUDA-graph replays of 20 back-to-back calls (what a captured rollout pays; a single
+short call timed with events mostly measures its host launch), ``--eager-timing`` for the latter.
 
     python scripts/bench_attention.py --heads 12 --lq 4680 --lk 4680,14040,23400,32760 \
         --out benchmarks/<dir>/attention.json
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from flashdreams.attention.cudnn_fp8 import CudnnFp8Attention, reference_fp8_attention
 from flashdreams.attention.flash_attn import FlashAttnAttention, find_flash_attn
 from flashdreams.attention.sdpa import SdpaAttention
-from flashdreams.bench import time_cuda
+from flashdreams.bench import time_cuda, time_graph
 from flashdreams.graph.cuda_graph import capture
 from flashdreams.parallel.ring_attention import attention_lse
 from flashdreams.precision.fp8_tensor import quantize_tensor_device
@@ -38,8 +40,31 @@ def error(out: torch.Tensor, ref: torch.Tensor) -> dict:
             "cosine": float(F.cosine_similarity(o, r, dim=0))}  # fmt: skip
 
 
+def timer(graphs: bool):
+    """Median ms of a call: over CUDA-graph replays of back-to-back calls (``graphs``; what a
+    captured rollout pays), else of single calls timed with events (host launch included)."""
+
+    def timed(fn, repeats):
+        if graphs:
+            try:
+                return time_graph(fn, repeats)
+            except RuntimeError as err:  # a kernel that cannot be captured: say so, time eagerly
+                print(f"# not capturable, timed eagerly: {err}", file=sys.stderr)
+        return time_cuda(fn, repeats)
+
+    return timed
+
+
 def _row(
-    lq: int, lk: int, h: int, d: int, backends: dict, fp8, repeats: int, max_splits: int
+    lq: int,
+    lk: int,
+    h: int,
+    d: int,
+    backends: dict,
+    fp8,
+    repeats: int,
+    max_splits: int,
+    timed=time_cuda,
 ) -> dict:
     """Every backend at one (Lq, Lk): median ms, TFLOP/s, error against SDPA-cuDNN bf16."""
     dev = torch.device("cuda")
@@ -50,12 +75,12 @@ def _row(
     ref = backends["sdpa_cudnn"](q, k, v)
     row = {"lq": lq, "lk": lk, "heads": h, "head_dim": d}
     for name, fn in backends.items():
-        ms = time_cuda(lambda fn=fn: fn(q, k, v), repeats)
+        ms = timed(lambda fn=fn: fn(q, k, v), repeats)
         row[name] = {"ms": ms, "tflops": flops / ms / 1e9, **error(fn(q, k, v), ref)}
     # as in a rollout: the KV cache hands over a running bound on |K|, |V| (one pass less)
     kb, vb = k.detach(), v.detach()
     kb.kv_amax, vb.kv_amax = (x.abs().amax().float().reshape(1) for x in (k, v))
-    ms = time_cuda(lambda: fp8(q, kb, vb), repeats)
+    ms = timed(lambda: fp8(q, kb, vb), repeats)
     row["cudnn_fp8_kv_bound"] = {"ms": ms, "tflops": flops / ms / 1e9}
     for name, fn in backends.items():  # the split count "auto" chose for this shape
         if getattr(fn, "kv_splits", 1) == "auto":  # fmt: skip
@@ -64,14 +89,14 @@ def _row(
         if lk % s == 0:
             qs = q.expand(s, lq, h, d).contiguous().transpose(1, 2)
             ks, vs = (x.reshape(s, lk // s, h, d).transpose(1, 2) for x in (k, v))
-            ms = time_cuda(lambda qs=qs, ks=ks, vs=vs: attention_lse(qs, ks, vs, "cudnn"), repeats)
+            ms = timed(lambda qs=qs, ks=ks, vs=vs: attention_lse(qs, ks, vs, "cudnn"), repeats)
             row[f"sdpa_cudnn_split{s}_kernel"] = {"ms": ms, "tflops": flops / ms / 1e9}
     plan = fp8._plan(q, k) if fp8._kernel_ready(q) else None
     if plan is not None:
         (q8, dq), (k8, dk), (v8, dv) = (quantize_tensor_device(x) for x in (q, k, v))
-        ms = time_cuda(lambda: plan.run(q8, dq, k8, dk, v8, dv), repeats)
+        ms = timed(lambda: plan.run(q8, dq, k8, dk, v8, dv), repeats)
         row["cudnn_fp8_kernel"] = {"ms": ms, "tflops": flops / ms / 1e9}
-        row["quantize_kv_ms"] = time_cuda(
+        row["quantize_kv_ms"] = timed(
             lambda: (quantize_tensor_device(k), quantize_tensor_device(v)), repeats
         )
     return row
@@ -88,6 +113,11 @@ def main() -> int:
     ap.add_argument(
         "--fa4-tiles", default="", help="flash-attn 4 tiles to try, e.g. 128x176,192x128"
     )
+    ap.add_argument(
+        "--eager-timing", action="store_true",
+        help="time single calls with events (host launch cost included) instead of CUDA-graph "
+        "replays of 20 back-to-back calls",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -116,7 +146,8 @@ def main() -> int:
 
     rows = []
     for lk in (int(x) for x in args.lk.split(",")):
-        rows.append(_row(args.lq, lk, h, d, backends, fp8, args.repeats, args.max_splits))
+        rows.append(_row(args.lq, lk, h, d, backends, fp8, args.repeats, args.max_splits,
+                         timer(not args.eager_timing)))  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     # the kernel against the fp32 emulation of the same e4m3 scheme (small shape: the emulation
     # materializes the score matrix)
@@ -142,6 +173,7 @@ def main() -> int:
         "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
         "cudnn_frontend": getattr(fp8._cudnn, "__version__", None),
         "command": " ".join(sys.argv), "rows": rows, "parity": parity,
+        "timing": "events, single calls" if args.eager_timing else "CUDA-graph replays of 20 calls",
     }  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,12 @@
 
 At a Wan block's shape (default: the 1.3B reference workload, 3 frames of 1560 tokens, width
 1536, 12 heads) it times, on one GPU in one process, each op of ``flashdreams.model.fused_norms``
-two ways: the Triton kernel (each (rows per program, warps) of ``--configs``) and the unfused
-reference math compiled by ``torch.compile`` (what a compiled block ran before; the modulation
-``table + e0`` is computed outside the timed reference, inside the timed kernel). Each timing is
-the median over CUDA-graph replays of 20 back-to-back calls, so launch gaps do not count. Prints
-microseconds per call, the bytes each call must move and the bandwidth that makes, and the
-largest error of the kernel against the eager reference.
+two ways: the Triton kernel (each rows-per-tile x warps [x tiles-per-program] of ``--configs``)
+and the unfused reference math compiled by ``torch.compile`` (what a compiled block ran before;
+the modulation ``table + e0`` is computed outside the timed reference, inside the timed kernel).
+Each timing is the median over CUDA-graph replays of 20 back-to-back calls, so launch gaps do
+not count. Prints microseconds per call, the bytes each call must move and the bandwidth that
+makes, and the largest error of the kernel against the eager reference.
 
     python scripts/bench_fusions.py --out benchmarks/<dir>/fusions.json
     python scripts/bench_fusions.py --width 5120 --heads 40   # the 14B blocks
@@ -23,18 +23,14 @@ from pathlib import Path
 
 import torch
 
-from flashdreams.bench import time_cuda
-from flashdreams.graph.cuda_graph import capture
+from flashdreams.bench import time_graph
 from flashdreams.model import fused_norms as fused
 from flashdreams.model.layers import Rope3D, gated_residual
 
-REPS = 20
-
 
 def graph_time(fn, repeats: int) -> float:
-    """Median microseconds of one ``fn()`` over replays of a graph of REPS calls."""
-    graph, _ = capture(lambda: [fn() for _ in range(REPS)])
-    return time_cuda(graph.replay, repeats, warmup=1) * 1000 / REPS
+    """Median microseconds of one ``fn()`` over replays of a graph of 20 calls."""
+    return time_graph(fn, repeats, calls=20) * 1000
 
 
 def max_err(out, ref) -> float:
@@ -83,6 +79,13 @@ def cases(seq: int, frames: int, width: int, heads: int):
     def ref_gated(x, y):
         return gated_residual(x, y, mod(5))
 
+    following = rnd(1, 6, width, scale=0.1)  # the next block's modulation parameter
+
+    def ref_next(x, y):  # the FFN's gated residual, then the next block's norm1
+        xo = gated_residual(x, y, mod(5))
+        nxt = (following + e0)[:, :, :2]
+        return xo, fused._norm_reference(xo, None, None, nxt[:, :, 0], nxt[:, :, 1], 1e-6, bf16)
+
     def ref_qk(q, k):
         return fused.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
 
@@ -98,6 +101,9 @@ def cases(seq: int, frames: int, width: int, heads: int):
          ref_add_mod, (x, y), 2 * row32 + 2 * row16),
         ("gated_add (FFN out)", lambda: fused.gated_add(x, y, e0, table, 5), ref_gated, (x, y),
          2 * row32 + row16),
+        ("add_norm gate+next norm1 (chain)",
+         lambda: fused.add_norm(x, y, e0, table, 5, None, None, 0, 1, 1e-6, bf16, following),
+         ref_next, (x, y), 2 * row32 + 2 * row16),
         ("qk_norm_rope", lambda: fused.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6),
          ref_qk, (q, k), 4 * row16),
     ]  # fmt: skip
@@ -110,7 +116,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1536)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--configs", default="auto,1x4,1x8,2x4,2x8,4x8,4x16",
-                    help="rows-per-program x warps to sweep (auto: the built-in choice)")  # fmt: skip
+                    help="rows per tile x warps [x tiles per program] to sweep (auto: the "
+                         "built-in choice)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -127,7 +134,10 @@ def main() -> None:
             kind = "qk" if name.startswith("qk") else "norm"
             best = None
             for cfg in configs:
-                fused.TUNE[kind] = None if cfg == "auto" else tuple(map(int, cfg.split("x")))
+                if cfg == "auto":
+                    fused.TUNE[kind] = None
+                else:  # rows x warps [x tiles per program]
+                    fused.TUNE[kind] = (*map(int, cfg.split("x")), 1)[:3]
                 try:
                     us = graph_time(call, args.repeats)
                     err = max_err(call(), expect)

@@ -347,6 +347,30 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         ],
         "LingBot-World-Fast 14B, window 15 + sink 3",
     ),
+    "lingbot_w15_nonorm": (
+        "gpu",
+        "bench",
+        [
+            "recipe=lingbot_world_fast_taehv_window15_sink3",
+            *FAST,
+            "graph.fuse_norms=false",
+            "conditioner.image.encoder.checkpoint=null",
+            IMAGE,
+        ],
+        "LingBot-World-Fast 14B (width 5120), the norms / residuals / q-k RoPE left to Inductor",
+    ),
+    "lingbot_w15_fast": (
+        "gpu",
+        "bench",
+        [
+            "recipe=lingbot_world_fast_taehv_window15_sink3",
+            *FAST[:1],
+            "attention=fast",
+            "conditioner.image.encoder.checkpoint=null",
+            IMAGE,
+        ],
+        "LingBot-World-Fast 14B, attention=fast (flash-attn 4 at 40 heads when installed)",
+    ),
     "lingbot_w15_fp8": (
         "gpu",
         "bench",

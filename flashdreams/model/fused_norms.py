@@ -10,6 +10,7 @@ rotated bf16 pair as one 32-bit word and unpacks it with two bit operations, so 
 stores stay contiguous and vectorized):
 
     add_norm(x, y, ...)        x + y [* gate] (fp32), then LayerNorm [+ affine] [+ modulation]
+                               (between blocks: the FFN residual and the next block's norm1)
     norm_modulate(x, ...)      LayerNorm [+ affine] [+ modulation]
     gated_add(x, y, gate)      x + y * gate (fp32)
     qk_norm_rope(q, k, ...)    RMS norm across heads x weight, then RoPE, for q and k at once
@@ -35,19 +36,21 @@ from flashdreams.model.layers import apply_rope, gated_residual, modulate
 from flashdreams.precision.fp8_tensor import as_rows
 
 _KERNELS: object = False  # False: not built yet; None: no Triton
-# (rows per program, warps) by kernel; None: chosen from the row width (scripts/bench_fusions.py
-# sweeps these)
-TUNE: dict[str, tuple[int, int] | None] = {"norm": None, "qk": None}
+# (rows per tile, warps, tiles per program) by kernel; None: chosen from the row width
+# (scripts/bench_fusions.py sweeps these)
+TUNE: dict[str, tuple[int, int, int] | None] = {"norm": None, "qk": None}
 
 
-def _config(kind: str, block_c: int, rows_budget: int, per_warp: int) -> tuple[int, int]:
-    """Rows per program and warps: ``rows_budget`` values per program, ``per_warp`` per warp,
-    at most 8 warps (the best of scripts/bench_fusions.py's sweeps on an H200 at widths 1536
-    and 5120)."""
+def _config(kind: str, block_c: int, rows_budget: int, per_warp: int) -> tuple[int, int, int]:
+    """Rows per tile, warps and tiles per program: ``rows_budget`` values per tile,
+    ``per_warp`` per warp, at most 8 warps, and max(4, block_c / 1024) rows per program (the
+    per-program loads of modulation chunks, weight and bias grow with the width; the best of
+    scripts/bench_fusions.py's sweeps on an H200 at widths 1536 and 5120)."""
     if TUNE.get(kind) is not None:
         return TUNE[kind]
     block_r = max(1, min(4, rows_budget // block_c))
-    return block_r, min(8, max(4, block_c * block_r // per_warp))
+    warps = min(8, max(4, block_c * block_r // per_warp))
+    return block_r, warps, max(1, max(4, block_c // 1024) // block_r)
 
 
 def _next_pow2(n: int) -> int:
@@ -65,51 +68,66 @@ def _kernels():
             return None
 
         @triton.jit
-        def mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, K: tl.constexpr,
+        def mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, K: tl.constexpr,
                       HAS_TABLE: tl.constexpr):  # fmt: skip
-            """Chunk K of the block's modulation (table + e0) for each row's frame, in fp32."""
-            v = tl.load(e_ptr + frame[:, None] + K * e_c + c[None, :], mask=m, other=0.0)
-            v = v.to(tl.float32)
+            """Chunk K of the block's modulation (table + e0) at one frame, in fp32, as a
+            (1, BLOCK_C) row shared by the program's rows."""
+            v = tl.load(e_ptr + frame + K * e_c + c, mask=c < cols, other=0.0).to(tl.float32)
             if HAS_TABLE:
                 t = tl.load(t_ptr + K * cols + c, mask=c < cols, other=0.0).to(tl.float32)
-                v = t[None, :] + v
-            return v
+                v = t + v
+            return v[None, :]
 
         @triton.jit
-        def norm_rows(x_ptr, y_ptr, e_ptr, t_ptr, w_ptr, b_ptr, xo_ptr, h_ptr,
+        def norm_rows(x_ptr, y_ptr, e_ptr, t_ptr, n_ptr, w_ptr, b_ptr, xo_ptr, h_ptr,
                       rows, cols, seq, per_frame, e_b, e_f, e_c, x_row, y_row, eps,
                       HAS_Y: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr,
-                      HAS_TABLE: tl.constexpr, GATE: tl.constexpr, SHIFT: tl.constexpr,
-                      SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+                      HAS_TABLE: tl.constexpr, HAS_NTABLE: tl.constexpr,
+                      GATE: tl.constexpr, SHIFT: tl.constexpr,
+                      SCALE: tl.constexpr, BLOCK_R: tl.constexpr, LOOP: tl.constexpr,
                       BLOCK_C: tl.constexpr):  # fmt: skip
-            r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+            # LOOP tiles of BLOCK_R rows per program, all in one frame (BLOCK_R * LOOP divides
+            # the tokens per frame): the modulation chunks, weight and bias are loaded once
+            # per program (from L2: at width 5120 they outweigh a row's own bytes)
+            first = tl.program_id(0).to(tl.int64) * (BLOCK_R * LOOP)
             c = tl.arange(0, BLOCK_C)
             live_c = c < cols
-            m = (r < rows)[:, None] & live_c[None, :]
-            frame = (r // seq) * e_b + ((r % seq) // per_frame) * e_f  # e0 offset of (b, f)
-            x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0).to(tl.float32)
+            frame = (first // seq) * e_b + ((first % seq) // per_frame) * e_f
             if HAS_Y:
-                y = tl.load(y_ptr + r[:, None] * y_row + c[None, :], mask=m, other=0.0)
-                y = y.to(tl.float32)
                 if GATE >= 0:
-                    y = y * mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, GATE, HAS_TABLE)
-                x = x + y
-                tl.store(xo_ptr + r[:, None] * cols + c[None, :], x, mask=m)
+                    g = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, GATE, HAS_TABLE)
             if NORM:
-                mean = tl.sum(x, 1) / cols
-                d = tl.where(m, x - mean[:, None], 0.0)
-                rstd = tl.rsqrt(tl.sum(d * d, 1) / cols + eps)
-                h = d * rstd[:, None]
                 if AFFINE:
-                    w = tl.load(w_ptr + c, mask=live_c, other=0.0).to(tl.float32)
-                    bias = tl.load(b_ptr + c, mask=live_c, other=0.0).to(tl.float32)
-                    h = h * w[None, :] + bias[None, :]
+                    w = tl.load(w_ptr + c, mask=live_c, other=0.0).to(tl.float32)[None, :]
+                    bias = tl.load(b_ptr + c, mask=live_c, other=0.0).to(tl.float32)[None, :]
                 if SCALE >= 0:
-                    sc = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, SCALE, HAS_TABLE)
-                    sh = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, m, SHIFT, HAS_TABLE)
-                    h = h * (1 + sc) + sh
-                dst = h_ptr + r[:, None] * cols + c[None, :]
-                tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
+                    # shift / scale from n_ptr: this block's table, or the next block's when
+                    # the FFN residual and the next norm1 run as one pass
+                    sc = 1 + mod_chunk(e_ptr, n_ptr, frame, e_c, cols, c, SCALE, HAS_NTABLE)
+                    sh = mod_chunk(e_ptr, n_ptr, frame, e_c, cols, c, SHIFT, HAS_NTABLE)
+            for i in range(LOOP):
+                r = first + i * BLOCK_R + tl.arange(0, BLOCK_R)
+                m = (r < rows)[:, None] & live_c[None, :]
+                x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0)
+                x = x.to(tl.float32)
+                if HAS_Y:
+                    y = tl.load(y_ptr + r[:, None] * y_row + c[None, :], mask=m, other=0.0)
+                    y = y.to(tl.float32)
+                    if GATE >= 0:
+                        y = y * g
+                    x = x + y
+                    tl.store(xo_ptr + r[:, None] * cols + c[None, :], x, mask=m)
+                if NORM:
+                    mean = tl.sum(x, 1) / cols
+                    d = tl.where(m, x - mean[:, None], 0.0)
+                    rstd = tl.rsqrt(tl.sum(d * d, 1) / cols + eps)
+                    h = d * rstd[:, None]
+                    if AFFINE:
+                        h = h * w + bias
+                    if SCALE >= 0:
+                        h = h * sc + sh
+                    dst = h_ptr + r[:, None] * cols + c[None, :]
+                    tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
 
         @triton.jit
         def qk_one(src, src_row, w_ptr, dst, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
@@ -152,7 +170,11 @@ def _kernels():
 
 
 def _check_mod(
-    x: torch.Tensor, e0: torch.Tensor | None, table: torch.Tensor | None, *chunks: int
+    x: torch.Tensor,
+    e0: torch.Tensor | None,
+    table: torch.Tensor | None,
+    *chunks: int,
+    norm_table: torch.Tensor | None = None,
 ) -> None:
     used = [k for k in chunks if k >= 0]
     if not used:
@@ -164,9 +186,10 @@ def _check_mod(
                          f"with chunks {used}")  # fmt: skip
     if x.shape[1] % e0.shape[1]:
         raise ValueError(f"{x.shape[1]} tokens do not split into {e0.shape[1]} frames")
-    if table is not None and table.numel() != e0.shape[2] * e0.shape[3]:
-        raise ValueError(f"modulation table of shape {list(table.shape)} does not match e0's "
-                         f"{list(e0.shape[2:])}")  # fmt: skip
+    for t in (table, norm_table):
+        if t is not None and t.numel() != e0.shape[2] * e0.shape[3]:
+            raise ValueError(f"modulation table of shape {list(t.shape)} does not match e0's "
+                             f"{list(e0.shape[2:])}")  # fmt: skip
 
 
 def _check_shift_scale(shift: int, scale: int) -> None:
@@ -189,7 +212,8 @@ def _use_kernel(*tensors: torch.Tensor | None) -> bool:
     )  # fmt: skip
 
 
-def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype, norm):
+def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype, norm,
+                 norm_table=None):  # fmt: skip
     kernels = _kernels()
     b, seq, cols = x.shape
     x2 = as_rows(x)
@@ -199,25 +223,33 @@ def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dty
         e0 = e0 if e0.stride(-1) == 1 else e0.contiguous()
         e0 = e0.expand(b, -1, -1, -1)
         table = None if table is None else table.reshape(-1, cols).contiguous()
+        norm_table = table if norm_table is None else norm_table.reshape(-1, cols).contiguous()
     rows = b * seq
     xo = torch.empty(b, seq, cols, device=x.device, dtype=torch.float32) if y is not None else x
     h = torch.empty(b, seq, cols, device=x.device, dtype=out_dtype) if norm else xo
     block_c = _next_pow2(cols)
     if not norm:  # gated_add
-        block_r, warps = _config("norm", block_c, 2048, 256)
+        block_r, warps, loop = _config("norm", block_c, 2048, 256)
     else:  # norm_modulate (y None) / add_norm
-        block_r, warps = _config("norm", block_c, 4096, 1024 if y is None else 512)
+        budget = 4096 if y is None else max(4096, 2 * block_c)  # add_norm: 2 rows per tile
+        block_r, warps, loop = _config("norm", block_c, budget, 1024 if y is None else 512)
+    per_frame = seq // e0.shape[1] if used else seq
+    while per_frame % block_r:  # a program's rows must share one frame
+        block_r //= 2
+    while per_frame % (block_r * loop):
+        loop //= 2
     dummy = x2
     e_b, e_f, e_c = (e0.stride(0), e0.stride(1), e0.stride(2)) if used else (0, 0, 0)
-    kernels[0][(-(-rows // block_r),)](
+    kernels[0][(-(-rows // (block_r * loop)),)](
         x2, dummy if y2 is None else y2, e0 if used else dummy,
         table if used and table is not None else dummy,
+        norm_table if used and norm_table is not None else dummy,
         dummy if weight is None else weight, dummy if bias is None else bias, xo, h,
-        rows, cols, seq, seq // e0.shape[1] if used else 1, e_b, e_f, e_c, x2.stride(0),
+        rows, cols, seq, per_frame, e_b, e_f, e_c, x2.stride(0),
         0 if y2 is None else y2.stride(0), eps,
         HAS_Y=y is not None, NORM=norm, AFFINE=weight is not None,
-        HAS_TABLE=used and table is not None, GATE=gate if y is not None else -1, SHIFT=shift,
-        SCALE=scale, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        HAS_TABLE=used and table is not None, HAS_NTABLE=used and norm_table is not None, GATE=gate if y is not None else -1, SHIFT=shift,
+        SCALE=scale, BLOCK_R=block_r, LOOP=loop, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     return xo, h
 
@@ -257,21 +289,24 @@ def _(x, weight, bias, e0, table, shift, scale, eps, out_dtype):
 def add_norm(x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor | None,
              table: torch.Tensor | None, gate: int, weight: torch.Tensor | None,
              bias: torch.Tensor | None, shift: int, scale: int, eps: float,
-             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+             out_dtype: torch.dtype, norm_table: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The residual ``x + y [* gate]`` (fp32) and its ``norm_modulate`` in one pass (chunk
-    indices as there; gate -1: a plain add)."""
-    _check_mod(x, e0, table, gate, shift, scale)
+    indices as there; gate -1: a plain add). ``norm_table``: shift / scale are chunks of
+    ``norm_table + e0`` instead (the next block's norm1 after this block's FFN residual)."""
+    _check_mod(x, e0, table, gate, shift, scale, norm_table=norm_table)
     _check_shift_scale(shift, scale)
-    if _use_kernel(x, y, e0, table):
+    if _use_kernel(x, y, e0, table, norm_table):
         return _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype,
-                            True)  # fmt: skip
+                            True, norm_table)  # fmt: skip
     xo = gated_residual(x, y, _mod_reference(e0, table, gate)).contiguous()  # the fake's layout
-    sh, sc = (_mod_reference(e0, table, k) for k in (shift, scale))
+    ntable = table if norm_table is None else norm_table
+    sh, sc = (_mod_reference(e0, ntable, k) for k in (shift, scale))
     return xo, _norm_reference(xo, weight, bias, sh, sc, eps, out_dtype).contiguous()
 
 
 @add_norm.register_fake
-def _(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype):
+def _(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype, norm_table=None):
     return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape, dtype=out_dtype)
 
 
@@ -316,7 +351,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
     qo = torch.empty(b, seq, heads, head, device=q.device, dtype=q.dtype)
     ko = torch.empty_like(qo)
     block_j = _next_pow2(cols // 2)
-    block_r, warps = _config("qk", block_j, 1024, 256)
+    block_r, warps, _ = _config("qk", block_j, 1024, 256)  # one tile per program
     (q2, k2), (wq, wk) = words, (_words(w.to(q.dtype).clone()) for w in (weight_q, weight_k))
     _kernels()[1][(-(-b * seq // block_r),)](
         q2, k2, wq, wk, cos.float().contiguous(), sin.float().contiguous(),

@@ -164,12 +164,14 @@ class WanBlock(nn.Module):
         """shift1, scale1, gate1, shift2, scale2, gate2: each (B, F, C) fp32."""
         return (self.modulation.float() + e0).unbind(2)
 
-    def self_attn_in(self, x, e0, cos, sin):
-        """Region 1: norm1 + modulation, q/k/v projections, q/k RMS norm, RoPE."""
+    def self_attn_in(self, x, e0, cos, sin, h=None):
+        """Region 1: norm1 + modulation, q/k/v projections, q/k RMS norm, RoPE. ``h``: norm1's
+        output when the previous block computed it with its FFN residual (fused norms)."""
         sa = self.self_attn
         if self.fused_norms:  # chunks 0, 1 of modulation + e0: shift, scale
-            h = fused.norm_modulate(x, None, None, e0, self.modulation, 0, 1, self.norm1.eps,
-                                    sa.q.weight.dtype)  # fmt: skip
+            if h is None:
+                h = fused.norm_modulate(x, None, None, e0, self.modulation, 0, 1, self.norm1.eps,
+                                        sa.q.weight.dtype)  # fmt: skip
             q, k, v = sa.project(h)
             q, k = fused.qk_norm_rope(q, k, sa.norm_q.weight, sa.norm_k.weight, cos, sin,
                                       sa.num_heads, sa.norm_q.eps)  # fmt: skip
@@ -200,27 +202,47 @@ class WanBlock(nn.Module):
         q = ca.norm_q(ca.q(h.to(ca.q.weight.dtype))).unflatten(-1, (ca.num_heads, -1))
         return x, q
 
-    def cross_out_ffn(self, x, y, e0):
-        """Region 3: cross-attention output + residual, norm2 + modulation, FFN, gated residual."""
+    def cross_out_ffn(self, x, y, e0, next_table=None):
+        """Region 3: cross-attention output + residual, norm2 + modulation, FFN, gated residual.
+        ``next_table`` (fused norms): the next block's modulation; the gated residual and that
+        block's norm1 run as one pass and the region returns ``(x, h)`` for it."""
         if self.fused_norms:  # chunks 3, 4, 5 of modulation + e0: shift, scale, gate
             x, h = fused.add_norm(x, self.cross_attn.o(y.flatten(2)), e0, self.modulation, -1,
                                   None, None, 3, 4, self.norm2.eps, self.ffn[0].weight.dtype)  # fmt: skip
+            if next_table is not None:  # next block's chunks 0, 1: shift, scale of its norm1
+                return fused.add_norm(x, self.ffn(h), e0, self.modulation, 5, None, None, 0, 1,
+                                      self.norm1.eps, self.self_attn.q.weight.dtype, next_table)  # fmt: skip
             return fused.gated_add(x, self.ffn(h), e0, self.modulation, 5)
         _, _, _, shift, scale, gate = self._mod(e0)
         x = x + self.cross_attn.o(y.flatten(2)).float()
         h = modulate(layer_norm_fp32(x, self.norm2).unflatten(1, (e0.shape[1], -1)), shift, scale)
         return gated_residual(x, self.ffn(h.flatten(1, 2).to(self.ffn[0].weight.dtype)), gate)
 
-    def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None, cam=None):
+    def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None, cam=None,
+                h=None, next_table=None):  # fmt: skip
         # x: (B, L, C) fp32 residual stream; e0: (B, F, 6, C) fp32 per-frame modulation
         # cam: (B, L, C) camera tokens of camera-controlled models, else None
+        # h / next_table: norm1 handed over between fused blocks (see chain_norm1), in which
+        # case the block returns (x, the next block's h)
         # 1. self-attention over (KV cache +) this block's tokens
-        q, k, v = self.self_attn_in(x, e0, cos, sin)
+        q, k, v = self.self_attn_in(x, e0, cos, sin, h)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Lk, H, D): sink + window + this block
         x, q = self.self_attn_out(x, attn(q, k, v, mask), e0, cam)
         # 2. cross-attention to the cached context K/V, then 3. the feed-forward
-        return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0)
+        return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0, next_table)
+
+    def chain_norm1(self, following: nn.Module | None, x: torch.Tensor) -> torch.Tensor | None:
+        """The following block's modulation table when this block can hand it norm1's output
+        (both fused, same norm, its table on the tokens' device), else None."""
+        if (
+            following is None or not self.fused_norms
+            or not getattr(following, "fused_norms", False)
+            or following.norm1.eps != self.norm1.eps
+            or following.modulation.device != x.device
+        ):  # fmt: skip
+            return None
+        return following.modulation
 
 
 class WanDiT(nn.Module):
@@ -391,8 +413,13 @@ class WanDiT(nn.Module):
             raise ValueError("per-token timesteps need parallel=single; pass them per frame")
         if cam is not None:
             tokens, cam = (t.contiguous() for t in tokens.split(self.dim, dim=-1))
+        h = None  # norm1's output, when the previous block computed it (fused norms)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, context[i], cos, sin, self.attention, cache, i, mask, cam)
+            following = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
+            chain = block.chain_norm1(following, tokens)
+            out = block(tokens, e0, context[i], cos, sin, self.attention, cache, i, mask, cam, h,
+                        chain)  # fmt: skip
+            tokens, h = out if chain is not None else (out, None)
 
         # 4. head, gather the ranks' tokens, unpatchify
         out = self.sequence_parallel.gather(self.head(tokens, e), gf)  # (B, L, pt*ph*pw*C_out)

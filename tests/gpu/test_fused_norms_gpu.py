@@ -20,39 +20,48 @@ CUDA, BF16 = torch.device("cuda"), torch.bfloat16
 B, FRAMES, SEQ, WIDTH, HEADS = 2, 3, 3 * 1560, 1536, 12
 
 
-def _inputs():
+def _inputs(width=WIDTH):
     g = torch.Generator(device=CUDA).manual_seed(0)
 
     def rnd(*shape, dtype=torch.float32, scale=1.0):
         return torch.randn(*shape, device=CUDA, generator=g, dtype=dtype) * scale
 
     return {
-        "x": rnd(B, SEQ, WIDTH) * 3 + 1,
-        "y": rnd(B, SEQ, 2 * WIDTH, dtype=BF16)[..., WIDTH:],  # a strided view (a projection)
-        "e0": rnd(B, FRAMES, 6, WIDTH, scale=0.3), "table": rnd(1, 6, WIDTH, scale=0.1),
-        "w": rnd(WIDTH, scale=0.2) + 1, "b": rnd(WIDTH, scale=0.2),
+        "x": rnd(B, SEQ, width) * 3 + 1,
+        "y": rnd(B, SEQ, 2 * width, dtype=BF16)[..., width:],  # a strided view (a projection)
+        "e0": rnd(B, FRAMES, 6, width, scale=0.3), "table": rnd(1, 6, width, scale=0.1),
+        "w": rnd(width, scale=0.2) + 1, "b": rnd(width, scale=0.2),
     }  # fmt: skip
 
 
 def _mod(t, k):
-    return (t["table"] + t["e0"])[:, :, k]  # the unfused block's modulation chunk
+    """The unfused block's modulation chunk k (None: all six)."""
+    mod = t["table"] + t["e0"]
+    return mod if k is None else mod[:, :, k]
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kind", ["norm_modulate", "add_norm_affine", "add_norm_modulate"])
-def test_norm_kernels_match_the_unfused_math(kind):
-    t = _inputs()
+@pytest.mark.parametrize("width", [WIDTH, 5120])  # Wan 1.3B, 14B
+@pytest.mark.parametrize(
+    "kind", ["norm_modulate", "add_norm_affine", "add_norm_modulate", "add_norm_next_table"]
+)
+def test_norm_kernels_match_the_unfused_math(kind, width):
+    t = _inputs(width)
     if kind == "norm_modulate":
         h = fused.norm_modulate(t["x"], None, None, t["e0"], t["table"], 0, 1, 1e-6, BF16)
         ref = fused._norm_reference(t["x"], None, None, _mod(t, 0), _mod(t, 1), 1e-6, BF16)
     else:
-        gate, w, b, shift, scale = (
-            (2, t["w"], t["b"], -1, -1) if kind == "add_norm_affine" else (-1, None, None, 3, 4)
-        )  # fmt: skip
+        gate, w, b, shift, scale = {
+            "add_norm_affine": (2, t["w"], t["b"], -1, -1),
+            "add_norm_modulate": (-1, None, None, 3, 4),
+            "add_norm_next_table": (5, None, None, 0, 1),  # FFN residual + the next norm1
+        }[kind]
+        following = t["table"].flip(-1) if kind == "add_norm_next_table" else None
         xo, h = fused.add_norm(t["x"], t["y"], t["e0"], t["table"], gate, w, b, shift, scale,
-                               1e-6, BF16)  # fmt: skip
+                               1e-6, BF16, following)  # fmt: skip
         xo_ref = gated_residual(t["x"], t["y"], _mod(t, gate) if gate >= 0 else None)
-        sh, sc = (_mod(t, k) if k >= 0 else None for k in (shift, scale))
+        norm_mod = _mod(t, None) if following is None else (following + t["e0"])
+        sh, sc = (norm_mod[:, :, k] if k >= 0 else None for k in (shift, scale))
         ref = fused._norm_reference(xo_ref, w, b, sh, sc, 1e-6, BF16)
         assert xo.dtype == torch.float32
         assert torch.allclose(xo, xo_ref, rtol=1e-6, atol=1e-6)
@@ -89,3 +98,20 @@ def test_qk_norm_rope_matches_the_modules():
     # the rotation is applied (not only the norm): the kernel differs from the norm alone
     normed = torch.nn.functional.rms_norm(q.float(), (WIDTH,), eps=1e-6).to(BF16) * wq.to(BF16)
     assert rel_l2(qo, normed.unflatten(-1, (HEADS, -1))) > 0.1
+
+
+@torch.no_grad()
+def test_odd_frame_length_keeps_each_program_in_one_frame():
+    """7 tokens per frame: the kernels drop to one row per program (rows share a frame's
+    modulation within a program), and still match the per-token reference."""
+    g = torch.Generator(device=CUDA).manual_seed(1)
+    x = torch.randn(2, 21, WIDTH, device=CUDA, generator=g)
+    y = torch.randn(2, 21, WIDTH, device=CUDA, generator=g, dtype=BF16)
+    e0 = torch.randn(2, 3, 6, WIDTH, device=CUDA, generator=g)
+    table = torch.randn(1, 6, WIDTH, device=CUDA, generator=g)
+    mod = table + e0
+    xo, h = fused.add_norm(x, y, e0, table, 2, None, None, 0, 1, 1e-6, BF16)
+    want_x = gated_residual(x, y, mod[:, :, 2])
+    assert torch.allclose(xo, want_x, rtol=1e-6, atol=1e-6)
+    want = fused._norm_reference(want_x, None, None, mod[:, :, 0], mod[:, :, 1], 1e-6, BF16)
+    assert rel_l2(h, want) <= 2e-3

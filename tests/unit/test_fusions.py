@@ -173,3 +173,68 @@ def test_as_rows_views_token_rows_and_copies_only_when_it_must():
     rows = as_rows(heads_last)
     assert rows.shape == (10, 12) and torch.equal(rows, heads_last.reshape(10, 12))
     assert torch.equal(as_rows(k.transpose(0, 1).transpose(0, 1)), k.reshape(10, 12))
+
+
+@torch.no_grad()
+def test_fused_blocks_hand_norm1_to_the_next_block(monkeypatch):
+    """Between fused blocks the FFN's gated residual and the next block's norm1 run as one
+    ``add_norm`` (its shift / scale from the next block's table): the model's output stays
+    that of the unfused blocks, only the first block runs a separate ``norm_modulate``, and a
+    block that is not fused breaks the chain."""
+    import copy
+
+    from flashdreams.model import fused_norms as fused
+    from flashdreams.model.wan import WanDiT
+
+    model = WanDiT(dim=64, num_heads=4, num_layers=3, ffn_dim=128, text_dim=32, text_len=8)
+    model.init_weights(torch.Generator().manual_seed(0))
+    for p in model.parameters():  # non-trivial norms, biases and tables
+        p.add_(torch.randn_like(p) * 0.05)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 3, 4, 6, generator=gen)
+    t = torch.tensor([[900.0, 900.0, 500.0]] * 2)
+    ctx = model.prepare_context(torch.randn(2, 8, 32, generator=gen))
+    want = model(x, t, ctx)
+
+    calls = {"norm_modulate": 0, "norm_table": 0}
+    norm_modulate, add_norm = fused.norm_modulate, fused.add_norm
+
+    def counting_norm(*args):
+        calls["norm_modulate"] += 1
+        return norm_modulate(*args)
+
+    def counting_add_norm(*args):
+        calls["norm_table"] += len(args) > 11 and args[11] is not None
+        return add_norm(*args)
+
+    monkeypatch.setattr(fused, "norm_modulate", counting_norm)
+    monkeypatch.setattr(fused, "add_norm", counting_add_norm)
+    fused_model = copy.deepcopy(model)
+    for block in fused_model.blocks:
+        block.fuse_norms()
+    torch.testing.assert_close(fused_model(x, t, ctx), want, rtol=0, atol=1e-5)
+    assert calls == {"norm_modulate": 1, "norm_table": 2}
+    assert fused_model.blocks[2].chain_norm1(None, x) is None  # the last block: nothing to hand
+    compiled = compile_blocks(copy.deepcopy(model), "default", False)  # as graph=compile runs it
+    torch.testing.assert_close(compiled(x, t, ctx), want, rtol=0, atol=1e-5)
+    fused_model.blocks[1].fused_norms = False  # 0 -> 1 and 1 -> 2 cannot chain
+    calls.update(norm_modulate=0, norm_table=0)
+    torch.testing.assert_close(fused_model(x, t, ctx), want, rtol=0, atol=1e-5)
+    assert calls == {"norm_modulate": 2, "norm_table": 0}
+
+
+def test_add_norm_takes_shift_and_scale_from_another_table():
+    from flashdreams.model import fused_norms as fused
+
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 12, 8), torch.randn(2, 12, 8)
+    e0, table, following = torch.randn(2, 3, 6, 8), torch.randn(1, 6, 8), torch.randn(1, 6, 8)
+    xo, h = fused.add_norm(x, y, e0, table, 5, None, None, 0, 1, 1e-6, torch.float32, following)
+    assert torch.allclose(xo, fused.gated_add(x, y, e0, table, 5), atol=1e-6)
+    want = fused.norm_modulate(xo, None, None, e0, following, 0, 1, 1e-6, torch.float32)
+    assert torch.allclose(h, want, atol=1e-6)
+    other = fused.norm_modulate(xo, None, None, e0, table, 0, 1, 1e-6, torch.float32)
+    assert not torch.allclose(h, other, atol=1e-3)  # the other table's chunks were used
+    with pytest.raises(ValueError, match="does not match"):
+        fused.add_norm(x, y, e0, table, 5, None, None, 0, 1, 1e-6, torch.float32,
+                       torch.randn(6, 4))  # fmt: skip
