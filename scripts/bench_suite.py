@@ -105,6 +105,12 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         [*SF[:2], "attention=fast"],
         "the streaming recipes' default: attention=fast (flash-attn 4 + splits when installed)",
     ),
+    "sf_fast_split5": (
+        "gpu",
+        "bench",
+        [*SF[:2], "attention=fast", "attention.kv_splits=5"],
+        "attention=fast with the keys in 5 chunks (444 x 5 tiles: 0.99 of the last wave full)",
+    ),
     "sf_fast_autotune": (
         "gpu",
         "bench",
