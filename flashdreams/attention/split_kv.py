@@ -19,6 +19,7 @@ import math
 import torch
 
 from flashdreams import ConfigError
+from flashdreams.kernels import triton_kernels
 from flashdreams.parallel.ring_attention import attention_lse
 from flashdreams.parallel.ring_attention import merge as merge_lse
 
@@ -61,49 +62,37 @@ def merge_torch(out: torch.Tensor, lse: torch.Tensor, splits: int) -> torch.Tens
     return acc.transpose(1, 2)
 
 
-_MERGE: object = False  # False: not built yet; None: no Triton (the torch merge runs)
+@triton_kernels
+def _merge_kernel(triton, tl):
+    @triton.jit
+    def merge_splits(o_ptr, lse_ptr, out_ptr, lq, heads,
+                     so_b, so_h, so_l, so_d, sl_b, sl_h, sl_l, st_b, st_l, st_h,
+                     S: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        pid_l, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        rows = pid_l * BLOCK + tl.arange(0, BLOCK)
+        live = rows < lq
+        cols = tl.arange(0, D)
+        top = tl.full([BLOCK], float("-inf"), tl.float32)
+        for s in tl.static_range(S):
+            lse = tl.load(lse_ptr + (b * S + s) * sl_b + h * sl_h + rows * sl_l, mask=live,
+                          other=0.0)  # fmt: skip
+            top = tl.maximum(top, lse)
+        acc = tl.zeros([BLOCK, D], tl.float32)
+        den = tl.zeros([BLOCK], tl.float32)
+        for s in tl.static_range(S):
+            lse = tl.load(lse_ptr + (b * S + s) * sl_b + h * sl_h + rows * sl_l, mask=live,
+                          other=0.0)  # fmt: skip
+            w = tl.exp(lse - top)
+            den += w
+            o = tl.load(o_ptr + (b * S + s) * so_b + h * so_h + rows[:, None] * so_l
+                        + cols[None, :] * so_d, mask=live[:, None], other=0.0)  # fmt: skip
+            acc += w[:, None] * o.to(tl.float32)
+        acc = acc / den[:, None]
+        tl.store(out_ptr + b * st_b + rows[:, None] * st_l + h * st_h + cols[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=live[:, None])  # fmt: skip
 
-
-def _merge_kernel():
-    global _MERGE
-    if _MERGE is False:
-        try:
-            import triton
-            import triton.language as tl
-        except ImportError:
-            _MERGE = None
-            return None
-
-        @triton.jit
-        def merge_splits(o_ptr, lse_ptr, out_ptr, lq, heads,
-                         so_b, so_h, so_l, so_d, sl_b, sl_h, sl_l, st_b, st_l, st_h,
-                         S: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-            pid_l, bh = tl.program_id(0), tl.program_id(1)
-            b, h = bh // heads, bh % heads
-            rows = pid_l * BLOCK + tl.arange(0, BLOCK)
-            live = rows < lq
-            cols = tl.arange(0, D)
-            top = tl.full([BLOCK], float("-inf"), tl.float32)
-            for s in tl.static_range(S):
-                lse = tl.load(lse_ptr + (b * S + s) * sl_b + h * sl_h + rows * sl_l, mask=live,
-                              other=0.0)  # fmt: skip
-                top = tl.maximum(top, lse)
-            acc = tl.zeros([BLOCK, D], tl.float32)
-            den = tl.zeros([BLOCK], tl.float32)
-            for s in tl.static_range(S):
-                lse = tl.load(lse_ptr + (b * S + s) * sl_b + h * sl_h + rows * sl_l, mask=live,
-                              other=0.0)  # fmt: skip
-                w = tl.exp(lse - top)
-                den += w
-                o = tl.load(o_ptr + (b * S + s) * so_b + h * so_h + rows[:, None] * so_l
-                            + cols[None, :] * so_d, mask=live[:, None], other=0.0)  # fmt: skip
-                acc += w[:, None] * o.to(tl.float32)
-            acc = acc / den[:, None]
-            tl.store(out_ptr + b * st_b + rows[:, None] * st_l + h * st_h + cols[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=live[:, None])  # fmt: skip
-
-        _MERGE = merge_splits
-    return _MERGE
+    return merge_splits
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, splits: int, dtype: torch.dtype) -> torch.Tensor:

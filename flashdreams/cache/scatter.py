@@ -11,36 +11,26 @@ from __future__ import annotations
 
 import torch
 
-from flashdreams.precision.fp8_tensor import as_rows
+from flashdreams.kernels import as_rows, triton_kernels
 
-_KERNEL: object = False  # False: not looked up yet; None: no Triton
 _BLOCK_R, _BLOCK_C = 16, 512
 
 
-def _kernel():
-    global _KERNEL
-    if _KERNEL is False:
-        try:
-            import triton
-            import triton.language as tl
-        except ImportError:
-            _KERNEL = None
-            return None
+@triton_kernels
+def _kernel(triton, tl):
+    @triton.jit
+    def scatter_rows(src_ptr, dst_ptr, index_ptr, rows, n, cap, cols, src_stride,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        live = r < rows
+        slot = tl.load(index_ptr + r % n, mask=live, other=0)
+        dst_row = (r // n) * cap + slot  # batch b's rows follow b * cap
+        m = live[:, None] & (c < cols)[None, :]
+        x = tl.load(src_ptr + r[:, None] * src_stride + c[None, :], mask=m)
+        tl.store(dst_ptr + dst_row[:, None] * cols + c[None, :], x, mask=m)
 
-        @triton.jit
-        def scatter_rows(src_ptr, dst_ptr, index_ptr, rows, n, cap, cols, src_stride,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-            r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-            c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-            live = r < rows
-            slot = tl.load(index_ptr + r % n, mask=live, other=0)
-            dst_row = (r // n) * cap + slot  # batch b's rows follow b * cap
-            m = live[:, None] & (c < cols)[None, :]
-            x = tl.load(src_ptr + r[:, None] * src_stride + c[None, :], mask=m)
-            tl.store(dst_ptr + dst_row[:, None] * cols + c[None, :], x, mask=m)
-
-        _KERNEL = scatter_rows
-    return _KERNEL
+    return scatter_rows
 
 
 def write_rows(buffer: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> None:

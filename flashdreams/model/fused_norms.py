@@ -32,10 +32,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flashdreams.kernels import as_rows, triton_kernels
 from flashdreams.model.layers import apply_rope, gated_residual, modulate
-from flashdreams.precision.fp8_tensor import as_rows
 
-_KERNELS: object = False  # False: not built yet; None: no Triton
 # (rows per tile, warps, tiles per program) by kernel; None: chosen from the row width
 # (scripts/bench_fusions.py sweeps these)
 TUNE: dict[str, tuple[int, int, int] | None] = {"norm": None, "qk": None}
@@ -57,116 +56,107 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _kernels():
-    global _KERNELS
-    if _KERNELS is False:
-        try:
-            import triton
-            import triton.language as tl
-        except ImportError:
-            _KERNELS = None
-            return None
+@triton_kernels
+def _kernels(triton, tl):
+    @triton.jit
+    def mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, K: tl.constexpr,
+                  HAS_TABLE: tl.constexpr):  # fmt: skip
+        """Chunk K of the block's modulation (table + e0) at one frame, in fp32, as a
+        (1, BLOCK_C) row shared by the program's rows."""
+        v = tl.load(e_ptr + frame + K * e_c + c, mask=c < cols, other=0.0).to(tl.float32)
+        if HAS_TABLE:
+            t = tl.load(t_ptr + K * cols + c, mask=c < cols, other=0.0).to(tl.float32)
+            v = t + v
+        return v[None, :]
 
-        @triton.jit
-        def mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, K: tl.constexpr,
-                      HAS_TABLE: tl.constexpr):  # fmt: skip
-            """Chunk K of the block's modulation (table + e0) at one frame, in fp32, as a
-            (1, BLOCK_C) row shared by the program's rows."""
-            v = tl.load(e_ptr + frame + K * e_c + c, mask=c < cols, other=0.0).to(tl.float32)
-            if HAS_TABLE:
-                t = tl.load(t_ptr + K * cols + c, mask=c < cols, other=0.0).to(tl.float32)
-                v = t + v
-            return v[None, :]
-
-        @triton.jit
-        def norm_rows(x_ptr, y_ptr, e_ptr, t_ptr, n_ptr, w_ptr, b_ptr, xo_ptr, h_ptr,
-                      rows, cols, seq, per_frame, e_b, e_f, e_c, x_row, y_row, eps,
-                      HAS_Y: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr,
-                      HAS_TABLE: tl.constexpr, HAS_NTABLE: tl.constexpr,
-                      GATE: tl.constexpr, SHIFT: tl.constexpr,
-                      SCALE: tl.constexpr, BLOCK_R: tl.constexpr, LOOP: tl.constexpr,
-                      BLOCK_C: tl.constexpr):  # fmt: skip
-            # LOOP tiles of BLOCK_R rows per program, all in one frame (BLOCK_R * LOOP divides
-            # the tokens per frame): the modulation chunks, weight and bias are loaded once
-            # per program (from L2: at width 5120 they outweigh a row's own bytes)
-            first = tl.program_id(0).to(tl.int64) * (BLOCK_R * LOOP)
-            c = tl.arange(0, BLOCK_C)
-            live_c = c < cols
-            frame = (first // seq) * e_b + ((first % seq) // per_frame) * e_f
+    @triton.jit
+    def norm_rows(x_ptr, y_ptr, e_ptr, t_ptr, n_ptr, w_ptr, b_ptr, xo_ptr, h_ptr,
+                  rows, cols, seq, per_frame, e_b, e_f, e_c, x_row, y_row, eps,
+                  HAS_Y: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr,
+                  HAS_TABLE: tl.constexpr, HAS_NTABLE: tl.constexpr,
+                  GATE: tl.constexpr, SHIFT: tl.constexpr,
+                  SCALE: tl.constexpr, BLOCK_R: tl.constexpr, LOOP: tl.constexpr,
+                  BLOCK_C: tl.constexpr):  # fmt: skip
+        # LOOP tiles of BLOCK_R rows per program, all in one frame (BLOCK_R * LOOP divides
+        # the tokens per frame): the modulation chunks, weight and bias are loaded once
+        # per program (from L2: at width 5120 they outweigh a row's own bytes)
+        first = tl.program_id(0).to(tl.int64) * (BLOCK_R * LOOP)
+        c = tl.arange(0, BLOCK_C)
+        live_c = c < cols
+        frame = (first // seq) * e_b + ((first % seq) // per_frame) * e_f
+        if HAS_Y:
+            if GATE >= 0:
+                g = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, GATE, HAS_TABLE)
+        if NORM:
+            if AFFINE:
+                w = tl.load(w_ptr + c, mask=live_c, other=0.0).to(tl.float32)[None, :]
+                bias = tl.load(b_ptr + c, mask=live_c, other=0.0).to(tl.float32)[None, :]
+            if SCALE >= 0:
+                # shift / scale from n_ptr: this block's table, or the next block's when
+                # the FFN residual and the next norm1 run as one pass
+                sc = 1 + mod_chunk(e_ptr, n_ptr, frame, e_c, cols, c, SCALE, HAS_NTABLE)
+                sh = mod_chunk(e_ptr, n_ptr, frame, e_c, cols, c, SHIFT, HAS_NTABLE)
+        for i in range(LOOP):
+            r = first + i * BLOCK_R + tl.arange(0, BLOCK_R)
+            m = (r < rows)[:, None] & live_c[None, :]
+            x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0)
+            x = x.to(tl.float32)
             if HAS_Y:
+                y = tl.load(y_ptr + r[:, None] * y_row + c[None, :], mask=m, other=0.0)
+                y = y.to(tl.float32)
                 if GATE >= 0:
-                    g = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, GATE, HAS_TABLE)
+                    y = y * g
+                x = x + y
+                tl.store(xo_ptr + r[:, None] * cols + c[None, :], x, mask=m)
             if NORM:
+                mean = tl.sum(x, 1) / cols
+                d = tl.where(m, x - mean[:, None], 0.0)
+                rstd = tl.rsqrt(tl.sum(d * d, 1) / cols + eps)
+                h = d * rstd[:, None]
                 if AFFINE:
-                    w = tl.load(w_ptr + c, mask=live_c, other=0.0).to(tl.float32)[None, :]
-                    bias = tl.load(b_ptr + c, mask=live_c, other=0.0).to(tl.float32)[None, :]
+                    h = h * w + bias
                 if SCALE >= 0:
-                    # shift / scale from n_ptr: this block's table, or the next block's when
-                    # the FFN residual and the next norm1 run as one pass
-                    sc = 1 + mod_chunk(e_ptr, n_ptr, frame, e_c, cols, c, SCALE, HAS_NTABLE)
-                    sh = mod_chunk(e_ptr, n_ptr, frame, e_c, cols, c, SHIFT, HAS_NTABLE)
-            for i in range(LOOP):
-                r = first + i * BLOCK_R + tl.arange(0, BLOCK_R)
-                m = (r < rows)[:, None] & live_c[None, :]
-                x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0)
-                x = x.to(tl.float32)
-                if HAS_Y:
-                    y = tl.load(y_ptr + r[:, None] * y_row + c[None, :], mask=m, other=0.0)
-                    y = y.to(tl.float32)
-                    if GATE >= 0:
-                        y = y * g
-                    x = x + y
-                    tl.store(xo_ptr + r[:, None] * cols + c[None, :], x, mask=m)
-                if NORM:
-                    mean = tl.sum(x, 1) / cols
-                    d = tl.where(m, x - mean[:, None], 0.0)
-                    rstd = tl.rsqrt(tl.sum(d * d, 1) / cols + eps)
-                    h = d * rstd[:, None]
-                    if AFFINE:
-                        h = h * w + bias
-                    if SCALE >= 0:
-                        h = h * sc + sh
-                    dst = h_ptr + r[:, None] * cols + c[None, :]
-                    tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
+                    h = h * sc + sh
+                dst = h_ptr + r[:, None] * cols + c[None, :]
+                tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
 
-        @triton.jit
-        def qk_one(src, src_row, w_ptr, dst, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
-                   HALF: tl.constexpr):  # fmt: skip
-            # one int32 word = one rotated pair of bf16 values (even element in the low half);
-            # a bf16's bits shifted up 16 are its fp32 value, so unpacking is two bit operations
-            word = tl.load(src + r[:, None] * src_row + j[None, :], mask=m, other=0)
-            x0 = (word << 16).to(tl.float32, bitcast=True)
-            x1 = (word & -65536).to(tl.float32, bitcast=True)
-            inv = tl.rsqrt(tl.sum(x0 * x0 + x1 * x1, 1) / cols + eps)[:, None]
-            wword = tl.load(w_ptr + j, mask=live_j, other=0)[None, :]
-            w0 = (wword << 16).to(tl.float32, bitcast=True)
-            w1 = (wword & -65536).to(tl.float32, bitcast=True)
-            # the norm rounds to bf16, the weight multiplies in bf16 (as the RMSNorm module)
-            y0 = ((x0 * inv).to(tl.bfloat16).to(tl.float32) * w0).to(tl.bfloat16).to(tl.float32)
-            y1 = ((x1 * inv).to(tl.bfloat16).to(tl.float32) * w1).to(tl.bfloat16).to(tl.float32)
-            f = (r % seq)[:, None] * HALF + (j % HALF)[None, :]
-            c = tl.load(cos_ptr + f, mask=m, other=0.0)
-            s = tl.load(sin_ptr + f, mask=m, other=0.0)
-            o0 = (y0 * c - y1 * s).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
-            o1 = (y0 * s + y1 * c).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
-            out = (o1 << 16) | (o0 & 65535)
-            tl.store(dst + r[:, None] * (cols // 2) + j[None, :], out, mask=m)
+    @triton.jit
+    def qk_one(src, src_row, w_ptr, dst, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
+               HALF: tl.constexpr):  # fmt: skip
+        # one int32 word = one rotated pair of bf16 values (even element in the low half);
+        # a bf16's bits shifted up 16 are its fp32 value, so unpacking is two bit operations
+        word = tl.load(src + r[:, None] * src_row + j[None, :], mask=m, other=0)
+        x0 = (word << 16).to(tl.float32, bitcast=True)
+        x1 = (word & -65536).to(tl.float32, bitcast=True)
+        inv = tl.rsqrt(tl.sum(x0 * x0 + x1 * x1, 1) / cols + eps)[:, None]
+        wword = tl.load(w_ptr + j, mask=live_j, other=0)[None, :]
+        w0 = (wword << 16).to(tl.float32, bitcast=True)
+        w1 = (wword & -65536).to(tl.float32, bitcast=True)
+        # the norm rounds to bf16, the weight multiplies in bf16 (as the RMSNorm module)
+        y0 = ((x0 * inv).to(tl.bfloat16).to(tl.float32) * w0).to(tl.bfloat16).to(tl.float32)
+        y1 = ((x1 * inv).to(tl.bfloat16).to(tl.float32) * w1).to(tl.bfloat16).to(tl.float32)
+        f = (r % seq)[:, None] * HALF + (j % HALF)[None, :]
+        c = tl.load(cos_ptr + f, mask=m, other=0.0)
+        s = tl.load(sin_ptr + f, mask=m, other=0.0)
+        o0 = (y0 * c - y1 * s).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+        o1 = (y0 * s + y1 * c).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+        out = (o1 << 16) | (o0 & 65535)
+        tl.store(dst + r[:, None] * (cols // 2) + j[None, :], out, mask=m)
 
-        @triton.jit
-        def qk_rows(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
-                    rows, cols, seq, q_row, k_row, eps,
-                    HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
-            r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-            j = tl.arange(0, BLOCK_J)  # word (pair) index within the row
-            live_j = j < cols // 2
-            m = (r < rows)[:, None] & live_j[None, :]
-            qk_one(q_ptr, q_row, wq_ptr, qo_ptr, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
-                   HALF)  # fmt: skip
-            qk_one(k_ptr, k_row, wk_ptr, ko_ptr, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
-                   HALF)  # fmt: skip
+    @triton.jit
+    def qk_rows(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
+                rows, cols, seq, q_row, k_row, eps,
+                HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        j = tl.arange(0, BLOCK_J)  # word (pair) index within the row
+        live_j = j < cols // 2
+        m = (r < rows)[:, None] & live_j[None, :]
+        qk_one(q_ptr, q_row, wq_ptr, qo_ptr, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
+               HALF)  # fmt: skip
+        qk_one(k_ptr, k_row, wk_ptr, ko_ptr, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
+               HALF)  # fmt: skip
 
-        _KERNELS = (norm_rows, qk_rows)
-    return _KERNELS
+    return norm_rows, qk_rows
 
 
 def _check_mod(

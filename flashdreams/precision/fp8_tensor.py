@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from flashdreams.kernels import as_rows, triton_kernels
 from flashdreams.precision.fp8 import _EPS, FP8, FP8_MAX, dequantize
 
 _FLAT_BLOCK = 8192  # elements per program of the flat (contiguous) kernels
@@ -30,12 +31,9 @@ def quantize_tensor(
     return q.contiguous(), descale.reshape(1, 1, 1, 1)
 
 
-def _build_kernels():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+@triton_kernels
+def kernels(triton, tl) -> dict:
+    """The Triton kernels (None without Triton)."""
 
     @triton.jit
     def amax_flat(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -89,34 +87,8 @@ def _build_kernels():
             "quant_rows": quant_rows, "dequant_flat": dequant_flat}  # fmt: skip
 
 
-_KERNELS: dict | None | bool = False  # False: not looked up yet
-
-
-def kernels() -> dict | None:
-    """The Triton kernels, or None without Triton."""
-    global _KERNELS
-    if _KERNELS is False:
-        _KERNELS = _build_kernels()
-    return _KERNELS
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, L, H, D) or (B, L, C) as a (B*L, H*D) view with unit column stride (a copy only if it
-    must be).
-
-    The V of a fused QKV projection is such a view with rows 3x as far apart as its width.
-    """
-    if x.dim() in (3, 4):
-        b, seq = x.shape[:2]
-        h, d = x.shape[2:] if x.dim() == 4 else (1, x.shape[2])
-        packed = x.stride(-1) == 1 and (h == 1 or x.stride(2) == d)
-        if packed and (b == 1 or x.stride(0) == seq * x.stride(1)):
-            return x.as_strided((b * seq, h * d), (x.stride(1), 1))
-    return x.contiguous().view(-1, x.shape[-1] if x.dim() < 4 else x.shape[-2] * x.shape[-1])
 
 
 def running_amax(amax: torch.Tensor, x: torch.Tensor) -> None:

@@ -71,8 +71,9 @@ def test_norm_kernels_match_the_unfused_math(kind, width):
 
 
 @torch.no_grad()
-def test_gated_add_matches_and_replays_in_a_graph():
-    t = _inputs()
+@pytest.mark.parametrize("width", [WIDTH, 5120])
+def test_gated_add_matches_and_replays_in_a_graph(width):
+    t = _inputs(width)
     out = fused.gated_add(t["x"], t["y"], t["e0"], t["table"], 5)
     assert torch.allclose(out, gated_residual(t["x"], t["y"], _mod(t, 5)), 1e-6, 1e-6)
     args = (t["e0"], t["table"], 2, t["w"], t["b"], -1, -1, 1e-6, BF16)
@@ -101,14 +102,15 @@ def test_qk_norm_rope_matches_the_modules():
 
 
 @torch.no_grad()
-def test_odd_frame_length_keeps_each_program_in_one_frame():
+@pytest.mark.parametrize("width", [WIDTH, 5120])
+def test_odd_frame_length_keeps_each_program_in_one_frame(width):
     """7 tokens per frame: the kernels drop to one row per program (rows share a frame's
     modulation within a program), and still match the per-token reference."""
     g = torch.Generator(device=CUDA).manual_seed(1)
-    x = torch.randn(2, 21, WIDTH, device=CUDA, generator=g)
-    y = torch.randn(2, 21, WIDTH, device=CUDA, generator=g, dtype=BF16)
-    e0 = torch.randn(2, 3, 6, WIDTH, device=CUDA, generator=g)
-    table = torch.randn(1, 6, WIDTH, device=CUDA, generator=g)
+    x = torch.randn(2, 21, width, device=CUDA, generator=g)
+    y = torch.randn(2, 21, width, device=CUDA, generator=g, dtype=BF16)
+    e0 = torch.randn(2, 3, 6, width, device=CUDA, generator=g)
+    table = torch.randn(1, 6, width, device=CUDA, generator=g)
     mod = table + e0
     xo, h = fused.add_norm(x, y, e0, table, 2, None, None, 0, 1, 1e-6, BF16)
     want_x = gated_residual(x, y, mod[:, :, 2])

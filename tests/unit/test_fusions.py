@@ -162,7 +162,7 @@ def test_qk_norm_rope_reference_is_the_modules():
 
 
 def test_as_rows_views_token_rows_and_copies_only_when_it_must():
-    from flashdreams.precision.fp8_tensor import as_rows
+    from flashdreams.kernels import as_rows
 
     qkv = torch.randn(2, 5, 3 * 12)
     k = qkv[..., 12:24]  # (B, L, C) view of a fused projection: rows 36 apart

@@ -1,0 +1,46 @@
+"""What the Triton kernels share: building them once on first use, and viewing token rows.
+
+Triton is optional (CPU installs lack it): each module's kernels are built by a function
+decorated with ``triton_kernels``, which imports Triton on the first call, builds the kernels
+once and returns them (None without Triton, and callers then run their torch path).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def triton_kernels(build: Callable[[Any, Any], T]) -> Callable[[], T | None]:
+    """``build(triton, triton.language)`` run once, on the first call; None without Triton."""
+
+    @functools.cache
+    def kernels() -> T | None:
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            return None
+        return build(triton, tl)
+
+    return functools.wraps(build)(kernels)
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, D) or (B, L, C) as a (B*L, H*D) view with unit column stride (a copy only if it
+    must be).
+
+    The V of a fused QKV projection is such a view with rows 3x as far apart as its width.
+    """
+    if x.dim() in (3, 4):
+        b, seq = x.shape[:2]
+        h, d = x.shape[2:] if x.dim() == 4 else (1, x.shape[2])
+        packed = x.stride(-1) == 1 and (h == 1 or x.stride(2) == d)
+        if packed and (b == 1 or x.stride(0) == seq * x.stride(1)):
+            return x.as_strided((b * seq, h * d), (x.stride(1), 1))
+    return x.contiguous().view(-1, x.shape[-1] if x.dim() < 4 else x.shape[-2] * x.shape[-1])
