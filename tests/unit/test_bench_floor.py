@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flashdreams.bench import forward_flops, step_floor
+from flashdreams.bench import forward_flops, ran_fp8_linears, step_floor
 from tests.unit.test_config import compose_run
 
 TINY = ["model.dim=64", "model.num_heads=4", "model.num_layers=2", "model.ffn_dim=128",
@@ -52,3 +52,12 @@ def test_fp8_runs_charge_the_linears_at_the_fp8_gemm_rate():
     )
     steps = len(cfg.scheduler.timesteps)
     assert bf16 - fp8 == pytest.approx(steps * f["linear"] * (1 / 500.0 - 1 / 1000.0) / 1e9)
+
+
+def test_the_floor_charges_fp8_linears_only_where_they_ran():
+    """What the stats header records as applied decides the linears' rate, not the config: a
+    precision=fp8 run on a GPU without FP8 GEMMs kept bf16 and is charged the bf16 rate."""
+    assert ran_fp8_linears({"precision": "fp8 (scaled_mm)"})
+    assert not ran_fp8_linears({"precision": "bfloat16 (fp8 unavailable)"})
+    assert not ran_fp8_linears({"precision": "bf16"})
+    assert not ran_fp8_linears({})  # stats from before the header recorded it
