@@ -22,8 +22,9 @@ that unfused math, which is also the reference the GPU tests compare the kernels
 
 The adaLN shift / scale / gate are chunks of the block's modulation, ``table + e0`` with the
 block's (1, 6, C) parameter and the (B, F, 6, C) per-frame time embedding: the kernels add the
-two themselves (no separate kernels for the small modulation tensors); token ``l`` of batch
-``b`` uses frame ``l // (L // F)``. The ops are custom ops, so
+two themselves (no separate kernels for the small modulation tensors), once per program, whose
+rows all lie in one frame; token ``l`` of batch ``b`` uses frame ``l // (L // F)``. The ops are
+custom ops, so
 ``torch.compile`` keeps each kernel whole inside the compiled regions.
 """
 
