@@ -63,6 +63,16 @@ def time_graph(fn: Callable[[], Any], repeats: int = 10, calls: int = 20) -> flo
     return time_cuda(graph.replay, repeats, warmup=1) / calls
 
 
+def time_replayed(fn: Callable[[], Any], repeats: int = 10, calls: int = 20) -> float:
+    """``time_graph``, or ``time_cuda`` (launches included, logged) where ``fn`` cannot be
+    captured."""
+    try:
+        return time_graph(fn, repeats, calls)
+    except RuntimeError as err:
+        log.warning("not capturable (%s); timed with its launches", err)
+        return time_cuda(fn, repeats)
+
+
 def ran_fp8_linears(stats: dict) -> bool:
     """Whether the run's block linears were e4m3 GEMMs: the precision the stats header records
     as applied (``fp8 (scaled_mm)``; a ``precision=fp8`` run on a GPU without FP8 GEMMs records
@@ -95,11 +105,8 @@ def measure_throughput(attention, heads: int, head_dim: int, q_tokens: int, kv_t
     k = torch.randn(1, kv_tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     if getattr(attention, "wants_kv_amax", False):  # as a KV cache with track_amax hands it over
         k.kv_amax = k.abs().amax().float().reshape(1)
-    try:  # the kernels without host launch gaps, as a captured rollout runs them
-        attn_ms = time_graph(lambda: attention(q, k, k), calls=10)
-    except RuntimeError as err:
-        log.warning("floor: attention not capturable (%s); timed with its launches", err)
-        attn_ms = time_cuda(lambda: attention(q, k, k))
+    # the kernels without host launch gaps, as a captured rollout runs them
+    attn_ms = time_replayed(lambda: attention(q, k, k), calls=10)
     return {
         **out,
         "attention_tflops": 4 * q_tokens * kv_tokens * heads * head_dim / attn_ms / 1e9,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from flashdreams.attention.cudnn_fp8 import CudnnFp8Attention, reference_fp8_attention
 from flashdreams.attention.flash_attn import FlashAttnAttention, find_flash_attn
 from flashdreams.attention.sdpa import SdpaAttention
-from flashdreams.bench import time_cuda, time_graph
+from flashdreams.bench import time_cuda, time_replayed
 from flashdreams.graph.cuda_graph import capture
 from flashdreams.parallel.ring_attention import attention_lse
 from flashdreams.precision.fp8_tensor import quantize_tensor_device
@@ -40,32 +40,8 @@ def error(out: torch.Tensor, ref: torch.Tensor) -> dict:
             "cosine": float(F.cosine_similarity(o, r, dim=0))}  # fmt: skip
 
 
-def timer(graphs: bool):
-    """Median ms of a call: over CUDA-graph replays of back-to-back calls (``graphs``; what a
-    captured rollout pays), else of single calls timed with events (host launch included)."""
-
-    def timed(fn, repeats):
-        if graphs:
-            try:
-                return time_graph(fn, repeats)
-            except RuntimeError as err:  # a kernel that cannot be captured: say so, time eagerly
-                print(f"# not capturable, timed eagerly: {err}", file=sys.stderr)
-        return time_cuda(fn, repeats)
-
-    return timed
-
-
-def _row(
-    lq: int,
-    lk: int,
-    h: int,
-    d: int,
-    backends: dict,
-    fp8,
-    repeats: int,
-    max_splits: int,
-    timed=time_cuda,
-) -> dict:
+def _row(lq: int, lk: int, h: int, d: int, backends: dict, fp8, repeats: int, max_splits: int,
+         timed=time_replayed) -> dict:  # fmt: skip
     """Every backend at one (Lq, Lk): median ms, TFLOP/s, error against SDPA-cuDNN bf16."""
     dev = torch.device("cuda")
     q = torch.randn(1, lq, h, d, device=dev, dtype=torch.bfloat16)
@@ -147,7 +123,7 @@ def main() -> int:
     rows = []
     for lk in (int(x) for x in args.lk.split(",")):
         rows.append(_row(args.lq, lk, h, d, backends, fp8, args.repeats, args.max_splits,
-                         timer(not args.eager_timing)))  # fmt: skip
+                         time_cuda if args.eager_timing else time_replayed))  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     # the kernel against the fp32 emulation of the same e4m3 scheme (small shape: the emulation
     # materializes the score matrix)

@@ -106,7 +106,7 @@ def merge(out: torch.Tensor, lse: torch.Tensor, splits: int, dtype: torch.dtype)
     block = 64
     grid = (-(-lq // block), (bs // splits) * h)
     kernel[grid](out, lse, res, lq, h, *out.stride(), *lse.stride(), *res.stride()[:3],
-                        S=splits, D=d, BLOCK=block, num_warps=4)  # fmt: skip
+                 S=splits, D=d, BLOCK=block, num_warps=4)  # fmt: skip
     return res
 
 

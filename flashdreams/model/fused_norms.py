@@ -239,8 +239,9 @@ def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dty
         rows, cols, seq, per_frame, e_b, e_f, e_c, x2.stride(0),
         0 if y2 is None else y2.stride(0), eps,
         HAS_Y=y is not None, NORM=norm, AFFINE=weight is not None,
-        HAS_TABLE=used and table is not None, HAS_NTABLE=used and norm_table is not None, GATE=gate if y is not None else -1, SHIFT=shift,
-        SCALE=scale, BLOCK_R=block_r, LOOP=loop, BLOCK_C=block_c, num_warps=warps,
+        HAS_TABLE=used and table is not None, HAS_NTABLE=used and norm_table is not None,
+        GATE=gate if y is not None else -1, SHIFT=shift, SCALE=scale, BLOCK_R=block_r, LOOP=loop,
+        BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     return xo, h
 
