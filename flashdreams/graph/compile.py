@@ -48,5 +48,4 @@ class CompilePolicy(EagerPolicy):
         self.fuse_norms = fuse_norms
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        torch.set_float32_matmul_precision("high")
         return compile_blocks(model, self.mode, self.dynamic, self.fuse_gelu, self.fuse_norms)

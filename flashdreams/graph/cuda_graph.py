@@ -109,7 +109,6 @@ class CudaGraphPolicy(GraphPolicy):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.compile:
-            torch.set_float32_matmul_precision("high")
             compile_blocks(model, self.mode, False, self.fuse_gelu, self.fuse_norms)
         return model
 

@@ -195,3 +195,19 @@ def test_min_out_features_keeps_narrow_linears_in_bf16():
     wide_ffn = {"ffn.0"} if rollout.model.blocks[0].ffn[0].out_features >= 3 * model.dim else set()
     assert fp8 == {"self_attn.qkv", *wide_ffn}
     assert isinstance(rollout.model.blocks[0].cross_attn.o, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["graph=compile"], None),  # compiling leaves the process's fp32 matmul precision alone
+    (["graph=compile_cuda_graph", "precision=fp8"], None),
+    (["precision.tf32=true"], "high"),  # asked for: fp32 matmuls on TF32
+    (["precision=fp8", "precision.tf32=true"], "high"),
+])  # fmt: skip
+def test_fp32_matmul_precision_changes_only_when_asked(overrides, expected):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        build_rollout(compose_run(overrides))
+        assert torch.get_float32_matmul_precision() == (expected or "highest")
+    finally:
+        torch.set_float32_matmul_precision(before)
