@@ -7,7 +7,8 @@ and the unfused reference math compiled by ``torch.compile`` (what a compiled bl
 the modulation ``table + e0`` is computed outside the timed reference, inside the timed kernel).
 Each timing is the median over CUDA-graph replays of 20 back-to-back calls, so launch gaps do
 not count. Prints microseconds per call, the bytes each call must move and the bandwidth that
-makes, and the largest error of the kernel against the eager reference.
+makes, the same for a pointwise op moving the same bytes (the ceiling a one-pass kernel can
+reach on this GPU), and the largest error of the kernel against the eager reference.
 
     python scripts/bench_fusions.py --out benchmarks/<dir>/fusions.json
     python scripts/bench_fusions.py --width 5120 --heads 40   # the 14B blocks
@@ -40,7 +41,9 @@ def max_err(out, ref) -> float:
 
 
 def cases(seq: int, frames: int, width: int, heads: int):
-    """(name, kernel call, reference call, bytes moved) at one block shape."""
+    """(name, kernel call, reference call, ceiling call, inputs, bytes moved) at one block
+    shape; the ceiling is a pointwise op over the same inputs and outputs (no reduction, no
+    broadcast), compiled: what moving those bytes costs on this GPU."""
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
 
@@ -89,23 +92,37 @@ def cases(seq: int, frames: int, width: int, heads: int):
     def ref_qk(q, k):
         return fused.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
 
+    # the bandwidth ceilings: pointwise ops reading and writing the same tensors, no reduction
+    def copy_norm(x):
+        return (x * 2).to(bf16)
+
+    def copy_add(x, y):
+        s = x + y.float()
+        return s, (s * 2).to(bf16)
+
+    def copy_gated(x, y):
+        return x + y.float()
+
+    def copy_qk(q, k):
+        return q * 2, k * 2
+
     return [
         ("norm_modulate (norm1)",
          lambda: fused.norm_modulate(x, None, None, e0, table, 0, 1, 1e-6, bf16),
-         ref_norm, (x,), row32 + row16),
+         ref_norm, copy_norm, (x,), row32 + row16),
         ("add_norm gate+affine (norm3)",
          lambda: fused.add_norm(x, y, e0, table, 2, w, b, -1, -1, 1e-6, bf16),
-         ref_add_affine, (x, y), 2 * row32 + 2 * row16),
+         ref_add_affine, copy_add, (x, y), 2 * row32 + 2 * row16),
         ("add_norm +modulate (norm2)",
          lambda: fused.add_norm(x, y, e0, table, -1, None, None, 3, 4, 1e-6, bf16),
-         ref_add_mod, (x, y), 2 * row32 + 2 * row16),
-        ("gated_add (FFN out)", lambda: fused.gated_add(x, y, e0, table, 5), ref_gated, (x, y),
-         2 * row32 + row16),
+         ref_add_mod, copy_add, (x, y), 2 * row32 + 2 * row16),
+        ("gated_add (FFN out)", lambda: fused.gated_add(x, y, e0, table, 5), ref_gated,
+         copy_gated, (x, y), 2 * row32 + row16),
         ("add_norm gate+next norm1 (chain)",
          lambda: fused.add_norm(x, y, e0, table, 5, None, None, 0, 1, 1e-6, bf16, following),
-         ref_next, (x, y), 2 * row32 + 2 * row16),
+         ref_next, copy_add, (x, y), 2 * row32 + 2 * row16),
         ("qk_norm_rope", lambda: fused.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6),
-         ref_qk, (q, k), 4 * row16),
+         ref_qk, copy_qk, (q, k), 4 * row16),
     ]  # fmt: skip
 
 
@@ -126,10 +143,13 @@ def main() -> None:
     rows = []
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     with torch.no_grad():
-        for name, call, ref, inputs, nbytes in cases(args.seq, args.frames, args.width, args.heads):
+        for name, call, ref, copy, inputs, nbytes in cases(args.seq, args.frames, args.width,
+                                                           args.heads):  # fmt: skip
             compiled = torch.compile(ref, fullgraph=True)
             row = {"op": name, "bytes": nbytes}
             row["inductor_us"] = graph_time(lambda c=compiled, i=inputs: c(*i), args.repeats)
+            ceiling = torch.compile(copy, fullgraph=True)
+            row["ceiling_us"] = graph_time(lambda c=ceiling, i=inputs: c(*i), args.repeats)
             expect = ref(*inputs)
             kind = "qk" if name.startswith("qk") else "norm"
             best = None
@@ -153,7 +173,9 @@ def main() -> None:
             print(f"{name:32s} inductor {row['inductor_us']:7.1f} us "
                   f"({nbytes / row['inductor_us'] / 1e6:5.2f} TB/s)  kernel auto "
                   f"{auto.get('us', float('nan')):7.1f} us ({auto.get('tb_s', float('nan')):5.2f}"
-                  f" TB/s, err {auto.get('max_err', float('nan')):.2e})  best {best}", flush=True)  # fmt: skip
+                  f" TB/s, err {auto.get('max_err', float('nan')):.2e})  best {best}  ceiling "
+                  f"{row['ceiling_us']:.1f} us ({nbytes / row['ceiling_us'] / 1e6:.2f} TB/s)",
+                  flush=True)  # fmt: skip
             for cfg in configs:
                 print(f"    {cfg:6s} {row[cfg]}", flush=True)
     result = {
