@@ -102,11 +102,14 @@ def measure_throughput(attention, heads: int, head_dim: int, q_tokens: int, kv_t
         except RuntimeError as err:  # a build without this GEMM: the floor stays bf16
             log.warning("floor: e4m3 GEMM not timed (%s); linears at the bf16 rate", err)
     q = torch.randn(1, q_tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, kv_tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    # distinct K and V (V = K would read half the bytes: an optimistic floor)
+    k, v = (torch.randn(1, kv_tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))  # fmt: skip
     if getattr(attention, "wants_kv_amax", False):  # as a KV cache with track_amax hands it over
-        k.kv_amax = k.abs().amax().float().reshape(1)
+        for t in (k, v):
+            t.kv_amax = t.abs().amax().float().reshape(1)
     # the kernels without host launch gaps, as a captured rollout runs them
-    attn_ms = time_replayed(lambda: attention(q, k, k), calls=10)
+    attn_ms = time_replayed(lambda: attention(q, k, v), calls=10)
     return {
         **out,
         "attention_tflops": 4 * q_tokens * kv_tokens * heads * head_dim / attn_ms / 1e9,

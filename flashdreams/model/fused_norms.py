@@ -122,20 +122,27 @@ def _kernels(triton, tl):
                 tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def qk_one(word, wword, c, s, cols, eps):
+    def qk_one(src, src_row, w_ptr, dst, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
+               HALF: tl.constexpr):  # fmt: skip
         # one int32 word = one rotated pair of bf16 values (even element in the low half);
         # a bf16's bits shifted up 16 are its fp32 value, so unpacking is two bit operations
+        word = tl.load(src + r[:, None] * src_row + j[None, :], mask=m, other=0)
         x0 = (word << 16).to(tl.float32, bitcast=True)
         x1 = (word & -65536).to(tl.float32, bitcast=True)
         inv = tl.rsqrt(tl.sum(x0 * x0 + x1 * x1, 1) / cols + eps)[:, None]
+        wword = tl.load(w_ptr + j, mask=live_j, other=0)[None, :]
         w0 = (wword << 16).to(tl.float32, bitcast=True)
         w1 = (wword & -65536).to(tl.float32, bitcast=True)
         # the norm rounds to bf16, the weight multiplies in bf16 (as the RMSNorm module)
         y0 = ((x0 * inv).to(tl.bfloat16).to(tl.float32) * w0).to(tl.bfloat16).to(tl.float32)
         y1 = ((x1 * inv).to(tl.bfloat16).to(tl.float32) * w1).to(tl.bfloat16).to(tl.float32)
+        f = (r % seq)[:, None] * HALF + (j % HALF)[None, :]
+        c = tl.load(cos_ptr + f, mask=m, other=0.0)
+        s = tl.load(sin_ptr + f, mask=m, other=0.0)
         o0 = (y0 * c - y1 * s).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
         o1 = (y0 * s + y1 * c).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
-        return (o1 << 16) | (o0 & 65535)
+        out = (o1 << 16) | (o0 & 65535)
+        tl.store(dst + r[:, None] * (cols // 2) + j[None, :], out, mask=m)
 
     @triton.jit
     def qk_rows(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
@@ -145,17 +152,10 @@ def _kernels(triton, tl):
         j = tl.arange(0, BLOCK_J)  # word (pair) index within the row
         live_j = j < cols // 2
         m = (r < rows)[:, None] & live_j[None, :]
-        # all loads first (q and k rows, their weights, one (cos, sin) per pair for both)
-        q = tl.load(q_ptr + r[:, None] * q_row + j[None, :], mask=m, other=0)
-        k = tl.load(k_ptr + r[:, None] * k_row + j[None, :], mask=m, other=0)
-        wq = tl.load(wq_ptr + j, mask=live_j, other=0)[None, :]
-        wk = tl.load(wk_ptr + j, mask=live_j, other=0)[None, :]
-        f = (r % seq)[:, None] * HALF + (j % HALF)[None, :]
-        c = tl.load(cos_ptr + f, mask=m, other=0.0)
-        s = tl.load(sin_ptr + f, mask=m, other=0.0)
-        dst = r[:, None] * (cols // 2) + j[None, :]
-        tl.store(qo_ptr + dst, qk_one(q, wq, c, s, cols, eps), mask=m)
-        tl.store(ko_ptr + dst, qk_one(k, wk, c, s, cols, eps), mask=m)
+        qk_one(q_ptr, q_row, wq_ptr, qo_ptr, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
+               HALF)  # fmt: skip
+        qk_one(k_ptr, k_row, wk_ptr, ko_ptr, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
+               HALF)  # fmt: skip
 
     return norm_rows, qk_rows
 
