@@ -7,7 +7,8 @@ regions, but a LayerNorm whose output feeds a per-frame broadcast comes out as a
 kernel plus a second pass, and the pair shuffles of RoPE keep its q/k region near 0.8 TB/s. The
 ops here do each stage in one read and one write of the rows (``qk_norm_rope`` reads each
 rotated bf16 pair as one 32-bit word and unpacks it with two bit operations, so its loads and
-stores stay contiguous and vectorized):
+stores stay contiguous and vectorized; its tiles are (rows, heads, pairs), so a row's cos/sin
+are loaded once for all heads):
 
     add_norm(x, y, ...)        x + y [* gate] (fp32), then LayerNorm [+ affine] [+ modulation]
                                (between blocks: the FFN residual and the next block's norm1)
@@ -122,40 +123,50 @@ def _kernels(triton, tl):
                 tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def qk_one(src, src_row, w_ptr, dst, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
-               HALF: tl.constexpr):  # fmt: skip
-        # one int32 word = one rotated pair of bf16 values (even element in the low half);
-        # a bf16's bits shifted up 16 are its fp32 value, so unpacking is two bit operations
-        word = tl.load(src + r[:, None] * src_row + j[None, :], mask=m, other=0)
+    def qk_one(src, src_row, w_ptr, dst, c, s, r, jj, live, live_w, cols, eps):
+        # (rows, heads, pairs) tiles: one int32 word = one rotated pair of bf16 values (even
+        # element in the low half); a bf16's bits shifted up 16 are its fp32 value
+        word = tl.load(
+            src + r[:, None, None] * src_row + jj[None, :, :],
+            mask=live,
+            other=0,
+            eviction_policy="evict_first",
+        )
         x0 = (word << 16).to(tl.float32, bitcast=True)
         x1 = (word & -65536).to(tl.float32, bitcast=True)
-        inv = tl.rsqrt(tl.sum(x0 * x0 + x1 * x1, 1) / cols + eps)[:, None]
-        wword = tl.load(w_ptr + j, mask=live_j, other=0)[None, :]
+        ss = tl.sum(tl.sum(x0 * x0 + x1 * x1, 2), 1)
+        inv = tl.rsqrt(ss / cols + eps)[:, None, None]
+        wword = tl.load(w_ptr + jj, mask=live_w, other=0, eviction_policy="evict_last")[None]
         w0 = (wword << 16).to(tl.float32, bitcast=True)
         w1 = (wword & -65536).to(tl.float32, bitcast=True)
         # the norm rounds to bf16, the weight multiplies in bf16 (as the RMSNorm module)
         y0 = ((x0 * inv).to(tl.bfloat16).to(tl.float32) * w0).to(tl.bfloat16).to(tl.float32)
         y1 = ((x1 * inv).to(tl.bfloat16).to(tl.float32) * w1).to(tl.bfloat16).to(tl.float32)
-        f = (r % seq)[:, None] * HALF + (j % HALF)[None, :]
-        c = tl.load(cos_ptr + f, mask=m, other=0.0)
-        s = tl.load(sin_ptr + f, mask=m, other=0.0)
         o0 = (y0 * c - y1 * s).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
         o1 = (y0 * s + y1 * c).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
         out = (o1 << 16) | (o0 & 65535)
-        tl.store(dst + r[:, None] * (cols // 2) + j[None, :], out, mask=m)
+        tl.store(dst + r[:, None, None] * (cols // 2) + jj[None, :, :], out, mask=live)
 
     @triton.jit
     def qk_rows(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
                 rows, cols, seq, q_row, k_row, eps,
                 HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
+        BLOCK_H: tl.constexpr = BLOCK_J // HALF
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        j = tl.arange(0, BLOCK_J)  # word (pair) index within the row
-        live_j = j < cols // 2
-        m = (r < rows)[:, None] & live_j[None, :]
-        qk_one(q_ptr, q_row, wq_ptr, qo_ptr, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
-               HALF)  # fmt: skip
-        qk_one(k_ptr, k_row, wk_ptr, ko_ptr, cos_ptr, sin_ptr, r, j, m, live_j, cols, seq, eps,
-               HALF)  # fmt: skip
+        h = tl.arange(0, BLOCK_H)
+        p = tl.arange(0, HALF)
+        jj = h[:, None] * HALF + p[None, :]  # (heads, pairs) word index within the row
+        live_w = (h < (cols // 2) // HALF)[:, None]
+        live = (r < rows)[:, None, None] & live_w[None, :, :]
+        rot = (r % seq)[:, None] * HALF + p[None, :]  # one rotation per (row, pair) for all heads
+        c = tl.load(
+            cos_ptr + rot, mask=(r < rows)[:, None], other=0.0, eviction_policy="evict_last"
+        )[:, None, :]
+        s = tl.load(
+            sin_ptr + rot, mask=(r < rows)[:, None], other=0.0, eviction_policy="evict_last"
+        )[:, None, :]
+        qk_one(q_ptr, q_row, wq_ptr, qo_ptr, c, s, r, jj, live, live_w, cols, eps)
+        qk_one(k_ptr, k_row, wk_ptr, ko_ptr, c, s, r, jj, live, live_w, cols, eps)
 
     return norm_rows, qk_rows
 
@@ -338,7 +349,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
     words = None
     if _use_kernel(q, k) and q.dtype == k.dtype == torch.bfloat16 and k.shape == q.shape:
         words = [_words(t) for t in (q, k)]
-    if words is None or any(w is None for w in words) or head % 2:
+    half = head // 2  # pairs per head: a power of two for the kernel's (rows, heads, pairs) tiles
+    if words is None or any(w is None for w in words) or head % 2 or half & (half - 1):
         return qk_norm_rope_reference(q, k, weight_q, weight_k, cos, sin, heads, eps)
     qo = torch.empty(b, seq, heads, head, device=q.device, dtype=q.dtype)
     ko = torch.empty_like(qo)
@@ -348,7 +360,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
     _kernels()[1][(-(-b * seq // block_r),)](
         q2, k2, wq, wk, cos.float().contiguous(), sin.float().contiguous(),
         qo.view(torch.int32), ko.view(torch.int32), b * seq, cols, seq, q2.stride(0),
-        k2.stride(0), eps, HALF=head // 2, BLOCK_R=block_r, BLOCK_J=block_j, num_warps=warps,
+        k2.stride(0), eps, HALF=half, BLOCK_R=block_r, BLOCK_J=block_j, num_warps=warps,
     )  # fmt: skip
     return qo, ko
 

@@ -86,19 +86,24 @@ def test_gated_add_matches_and_replays_in_a_graph(width):
 
 
 @torch.no_grad()
-def test_qk_norm_rope_matches_the_modules():
+@pytest.mark.parametrize("width, heads", [
+    (WIDTH, HEADS),  # 12 heads in 16-head tiles
+    (5120, 40),  # the 14B blocks: 40 heads in 64-head tiles
+    (WIDTH, 16),  # head size 96: 48 pairs per head is no power of two, the unfused path runs
+])  # fmt: skip
+def test_qk_norm_rope_matches_the_modules(width, heads):
     g = torch.Generator(device=CUDA).manual_seed(0)
-    qkv = torch.randn(B, SEQ, 3 * WIDTH, device=CUDA, generator=g, dtype=BF16) * 2
-    q, k = qkv[..., :WIDTH], qkv[..., WIDTH : 2 * WIDTH]  # views of the fused projection
-    wq, wk = (torch.rand(WIDTH, device=CUDA, generator=g) + 0.5 for _ in range(2))
-    cos, sin = Rope3D(WIDTH // HEADS).cos_sin(torch.arange(5, 5 + FRAMES, device=CUDA), 30, 52)
-    qo, ko = fused.qk_norm_rope(q, k, wq, wk, cos, sin, HEADS, 1e-6)
-    qr, kr = fused.qk_norm_rope_reference(q, k, wq, wk, cos, sin, HEADS, 1e-6)
-    assert qo.shape == qr.shape == (B, SEQ, HEADS, WIDTH // HEADS) and qo.dtype == BF16
+    qkv = torch.randn(B, SEQ, 3 * width, device=CUDA, generator=g, dtype=BF16) * 2
+    q, k = qkv[..., :width], qkv[..., width : 2 * width]  # views of the fused projection
+    wq, wk = (torch.rand(width, device=CUDA, generator=g) + 0.5 for _ in range(2))
+    cos, sin = Rope3D(width // heads).cos_sin(torch.arange(5, 5 + FRAMES, device=CUDA), 30, 52)
+    qo, ko = fused.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
+    qr, kr = fused.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
+    assert qo.shape == qr.shape == (B, SEQ, heads, width // heads) and qo.dtype == BF16
     assert rel_l2(qo, qr) <= 2e-3 and rel_l2(ko, kr) <= 2e-3
     # the rotation is applied (not only the norm): the kernel differs from the norm alone
-    normed = torch.nn.functional.rms_norm(q.float(), (WIDTH,), eps=1e-6).to(BF16) * wq.to(BF16)
-    assert rel_l2(qo, normed.unflatten(-1, (HEADS, -1))) > 0.1
+    normed = torch.nn.functional.rms_norm(q.float(), (width,), eps=1e-6).to(BF16) * wq.to(BF16)
+    assert rel_l2(qo, normed.unflatten(-1, (heads, -1))) > 0.1
 
 
 @torch.no_grad()
