@@ -133,8 +133,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1536)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--configs", default="auto,1x4,1x8,2x4,2x8,4x8,4x16",
-                    help="rows per tile x warps [x tiles per program] to sweep (auto: the "
-                         "built-in choice)")  # fmt: skip
+                    help="rows per tile x warps [x tiles per program] [c<columns per chunk>: "
+                         "the chunked kernel, c0: whole rows] to sweep (auto: the built-in "
+                         "choice)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -154,10 +155,12 @@ def main() -> None:
             kind = "qk" if name.startswith("qk") else "norm"
             best = None
             for cfg in configs:
-                if cfg == "auto":
+                tune, _, chunk = cfg.partition("c")  # "c<N>": the chunked kernel, N columns
+                fused.CHUNK = {args.width: int(chunk)} if chunk and kind == "norm" else {}
+                if tune in ("auto", ""):
                     fused.TUNE[kind] = None
                 else:  # rows x warps [x tiles per program]
-                    fused.TUNE[kind] = (*map(int, cfg.split("x")), 1)[:3]
+                    fused.TUNE[kind] = (*map(int, tune.split("x")), 1)[:3]
                 try:
                     us = graph_time(call, args.repeats)
                     err = max_err(call(), expect)
@@ -166,7 +169,7 @@ def main() -> None:
                     continue
                 row[cfg] = {"us": us, "tb_s": nbytes / us / 1e6, "max_err": err}
                 best = us if best is None else min(best, us)
-            fused.TUNE[kind] = None
+            fused.TUNE[kind], fused.CHUNK = None, {}
             row["kernel_best_us"] = best
             rows.append(row)
             auto = row.get("auto", {})

@@ -16,6 +16,10 @@ are loaded once for all heads):
     gated_add(x, y, gate)      x + y * gate (fp32)
     qk_norm_rope(q, k, ...)    RMS norm across heads x weight, then RoPE, for q and k at once
 
+Rows up to a few thousand columns are held whole in registers; wider rows with a residual add
+(the 14B blocks' 5120) stream through in 1024-column chunks, two passes per row (the second
+reads the just-written residual back from L2), which keeps the registers few and every lane live.
+
 Rounding follows the unfused modules step by step (the residual and the LayerNorm in fp32, the
 modulated result rounded once to the model dtype; the RMS norm rounded to the model dtype, times
 the weight in the model dtype, rotated in fp32 and rounded). Without CUDA or Triton each op runs
@@ -40,6 +44,20 @@ from flashdreams.model.layers import apply_rope, gated_residual, modulate
 # (rows per tile, warps, tiles per program) by kernel; None: chosen from the row width
 # (scripts/bench_fusions.py sweeps these)
 TUNE: dict[str, tuple[int, int, int] | None] = {"norm": None, "qk": None}
+# row width -> columns per chunk of the chunked two-pass kernel, 0 for whole rows (absent: the
+# built-in choice, ``_chunk``)
+CHUNK: dict[int, int] = {}
+
+
+def _chunk(cols: int, residual: bool) -> int:
+    """Columns per chunk for a row of ``cols`` (0: whole rows in registers). Wide rows with a
+    residual add (``add_norm``, ``gated_add``) go in 1024-column chunks, one row per program:
+    at width 5120 on an H200, ``add_norm`` 81-96 us against 100-105 for whole rows and
+    ``gated_add`` 59 against 69 (the norm-only pass stays whole: 55.5 against 57.0); at width
+    1536 whole rows win."""
+    if cols in CHUNK:
+        return CHUNK[cols]
+    return 1024 if residual and cols >= 4096 and cols % 1024 == 0 else 0
 
 
 def _config(kind: str, block_c: int, rows_budget: int, per_warp: int) -> tuple[int, int, int]:
@@ -123,6 +141,65 @@ def _kernels(triton, tl):
                 tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
+    def norm_rows_chunked(x_ptr, y_ptr, e_ptr, t_ptr, n_ptr, w_ptr, b_ptr, xo_ptr, h_ptr,
+                          rows, cols, seq, per_frame, e_b, e_f, e_c, x_row, y_row, eps,
+                          HAS_Y: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr,
+                          HAS_TABLE: tl.constexpr, HAS_NTABLE: tl.constexpr,
+                          GATE: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr,
+                          BLOCK_R: tl.constexpr, LOOP: tl.constexpr,
+                          CHUNK: tl.constexpr):  # fmt: skip
+        # norm_rows for wide rows, CHUNK columns at a time (few registers, no masked lanes
+        # where CHUNK divides the width): pass 1 adds the residual, stores it and merges each
+        # chunk's mean and squared deviations (Chan et al.); pass 2 reads the stored rows back
+        # (from L2) and normalizes them
+        first = tl.program_id(0).to(tl.int64) * (BLOCK_R * LOOP)
+        frame = (first // seq) * e_b + ((first % seq) // per_frame) * e_f
+        src = xo_ptr if HAS_Y else x_ptr
+        src_row = cols if HAS_Y else x_row
+        for i in range(LOOP):
+            r = first + i * BLOCK_R + tl.arange(0, BLOCK_R)
+            live_r = (r < rows)[:, None]
+            mean = tl.zeros([BLOCK_R], tl.float32)
+            m2 = tl.zeros([BLOCK_R], tl.float32)
+            for c0 in range(0, cols, CHUNK):
+                c = c0 + tl.arange(0, CHUNK)
+                m = live_r & (c < cols)[None, :]
+                x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0)
+                x = x.to(tl.float32)
+                if HAS_Y:
+                    y = tl.load(y_ptr + r[:, None] * y_row + c[None, :], mask=m, other=0.0)
+                    y = y.to(tl.float32)
+                    if GATE >= 0:
+                        y = y * mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, GATE, HAS_TABLE)
+                    x = x + y
+                    tl.store(xo_ptr + r[:, None] * cols + c[None, :], x, mask=m)
+                if NORM:
+                    n = tl.minimum(cols - c0, CHUNK).to(tl.float32)
+                    cm = tl.sum(x, 1) / n
+                    d = tl.where(m, x - cm[:, None], 0.0)
+                    done = c0.to(tl.float32)
+                    delta = cm - mean
+                    mean = mean + delta * (n / (done + n))
+                    m2 = m2 + tl.sum(d * d, 1) + delta * delta * (done * n / (done + n))
+            if NORM:
+                rstd = tl.rsqrt(m2 / cols + eps)[:, None]
+                for c0 in range(0, cols, CHUNK):
+                    c = c0 + tl.arange(0, CHUNK)
+                    m = live_r & (c < cols)[None, :]
+                    x = tl.load(src + r[:, None] * src_row + c[None, :], mask=m, other=0.0)
+                    h = (x.to(tl.float32) - mean[:, None]) * rstd
+                    if AFFINE:
+                        w = tl.load(w_ptr + c, mask=c < cols, other=0.0).to(tl.float32)
+                        bias = tl.load(b_ptr + c, mask=c < cols, other=0.0).to(tl.float32)
+                        h = h * w[None, :] + bias[None, :]
+                    if SCALE >= 0:
+                        sc = mod_chunk(e_ptr, n_ptr, frame, e_c, cols, c, SCALE, HAS_NTABLE)
+                        sh = mod_chunk(e_ptr, n_ptr, frame, e_c, cols, c, SHIFT, HAS_NTABLE)
+                        h = h * (1 + sc) + sh
+                    dst = h_ptr + r[:, None] * cols + c[None, :]
+                    tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def qk_one(src, src_row, w_ptr, dst, c, s, r, jj, live, live_w, cols, eps):
         # (rows, heads, pairs) tiles: one int32 word = one rotated pair of bf16 values (even
         # element in the low half); a bf16's bits shifted up 16 are its fp32 value
@@ -168,7 +245,7 @@ def _kernels(triton, tl):
         qk_one(q_ptr, q_row, wq_ptr, qo_ptr, c, s, r, jj, live, live_w, cols, eps)
         qk_one(k_ptr, k_row, wk_ptr, ko_ptr, c, s, r, jj, live, live_w, cols, eps)
 
-    return norm_rows, qk_rows
+    return norm_rows, qk_rows, norm_rows_chunked
 
 
 def _check_mod(
@@ -230,7 +307,10 @@ def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dty
     xo = torch.empty(b, seq, cols, device=x.device, dtype=torch.float32) if y is not None else x
     h = torch.empty(b, seq, cols, device=x.device, dtype=out_dtype) if norm else xo
     block_c = _next_pow2(cols)
-    if not norm:  # gated_add
+    chunk = _chunk(cols, y is not None)
+    if chunk:  # one row per program, nothing to share between rows (chunks load their own)
+        block_r, warps, loop = TUNE["norm"] or (1, 8, 1)
+    elif not norm:  # gated_add
         block_r, warps, loop = _config("norm", block_c, 2048, 256)
     else:  # norm_modulate (y None) / add_norm
         budget = 4096 if y is None else max(4096, 2 * block_c)  # add_norm: 2 rows per tile
@@ -242,7 +322,8 @@ def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dty
         loop //= 2
     dummy = x2
     e_b, e_f, e_c = (e0.stride(0), e0.stride(1), e0.stride(2)) if used else (0, 0, 0)
-    kernels[0][(-(-rows // (block_r * loop)),)](
+    kernel, last = (kernels[2], {"CHUNK": chunk}) if chunk else (kernels[0], {"BLOCK_C": block_c})
+    kernel[(-(-rows // (block_r * loop)),)](
         x2, dummy if y2 is None else y2, e0 if used else dummy,
         table if used and table is not None else dummy,
         norm_table if used and norm_table is not None else dummy,
@@ -252,7 +333,7 @@ def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dty
         HAS_Y=y is not None, NORM=norm, AFFINE=weight is not None,
         HAS_TABLE=used and table is not None, HAS_NTABLE=used and norm_table is not None,
         GATE=gate if y is not None else -1, SHIFT=shift, SCALE=scale, BLOCK_R=block_r, LOOP=loop,
-        BLOCK_C=block_c, num_warps=warps,
+        num_warps=warps, **last,
     )  # fmt: skip
     return xo, h
 

@@ -41,11 +41,16 @@ def _mod(t, k):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("width", [WIDTH, 5120])  # Wan 1.3B, 14B
+@pytest.mark.parametrize("width, chunk", [
+    (WIDTH, None), (5120, None),  # Wan 1.3B, 14B as built in (14B add_norm: 1024-column chunks)
+    (WIDTH, 1024),  # chunks of unequal length (1024 + 512 live columns), merged statistics
+    (5120, 0),  # 14B rows whole in registers
+])  # fmt: skip
 @pytest.mark.parametrize(
     "kind", ["norm_modulate", "add_norm_affine", "add_norm_modulate", "add_norm_next_table"]
 )
-def test_norm_kernels_match_the_unfused_math(kind, width):
+def test_norm_kernels_match_the_unfused_math(kind, width, chunk, monkeypatch):
+    monkeypatch.setattr(fused, "CHUNK", {} if chunk is None else {width: chunk})
     t = _inputs(width)
     if kind == "norm_modulate":
         h = fused.norm_modulate(t["x"], None, None, t["e0"], t["table"], 0, 1, 1e-6, BF16)
@@ -71,8 +76,9 @@ def test_norm_kernels_match_the_unfused_math(kind, width):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("width", [WIDTH, 5120])
-def test_gated_add_matches_and_replays_in_a_graph(width):
+@pytest.mark.parametrize("width, chunk", [(WIDTH, None), (5120, None), (WIDTH, 1024), (5120, 0)])
+def test_gated_add_matches_and_replays_in_a_graph(width, chunk, monkeypatch):
+    monkeypatch.setattr(fused, "CHUNK", {} if chunk is None else {width: chunk})
     t = _inputs(width)
     out = fused.gated_add(t["x"], t["y"], t["e0"], t["table"], 5)
     assert torch.allclose(out, gated_residual(t["x"], t["y"], _mod(t, 5)), 1e-6, 1e-6)
