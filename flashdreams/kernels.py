@@ -31,6 +31,18 @@ def triton_kernels(build: Callable[[Any, Any], T]) -> Callable[[], T | None]:
     return functools.wraps(build)(kernels)
 
 
+def runs_kernels(kernels: Callable[[], Any], *tensors: torch.Tensor | None) -> bool:
+    """Whether a module's Triton ``kernels`` can take a call on ``tensors``: all of them (None
+    skipped) on CUDA and Triton importable."""
+    live = [t for t in tensors if t is not None]
+    return all(t.is_cuda for t in live) and kernels() is not None
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (Triton block sizes)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """(B, L, H, D) or (B, L, C) as a (B*L, H*D) view with unit column stride (a copy only if it
     must be).

@@ -1,7 +1,7 @@
 """The fused norm / residual / q-k RoPE kernels against Inductor's code for the same math.
 
 At a Wan block's shape (default: the 1.3B reference workload, 3 frames of 1560 tokens, width
-1536, 12 heads) it times, on one GPU in one process, each op of ``flashdreams.model.fused_norms``
+1536, 12 heads) it times, on one GPU in one process, each op of ``flashdreams.model.fused_norms`` and ``fused_rope``
 two ways: the Triton kernel (each rows-per-tile x warps [x tiles-per-program] of ``--configs``)
 and the unfused reference math compiled by ``torch.compile`` (what a compiled block ran before;
 the modulation ``table + e0`` is computed outside the timed reference, inside the timed kernel).
@@ -26,6 +26,7 @@ import torch
 
 from flashdreams.bench import time_graph
 from flashdreams.model import fused_norms as fused
+from flashdreams.model import fused_rope
 from flashdreams.model.layers import Rope3D, gated_residual
 
 
@@ -90,7 +91,7 @@ def cases(seq: int, frames: int, width: int, heads: int):
         return xo, fused._norm_reference(xo, None, None, nxt[:, :, 0], nxt[:, :, 1], 1e-6, bf16)
 
     def ref_qk(q, k):
-        return fused.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
+        return fused_rope.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
 
     # the bandwidth ceilings: pointwise ops reading and writing the same tensors, no reduction
     def copy_norm(x):
@@ -121,7 +122,7 @@ def cases(seq: int, frames: int, width: int, heads: int):
         ("add_norm gate+next norm1 (chain)",
          lambda: fused.add_norm(x, y, e0, table, 5, None, None, 0, 1, 1e-6, bf16, following),
          ref_next, copy_add, (x, y), 2 * row32 + 2 * row16),
-        ("qk_norm_rope", lambda: fused.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6),
+        ("qk_norm_rope", lambda: fused_rope.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6),
          ref_qk, copy_qk, (q, k), 4 * row16),
     ]  # fmt: skip
 
@@ -153,14 +154,15 @@ def main() -> None:
             row["ceiling_us"] = graph_time(lambda c=ceiling, i=inputs: c(*i), args.repeats)
             expect = ref(*inputs)
             kind = "qk" if name.startswith("qk") else "norm"
+            tune = fused_rope.TUNE if kind == "qk" else fused.TUNE
             best = None
             for cfg in configs:
-                tune, _, chunk = cfg.partition("c")  # "c<N>": the chunked kernel, N columns
+                shape, _, chunk = cfg.partition("c")  # "c<N>": the chunked kernel, N columns
                 fused.CHUNK = {args.width: int(chunk)} if chunk and kind == "norm" else {}
-                if tune in ("auto", ""):
-                    fused.TUNE[kind] = None
+                if shape in ("auto", ""):
+                    tune[kind] = None
                 else:  # rows x warps [x tiles per program]
-                    fused.TUNE[kind] = (*map(int, tune.split("x")), 1)[:3]
+                    tune[kind] = (*map(int, shape.split("x")), 1)[:3]
                 try:
                     us = graph_time(call, args.repeats)
                     err = max_err(call(), expect)
@@ -169,7 +171,7 @@ def main() -> None:
                     continue
                 row[cfg] = {"us": us, "tb_s": nbytes / us / 1e6, "max_err": err}
                 best = us if best is None else min(best, us)
-            fused.TUNE[kind], fused.CHUNK = None, {}
+            tune[kind], fused.CHUNK = None, {}
             row["kernel_best_us"] = best
             rows.append(row)
             auto = row.get("auto", {})

@@ -1,36 +1,29 @@
-"""A Wan block's norms, modulation, gated residuals and q/k norm + RoPE as one pass each.
+"""A Wan block's norms, modulation and gated residuals as one pass each.
 
 Between its GEMMs a Wan block reads and writes its (L, C) tokens about a dozen times: LayerNorm
-of the fp32 residual stream, the per-frame adaLN shift/scale, the gated residual add, the q/k
-RMS norm across heads and the RoPE rotation of interleaved pairs. Inductor fuses these into
-regions, but a LayerNorm whose output feeds a per-frame broadcast comes out as a reduction
-kernel plus a second pass, and the pair shuffles of RoPE keep its q/k region near 0.8 TB/s. The
-ops here do each stage in one read and one write of the rows (``qk_norm_rope`` reads each
-rotated bf16 pair as one 32-bit word and unpacks it with two bit operations, so its loads and
-stores stay contiguous and vectorized; its tiles are (rows, heads, pairs), so a row's cos/sin
-are loaded once for all heads):
+of the fp32 residual stream, the per-frame adaLN shift/scale, the gated residual add (and the
+q/k RMS norm + RoPE: ``flashdreams.model.fused_rope``). Inductor fuses these into regions, but a
+LayerNorm whose output feeds a per-frame broadcast comes out as a reduction kernel plus a second
+pass. The ops here do each stage in one read and one write of the rows:
 
     add_norm(x, y, ...)        x + y [* gate] (fp32), then LayerNorm [+ affine] [+ modulation]
                                (between blocks: the FFN residual and the next block's norm1)
     norm_modulate(x, ...)      LayerNorm [+ affine] [+ modulation]
     gated_add(x, y, gate)      x + y * gate (fp32)
-    qk_norm_rope(q, k, ...)    RMS norm across heads x weight, then RoPE, for q and k at once
 
 Rows up to a few thousand columns are held whole in registers; wider rows with a residual add
 (the 14B blocks' 5120) stream through in 1024-column chunks, two passes per row (the second
 reads the just-written residual back from L2), which keeps the registers few and every lane live.
 
 Rounding follows the unfused modules step by step (the residual and the LayerNorm in fp32, the
-modulated result rounded once to the model dtype; the RMS norm rounded to the model dtype, times
-the weight in the model dtype, rotated in fp32 and rounded). Without CUDA or Triton each op runs
-that unfused math, which is also the reference the GPU tests compare the kernels with.
+modulated result rounded once to the model dtype). Without CUDA or Triton each op runs that
+unfused math, which is also the reference the GPU tests compare the kernels with.
 
 The adaLN shift / scale / gate are chunks of the block's modulation, ``table + e0`` with the
 block's (1, 6, C) parameter and the (B, F, 6, C) per-frame time embedding: the kernels add the
 two themselves (no separate kernels for the small modulation tensors), once per program, whose
 rows all lie in one frame; token ``l`` of batch ``b`` uses frame ``l // (L // F)``. The ops are
-custom ops, so
-``torch.compile`` keeps each kernel whole inside the compiled regions.
+custom ops, so ``torch.compile`` keeps each kernel whole inside the compiled regions.
 """
 
 from __future__ import annotations
@@ -38,12 +31,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flashdreams.kernels import as_rows, triton_kernels
-from flashdreams.model.layers import apply_rope, gated_residual, modulate
+from flashdreams.kernels import as_rows, next_pow2, runs_kernels, triton_kernels
+from flashdreams.model.layers import gated_residual, modulate
 
-# (rows per tile, warps, tiles per program) by kernel; None: chosen from the row width
+# (rows per tile, warps, tiles per program); None: chosen from the row width
 # (scripts/bench_fusions.py sweeps these)
-TUNE: dict[str, tuple[int, int, int] | None] = {"norm": None, "qk": None}
+TUNE: dict[str, tuple[int, int, int] | None] = {"norm": None}
 # row width -> columns per chunk of the chunked two-pass kernel, 0 for whole rows (absent: the
 # built-in choice, ``_chunk``)
 CHUNK: dict[int, int] = {}
@@ -70,10 +63,6 @@ def _config(kind: str, block_c: int, rows_budget: int, per_warp: int) -> tuple[i
     block_r = max(1, min(4, rows_budget // block_c))
     warps = min(8, max(4, block_c * block_r // per_warp))
     return block_r, warps, max(1, max(4, block_c // 1024) // block_r)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @triton_kernels
@@ -177,7 +166,7 @@ def _kernels(triton, tl):
                     n = tl.minimum(cols - c0, CHUNK).to(tl.float32)
                     cm = tl.sum(x, 1) / n
                     d = tl.where(m, x - cm[:, None], 0.0)
-                    done = c0.to(tl.float32)
+                    done = c0 * 1.0  # columns merged so far, as fp32
                     delta = cm - mean
                     mean = mean + delta * (n / (done + n))
                     m2 = m2 + tl.sum(d * d, 1) + delta * delta * (done * n / (done + n))
@@ -199,53 +188,7 @@ def _kernels(triton, tl):
                     dst = h_ptr + r[:, None] * cols + c[None, :]
                     tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
-    def qk_one(src, src_row, w_ptr, dst, c, s, r, jj, live, live_w, cols, eps):
-        # (rows, heads, pairs) tiles: one int32 word = one rotated pair of bf16 values (even
-        # element in the low half); a bf16's bits shifted up 16 are its fp32 value
-        word = tl.load(
-            src + r[:, None, None] * src_row + jj[None, :, :],
-            mask=live,
-            other=0,
-            eviction_policy="evict_first",
-        )
-        x0 = (word << 16).to(tl.float32, bitcast=True)
-        x1 = (word & -65536).to(tl.float32, bitcast=True)
-        ss = tl.sum(tl.sum(x0 * x0 + x1 * x1, 2), 1)
-        inv = tl.rsqrt(ss / cols + eps)[:, None, None]
-        wword = tl.load(w_ptr + jj, mask=live_w, other=0, eviction_policy="evict_last")[None]
-        w0 = (wword << 16).to(tl.float32, bitcast=True)
-        w1 = (wword & -65536).to(tl.float32, bitcast=True)
-        # the norm rounds to bf16, the weight multiplies in bf16 (as the RMSNorm module)
-        y0 = ((x0 * inv).to(tl.bfloat16).to(tl.float32) * w0).to(tl.bfloat16).to(tl.float32)
-        y1 = ((x1 * inv).to(tl.bfloat16).to(tl.float32) * w1).to(tl.bfloat16).to(tl.float32)
-        o0 = (y0 * c - y1 * s).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
-        o1 = (y0 * s + y1 * c).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
-        out = (o1 << 16) | (o0 & 65535)
-        tl.store(dst + r[:, None, None] * (cols // 2) + jj[None, :, :], out, mask=live)
-
-    @triton.jit
-    def qk_rows(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
-                rows, cols, seq, q_row, k_row, eps,
-                HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
-        BLOCK_H: tl.constexpr = BLOCK_J // HALF
-        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        h = tl.arange(0, BLOCK_H)
-        p = tl.arange(0, HALF)
-        jj = h[:, None] * HALF + p[None, :]  # (heads, pairs) word index within the row
-        live_w = (h < (cols // 2) // HALF)[:, None]
-        live = (r < rows)[:, None, None] & live_w[None, :, :]
-        rot = (r % seq)[:, None] * HALF + p[None, :]  # one rotation per (row, pair) for all heads
-        c = tl.load(
-            cos_ptr + rot, mask=(r < rows)[:, None], other=0.0, eviction_policy="evict_last"
-        )[:, None, :]
-        s = tl.load(
-            sin_ptr + rot, mask=(r < rows)[:, None], other=0.0, eviction_policy="evict_last"
-        )[:, None, :]
-        qk_one(q_ptr, q_row, wq_ptr, qo_ptr, c, s, r, jj, live, live_w, cols, eps)
-        qk_one(k_ptr, k_row, wk_ptr, ko_ptr, c, s, r, jj, live, live_w, cols, eps)
-
-    return norm_rows, qk_rows, norm_rows_chunked
+    return norm_rows, norm_rows_chunked
 
 
 def _check_mod(
@@ -284,13 +227,6 @@ def _mod_reference(e0, table, k):
     return mod[:, :, k]
 
 
-def _use_kernel(*tensors: torch.Tensor | None) -> bool:
-    t = tensors[0]
-    return t.is_cuda and _kernels() is not None and all(
-        u is None or u.is_cuda for u in tensors
-    )  # fmt: skip
-
-
 def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype, norm,
                  norm_table=None):  # fmt: skip
     kernels = _kernels()
@@ -306,7 +242,7 @@ def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dty
     rows = b * seq
     xo = torch.empty(b, seq, cols, device=x.device, dtype=torch.float32) if y is not None else x
     h = torch.empty(b, seq, cols, device=x.device, dtype=out_dtype) if norm else xo
-    block_c = _next_pow2(cols)
+    block_c = next_pow2(cols)
     chunk = _chunk(cols, y is not None)
     if chunk:  # one row per program, nothing to share between rows (chunks load their own)
         block_r, warps, loop = TUNE["norm"] or (1, 8, 1)
@@ -322,7 +258,7 @@ def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dty
         loop //= 2
     dummy = x2
     e_b, e_f, e_c = (e0.stride(0), e0.stride(1), e0.stride(2)) if used else (0, 0, 0)
-    kernel, last = (kernels[2], {"CHUNK": chunk}) if chunk else (kernels[0], {"BLOCK_C": block_c})
+    kernel, last = (kernels[1], {"CHUNK": chunk}) if chunk else (kernels[0], {"BLOCK_C": block_c})
     kernel[(-(-rows // (block_r * loop)),)](
         x2, dummy if y2 is None else y2, e0 if used else dummy,
         table if used and table is not None else dummy,
@@ -357,7 +293,7 @@ def norm_modulate(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     ``table + e0`` ((6, C) + (B, F, 6, C)), per frame; -1 for both: no modulation."""
     _check_mod(x, e0, table, shift, scale)
     _check_shift_scale(shift, scale)
-    if _use_kernel(x, e0, table):
+    if runs_kernels(_kernels, x, e0, table):
         return _launch_norm(x, None, e0, table, -1, weight, bias, shift, scale, eps, out_dtype,
                             True)[1]  # fmt: skip
     sh, sc = (_mod_reference(e0, table, k) for k in (shift, scale))
@@ -380,7 +316,7 @@ def add_norm(x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor | None,
     ``norm_table + e0`` instead (the next block's norm1 after this block's FFN residual)."""
     _check_mod(x, e0, table, gate, shift, scale, norm_table=norm_table)
     _check_shift_scale(shift, scale)
-    if _use_kernel(x, y, e0, table, norm_table):
+    if runs_kernels(_kernels, x, y, e0, table, norm_table):
         return _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype,
                             True, norm_table)  # fmt: skip
     xo = gated_residual(x, y, _mod_reference(e0, table, gate)).contiguous()  # the fake's layout
@@ -399,7 +335,7 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor | None,
               table: torch.Tensor | None, gate: int) -> torch.Tensor:  # fmt: skip
     """``x + y [* gate]`` in fp32, gate the chunk of ``table + e0`` per frame (-1: none)."""
     _check_mod(x, e0, table, gate)
-    if _use_kernel(x, y, e0, table):
+    if runs_kernels(_kernels, x, y, e0, table):
         return _launch_norm(x, y, e0, table, gate, None, None, -1, -1, 0.0, torch.float32,
                             False)[0]  # fmt: skip
     return gated_residual(x, y, _mod_reference(e0, table, gate)).contiguous()
@@ -408,53 +344,3 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor | None,
 @gated_add.register_fake
 def _(x, y, e0, table, gate):
     return x.new_empty(x.shape, dtype=torch.float32)
-
-
-def qk_norm_rope_reference(q, k, weight_q, weight_k, cos, sin, heads, eps):
-    """The unfused math of ``qk_norm_rope`` (RMSNorm modules, then ``apply_rope``)."""
-    out = []
-    for x, w in ((q, weight_q), (k, weight_k)):
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * w.to(x.dtype)
-        out.append(apply_rope(y.unflatten(-1, (heads, -1)), cos, sin))
-    return out[0], out[1]
-
-
-@torch.library.custom_op("flashdreams::qk_norm_rope", mutates_args=())
-def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
-                 weight_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """RMS norm of (B, L, C) q and k across all heads times their weights, then RoPE of
-    interleaved pairs with (L, D/2) cos/sin; returns (B, L, H, D) q and k."""
-    b, seq, cols = q.shape
-    head = cols // heads
-    words = None
-    if _use_kernel(q, k) and q.dtype == k.dtype == torch.bfloat16 and k.shape == q.shape:
-        words = [_words(t) for t in (q, k)]
-    half = head // 2  # pairs per head: a power of two for the kernel's (rows, heads, pairs) tiles
-    if words is None or any(w is None for w in words) or head % 2 or half & (half - 1):
-        return qk_norm_rope_reference(q, k, weight_q, weight_k, cos, sin, heads, eps)
-    qo = torch.empty(b, seq, heads, head, device=q.device, dtype=q.dtype)
-    ko = torch.empty_like(qo)
-    block_j = _next_pow2(cols // 2)
-    block_r, warps, _ = _config("qk", block_j, 1024, 256)  # one tile per program
-    (q2, k2), (wq, wk) = words, (_words(w.to(q.dtype).clone()) for w in (weight_q, weight_k))
-    _kernels()[1][(-(-b * seq // block_r),)](
-        q2, k2, wq, wk, cos.float().contiguous(), sin.float().contiguous(),
-        qo.view(torch.int32), ko.view(torch.int32), b * seq, cols, seq, q2.stride(0),
-        k2.stride(0), eps, HALF=half, BLOCK_R=block_r, BLOCK_J=block_j, num_warps=warps,
-    )  # fmt: skip
-    return qo, ko
-
-
-def _words(t: torch.Tensor) -> torch.Tensor | None:
-    """bf16 rows (..., C) as int32 words of two values each (a view where the layout allows)."""
-    rows = as_rows(t) if t.dim() == 3 else t.contiguous()
-    if (rows.dim() == 2 and rows.stride(0) % 2) or rows.storage_offset() % 2:
-        return None
-    return rows.view(torch.int32)
-
-
-@qk_norm_rope.register_fake
-def _(q, k, weight_q, weight_k, cos, sin, heads, eps):
-    shape = (*q.shape[:-1], heads, q.shape[-1] // heads)
-    return q.new_empty(shape), q.new_empty(shape)

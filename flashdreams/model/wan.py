@@ -16,6 +16,7 @@ from flashdreams.attention.base import AttentionBackend
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.base import KVCache
 from flashdreams.model import fused_norms as fused
+from flashdreams.model import fused_rope
 from flashdreams.model.camera import CameraEncoder, CameraInjector
 from flashdreams.model.layers import (
     LinearGeluTanh,
@@ -156,8 +157,8 @@ class WanBlock(nn.Module):
 
     def fuse_norms(self) -> None:
         """Run each norm + modulation (+ the gated residual before it) and the q/k RMS norm +
-        RoPE as one pass over the tokens (``flashdreams.model.fused_norms``; same math, same
-        parameters; the unfused ops where there is no CUDA or Triton)."""
+        RoPE as one pass over the tokens (``flashdreams.model.fused_norms``, ``fused_rope``;
+        same math, same parameters; the unfused ops where there is no CUDA or Triton)."""
         self.fused_norms = True
 
     def _mod(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -173,8 +174,8 @@ class WanBlock(nn.Module):
                 h = fused.norm_modulate(x, None, None, e0, self.modulation, 0, 1, self.norm1.eps,
                                         sa.q.weight.dtype)  # fmt: skip
             q, k, v = sa.project(h)
-            q, k = fused.qk_norm_rope(q, k, sa.norm_q.weight, sa.norm_k.weight, cos, sin,
-                                      sa.num_heads, sa.norm_q.eps)  # fmt: skip
+            q, k = fused_rope.qk_norm_rope(q, k, sa.norm_q.weight, sa.norm_k.weight, cos, sin,
+                                           sa.num_heads, sa.norm_q.eps)  # fmt: skip
             return q, k, v.unflatten(-1, (sa.num_heads, -1))
         shift, scale = self._mod(e0)[:2]
         h = modulate(layer_norm_fp32(x, self.norm1).unflatten(1, (e0.shape[1], -1)), shift, scale)

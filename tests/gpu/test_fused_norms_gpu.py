@@ -1,4 +1,5 @@
-"""The fused norm / residual / q-k RoPE kernels on a GPU against the unfused math.
+"""The fused norm / residual (``fused_norms``) and q-k RoPE (``fused_rope``) kernels on a GPU
+against the unfused math.
 
 At the 1.3B block shape (3 frames x 1560 tokens, width 1536, 12 heads), batch 2 so that the
 per-frame modulation rows are indexed across batches: the fp32 residual equals the reference to
@@ -12,6 +13,7 @@ import torch
 
 from flashdreams.graph.cuda_graph import capture
 from flashdreams.model import fused_norms as fused
+from flashdreams.model import fused_rope
 from flashdreams.model.layers import Rope3D, gated_residual
 from tests.gpu.helpers import rel_l2
 
@@ -103,8 +105,8 @@ def test_qk_norm_rope_matches_the_modules(width, heads):
     q, k = qkv[..., :width], qkv[..., width : 2 * width]  # views of the fused projection
     wq, wk = (torch.rand(width, device=CUDA, generator=g) + 0.5 for _ in range(2))
     cos, sin = Rope3D(width // heads).cos_sin(torch.arange(5, 5 + FRAMES, device=CUDA), 30, 52)
-    qo, ko = fused.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
-    qr, kr = fused.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
+    qo, ko = fused_rope.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
+    qr, kr = fused_rope.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
     assert qo.shape == qr.shape == (B, SEQ, heads, width // heads) and qo.dtype == BF16
     assert rel_l2(qo, qr) <= 2e-3 and rel_l2(ko, kr) <= 2e-3
     # the rotation is applied (not only the norm): the kernel differs from the norm alone

@@ -148,7 +148,7 @@ def test_fused_ops_take_modulation_chunks_and_check_their_inputs():
 
 
 def test_qk_norm_rope_reference_is_the_modules():
-    from flashdreams.model import fused_norms as fused
+    from flashdreams.model import fused_rope as fused
     from flashdreams.model.layers import RMSNorm, Rope3D, apply_rope
 
     torch.manual_seed(0)

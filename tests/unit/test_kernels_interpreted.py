@@ -1,0 +1,122 @@
+"""The fused norm and q/k RoPE Triton kernels, run by Triton's CPU interpreter, against the
+unfused math.
+
+CI has no GPU, so this is where every commit checks the kernels' logic: which rows share a
+frame's modulation, the gate / shift / scale chunks and the next block's table, the chunked
+two-pass kernel of wide rows (a partial last chunk, merged statistics), the (rows, heads, pairs)
+tiles of q/k with a padded head axis. Speed and the exact bf16 rounding are checked on a GPU
+(``tests/gpu/test_fused_norms_gpu.py``). The interpreter rounds to bf16 its own way, so outputs
+agree to 2e-2 relative L2 (one bf16 step is 3.9e-3; a swapped modulation chunk gives ~0.6).
+
+``TRITON_INTERPRET=1`` must be set before Triton is imported, so the kernels run in a child
+process (this file run as a script); each test reads its case from that run. Skipped where
+Triton is not installed (it is in the ``dev`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TOL = 2e-2
+NORM_CASES = [f"{kind}-{width}-{chunk}" for kind in ("norm1", "norm3", "norm2", "chain", "gated")
+              for width, chunk in ((192, None), (192, 128))]  # fmt: skip
+# 192 columns: whole rows in 256-lane tiles, or the chunked kernel with chunks of 128 and 64
+QK_CASES = ["qk-3", "qk-4"]  # heads; 3 pads the head axis to tiles of 4
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _run_all() -> dict[str, list[float]]:
+    """Every case's relative L2 error per output (run with ``TRITON_INTERPRET=1``)."""
+    from flashdreams.model import fused_norms as fused
+    from flashdreams.model import fused_rope
+
+    for module in (fused, fused_rope):  # CPU tensors go to the (interpreted) kernels
+        module.runs_kernels = lambda kernels, *tensors: kernels() is not None
+        # the interpreter looks helper kernels up in the module's globals, not in the closure
+        built = module._kernels()
+        for kernel in built if isinstance(built, tuple) else (built,):
+            cells = zip(kernel.fn.__code__.co_freevars, kernel.fn.__closure__ or (), strict=True)
+            for name, cell in cells:
+                setattr(module, name, cell.cell_contents)
+    out = {}
+    for case in NORM_CASES:
+        kind, width, chunk = case.split("-")
+        fused.CHUNK = {} if chunk == "None" else {int(width): int(chunk)}
+        got, want = _norm_case(fused, kind, int(width))
+        out[case] = [_rel(a, r) if a.shape == r.shape else float("inf")
+                     for a, r in zip(got, want, strict=True)]  # fmt: skip
+    for case in QK_CASES:
+        out[case] = _qk_case(fused_rope, int(case.split("-")[1]))
+    return out
+
+
+def _norm_case(fused, kind: str, width: int, seq: int = 24, frames: int = 3):
+    from flashdreams.model.layers import gated_residual
+
+    bf16 = torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, seq, width, generator=g) * 3 + 1
+    y = torch.randn(2, seq, 2 * width, generator=g).to(bf16)[..., width:]  # a projection's view
+    e0 = torch.randn(2, frames, 6, width, generator=g) * 0.3
+    table, nxt = (torch.randn(1, 6, width, generator=g) * 0.1 for _ in range(2))
+    w, b = torch.randn(width, generator=g) * 0.2 + 1, torch.randn(width, generator=g) * 0.2
+    mod = table + e0
+    if kind == "norm1":
+        got = (fused.norm_modulate(x, None, None, e0, table, 0, 1, 1e-6, bf16),)
+        return got, (fused._norm_reference(x, None, None, mod[:, :, 0], mod[:, :, 1], 1e-6, bf16),)
+    if kind == "gated":
+        return (fused.gated_add(x, y, e0, table, 5),), (gated_residual(x, y, mod[:, :, 5]),)
+    gate, w, b, shift, scale, following = {
+        "norm3": (2, w, b, -1, -1, None),
+        "norm2": (-1, None, None, 3, 4, None),
+        "chain": (5, None, None, 0, 1, nxt),  # the FFN residual + the next block's norm1
+    }[kind]
+    got = fused.add_norm(x, y, e0, table, gate, w, b, shift, scale, 1e-6, bf16, following)
+    xo = gated_residual(x, y, mod[:, :, gate] if gate >= 0 else None)
+    src = mod if following is None else following + e0
+    sh, sc = (src[:, :, k] if k >= 0 else None for k in (shift, scale))
+    return got, (xo, fused._norm_reference(xo, w, b, sh, sc, 1e-6, bf16))
+
+
+def _qk_case(fused_rope, heads: int, frames: int = 3, seq: int = 24) -> list[float]:
+    from flashdreams.model.layers import Rope3D
+
+    width = 64 * heads
+    g = torch.Generator().manual_seed(1)
+    qkv = (torch.randn(2, seq, 3 * width, generator=g) * 2).to(torch.bfloat16)
+    q, k = qkv[..., :width], qkv[..., width : 2 * width]  # views of the fused projection
+    wq, wk = (torch.rand(width, generator=g) + 0.5 for _ in range(2))
+    cos, sin = Rope3D(64).cos_sin(torch.arange(2, 2 + frames), 2, seq // frames // 2)
+    got = fused_rope.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
+    want = fused_rope.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
+    return [_rel(a, r) if a.shape == r.shape else float("inf")
+            for a, r in zip(got, want, strict=True)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, list[float]]:
+    pytest.importorskip("triton", minversion="3.8")  # older interpreters: no runtime loop bounds
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", NORM_CASES + QK_CASES)
+def test_kernel_matches_the_unfused_math(interpreted, case):
+    errors = interpreted[case]
+    assert errors and all(e <= TOL for e in errors), f"{case}: relative L2 {errors}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run_all()))
