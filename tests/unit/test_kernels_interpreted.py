@@ -1,11 +1,11 @@
-"""The fused norm and q/k RoPE Triton kernels, run by Triton's CPU interpreter, against the
-unfused math.
+"""The Triton kernels, run by Triton's CPU interpreter, against the torch math they replace.
 
 CI has no GPU, so this is where every commit checks the kernels' logic: which rows share a
 frame's modulation, the gate / shift / scale chunks and the next block's table, the chunked
 two-pass kernel of wide rows (a partial last chunk, merged statistics), the (rows, heads, pairs)
-tiles of q/k with a padded head axis. Speed and the exact bf16 rounding are checked on a GPU
-(``tests/gpu/test_fused_norms_gpu.py``). The interpreter rounds to bf16 its own way, so outputs
+tiles of q/k with a padded head axis; the split-KV log-sum-exp merge, the K/V row scatter into
+the cache and the FP8 quantization passes. Speed and the exact bf16 rounding are checked on a
+GPU (``tests/gpu``). The interpreter rounds to bf16 its own way, so outputs
 agree to 2e-2 relative L2 (one bf16 step is 3.9e-3; a swapped modulation chunk gives ~0.6).
 
 ``TRITON_INTERPRET=1`` must be set before Triton is imported, so the kernels run in a child
@@ -28,6 +28,12 @@ NORM_CASES = [f"{kind}-{width}-{chunk}" for kind in ("norm1", "norm3", "norm2", 
               for width, chunk in ((192, None), (192, 128))]  # fmt: skip
 # 192 columns: whole rows in 256-lane tiles, or the chunked kernel with chunks of 128 and 64
 QK_CASES = ["qk-3", "qk-4"]  # heads; 3 pads the head axis to tiles of 4
+# split-KV merge over 2 / 3 chunks; K/V row scatter into the cache (a strided V view);
+# FP8 e4m3 per-tensor quantization of contiguous / strided tensors and the dequantization
+OTHER_CASES = ["merge-2", "merge-3", "scatter", "fp8-contiguous", "fp8-strided", "fp8-dequant"]
+# per-output tolerances where not TOL: the FP8 scale exactly; the interpreter casts to e4m3 by
+# truncation, so quantized values agree to about one e4m3 step (a wrong scale or row: ~1)
+TOLS = {"fp8-contiguous": (1e-6, 0.15), "fp8-strided": (1e-6, 0.15)}
 
 
 def _rel(a, b) -> float:
@@ -36,14 +42,20 @@ def _rel(a, b) -> float:
 
 def _run_all() -> dict[str, list[float]]:
     """Every case's relative L2 error per output (run with ``TRITON_INTERPRET=1``)."""
+    from flashdreams.attention import split_kv
+    from flashdreams.cache import scatter
     from flashdreams.model import fused_norms as fused
     from flashdreams.model import fused_rope
+    from flashdreams.precision import fp8_tensor
 
-    for module in (fused, fused_rope):  # CPU tensors go to the (interpreted) kernels
+    builders = {fused: "_kernels", fused_rope: "_kernels", split_kv: "_merge_kernel",
+                scatter: "_kernel", fp8_tensor: "kernels"}  # fmt: skip
+    for module, builder in builders.items():  # CPU tensors go to the (interpreted) kernels
         module.runs_kernels = lambda kernels, *tensors: kernels() is not None
         # the interpreter looks helper kernels up in the module's globals, not in the closure
-        built = module._kernels()
-        for kernel in built if isinstance(built, tuple) else (built,):
+        built = getattr(module, builder)()
+        built = built.values() if isinstance(built, dict) else built
+        for kernel in built if isinstance(built, (tuple, type({}.values()))) else (built,):
             cells = zip(kernel.fn.__code__.co_freevars, kernel.fn.__closure__ or (), strict=True)
             for name, cell in cells:
                 setattr(module, name, cell.cell_contents)
@@ -56,6 +68,47 @@ def _run_all() -> dict[str, list[float]]:
                      for a, r in zip(got, want, strict=True)]  # fmt: skip
     for case in QK_CASES:
         out[case] = _qk_case(fused_rope, int(case.split("-")[1]))
+    for splits in (2, 3):
+        out[f"merge-{splits}"] = _merge_case(split_kv, splits)
+    out["scatter"] = _scatter_case(scatter)
+    out.update(_fp8_cases(fp8_tensor))
+    return out
+
+
+def _merge_case(split_kv, splits: int, b: int = 2, h: int = 3, lq: int = 70, d: int = 32):
+    g = torch.Generator().manual_seed(2)
+    parts = torch.randn(b * splits, h, lq, d, generator=g).to(torch.bfloat16)
+    lse = torch.randn(b * splits, h, lq, generator=g) * 3
+    got = split_kv.merge(parts, lse, splits, torch.bfloat16)
+    want = split_kv.merge_torch(parts, lse, splits).to(torch.bfloat16)
+    return [_rel(got, want) if got.shape == want.shape else float("inf")]
+
+
+def _scatter_case(scatter, b: int = 2, cap: int = 40, n: int = 21, h: int = 3, d: int = 16):
+    g = torch.Generator().manual_seed(3)
+    buffer = torch.randn(b, cap, h, d, generator=g).to(torch.bfloat16)
+    want = buffer.clone()
+    qkv = torch.randn(b, n, 3 * h * d, generator=g).to(torch.bfloat16)
+    v = qkv[..., 2 * h * d :].unflatten(-1, (h, d))  # rows 3x as far apart as their width
+    index = torch.randperm(cap, generator=g)[:n]
+    scatter.write_rows(buffer, index, v)
+    want.index_copy_(1, index, v)
+    return [0.0 if torch.equal(buffer, want) else float("inf")]
+
+
+def _fp8_cases(fp8_tensor) -> dict[str, list[float]]:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 50, 4, 32, generator=g) * 5
+    strided = torch.randn(3, 50, 3 * 128, generator=g)[..., 128:256].unflatten(-1, (4, 32))
+    out = {}
+    for name, t in (("fp8-contiguous", x), ("fp8-strided", strided)):
+        q, descale = fp8_tensor.quantize_tensor_device(t)
+        q_ref, descale_ref = fp8_tensor.quantize_tensor(t)
+        scale_err = abs(float(descale.reshape(())) / float(descale_ref.reshape(())) - 1)
+        out[name] = [scale_err, _rel(q.float() * descale.reshape(()), q_ref.float() * descale_ref)]
+    q, descale = fp8_tensor.quantize_tensor(x)
+    got = fp8_tensor.dequantize_tensor(q, descale, torch.bfloat16)
+    out["fp8-dequant"] = [_rel(got, (q.float() * descale).to(torch.bfloat16))]
     return out
 
 
@@ -112,10 +165,11 @@ def interpreted() -> dict[str, list[float]]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", NORM_CASES + QK_CASES)
-def test_kernel_matches_the_unfused_math(interpreted, case):
+@pytest.mark.parametrize("case", NORM_CASES + QK_CASES + OTHER_CASES)
+def test_kernel_matches_the_torch_path(interpreted, case):
     errors = interpreted[case]
-    assert errors and all(e <= TOL for e in errors), f"{case}: relative L2 {errors}"
+    tols = TOLS.get(case, (TOL,) * len(errors))
+    assert errors and all(e <= t for e, t in zip(errors, tols, strict=True)), f"{case}: {errors}"
 
 
 if __name__ == "__main__":
