@@ -79,6 +79,20 @@ def _kernels(triton, tl):
         return v[None, :]
 
     @triton.jit
+    def residual(x_ptr, y_ptr, xo_ptr, r, c, m, cols, x_row, y_row, g,
+                 HAS_Y: tl.constexpr, GATED: tl.constexpr):  # fmt: skip
+        """Rows ``r``, columns ``c`` of x in fp32; with HAS_Y, x + y [* g], stored to xo too."""
+        x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_Y:
+            y = tl.load(y_ptr + r[:, None] * y_row + c[None, :], mask=m, other=0.0)
+            y = y.to(tl.float32)
+            if GATED:
+                y = y * g
+            x = x + y
+            tl.store(xo_ptr + r[:, None] * cols + c[None, :], x, mask=m)
+        return x
+
+    @triton.jit
     def norm_rows(x_ptr, y_ptr, e_ptr, t_ptr, n_ptr, w_ptr, b_ptr, xo_ptr, h_ptr,
                   rows, cols, seq, per_frame, e_b, e_f, e_c, x_row, y_row, eps,
                   HAS_Y: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr,
@@ -93,6 +107,7 @@ def _kernels(triton, tl):
         c = tl.arange(0, BLOCK_C)
         live_c = c < cols
         frame = (first // seq) * e_b + ((first % seq) // per_frame) * e_f
+        g = 0.0
         if HAS_Y:
             if GATE >= 0:
                 g = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, GATE, HAS_TABLE)
@@ -108,15 +123,7 @@ def _kernels(triton, tl):
         for i in range(LOOP):
             r = first + i * BLOCK_R + tl.arange(0, BLOCK_R)
             m = (r < rows)[:, None] & live_c[None, :]
-            x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0)
-            x = x.to(tl.float32)
-            if HAS_Y:
-                y = tl.load(y_ptr + r[:, None] * y_row + c[None, :], mask=m, other=0.0)
-                y = y.to(tl.float32)
-                if GATE >= 0:
-                    y = y * g
-                x = x + y
-                tl.store(xo_ptr + r[:, None] * cols + c[None, :], x, mask=m)
+            x = residual(x_ptr, y_ptr, xo_ptr, r, c, m, cols, x_row, y_row, g, HAS_Y, GATE >= 0)
             if NORM:
                 mean = tl.sum(x, 1) / cols
                 d = tl.where(m, x - mean[:, None], 0.0)
@@ -153,15 +160,12 @@ def _kernels(triton, tl):
             for c0 in range(0, cols, CHUNK):
                 c = c0 + tl.arange(0, CHUNK)
                 m = live_r & (c < cols)[None, :]
-                x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0)
-                x = x.to(tl.float32)
+                g = 0.0
                 if HAS_Y:
-                    y = tl.load(y_ptr + r[:, None] * y_row + c[None, :], mask=m, other=0.0)
-                    y = y.to(tl.float32)
                     if GATE >= 0:
-                        y = y * mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, GATE, HAS_TABLE)
-                    x = x + y
-                    tl.store(xo_ptr + r[:, None] * cols + c[None, :], x, mask=m)
+                        g = mod_chunk(e_ptr, t_ptr, frame, e_c, cols, c, GATE, HAS_TABLE)
+                x = residual(x_ptr, y_ptr, xo_ptr, r, c, m, cols, x_row, y_row, g, HAS_Y,
+                             GATE >= 0)  # fmt: skip
                 if NORM:
                     n = tl.minimum(cols - c0, CHUNK).to(tl.float32)
                     cm = tl.sum(x, 1) / n

@@ -1,0 +1,93 @@
+"""Every Triton kernel compiles to Hopper (sm90) machine code, on a machine without a GPU.
+
+The ops are called as a GPU run calls them (the fused norms at the 1.3B and 14B block widths in
+each variant the blocks use, q/k RoPE at 12 and 40 heads, the split-KV merge, the K/V row
+scatter, the FP8 passes) with Triton's launch replaced by its ahead-of-time compile for an
+sm90 target: a kernel that would not compile on an H100 fails here, in CI, before any GPU run.
+What the kernels compute is checked by ``test_kernels_interpreted.py``; how fast, on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", minversion="3.8")
+BF16 = torch.bfloat16
+
+
+class _Hopper:
+    """Triton's view of the active device, minus the device: an sm90 target for compiles."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+@pytest.fixture
+def compiled(monkeypatch) -> list:
+    """Kernel launches compile for sm90 and do not run; returns the compiled kernels."""
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    from flashdreams.attention import split_kv
+    from flashdreams.cache import scatter
+    from flashdreams.model import fused_norms, fused_rope
+    from flashdreams.precision import fp8_tensor
+
+    done = []
+
+    def compile_only(self, grid):
+        return lambda *args, **kwargs: done.append(self.run(*args, grid=grid, warmup=True, **kwargs))
+
+    monkeypatch.setattr(JITFunction, "__getitem__", compile_only)
+    monkeypatch.setattr(driver, "_active", _Hopper())
+    for module in (fused_norms, fused_rope, split_kv, scatter, fp8_tensor):
+        monkeypatch.setattr(module, "runs_kernels", lambda kernels, *tensors: True)
+    return done
+
+
+@pytest.mark.parametrize("width", [1536, 5120])  # whole rows; 14B: add_norm in 1024-col chunks
+def test_norm_kernels_compile_for_sm90(compiled, width):
+    from flashdreams.model import fused_norms as fused
+
+    x, y = torch.randn(1, 24, width), torch.randn(1, 24, 2 * width, dtype=BF16)[..., width:]
+    e0, table, nxt = torch.randn(1, 3, 6, width), torch.randn(1, 6, width), torch.randn(1, 6, width)
+    w, b = torch.randn(width), torch.randn(width)
+    fused.norm_modulate(x, None, None, e0, table, 0, 1, 1e-6, BF16)  # norm1
+    fused.add_norm(x, y, e0, table, -1, None, None, 3, 4, 1e-6, BF16)  # norm2
+    fused.add_norm(x, y, e0, table, 2, w, b, -1, -1, 1e-6, BF16)  # norm3
+    fused.add_norm(x, y, e0, table, 5, None, None, 0, 1, 1e-6, BF16, nxt)  # FFN + next norm1
+    fused.gated_add(x, y, e0, table, 5)
+    assert len(compiled) == 5 and all(k.asm.get("cubin") for k in compiled)
+    chunked = [k.name.endswith("chunked") for k in compiled]
+    assert chunked == ([False] * 5 if width == 1536 else [False, True, True, True, True])
+
+
+@pytest.mark.parametrize("heads", [12, 40])
+def test_rope_and_cache_kernels_compile_for_sm90(compiled, heads):
+    from flashdreams.attention import split_kv
+    from flashdreams.cache import scatter
+    from flashdreams.model import fused_rope
+    from flashdreams.model.layers import Rope3D
+    from flashdreams.precision import fp8_tensor
+
+    width = 128 * heads
+    qkv = torch.randn(1, 24, 3 * width, dtype=BF16)
+    q, k, v = qkv.split(width, dim=-1)
+    cos, sin = Rope3D(128).cos_sin(torch.arange(3), 2, 4)
+    fused_rope.qk_norm_rope(q, k, torch.ones(width), torch.ones(width), cos, sin, heads, 1e-6)
+    cache = torch.zeros(1, 40, heads, 128, dtype=BF16)
+    scatter.write_rows(cache, torch.arange(24), v.unflatten(-1, (heads, 128)))
+    split_kv.merge(torch.randn(2, heads, 24, 128, dtype=BF16), torch.randn(2, heads, 24), 2, BF16)
+    fp8_tensor.quantize_tensor_device(v.unflatten(-1, (heads, 128)))  # strided: amax + quant rows
+    fp8_tensor.quantize_tensor_device(cache)  # contiguous: amax + quant flat
+    fp8_tensor.dequantize_tensor(cache.to(torch.float8_e4m3fn), torch.ones(1), BF16)
+    assert len(compiled) == 8 and all(k.asm.get("cubin") for k in compiled)
