@@ -45,7 +45,10 @@ def compiled(monkeypatch) -> list:
     done = []
 
     def compile_only(self, grid):
-        return lambda *args, **kwargs: done.append(self.run(*args, grid=grid, warmup=True, **kwargs))
+        def launch(*args, **kwargs):
+            done.append(self.run(*args, grid=grid, warmup=True, **kwargs))
+
+        return launch
 
     monkeypatch.setattr(JITFunction, "__getitem__", compile_only)
     monkeypatch.setattr(driver, "_active", _Hopper())
