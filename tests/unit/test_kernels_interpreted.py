@@ -5,8 +5,9 @@ frame's modulation, the gate / shift / scale chunks and the next block's table, 
 two-pass kernel of wide rows (a partial last chunk, merged statistics), the (rows, heads, pairs)
 tiles of q/k with a padded head axis; the split-KV log-sum-exp merge, the K/V row scatter into
 the cache and the FP8 quantization passes. Speed and the exact bf16 rounding are checked on a
-GPU (``tests/gpu``). The interpreter rounds to bf16 its own way, so outputs
-agree to 2e-2 relative L2 (one bf16 step is 3.9e-3; a swapped modulation chunk gives ~0.6).
+GPU (``tests/gpu``), compilation for sm90 by ``test_kernels_compile.py``. The interpreter rounds
+to bf16 its own way, so outputs agree to 2e-2 relative L2 (one bf16 step is 3.9e-3; a swapped
+modulation chunk gives ~0.6).
 
 ``TRITON_INTERPRET=1`` must be set before Triton is imported, so the kernels run in a child
 process (this file run as a script); each test reads its case from that run. Skipped where
@@ -53,9 +54,9 @@ def _run_all() -> dict[str, list[float]]:
     for module, builder in builders.items():  # CPU tensors go to the (interpreted) kernels
         module.runs_kernels = lambda kernels, *tensors: kernels() is not None
         # the interpreter looks helper kernels up in the module's globals, not in the closure
-        built = getattr(module, builder)()
-        built = built.values() if isinstance(built, dict) else built
-        for kernel in built if isinstance(built, (tuple, type({}.values()))) else (built,):
+        built = getattr(module, builder)()  # one kernel, a tuple or a dict of them
+        kernels = built.values() if isinstance(built, dict) else built
+        for kernel in kernels if isinstance(built, (tuple, dict)) else (built,):
             cells = zip(kernel.fn.__code__.co_freevars, kernel.fn.__closure__ or (), strict=True)
             for name, cell in cells:
                 setattr(module, name, cell.cell_contents)
