@@ -31,11 +31,12 @@ def triton_kernels(build: Callable[[Any, Any], T]) -> Callable[[], T | None]:
     return functools.wraps(build)(kernels)
 
 
-def runs_kernels(kernels: Callable[[], Any], *tensors: torch.Tensor | None) -> bool:
-    """Whether a module's Triton ``kernels`` can take a call on ``tensors``: all of them (None
-    skipped) on CUDA and Triton importable."""
-    live = [t for t in tensors if t is not None]
-    return all(t.is_cuda for t in live) and kernels() is not None
+def cuda_kernels(kernels: Callable[[], T | None], *tensors: torch.Tensor | None) -> T | None:
+    """A module's Triton ``kernels`` (its ``triton_kernels`` builder's result) for a call on
+    ``tensors``: None unless all of them (None skipped) are on CUDA and Triton is importable."""
+    if all(t.is_cuda for t in tensors if t is not None):
+        return kernels()
+    return None
 
 
 def next_pow2(n: int) -> int:

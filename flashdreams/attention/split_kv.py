@@ -19,7 +19,7 @@ import math
 import torch
 
 from flashdreams import ConfigError
-from flashdreams.kernels import runs_kernels, triton_kernels
+from flashdreams.kernels import cuda_kernels, triton_kernels
 from flashdreams.parallel.ring_attention import attention_lse
 from flashdreams.parallel.ring_attention import merge as merge_lse
 
@@ -99,7 +99,7 @@ def merge(out: torch.Tensor, lse: torch.Tensor, splits: int, dtype: torch.dtype)
     """Log-sum-exp merge of ``splits`` partial outputs into (B, Lq, H, D) ``dtype`` (one fused
     Triton kernel on CUDA, torch ops elsewhere)."""
     bs, h, lq, d = out.shape
-    kernel = _merge_kernel() if runs_kernels(_merge_kernel, out) and not d & (d - 1) else None
+    kernel = cuda_kernels(_merge_kernel, out) if not d & (d - 1) else None
     if kernel is None:
         return merge_torch(out, lse, splits).to(dtype)
     res = torch.empty(bs // splits, lq, h, d, device=out.device, dtype=dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from flashdreams.kernels import as_rows, runs_kernels, triton_kernels
+from flashdreams.kernels import as_rows, cuda_kernels, triton_kernels
 
 _BLOCK_R, _BLOCK_C = 16, 512
 
@@ -36,7 +36,7 @@ def _kernel(triton, tl):
 def write_rows(buffer: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> None:
     """``buffer[:, index] = x`` for a contiguous (B, cap, H, D) buffer and (B, n, H, D) ``x`` of
     the buffer's dtype (``index``: (n,) int64 slots on the buffer's device)."""
-    kernel = _kernel() if runs_kernels(_kernel, buffer, index, x) else None
+    kernel = cuda_kernels(_kernel, buffer, index, x)
     if kernel is None or not buffer.is_contiguous() or x.dtype != buffer.dtype:
         buffer.index_copy_(1, index, x.to(buffer.dtype))
         return

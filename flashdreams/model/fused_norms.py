@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flashdreams.kernels import as_rows, next_pow2, runs_kernels, triton_kernels
+from flashdreams.kernels import as_rows, cuda_kernels, next_pow2, triton_kernels
 from flashdreams.model.layers import gated_residual, modulate
 
 # (rows per tile, warps, tiles per program); None: chosen from the row width
@@ -231,9 +231,8 @@ def _mod_reference(e0, table, k):
     return mod[:, :, k]
 
 
-def _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype, norm,
+def _launch_norm(kernels, x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype, norm,
                  norm_table=None):  # fmt: skip
-    kernels = _kernels()
     b, seq, cols = x.shape
     x2 = as_rows(x)
     y2 = None if y is None else as_rows(y)
@@ -297,8 +296,9 @@ def norm_modulate(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     ``table + e0`` ((6, C) + (B, F, 6, C)), per frame; -1 for both: no modulation."""
     _check_mod(x, e0, table, shift, scale)
     _check_shift_scale(shift, scale)
-    if runs_kernels(_kernels, x, e0, table):
-        return _launch_norm(x, None, e0, table, -1, weight, bias, shift, scale, eps, out_dtype,
+    kernels = cuda_kernels(_kernels, x, e0, table)
+    if kernels is not None:
+        return _launch_norm(kernels, x, None, e0, table, -1, weight, bias, shift, scale, eps, out_dtype,
                             True)[1]  # fmt: skip
     sh, sc = (_mod_reference(e0, table, k) for k in (shift, scale))
     return _norm_reference(x, weight, bias, sh, sc, eps, out_dtype).contiguous()
@@ -320,8 +320,9 @@ def add_norm(x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor | None,
     ``norm_table + e0`` instead (the next block's norm1 after this block's FFN residual)."""
     _check_mod(x, e0, table, gate, shift, scale, norm_table=norm_table)
     _check_shift_scale(shift, scale)
-    if runs_kernels(_kernels, x, y, e0, table, norm_table):
-        return _launch_norm(x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype,
+    kernels = cuda_kernels(_kernels, x, y, e0, table, norm_table)
+    if kernels is not None:
+        return _launch_norm(kernels, x, y, e0, table, gate, weight, bias, shift, scale, eps, out_dtype,
                             True, norm_table)  # fmt: skip
     xo = gated_residual(x, y, _mod_reference(e0, table, gate)).contiguous()  # the fake's layout
     ntable = table if norm_table is None else norm_table
@@ -339,8 +340,9 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor | None,
               table: torch.Tensor | None, gate: int) -> torch.Tensor:  # fmt: skip
     """``x + y [* gate]`` in fp32, gate the chunk of ``table + e0`` per frame (-1: none)."""
     _check_mod(x, e0, table, gate)
-    if runs_kernels(_kernels, x, y, e0, table):
-        return _launch_norm(x, y, e0, table, gate, None, None, -1, -1, 0.0, torch.float32,
+    kernels = cuda_kernels(_kernels, x, y, e0, table)
+    if kernels is not None:
+        return _launch_norm(kernels, x, y, e0, table, gate, None, None, -1, -1, 0.0, torch.float32,
                             False)[0]  # fmt: skip
     return gated_residual(x, y, _mod_reference(e0, table, gate)).contiguous()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flashdreams.kernels import as_rows, next_pow2, runs_kernels, triton_kernels
+from flashdreams.kernels import as_rows, cuda_kernels, next_pow2, triton_kernels
 from flashdreams.model.layers import apply_rope
 
 # (rows per tile, warps); None: chosen from the row width (scripts/bench_fusions.py sweeps it)
@@ -101,7 +101,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
     b, seq, cols = q.shape
     head = cols // heads
     words = None
-    if runs_kernels(_kernels, q, k) and q.dtype == k.dtype == torch.bfloat16 and k.shape == q.shape:
+    kernel = cuda_kernels(_kernels, q, k)
+    if kernel is not None and q.dtype == k.dtype == torch.bfloat16 and k.shape == q.shape:
         words = [_words(t) for t in (q, k)]
     half = head // 2  # pairs per head: a power of two for the kernel's (rows, heads, pairs) tiles
     if words is None or any(w is None for w in words) or head % 2 or half & (half - 1):
@@ -111,7 +112,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor,
     block_j = next_pow2(cols // 2)
     block_r, warps = _config(block_j)  # one tile per program
     (q2, k2), (wq, wk) = words, (_words(w.to(q.dtype).clone()) for w in (weight_q, weight_k))
-    _kernels()[(-(-b * seq // block_r),)](
+    kernel[(-(-b * seq // block_r),)](
         q2, k2, wq, wk, cos.float().contiguous(), sin.float().contiguous(),
         qo.view(torch.int32), ko.view(torch.int32), b * seq, cols, seq, q2.stride(0),
         k2.stride(0), eps, HALF=half, BLOCK_R=block_r, BLOCK_J=block_j, num_warps=warps,

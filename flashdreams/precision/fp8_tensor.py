@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flashdreams.kernels import as_rows, runs_kernels, triton_kernels
+from flashdreams.kernels import as_rows, cuda_kernels, triton_kernels
 from flashdreams.precision.fp8 import _EPS, FP8, FP8_MAX, dequantize
 
 _FLAT_BLOCK = 8192  # elements per program of the flat (contiguous) kernels
@@ -93,7 +93,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def running_amax(amax: torch.Tensor, x: torch.Tensor) -> None:
     """``amax = max(amax, max |x|)`` in place on the device (amax: (1,) fp32)."""
-    k = kernels() if runs_kernels(kernels, x) else None
+    k = cuda_kernels(kernels, x)
     if k is None:
         amax.copy_(torch.maximum(amax, x.detach().abs().amax().float().reshape(1)))
         return
@@ -111,7 +111,7 @@ def quantize_tensor_device(
     x: torch.Tensor, amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_tensor`` as Triton passes on CUDA (amax, unless given, then scale + cast)."""
-    k = kernels() if runs_kernels(kernels, x) else None
+    k = cuda_kernels(kernels, x)
     if k is None:
         return quantize_tensor(x, amax)
     if amax is None:
@@ -132,7 +132,7 @@ def quantize_tensor_device(
 
 def dequantize_tensor(y: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``y * descale`` in ``dtype`` (y e4m3 contiguous, descale a one-element fp32 tensor)."""
-    k = kernels() if runs_kernels(kernels, y) else None
+    k = cuda_kernels(kernels, y)
     if k is None:
         return dequantize(y, descale.reshape(()), dtype)
     out = torch.empty(y.shape, device=y.device, dtype=dtype)
