@@ -10,7 +10,7 @@ to bf16 its own way, so outputs agree to 2e-2 relative L2 (one bf16 step is 3.9e
 modulation chunk gives ~0.6).
 
 ``TRITON_INTERPRET=1`` must be set before Triton is imported, so the kernels run in a child
-process (this file run as a script); each test reads its case from that run. Skipped where
+process (this module run with ``python -m``); each test reads its case from that run. Skipped where
 Triton is not installed (it is in the ``dev`` extra).
 """
 
@@ -20,9 +20,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+from tests.gpu.helpers import rel_l2
 
 TOL = 2e-2
 NORM_CASES = [f"{kind}-{width}-{chunk}" for kind in ("norm1", "norm3", "norm2", "chain", "gated")
@@ -35,10 +38,6 @@ OTHER_CASES = ["merge-2", "merge-3", "scatter", "fp8-contiguous", "fp8-strided",
 # per-output tolerances where not TOL: the FP8 scale exactly; the interpreter casts to e4m3 by
 # truncation, so quantized values agree to about one e4m3 step (a wrong scale or row: ~1)
 TOLS = {"fp8-contiguous": (1e-6, 0.15), "fp8-strided": (1e-6, 0.15)}
-
-
-def _rel(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def _run_all() -> dict[str, list[float]]:
@@ -65,7 +64,7 @@ def _run_all() -> dict[str, list[float]]:
         kind, width, chunk = case.split("-")
         fused.CHUNK = {} if chunk == "None" else {int(width): int(chunk)}
         got, want = _norm_case(fused, kind, int(width))
-        out[case] = [_rel(a, r) if a.shape == r.shape else float("inf")
+        out[case] = [rel_l2(a, r) if a.shape == r.shape else float("inf")
                      for a, r in zip(got, want, strict=True)]  # fmt: skip
     for case in QK_CASES:
         out[case] = _qk_case(fused_rope, int(case.split("-")[1]))
@@ -82,7 +81,7 @@ def _merge_case(split_kv, splits: int, b: int = 2, h: int = 3, lq: int = 70, d: 
     lse = torch.randn(b * splits, h, lq, generator=g) * 3
     got = split_kv.merge(parts, lse, splits, torch.bfloat16)
     want = split_kv.merge_torch(parts, lse, splits).to(torch.bfloat16)
-    return [_rel(got, want) if got.shape == want.shape else float("inf")]
+    return [rel_l2(got, want) if got.shape == want.shape else float("inf")]
 
 
 def _scatter_case(scatter, b: int = 2, cap: int = 40, n: int = 21, h: int = 3, d: int = 16):
@@ -106,10 +105,13 @@ def _fp8_cases(fp8_tensor) -> dict[str, list[float]]:
         q, descale = fp8_tensor.quantize_tensor_device(t)
         q_ref, descale_ref = fp8_tensor.quantize_tensor(t)
         scale_err = abs(float(descale.reshape(())) / float(descale_ref.reshape(())) - 1)
-        out[name] = [scale_err, _rel(q.float() * descale.reshape(()), q_ref.float() * descale_ref)]
+        out[name] = [
+            scale_err,
+            rel_l2(q.float() * descale.reshape(()), q_ref.float() * descale_ref),
+        ]
     q, descale = fp8_tensor.quantize_tensor(x)
     got = fp8_tensor.dequantize_tensor(q, descale, torch.bfloat16)
-    out["fp8-dequant"] = [_rel(got, (q.float() * descale).to(torch.bfloat16))]
+    out["fp8-dequant"] = [rel_l2(got, (q.float() * descale).to(torch.bfloat16))]
     return out
 
 
@@ -152,7 +154,7 @@ def _qk_case(fused_rope, heads: int, frames: int = 3, seq: int = 24) -> list[flo
     cos, sin = Rope3D(64).cos_sin(torch.arange(2, 2 + frames), 2, seq // frames // 2)
     got = fused_rope.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
     want = fused_rope.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
-    return [_rel(a, r) if a.shape == r.shape else float("inf")
+    return [rel_l2(a, r) if a.shape == r.shape else float("inf")
             for a, r in zip(got, want, strict=True)]  # fmt: skip
 
 
@@ -160,8 +162,8 @@ def _qk_case(fused_rope, heads: int, frames: int = 3, seq: int = 24) -> list[flo
 def interpreted() -> dict[str, list[float]]:
     pytest.importorskip("triton", minversion="3.8")  # older interpreters: no runtime loop bounds
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", __name__], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).parents[2])  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
