@@ -22,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flashdreams.attention.base import Attention
 from flashdreams.graph.cuda_graph import capture
 
 log = logging.getLogger("flashdreams.bench")
@@ -105,11 +106,11 @@ def measure_throughput(attention, heads: int, head_dim: int, q_tokens: int, kv_t
     # distinct K and V (V = K would read half the bytes: an optimistic floor)
     k, v = (torch.randn(1, kv_tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
             for _ in range(2))  # fmt: skip
-    if getattr(attention, "wants_kv_amax", False):  # as a KV cache with track_amax hands it over
-        for t in (k, v):
-            t.kv_amax = t.abs().amax().float().reshape(1)
+    amax = None
+    if attention.wants_kv_amax:  # as a KV cache with track_amax hands it over
+        amax = tuple(t.abs().amax().float().reshape(1) for t in (k, v))
     # the kernels without host launch gaps, as a captured rollout runs them
-    attn_ms = time_replayed(lambda: attention(q, k, v), calls=10)
+    attn_ms = time_replayed(lambda: attention(q, k, v, None, amax), calls=10)
     return {
         **out,
         "attention_tflops": 4 * q_tokens * kv_tokens * heads * head_dim / attn_ms / 1e9,
@@ -231,7 +232,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         if bench.get("peer", False):
             dtype = resolve_dtype(cfg.dtype, torch.device("cuda"))
             model = build_model(m, torch.device("cuda"), dtype, cfg.seed)
-            model.attention = attention
+            model.set_attention(Attention(attention))
             model = instantiate(cfg.graph).prepare(model)  # same compiled regions as the run
             text = torch.randn(1, m.text_len, m.text_dim, device="cuda", dtype=dtype)
             ctx = model.prepare_context(text)

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flashdreams import ConfigError
+from flashdreams.model.base import DiT
 from flashdreams.rollout import NoiseFn, Rollout
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def construct_model(model_cfg: DictConfig):
+    """The DiT of ``model_cfg`` on the meta device: its contract (inputs, layout) is readable,
+    no weights are allocated (cheap at any size)."""
+    spec = OmegaConf.to_container(model_cfg, resolve=True)
+    for loader_key in ("checkpoint", "low_noise_checkpoint", "checkpoint_key"):
+        spec.pop(loader_key, None)  # consumed by the loader, not the constructor
+    with torch.device("meta"):
+        model = instantiate(spec)
+    if not isinstance(model, DiT):
+        raise ConfigError(f"model._target_={model_cfg._target_!r} is not a "
+                          "flashdreams.model.base.DiT")  # fmt: skip
+    return model
+
+
 def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, seed: int,
                 draw_on: torch.device | None = None):  # fmt: skip
     """Construct the DiT on the meta device and fill it (checkpoint or seeded random weights).
@@ -52,20 +67,18 @@ def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype,
     """
     from flashdreams.io.checkpoint import materialize
 
-    spec = OmegaConf.to_container(model_cfg, resolve=True)
-    checkpoint = spec.pop("checkpoint", None)
-    low_noise_checkpoint = spec.pop("low_noise_checkpoint", None)  # two-expert models only
-    with torch.device("meta"):
-        model = instantiate(spec)
+    checkpoint = model_cfg.get("checkpoint")
+    model = construct_model(model_cfg)
     if checkpoint is None:
         log.warning(
             "model.checkpoint=null: RANDOM WEIGHTS (seed %d). The output demonstrates the "
             "pipeline, not a trained model.", seed,
         )  # fmt: skip
-    if hasattr(model, "experts"):  # Wan 2.2 A14B: one checkpoint per expert
+    if model.num_experts > 1:  # Wan 2.2 A14B: one checkpoint per expert
         from flashdreams.io.experts import materialize_experts
 
-        model = materialize_experts(model, checkpoint, low_noise_checkpoint, device, dtype, seed)
+        low = model_cfg.get("low_noise_checkpoint")
+        model = materialize_experts(model, checkpoint, low, device, dtype, seed)
     else:
         model = materialize(model, checkpoint, device=device, dtype=dtype, seed=seed,
                             draw_on=draw_on)  # fmt: skip
@@ -85,115 +98,171 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return [cfg.prompt]
 
 
-def build_conditioning(cfg: DictConfig, device: torch.device) -> tuple:
-    """Guidance, image encoder and conditioner of ``cfg``, checked against the model config.
+@dataclass
+class Conditioning:
+    """The conditioning parts of a recipe, checked against its model."""
 
-    Runs before the DiT is built, so a missing ``image=`` fails before minutes of loading.
+    guidance: object
+    image_encoder: object
+    conditioner: object
+    control: object
+
+
+def build_conditioning(cfg: DictConfig, device: torch.device, model: DiT | None = None):
+    """Guidance, image encoder, conditioner and control of ``cfg``, checked against the model.
+
+    Runs before the DiT's weights load (``model`` is the meta-device one, constructed here when
+    not given), so a missing ``image=``, a pose file too short or a conditioning input the model
+    does not accept fails before minutes of loading, in one line.
     """
+    model = construct_model(cfg.model) if model is None else model
     guidance, image_encoder = instantiate(cfg.guidance), instantiate(cfg.image_encoder)
     conditioner = instantiate(cfg.conditioner).to(device)
-    m = cfg.model
-    if m.image_dim != image_encoder.image_dim:
+    control = instantiate(cfg.control).to(device)
+    image_dim = cfg.model.get("image_dim")
+    if image_dim != image_encoder.image_dim:
         raise ConfigError(
-            f"model.image_dim={m.image_dim} but the image encoder gives tokens of width "
+            f"model.image_dim={image_dim} but the image encoder gives tokens of width "
             f"{image_encoder.image_dim}: I2V models need image_encoder=clip, others none"
         )
-    if m.in_dim != m.out_dim + conditioner.num_channels:
-        raise ConfigError(
-            f"model.in_dim={m.in_dim} must be model.out_dim={m.out_dim} + the conditioner's "
-            f"{conditioner.num_channels} channels (Wan I2V models: conditioner=concat)"
-        )
-    camera = m.get("camera_channels")
-    if (camera or 0) != conditioner.control_channels:
-        raise ConfigError(
-            f"model.camera_channels={camera} but the conditioner gives "
-            f"{conditioner.control_channels} camera channels: camera-controlled models "
-            f"(model=lingbot_world_14b) need conditioner=camera, other models another conditioner"
-        )
-    if (cfg.get("poses") or cfg.get("intrinsics")) and not conditioner.control_channels:
+    given = {}
+    for group, part in (("conditioner", conditioner), ("control", control)):
+        for name, spec in part.provides().items():
+            if name in given:
+                raise ConfigError(f"{group}={_option(cfg, group)} and {given[name][1]} both give "
+                                  f"the conditioning input {name!r}")  # fmt: skip
+            given[name] = (spec, f"{group}={_option(cfg, group)}")
+    model.check_inputs({name: source for name, (_, source) in given.items()})
+    accepted = model.inputs()
+    for name, (spec, source) in given.items():
+        want, got = accepted[name].shape(1, 1, (2, 2)), spec.shape(1, 1, (2, 2))
+        if want != got:
+            raise ConfigError(f"{source} gives {name!r} shaped like {list(got)}, the model "
+                              f"({type(model).__name__}) takes {list(want)} (per frame of a "
+                              "2 x 2 latent)")  # fmt: skip
+    if (cfg.get("poses") or cfg.get("intrinsics")) and "camera" not in given:
         log.warning("poses=/intrinsics= are ignored: this recipe has no camera control")
     needs_image = conditioner.needs_image or image_encoder.image_dim is not None
     if needs_image and not cfg.image:
         raise ConfigError("image=null: this recipe conditions on an input image; "
                           "pass image=path/to/first_frame.png (PNG or JPEG)")  # fmt: skip
     r = cfg.rollout  # the clip prepare() will see: prefix + every block (one if endless)
-    conditioner.check_frames(conditioner.num_prefix_frames
-                             + r.frames_per_block * (r.total_blocks or 1))  # fmt: skip
+    frames = conditioner.num_prefix_frames + r.frames_per_block * (r.total_blocks or 1)
+    conditioner.check_frames(frames)
+    control.check_frames(frames)
     if cfg.image and not (needs_image or conditioner.optional_image):
         log.warning("image=%s is ignored: this recipe does not condition on an image", cfg.image)
-    return guidance, image_encoder, conditioner
+    return Conditioning(guidance, image_encoder, conditioner, control)
 
 
-def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
-    """Instantiate every part of ``cfg`` and wire them into a ``Rollout``."""
-    from flashdreams.offload import BlockOffloader, check_offload
+def _option(cfg: DictConfig, group: str) -> str:
+    """The option name of a config group, for messages (its target's class otherwise)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return str(choice)
+    target = str(cfg[group].get("_target_", "?"))
+    return target.rsplit(".", 1)[-1]
+
+
+def build_shared(cfg: DictConfig) -> SharedParts:
+    """Everything rollouts of one recipe share: the loaded weights and the run-wide policies.
+
+    Order: parallel layout, conditioning (checked against the meta model, before any weights
+    load), the weights, precision, the attention composed with the parallel layout
+    (``DiT.set_attention``, the one place attention is wired), the graph policy's preparation,
+    the offloader, the text encoder.
+    """
+    from flashdreams.offload import BlockOffloader
     from flashdreams.precision.base import Precision
 
     parallel = instantiate(cfg.parallel)
     device = parallel.setup(resolve_device(cfg.device))  # joins torchrun's job: cuda:LOCAL_RANK
     dtype = resolve_dtype(cfg.dtype, device)
-    guidance, image_encoder, conditioner = build_conditioning(cfg, device)
+    conditioning = build_conditioning(cfg, device)
     graph = instantiate(cfg.graph)
-    offload = cfg.get("offload", "none")
-    check_offload(offload, graph.name, idle_expert=bool(cfg.model.get("offload_idle_expert")))
+    offload = str(cfg.get("offload", "none"))
+    check_graph_options(cfg, graph)
     precision = instantiate(cfg.precision) if "precision" in cfg else Precision()
     # offload=blocks loads on the CPU, so the full model never sits on the device
     model = build_model(cfg.model, torch.device("cpu") if offload == "blocks" else device,
                         dtype, cfg.seed, draw_on=device)  # fmt: skip
     model = precision.apply(model, device)
-    parallel.parallelize(model, instantiate(cfg.attention))
+    model.set_attention(parallel.attention(instantiate(cfg.attention)))
     if parallel.world_size > 1 and graph.name == "eager" and device.type == "cuda":
         log.warning("parallel=%s with graph=eager is launch-bound on GPUs (no speed-up measured); "
                     "use graph=cuda_graph or graph=compile_cuda_graph", parallel.name)  # fmt: skip
     model = graph.prepare(model)
     offloader = BlockOffloader(model, device) if offload == "blocks" else None
     text_encoder = instantiate(cfg.text_encoder)
-    if getattr(text_encoder, "text_dim", model.text_dim) != model.text_dim:
+    if text_encoder.text_dim is not None and text_encoder.text_dim != model.text_dim:
         raise ConfigError(
             f"text_encoder.text_dim={text_encoder.text_dim} does not match "
             f"model.text_dim={model.text_dim}"
         )
-    shared = SharedParts(model=model, text_encoder=text_encoder, guidance=guidance,
-                         image_encoder=image_encoder, parallel=parallel, precision=precision,
-                         offloader=offloader, device=device, dtype=dtype)  # fmt: skip
-    return assemble_rollout(cfg, shared, conditioner=conditioner, graph=graph, noise_fn=noise_fn)
+    return SharedParts(model=model, text_encoder=text_encoder, conditioning=conditioning,
+                       parallel=parallel, precision=precision, offloader=offloader,
+                       device=device, dtype=dtype, graph=graph)  # fmt: skip
+
+
+def check_graph_options(cfg: DictConfig, graph) -> None:
+    """Options that exclude each other, in one line before anything loads: weights that move
+    between forwards (``offload=blocks``, ``model.offload_idle_expert``) against a graph policy
+    that cannot follow them."""
+    from flashdreams.offload import check_offload
+
+    check_offload(str(cfg.get("offload", "none")), graph,
+                  idle_expert=bool(cfg.model.get("offload_idle_expert")))  # fmt: skip
+
+
+def build_rollout(cfg: DictConfig, noise_fn: NoiseFn | None = None) -> Rollout:
+    """Instantiate every part of ``cfg`` and wire them into a ``Rollout``."""
+    shared = build_shared(cfg)
+    return assemble_rollout(cfg, shared, graph=shared.graph, noise_fn=noise_fn,
+                            conditioning=shared.conditioning)  # fmt: skip
 
 
 @dataclass
 class SharedParts:
     """What rollouts of one recipe can share: the loaded weights and the run-wide policies."""
 
-    model: torch.nn.Module
+    model: DiT
     text_encoder: object
-    guidance: object
-    image_encoder: object
+    conditioning: Conditioning  # the first rollout's (later ones instantiate their own)
     parallel: object
     precision: object
     offloader: object
     device: torch.device
     dtype: torch.dtype
+    graph: object  # the policy that prepared the model
 
 
-def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, conditioner=None, graph=None,
-                     noise_fn: NoiseFn | None = None, total_blocks: int | None = None) -> Rollout:  # fmt: skip
+def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, graph=None,
+                     noise_fn: NoiseFn | None = None, total_blocks: int | None = None,
+                     conditioning: Conditioning | None = None) -> Rollout:  # fmt: skip
     """A ``Rollout`` around ``shared`` weights with its own cache, decoder, scheduler and state.
 
     ``build_rollout`` calls it once; the server calls it per session (sharing one loaded model).
-    ``graph`` defaults to a fresh policy (the model was already prepared by the first one), and
+    ``graph`` defaults to a fresh policy (the model was already prepared by the first one),
+    ``conditioning`` to freshly instantiated parts (their state is per clip) and
     ``total_blocks`` to the recipe's.
     """
     device, dtype, precision = shared.device, shared.dtype, shared.precision
-    if conditioner is None:
-        conditioner = instantiate(cfg.conditioner).to(device)
+    if conditioning is None:
+        conditioning = Conditioning(
+            shared.conditioning.guidance, shared.conditioning.image_encoder,
+            instantiate(cfg.conditioner).to(device), instantiate(cfg.control).to(device),
+        )  # fmt: skip
     vae = instantiate(cfg.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
     r = cfg.rollout
     cache = instantiate(cfg.cache)
     if precision.kv_dtype is not None:
         cache = partial(cache, kv_dtype=precision.kv_dtype)
-    attention = getattr(shared.model, "attention", None)
-    if getattr(attention, "wants_kv_amax", False):
+    if shared.model.attention.wants_kv_amax:
         cache = partial(cache, track_amax=True)  # FP8 attention reads the running |K|, |V| bound
-    rollout = Rollout(
+    return Rollout(
         model=shared.model, scheduler=instantiate(cfg.scheduler), vae=vae,
         text_encoder=shared.text_encoder,
         cache_factory=shared.parallel.cache_factory(cache),  # this rank's share
@@ -201,9 +270,8 @@ def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, conditioner=None, 
         width=r.width, frames_per_block=r.frames_per_block,
         total_blocks=total_blocks or r.total_blocks, context_noise=r.context_noise,
         batch_size=r.batch_size, device=device, dtype=dtype, seed=cfg.seed, noise_fn=noise_fn,
-        guidance=shared.guidance, image_encoder=shared.image_encoder, conditioner=conditioner,
+        guidance=conditioning.guidance, image_encoder=conditioning.image_encoder,
+        conditioner=conditioning.conditioner, control=conditioning.control,
         negative_prompt=cfg.negative_prompt, overlap_decode=r.get("overlap_decode", False),
+        parallel=shared.parallel, precision=precision, offloader=shared.offloader,
     )  # fmt: skip
-    rollout.parallel, rollout.shared = shared.parallel, shared
-    rollout.precision, rollout.offloader = precision, shared.offloader
-    return rollout

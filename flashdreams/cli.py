@@ -20,13 +20,30 @@ from flashdreams.parallel.launch import failure_line, launched_rank, rank_overri
 
 CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("model", "scheduler", "cache", "attention", "parallel", "graph", "vae",
-          "text_encoder", "guidance", "image_encoder", "conditioner", "logger", "recipe",
-          "paths", "precision")  # fmt: skip
+          "text_encoder", "guidance", "image_encoder", "conditioner", "control", "logger",
+          "recipe", "paths", "precision")  # fmt: skip
 
 
-def group_options(group: str) -> list[str]:
-    """YAML options available in a config group."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def group_options(group: str, extra_dirs: list[Path] = ()) -> list[str]:
+    """YAML options available in a config group (of the package, and of ``extra_dirs``)."""
+    dirs = [CONF_DIR, *extra_dirs]
+    return sorted({p.stem for d in dirs for p in (Path(d) / group).glob("*.yaml")})
+
+
+def extra_config_dirs(argv: list[str]) -> list[Path]:
+    """Config dirs a command line adds to Hydra's search path (``--config-dir``/``-cd``,
+    ``hydra.searchpath=[file://...]``): their options are valid choices too."""
+    dirs = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+        elif arg.startswith("hydra.searchpath="):
+            for item in arg.split("=", 1)[1].strip("[]").split(","):
+                if item.strip().startswith("file://"):
+                    dirs.append(Path(item.strip().removeprefix("file://")))
+    return dirs
 
 
 def groups_help() -> str:
@@ -39,13 +56,14 @@ OmegaConf.register_new_resolver("fd_groups_help", groups_help, replace=True)
 
 def check_choices(argv: list[str]) -> None:
     """One-line error for ``group=unknown`` before Hydra composes anything."""
+    extra = extra_config_dirs(argv)
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~").removeprefix("override ")
         if key in GROUPS:
-            allowed = group_options(key)
+            allowed = group_options(key, extra)
             for choice in value.split(","):
                 if choice and choice not in allowed and not choice.startswith(("choice(", "glob(")):
                     fail(f"{key}={choice}: unknown option; allowed: {', '.join(allowed)}")

@@ -32,23 +32,24 @@ from flashdreams import ConfigError
 log = logging.getLogger(__name__)
 
 OFFLOAD_MODES = ("none", "blocks")
-COMPATIBLE_GRAPHS = ("eager",)
 
 
-def check_offload(mode: str, graph_name: str, idle_expert: bool = False) -> None:
+def check_offload(mode: str, graph, idle_expert: bool = False) -> None:
     """One-line ``ConfigError`` for an unknown mode or a graph policy it does not compose with.
 
-    ``idle_expert`` is ``model.offload_idle_expert`` (two-expert models), which moves weights
-    between forwards as well; checked here, before any weights load.
+    ``graph`` is the graph policy: what it does with weights (``captures``: replays fixed
+    addresses; ``compiles``: compiled regions) decides. ``idle_expert`` is
+    ``model.offload_idle_expert`` (two-expert models), which moves weights between forwards as
+    well; checked here, before any weights load.
     """
-    if idle_expert and graph_name.endswith("cuda_graph"):
+    if idle_expert and graph.captures:
         raise ConfigError("model.offload_idle_expert=true moves expert weights between forwards, "
                           "which captured CUDA graphs cannot follow; use graph=eager or compile")  # fmt: skip
     if mode not in OFFLOAD_MODES:
         raise ConfigError(f"offload={mode!r} is not one of: {', '.join(OFFLOAD_MODES)}")
-    if mode == "blocks" and graph_name not in COMPATIBLE_GRAPHS:
+    if mode == "blocks" and (graph.captures or graph.compiles):
         raise ConfigError(
-            f"offload=blocks works with graph=eager only, not graph={graph_name} (CUDA graphs "
+            f"offload=blocks works with graph=eager only, not graph={graph.name} (CUDA graphs "
             "bake in the weight addresses it swaps per block; compiled regions are untested)"
         )
 

@@ -348,7 +348,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         [
             "recipe=lingbot_world_fast_taehv_window15_sink3",
             *FAST,
-            "conditioner.image.encoder.checkpoint=null",
+            "conditioner.encoder.checkpoint=null",
             IMAGE,
         ],
         "LingBot-World-Fast 14B, window 15 + sink 3",
@@ -360,7 +360,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
             "recipe=lingbot_world_fast_taehv_window15_sink3",
             *FAST,
             "graph.fuse_norms=false",
-            "conditioner.image.encoder.checkpoint=null",
+            "conditioner.encoder.checkpoint=null",
             IMAGE,
         ],
         "LingBot-World-Fast 14B (width 5120), the norms / residuals / q-k RoPE left to Inductor",
@@ -372,7 +372,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
             "recipe=lingbot_world_fast_taehv_window15_sink3",
             *FAST[:1],
             "attention=fast",
-            "conditioner.image.encoder.checkpoint=null",
+            "conditioner.encoder.checkpoint=null",
             IMAGE,
         ],
         "LingBot-World-Fast 14B, attention=fast (flash-attn 4 at 40 heads when installed)",
@@ -384,7 +384,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
             "recipe=lingbot_world_fast_taehv_window15_sink3",
             *FAST8,
             "precision=fp8",
-            "conditioner.image.encoder.checkpoint=null",
+            "conditioner.encoder.checkpoint=null",
             IMAGE,
         ],
         "LingBot-World-Fast 14B, window 15 + sink 3, FP8 attention + FP8 GEMMs",
@@ -395,7 +395,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         [
             "recipe=lingbot_world_fast_taehv_window15_sink3",
             *FAST,
-            "conditioner.image.encoder.checkpoint=null",
+            "conditioner.encoder.checkpoint=null",
             IMAGE,
             "bench.memory_fraction={cap80}",
         ],
@@ -436,7 +436,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "lingbot_w63": (
         "h200",
         "bench",
-        ["recipe=lingbot_world_fast", *FAST, "conditioner.image.encoder.checkpoint=null", IMAGE],
+        ["recipe=lingbot_world_fast", *FAST, "conditioner.encoder.checkpoint=null", IMAGE],
         "LingBot-World-Fast 14B, window 63 (H200)",
     ),
     "causal_wan22": (
@@ -488,11 +488,10 @@ TINY = ["model.dim=64", "model.num_heads=4", "model.num_layers=2", "model.ffn_di
 TINY_DROP = ("graph=", "graph.", "attention=", "attention.", "precision", "bench.memory_fraction=",
              "rollout.total_blocks=", "vae.compile=", "rollout.overlap_decode=", "quality=")  # fmt: skip
 TINY_PARTS = {"vae.base_dim=8": ("wan21_t2v", "wan21_i2v", "wan22", "causal_wan22"),
-              "conditioner.encoder.base_dim=8": ("cf_i2v", "wan21_i2v", "causal_wan22", "wan22_ti2v"),
+              "conditioner.encoder.base_dim=8": ("cf_i2v", "wan21_i2v", "causal_wan22", "wan22_ti2v",
+                                                 "lingbot"),
               "conditioner.encoder.num_res_blocks=1": ("cf_i2v", "wan21_i2v", "causal_wan22",
-                                                       "wan22_ti2v"),
-              "conditioner.image.encoder.base_dim=8": ("lingbot",),
-              "conditioner.image.encoder.num_res_blocks=1": ("lingbot",)}  # fmt: skip
+                                                       "wan22_ti2v", "lingbot")}  # fmt: skip
 
 
 def command(name: str, out: Path, image: Path, tiny: bool, nproc: int, key: str = "") -> list[str]:

@@ -2,8 +2,8 @@
 
 Scaling (what cuDNN's FP8 forward takes, one fp32 scale per tensor):
     * Q, K, V: ``amax / 448`` each, on the device (no host sync): measured every call for Q; for
-      K and V taken from the bound a KV cache with ``track_amax`` keeps (the ``kv_amax``
-      attribute of the tensors it returns), else measured too;
+      K and V taken from the bound a KV cache with ``track_amax`` keeps (passed as the
+      ``kv_amax`` argument), else measured too;
     * P (the softmax tile, in [0, 1] before normalization): a fixed scale of 448;
     * O: a convex combination of V's rows, so ``|O| <= amax(V)``: O is written in e4m3 with V's
       scale (Hopper's kernel only writes e4m3; cuDNN writes bf16 O from Blackwell on) and
@@ -230,7 +230,7 @@ class CudnnFp8Attention(AttentionBackend):
                            str(self._plans[key].out_dtype).removeprefix("torch."))  # fmt: skip
         return self._plans[key]
 
-    def __call__(self, q, k, v, mask=None):
+    def __call__(self, q, k, v, mask=None, kv_amax=None):
         if self._exact or mask is not None or k.shape[1] < self.min_kv_tokens:
             return self.sdpa(q, k, v, mask)
         if not self._kernel_ready(q):
@@ -241,7 +241,8 @@ class CudnnFp8Attention(AttentionBackend):
         if plan is None:
             return self.sdpa(q, k, v, mask)
         # a KV cache with track_amax hands over a bound on |K|, |V|: one pass over them, not two
-        (q8, dq), (k8, dk), (v8, dv) = (quantize_tensor_device(x, getattr(x, "kv_amax", None))
-                                        for x in (q, k, v))  # fmt: skip
+        bounds = (None, None, None) if kv_amax is None else (None, *kv_amax)
+        (q8, dq), (k8, dk), (v8, dv) = (quantize_tensor_device(x, bound)
+                                        for x, bound in zip((q, k, v), bounds, strict=True))  # fmt: skip
         o = plan.run(q8, dq, k8, dk, v8, dv)
         return dequantize_tensor(o, dv, q.dtype) if o.dtype == FP8 else o

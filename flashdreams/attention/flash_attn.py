@@ -111,7 +111,7 @@ class FlashAttnAttention(AttentionBackend):
             return False
         return True
 
-    def __call__(self, q, k, v, mask=None):
+    def __call__(self, q, k, v, mask=None, kv_amax=None):
         if not self._kernel_takes(q, mask):
             return self.sdpa(q, k, v, mask)
         shape = (tuple(q.shape), k.shape[1], q.dtype)

@@ -60,7 +60,7 @@ class FlexAttention(AttentionBackend):
             self._kernel = torch.compile(flex_attention, dynamic=False)
         return self._kernel
 
-    def __call__(self, q, k, v, mask=None):
+    def __call__(self, q, k, v, mask=None, kv_amax=None):
         if mask is None:
             return self.sdpa(q, k, v)
         q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))

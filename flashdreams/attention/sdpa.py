@@ -52,7 +52,7 @@ class SdpaAttention(AttentionBackend):
             return contextlib.nullcontext()
         return sdpa_kernel([kernel, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
-    def __call__(self, q, k, v, mask=None):
+    def __call__(self, q, k, v, mask=None, kv_amax=None):
         if mask is None and self.kv_splits != 1:
             splits = self.splits_for(q, k)
             if splits > 1:

@@ -9,6 +9,23 @@ from flashdreams.precision.fp8 import FP8, dequantize, quantize_rowwise
 from flashdreams.precision.fp8_tensor import running_amax
 
 
+class KV(tuple):
+    """What a cache's ``update`` returns: ``(k, v)``, the (B, Lk, H, D) keys and values a
+    block's queries attend to, and ``amax``: for caches with ``track_amax`` the (|K| bound,
+    |V| bound) as (1,) fp32 tensors (a quantizing attention's ``kv_amax``), else None."""
+
+    def __new__(cls, k: torch.Tensor, v: torch.Tensor,
+                amax: tuple[torch.Tensor, torch.Tensor] | None = None) -> KV:  # fmt: skip
+        kv = super().__new__(cls, (k, v))
+        kv.amax = amax
+        return kv
+
+
+def kv_amax(kv) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The bounds of an ``update`` result (a stand-in cache may return a plain (k, v))."""
+    return kv.amax if isinstance(kv, KV) else None
+
+
 class KVCache:
     """Static per-layer K/V buffers laid out (B, L, H, D), written in place.
 
@@ -38,8 +55,8 @@ class KVCache:
         kv_dtype: storage dtype of the buffers; ``torch.float8_e4m3fn`` stores e4m3 with one
             fp32 scale per (token, head), quantized on write and dequantized on read.
         track_amax: keep, per layer, the largest |K| and |V| written since ``reset`` (one fp32
-            scalar each, updated on the device by every write) and hand it to attention as the
-            ``kv_amax`` attribute of the K/V that ``update`` returns. It bounds the valid
+            scalar each, updated on the device by every write) and return it with the K/V of
+            ``update`` (``KV.amax``), for the attention's ``kv_amax`` argument. It bounds the valid
             range's amax, so FP8 attention with per-tensor scales skips a pass over the cache.
     """
 
@@ -123,15 +140,12 @@ class KVCache:
         )
         self.valid_tokens = self.filled_frames * tpf
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
         """Write this block's K/V (B, L, H, D) and return the attended K/V (B, Lk, H, D)."""
         self.write(layer, self.write_index, k, v)  # e4m3 storage: quantized here
         k, v = self.read(layer)  # the valid range (dequantized from e4m3)
-        if self.k_amax is not None:
-            k.kv_amax, v.kv_amax = self.k_amax[layer], self.v_amax[layer]
-        return k, v
+        amax = None if self.k_amax is None else (self.k_amax[layer], self.v_amax[layer])
+        return KV(k, v, amax)
 
     def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V (B, n, H, D) in the token slots ``index`` (n,) of ``layer``."""

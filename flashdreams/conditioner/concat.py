@@ -7,6 +7,7 @@ import torch
 from flashdreams import ConfigError
 from flashdreams.conditioner.base import Conditioner
 from flashdreams.io.image import fit_image, image_to_tensor
+from flashdreams.model.base import ConditionInput
 
 
 class ConcatImageConditioner(Conditioner):
@@ -16,7 +17,8 @@ class ConcatImageConditioner(Conditioner):
     factor) is VAE-encoded to T latent frames; a ``tf``-channel mask marks the video frames that
     are given (all ``tf`` sub-frames of latent frame 0, nothing after). The DiT input is
     ``[noisy latents | mask | image latents]`` along channels, as in Wan's and diffusers'
-    ``WanImageToVideoPipeline``.
+    ``WanImageToVideoPipeline``. The model receives ``[mask | image latents]`` as its
+    ``image_latents`` input and concatenates it to the noisy latents.
 
     Args:
         encoder: the VAE encoder (``encode(video) -> normalized latents``, ``temporal_factor``).
@@ -29,6 +31,10 @@ class ConcatImageConditioner(Conditioner):
         self.encoder = encoder
         self.num_channels = encoder.temporal_factor + encoder.mean.shape[1]
         self._y: torch.Tensor | None = None
+
+    def provides(self) -> dict[str, ConditionInput]:
+        return {"image_latents": ConditionInput.per_latent_pixel("image_latents",
+                                                                 self.num_channels)}  # fmt: skip
 
     def prepare(self, images, *, height, width, num_frames, device) -> None:
         if not images:
@@ -44,7 +50,14 @@ class ConcatImageConditioner(Conditioner):
         mask[:, :, 0] = 1.0  # the first video frame (tf sub-frames of latent frame 0) is given
         self._y = torch.cat([mask, latents], dim=1)  # (B, tf + C, T, h, w)
 
-    def channels(self, start: int, num: int) -> torch.Tensor | None:
+    def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
+        """``image_latents`` of frames [start, start + num); frames past the prepared clip
+        (endless streams) repeat its last frame (mask 0, latents of black frames)."""
         if self._y is None:
             raise RuntimeError("ConcatImageConditioner.prepare was not called for this clip")
-        return self._y[:, :, start : start + num]
+        frames = self._y.shape[2]
+        y = self._y[:, :, start : start + num]
+        if start + num > frames:
+            past = start + num - max(frames, start)
+            y = torch.cat([y, self._y[:, :, -1:].expand(-1, -1, past, -1, -1)], dim=2)
+        return {"image_latents": y}

@@ -56,6 +56,7 @@ class RunConfig:
     guidance: Any = MISSING
     image_encoder: Any = MISSING
     conditioner: Any = MISSING
+    control: Any = MISSING
     logger: Any = MISSING
     precision: Any = MISSING
     recipe: Any = None

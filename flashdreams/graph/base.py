@@ -17,10 +17,15 @@ class GraphPolicy:
     tensor argument but changes the work a forward does (the KV cache's valid length); two
     calls with equal ``shape_key`` and equal argument shapes do identical work on different
     data, which is what makes a capture replayable. ``shape_key=None`` forbids capture.
-    Tensor arguments may be nested in lists/tuples (the per-layer context K/V).
+    Tensor arguments may be nested in lists/tuples (the per-layer context K/V) and dicts (the
+    named conditioning inputs); other arguments (the cache, the expert) are passed through.
     """
 
     name = "base"
+    #: replays captured graphs, which read weights at fixed addresses (weights must not move)
+    captures: bool = False
+    #: runs compiled regions (weights that move between forwards are untested there)
+    compiles: bool = False
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Return the model to run (possibly compiled); called once after loading."""
@@ -30,9 +35,8 @@ class GraphPolicy:
         """Execute ``fn(*args)`` under this policy."""
         raise NotImplementedError
 
-    @property
-    def wants_precapture(self) -> bool:
-        """True if the loop should run every future shape once during warm-up."""
+    def wants_precapture(self, device: torch.device) -> bool:
+        """True if the loop should run every future shape once during warm-up on ``device``."""
         return False
 
     def reset(self) -> None:

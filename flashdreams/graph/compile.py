@@ -41,6 +41,7 @@ class CompilePolicy(EagerPolicy):
     """
 
     name = "compile"
+    compiles = True
 
     def __init__(self, mode: str = "default", dynamic: bool | None = False,
                  fuse_gelu: bool = True, fuse_norms: bool = True):  # fmt: skip

@@ -15,12 +15,15 @@ log = logging.getLogger(__name__)
 
 
 def _flatten(args) -> list[torch.Tensor]:
+    """The tensors of ``args``, nested in lists, tuples and dicts (by sorted key)."""
     out = []
     for a in args:
         if isinstance(a, torch.Tensor):
             out.append(a)
         elif isinstance(a, (list, tuple)):
             out.extend(_flatten(a))
+        elif isinstance(a, dict):
+            out.extend(_flatten([a[k] for k in sorted(a)]))
     return out
 
 
@@ -32,6 +35,8 @@ def _rebuild(args, tensors):
             return next(it)
         if isinstance(a, (list, tuple)):
             return type(a)(walk(x) for x in a)
+        if isinstance(a, dict):
+            return {k: walk(a[k]) for k in sorted(a)}
         return a
 
     return [walk(a) for a in args]
@@ -99,13 +104,13 @@ class CudaGraphPolicy(GraphPolicy):
         self.compile, self.mode, self.warmup, self.precapture = compile, mode, warmup, precapture
         self.fuse_gelu, self.fuse_norms = fuse_gelu, fuse_norms
         self.name = "compile_cuda_graph" if compile else "cuda_graph"  # the option's name
+        self.captures, self.compiles = True, bool(compile)
         self.graphs: dict[Hashable, _Captured] = {}
         self.pool = None
         self.stream: torch.cuda.Stream | None = None
 
-    @property
-    def wants_precapture(self) -> bool:
-        return self.precapture
+    def wants_precapture(self, device: torch.device) -> bool:
+        return self.precapture and device.type == "cuda"
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.compile:
@@ -116,7 +121,8 @@ class CudaGraphPolicy(GraphPolicy):
         flat = _flatten(args)
         if shape_key is None or not flat or flat[0].device.type != "cuda":
             return fn(*args)
-        key = (shape_key, tuple((tuple(t.shape), t.dtype) for t in flat))
+        names = tuple(tuple(sorted(a)) for a in args if isinstance(a, dict))  # named inputs
+        key = (shape_key, names, tuple((tuple(t.shape), t.dtype) for t in flat))
         if key not in self.graphs:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()

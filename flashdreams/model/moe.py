@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from flashdreams import ConfigError
+from flashdreams.attention.base import Attention
 from flashdreams.cache.experts import ExpertKVCaches
+from flashdreams.model.base import ConditionInput, DiT
 from flashdreams.model.wan import WanDiT
 
 HIGH_NOISE, LOW_NOISE = 0, 1  # expert indices
@@ -25,7 +27,7 @@ _DIMS = ("dim", "num_heads", "num_layers", "head_dim", "in_dim", "out_dim", "tex
          "text_len", "freq_dim", "patch_size")  # fmt: skip
 
 
-class WanMoE(nn.Module):
+class WanMoE(DiT):
     """Two ``WanDiT`` experts switched per timestep (Wan2.2-T2V/I2V-A14B: 2 x 14B).
 
     The cross-attention context of a prompt is one list of per-layer K/V per expert,
@@ -83,8 +85,16 @@ class WanMoE(nn.Module):
 
     def build_cache(self, factory: Callable[..., object], **dims) -> ExpertKVCaches | None:
         """One cache per expert from the recipe's cache factory (None: bidirectional)."""
-        caches = [factory(**dims) for _ in self.experts]
+        caches = [expert.build_cache(factory, **dims) for expert in self.experts]
         return None if caches[0] is None else ExpertKVCaches(caches)
+
+    def inputs(self) -> dict[str, ConditionInput]:
+        return self.experts[HIGH_NOISE].inputs()
+
+    def set_attention(self, attention: Attention) -> None:
+        """Both experts call the same attention (one runs at a time)."""
+        for expert in self.experts:
+            expert.set_attention(attention)
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -92,23 +102,13 @@ class WanMoE(nn.Module):
         return [block for expert in self.experts for block in expert.blocks]
 
     @property
-    def attention(self):
+    def attention(self) -> Attention:
         return self.experts[HIGH_NOISE].attention
 
     @attention.setter
     def attention(self, backend) -> None:
         for expert in self.experts:
             expert.attention = backend
-
-    @property
-    def sequence_parallel(self):
-        return self.experts[HIGH_NOISE].sequence_parallel
-
-    @sequence_parallel.setter
-    def sequence_parallel(self, hook) -> None:
-        """Context parallelism: one hook, used by one expert at a time."""
-        for expert in self.experts:
-            expert.sequence_parallel = hook
 
     # ------------------------------------------------------------------ placement
     def place(self, device: torch.device) -> None:
@@ -181,8 +181,8 @@ class WanMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: list,
                 frame_positions: torch.Tensor | None = None, cache=None,
-                mask: torch.Tensor | None = None, expert: int | None = None,
-                **kwargs) -> torch.Tensor:  # fmt: skip
+                mask: torch.Tensor | None = None, inputs: dict | None = None,
+                expert: int | None = None) -> torch.Tensor:  # fmt: skip
         """One expert's ``WanDiT.forward`` (see there) with its context and KV cache.
 
         Args:
@@ -190,11 +190,11 @@ class WanMoE(nn.Module):
                 of ``timestep`` (a host read: the loop names the expert instead).
             cache: ``ExpertKVCaches`` (the named expert's cache is used), one expert's own
                 cache (a recache replay names the expert), or None.
-            **kwargs: further ``WanDiT.forward`` arguments, passed to the expert.
+            inputs: named conditioning inputs, passed to the expert.
         """
         if expert is None:
             expert = self.expert_index(float(timestep.max()))
         ctx = self.expert_context(context, expert)
         if isinstance(cache, ExpertKVCaches):
             cache = cache.experts[expert]
-        return self._activate(expert)(x, timestep, ctx, frame_positions, cache, mask, **kwargs)
+        return self._activate(expert)(x, timestep, ctx, frame_positions, cache, mask, inputs)

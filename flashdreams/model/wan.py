@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashdreams.attention.base import AttentionBackend
+from flashdreams.attention.base import Attention, AttentionBackend
 from flashdreams.attention.sdpa import SdpaAttention
-from flashdreams.cache.base import KVCache
+from flashdreams.cache.base import KVCache, kv_amax
 from flashdreams.model import fused_norms as fused
 from flashdreams.model import fused_rope
+from flashdreams.model.base import ConditionInput, DiT
 from flashdreams.model.camera import CameraEncoder, CameraInjector
 from flashdreams.model.layers import (
     LinearGeluTanh,
@@ -28,7 +29,6 @@ from flashdreams.model.layers import (
     modulate,
     sinusoidal_embedding,
 )
-from flashdreams.parallel.base import SequenceParallel
 
 CrossKV = tuple[torch.Tensor, ...]  # (k, v) or (k, v, k_img, v_img), each (B, Lc, H, D)
 
@@ -114,11 +114,11 @@ class CrossAttention(nn.Module):
             )
         return kv
 
-    def attend(self, q: torch.Tensor, kv: CrossKV, attn: AttentionBackend) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv: CrossKV, attn: Attention) -> torch.Tensor:
         """(B, L, H, D) queries against the cached text (+ image) K/V."""
-        out = attn(q, kv[0], kv[1])
+        out = attn.cross_attention(q, kv[0], kv[1])
         if self.with_image:
-            out = out + attn(q, kv[2], kv[3])
+            out = out + attn.cross_attention(q, kv[2], kv[3])
         return out
 
 
@@ -227,9 +227,11 @@ class WanBlock(nn.Module):
         # case the block returns (x, the next block's h)
         # 1. self-attention over (KV cache +) this block's tokens
         q, k, v = self.self_attn_in(x, e0, cos, sin, h)
+        amax = None
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, Lk, H, D): sink + window + this block
-        x, q = self.self_attn_out(x, attn(q, k, v, mask), e0, cam)
+            kv = cache.update(layer, k, v)  # (B, Lk, H, D): sink + window + this block
+            k, v, amax = kv[0], kv[1], kv_amax(kv)
+        x, q = self.self_attn_out(x, attn.self_attention(q, k, v, mask, amax), e0, cam)
         # 2. cross-attention to the cached context K/V, then 3. the feed-forward
         return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0, next_table)
 
@@ -246,13 +248,19 @@ class WanBlock(nn.Module):
         return following.modulation
 
 
-class WanDiT(nn.Module):
+class WanDiT(DiT):
     """Wan 2.x text/image-to-video DiT (1.3B: dim 1536, 12 heads, 30 layers, FFN 8960).
 
     Two modes share every weight:
         * bidirectional: ``forward(x, t, ctx)`` over the whole clip, optional attention mask;
         * block-causal AR: ``forward(x_block, t, ctx, frame_positions=..., cache=...)`` attends
           to the KV cache plus the block, with RoPE at absolute frame positions.
+
+    Named conditioning inputs (``inputs()``): ``image_latents`` (Wan I2V: the ``in_dim - out_dim``
+    mask + image-latent channels, concatenated to the latents) and ``camera`` (camera-controlled
+    models: folded ray maps into the camera branch). Subclasses add inputs by extending
+    ``inputs()`` and routing them in ``condition_time`` (added to the time embedding per frame)
+    or ``condition_tokens`` (added to the patch tokens).
 
     Attributes:
         _keep_fp32: name substrings of parameters kept in fp32 when the model is cast.
@@ -304,8 +312,34 @@ class WanDiT(nn.Module):
         if image_dim is not None:
             self.img_emb = ImageProjection(image_dim, dim)
         self.rope = Rope3D(self.head_dim, rope_max_pos)
-        self.attention: AttentionBackend = SdpaAttention()
-        self.sequence_parallel = SequenceParallel()  # identity; a parallel policy shards tokens
+        self._attention = Attention(SdpaAttention())  # set_attention installs the run's
+
+    # ---------------------------------------------------------------- contract
+    def inputs(self) -> dict[str, ConditionInput]:
+        out = {}
+        if self.in_dim > self.out_dim:
+            out["image_latents"] = ConditionInput.per_latent_pixel(
+                "image_latents", self.in_dim - self.out_dim,
+                doc=f"model.in_dim={self.in_dim} > model.out_dim={self.out_dim}: Wan I2V mask + "
+                    "image latents, from conditioner=concat")  # fmt: skip
+        if self.camera_channels is not None:
+            out["camera"] = ConditionInput.per_latent_pixel(
+                "camera", self.camera_channels,
+                doc=f"model.camera_channels={self.camera_channels}: camera ray maps, from "
+                    "control=camera")  # fmt: skip
+        return out
+
+    def set_attention(self, attention: Attention) -> None:
+        self._attention = attention
+
+    @property
+    def attention(self) -> Attention:
+        return self._attention
+
+    @attention.setter
+    def attention(self, backend: AttentionBackend | Attention) -> None:
+        """A bare backend runs on one process (tests, micro-benchmarks)."""
+        self._attention = backend if isinstance(backend, Attention) else Attention(backend)
 
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
@@ -341,17 +375,29 @@ class WanDiT(nn.Module):
         img = self.img_emb(image) if image is not None else None
         return [blk.cross_attn.context_kv(text, img) for blk in self.blocks]
 
-    def time_modulation(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def time_modulation(
+        self, timestep: torch.Tensor, inputs: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Time embedding e (B, G, C) and block modulation e0 (B, G, 6, C), fp32.
 
         G groups of tokens share one timestep: G = frames (per-frame) or G = tokens (per-token).
+        ``condition_time`` may add named inputs to e before the projection.
         """
         b, f = timestep.shape
         emb = sinusoidal_embedding(timestep.flatten(), self.freq_dim)
         emb = emb.to(self.time_embedding[0].weight.dtype)
-        e = self.time_embedding(emb).float()
+        e = self.condition_time(self.time_embedding(emb).float().view(b, f, -1), inputs or {})
         e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
-        return e.view(b, f, -1), e0.view(b, f, 6, -1)
+        return e, e0.view(b, f, 6, -1)
+
+    def condition_time(self, e: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hook: the (B, G, C) fp32 time embedding with named inputs added (none here)."""
+        return e
+
+    def condition_tokens(self, tokens: torch.Tensor, inputs: dict[str, torch.Tensor],
+                         grid: tuple[int, int, int]) -> torch.Tensor:  # fmt: skip
+        """Hook: the (B, L, C) fp32 patch tokens with named inputs added (none here)."""
+        return tokens
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -362,7 +408,8 @@ class WanDiT(nn.Module):
         frame_positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
-        control: torch.Tensor | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
+        expert: int = 0,
     ) -> torch.Tensor:
         """Predict the flow for latents ``x``.
 
@@ -378,12 +425,23 @@ class WanDiT(nn.Module):
                 defaults to 0..F-1.
             cache: the KV cache in AR mode (``begin_block`` already called), else None.
             mask: optional (L, L) boolean attention mask for masked full-sequence forwards.
-            control: (B, camera_channels, F, H, W) folded ray maps of camera-controlled models
-                (ignored by models without a camera branch; None: no camera injection).
+            inputs: named conditioning inputs (``inputs()``): ``image_latents``
+                (B, in_dim - out_dim, F, H, W) concatenated to ``x`` (which may instead already
+                hold ``in_dim`` channels), ``camera`` (B, camera_channels, F, H, W) folded ray
+                maps (None: no camera injection).
+            expert: the expert of the step (one expert: always 0).
 
         Returns:
             (B, C_out, F, H, W) flow prediction in fp32.
         """
+        inputs = inputs or {}
+        image = inputs.get("image_latents")
+        if image is not None:
+            x = torch.cat([x, image.to(x.dtype)], dim=1)
+        if x.shape[1] != self.in_dim:
+            raise ValueError(
+                f"x has {x.shape[1]} channels (with image_latents), need {self.in_dim}"
+            )
         b, _, num_frames, height, width = x.shape
         pt, ph, pw = self.patch_size
         gf, gh, gw = num_frames // pt, height // ph, width // pw
@@ -397,19 +455,21 @@ class WanDiT(nn.Module):
         # 1. patchify: (B, C, F, H, W) -> (B, L, dim) tokens in (f, h, w) order, fp32 stream
         weight = self.patch_embedding.weight
         tokens = self.patch_embedding(x.to(weight.dtype)).flatten(2).transpose(1, 2).float()
+        tokens = self.condition_tokens(tokens, inputs, (gf, gh, gw))
 
         # 2. time modulation per frame and RoPE tables at absolute positions
-        e, e0 = self.time_modulation(timestep)
+        e, e0 = self.time_modulation(timestep, inputs)
         cos, sin = self.rope.cos_sin(frame_positions, gh, gw)
 
         # 3. transformer blocks (on this rank's tokens under context parallelism); camera
         #    tokens ride along the patch tokens' channels so they are sharded the same way
         num_tokens = tokens.shape[1]
-        cam = None
-        if control is not None and self.camera_channels is not None:
-            cam = self.camera_encoder(control).float()  # (B, L, dim)
+        cam, rays = None, inputs.get("camera")
+        if rays is not None and self.camera_channels is not None:
+            cam = self.camera_encoder(rays).float()  # (B, L, dim)
             tokens = torch.cat([tokens, cam], dim=-1)
-        tokens, cos, sin, cache = self.sequence_parallel.scatter(tokens, cos, sin, cache, gf)
+        sequence = self.attention.sequence
+        tokens, cos, sin, cache = sequence.scatter(tokens, cos, sin, cache, gf)
         if e0.shape[1] != gf and tokens.shape[1] != num_tokens:
             raise ValueError("per-token timesteps need parallel=single; pass them per frame")
         if cam is not None:
@@ -423,7 +483,7 @@ class WanDiT(nn.Module):
             tokens, h = out if chain is not None else (out, None)
 
         # 4. head, gather the ranks' tokens, unpatchify
-        out = self.sequence_parallel.gather(self.head(tokens, e), gf)  # (B, L, pt*ph*pw*C_out)
+        out = sequence.gather(self.head(tokens, e), gf)  # (B, L, pt*ph*pw*C_out)
         out = out.view(b, gf, gh, gw, pt, ph, pw, self.out_dim)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(
             b, self.out_dim, num_frames, height, width

@@ -12,8 +12,9 @@ from typing import Any
 class SequenceParallel:
     """Hook the DiT calls around its blocks; the identity for one process.
 
-    A context-parallel policy installs a subclass as ``model.sequence_parallel`` that keeps
-    only this rank's tokens through the blocks and reassembles the head's output.
+    A context-parallel policy composes a subclass into the model's ``Attention``
+    (``attention.sequence``) that keeps only this rank's tokens through the blocks and
+    reassembles the head's output.
     """
 
     def scatter(self, tokens, cos, sin, cache, num_frames: int) -> tuple:
@@ -40,8 +41,8 @@ class SequenceParallel:
 class ParallelPolicy:
     """Rank bookkeeping and model wiring of a parallel layout (one process: a no-op).
 
-    Call order (``build_rollout``): ``setup`` -> ``parallelize(model, attention)`` ->
-    ``cache_factory(factory)`` -> the rollout runs -> ``teardown``.
+    Call order (``build_rollout``): ``setup`` -> ``model.set_attention(attention(backend))``
+    -> ``cache_factory(factory)`` -> the rollout runs -> ``teardown``.
 
     Attributes:
         rank: this process's rank.
@@ -68,9 +69,12 @@ class ParallelPolicy:
         """
         return device
 
-    def parallelize(self, model, attention) -> None:
-        """Install the attention backend (and any sequence hook) on the model."""
-        model.attention = attention
+    def attention(self, backend):
+        """The attention the model's blocks call: ``backend`` composed with this layout's
+        sequence hook (one process: the backend as it is, tokens untouched)."""
+        from flashdreams.attention.base import Attention
+
+        return Attention(backend)
 
     def cache_factory(self, factory: Callable[..., Any]) -> Callable[..., Any]:
         """Wrap the rollout's cache factory so it builds this rank's share of the KV cache.

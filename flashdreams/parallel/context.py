@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from flashdreams import ConfigError
-from flashdreams.attention.base import AttentionBackend
+from flashdreams.attention.base import Attention, AttentionBackend
+from flashdreams.cache.base import KV
 from flashdreams.parallel.all_to_all import (
     heads_to_sequence,
     keys_to_heads,
@@ -149,13 +150,10 @@ class ContextParallel(ParallelPolicy):
             )
         return self._layouts[tokens_per_frame]
 
-    def parallelize(self, model, attention) -> None:
+    def attention(self, backend: AttentionBackend) -> Attention:
         if self.world_size == 1:
-            model.attention = attention
-            return
-        hook = ShardedSequence(self)
-        model.sequence_parallel = hook
-        model.attention = ContextParallelAttention(attention, hook)
+            return Attention(backend)
+        return ContextParallelAttention(backend, ShardedSequence(self))
 
     def cache_factory(self, factory):
         if self.world_size == 1:
@@ -177,7 +175,6 @@ class ShardedSequence(SequenceParallel):
         self.layout: TokenLayout | None = None
         self.frames = 0
         self.cached = False
-        self.marker: torch.Tensor | None = None  # keys last handed out by the KV stand-in
 
     def scatter(self, tokens, cos, sin, cache, num_frames):
         self.layout = self.policy.layout(tokens.shape[1] // num_frames)
@@ -194,7 +191,7 @@ class ShardedSequence(SequenceParallel):
         rows = full.view(world, b, length, c).transpose(0, 1).reshape(b, world * length, c)
         return rows.index_select(1, self.layout.unshard(num_frames, out.device))
 
-    def keys(self, k, v):
+    def keys(self, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's K/V (B, Ls, H, D) -> the keys it stores and attends with."""
         lay, p = self.layout, self.policy
         if p.ulysses > 1:
@@ -249,32 +246,25 @@ class KVExchange:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         k, v = self.hook.keys(k, v)
-        if self.cache is not None:
-            k, v = self.cache.update(layer, k, v)
-        self.hook.marker = k
-        return k, v
+        if self.cache is None:
+            return KV(k, v)
+        return self.cache.update(layer, k, v)
 
 
-class ContextParallelAttention(AttentionBackend):
-    """Wraps the configured backend: self-attention across ranks, cross-attention local.
+class ContextParallelAttention(Attention):
+    """The configured backend across ranks: self-attention sharded, cross-attention local.
 
-    Self-attention is recognised by its keys: they are the very tensor the KV stand-in just
-    returned. Any other call (cross-attention to the replicated text/image K/V) runs the
-    inner backend on this rank's queries, which is exact: queries attend independently.
+    The blocks call ``self_attention`` with the keys the KV stand-in (``KVExchange``) returned,
+    which already moved them to their owners; cross-attention to the replicated text/image K/V
+    runs the backend on this rank's queries, which is exact: queries attend independently.
     """
 
-    def __init__(self, inner: AttentionBackend, hook: ShardedSequence) -> None:
-        self.inner, self.hook = inner, hook
-        self.name = f"{hook.policy.name}+{inner.name}"
-        self.backend = getattr(inner, "backend", "auto")
-        self.has_exact_mode = inner.has_exact_mode
-        self.wants_kv_amax = getattr(inner, "wants_kv_amax", False)
+    def __init__(self, backend: AttentionBackend, hook: ShardedSequence) -> None:
+        super().__init__(backend, hook)
 
-    def exact(self):
-        return self.inner.exact()
+    @property
+    def name(self) -> str:
+        return f"{self.sequence.policy.name}+{self.backend.name}"
 
-    def __call__(self, q, k, v, mask=None):
-        if k is not self.hook.marker:
-            return self.inner(q, k, v, mask)
-        self.hook.marker = None
-        return self.hook.self_attention(q, k, v, mask, self.inner)
+    def self_attention(self, q, k, v, mask=None, kv_amax=None):
+        return self.sequence.self_attention(q, k, v, mask, self.backend)

@@ -27,6 +27,11 @@ class Scheduler:
         """Reset per-block state; return the (num_steps,) model timesteps in [0, 1000]."""
         raise NotImplementedError
 
+    def host_timesteps(self) -> list[float] | None:
+        """The block's model timesteps as host floats when the schedule knows them without a
+        device read (a fixed few-step list), else None."""
+        return None
+
     def step(
         self, flow: torch.Tensor, x: torch.Tensor, index: int, noise_fn: NoiseFn
     ) -> torch.Tensor:

@@ -64,6 +64,9 @@ class FewStepFlowScheduler(Scheduler):
     def begin_block(self, device: torch.device) -> torch.Tensor:
         return torch.tensor(self.timesteps, dtype=torch.float32, device=device)
 
+    def host_timesteps(self) -> list[float]:
+        return list(self.timesteps)
+
     def step(self, flow, x, index, noise_fn: NoiseFn):
         sigma = self.sigmas[index]
         last = index + 1 == self.num_steps

@@ -16,21 +16,21 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from omegaconf import DictConfig
 
-from flashdreams.build import assemble_rollout, build_rollout
+from flashdreams.build import SharedParts, assemble_rollout, build_shared
 from flashdreams.rollout import Rollout
 from flashdreams.session import Session
 
 log = logging.getLogger(__name__)
 
 
-def spawn_rollout(template: Rollout, cfg: DictConfig, total_blocks: int | None = None) -> Rollout:
-    """A rollout that shares ``template``'s model weights, text and image encoders.
+def spawn_rollout(shared: SharedParts, cfg: DictConfig, total_blocks: int | None = None) -> Rollout:
+    """A rollout that shares the loaded model weights, text and image encoders.
 
     It owns its KV cache (sized for ``total_blocks`` when the cache is a full one), decoder
-    state, scheduler, conditioner and graph-policy state. The model was already prepared
-    (compiled) by the template's policy, so ``prepare`` does not run again.
+    state, scheduler, conditioner, control and graph-policy state. The model was already
+    prepared (compiled) by the first policy, so ``prepare`` does not run again.
     """
-    return assemble_rollout(cfg, template.shared, total_blocks=total_blocks)
+    return assemble_rollout(cfg, shared, total_blocks=total_blocks)
 
 
 class Engine:
@@ -43,9 +43,8 @@ class Engine:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.max_sessions = int(cfg.serve.max_sessions)
-        self.template = build_rollout(cfg)
-        self.template.cache = None  # its buffers are never used: every session owns a cache
-        self.device = self.template.device
+        self.shared = build_shared(cfg)  # weights and encoders; every session owns the rest
+        self.device = self.shared.device
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="flashdreams-device")
         self._lock = threading.Lock()
         self._active = 0
@@ -54,7 +53,7 @@ class Engine:
         if cfg.get("image"):
             from flashdreams.io.image import load_image
 
-            self.images = [load_image(cfg.image)] * self.template.batch_size
+            self.images = [load_image(cfg.image)] * int(cfg.rollout.batch_size)
         self.executor.submit(self._warm_up).result()
         self.baseline_bytes = self.memory_bytes()
 
@@ -80,7 +79,7 @@ class Engine:
     # ------------------------------------------------------------------ on the worker thread
     def new_session(self, prompt: str, seed: int, total_blocks) -> Session:
         """Build a session (device buffers allocated here)."""
-        rollout = spawn_rollout(self.template, self.cfg, total_blocks)
+        rollout = spawn_rollout(self.shared, self.cfg, total_blocks)
         session = Session(rollout=rollout, prompt=prompt, seed=seed, total_blocks=total_blocks,
                           images=self.images)  # fmt: skip
         self._live.add(session)

@@ -139,8 +139,7 @@ class Session:
             r.start(prompts, seed)
         else:
             r.start(prompts, seed, images=self.images)
-        if hasattr(r, "precapture"):
-            r.precapture()
+        r.precapture()
         self._blocks: list[tuple[int, torch.Tensor]] = []  # (start frame, clean latents)
         self._pending_prompts: list[str] | None = None
         self.prompt_version = 0
@@ -154,7 +153,7 @@ class Session:
             if total_blocks != 1:
                 raise ConfigError("a recipe without KV cache (bidirectional) streams one block")
             return
-        offset = getattr(r, "frame_offset", 0)
+        offset = r.frame_offset
         frames = None if total_blocks is None else offset + total_blocks * r.frames_per_block
         if not _wraps(cache) and (frames is None or frames > cache.capacity_frames):
             raise ConfigError(
@@ -200,8 +199,8 @@ class Session:
         """Run one AR step and return its frames (B, T, 3, H, W) in [0, 1].
 
         Args:
-            control: this step's control (validated; passed to ``rollout.set_control`` when the
-                recipe has a control encoder, else only recorded on ``self.last``).
+            control: this step's control (validated; handed to the recipe's control encoder,
+                which ignores what it does not use; recorded on ``self.last``).
 
         Raises:
             SessionEnded: the stream is finished.
@@ -210,12 +209,11 @@ class Session:
             raise SessionEnded(f"the stream ended after {self.rollout.step_index} AR steps")
         if control is not None:
             control = validate_control(control)
-        if hasattr(self.rollout, "set_control"):
-            self.rollout.set_control(control)
+        self.rollout.set_control(control)
         recache_ms = self._apply_prompt()
         out = self.rollout.step()
         self._remember(out)
-        state = self.rollout.control_state() if hasattr(self.rollout, "control_state") else None
+        state = self.rollout.control_state()
         self.last = SessionStep(out.step, out.frames, out, self.prompt_version, control, recache_ms,
                                 state)  # fmt: skip
         return out.frames
@@ -229,8 +227,7 @@ class Session:
         r = self.rollout
         if r.cache is None:
             return
-        start, latents = getattr(out, "start_frame", out.step * r.frames_per_block), out.latents
-        offset = getattr(r, "frame_offset", 0)
+        start, latents, offset = out.start_frame, out.latents, r.frame_offset
         if start < offset:  # an I2V prefix, committed on its own before block 0
             self._blocks.append((start, latents[:, :, : offset - start]))
             start, latents = offset, latents[:, :, offset - start :]

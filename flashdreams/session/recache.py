@@ -9,10 +9,10 @@ not matter to attention (keys carry RoPE at absolute positions), so every frame 
 
 from __future__ import annotations
 
-import contextlib
-import sys
-
 import torch
+
+from flashdreams.cache.base import KV
+from flashdreams.cache.experts import ExpertKVCaches
 
 Block = tuple[int, torch.Tensor]  # (start frame, clean latents (B, C, F, h, w))
 
@@ -36,56 +36,59 @@ def resident_frames(cache, blocks: list[Block]) -> set[int]:
 class _ReplayView:
     """Stands in for the KV cache during one replayed forward.
 
-    Writes the forward's K/V into its slots of the real buffers and returns the K/V of the
-    visible slots (the frames replayed so far, this chunk included).
+    Writes the forward's K/V into the slots of ``write`` frames of the real buffers and returns
+    the K/V of the ``visible`` frames (the frames replayed so far, this chunk included). A
+    model's extra K/V branches (``branch(name)``) get views of their own caches over the same
+    frames.
     """
 
-    def __init__(self, cache, write_index: torch.Tensor, visible_index: torch.Tensor) -> None:
-        self.cache, self.write_index, self.visible_index = cache, write_index, visible_index
+    def __init__(self, cache, write: list[int], visible: list[int], device) -> None:
+        self.cache, self.frames, self.device = cache, (write, visible), device
+        tpf = cache.tokens_per_frame
+        self.write_index, self.visible_index = (
+            _token_index(cache, frames, tpf).to(device) for frames in (write, visible)
+        )
+        self.valid_tokens = len(visible) * tpf
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
         self.cache.write(layer, self.write_index, k, v)  # (B, L, H, D), quantized if e4m3
-        return self.cache.read(layer, self.visible_index)
+        return KV(*self.cache.read(layer, self.visible_index))
+
+    def branch(self, name: str) -> _ReplayView:
+        return _ReplayView(self.cache.branch(name), *self.frames, self.device)
+
+
+def _token_index(cache, frames: list[int], tpf: int) -> torch.Tensor:
+    slots = torch.tensor([cache.frame_slot(f) for f in frames], dtype=torch.long)
+    return (slots[:, None] * tpf + torch.arange(tpf)[None]).flatten()
+
+
+def _view(cache, write: list[int], visible: list[int], device):
+    """The stand-in of ``cache``: one view per expert of a two-expert model's caches."""
+    if isinstance(cache, ExpertKVCaches):
+        return ExpertKVCaches([_view(c, write, visible, device) for c in cache.experts])
+    return _ReplayView(cache, write, visible, device)
 
 
 @torch.no_grad()
 def replay(rollout, blocks: list[Block], resident: set[int], ctx) -> None:
     """Re-run the commit forwards of the ``resident`` frames of ``blocks`` with context ``ctx``.
 
-    Each contiguous run of resident frames of a block is one forward at the commit timestep
-    (``rollout.context_noise``; 0 for an I2V prefix), without fresh noise, with the
-    conditioner's extra input channels of those frames. A two-expert model (Wan 2.2 A14B)
-    replays once per expert, each into its own cache.
+    Each contiguous run of resident frames of a block is one commit (``Forwards.commit``, the
+    loop's own commit path, uncaptured) at the commit timestep (``rollout.context_noise``; 0 for
+    an I2V prefix), without fresh noise. A two-expert model replays through every expert, each
+    into its own cache.
     """
-    experts = getattr(rollout.cache, "experts", None)  # ExpertKVCaches: one cache per expert
-    if experts is None:
-        _replay(rollout, rollout.cache, blocks, resident, ctx, {})
-        return
-    for e in getattr(rollout.model, "_orig_mod", rollout.model).commit_order():
-        _replay(rollout, experts[e], blocks, resident, ctx, {"expert": e})
-
-
-def _replay(rollout, cache, blocks: list[Block], resident: set[int], ctx, kwargs: dict) -> None:
     r = rollout
-    model = getattr(r.model, "_orig_mod", r.model)
-    tpf, visible = cache.tokens_per_frame, []
-    offset, conditioner = getattr(r, "frame_offset", 0), getattr(r, "conditioner", None)
+    visible: list[int] = []
     for start, latents in blocks:
         for run in _contiguous_runs([f for f in block_frames((start, latents)) if f in resident]):
-            slots = torch.tensor([cache.frame_slot(f) for f in run])
-            write = (slots[:, None] * tpf + torch.arange(tpf)[None]).flatten()
-            visible.append(write)
-            view = _ReplayView(cache, write.to(r.device), torch.cat(visible).to(r.device))
+            visible += run
+            view = _view(r.cache, run, list(visible), r.device)
             x = latents[:, :, run[0] - start : run[-1] - start + 1].float()
-            extra = None if conditioner is None else conditioner.channels(run[0], len(run))
-            x = x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1)
-            t = torch.tensor([0.0 if f < offset else r.context_noise for f in run])
-            t = t.to(r.device).expand(r.batch_size, len(run))
+            t = 0.0 if run[0] < r.frame_offset else r.context_noise
             positions = torch.tensor(run, device=r.device)
-            control = None if conditioner is None else conditioner.control(run[0], len(run))
-            extra = kwargs if control is None else {**kwargs, "control": control}  # camera rays
-            with _eager():
-                model(x.to(r.dtype), t, ctx, positions, view, **extra)
+            r.forwards.commit(x, ctx, positions, run[0], t, cache=view, capture=False)
 
 
 def _contiguous_runs(frames: list[int]) -> list[list[int]]:
@@ -96,14 +99,3 @@ def _contiguous_runs(frames: list[int]) -> list[list[int]]:
         else:
             runs.append([f])
     return runs
-
-
-def _eager():
-    """Run compiled modules eagerly (a replay's shapes would otherwise trigger recompiles).
-
-    Nothing can be compiled before ``torch._dynamo`` is imported, and importing it takes
-    about a second, so it is only touched when already loaded.
-    """
-    if "torch._dynamo" not in sys.modules or not hasattr(torch.compiler, "set_stance"):
-        return contextlib.nullcontext()
-    return torch.compiler.set_stance("force_eager")

@@ -54,7 +54,7 @@ def test_overlap_matches_sequential(graph, extra):
     """Overlap on (plus, in the last case, the compiled TAEHV: the bench setting) vs off."""
     _, ref = _run([f"graph={graph}"])
     rollout, got = _run([f"graph={graph}", "rollout.overlap_decode=true", *extra])
-    assert rollout.overlap_decode and rollout._side_stream is not None
+    assert rollout.overlap_decode and rollout.decoder._side_stream is not None
     for block, ((lat, frames, timer), (ref_lat, ref_frames, _)) in enumerate(
         zip(got, ref, strict=True)
     ):

@@ -25,15 +25,14 @@ from tests.unit.test_camera import trajectory
 from tests.unit.test_config import compose_run
 
 ATOL = 1e-4
-ENCODER = ["conditioner.image.encoder.checkpoint=null", "conditioner.image.encoder.base_dim=8",
-           "conditioner.image.encoder.num_res_blocks=1"]  # fmt: skip
+ENCODER = ["conditioner.encoder.checkpoint=null", "conditioner.encoder.base_dim=8",
+           "conditioner.encoder.num_res_blocks=1"]  # fmt: skip
 KEYS = [["w"], ["d", "w"], ["i", "q"]]  # live keys held during blocks 0, 1, 2
 
 
-def reference_rollout(model, cond, ctx, sched, fpb, num_blocks, noise_fn):
-    """Clean latents (B, C, T, h, w) of the teacher-forced masked-forward rollout."""
-    total = fpb * num_blocks
-    y, rays = cond.channels(0, total), cond.control(0, total)
+def reference_rollout(model, y, rays, ctx, sched, fpb, num_blocks, noise_fn):
+    """Clean latents (B, C, T, h, w) of the teacher-forced masked-forward rollout, from the
+    I2V channels ``y`` and the camera rays ``rays`` of all its frames."""
     clean, block_ids = [], []
     for block in range(num_blocks):
         x = noise_fn((1, 16, fpb, 4, 4))
@@ -44,7 +43,7 @@ def reference_rollout(model, cond, ctx, sched, fpb, num_blocks, noise_fn):
             seq = torch.cat([*clean, x], dim=2)
             t_frames = torch.tensor([0.0] * len(block_ids) + [t] * fpb)[None]
             flow = model(torch.cat([seq, y[:, :, :n]], dim=1), t_frames, ctx, positions,
-                         mask=mask, control=rays[:, :, :n])[:, :, -fpb:]  # fmt: skip
+                         mask=mask, inputs={"camera": rays[:, :, :n]})[:, :, -fpb:]  # fmt: skip
             x0 = x - sched.sigmas[j] * flow
             if j + 1 < len(sched.timesteps):
                 s = sched.sigmas[j + 1]
@@ -66,7 +65,7 @@ def test_camera_rollout_equals_masked_reference(tmp_path, source):
         np.save(tmp_path / "poses.npy", trajectory(4 * (blocks * fpb - 1) + 1, 0.05, 0.02))
         np.save(tmp_path / "k.npy", np.array([[30.0, 28.0, 16.0, 15.0]]))
         extra += [f"poses={tmp_path / 'poses.npy'}", f"intrinsics={tmp_path / 'k.npy'}",
-                  "conditioner.intrinsics_size=[32,32]"]  # fmt: skip
+                  "control.intrinsics_size=[32,32]"]  # fmt: skip
     cfg = compose_run(["recipe=lingbot_world_fast", *TINY, *ENCODER, *extra,
                        f"rollout.total_blocks={blocks}"])  # fmt: skip
     assert cfg.rollout.frames_per_block == fpb and cfg.cache.window_frames >= blocks * fpb
@@ -78,34 +77,28 @@ def test_camera_rollout_equals_masked_reference(tmp_path, source):
         outs.append(rollout.step())
     ours = torch.cat([o.latents for o in outs], dim=2)
 
-    cond = rollout.conditioner
-    moved = cond.relative_poses(0, blocks * fpb)[1:]
+    camera, total = rollout.control, blocks * fpb
+    moved = camera.relative_poses(0, total)[1:]
     assert (moved[:, :3, 3].norm(dim=-1) > 0.5).all()  # the camera moved in every frame
-    ref = reference_rollout(rollout.model, cond, rollout.context(), rollout.scheduler, fpb,
-                            blocks, _generator_noise(9))  # fmt: skip
+    y = rollout.conditioner.inputs(0, total)["image_latents"]
+    ref = reference_rollout(rollout.model, y, camera.inputs(0, total)["camera"],
+                            rollout.context(), rollout.scheduler, fpb, blocks,
+                            _generator_noise(9))  # fmt: skip
     assert ours.shape == (1, 16, fpb * blocks, 4, 4)
     torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
 
     # the rays matter: a still camera gives a different rollout
-    still = reference_rollout(rollout.model, _StillCamera(cond), rollout.context(),
+    still = reference_rollout(rollout.model, y, _still_rays(camera, total), rollout.context(),
                               rollout.scheduler, fpb, blocks, _generator_noise(9))  # fmt: skip
     assert (still - ref).abs().max() > 100 * ATOL
 
 
-class _StillCamera:
-    """The conditioner's I2V channels with the rays of a camera that never moves."""
+def _still_rays(camera, num):
+    """The rays of a camera that never moves, with ``camera``'s intrinsics and size."""
+    from flashdreams.conditioner.camera_geometry import fold_rays, ray_maps
 
-    def __init__(self, cond) -> None:
-        self.cond = cond
-
-    def channels(self, start, num):
-        return self.cond.channels(start, num)
-
-    def control(self, start, num):
-        from flashdreams.conditioner.camera_geometry import fold_rays, ray_maps
-
-        eye = torch.eye(4, dtype=torch.float64).expand(num, 4, 4)
-        return fold_rays(ray_maps(eye, self.cond.k, *self.cond.size), 8)[None]
+    eye = torch.eye(4, dtype=torch.float64).expand(num, 4, 4)
+    return fold_rays(ray_maps(eye, camera.k, *camera.size), 8)[None].float()
 
 
 def _tiny(camera: bool) -> WanDiT:
@@ -126,12 +119,14 @@ def test_zero_camera_layers_reproduce_the_plain_i2v_model():
     with torch.no_grad():
         base = plain(x, t, ctx)
         assert torch.equal(cam(x, t, ctx), base)  # no control: no injection
-        assert (cam(x, t, ctx, control=rays) - base).abs().max() > 1e-3  # random camera layers
+        assert (
+            cam(x, t, ctx, inputs={"camera": rays}) - base
+        ).abs().max() > 1e-3  # random camera layers
         for block in cam.blocks:
             for layer in (block.camera_injector.scale, block.camera_injector.shift):
                 layer.weight.zero_()
                 layer.bias.zero_()
-        assert torch.equal(cam(x, t, ctx, control=rays), base)
+        assert torch.equal(cam(x, t, ctx, inputs={"camera": rays}), base)
 
 
 def test_short_pose_file_fails_before_the_model_loads(tmp_path, monkeypatch):

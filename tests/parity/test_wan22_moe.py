@@ -225,7 +225,7 @@ class _RecordingPolicy(EagerPolicy):
         self.calls: list[tuple] = []
 
     def run(self, fn, *args, shape_key):
-        self.calls.append((shape_key, args[5]))  # (x, t, ctx, positions, control, expert)
+        self.calls.append((shape_key, args[5]))  # (x, t, ctx, positions, inputs, expert, cache)
         return fn(*args)
 
 

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from flashdreams import ConfigError
-from flashdreams.conditioner.camera import CameraConditioner, load_intrinsics, load_poses
 from flashdreams.conditioner.camera_geometry import (
     PoseIntegrator,
     fold_rays,
@@ -20,11 +19,11 @@ from flashdreams.conditioner.camera_geometry import (
     resample_poses,
     scale_intrinsics,
 )
-from flashdreams.conditioner.concat import ConcatImageConditioner
+from flashdreams.control.camera import CameraControl, load_intrinsics, load_poses
 from tests.unit.test_config import compose_run
 
-SMALL_ENCODER = ["conditioner.image.encoder.checkpoint=null", "conditioner.image.encoder.base_dim=8",
-                 "conditioner.image.encoder.num_res_blocks=1"]  # fmt: skip
+SMALL_ENCODER = ["conditioner.encoder.checkpoint=null", "conditioner.encoder.base_dim=8",
+                 "conditioner.encoder.num_res_blocks=1"]  # fmt: skip
 
 
 def rot_y(a: float) -> np.ndarray:
@@ -95,27 +94,19 @@ def test_framewise_relative_poses_and_block_boundaries():
 
 
 def _conditioner(tmp_path, poses=None, intrinsics=None, **kwargs):
-    class _Image(ConcatImageConditioner):  # channels only; no VAE needed for camera tests
-        def __init__(self):
-            torch.nn.Module.__init__(self)
-            self.num_channels = 20
-
-        def prepare(self, images, **kw):
-            self._y = torch.zeros(1, 20, kw["num_frames"], 4, 6)
-
     paths = {}
     for name, arr in (("poses", poses), ("intrinsics", intrinsics)):
         if arr is not None:
             paths[name] = str(tmp_path / f"{name}.npy")
             np.save(paths[name], arr)
-    return CameraConditioner(_Image(), **paths, **kwargs)
+    return CameraControl(**paths, **kwargs)
 
 
 def test_pose_file_is_resampled_to_latent_cadence_and_normalized(tmp_path):
     video = trajectory(23)  # 4 * 5 + 1 usable video frames -> 6 latent frames (+2 ignored)
     k = np.array([[400.0, 400.0, 416.0, 240.0]] * 23)
     cond = _conditioner(tmp_path, video, k)
-    cond.prepare([None], height=32, width=48, num_frames=6, device="cpu")
+    cond.prepare(1, height=32, width=48, num_frames=6, device="cpu")
     assert len(cond.poses) == 6
     for n, p in enumerate(cond.poses):
         np.testing.assert_allclose(p.numpy(), video[4 * n], atol=1e-9)
@@ -129,12 +120,26 @@ def test_pose_file_is_resampled_to_latent_cadence_and_normalized(tmp_path):
     torch.testing.assert_close(cond.k, torch.tensor([400 * 48 / 832, 400 * 32 / 480,
                                                      416 * 48 / 832, 240 * 32 / 480],
                                                     dtype=torch.float64))  # fmt: skip
-    feats = cond.control(3, 3)
+    feats = cond.inputs(3, 3)["camera"]
     assert feats.shape == (1, 384, 3, 4, 6)
     want = fold_rays(ray_maps(rel[3:], cond.k, 32, 48), 8)
     torch.testing.assert_close(feats[0], want)
     with pytest.raises(ConfigError, match="cover 6 latent frames, the run needs 7"):
-        cond.prepare([None], height=32, width=48, num_frames=7, device="cpu")
+        cond.prepare(1, height=32, width=48, num_frames=7, device="cpu")
+
+
+def test_pose_file_longer_than_the_clip_is_cut_before_normalizing(tmp_path):
+    """The reference cuts the trajectory to the clip, then divides by its largest step: a file
+    whose later poses move faster must not shrink the clip's translations."""
+    video = trajectory(41)  # 11 latent frames of poses
+    video[21:, :3, 3] = video[20, :3, 3] + (video[21:, :3, 3] - video[20, :3, 3]) * 5
+    cond = _conditioner(tmp_path, video)
+    cond.prepare(1, height=32, width=48, num_frames=6, device="cpu")  # 21 video frames
+    steps = cond.relative_poses(0, 6)[1:, :3, 3].norm(dim=-1)
+    assert float(steps.max()) == pytest.approx(1.0)
+    cond.prepare(1, height=32, width=48, num_frames=None, device="cpu")  # endless: whole file
+    assert len(cond.poses) == 11
+    assert float(cond.relative_poses(0, 6)[1:, :3, 3].norm(dim=-1).max()) < 0.5
 
 
 def test_intrinsics_rescale_to_464():
@@ -194,11 +199,17 @@ def test_bad_pose_file_fails_the_cli_with_one_line(tmp_path):
     )
 
 
-def test_camera_model_needs_the_camera_conditioner():
+def test_camera_control_needs_a_camera_model():
     from flashdreams.build import build_conditioning
 
-    cfg = compose_run(["recipe=demo", "conditioner=camera", "model.in_dim=36", *SMALL_ENCODER])
-    with pytest.raises(ConfigError, match="model.camera_channels=None but the conditioner"):
+    cfg = compose_run(["recipe=demo", "conditioner=concat", "control=camera", "model.in_dim=36",
+                       *SMALL_ENCODER])  # fmt: skip
+    with pytest.raises(ConfigError, match="^control=.* gives the conditioning input 'camera', "
+                       "which the model .WanDiT. does not accept"):  # fmt: skip
+        build_conditioning(cfg, torch.device("cpu"))
+    cfg = compose_run(["recipe=demo", "conditioner=concat", "model.in_dim=36",
+                       "model.camera_channels=384", *SMALL_ENCODER])  # fmt: skip
+    with pytest.raises(ConfigError, match="needs the conditioning input 'camera'"):
         build_conditioning(cfg, torch.device("cpu"))
 
 

@@ -116,39 +116,41 @@ def test_cache_tracks_a_bound_on_the_valid_keys_and_values():
                         frames_per_block=1, total_frames=3, track_amax=True)  # fmt: skip
     cache.begin_block(0, 1)
     k0, v0 = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4) * 5
-    k, v = cache.update(1, k0, v0)
-    assert k.kv_amax.item() == k0.abs().max().item() and v.kv_amax.item() == v0.abs().max().item()
+    kv = cache.update(1, k0, v0)
+    k_amax, v_amax = kv.amax
+    assert k_amax.item() == k0.abs().max().item() and v_amax.item() == v0.abs().max().item()
     assert cache.k_amax[0].item() == 0.0  # per layer
     cache.begin_block(1, 1)
-    k, v = cache.update(1, k0 / 10, v0 / 10)  # smaller values: the bound stays
-    assert v.kv_amax.item() >= v.abs().max().item()
+    kv = cache.update(1, k0 / 10, v0 / 10)  # smaller values: the bound stays
+    assert kv.amax[1].item() >= kv[1].abs().max().item()
     cache.reset()
     assert cache.k_amax[1].item() == 0.0 and cache.v_amax[1].item() == 0.0
     plain = FullKVCache(num_layers=1, num_heads=2, head_dim=4, tokens_per_frame=3,
                         frames_per_block=1, total_frames=3)  # fmt: skip
     plain.begin_block(0, 1)
-    assert not hasattr(plain.update(0, k0, v0)[0], "kv_amax")
+    assert plain.update(0, k0, v0).amax is None
 
 
 def test_rollout_commits_at_full_precision_under_its_own_graph_key(monkeypatch):
     from flashdreams.build import build_rollout
-    from flashdreams.rollout import Rollout
+    from flashdreams.rollout.forward import Forwards
 
     cfg = compose_run(["attention=cudnn_fp8", "attention.emulate=true",
                        "attention.min_kv_tokens=0", "rollout.total_blocks=2"])  # fmt: skip
     rollout = build_rollout(cfg)
-    attn = rollout.model.attention
+    attn = rollout.model.attention.backend
     assert isinstance(attn, CudnnFp8Attention) and rollout.cache.k_amax is not None
     seen = []
-    run = Rollout._run
+    run = Forwards.run
 
     def spy(self, *args, commit=False, **kwargs):
-        seen.append((commit, self._shape_key(None, commit and self._exact_commit)))
+        exact = commit and self.exact_commit
+        seen.append((commit, self.model.graph_key(self.cache, 0, exact)))
         return run(self, *args, commit=commit, **kwargs)
 
     calls = []
     inner = CudnnFp8Attention.__call__
-    monkeypatch.setattr(Rollout, "_run", spy)
+    monkeypatch.setattr(Forwards, "run", spy)
     monkeypatch.setattr(
         CudnnFp8Attention,
         "__call__",

@@ -11,8 +11,8 @@ from tests.unit.test_serve_protocol import ServerProcess, recv_json, send
 LINGBOT = ["recipe=lingbot_world_fast", "model.dim=64", "model.num_heads=4", "model.num_layers=2",
            "model.ffn_dim=128", "model.text_dim=32", "model.text_len=16", "model.checkpoint=null",
            "text_encoder=random", "vae.checkpoint=null", "vae.base_dim=8", "graph=eager",
-           "conditioner.image.encoder.checkpoint=null", "conditioner.image.encoder.base_dim=8",
-           "conditioner.image.encoder.num_res_blocks=1", "dtype=float32"]  # fmt: skip
+           "conditioner.encoder.checkpoint=null", "conditioner.encoder.base_dim=8",
+           "conditioner.encoder.num_res_blocks=1", "dtype=float32"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def _recording_session(image_path):
     forward = model.forward
 
     def record(*args, **kwargs):
-        seen.append(kwargs.get("control"))
+        seen.append(args[6]["camera"])  # the named inputs of Forwards' call
         return forward(*args, **kwargs)
 
     model.forward = record

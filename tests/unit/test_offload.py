@@ -7,6 +7,8 @@ import torch
 from flashdreams import ConfigError
 from flashdreams.bench import apply_memory_fraction
 from flashdreams.build import build_rollout
+from flashdreams.graph.cuda_graph import CudaGraphPolicy
+from flashdreams.graph.eager import EagerPolicy
 from flashdreams.offload import BlockOffloader, check_offload
 from flashdreams.precision.fp8 import quantize_blocks
 from tests.conftest import make_tiny_model
@@ -61,9 +63,9 @@ def test_offload_rejects_bad_settings_in_one_line():
     with pytest.raises(
         ConfigError, match=r"^offload=blocks works with graph=eager only, not graph=cuda_graph"
     ):
-        check_offload("blocks", "cuda_graph")
+        check_offload("blocks", CudaGraphPolicy())
     with pytest.raises(ConfigError, match=r"^offload='disk' is not one of: none, blocks$"):
-        check_offload("disk", "eager")
+        check_offload("disk", EagerPolicy())
     with pytest.raises(ConfigError, match="graph=cuda_graph"):
         build_rollout(compose_run(["offload=blocks", "graph=cuda_graph"]))
     with pytest.raises(ConfigError, match="not graph=compile_cuda_graph "):  # the user's choice

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-import flashdreams.rollout
+import flashdreams.rollout.decode
 import flashdreams.vae.taehv
 from flashdreams import ConfigError
 from flashdreams.build import build_rollout
@@ -39,9 +39,9 @@ def test_config_composes_with_both_knobs():
 
 
 def test_overlap_on_cpu_is_sequential_and_bit_identical(monkeypatch, caplog):
-    monkeypatch.setattr(flashdreams.rollout, "_logged_cpu_overlap", False)
+    monkeypatch.setattr(flashdreams.rollout.decode, "_logged_cpu_overlap", False)
     _, ref = _run([])
-    with caplog.at_level(logging.INFO, logger="flashdreams.rollout"):
+    with caplog.at_level(logging.INFO, logger="flashdreams.rollout.decode"):
         rollout, got = _run(["rollout.overlap_decode=true"])
         _run(["rollout.overlap_decode=true"])  # a second rollout (a server session) logs none
     lines = [r for r in caplog.records if "overlap_decode" in r.getMessage()]
@@ -89,10 +89,8 @@ def test_taehv_stack_traces_as_one_graph_and_matches():
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError, match="vae.compile"):
         TAEHVDecoder(channels=(16, 8, 8, 4), compile=bad)
-    cfg = compose_run(TINY)
-    rollout = build_rollout(cfg)
     with pytest.raises(ConfigError, match="rollout.overlap_decode"):
-        rollout._check_overlap(bad)
+        flashdreams.rollout.decode.check_overlap(bad, torch.device("cpu"))
 
 
 def test_close_period_spans_from_step_start_to_the_last_mark():

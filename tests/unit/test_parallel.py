@@ -76,7 +76,7 @@ def _masked_forward_error(world: int) -> float:
     ref_model, model = (make_tiny_model(dim=48, num_heads=3, text_dim=32) for _ in range(2))
     policy = UlyssesParallel()
     policy.setup(torch.device("cpu"))
-    policy.parallelize(model, SdpaAttention())
+    model.set_attention(policy.attention(SdpaAttention()))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 16, 2, 6, 6, generator=gen)  # 2 frames x 9 tokens
     ctx = ref_model.prepare_context(torch.randn(1, 16, 32, generator=gen))

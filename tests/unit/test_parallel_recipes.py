@@ -24,7 +24,7 @@ DIT = ["model.dim=64", "model.num_heads=4", "model.num_layers=2", "model.ffn_dim
 ENCODER = ["encoder.checkpoint=null", "encoder.base_dim=8", "encoder.num_res_blocks=1"]
 RECIPES = {
     "causal_wan22_a14b_480p": ["vae.base_dim=8", *(f"conditioner.{e}" for e in ENCODER)],
-    "lingbot_world_fast_taehv_window15_sink3": [f"conditioner.image.{e}" for e in ENCODER],
+    "lingbot_world_fast_taehv_window15_sink3": [f"conditioner.{e}" for e in ENCODER],
 }
 
 

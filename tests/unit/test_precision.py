@@ -171,11 +171,13 @@ def test_fp8_cache_write_read_by_slot_index():  # the path a prompt switch's rec
 
 def test_served_sessions_keep_the_fp8_kv_cache():
     """The server's per-session rollouts are assembled like the job's (fp8 cache included)."""
+    from flashdreams.build import assemble_rollout, build_shared
     from flashdreams.serve.engine import spawn_rollout
 
     cfg = compose_run(["precision.kv_cache=fp8"])
-    template = build_rollout(cfg)
-    session = spawn_rollout(template, cfg, total_blocks=2)
+    shared = build_shared(cfg)
+    template = assemble_rollout(cfg, shared)
+    session = spawn_rollout(shared, cfg, total_blocks=2)
     assert session.model is template.model and session.cache is not template.cache
     session.start(["a fox"])
     session.step()

@@ -1,4 +1,4 @@
-"""LingBot-World conditioning: Wan I2V channels plus per-frame camera ray maps (file or keys)."""
+"""LingBot-World camera control: per-frame camera ray maps from a pose file and/or live keys."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from flashdreams import ConfigError
-from flashdreams.conditioner.base import Conditioner
 from flashdreams.conditioner.camera_geometry import (
     PoseIntegrator,
     fold_rays,
@@ -20,6 +19,8 @@ from flashdreams.conditioner.camera_geometry import (
     scale_intrinsics,
     translation_scale,
 )
+from flashdreams.control.base import ControlEncoder
+from flashdreams.model.base import ConditionInput
 
 RIGID_TOL = 1e-3  # max |R^T R - I| and |det R - 1| of an accepted rotation
 
@@ -75,21 +76,21 @@ def load_intrinsics(path: str, setting: str = "intrinsics") -> torch.Tensor:
     return k
 
 
-class CameraConditioner(Conditioner):
-    """LingBot-World: an image conditioner's channels plus camera ray maps for the DiT.
+class CameraControl(ControlEncoder):
+    """LingBot-World: camera ray maps of every latent frame, the DiT's ``camera`` input.
 
     The camera trajectory is a list of absolute c2w poses at the latent cadence (latent frame
     ``n`` takes video frame ``tf * n``, ``tf`` the VAE's temporal factor): from ``poses`` (video
     frames resampled as the reference does), continued live by held keys
     (``set_control({"keys": [...]})``, see ``PoseIntegrator``) past its end, or from the keys
     alone. Each latent frame's pose is made relative to the frame before it (the first frame of
-    a block to the previous block's last frame; frame 0 is the identity); translations from the
-    file are divided by its largest such step (the reference's normalization), live steps are
-    unit length. The rays of every video pixel are folded ``fold x fold`` into channels:
-    ``control(start, num)`` gives (B, 6 * fold^2, num, h, w).
+    a block to the previous block's last frame; frame 0 is the identity). Translations from the
+    file are divided by its largest such step over the frames of the clip (the reference cuts
+    the file to the clip first, then normalizes; an endless stream uses the whole file); live
+    steps are unit length. The rays of every video pixel are folded ``fold x fold`` into
+    channels: ``inputs(start, num)["camera"]`` is (B, 6 * fold^2, num, h, w).
 
     Args:
-        image: the image conditioner (Wan I2V: ``ConcatImageConditioner``).
         poses: path of a [T, 4, 4] ``.npy`` of c2w poses per video frame, or None.
         intrinsics: path of a [T, 4] ``.npy`` (fx, fy, cx, cy; the first row is used), or None
             (fx = fy = the larger side, centred).
@@ -100,30 +101,28 @@ class CameraConditioner(Conditioner):
         turn_deg: live rotation per latent frame.
     """
 
-    needs_image = True
-
-    def __init__(self, image: Conditioner, poses: str | None = None,
-                 intrinsics: str | None = None, intrinsics_size=(480, 832), fold: int = 8,
-                 temporal_factor: int = 4, move: float = 1.0, turn_deg: float = 8.0) -> None:  # fmt: skip
+    def __init__(self, poses: str | None = None, intrinsics: str | None = None,
+                 intrinsics_size=(480, 832), fold: int = 8, temporal_factor: int = 4,
+                 move: float = 1.0, turn_deg: float = 8.0) -> None:  # fmt: skip
         super().__init__()
-        self.image, self.fold, self.tf = image, fold, temporal_factor
-        self.num_channels = image.num_channels
-        self.num_prefix_frames = image.num_prefix_frames
-        self.control_channels = 6 * fold * fold
+        self.fold, self.tf = fold, temporal_factor
+        self.channels = 6 * fold * fold
         self.file_poses = load_poses(poses) if poses else None
         self.poses_path = poses
         self.file_k = load_intrinsics(intrinsics)[0] if intrinsics else None
         self.intrinsics_size = tuple(intrinsics_size)
         self.move, self.turn_deg = move, turn_deg
         self.keys: list[str] = []
-        self._frames, self._cached = 0, None
+        self._cached = None
+
+    def provides(self) -> dict[str, ConditionInput]:
+        return {"camera": ConditionInput.per_latent_pixel("camera", self.channels)}
 
     # ------------------------------------------------------------------ clip
-    def prepare(self, images, *, height, width, num_frames, device) -> None:
-        self.image.prepare(images, height=height, width=width, num_frames=num_frames,
-                           device=device)  # fmt: skip
-        self.batch = len(images)
-        self.size, self.device, self._frames = (height, width), device, num_frames
+    def prepare(self, batch, *, height, width, num_frames, device) -> None:
+        """Start a clip of ``num_frames`` latent frames (None: an endless stream)."""
+        self.batch = batch
+        self.size, self.device = (height, width), device
         self.latent_hw = (height // self.fold, width // self.fold)
         if self.file_k is None:
             side = float(max(height, width))
@@ -136,11 +135,13 @@ class CameraConditioner(Conditioner):
         self.integrator = PoseIntegrator(self.move, self.turn_deg)
         self.keys, self._cached, self._last = [], None, None
 
-    def _file_trajectory(self, num_frames: int) -> list[torch.Tensor]:
-        """Latent-cadence poses of the file (all of them when the clip is shorter)."""
+    def _file_trajectory(self, num_frames: int | None) -> list[torch.Tensor]:
+        """Latent-cadence poses of the file, cut to the clip (all of them when endless)."""
         if self.file_poses is None:
             return [torch.eye(4, dtype=torch.float64)]
-        usable = self.check_frames(num_frames)
+        usable = self.check_frames(num_frames or 1)
+        if num_frames is not None:  # the reference cuts the trajectory to the clip first
+            usable = min(usable, (num_frames - 1) * self.tf + 1)
         targets = [self.tf * n for n in range((usable - 1) // self.tf + 1)]
         return list(resample_poses(self.file_poses[:usable], targets))
 
@@ -162,16 +163,6 @@ class CameraConditioner(Conditioner):
             )
         return usable
 
-    def channels(self, start: int, num: int) -> torch.Tensor | None:
-        """The image conditioner's channels; frames past the prepared clip (endless streams)
-        repeat its last frame (mask 0, latents of black frames)."""
-        end = min(start + num, self._frames)
-        parts = [self.image.channels(start, end - start)] if end > start else []
-        if start + num > end:
-            last = self.image.channels(self._frames - 1, 1)
-            parts.append(last.expand(-1, -1, start + num - max(end, start), -1, -1))
-        return torch.cat(parts, dim=2)
-
     # ------------------------------------------------------------------ camera
     def set_control(self, control: dict[str, Any] | None) -> None:
         """Keys held for the frames generated next (``{"keys": ["w", "d"]}``; None: none)."""
@@ -188,14 +179,15 @@ class CameraConditioner(Conditioner):
         rel[from_file, :3, 3] /= self.scale
         return rel
 
-    def control(self, start: int, num: int) -> torch.Tensor:
+    def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
+        """``camera``: (B, 6 * fold^2, num, h, w) folded rays of frames [start, start + num)."""
         if self._cached is not None and self._cached[0] == (start, num):
-            return self._cached[1]
+            return {"camera": self._cached[1]}
         rel = self.relative_poses(start, num)
         rays = fold_rays(ray_maps(rel, self.k, *self.size), self.fold)  # (C, num, h, w)
         feats = rays[None].expand(self.batch, -1, -1, -1, -1).to(self.device)
         self._cached, self._last = ((start, num), feats), start + num - 1
-        return feats
+        return {"camera": feats}
 
     def state(self) -> dict[str, Any] | None:
         """Absolute pose of the last frame given to the model: position, yaw, pitch (degrees)."""

@@ -1,0 +1,53 @@
+"""Protocol of a control encoder: live or scripted control -> named inputs of the DiT.
+
+The base class is also the no-op control of recipes without one (``control=none``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from flashdreams.model.base import ConditionInput
+
+
+class ControlEncoder(nn.Module):
+    """Turns a clip's control (a file, then each step's live control) into named tensors.
+
+    Per clip the loop calls ``prepare(batch, ...)`` once; before each AR step the session hands
+    it the step's live control (``set_control``, already validated by the session); every forward
+    then asks ``inputs(start, num)`` for the tensors of latent frames [start, start + num), keyed
+    by the names of ``provides()``, which the model must accept (``DiT.inputs``).
+    ``state()`` reports what was applied (the server sends it with each step).
+
+    Subclasses declare the inputs they give in ``provides()`` with the shapes the model expects.
+    """
+
+    def provides(self) -> dict[str, ConditionInput]:
+        """Named inputs this control gives (none here)."""
+        return {}
+
+    def check_frames(self, num_frames: int) -> None:
+        """Fail in one line, before any model loads, if a clip of ``num_frames`` latent frames
+        cannot be controlled (a control file too short); nothing to check by default."""
+
+    def prepare(self, batch: int, *, height: int, width: int, num_frames: int | None,
+                device: torch.device) -> None:  # fmt: skip
+        """Start a clip of ``num_frames`` latent frames (None: an endless stream)."""
+
+    def set_control(self, control: dict[str, Any] | None) -> None:
+        """The live control of the next step (validated by the session), or None."""
+
+    def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
+        """Named tensors of latent frames [start, start + num)."""
+        return {}
+
+    def state(self) -> dict[str, Any] | None:
+        """JSON-able summary of the control applied last (e.g. the camera pose), or None."""
+        return None
+
+
+class NoControl(ControlEncoder):
+    """No control input (``control=none``)."""

@@ -1,0 +1,236 @@
+"""The DiT contract: everything the rollout loop, the session and the server rely on.
+
+A model is a ``DiT`` subclass. The loop never probes it (no ``getattr``/``hasattr``): it reads
+what the contract declares and calls what the contract defines, with single-expert defaults
+here. What a model must say about itself:
+
+* **Shape** (constructor attributes): ``patch_size``, ``in_dim``/``out_dim`` (latent channels
+  in and out), ``text_dim``, and the self-attention layout (``cache_layout()``): layers, K/V
+  heads, head dim, plus any extra K/V branches with caches of their own (an action module's
+  keys, a memory branch), each built from the recipe's cache policy.
+* **Named conditioning inputs** (``inputs()``): every tensor a forward may receive besides the
+  latents, by name (``camera``, ``action``, ``image_latents``, ...), with its shape in terms of
+  the forward's batch, frames and latent size, so the loop can make a stand-in for graph
+  pre-capture. Conditioners and control encoders give named tensors; a recipe that gives a name
+  the model does not accept, or omits one it requires, fails at build time in one line
+  (``check_inputs``).
+* **Experts** (``num_experts``, ``expert_plan``, ``commit_order``, ``expert_context``,
+  ``build_cache``): which expert runs each denoising step and which ones the clean commit
+  passes through (all of them: each expert keeps its own K/V). One expert by default.
+* **Commit** (``commit_mode``): ``"forward"`` runs a separate forward of the clean block at the
+  commit timestep (Self-Forcing and friends); ``"none"`` keeps the K/V the last denoising
+  forward wrote (one-step models that commit as they denoise).
+* **Graph shape key** (``graph_key``): what changes a forward's work besides its tensor shapes
+  (the valid KV length; an expert; an exact commit). A captured graph is replayed only for an
+  equal key.
+
+The attention the blocks call is set once, in one place (``build.build_rollout`` through
+``set_attention``): the backend composed with the parallel policy (``attention.base.Attention``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from flashdreams import ConfigError
+from flashdreams.attention.base import Attention
+
+#: (batch, frames, (latent height, latent width)) -> the tensor's shape
+ShapeFn = Callable[[int, int, tuple[int, int]], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class ConditionInput:
+    """A named conditioning input of a forward (see ``DiT.inputs``).
+
+    Args:
+        name: the key in the forward's ``inputs`` dict.
+        shape: (batch, frames, latent_hw) -> the shape of the tensor of one forward.
+        dtype: dtype of the stand-in (the real tensor is cast by the model).
+        required: a forward without it is an error (a camera-controlled model without camera).
+        doc: one line for error messages and the docs.
+    """
+
+    name: str
+    shape: ShapeFn
+    dtype: torch.dtype = torch.float32
+    required: bool = True
+    doc: str = ""
+
+    @staticmethod
+    def per_latent_pixel(name: str, channels: int, **kw) -> ConditionInput:
+        """(B, channels, F, h, w): a feature map at latent resolution (camera rays, image
+        latents concatenated to the input)."""
+        return ConditionInput(name, lambda b, f, hw: (b, channels, f, *hw), **kw)
+
+    @staticmethod
+    def per_frame(name: str, channels: int, **kw) -> ConditionInput:
+        """(B, F, channels): one vector (or label, with an integer dtype) per latent frame."""
+        if channels == 0:
+            return ConditionInput(name, lambda b, f, hw: (b, f), **kw)
+        return ConditionInput(name, lambda b, f, hw: (b, f, channels), **kw)
+
+    def standin(self, batch: int, frames: int, latent_hw: tuple[int, int],
+                device: torch.device | str) -> torch.Tensor:  # fmt: skip
+        """Zeros of the input's shape: what graph pre-capture feeds (no live control used)."""
+        return torch.zeros(self.shape(batch, frames, tuple(latent_hw)), dtype=self.dtype,
+                           device=device)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BranchLayout:
+    """An extra K/V branch with a cache of its own (e.g. an action module's keys).
+
+    Args:
+        num_layers: layers that carry the branch (indexed 0..num_layers-1 by the model).
+        num_heads: K/V heads.
+        head_dim: dims per head.
+        tokens_per_frame: keys one latent frame adds (None: the latent tokens of a frame).
+    """
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    tokens_per_frame: int | None = None
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The K/V a model keeps per latent frame: its self-attention and any extra branches."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    branches: dict[str, BranchLayout] = field(default_factory=dict)
+
+
+class DiT(nn.Module):
+    """Base class of every diffusion transformer the rollout runs.
+
+    Subclasses set, in ``__init__``: ``patch_size`` (pt, ph, pw), ``in_dim``, ``out_dim``,
+    ``text_dim``, ``num_layers``, ``num_heads``, ``head_dim``; and implement
+    ``prepare_context`` and ``forward``. Everything else has single-expert defaults.
+
+    The forward signature the loop calls::
+
+        forward(x, timestep, context, frame_positions=None, cache=None, mask=None,
+                inputs=None, expert=0) -> flow (B, out_dim, F, H, W), fp32
+
+    ``x`` holds ``out_dim`` latent channels (conditioning channels arrive by name in ``inputs``),
+    ``timestep`` is (B,), (B, F) or (B, L); ``cache`` is the loop's cache (or a stand-in with
+    the same ``update``/``branch``) and ``expert`` the expert named by ``expert_plan``.
+    """
+
+    num_experts: int = 1
+    commit_mode: str = "forward"  # "forward" | "none" (see the module doc)
+    patch_size: tuple[int, int, int]
+    in_dim: int
+    out_dim: int
+    text_dim: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+
+    # ------------------------------------------------------------------ shape
+    def cache_layout(self) -> CacheLayout:
+        """Self-attention K/V per layer (and extra branches); the cache is built from it."""
+        return CacheLayout(self.num_layers, self.num_heads, self.head_dim)
+
+    def tokens_per_frame(self, latent_hw: tuple[int, int]) -> int:
+        """Tokens of one latent frame of ``latent_hw`` (after the patch)."""
+        (h, w), (_, ph, pw) = latent_hw, self.patch_size
+        return (h // ph) * (w // pw)
+
+    def spatial_multiple(self) -> int:
+        """Latent height and width must be multiples of this (the spatial patch)."""
+        return int(self.patch_size[1])
+
+    # ------------------------------------------------------------------ inputs
+    def inputs(self) -> dict[str, ConditionInput]:
+        """Named conditioning inputs a forward accepts (none by default)."""
+        return {}
+
+    def check_inputs(self, given: dict[str, str]) -> None:
+        """One-line ``ConfigError`` unless ``given`` (input name -> the config option that
+        gives it) matches ``inputs()``: nothing unknown, nothing required missing."""
+        accepted = self.inputs()
+        model = type(self).__name__
+        for name, source in given.items():
+            if name not in accepted:
+                names = ", ".join(sorted(accepted)) or "none"
+                raise ConfigError(f"{source} gives the conditioning input {name!r}, which the "
+                                  f"model ({model}) does not accept (it accepts: {names})")  # fmt: skip
+        for name, spec in accepted.items():
+            if spec.required and name not in given:
+                what = f" ({spec.doc})" if spec.doc else ""
+                raise ConfigError(f"the model ({model}) needs the conditioning input {name!r}"
+                                  f"{what}, which no conditioner or control of the recipe "
+                                  "gives")  # fmt: skip
+
+    def standin_inputs(self, names, batch: int, frames: int, latent_hw: tuple[int, int],
+                       device) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Stand-ins of the named inputs (graph pre-capture)."""
+        accepted = self.inputs()
+        return {n: accepted[n].standin(batch, frames, latent_hw, device) for n in names}
+
+    # ------------------------------------------------------------------ experts
+    def expert_plan(self, timesteps: Sequence[float] | torch.Tensor) -> list[int]:
+        """Expert of every denoising step of a block (host floats or a (steps,) tensor)."""
+        return [0] * len(timesteps)
+
+    def commit_order(self) -> list[int]:
+        """Experts the clean commit runs through, in order."""
+        return list(range(self.num_experts))
+
+    def expert_context(self, context, expert: int):
+        """The part of a prompt's context the named expert reads (the whole of it here)."""
+        return context
+
+    def build_cache(self, factory: Callable[..., object], **dims):
+        """The loop's cache from the recipe's cache factory and ``cache_layout()``.
+
+        ``dims`` are the run's (``tokens_per_frame``, ``frames_per_block``, ``total_frames``,
+        ``batch_size``, ``device``, ``dtype``); the layout adds layers, heads and head dim. Extra
+        branches get caches of their own (``BranchedKVCache``). None: no cache (bidirectional).
+        """
+        from flashdreams.cache.branches import BranchedKVCache
+
+        layout = self.cache_layout()
+        main = factory(num_layers=layout.num_layers, num_heads=layout.num_heads,
+                       head_dim=layout.head_dim, **dims)  # fmt: skip
+        if main is None or not layout.branches:
+            return main
+        branches = {}
+        for name, b in layout.branches.items():
+            tokens = dims["tokens_per_frame"] if b.tokens_per_frame is None else b.tokens_per_frame
+            branches[name] = factory(**{**dims, "num_layers": b.num_layers,
+                                        "num_heads": b.num_heads, "head_dim": b.head_dim,
+                                        "tokens_per_frame": tokens})  # fmt: skip
+        return BranchedKVCache(main, branches)
+
+    # ------------------------------------------------------------------ graphs
+    def graph_key(self, cache, expert: int = 0, exact: bool = False) -> Hashable:
+        """What besides tensor shapes changes a forward's work: the valid KV length, the
+        expert (several experts only) and an exact commit."""
+        key: Hashable = 0 if cache is None else cache.valid_tokens
+        if self.num_experts > 1:
+            key = (key, expert)
+        return (key, "exact") if exact else key
+
+    # ------------------------------------------------------------------ attention
+    def set_attention(self, attention: Attention) -> None:
+        """Install the attention the blocks call (backend + parallel policy, composed)."""
+        raise NotImplementedError
+
+    @property
+    def attention(self) -> Attention:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ conditioning / forward
+    def prepare_context(self, text: torch.Tensor, image: torch.Tensor | None = None):
+        """Per-prompt cross-attention state (computed once per prompt)."""
+        raise NotImplementedError

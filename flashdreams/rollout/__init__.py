@@ -1,0 +1,6 @@
+"""The rollout: the loop (``loop``), every model forward (``forward``) and the block's decode
+and commit (``decode``). See docs/DESIGN.md."""
+
+from flashdreams.rollout.loop import NoiseFn, Rollout, StepOutput, run_rollout
+
+__all__ = ["NoiseFn", "Rollout", "StepOutput", "run_rollout"]

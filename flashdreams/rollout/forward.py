@@ -1,0 +1,143 @@
+"""Every DiT forward of a clip: model-input assembly, expert choice, guidance and the commit.
+
+``Forwards`` is the only code that calls the model. The denoising steps, the commit of a
+block's clean K/V, the commit of a conditioner's prefix frames, graph pre-capture and the
+session's recache (a prompt switch replays commits into the cache) all go through ``run``, so
+through the graph policy, the conditioner's ``replace``, the named inputs and the attention's
+exact mode alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Hashable
+
+import torch
+
+from flashdreams.conditioner.base import Conditioner
+from flashdreams.control.base import ControlEncoder
+from flashdreams.graph.base import GraphPolicy
+from flashdreams.guidance.base import Guidance
+from flashdreams.model.base import DiT
+
+Noise = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+class Forwards:
+    """Runs the model's forwards of one rollout.
+
+    Args:
+        model: the DiT (``flashdreams.model.base.DiT``).
+        graph: the graph policy every forward runs under.
+        guidance: how predictions combine per denoising step.
+        conditioner: image conditioning (prefix, replaced frames, named inputs).
+        control: live / scripted control (named inputs).
+        batch_size: videos generated together.
+        dtype: the model's activation dtype.
+        device: the run's device.
+    """
+
+    def __init__(self, model: DiT, graph: GraphPolicy, guidance: Guidance,
+                 conditioner: Conditioner, control: ControlEncoder, *, batch_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+        self.model, self.graph, self.guidance = model, graph, guidance
+        self.conditioner, self.control = conditioner, control
+        self.batch_size, self.dtype, self.device = batch_size, dtype, device
+        self.cache = None  # the rollout's cache (set once the rollout built it)
+        self.input_names = sorted({*conditioner.provides(), *control.provides()})
+
+    @property
+    def exact_commit(self) -> bool:
+        """Whether commits compute differently from denoising forwards (own captured graphs)."""
+        return self.model.attention.has_exact_mode
+
+    # ------------------------------------------------------------------ inputs
+    def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
+        """Named inputs of latent frames [start, start + num): conditioner's, then control's."""
+        return {**self.conditioner.inputs(start, num), **self.control.inputs(start, num)}
+
+    def standin_inputs(self, num: int, latent_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Zeros shaped like ``inputs`` (graph pre-capture: no live trajectory is consumed)."""
+        return self.model.standin_inputs(self.input_names, self.batch_size, num, latent_hw,
+                                         self.device)  # fmt: skip
+
+    # ------------------------------------------------------------------ one forward
+    def _call(self, x, t, ctx, positions, inputs, expert, cache):
+        return self.model(x.to(self.dtype), t, ctx, positions, cache, None, inputs, expert)
+
+    def run(self, x, t, ctx, positions, inputs: dict, expert: int = 0, *, commit: bool = False,
+            cache=None, capture: bool = True) -> torch.Tensor:  # fmt: skip
+        """One forward under the graph policy with the named expert's context.
+
+        Args:
+            commit: the forward writes the block's clean K/V for later blocks: it runs inside
+                the attention's ``exact()`` (a reduced-precision backend's fallback kernel).
+            cache: a stand-in for the rollout's cache (a recache replay), else the cache.
+            capture: False runs it uncaptured and uncompiled (shapes met once: a replay).
+        """
+        cache = self.cache if cache is None else cache
+        ctx = self.model.expert_context(ctx, expert)
+        exact = commit and self.exact_commit
+        key: Hashable | None = self.model.graph_key(cache, expert, exact) if capture else None
+        with contextlib.ExitStack() as stack:
+            if exact:
+                stack.enter_context(self.model.attention.exact())
+            if not capture:
+                stack.enter_context(_eager())
+            return self.graph.run(self._call, x, t, ctx, positions, inputs, expert, cache,
+                                  shape_key=key)  # fmt: skip
+
+    # ------------------------------------------------------------------ a block
+    def denoise(self, x: torch.Tensor, timesteps: torch.Tensor, plan: list[int], guided,
+                positions: torch.Tensor, start: int, scheduler, noise: Noise) -> torch.Tensor:  # fmt: skip
+        """The block's denoising steps from noise ``x``; returns its clean latents."""
+        inputs = self.inputs(start, x.shape[2])
+        for j, expert in enumerate(plan):
+            t = self.conditioner.timesteps(self.block_timestep(timesteps[j], x.shape[2]), start)
+
+            def forward(x_in, t_in, ctx, expert=expert):
+                return self.run(x_in, t_in, ctx, positions, inputs, expert)
+
+            x_in = self.conditioner.replace(x, start)
+            flow = self.guidance.predict(forward, x_in, t, guided, j, expert=expert)
+            x = scheduler.step(flow, x, j, noise)
+        return self.conditioner.replace(x, start)
+
+    def block_timestep(self, t: torch.Tensor | float, frames: int) -> torch.Tensor:
+        """(B, frames) timesteps of a uniform ``t``."""
+        t = torch.as_tensor(t, device=self.device, dtype=torch.float32)
+        return t.reshape(1, 1).expand(self.batch_size, frames)
+
+    def commit(self, x0: torch.Tensor, ctx, positions: torch.Tensor, start: int,
+               timestep: float, noise: Noise | None = None, *, cache=None,
+               capture: bool = True) -> None:  # fmt: skip
+        """Write the clean K/V of frames [start, start + F) of ``x0`` (B, C, F, h, w).
+
+        The one commit path: a block after its denoising (``timestep`` = the recipe's context
+        noise, re-noised with ``noise`` when above 0), a conditioner's prefix frames (t = 0) and
+        the session's recache replays (a stand-in ``cache``, uncaptured). Every expert of
+        ``commit_order`` runs, so each expert's cache holds the frames' K/V. Models with
+        ``commit_mode == "none"`` keep the K/V their last denoising forward wrote: nothing runs.
+        """
+        if self.model.commit_mode == "none":
+            return
+        x = x0
+        if timestep > 0 and noise is not None:
+            s = timestep / 1000.0
+            x = (1 - s) * x0 + s * noise(tuple(x0.shape))
+        t = self.block_timestep(timestep, x0.shape[2])
+        x, inputs = self.conditioner.replace(x, start), self.inputs(start, x0.shape[2])
+        for e in self.model.commit_order():
+            self.run(x, t, ctx, positions, inputs, e, commit=True, cache=cache, capture=capture)
+
+
+def _eager():
+    """Run compiled modules eagerly (a replay's shapes would otherwise trigger recompiles).
+
+    Nothing can be compiled before ``torch._dynamo`` is imported, and importing it takes
+    about a second, so it is only touched when already loaded.
+    """
+    if "torch._dynamo" not in sys.modules or not hasattr(torch.compiler, "set_stance"):
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")

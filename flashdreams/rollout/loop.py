@@ -1,0 +1,367 @@
+"""The generic block-autoregressive rollout loop (docs/DESIGN.md, "The rollout").
+
+It knows the parts only through their protocols (``*/base.py``, the model through
+``flashdreams.model.base.DiT``); concrete parts arrive by injection, complete.
+
+Randomness: all draws come from one seeded ``torch.Generator`` on the run's device in a fixed
+order, block-major then step-minor: for AR step i, first the block's initial noise, then the
+fresh noise of each re-noising step in order, then (if ``context_noise > 0``) the commit's
+noise. A conditioner's prefix frames (I2V) draw none. ``noise_fn`` may be injected instead
+(parity against reference implementations).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from flashdreams import ConfigError
+from flashdreams.cache.base import KVCache
+from flashdreams.conditioner.base import Conditioner
+from flashdreams.control.base import ControlEncoder
+from flashdreams.graph.base import GraphPolicy
+from flashdreams.guidance.base import Guidance
+from flashdreams.image_encoder.base import ImageEncoder
+from flashdreams.model.base import DiT
+from flashdreams.parallel.base import ParallelPolicy
+from flashdreams.precision.base import Precision
+from flashdreams.rollout.decode import BlockDecoder
+from flashdreams.rollout.forward import Forwards
+from flashdreams.scheduler.base import Scheduler
+from flashdreams.stats import StepTimer
+from flashdreams.text_encoder.base import TextEncoder
+from flashdreams.vae.base import StreamingDecoder
+
+NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+@dataclass
+class StepOutput:
+    """What one AR step produced."""
+
+    step: int
+    latents: torch.Tensor  # (B, C, F, h, w) clean latents of the block (+ prefix at step 0)
+    frames: torch.Tensor | None  # (B, T, 3, H, W) float in [0, 1], or None without a decoder
+    timer: StepTimer
+    start_frame: int = 0  # latent frame index of latents[:, :, 0] (step 0 includes any prefix)
+
+
+class Rollout:
+    """Runs a DiT block by block: diffuse, decode, commit.
+
+    Args:
+        model: the DiT (``flashdreams.model.base.DiT``), attention installed.
+        scheduler: denoising schedule of one block.
+        vae: streaming decoder.
+        text_encoder: prompt encoder.
+        cache_factory: partial KV cache, finished by the model (``DiT.build_cache``) with its
+            layout; it may return None (bidirectional recipes: one step over the whole clip).
+        graph: graph-capture policy that executes the forwards.
+        height: video height in pixels.
+        width: video width in pixels.
+        frames_per_block: latent frames per AR step.
+        total_blocks: AR steps of a finite run (``None``: endless, for streaming sessions).
+        context_noise: timestep of the commit forward (0 = clean K/V).
+        batch_size: videos generated together.
+        device: torch device.
+        dtype: activation / weight dtype of the model.
+        seed: seed of the run's generator.
+        noise_fn: optional injected noise source replacing the generator.
+        guidance: how predictions combine per step (None: one conditional forward).
+        image_encoder: image tokens for the DiT's image cross-attention (None: no tokens).
+        conditioner: latent image conditioning: prefix frames, named inputs, replaced frames.
+        control: live / scripted control giving named inputs (None: no control).
+        negative_prompt: prompt of the unconditional prediction when ``guidance`` needs one.
+        overlap_decode: decode on a side stream while the commit runs (CUDA).
+        parallel: the run's parallel layout (rank bookkeeping for the job).
+        precision: the precision policy applied to the model (reported by the job).
+        offloader: the block offloader holding the weights (``offload=blocks``), or None.
+    """
+
+    def __init__(
+        self, *, model: DiT, scheduler: Scheduler, vae: StreamingDecoder, text_encoder: TextEncoder,
+        cache_factory: Callable[..., KVCache | None], graph: GraphPolicy, height: int, width: int,
+        frames_per_block: int, total_blocks: int | None, context_noise: float = 0.0,
+        batch_size: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        seed: int = 0, noise_fn: NoiseFn | None = None, guidance: Guidance | None = None,
+        image_encoder: ImageEncoder | None = None, conditioner: Conditioner | None = None,
+        control: ControlEncoder | None = None, negative_prompt: str = "",
+        overlap_decode: bool = False, parallel: ParallelPolicy | None = None,
+        precision: Precision | None = None, offloader=None,
+    ) -> None:  # fmt: skip
+        self.model, self.scheduler = model, scheduler
+        self.vae, self.text_encoder = vae, text_encoder
+        self.device, self.dtype = torch.device(device), dtype
+        self.batch_size, self.frames_per_block = batch_size, frames_per_block
+        self.total_blocks, self.context_noise = total_blocks, float(context_noise)
+        self.seed, self._injected_noise = seed, noise_fn
+        self.guidance = guidance if guidance is not None else Guidance()
+        self.image_encoder = image_encoder if image_encoder is not None else ImageEncoder()
+        self.conditioner = conditioner if conditioner is not None else Conditioner()
+        self.control = control if control is not None else ControlEncoder()
+        self.parallel = parallel if parallel is not None else ParallelPolicy()
+        self.precision = precision if precision is not None else Precision()
+        self.offloader = offloader
+        self.negative_prompt, self.height, self.width = negative_prompt, height, width
+        self.frame_offset = self.conditioner.num_prefix_frames  # latent frames before block 0
+        self.images: list | None = None
+        self._image_tokens: torch.Tensor | None = None
+        self.latent_hw = self._latent_size(height, width)
+        if frames_per_block < 1:
+            raise ConfigError(f"rollout.frames_per_block={frames_per_block} must be >= 1")
+        if total_blocks is not None and total_blocks < 1:
+            raise ConfigError(f"rollout.total_blocks={total_blocks} must be >= 1 (or null)")
+        self.decoder = BlockDecoder(vae, dtype, self.device, overlap_decode)
+        self.forwards = Forwards(model, graph, self.guidance, self.conditioner, self.control,
+                                 batch_size=batch_size, dtype=dtype, device=self.device)  # fmt: skip
+        total_frames = self.frame_offset + frames_per_block * (total_blocks or 1)
+        self.cache = model.build_cache(
+            cache_factory, tokens_per_frame=self.cache_tokens_per_frame(),
+            frames_per_block=frames_per_block, total_frames=total_frames, batch_size=batch_size,
+            device=self.device, dtype=dtype,
+        )  # fmt: skip
+        self.forwards.cache = self.cache
+        if self.cache is not None and self.guidance.needs_negative:
+            raise ConfigError("guidance=cfg needs a bidirectional recipe (cache=none): the KV "
+                              "cache holds the K/V of one prompt")  # fmt: skip
+        if self.cache is None and self.frame_offset:
+            raise ConfigError("conditioner=first_frame needs a KV cache (an AR recipe)")
+        self._contexts: dict[tuple[str, ...], tuple] = {}
+        self.prompts: list[str] = []
+        self.step_index = 0
+
+    @property
+    def graph(self) -> GraphPolicy:
+        """The graph policy every forward runs under (held by ``forwards``)."""
+        return self.forwards.graph
+
+    @graph.setter
+    def graph(self, policy: GraphPolicy) -> None:
+        self.forwards.graph = policy
+
+    @property
+    def overlap_decode(self) -> bool:
+        """Whether the decode really overlaps the commit (asked for, and on CUDA)."""
+        return self.decoder.overlap
+
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+        multiple = self.model.spatial_multiple()
+        factor = self.vae.spatial_factor * multiple
+        for key, value in (("height", height), ("width", width)):
+            if value <= 0 or value % factor:
+                raise ConfigError(
+                    f"rollout.{key}={value} must be a positive multiple of {factor} "
+                    f"(VAE factor {self.vae.spatial_factor} x patch {multiple})"
+                )
+        return height // self.vae.spatial_factor, width // self.vae.spatial_factor
+
+    def cache_tokens_per_frame(self) -> int:
+        """DiT tokens per latent frame (after the VAE's and the patch's spatial factors)."""
+        return self.model.tokens_per_frame(self.latent_hw)
+
+    # ------------------------------------------------------------------ session state
+    def start(
+        self, prompts: list[str], seed: int | None = None, images: list | None = None
+    ) -> None:
+        """Begin a new clip: reset cache, decoder and generator; encode prompts lazily.
+
+        Args:
+            prompts: one prompt per video of the batch.
+            seed: reseed the generator (None: the run's seed).
+            images: one PIL image per video for I2V recipes (encoded here, once per clip).
+        """
+        if len(prompts) != self.batch_size:
+            raise ConfigError(
+                f"got {len(prompts)} prompts for rollout.batch_size={self.batch_size}"
+            )
+        self.prompts = list(prompts)
+        self.seed = self.seed if seed is None else seed
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        if self.cache is not None:
+            self.cache.reset()
+        self.vae.reset()
+        self.graph.reset()
+        self.step_index = 0
+        self._prepare_images(images)
+        frames = None if self.total_blocks is None else self._clip_frames()
+        self.control.prepare(self.batch_size, height=self.height, width=self.width,
+                             num_frames=frames, device=self.device)  # fmt: skip
+
+    def _clip_frames(self) -> int:
+        """Latent frames of the clip: the prefix and every block (one when endless)."""
+        return self.frame_offset + self.frames_per_block * (self.total_blocks or 1)
+
+    def _prepare_images(self, images: list | None) -> None:
+        """Image tokens (cross-attention) and latent conditioning of the clip's images."""
+        if images is not None and len(images) != self.batch_size:
+            raise ConfigError(f"got {len(images)} images for rollout.batch_size={self.batch_size}")
+        if images is not None or self._image_tokens is not None:
+            self._contexts.clear()  # the image tokens are part of the cached context
+        self.images = None if images is None else list(images)
+        self._image_tokens = None
+        if self.images is not None:
+            self._image_tokens = self.image_encoder.encode(self.images, self.device, self.dtype)
+        self.conditioner.prepare(self.images, height=self.height, width=self.width,
+                                 num_frames=self._clip_frames(), device=self.device)  # fmt: skip
+
+    def noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Next draw of the run's documented noise order."""
+        if self._injected_noise is not None:
+            return self._injected_noise(shape).to(self.device, torch.float32)
+        return torch.randn(shape, generator=self.generator, device=self.device)
+
+    def _encode(self) -> tuple:
+        """(conditional context, guidance state) of the current prompts, once per prompt tuple."""
+        key = tuple(self.prompts)
+        if key not in self._contexts:
+            b, needs_neg = self.batch_size, self.guidance.needs_negative
+            texts = self.prompts + [self.negative_prompt] * b if needs_neg else self.prompts
+            emb = self.text_encoder.encode(texts, self.device, self.dtype)  # (B or 2B, L, C)
+            cond = self.model.prepare_context(emb[:b], self._image_tokens)
+            uncond = self.model.prepare_context(emb[b:], self._image_tokens) if needs_neg else None
+            self._contexts[key] = (cond, self.guidance.prepare(cond, uncond))
+        return self._contexts[key]
+
+    def context(self) -> list:
+        """Cross-attention context of the current prompts (encoded once per prompt tuple)."""
+        return self._encode()[0]
+
+    def set_prompts(self, prompts: list[str]) -> None:
+        """Switch prompts mid-clip (the next forward uses them); other prompts' K/V are freed."""
+        if len(prompts) != self.batch_size:
+            raise ConfigError(
+                f"got {len(prompts)} prompts for rollout.batch_size={self.batch_size}"
+            )
+        self.prompts = list(prompts)
+        self._contexts = {k: v for k, v in self._contexts.items() if k == tuple(self.prompts)}
+
+    def set_control(self, control: dict | None) -> None:
+        """Live control of the next step (keys, ...), handed to the control encoder."""
+        self.control.set_control(control)
+
+    def control_state(self) -> dict | None:
+        """What the control applied last (e.g. the camera pose), for the server."""
+        return self.control.state()
+
+    # ------------------------------------------------------------------ one AR step
+    def _start_frame(self, block: int) -> int:
+        """Absolute latent frame where AR block ``block`` starts (after any prefix frames)."""
+        return self.frame_offset + block * self.frames_per_block
+
+    def _positions(self, start: int, num: int) -> torch.Tensor:
+        return torch.arange(start, start + num, device=self.device)
+
+    def _begin_block(self, start: int, num: int) -> None:
+        if self.cache is not None:
+            self.cache.begin_block(start, num)
+
+    @torch.no_grad()
+    def step(self, sync: bool = False) -> StepOutput:
+        """Generate, decode and commit the next block.
+
+        Args:
+            sync: synchronise the device at the end of the step (profiling runs only).
+        """
+        i, fpb, fw = self.step_index, self.frames_per_block, self.forwards
+        timer = StepTimer(i, self.device)
+        start = self._start_frame(i)
+        positions = self._positions(start, fpb)
+
+        timer.start("encode")
+        ctx, guided = self._encode()
+        prefix = self._commit_prefix(ctx) if i == 0 and self.frame_offset else None
+        timer.stop()
+
+        timer.start("diffuse")
+        x = self.noise((self.batch_size, self.model.out_dim, fpb, *self.latent_hw))
+        timesteps = self.scheduler.begin_block(self.device)  # (num_steps,)
+        self._begin_block(start, fpb)
+        x0 = fw.denoise(x, timesteps, self._expert_plan(timesteps), guided, positions, start,
+                        self.scheduler, self.noise)  # fmt: skip
+        timer.stop()
+
+        is_last = self.total_blocks is not None and i + 1 >= self.total_blocks
+        commit = None
+        if self.cache is not None and not is_last:
+
+            def commit():
+                self._begin_block(start, fpb)
+                fw.commit(x0, ctx, positions, start, self.context_noise, self.noise)
+
+        out, out_start = x0, start
+        if prefix is not None:  # step 0 also emits the conditioner's clean prefix frames
+            out, out_start = torch.cat([prefix.to(x0.dtype), x0], dim=2), 0
+        frames = self.decoder(out, timer, commit)
+        timer.num_frames = 0 if frames is None else frames.shape[1]
+        if sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step_index += 1
+        return StepOutput(i, out, frames, timer, out_start)
+
+    def _expert_plan(self, timesteps: torch.Tensor) -> list[int]:
+        """Expert of each denoising step, from the scheduler's host list when it has one."""
+        host = self.scheduler.host_timesteps()  # a few-step list: no device sync
+        return self.model.expert_plan(host if host is not None and len(host) == len(timesteps)
+                                      else timesteps)  # fmt: skip
+
+    def _commit_prefix(self, ctx) -> torch.Tensor:
+        """Commit the conditioner's clean prefix frames at t = 0 before block 0; return them."""
+        prefix = self.conditioner.prefix()  # (B, C, P, h, w)
+        p = prefix.shape[2]
+        self._begin_block(0, p)
+        self.forwards.commit(prefix.float(), ctx, self._positions(0, p), 0, 0.0)
+        return prefix
+
+    def precapture(self) -> None:
+        """Run every forward shape of the rollout once (graph capture during warm-up).
+
+        One shape per KV length while the cache fills, plus the steady one; named inputs are
+        stand-ins of the model's declared shapes. The forwards write only into the slots of the
+        block they pretend to be, which every real block overwrites before reading, and the
+        cache is reset afterwards.
+        """
+        if not self.graph.wants_precapture(self.device):
+            return
+        fpb, fw = self.frames_per_block, self.forwards
+        blocks = self.total_blocks or 10**9
+        if self.cache is not None:
+            blocks = min(blocks, self.cache.capacity_frames // fpb + 1)
+        x = torch.zeros(self.batch_size, self.model.out_dim, fpb, *self.latent_hw,
+                        device=self.device)  # fmt: skip
+        t = torch.zeros(self.batch_size, fpb, device=self.device)
+        inputs = fw.standin_inputs(fpb, self.latent_hw)
+        commits = self.cache is not None and fw.exact_commit and self.model.commit_mode != "none"
+        with torch.no_grad():
+            ctx = self.context()
+            for block in range(min(blocks, 1 if self.cache is None else blocks)):
+                start = block * fpb
+                self._begin_block(start, fpb)
+                positions = self._positions(start, fpb)
+                for e in self.model.commit_order():
+                    fw.run(x, t, ctx, positions, inputs, e)
+                    if commits:
+                        fw.run(x, t, ctx, positions, inputs, e, commit=True)
+        if self.cache is not None:
+            self.cache.reset()
+
+
+def run_rollout(rollout: Rollout, prompts: list[str], on_step: Callable[[StepOutput], None],
+                profile: bool = False, images: list | None = None) -> float:  # fmt: skip
+    """Run all blocks of a finite rollout, handing each step to ``on_step``.
+
+    Returns:
+        Seconds spent in steps 0 and 1 (warm-up).
+    """
+    warm_start, warmup_s = time.perf_counter(), 0.0
+    rollout.start(prompts, images=images)
+    rollout.precapture()
+    for i in range(rollout.total_blocks):
+        on_step(rollout.step(sync=profile))
+        if i == min(1, rollout.total_blocks - 1):
+            if rollout.device.type == "cuda":
+                torch.cuda.synchronize(rollout.device)
+            warmup_s = time.perf_counter() - warm_start
+    return warmup_s
