@@ -48,7 +48,8 @@ class KVCache:
         head_dim: dims per head.
         tokens_per_frame: latent tokens per frame (h * w after patching).
         frames_per_block: latent frames per AR step.
-        total_frames: latent frames of the whole rollout (a full cache holds them all).
+        total_frames: latent frames of the whole rollout (a full cache holds them all; no cache
+            allocates more), or None for an endless stream.
         batch_size: batch.
         device: buffer device.
         dtype: dtype of the K/V that ``update`` returns (and of the buffers by default).
@@ -61,6 +62,9 @@ class KVCache:
     """
 
     capacity_frames: int
+    #: old frames make room for new ones (an endless stream fits); a finite run is given the
+    #: capacity it needs, never more
+    rolls: bool = False
 
     def __init__(
         self,
@@ -70,7 +74,7 @@ class KVCache:
         head_dim: int,
         tokens_per_frame: int,
         frames_per_block: int,
-        total_frames: int,
+        total_frames: int | None,
         batch_size: int = 1,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,

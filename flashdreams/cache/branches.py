@@ -62,6 +62,10 @@ class BranchedKVCache:
         return self.main.capacity_frames
 
     @property
+    def rolls(self) -> bool:
+        return self.main.rolls
+
+    @property
     def frames_per_block(self) -> int:
         return self.main.frames_per_block
 

@@ -47,6 +47,10 @@ class ExpertKVCaches:
         return self.experts[0].capacity_frames
 
     @property
+    def rolls(self) -> bool:
+        return self.experts[0].rolls
+
+    @property
     def frames_per_block(self) -> int:
         return self.experts[0].frames_per_block
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flashdreams import ConfigError
 from flashdreams.cache.base import KVCache
 
 
@@ -13,6 +14,9 @@ class FullKVCache(KVCache):
     """
 
     def _capacity(self) -> int:
+        if self.total_frames is None:
+            raise ConfigError("cache=full holds a finite run: set rollout.total_blocks (endless "
+                              "streams need cache=rolling)")  # fmt: skip
         return self.total_frames
 
     def frame_slot(self, frame: int) -> int:

@@ -18,6 +18,10 @@ class RollingKVCache(KVCache):
         (eviction), so the block attends to sink + the most recent ``window_frames`` frames
         including itself. From here on every shape is static.
 
+    A finite run whose frames all fit (``total_frames <= sink + window``) never evicts: its
+    buffers hold ``total_frames`` only (same attention, less memory); an endless stream
+    (``total_frames=None``) gets the whole window.
+
     Args:
         window_frames: non-sink frames attended to, including the current block; must hold at
             least one block.
@@ -37,10 +41,17 @@ class RollingKVCache(KVCache):
         self.sink_frames = sink_frames
         super().__init__(**kwargs)
 
+    rolls = True
+
     def _capacity(self) -> int:
-        return self.sink_frames + self.window_frames
+        window = self.sink_frames + self.window_frames
+        return window if self.total_frames is None else min(window, self.total_frames)
 
     def frame_slot(self, frame: int) -> int:
         if frame < self.sink_frames:
-            return frame
-        return self.sink_frames + (frame - self.sink_frames) % self.window_frames
+            slot = frame
+        else:
+            slot = self.sink_frames + (frame - self.sink_frames) % self.window_frames
+        if slot >= self.capacity_frames:  # a finite run's cache, past the run's frames
+            raise IndexError(f"frame {frame} is past this run's {self.capacity_frames} frames")
+        return slot

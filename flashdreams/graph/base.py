@@ -40,4 +40,7 @@ class GraphPolicy:
         return False
 
     def reset(self) -> None:
-        """Drop captured state."""
+        """A new clip starts (captured state that reads buffers, not values, stays valid)."""
+
+    def invalidate(self) -> None:
+        """Drop everything captured: the buffers it reads (a rebuilt KV cache) are gone."""

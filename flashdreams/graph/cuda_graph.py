@@ -133,3 +133,6 @@ class CudaGraphPolicy(GraphPolicy):
 
     def reset(self) -> None:
         """Graphs stay valid across clips (they read buffers, not values); nothing to drop."""
+
+    def invalidate(self) -> None:
+        self.graphs.clear()

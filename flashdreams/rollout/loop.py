@@ -36,6 +36,7 @@ from flashdreams.text_encoder.base import TextEncoder
 from flashdreams.vae.base import StreamingDecoder
 
 NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
+_UNBUILT = object()  # the frames of a cache not built yet
 
 
 @dataclass
@@ -117,13 +118,9 @@ class Rollout:
         self.decoder = BlockDecoder(vae, dtype, self.device, overlap_decode)
         self.forwards = Forwards(model, graph, self.guidance, self.conditioner, self.control,
                                  batch_size=batch_size, dtype=dtype, device=self.device)  # fmt: skip
-        total_frames = self.frame_offset + frames_per_block * (total_blocks or 1)
-        self.cache = model.build_cache(
-            cache_factory, tokens_per_frame=self.cache_tokens_per_frame(),
-            frames_per_block=frames_per_block, total_frames=total_frames, batch_size=batch_size,
-            device=self.device, dtype=dtype,
-        )  # fmt: skip
-        self.forwards.cache = self.cache
+        self.cache: KVCache | None = None
+        self._cache_factory, self._cache_frames = cache_factory, _UNBUILT
+        self._build_cache()
         if self.cache is not None and self.guidance.needs_negative:
             raise ConfigError("guidance=cfg needs a bidirectional recipe (cache=none): the KV "
                               "cache holds the K/V of one prompt")  # fmt: skip
@@ -132,6 +129,22 @@ class Rollout:
         self._contexts: dict[tuple[str, ...], tuple] = {}
         self.prompts: list[str] = []
         self.step_index = 0
+
+    def _build_cache(self) -> None:
+        """The KV cache of the run's frames (None: endless), from the model's layout; a rolling
+        cache is rebuilt when a new clip needs other frames (a session going endless)."""
+        frames = None if self.total_blocks is None else self._clip_frames()
+        if frames == self._cache_frames:
+            return
+        self.cache = None  # free the old buffers first
+        self.cache = self.model.build_cache(
+            self._cache_factory, tokens_per_frame=self.cache_tokens_per_frame(),
+            frames_per_block=self.frames_per_block, total_frames=frames,
+            batch_size=self.batch_size, device=self.device, dtype=self.dtype,
+        )  # fmt: skip
+        self._cache_frames = frames
+        self.forwards.cache = self.cache
+        self.graph.invalidate()  # captures read the old buffers
 
     @property
     def graph(self) -> GraphPolicy:
@@ -180,6 +193,8 @@ class Rollout:
         self.prompts = list(prompts)
         self.seed = self.seed if seed is None else seed
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        if self.cache is not None and self.cache.rolls:
+            self._build_cache()  # sized to this clip's frames
         if self.cache is not None:
             self.cache.reset()
         self.vae.reset()

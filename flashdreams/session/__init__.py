@@ -61,11 +61,7 @@ class SessionStep:
 
 def _wraps(cache) -> bool:
     """True if the cache can hold an endless stream (old frames are evicted, not refused)."""
-    try:
-        cache.frame_slot(cache.capacity_frames + cache.frames_per_block)
-    except IndexError:
-        return False
-    return True
+    return cache.rolls
 
 
 class Session:

@@ -90,3 +90,32 @@ def test_write_index_buffer_is_stable_per_block_length():
     assert cache.write_index is three  # same tensor, new contents
     want = torch.cat([torch.arange(tpf) + cache.frame_slot(f) * tpf for f in range(4, 7)])
     assert torch.equal(three, want)
+
+
+def test_caches_are_sized_to_the_run():
+    """A finite run allocates the frames it has, not the whole window; endless gets the window."""
+    dims = {**DIMS, "frames_per_block": 3}
+    assert RollingKVCache(window_frames=63, total_frames=21, **dims).capacity_frames == 21
+    assert RollingKVCache(window_frames=15, sink_frames=3, total_frames=21, **dims
+                          ).capacity_frames == 18  # fmt: skip
+    endless = RollingKVCache(window_frames=63, total_frames=None, **dims)
+    assert endless.capacity_frames == 63 and endless.k[0].shape[1] == 63 * DIMS["tokens_per_frame"]
+    with pytest.raises(ConfigError, match="cache=full holds a finite run"):
+        FullKVCache(total_frames=None, **dims)
+
+
+def test_a_session_going_endless_gets_the_whole_window():
+    from flashdreams import Session
+    from tests.unit.test_config import compose_run
+
+    cfg = compose_run(["cache.window_frames=30", "rollout.total_blocks=3", "device=cpu"])
+    finite = Session(cfg, total_blocks=3)
+    assert finite.rollout.cache.capacity_frames == 9  # 3 blocks of 3 frames, not 30
+    first = [finite.step() for _ in range(3)]
+    finite.reset(total_blocks=None)
+    assert finite.rollout.cache.capacity_frames == 30
+    again = [finite.step() for _ in range(3)]
+    for a, b in zip(first, again, strict=True):  # no eviction either way: the same video
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for _ in range(9):  # past the window: old frames are evicted, the stream goes on
+        finite.step()
