@@ -118,6 +118,7 @@ class CfgGuidanceConfig:
     scale: float = 5.0
     batched: bool = False
     low_noise_scale: float | None = None  # MoE: scale while the low-noise expert runs
+    anchor: str = "uncond"  # uncond + s (cond - uncond) | "cond": cond + s (cond - uncond)
 
 
 @dataclass
