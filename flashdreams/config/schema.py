@@ -110,6 +110,8 @@ class SolverConfig:
     num_steps: int = 50
     shift: float = 5.0
     num_train_timesteps: int = 1000
+    exact_timesteps: bool = False  # model timesteps sigma * 1000 unrounded (Cosmos pipelines)
+    karras_sigmas: list[float] | None = None  # UniPC: [sigma_min, sigma_max] EDM karras schedule
 
 
 @dataclass
