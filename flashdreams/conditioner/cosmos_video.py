@@ -48,13 +48,16 @@ class CosmosVideoConditioner(Conditioner):
         conditional_timestep: timestep of the given frames on the [0, 1000] scale (the
             pipelines' 0.0001 as a sigma).
         temporal_stride: video frames per latent frame after the first (the VAE's 4).
+        needs_image: a clip cannot start without ``image=`` (Image2World recipes).
     """
 
     optional_image = True
 
     def __init__(self, encoder, video: str | None = None, num_latent_frames: int = 2,
-                 conditional_timestep: float = 0.1, temporal_stride: int = 4) -> None:  # fmt: skip
+                 conditional_timestep: float = 0.1, temporal_stride: int = 4,
+                 needs_image: bool = False) -> None:  # fmt: skip
         super().__init__()
+        self.needs_image = needs_image
         if num_latent_frames not in (1, 2):
             raise ConfigError(f"conditioner.num_latent_frames={num_latent_frames} must be 1 or 2")
         self.encoder = encoder
