@@ -67,6 +67,30 @@ class CosmosAttention(nn.Module):
         self.output_proj = nn.Linear(dim, dim, bias=False)
         self.q_norm = HeadRMSNorm(head_dim, eps)
         self.k_norm = HeadRMSNorm(head_dim, eps)
+        self.qkv_weight: torch.Tensor | None = None  # (3 dim, dim) once fused (self-attention)
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Self-attention: q/k/v as one (3 dim, dim) GEMM; q/k/v_proj become views of it.
+        Skipped when a projection was replaced (precision=fp8) or once fused."""
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv_weight is not None or any(type(x) is not nn.Linear for x in layers):
+            return
+        self.qkv_weight = torch.cat([x.weight for x in layers])
+        dim = self.q_proj.out_features
+        for i, layer in enumerate(layers):
+            layer.weight = nn.Parameter(self.qkv_weight[i * dim : (i + 1) * dim],
+                                        requires_grad=False)  # fmt: skip
+
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention q, k, v (B, L, H, D) of (B, L, C) tokens, q and k normalized."""
+        heads = (self.num_heads, -1)
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(h.to(self.qkv_weight.dtype), self.qkv_weight).chunk(3, dim=-1)
+        else:
+            q, k, v = (_linear(x, h) for x in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.unflatten(-1, heads) for t in (q, k, v))
+        return self.q_norm(q), self.k_norm(k), v
 
     def query(self, h: torch.Tensor) -> torch.Tensor:
         """(B, L, H, D) normalized queries of (B, L, C) tokens."""
@@ -79,18 +103,35 @@ class CosmosAttention(nn.Module):
         return k, _linear(self.v_proj, h).unflatten(-1, heads)
 
 
+class _ModLinear(nn.Linear):
+    """A linear of the AdaLN-LoRA modulation: one row per frame, kept in its dtype
+    (``precision=fp8`` swaps only plain ``nn.Linear`` layers)."""
+
+
 def adaln_lora(dim: int, lora_dim: int, chunks: int) -> nn.Sequential:
     """SiLU -> Linear(dim, lora_dim) -> Linear(lora_dim, chunks * dim), bias-free."""
     return nn.Sequential(
         nn.SiLU(),
-        nn.Linear(dim, lora_dim, bias=False),
-        nn.Linear(lora_dim, chunks * dim, bias=False),
+        _ModLinear(dim, lora_dim, bias=False),
+        _ModLinear(lora_dim, chunks * dim, bias=False),
     )
+
+
+def _lora(seq: nn.Sequential, emb: torch.Tensor) -> torch.Tensor:
+    """The AdaLN-LoRA MLP on (B, G, C) ``emb``, fp32 out."""
+    return _linear(seq[2], _linear(seq[1], seq[0](emb))).float()
 
 
 class CosmosBlock(nn.Module):
     """Self-attention, cross-attention and MLP, each behind a modulated non-affine LayerNorm
-    and a gated residual; fp32 residual stream."""
+    and a gated residual; fp32 residual stream.
+
+    As ``WanBlock``, three attention-free regions of static shapes (every norm, modulation,
+    RoPE, projection and residual) around the two attention calls; a graph policy may compile
+    them (``_compile_regions``) while attention stays on its kernel and the KV cache's length.
+    """
+
+    _compile_regions = ("self_attn_in", "self_attn_out", "cross_out_mlp")
 
     def __init__(self, dim: int, context_dim: int, num_heads: int, mlp_ratio: float,
                  lora_dim: int, eps: float, qk_eps: float) -> None:  # fmt: skip
@@ -108,44 +149,50 @@ class CosmosBlock(nn.Module):
         self.adaln_modulation_cross_attn = adaln_lora(dim, lora_dim, 3)
         self.adaln_modulation_mlp = adaln_lora(dim, lora_dim, 3)
 
-    @staticmethod
-    def _mod(lora: nn.Sequential, emb: torch.Tensor, temb: torch.Tensor) -> tuple:
-        """shift, scale, gate (B, G, C) fp32 of one sub-layer: LoRA(emb) + the time embedding."""
-        out = _linear(lora[2], lora[1](lora[0](emb.to(lora[1].weight.dtype)))).float()
-        return (out + temb).chunk(3, dim=-1)
+    def modulation(self, emb: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """(B, G, 9, C) fp32: shift, scale, gate of self-attention, cross-attention and MLP,
+        each its LoRA of ``emb`` plus the time embedding ``temb`` (B, G, 3C)."""
+        loras = (self.adaln_modulation_self_attn, self.adaln_modulation_cross_attn,
+                 self.adaln_modulation_mlp)  # fmt: skip
+        mods = [(_lora(m, emb) + temb).unflatten(-1, (3, -1)) for m in loras]
+        return torch.cat(mods, dim=2)
 
     @staticmethod
     def _norm(x: torch.Tensor, norm: nn.LayerNorm, shift, scale) -> torch.Tensor:
         h = F.layer_norm(x.float(), norm.normalized_shape, eps=norm.eps)
         return modulate(h.unflatten(1, (shift.shape[1], -1)), shift, scale).flatten(1, 2)
 
-    def forward(self, x, emb, temb, cross_kv: CrossKV, cos, sin, attn: Attention, cache=None,
-                layer: int = 0, mask=None) -> torch.Tensor:  # fmt: skip
-        # x: (B, L, C) fp32; emb: (B, G, C) normalized sinusoid; temb: (B, G, 3C); G = frames
-        # 1. self-attention over (KV cache +) this forward's tokens, RoPE on q and k
+    def self_attn_in(self, x, mod, cos, sin):
+        """Region 1: norm + modulation, q/k/v projections, q/k RMS norm, RoPE."""
         sa = self.self_attn
-        shift, scale, gate = self._mod(self.adaln_modulation_self_attn, emb, temb)
-        h = self._norm(x, self.layer_norm_self_attn, shift, scale).to(sa.q_proj.weight.dtype)
-        q = apply_rope_half(sa.query(h), cos, sin)
-        k, v = sa.key_value(h)
-        k = apply_rope_half(k, cos, sin)
+        h = self._norm(x, self.layer_norm_self_attn, mod[:, :, 0], mod[:, :, 1])
+        q, k, v = sa.project(h.to(sa.output_proj.weight.dtype))
+        return apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin), v
+
+    def self_attn_out(self, x, y, mod):
+        """Region 2: output projection + gated residual, norm + modulation, cross queries."""
+        ca = self.cross_attn
+        x = gated_residual(x, _linear(self.self_attn.output_proj, y.flatten(2)), mod[:, :, 2])
+        h = self._norm(x, self.layer_norm_cross_attn, mod[:, :, 3], mod[:, :, 4])
+        return x, ca.query(h)
+
+    def cross_out_mlp(self, x, y, mod):
+        """Region 3: cross output + gated residual, norm + modulation, GELU MLP, residual."""
+        x = gated_residual(x, _linear(self.cross_attn.output_proj, y.flatten(2)), mod[:, :, 5])
+        h = self._norm(x, self.layer_norm_mlp, mod[:, :, 6], mod[:, :, 7])
+        y = _linear(self.mlp.layer2, F.gelu(_linear(self.mlp.layer1, h)))
+        return gated_residual(x, y, mod[:, :, 8])
+
+    def forward(self, x, mod, cross_kv: CrossKV, cos, sin, attn: Attention, cache=None,
+                layer: int = 0, mask=None) -> torch.Tensor:  # fmt: skip
+        # x: (B, L, C) fp32 residual stream; mod: (B, G, 9, C) fp32 (``modulation``), G frames
+        q, k, v = self.self_attn_in(x, mod, cos, sin)
         amax = None
         if cache is not None:
             kv = cache.update(layer, k, v)  # (B, Lk, H, D): sink + window + this block
             k, v, amax = kv[0], kv[1], kv_amax(kv)
-        y = attn.self_attention(q, k, v, mask, amax)
-        x = gated_residual(x, _linear(sa.output_proj, y.flatten(2)), gate)
-        # 2. cross-attention to the prompt's cached K/V
-        ca = self.cross_attn
-        shift, scale, gate = self._mod(self.adaln_modulation_cross_attn, emb, temb)
-        h = self._norm(x, self.layer_norm_cross_attn, shift, scale)
-        y = attn.cross_attention(ca.query(h.to(ca.q_proj.weight.dtype)), *cross_kv)
-        x = gated_residual(x, _linear(ca.output_proj, y.flatten(2)), gate)
-        # 3. GELU MLP
-        shift, scale, gate = self._mod(self.adaln_modulation_mlp, emb, temb)
-        h = self._norm(x, self.layer_norm_mlp, shift, scale)
-        y = _linear(self.mlp.layer2, F.gelu(_linear(self.mlp.layer1, h)))
-        return gated_residual(x, y, gate)
+        x, q = self.self_attn_out(x, attn.self_attention(q, k, v, mask, amax), mod)
+        return self.cross_out_mlp(x, attn.cross_attention(q, *cross_kv), mod)
 
 
 class CosmosFinalLayer(nn.Module):
@@ -158,8 +205,7 @@ class CosmosFinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_channels, bias=False)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        lora = self.adaln_modulation
-        out = _linear(lora[2], lora[1](lora[0](emb.to(lora[1].weight.dtype)))).float()
+        out = _lora(self.adaln_modulation, emb)
         shift, scale = (out + temb[..., : out.shape[-1]]).chunk(2, dim=-1)
         h = CosmosBlock._norm(x, self.layer_norm, shift, scale)
         return F.linear(h, self.linear.weight.float())
@@ -382,8 +428,8 @@ class CosmosDiT(DiT):
         sequence = self.attention.sequence
         tokens, cos, sin, cache = sequence.scatter(tokens, cos, sin, cache, gf)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, emb, temb, context[i], cos, sin, self.attention, cache, i,
-                           mask)  # fmt: skip
+            mod = block.modulation(emb, temb)  # (B, F, 9, C): one row per frame, cheap
+            tokens = block(tokens, mod, context[i], cos, sin, self.attention, cache, i, mask)
 
         # 3. final layer, gather, unpatchify: each token's features are ordered (ph, pw, pt, C)
         out = sequence.gather(self.final_layer(tokens, emb, temb), gf)

@@ -1,0 +1,51 @@
+"""The run policies shared with Wan apply to CosmosDiT: the compile policy's block preparation
+(q/k/v fused into one GEMM, the attention-free regions compiled) and precision=fp8's block
+quantization (the per-frame AdaLN-LoRA modulation stays in its dtype)."""
+
+from __future__ import annotations
+
+import torch
+
+from flashdreams.graph.compile import compile_blocks
+from flashdreams.model.cosmos import CosmosDiT
+from flashdreams.model.cosmos.dit import _ModLinear
+from flashdreams.precision.fp8 import Fp8Linear, quantize_blocks
+
+TINY = dict(dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=48,
+            context_dim=32, adaln_lora_dim=16, text_len=8)  # fmt: skip
+
+
+def _model() -> CosmosDiT:
+    model = CosmosDiT(**TINY)
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model.eval().requires_grad_(False)
+
+
+def _run(model: CosmosDiT) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 2, 4, 4, generator=g)
+    ctx = model.prepare_context(torch.randn(1, 5, 48, generator=g))
+    return model(x, torch.tensor([[700.0, 0.1]]), ctx)
+
+
+def test_compile_policy_prepares_regions(monkeypatch):
+    model = _model()
+    ref = _run(model)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    compile_blocks(model, "default", False)
+    assert len(compiled) == 3 * TINY["num_layers"]  # every region of every block
+    assert all(b.self_attn.qkv_weight is not None for b in model.blocks)
+    torch.testing.assert_close(_run(model), ref, rtol=0, atol=1e-5)
+
+
+def test_fp8_quantizes_block_linears_not_modulation():
+    model = _model()
+    ref = _run(model)
+    count = quantize_blocks(model, "reference")
+    blocks = list(model.blocks)
+    assert count == 10 * len(blocks)  # q/k/v/o of both attentions + the MLP's two
+    assert all(type(b.mlp.layer1) is Fp8Linear for b in blocks)
+    assert all(type(b.adaln_modulation_mlp[2]) is _ModLinear for b in blocks)
+    out = _run(model)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
