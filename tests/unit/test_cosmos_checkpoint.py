@@ -44,6 +44,10 @@ def test_native_pt_loads(tmp_path):
     torch.save(state, path)
     loaded = materialize(_meta(), str(path), "cpu", torch.bfloat16)
     _assert_same(loaded, source, torch.bfloat16)
+    # built on the meta device, the loaded model runs (RoPE tables made on first use)
+    x, ctx = torch.randn(1, 4, 2, 4, 4), loaded.prepare_context(torch.randn(1, 3, 48))
+    out = loaded(x.bfloat16(), torch.tensor([500.0]), ctx)
+    assert out.shape == x.shape and out.dtype == torch.float32 and out.isfinite().all()
 
 
 def test_diffusers_folder_loads(tmp_path):

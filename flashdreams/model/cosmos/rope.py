@@ -39,14 +39,20 @@ class CosmosRope3D:
                  fps: float = 24.0) -> None:  # fmt: skip
         self.head_dim = head_dim
         self.dims = rope_axis_dims(head_dim)
-        self.inv = [axis_inv_freqs(d, float(r)) for d, r in zip(self.dims, scale, strict=True)]
+        self.scale = tuple(float(r) for r in scale)
+        if len(self.scale) != 3:
+            raise ValueError(f"rope_scale={list(scale)} needs 3 ratios (frame, height, width)")
         self.frame_scale = float(base_fps) / float(fps) if fps_modulation else 1.0
         self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _inv(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Per-axis inverse frequencies on ``device``, made on first use (plain tensors, not
+        buffers: a model built on the meta device needs no re-initialisation)."""
         if device not in self._tables:
             wide = torch.float32 if device.type == "mps" else torch.float64
-            self._tables[device] = tuple(i.to(device=device, dtype=wide) for i in self.inv)
+            with torch.device("cpu"):  # not the meta device a model may be built under
+                inv = [axis_inv_freqs(d, r) for d, r in zip(self.dims, self.scale, strict=True)]
+            self._tables[device] = tuple(i.to(device=device, dtype=wide) for i in inv)
         return self._tables[device]
 
     def cos_sin(self, frame_positions: torch.Tensor, height: int,
