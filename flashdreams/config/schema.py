@@ -100,7 +100,7 @@ class CosmosModelConfig:
     dim: int = 2048
     num_heads: int = 16
     num_layers: int = 28
-    mlp_ratio: float = 4.0
+    ffn_dim: int = 8192  # GELU MLP hidden width (4 x dim)
     in_dim: int = 16
     out_dim: int = 16
     text_dim: int = 100352  # Cosmos-Reason1-7B: 28 layers x 3584, all concatenated

@@ -49,3 +49,23 @@ def test_fp8_quantizes_block_linears_not_modulation():
     assert all(type(b.adaln_modulation_mlp[2]) is _ModLinear for b in blocks)
     out = _run(model)
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_bench_floor_counts_the_cosmos_block_gemms():
+    """flashdreams-bench's FLOP count from the model config (``forward_flops``) equals the
+    2B model's block GEMMs per token (cross-attention K/V are per prompt, not per forward)."""
+    from flashdreams.bench import forward_flops
+    from tests.unit.test_config import compose_run
+
+    cfg = compose_run(["model=cosmos_predict2_5_2b"])
+    with torch.device("meta"):
+        model = CosmosDiT(
+            **{k: v for k, v in cfg.model.items() if k not in ("_target_", "checkpoint")}
+        )
+    per_token = sum(
+        2 * m.in_features * m.out_features
+        for name, m in model.blocks.named_modules()
+        if type(m) is torch.nn.Linear
+        and not name.endswith(("cross_attn.k_proj", "cross_attn.v_proj"))
+    )
+    assert forward_flops(cfg.model, 1000, 1000)["linear"] == 1000 * per_token

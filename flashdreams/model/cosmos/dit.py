@@ -133,7 +133,7 @@ class CosmosBlock(nn.Module):
 
     _compile_regions = ("self_attn_in", "self_attn_out", "cross_out_mlp")
 
-    def __init__(self, dim: int, context_dim: int, num_heads: int, mlp_ratio: float,
+    def __init__(self, dim: int, context_dim: int, num_heads: int, ffn_dim: int,
                  lora_dim: int, eps: float, qk_eps: float) -> None:  # fmt: skip
         super().__init__()
         self.layer_norm_self_attn = nn.LayerNorm(dim, eps, elementwise_affine=False)
@@ -141,10 +141,9 @@ class CosmosBlock(nn.Module):
         self.layer_norm_mlp = nn.LayerNorm(dim, eps, elementwise_affine=False)
         self.self_attn = CosmosAttention(dim, dim, num_heads, qk_eps)
         self.cross_attn = CosmosAttention(dim, context_dim, num_heads, qk_eps)
-        hidden = int(dim * mlp_ratio)
         self.mlp = nn.Module()
-        self.mlp.layer1 = nn.Linear(dim, hidden, bias=False)
-        self.mlp.layer2 = nn.Linear(hidden, dim, bias=False)
+        self.mlp.layer1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.mlp.layer2 = nn.Linear(ffn_dim, dim, bias=False)
         self.adaln_modulation_self_attn = adaln_lora(dim, lora_dim, 3)
         self.adaln_modulation_cross_attn = adaln_lora(dim, lora_dim, 3)
         self.adaln_modulation_mlp = adaln_lora(dim, lora_dim, 3)
@@ -223,7 +222,7 @@ class CosmosDiT(DiT):
         dim: hidden width (2B: 2048).
         num_heads: attention heads (2B: 16 x 128).
         num_layers: transformer blocks (2B: 28).
-        mlp_ratio: MLP hidden width / dim.
+        ffn_dim: MLP hidden width (2B: 8192, 4 x dim); None: 4 x dim.
         in_dim: latent channels in (16; ``x`` holds these).
         out_dim: latent channels out (16).
         text_dim: width of the text embeddings fed in (Reason1 all layers: 100352). With
@@ -254,7 +253,7 @@ class CosmosDiT(DiT):
         dim: int = 2048,
         num_heads: int = 16,
         num_layers: int = 28,
-        mlp_ratio: float = 4.0,
+        ffn_dim: int | None = None,
         in_dim: int = 16,
         out_dim: int = 16,
         text_dim: int = 100352,
@@ -278,6 +277,7 @@ class CosmosDiT(DiT):
             raise ValueError(f"dim={dim} is not a multiple of num_heads={num_heads}")
         self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
         self.head_dim = dim // num_heads
+        self.ffn_dim = 4 * dim if ffn_dim is None else ffn_dim
         self.in_dim, self.out_dim = in_dim, out_dim
         self.text_dim, self.context_dim, self.text_len = text_dim, context_dim, text_len
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -297,7 +297,7 @@ class CosmosDiT(DiT):
             raise ValueError(f"text_dim={text_dim} != context_dim={context_dim} needs "
                              "use_crossattn_projection")  # fmt: skip
         self.blocks = nn.ModuleList(
-            CosmosBlock(dim, context_dim, num_heads, mlp_ratio, adaln_lora_dim, eps, qk_eps)
+            CosmosBlock(dim, context_dim, num_heads, self.ffn_dim, adaln_lora_dim, eps, qk_eps)
             for _ in range(num_layers)
         )
         self.final_layer = CosmosFinalLayer(dim, pt * ph * pw * out_dim, adaln_lora_dim, eps)
