@@ -21,6 +21,10 @@ from flashdreams.text_encoder.base import TextEncoder
 log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = "You are a helpful assistant who will provide prompts to an image generator."
+# Files of a tokenizer-only repository fetch (not the 16 GB of weights of an Instruct repo)
+TOKENIZER_PATTERNS = ("*.json", "*.txt", "*.jinja")
+# Files of the encoder itself
+MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.jinja")
 
 
 def conversation(prompt: str) -> list[dict]:
@@ -61,8 +65,9 @@ class Reason1TextEncoder(TextEncoder):
         self.text_len = text_len
         self.dtype = as_dtype(dtype)
         self.offload = offload
-        folder = resolve_path(checkpoint)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(tokenizer or folder)))
+        folder = resolve_path(checkpoint, MODEL_PATTERNS)
+        tok = folder if tokenizer is None else resolve_path(tokenizer, TOKENIZER_PATTERNS)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tok))
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=self.dtype)
         self.model = model.eval().requires_grad_(False)
         text = self.model.config.get_text_config()
