@@ -7,9 +7,16 @@ does), diffusers recomputes ``crossattn_proj`` and the K/V every forward (as its
 The floor is the step's FLOPs at the measured bf16 GEMM rate and the attention backend's rate at
 this shape (``flashdreams.bench.measure_throughput``). Writes JSON and prints a table.
 
+With ``--clip STEPS`` it also times a whole clip, decode included: our rollout of the
+``cosmos_predict2_5_2b_t2v`` recipe (random weights and prompt embeddings, Wan 2.1 VAE with
+random weights) against ``Cosmos2_5_PredictBasePipeline`` with the same DiT weights, the same
+number of UniPC steps and a random ``AutoencoderKLWan`` (prompt embeddings given, so neither
+side runs the text encoder). ``--clip 4 --recipe cosmos_predict2_5_2b_distilled_t2v``: the
+distilled clip (ours only: diffusers has no 4-step Cosmos sampler).
+
 GPU:  python scripts/bench_cosmos.py --out benchmarks/<date>_cosmos/step.json
-      python scripts/bench_cosmos.py --graph compile --attention cudnn
-CPU smoke (tiny sizes, no floor): python scripts/bench_cosmos.py --tiny
+      python scripts/bench_cosmos.py --graph compile --attention cudnn --clip 35
+CPU smoke (tiny sizes, no floor): python scripts/bench_cosmos.py --tiny --clip 2
 """
 
 from __future__ import annotations
@@ -83,14 +90,16 @@ def main() -> None:
     p.add_argument("--graph", default="eager", choices=["eager", "compile"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test at toy sizes")
+    p.add_argument("--clip", type=int, default=0, help="also time a clip of this many steps")
+    p.add_argument("--recipe", default="cosmos_predict2_5_2b_t2v", help="recipe of --clip")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
     _torchvision_resize_shim()
     cuda = torch.cuda.is_available() and not args.tiny
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else ("cpu", torch.float32)
-    size = dict(dim=64, num_heads=2, num_layers=2, text_dim=96, context_dim=32,
-                adaln_lora_dim=16, text_len=16) if args.tiny else {}  # fmt: skip
+    size = dict(dim=128, num_heads=2, num_layers=2, ffn_dim=512, text_dim=96, context_dim=64,
+                adaln_lora_dim=32, text_len=16) if args.tiny else {}  # model=cosmos_tiny  # fmt: skip
     h, w, f = (32, 32, 3) if args.tiny else (args.height, args.width, args.latent_frames)
     h, w = h // 8, w // 8
 
@@ -154,9 +163,89 @@ def main() -> None:
         r = result["floor"]
         print(f"floor {r['floor_ms']:.1f} ms (GEMM {r['linear_tflops']:.0f}, attention "
               f"{r['attention_tflops']:.0f} TFLOP/s) -> floor/measured {r['floor_over_measured']:.2f}")  # fmt: skip
+    if args.clip:
+        del x, texts, ctx
+        result["clip"] = time_clip(args, ours, peer, cuda)
+        c = result["clip"]
+        peer_txt = (f", diffusers {c['diffusers_clip_s']:.2f} s "
+                    f"({c['diffusers_clip_s'] / c['ours_clip_s']:.2f}x)") if "diffusers_clip_s" in c else ""  # fmt: skip
+        print(
+            f"clip ({c['steps']} steps, decode included): ours {c['ours_clip_s']:.2f} s{peer_txt}"
+        )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
+
+
+def time_clip(args, ours, peer, cuda: bool) -> dict:
+    """Seconds of one whole clip (``args.clip`` steps, decode included): our rollout of
+    ``args.recipe`` and, for the 35-step recipes, diffusers' pipeline with ``peer``."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from diffusers.pipelines.cosmos.pipeline_cosmos2_5_predict import (
+        Cosmos2_5_PredictBasePipeline,
+    )
+
+    from flashdreams.build import build_rollout
+    from flashdreams.io.cosmos_keymap import flashdreams_to_diffusers
+    from tests.unit.test_config import compose_run
+
+    distilled = "distilled" in args.recipe
+    h, w = (32, 32) if args.tiny else (args.height, args.width)
+    frames = 3 if args.tiny else args.latent_frames
+    overrides = [f"recipe={args.recipe}", "model.checkpoint=null", "text_encoder=random",
+                 "vae.checkpoint=null", f"rollout.height={h}", f"rollout.width={w}",
+                 f"rollout.frames_per_block={frames}", f"device={'cuda' if cuda else 'cpu'}",
+                 f"dtype={'bfloat16' if cuda else 'float32'}",
+                 f"graph={'compile' if args.graph == 'compile' else 'eager'}"]  # fmt: skip
+    if not distilled:
+        overrides.append(f"scheduler.num_steps={args.clip}")
+    if cuda:
+        overrides.append(f"attention=sdpa_{args.attention}")
+    if args.tiny:
+        overrides += ["model=cosmos_tiny", "vae.base_dim=8"]
+    rollout = build_rollout(compose_run(overrides))
+    rollout.model.load_state_dict(ours.state_dict())  # the weights the step timing used
+
+    def our_clip():
+        rollout.start(["a prompt"])
+        return rollout.step().frames
+
+    our_clip()  # warm-up (compilation, cuDNN plans)
+    out = {"steps": args.clip if not distilled else len(rollout.scheduler.timesteps),
+           "ours_clip_s": _time(our_clip, 1, 0, cuda) / 1e3}  # fmt: skip
+    rollout = None  # free its cache and decoder before the pipeline runs
+    if distilled:
+        return out
+    vae_kw = dict(base_dim=8) if args.tiny else {}
+    dev, dtype = peer.device, peer.dtype
+    pipe = Cosmos2_5_PredictBasePipeline(
+        text_encoder=None, tokenizer=None, transformer=peer,
+        vae=AutoencoderKLWan(**vae_kw).to(dev).eval(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                          use_flow_sigmas=True, flow_shift=5.0),
+        safety_checker=_NoGuardrail(dev),
+    )  # fmt: skip
+    peer.load_state_dict(flashdreams_to_diffusers(ours.state_dict()))
+    embeds = [torch.randn(1, ours.text_len, ours.text_dim, device=dev, dtype=dtype)
+              for _ in range(2)]  # fmt: skip
+
+    def peer_clip():
+        with torch.no_grad():
+            return pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=h,
+                        width=w, num_frames=1 + 4 * (frames - 1), num_inference_steps=args.clip,
+                        guidance_scale=7.0, output_type="pt").frames  # fmt: skip
+
+    peer_clip()  # warm-up
+    out["diffusers_clip_s"] = _time(peer_clip, 1, 0, cuda) / 1e3
+    return out
+
+
+class _NoGuardrail(torch.nn.Module):
+    """The pipeline's guardrail slot: prompt embeddings in, so it checks nothing."""
+
+    def __init__(self, device) -> None:
+        super().__init__()
+        self.device = torch.device(device)
 
 
 if __name__ == "__main__":
