@@ -69,3 +69,23 @@ def test_bench_floor_counts_the_cosmos_block_gemms():
         and not name.endswith(("cross_attn.k_proj", "cross_attn.v_proj"))
     )
     assert forward_flops(cfg.model, 1000, 1000)["linear"] == 1000 * per_token
+
+
+def test_offload_blocks_equals_resident():
+    """offload=blocks streams the Cosmos blocks (their modulation and the prompt's context K/V
+    included) and gives the resident model's latents bit for bit (CPU: the same code, sync)."""
+    from flashdreams.build import build_rollout
+    from tests.unit.test_config import compose_run
+
+    base = ["recipe=cosmos_predict2_5_2b_distilled_t2v", "model=cosmos_tiny",
+            "model.checkpoint=null", "device=cpu", "dtype=float32", "text_encoder=random",
+            "vae=none", "~vae.checkpoint", "rollout.height=32", "rollout.width=32",
+            "rollout.frames_per_block=2", "rollout.total_blocks=2", "cache=rolling",
+            "scheduler.timesteps=[1000,500]"]  # fmt: skip
+    latents = []
+    for extra in ([], ["offload=blocks"]):
+        rollout = build_rollout(compose_run([*base, *extra]))
+        rollout.start(["a prompt"])
+        latents.append([rollout.step().latents for _ in range(2)])
+    assert rollout.offloader is not None and rollout.offloader.num_loads > 0
+    assert all(torch.equal(a, b) for a, b in zip(*latents, strict=True))

@@ -96,8 +96,8 @@ class CosmosAttention(nn.Module):
         """(B, L, H, D) normalized queries of (B, L, C) tokens."""
         return self.q_norm(_linear(self.q_proj, h).unflatten(-1, (self.num_heads, -1)))
 
-    def key_value(self, h: torch.Tensor) -> CrossKV:
-        """(B, L, H, D) normalized keys and values of (B, L, C) tokens / context."""
+    def context_kv(self, h: torch.Tensor) -> CrossKV:
+        """(B, L, H, D) normalized keys and values of (B, L, C) context tokens (per prompt)."""
         heads = (self.num_heads, -1)
         k = self.k_norm(_linear(self.k_proj, h).unflatten(-1, heads))
         return k, _linear(self.v_proj, h).unflatten(-1, heads)
@@ -182,9 +182,11 @@ class CosmosBlock(nn.Module):
         y = _linear(self.mlp.layer2, F.gelu(_linear(self.mlp.layer1, h)))
         return gated_residual(x, y, mod[:, :, 8])
 
-    def forward(self, x, mod, cross_kv: CrossKV, cos, sin, attn: Attention, cache=None,
+    def forward(self, x, emb, temb, cross_kv: CrossKV, cos, sin, attn: Attention, cache=None,
                 layer: int = 0, mask=None) -> torch.Tensor:  # fmt: skip
-        # x: (B, L, C) fp32 residual stream; mod: (B, G, 9, C) fp32 (``modulation``), G frames
+        # x: (B, L, C) fp32 residual stream; emb (B, G, C), temb (B, G, 3C): time embedding
+        # per frame (G frames); the modulation is one row per frame, cheap
+        mod = self.modulation(emb, temb)
         q, k, v = self.self_attn_in(x, mod, cos, sin)
         amax = None
         if cache is not None:
@@ -351,7 +353,7 @@ class CosmosDiT(DiT):
             raise ValueError("CosmosDiT has no image cross-attention (image must be None)")
         if hasattr(self, "crossattn_proj"):
             text = self.crossattn_proj(text.to(self.crossattn_proj[0].weight.dtype))
-        return [blk.cross_attn.key_value(text) for blk in self.blocks]
+        return [blk.cross_attn.context_kv(text) for blk in self.blocks]
 
     def time_embedding(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(emb, temb): the RMS-normed sinusoid (B, G, C) and the time MLP's (B, G, 3C), fp32."""
@@ -428,8 +430,7 @@ class CosmosDiT(DiT):
         sequence = self.attention.sequence
         tokens, cos, sin, cache = sequence.scatter(tokens, cos, sin, cache, gf)
         for i, block in enumerate(self.blocks):
-            mod = block.modulation(emb, temb)  # (B, F, 9, C): one row per frame, cheap
-            tokens = block(tokens, mod, context[i], cos, sin, self.attention, cache, i, mask)
+            tokens = block(tokens, emb, temb, context[i], cos, sin, self.attention, cache, i, mask)
 
         # 3. final layer, gather, unpatchify: each token's features are ordered (ph, pw, pt, C)
         out = sequence.gather(self.final_layer(tokens, emb, temb), gf)
