@@ -48,6 +48,7 @@ class CosmosVideoConditioner(Conditioner):
         conditional_timestep: timestep of the given frames on the [0, 1000] scale (the
             pipelines' 0.0001 as a sigma).
         temporal_stride: video frames per latent frame after the first (the VAE's 4).
+        spatial_stride: pixels per latent pixel (the VAE's 8).
         needs_image: a clip cannot start without ``image=`` (Image2World recipes).
     """
 
@@ -55,7 +56,7 @@ class CosmosVideoConditioner(Conditioner):
 
     def __init__(self, encoder, video: str | None = None, num_latent_frames: int = 2,
                  conditional_timestep: float = 0.1, temporal_stride: int = 4,
-                 needs_image: bool = False) -> None:  # fmt: skip
+                 spatial_stride: int = 8, needs_image: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.needs_image = needs_image
         if num_latent_frames not in (1, 2):
@@ -65,8 +66,10 @@ class CosmosVideoConditioner(Conditioner):
         self.num_latent_frames = num_latent_frames
         self.conditional_timestep = float(conditional_timestep)
         self.temporal_stride = temporal_stride
+        self.spatial_stride = spatial_stride
         self._given: torch.Tensor | None = None  # (B, C, n, h, w) encoded frames
-        self._latent_hw: tuple[int, int] | None = None
+        self._latent_hw: tuple[int, int] | None = None  # set by prepare
+        self._device: torch.device | str = "cpu"
 
     def provides(self) -> dict[str, ConditionInput]:
         """Named DiT inputs this conditioner gives (``inputs``)."""
@@ -79,6 +82,8 @@ class CosmosVideoConditioner(Conditioner):
 
     def prepare(self, images, *, height, width, num_frames, device) -> None:
         self._given = None
+        self._latent_hw = (height // self.spatial_stride, width // self.spatial_stride)
+        self._device = device
         if images and self.video:
             raise ConfigError("give either image= or conditioner.video, not both")
         if self.video:
@@ -117,11 +122,11 @@ class CosmosVideoConditioner(Conditioner):
                           t[:, count:]], dim=1)  # fmt: skip
 
     def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
-        """``condition_mask`` (B, 1, num, h, w): 1 on the given frames among [start, start+num)."""
-        if self._given is None:
+        """``condition_mask`` (1, 1, num, h, w), broadcast over the batch: 1 on the given frames
+        among [start, start + num), zeros when none is given (every forward gets it, so a
+        captured graph always reads the same inputs)."""
+        if self._latent_hw is None:
             return {}
-        count = self._count(start, num)
-        b, _, _, h, w = self._given.shape
-        mask = torch.zeros(b, 1, num, h, w, device=self._given.device)
-        mask[:, :, :count] = 1.0
+        mask = torch.zeros(1, 1, num, *self._latent_hw, device=self._device)
+        mask[:, :, : self._count(start, num)] = 1.0
         return {"condition_mask": mask}

@@ -44,7 +44,9 @@ def test_image_gives_frame_zero_at_conditional_timestep():
 def test_text2world_gives_nothing():
     cond = _prepared()
     x = torch.randn(1, 2, 4, 2, 2)
-    assert cond.num_given == 0 and cond.inputs(0, 4) == {} and torch.equal(cond.replace(x, 0), x)
+    assert cond.num_given == 0 and torch.equal(cond.replace(x, 0), x)
+    mask = cond.inputs(0, 4)["condition_mask"]  # always given: zeros
+    assert mask.shape == (1, 1, 4, 2, 2) and mask.sum() == 0
 
 
 def test_errors_are_one_line_config_errors(tmp_path):
