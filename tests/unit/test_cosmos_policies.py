@@ -4,8 +4,10 @@ quantization (the per-frame AdaLN-LoRA modulation stays in its dtype)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from flashdreams import ConfigError
 from flashdreams.graph.compile import compile_blocks
 from flashdreams.model.cosmos import CosmosDiT
 from flashdreams.model.cosmos.dit import _ModLinear
@@ -89,3 +91,12 @@ def test_offload_blocks_equals_resident():
         latents.append([rollout.step().latents for _ in range(2)])
     assert rollout.offloader is not None and rollout.offloader.num_loads > 0
     assert all(torch.equal(a, b) for a, b in zip(*latents, strict=True))
+
+
+def test_bad_model_settings_are_one_line_config_errors():
+    with pytest.raises(ConfigError, match=r"^model.dim=100 is not a multiple of model.num_heads"):
+        CosmosDiT(**{**TINY, "dim": 100, "num_heads": 3})
+    with pytest.raises(ConfigError, match=r"^model.text_dim=48 differs from model.context_dim"):
+        CosmosDiT(**TINY, use_crossattn_projection=False)
+    with pytest.raises(ConfigError, match=r"^model.rope_scale=\[1.0, 3.0\] needs 3 ratios"):
+        CosmosDiT(**TINY, rope_scale=(1.0, 3.0))

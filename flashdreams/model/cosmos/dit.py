@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashdreams import ConfigError
 from flashdreams.attention.base import Attention, AttentionBackend
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.base import kv_amax
@@ -276,7 +277,7 @@ class CosmosDiT(DiT):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim={dim} is not a multiple of num_heads={num_heads}")
+            raise ConfigError(f"model.dim={dim} is not a multiple of model.num_heads={num_heads}")
         self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
         self.head_dim = dim // num_heads
         self.ffn_dim = 4 * dim if ffn_dim is None else ffn_dim
@@ -296,8 +297,8 @@ class CosmosDiT(DiT):
         if use_crossattn_projection:
             self.crossattn_proj = nn.Sequential(nn.Linear(text_dim, context_dim), nn.GELU())
         elif text_dim != context_dim:
-            raise ValueError(f"text_dim={text_dim} != context_dim={context_dim} needs "
-                             "use_crossattn_projection")  # fmt: skip
+            raise ConfigError(f"model.text_dim={text_dim} differs from model.context_dim="
+                              f"{context_dim}: set model.use_crossattn_projection=true")  # fmt: skip
         self.blocks = nn.ModuleList(
             CosmosBlock(dim, context_dim, num_heads, self.ffn_dim, adaln_lora_dim, eps, qk_eps)
             for _ in range(num_layers)
@@ -350,7 +351,8 @@ class CosmosDiT(DiT):
             image: unused (Predict2.5 has no image cross-attention); must be None.
         """
         if image is not None:
-            raise ValueError("CosmosDiT has no image cross-attention (image must be None)")
+            raise ConfigError("CosmosDiT has no image cross-attention: use image_encoder=none "
+                              "(Image2World is conditioner=cosmos_video)")  # fmt: skip
         if hasattr(self, "crossattn_proj"):
             text = self.crossattn_proj(text.to(self.crossattn_proj[0].weight.dtype))
         return [blk.cross_attn.context_kv(text) for blk in self.blocks]

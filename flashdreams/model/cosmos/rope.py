@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from flashdreams import ConfigError
 from flashdreams.model.layers import rope_axis_dims
 
 
@@ -41,7 +42,8 @@ class CosmosRope3D:
         self.dims = rope_axis_dims(head_dim)
         self.scale = tuple(float(r) for r in scale)
         if len(self.scale) != 3:
-            raise ValueError(f"rope_scale={list(scale)} needs 3 ratios (frame, height, width)")
+            raise ConfigError(f"model.rope_scale={list(scale)} needs 3 ratios (frame, height, "
+                              "width)")  # fmt: skip
         self.frame_scale = float(base_fps) / float(fps) if fps_modulation else 1.0
         self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
