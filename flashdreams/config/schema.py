@@ -94,6 +94,33 @@ class WanMoEModelConfig(WanModelConfig):
 
 
 @dataclass
+class CosmosModelConfig:
+    _target_: str = "flashdreams.model.cosmos.dit.CosmosDiT"
+    checkpoint: str | None = None  # consumed by the loader, not the constructor
+    dim: int = 2048
+    num_heads: int = 16
+    num_layers: int = 28
+    ffn_dim: int = 8192  # GELU MLP hidden width (4 x dim)
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 100352  # Cosmos-Reason1-7B: 28 layers x 3584, all concatenated
+    context_dim: int = 1024  # crossattn_proj output
+    use_crossattn_projection: bool = True
+    adaln_lora_dim: int = 256
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    condition_mask_channel: bool = True
+    concat_padding_mask: bool = True
+    rope_scale: list[float] = field(default_factory=lambda: [1.0, 3.0, 3.0])
+    rope_fps_modulation: bool = False
+    fps: float = 24.0
+    base_fps: float = 24.0
+    timestep_scale: float = 0.001
+    eps: float = 1e-6
+    qk_eps: float = 1e-6
+    text_len: int = 512
+
+
+@dataclass
 class FewStepFlowConfig:
     _target_: str = "flashdreams.scheduler.flow.FewStepFlowScheduler"
     timesteps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
@@ -101,6 +128,7 @@ class FewStepFlowConfig:
     warp: bool = True
     integer_timesteps: bool = False
     boundary: float | None = None  # MoE: high-noise steps bridge to this sigma (FastVideo)
+    renoise: str = "fresh"  # fresh | initial: re-noise with the block's starting noise (Cosmos)
 
 
 @dataclass
@@ -110,6 +138,8 @@ class SolverConfig:
     num_steps: int = 50
     shift: float = 5.0
     num_train_timesteps: int = 1000
+    exact_timesteps: bool = False  # model timesteps sigma * 1000 unrounded (Cosmos pipelines)
+    karras_sigmas: list[float] | None = None  # UniPC: [sigma_min, sigma_max] EDM karras schedule
 
 
 @dataclass
@@ -118,6 +148,7 @@ class CfgGuidanceConfig:
     scale: float = 5.0
     batched: bool = False
     low_noise_scale: float | None = None  # MoE: scale while the low-noise expert runs
+    anchor: str = "uncond"  # uncond + s (cond - uncond) | "cond": cond + s (cond - uncond)
 
 
 @dataclass
@@ -143,6 +174,7 @@ def register() -> None:
     cs.store(name="base_run", node=RunConfig)
     cs.store(group="model", name="base_wan", node=WanModelConfig)
     cs.store(group="model", name="base_wan_moe", node=WanMoEModelConfig)
+    cs.store(group="model", name="base_cosmos", node=CosmosModelConfig)
     cs.store(group="scheduler", name="base_few_step", node=FewStepFlowConfig)
     cs.store(group="scheduler", name="base_solver", node=SolverConfig)
     cs.store(group="cache", name="base_full", node=FullCacheConfig)

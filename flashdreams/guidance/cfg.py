@@ -1,4 +1,5 @@
-"""Classifier-free guidance: ``uncond + scale * (cond - uncond)``, as Wan and diffusers do."""
+"""Classifier-free guidance: ``uncond + scale * (cond - uncond)``, as Wan and diffusers do, or
+``cond + scale * (cond - uncond)`` (``anchor="cond"``, Cosmos-Predict2.5's form)."""
 
 from __future__ import annotations
 
@@ -29,17 +30,24 @@ class ClassifierFreeGuidance(Guidance):
         low_noise_scale: two-expert models (Wan 2.2 A14B): the scale while the low-noise expert
             runs (diffusers' ``guidance_scale_2``); ``scale`` is then the high-noise one.
             None: ``scale`` throughout.
+        anchor: the prediction the guided difference is added to: ``"uncond"`` (Wan,
+            diffusers' Wan pipelines: 1.0 = the conditional prediction) or ``"cond"``
+            (Cosmos-Predict2.5: ``cond + scale * (cond - uncond)``, 0.0 = conditional; the same
+            as ``"uncond"`` with scale + 1).
     """
 
     needs_negative = True
     forwards_per_step = 2
 
     def __init__(self, scale: float = 5.0, batched: bool = False,
-                 low_noise_scale: float | None = None) -> None:  # fmt: skip
+                 low_noise_scale: float | None = None, anchor: str = "uncond") -> None:  # fmt: skip
         if scale < 0:
             raise ConfigError(f"guidance.scale={scale} must be >= 0")
         if low_noise_scale is not None and low_noise_scale < 0:
             raise ConfigError(f"guidance.low_noise_scale={low_noise_scale} must be >= 0")
+        if anchor not in ("uncond", "cond"):
+            raise ConfigError(f"guidance.anchor={anchor!r} is not one of ['uncond', 'cond']")
+        self.anchor = anchor
         self.scale = float(scale)
         self.batched = bool(batched)
         low = self.scale if low_noise_scale is None else float(low_noise_scale)
@@ -61,4 +69,5 @@ class ClassifierFreeGuidance(Guidance):
             # clone: a replayed CUDA graph returns the same static output buffer twice
             cond = forward(x, t, prepared[0]).clone()
             uncond = forward(x, t, prepared[1])
-        return uncond + self.scales[expert] * (cond - uncond)
+        base = cond if self.anchor == "cond" else uncond
+        return base + self.scales[expert] * (cond - uncond)

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import pickle
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -36,6 +36,8 @@ DIT_PATTERNS = ("diffusion_pytorch_model*", "config.json", "transformer/*")
 _FILE_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".json", ".model", ".txt"}
 _TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 _MAX_LISTED = 8
+# diffusers DiT classes whose folders (or ``transformer/`` subfolders) are read
+_DIFFUSERS_DIT_CLASSES = ("WanTransformer3DModel", "CosmosTransformer3DModel")
 
 
 class CheckpointError(ConfigError):
@@ -157,7 +159,7 @@ def _is_diffusers_folder(folder: Path) -> bool:
     if not config.exists():
         return False
     try:
-        return json.loads(config.read_text()).get("_class_name") == "WanTransformer3DModel"
+        return json.loads(config.read_text()).get("_class_name") in _DIFFUSERS_DIT_CLASSES
     except (json.JSONDecodeError, AttributeError):
         return False
 
@@ -186,12 +188,18 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"checkpoint {str(path)!r} has an unknown format (suffix)")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a Wan DiT checkpoint in any supported format, keyed by Wan original names.
+def read_state_dict(
+    path: str | os.PathLike,
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read a DiT checkpoint in any supported format, keyed by the model's names.
 
     Args:
         path: a local Wan original / diffusers folder (or its ``transformer/`` parent), a
             ``.safetensors`` file or shard index, or a ``.pt`` / ``.pth`` training checkpoint.
+        convert: the model's renaming of the read tensors (a model class's
+            ``convert_checkpoint``, e.g. Cosmos' native / diffusers names); None: Wan's (Wan
+            original, diffusers and LingBot-World names).
 
     Returns:
         CPU tensors in their stored dtype, keyed like ``blocks.0.self_attn.q.weight``.
@@ -204,6 +212,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as err:  # corrupt or truncated files: safetensors / zip / json errors
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {_describe(err)}") from err
     state = strip_wrapper_prefixes(state)
+    if convert is not None:
+        return convert(state)
     if looks_like_diffusers(state):
         state = diffusers_to_wan(state)
     return lingbot_to_flashdreams(state)  # camera modules of LingBot-World; others unchanged
@@ -384,7 +394,8 @@ def materialize(
         if where != device:
             model_on_meta.to(device)
     else:
-        state = read_state_dict(resolve_path(checkpoint, DIT_PATTERNS))
+        convert = getattr(model_on_meta, "convert_checkpoint", None)  # None: Wan's names
+        state = read_state_dict(resolve_path(checkpoint, DIT_PATTERNS), convert)
         check_state_dict(model_on_meta, state, source=str(checkpoint))
         _assign(model_on_meta, state, device, dtype)
         log.info("loaded %s into %s", checkpoint, type(model_on_meta).__name__)

@@ -42,10 +42,14 @@ class FewStepFlowScheduler(Scheduler):
             the boundary, ``a x_b + sqrt(s'^2 - (a b)^2) eps'`` with ``a = (1 - s') / (1 - b)``;
             the last high-noise step hands ``x_b`` to the low-noise expert without noise.
             None: every step re-noises from x0.
+        renoise: the noise each step re-noises x0 with: ``"fresh"`` (a new draw per step,
+            Self-Forcing) or ``"initial"`` (the block's starting noise, the latent of the
+            first step, every time: Cosmos-Predict2.5's distilled DMD2/TrigFlow students).
     """
 
     def __init__(self, timesteps: Sequence[float], shift: float = 5.0, warp: bool = True,
-                 integer_timesteps: bool = False, boundary: float | None = None) -> None:  # fmt: skip
+                 integer_timesteps: bool = False, boundary: float | None = None,
+                 renoise: str = "fresh") -> None:  # fmt: skip
         ts = [float(t) for t in timesteps]
         if not ts:
             raise ConfigError("scheduler.timesteps must list at least one timestep")
@@ -60,6 +64,12 @@ class FewStepFlowScheduler(Scheduler):
         if boundary is not None and not 0.0 < boundary < 1.0:
             raise ConfigError(f"scheduler.boundary={boundary} must be in (0, 1) (or null)")
         self.boundary = boundary
+        if renoise not in ("fresh", "initial"):
+            raise ConfigError(f"scheduler.renoise={renoise!r} is not one of ['fresh', 'initial']")
+        if renoise == "initial" and boundary is not None:
+            raise ConfigError("scheduler.renoise=initial does not combine with scheduler.boundary")
+        self.renoise = renoise
+        self._initial: torch.Tensor | None = None  # the block's starting noise (renoise=initial)
 
     def begin_block(self, device: torch.device) -> torch.Tensor:
         return torch.tensor(self.timesteps, dtype=torch.float32, device=device)
@@ -78,8 +88,11 @@ class FewStepFlowScheduler(Scheduler):
                 return x_b
             a = (1.0 - nxt) / (1.0 - b)
             return a * x_b + max(nxt**2 - (a * b) ** 2, 0.0) ** 0.5 * noise_fn(tuple(x.shape))
+        if index == 0 and self.renoise == "initial":
+            self._initial = x.float()
         x0 = x.float() - sigma * flow.float()
         if last:
             return x0
         nxt = self.sigmas[index + 1]
-        return (1.0 - nxt) * x0 + nxt * noise_fn(tuple(x.shape))
+        eps = self._initial if self.renoise == "initial" else noise_fn(tuple(x.shape))
+        return (1.0 - nxt) * x0 + nxt * eps

@@ -1,0 +1,102 @@
+"""The run policies shared with Wan apply to CosmosDiT: the compile policy's block preparation
+(q/k/v fused into one GEMM, the attention-free regions compiled) and precision=fp8's block
+quantization (the per-frame AdaLN-LoRA modulation stays in its dtype)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashdreams import ConfigError
+from flashdreams.graph.compile import compile_blocks
+from flashdreams.model.cosmos import CosmosDiT
+from flashdreams.model.cosmos.dit import _ModLinear
+from flashdreams.precision.fp8 import Fp8Linear, quantize_blocks
+
+TINY = dict(dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=48,
+            context_dim=32, adaln_lora_dim=16, text_len=8)  # fmt: skip
+
+
+def _model() -> CosmosDiT:
+    model = CosmosDiT(**TINY)
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model.eval().requires_grad_(False)
+
+
+def _run(model: CosmosDiT) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 2, 4, 4, generator=g)
+    ctx = model.prepare_context(torch.randn(1, 5, 48, generator=g))
+    return model(x, torch.tensor([[700.0, 0.1]]), ctx)
+
+
+def test_compile_policy_prepares_regions(monkeypatch):
+    model = _model()
+    ref = _run(model)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    compile_blocks(model, "default", False)
+    assert len(compiled) == 3 * TINY["num_layers"]  # every region of every block
+    assert all(b.self_attn.qkv_weight is not None for b in model.blocks)
+    torch.testing.assert_close(_run(model), ref, rtol=0, atol=1e-5)
+
+
+def test_fp8_quantizes_block_linears_not_modulation():
+    model = _model()
+    ref = _run(model)
+    count = quantize_blocks(model, "reference")
+    blocks = list(model.blocks)
+    assert count == 10 * len(blocks)  # q/k/v/o of both attentions + the MLP's two
+    assert all(type(b.mlp.layer1) is Fp8Linear for b in blocks)
+    assert all(type(b.adaln_modulation_mlp[2]) is _ModLinear for b in blocks)
+    out = _run(model)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_bench_floor_counts_the_cosmos_block_gemms():
+    """flashdreams-bench's FLOP count from the model config (``forward_flops``) equals the
+    2B model's block GEMMs per token (cross-attention K/V are per prompt, not per forward)."""
+    from flashdreams.bench import forward_flops
+    from tests.unit.test_config import compose_run
+
+    cfg = compose_run(["model=cosmos_predict2_5_2b"])
+    with torch.device("meta"):
+        model = CosmosDiT(
+            **{k: v for k, v in cfg.model.items() if k not in ("_target_", "checkpoint")}
+        )
+    per_token = sum(
+        2 * m.in_features * m.out_features
+        for name, m in model.blocks.named_modules()
+        if type(m) is torch.nn.Linear
+        and not name.endswith(("cross_attn.k_proj", "cross_attn.v_proj"))
+    )
+    assert forward_flops(cfg.model, 1000, 1000)["linear"] == 1000 * per_token
+
+
+def test_offload_blocks_equals_resident():
+    """offload=blocks streams the Cosmos blocks (their modulation and the prompt's context K/V
+    included) and gives the resident model's latents bit for bit (CPU: the same code, sync)."""
+    from flashdreams.build import build_rollout
+    from tests.unit.test_config import compose_run
+
+    base = ["recipe=cosmos_predict2_5_2b_distilled_t2v", "model=cosmos_tiny",
+            "model.checkpoint=null", "device=cpu", "dtype=float32", "text_encoder=random",
+            "vae=none", "~vae.checkpoint", "rollout.height=32", "rollout.width=32",
+            "rollout.frames_per_block=2", "rollout.total_blocks=2", "cache=rolling",
+            "scheduler.timesteps=[1000,500]"]  # fmt: skip
+    latents = []
+    for extra in ([], ["offload=blocks"]):
+        rollout = build_rollout(compose_run([*base, *extra]))
+        rollout.start(["a prompt"])
+        latents.append([rollout.step().latents for _ in range(2)])
+    assert rollout.offloader is not None and rollout.offloader.num_loads > 0
+    assert all(torch.equal(a, b) for a, b in zip(*latents, strict=True))
+
+
+def test_bad_model_settings_are_one_line_config_errors():
+    with pytest.raises(ConfigError, match=r"^model.dim=100 is not a multiple of model.num_heads"):
+        CosmosDiT(**{**TINY, "dim": 100, "num_heads": 3})
+    with pytest.raises(ConfigError, match=r"^model.text_dim=48 differs from model.context_dim"):
+        CosmosDiT(**TINY, use_crossattn_projection=False)
+    with pytest.raises(ConfigError, match=r"^model.rope_scale=\[1.0, 3.0\] needs 3 ratios"):
+        CosmosDiT(**TINY, rope_scale=(1.0, 3.0))
