@@ -84,6 +84,7 @@ class BlockOffloader:
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.device = torch.device(device)
         self.blocks = list(model.blocks)
+        self.context_methods = tuple(model.block_context_methods)
         self.entries = [_block_tensors(b) for b in self.blocks]
         signature = [self._signature(e) for e in self.entries]
         if any(s != signature[0] for s in signature):
@@ -168,9 +169,10 @@ class BlockOffloader:
         for i, block in enumerate(self.blocks):
             block.register_forward_pre_hook(lambda _m, _a, i=i: self._enter(i))
             block.register_forward_hook(lambda _m, _a, _o, i=i: self._exit(i))
-            attn = getattr(block, "cross_attn", None)
-            if attn is not None and hasattr(attn, "context_kv"):
-                attn.context_kv = self._resident(i, attn.context_kv)
+            for path in self.context_methods:  # the model's per-prompt methods (DiT contract)
+                owner_path, _, name = path.rpartition(".")
+                owner = block.get_submodule(owner_path) if owner_path else block
+                setattr(owner, name, self._resident(i, getattr(owner, name)))
 
     def _resident(self, block: int, fn: Callable) -> Callable:
         """``fn`` (a method reading block ``block``'s weights) run with the block resident."""

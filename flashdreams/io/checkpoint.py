@@ -394,7 +394,7 @@ def materialize(
         if where != device:
             model_on_meta.to(device)
     else:
-        convert = getattr(model_on_meta, "convert_checkpoint", None)  # None: Wan's names
+        convert = model_on_meta.convert_checkpoint  # the DiT contract; None: Wan's names
         state = read_state_dict(resolve_path(checkpoint, DIT_PATTERNS), convert)
         check_state_dict(model_on_meta, state, source=str(checkpoint))
         _assign(model_on_meta, state, device, dtype)

@@ -127,6 +127,12 @@ class DiT(nn.Module):
 
     num_experts: int = 1
     commit_mode: str = "forward"  # "forward" | "none" (see the module doc)
+    #: renames a checkpoint's state dict to this model's names (a static function), or None for
+    #: the Wan key maps of ``flashdreams.io.keymap`` (Wan original, diffusers, Self-Forcing)
+    convert_checkpoint: Callable[[dict], dict] | None = None
+    #: per-prompt methods of each block (dotted, from the block) that read its weights outside
+    #: the block's forward; ``offload=blocks`` keeps the block resident while they run
+    block_context_methods: tuple[str, ...] = ("cross_attn.context_kv",)
     patch_size: tuple[int, int, int]
     in_dim: int
     out_dim: int
