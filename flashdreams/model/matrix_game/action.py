@@ -1,0 +1,201 @@
+"""Matrix-Game 2.0 action module: keyboard and mouse conditioning injected into DiT blocks.
+
+One module sits in each of the first blocks, between the cross-attention residual and the FFN
+(Matrix-Game-2 ``wan/modules/action_module.py``). Parameter names follow the release, so its
+checkpoints load without renaming (``blocks.N.action_model.t_qkv.weight``, ...).
+
+Actions arrive per latent frame as a window of video-frame actions: latent frame ``f`` reads the
+``window * temporal_factor`` video frames ``[tf * (f - window), tf * f)`` (3 * 4 = 12 with the
+released configs; frames before video frame 0 repeat frame 0). The control encoder cuts these
+windows (``flashdreams.control.keyboard_mouse``); the module sees ``(B, F, 12, dims)``.
+
+* **Mouse branch** (models with a mouse): every latent token gets its own temporal
+  self-attention. Its query, key and value come from an MLP of ``[token | the frame's mouse
+  window]``; a token attends to the same spatial position in the frames the cache holds (K/V
+  branch ``mouse``: one key per latent token, so one per (frame, position)).
+* **Keyboard branch**: the frame's keyboard window is embedded (per video frame) into one key
+  and value per latent frame (K/V branch ``keyboard``: one key per frame); every token queries
+  the keys of the frames it may see.
+
+Both branches use a 1-D RoPE over the absolute latent frame on the first dims of each head
+(``rope_dims[0]`` = 8 of 64 dims, theta 256; the release's height/width dims sit at position 0,
+so they are not rotated) and a q/k RMS norm **without** its scale: the release's
+``WanRMSNorm`` of this module never multiplies by its weight, which is kept only so checkpoints
+load. The output projections are added to the residual stream (zero at the release's init).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashdreams.model.layers import apply_rope
+
+
+class HeadRMSNorm(nn.Module):
+    """RMS norm over each head's dims **without** a learned scale (the release's action-module
+    ``WanRMSNorm`` ignores its ``weight``; the parameter exists so its checkpoints load)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # loaded, never used (as in the release)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class FrameRope:
+    """Rotary angles of the action attentions: absolute latent frame on the first
+    ``rope_dims[0]`` dims of a head (interleaved pairs), identity on the rest."""
+
+    def __init__(self, head_dim: int, rope_dims=(8, 28, 28), theta: float = 256.0) -> None:
+        if sum(rope_dims) != head_dim:
+            raise ValueError(f"action rope dims {tuple(rope_dims)} must sum to the head dim "
+                             f"{head_dim}")  # fmt: skip
+        self.head_dim, self.time_dims, self.theta = head_dim, int(rope_dims[0]), theta
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F,) absolute latent frames -> cos, sin (F, head_dim // 2) fp32."""
+        d = self.time_dims
+        inv = 1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        ang = positions.to(torch.float64)[:, None] * inv.to(positions.device)[None]
+        rest = self.head_dim // 2 - ang.shape[1]
+        ang = torch.cat([ang, ang.new_zeros(ang.shape[0], rest)], dim=1)
+        return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Softmax attention of (B, Lq, H, D) queries to (B, Lk, H, D) keys; mask (Lq, Lk), True =
+    may attend. The action attentions are tiny (3 queries x 6 keys per token for the mouse),
+    so they run on PyTorch's SDPA whatever the recipe's attention backend."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask)  # fmt: skip
+    return out.transpose(1, 2)
+
+
+class ActionModule(nn.Module):
+    """Keyboard (and mouse) injection of one block (names as the release's ``ActionModule``).
+
+    Args:
+        dim: the DiT width (``img_hidden_size``, 1536).
+        keyboard_dim: keyboard action dims per video frame (4 universal, 2 GTA, 7 Temple Run).
+        mouse_dim: mouse dims per video frame (2), or 0 for keyboard-only variants.
+        hidden_size: keyboard embedding width per video frame (128).
+        keyboard_hidden_dim: keyboard attention width (1024).
+        mouse_hidden_dim: mouse MLP / attention width (1024).
+        num_heads: heads of both action attentions (16, head dim 64).
+        window: latent frames of actions per window (``windows_size``, 3).
+        temporal_factor: video frames per latent frame (``vae_time_compression_ratio``, 4).
+        rope_dims: the head dims of the frame / height / width RoPE axes (8, 28, 28).
+        rope_theta: RoPE base (256).
+        qkv_bias: biases of the q/k/v and output projections (False in the release).
+    """
+
+    def __init__(self, dim: int = 1536, keyboard_dim: int = 4, mouse_dim: int = 2,
+                 hidden_size: int = 128, keyboard_hidden_dim: int = 1024,
+                 mouse_hidden_dim: int = 1024, num_heads: int = 16, window: int = 3,
+                 temporal_factor: int = 4, rope_dims=(8, 28, 28), rope_theta: float = 256.0,
+                 qkv_bias: bool = False) -> None:  # fmt: skip
+        super().__init__()
+        self.num_heads, self.keyboard_dim, self.mouse_dim = num_heads, keyboard_dim, mouse_dim
+        self.window_frames = window * temporal_factor  # video frames per latent frame's window
+        if mouse_hidden_dim % num_heads or keyboard_hidden_dim % num_heads:
+            raise ValueError("action hidden dims must be multiples of the action heads")
+        if mouse_dim and mouse_hidden_dim // num_heads != keyboard_hidden_dim // num_heads:
+            raise ValueError("the mouse and keyboard attentions share one RoPE: equal head dims")
+        self.head_dim = keyboard_hidden_dim // num_heads
+        self.rope = FrameRope(self.head_dim, rope_dims, rope_theta)
+        self.keyboard_embed = nn.Sequential(
+            nn.Linear(keyboard_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+        if mouse_dim:
+            c = mouse_hidden_dim
+            self.mouse_mlp = nn.Sequential(
+                nn.Linear(mouse_dim * self.window_frames + dim, c), nn.GELU(approximate="tanh"),
+                nn.Linear(c, c), nn.LayerNorm(c),
+            )  # fmt: skip
+            self.t_qkv = nn.Linear(c, 3 * c, bias=qkv_bias)
+            self.img_attn_q_norm = HeadRMSNorm(c // num_heads)
+            self.img_attn_k_norm = HeadRMSNorm(c // num_heads)
+            self.proj_mouse = nn.Linear(c, dim, bias=qkv_bias)
+        self.key_attn_q_norm = HeadRMSNorm(self.head_dim)
+        self.key_attn_k_norm = HeadRMSNorm(self.head_dim)
+        self.mouse_attn_q = nn.Linear(dim, keyboard_hidden_dim, bias=qkv_bias)
+        self.keyboard_attn_kv = nn.Linear(hidden_size * self.window_frames,
+                                          2 * keyboard_hidden_dim, bias=qkv_bias)  # fmt: skip
+        self.proj_keyboard = nn.Linear(keyboard_hidden_dim, dim, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor, *, keyboard: torch.Tensor | None,
+                mouse: torch.Tensor | None, positions: torch.Tensor, cache=None, layer: int = 0,
+                frame_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Add the action branches to the residual stream.
+
+        Args:
+            x: (B, L, dim) fp32 tokens of F latent frames in (frame, h, w) order.
+            keyboard: (B, F, window_frames, keyboard_dim) windows, or None (branch skipped).
+            mouse: (B, F, window_frames, mouse_dim) windows, or None (branch skipped).
+            positions: (F,) absolute latent frame of each frame (RoPE).
+            cache: the loop's cache in AR mode (``branch("keyboard")``, ``branch("mouse")``,
+                ``begin_block`` already called), else None.
+            layer: this module's layer in the branch caches.
+            frame_mask: (F, F) boolean frame-level mask of a masked full-sequence forward
+                (True = may attend), else None.
+
+        Returns:
+            (B, L, dim) fp32 tokens.
+        """
+        b, num_tokens, _ = x.shape
+        f = positions.shape[0]
+        s = num_tokens // f  # tokens per frame
+        cos, sin = self.rope.cos_sin(positions)
+        if self.mouse_dim and mouse is not None:
+            x = x + self.mouse_branch(x, mouse, cos, sin, cache, layer, frame_mask, f, s).float()
+        if keyboard is not None:
+            x = x + self.keyboard_branch(x, keyboard, cos, sin, cache, layer, frame_mask, f,
+                                         s).float()  # fmt: skip
+        return x
+
+    def mouse_branch(self, x, mouse, cos, sin, cache, layer, frame_mask, f, s) -> torch.Tensor:
+        """Per-token temporal attention over [token | mouse window] features: (B, L, dim)."""
+        b, dt = x.shape[0], self.t_qkv.weight.dtype
+        heads = (self.num_heads, self.head_dim)
+        tokens = x.view(b, f, s, -1).transpose(1, 2).to(dt)  # (B, S, F, dim)
+        window = mouse.to(dt).reshape(b, 1, f, -1).expand(b, s, f, -1)  # (B, S, F, 12 * 2)
+        h = self.mouse_mlp(torch.cat([tokens, window], dim=-1))
+        q, k, v = self.t_qkv(h).reshape(b * s, f, 3, *heads).unbind(2)  # (B*S, F, H, D)
+        q = apply_rope(self.img_attn_q_norm(q), cos, sin)
+        k = apply_rope(self.img_attn_k_norm(k), cos, sin)
+        if cache is not None:  # the branch cache holds one key per token: (B, F * S, H, D)
+            kv = cache.branch("mouse").update(layer, *(_to_frames(t, b, s) for t in (k, v)))
+            k, v = (_to_positions(t, b, s) for t in (kv[0], kv[1]))
+        out = attend(q, k, v, frame_mask)  # (B*S, F, H, D)
+        out = out.reshape(b, s, f, -1).transpose(1, 2).reshape(b, f * s, -1)
+        return self.proj_mouse(out)
+
+    def keyboard_branch(self, x, keyboard, cos, sin, cache, layer, frame_mask, f, s):
+        """Tokens query one key per latent frame of embedded keyboard windows: (B, L, dim)."""
+        b, dt = x.shape[0], self.mouse_attn_q.weight.dtype
+        heads = (self.num_heads, self.head_dim)
+        emb = self.keyboard_embed(keyboard.to(dt)).reshape(b, f, -1)  # (B, F, 12 * 128)
+        k, v = self.keyboard_attn_kv(emb).reshape(b, f, 2, *heads).unbind(2)  # (B, F, H, D)
+        k = apply_rope(self.key_attn_k_norm(k), cos, sin)
+        q = self.key_attn_q_norm(self.mouse_attn_q(x.to(dt)).unflatten(-1, heads))
+        q = apply_rope(q, cos.repeat_interleave(s, 0), sin.repeat_interleave(s, 0))
+        if cache is not None:  # one key per frame: (B, F, H, D)
+            kv = cache.branch("keyboard").update(layer, k, v)
+            k, v = kv[0], kv[1]
+        mask = None if frame_mask is None else frame_mask.repeat_interleave(s, 0)
+        return self.proj_keyboard(attend(q, k, v, mask).flatten(2))
+
+
+def _to_frames(t: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """(B*S, F, H, D) per-position sequences -> (B, F*S, H, D) tokens in (frame, position)."""
+    return t.unflatten(0, (b, s)).transpose(1, 2).flatten(1, 2)
+
+
+def _to_positions(t: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """(B, F*S, H, D) tokens -> (B*S, F, H, D) per-position sequences."""
+    return t.unflatten(1, (-1, s)).transpose(1, 2).flatten(0, 1)
