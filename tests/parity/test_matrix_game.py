@@ -119,3 +119,20 @@ def test_actions_change_the_output_and_zero_projections_leave_the_base_dit():
     expected = base(x, t, base_ctx, inputs={"image_latents": inputs["image_latents"]})
     got = model(x, t, ctx, inputs={**inputs, "keyboard": torch.ones(1, F, 12, 4)})
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_fused_blocks_equal_unfused():
+    """The fused path a graph policy installs (q/k/v GEMM, GELU epilogue, norms + modulation +
+    residuals as one pass, norm1 handed across blocks through the action blocks) gives the
+    unfused result (CPU runs the fused ops' reference math)."""
+    model = tiny_matrix_game()
+    ctx = model.prepare_context(None, torch.randn(1, 257, 32))
+    x, t = torch.randn(1, 16, F, H, W), torch.full((1, F), 400.0)
+    inputs = {"image_latents": torch.randn(1, 20, F, H, W),
+              "keyboard": torch.rand(1, F, 12, 4), "mouse": torch.randn(1, F, 12, 2)}  # fmt: skip
+    plain = model(x, t, ctx, inputs=inputs)
+    for block in model.blocks:
+        block.self_attn.fuse_qkv()
+        block.fuse_ffn_gelu()
+        block.fuse_norms()
+    torch.testing.assert_close(model(x, t, ctx, inputs=inputs), plain, rtol=0, atol=1e-5)
