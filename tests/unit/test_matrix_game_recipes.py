@@ -91,3 +91,22 @@ def test_live_session_equals_the_file_driven_run(tmp_path):
     assert (idle - pressed).abs().max() > 1e-4  # the keys reach the model
     with pytest.raises(ConfigError, match="'space' is not an action of the universal variant"):
         live.step(control={"keys": ["space"]})
+
+
+def test_precapture_covers_every_forward_with_the_action_caches(tmp_path):
+    """Graph pre-capture (stand-ins of keyboard / mouse) makes every (shape key, inputs, shapes)
+    the live steps use, while the DiT cache and both action caches fill and then roll."""
+    from tests.contract import recording
+
+    search = f"hydra.searchpath=[file://{ROOT / 'tests' / 'contract' / 'conf'}]"
+    cfg = compose_run(["recipe=matrix_game2_universal", *TINY, search, "graph=recording",
+                       f"image={_image(tmp_path)}", "cache.window_frames=6"])  # fmt: skip
+    recording.RECORDS.clear()
+    session = Session(cfg, total_blocks=None)  # endless: the caches fill, then roll
+    captured = {key for _, key in recording.RECORDS}
+    assert {k[1] for k in captured} == {(("image_latents", "keyboard", "mouse"),)}
+    recording.RECORDS.clear()
+    for i in range(4):
+        session.step(control={"keys": ["w"] if i % 2 else ["a"], "mouse": [0.1 * i, 0.0]})
+    used = {key for _, key in recording.RECORDS}
+    assert used and used <= captured
