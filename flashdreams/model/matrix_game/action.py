@@ -130,7 +130,7 @@ class ActionModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *, keyboard: torch.Tensor | None,
                 mouse: torch.Tensor | None, positions: torch.Tensor, cache=None, layer: int = 0,
-                frame_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                frame_mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:  # fmt: skip
         """Add the action branches to the residual stream.
 
         Args:
@@ -143,6 +143,8 @@ class ActionModule(nn.Module):
             layer: this module's layer in the branch caches.
             frame_mask: (F, F) boolean frame-level mask of a masked full-sequence forward
                 (True = may attend), else None.
+            rope: ``self.rope.cos_sin(positions)`` when the caller computed it once for all
+                the action modules of a forward, else None.
 
         Returns:
             (B, L, dim) fp32 tokens.
@@ -150,7 +152,7 @@ class ActionModule(nn.Module):
         b, num_tokens, _ = x.shape
         f = positions.shape[0]
         s = num_tokens // f  # tokens per frame
-        cos, sin = self.rope.cos_sin(positions)
+        cos, sin = self.rope.cos_sin(positions) if rope is None else rope
         if self.mouse_dim and mouse is not None:
             x = x + self.mouse_branch(x, mouse, cos, sin, cache, layer, frame_mask, f, s).float()
         if keyboard is not None:
@@ -182,8 +184,8 @@ class ActionModule(nn.Module):
         emb = self.keyboard_embed(keyboard.to(dt)).reshape(b, f, -1)  # (B, F, 12 * 128)
         k, v = self.keyboard_attn_kv(emb).reshape(b, f, 2, *heads).unbind(2)  # (B, F, H, D)
         k = apply_rope(self.key_attn_k_norm(k), cos, sin)
-        q = self.key_attn_q_norm(self.mouse_attn_q(x.to(dt)).unflatten(-1, heads))
-        q = apply_rope(q, cos.repeat_interleave(s, 0), sin.repeat_interleave(s, 0))
+        q = self.key_attn_q_norm(self.mouse_attn_q(x.to(dt)).view(b, f, -1, self.head_dim))
+        q = apply_rope(q, cos, sin).view(b, f * s, *heads)  # every token at its frame's angle
         if cache is not None:  # one key per frame: (B, F, H, D)
             kv = cache.branch("keyboard").update(layer, k, v)
             k, v = kv[0], kv[1]

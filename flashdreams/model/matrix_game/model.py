@@ -38,6 +38,7 @@ class ActionStep:
     keyboard: torch.Tensor | None = None
     mouse: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # action RoPE of the positions
     cache: object = None
     frame_mask: torch.Tensor | None = None
 
@@ -79,7 +80,8 @@ class MatrixGameBlock(WanBlock):
         x = self.cross_out(x, y)
         x = self.action_model(x, keyboard=step.keyboard, mouse=step.mouse,
                               positions=step.positions, cache=step.cache,
-                              layer=self.action_layer, frame_mask=step.frame_mask)  # fmt: skip
+                              layer=self.action_layer, frame_mask=step.frame_mask,
+                              rope=step.rope)  # fmt: skip
         return self.ffn_out(x, e0, next_table)
 
 
@@ -231,6 +233,8 @@ class MatrixGameDiT(WanDiT):
         step.mouse = self._window("mouse", inputs.pop("mouse", None), b, f, self.mouse_dim)
         step.positions = (torch.arange(f, device=x.device) if frame_positions is None
                           else frame_positions)  # fmt: skip
+        if self.action_blocks:  # one RoPE table for every action module of the forward
+            step.rope = self.blocks[self.action_blocks[0]].action_model.rope.cos_sin(step.positions)
         step.cache, step.frame_mask = cache, None
         if mask is not None:
             step.frame_mask = frame_level(mask, f)
@@ -239,6 +243,7 @@ class MatrixGameDiT(WanDiT):
                                    expert)  # fmt: skip
         finally:
             step.keyboard = step.mouse = step.positions = step.cache = step.frame_mask = None
+            step.rope = None
 
 
 def frame_level(mask: torch.Tensor, frames: int) -> torch.Tensor:
