@@ -115,6 +115,7 @@ class KeyboardMouseControl(ControlEncoder):
         self.actions_path = actions
         self.file = load_actions(actions, self) if actions else None  # (N, K + M) or None
         self._pending: tuple[torch.Tensor, dict[str, Any]] | None = None
+        self._frontier = 0
         self._state: dict[str, Any] | None = None
         self.timeline = torch.zeros(0, self.width)
 
@@ -147,6 +148,7 @@ class KeyboardMouseControl(ControlEncoder):
         self.batch, self.device = batch, device
         self.timeline = self.file.clone() if self.file is not None else torch.zeros(0, self.width)
         self._pending, self._state = None, None
+        self._frontier = 0  # latent frames generated so far (a replay asks for fewer)
 
     def idle_row(self) -> torch.Tensor:
         """The action row of a video frame without keys or mouse."""
@@ -229,11 +231,14 @@ class KeyboardMouseControl(ControlEncoder):
         tf = self.tf
         last = tf * (start + num - 1)  # the block's last video frame
         self._grow(last + 1)
-        if self._pending is not None:  # the step's first forward: its block takes the control
+        if self._pending is not None and start >= self._frontier:
+            # the first forward of a new block takes the step's control (a recache replaying
+            # committed blocks before it reads their recorded actions)
             row, control = self._pending
             self.timeline[max(0, tf * start - (tf - 1)) : last + 1] = row
             self._pending = None
             self._state = {"keys": control.get("keys", []), "mouse": control.get("mouse")}
+        self._frontier = max(self._frontier, start + num)
         frames = torch.arange(start, start + num)[:, None] * tf
         idx = (frames - self.window_frames + torch.arange(self.window_frames)[None]).clamp(min=0)
         win = self.timeline[idx]  # (num, 12, K + M)

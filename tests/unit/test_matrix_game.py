@@ -150,6 +150,18 @@ def test_live_control_equals_the_file_with_the_same_actions(tmp_path):
     assert live.state() == {"keys": ["s"], "mouse": [0.0, -0.1]}
 
 
+def test_a_replay_of_committed_blocks_keeps_their_actions():
+    """A recache replays committed blocks after the step's control was set: the replay reads
+    the actions those blocks had; the control goes to the new block."""
+    enc = _prepare(KeyboardMouseControl("universal"), 9)
+    enc.set_control({"keys": ["w"]})
+    first = enc.inputs(0, 3)["keyboard"].clone()
+    enc.set_control({"keys": ["s"]})
+    torch.testing.assert_close(enc.inputs(0, 3)["keyboard"], first)  # the replay
+    new = enc.inputs(3, 3)["keyboard"][0, -1, -1]
+    assert new.tolist() == [0, 1, 0, 0] and first[0, -1, -1].tolist() == [1, 0, 0, 0]
+
+
 def test_templerun_is_one_hot_with_nomove_when_idle():
     enc = _prepare(KeyboardMouseControl("templerun"), 3)
     assert set(enc.provides()) == {"keyboard"}

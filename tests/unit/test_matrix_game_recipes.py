@@ -81,9 +81,11 @@ def test_live_session_equals_the_file_driven_run(tmp_path):
     from_file = Session(compose_run(["recipe=matrix_game2_universal", *TINY, *image,
                                      f"control.actions={actions}"]), total_blocks=3)  # fmt: skip
     live = Session(compose_run(["recipe=matrix_game2_universal", *TINY, *image]), total_blocks=3)
+    from_file_frames = []
     for control in steps:
         a, b = from_file.step(), live.step(control=control)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+        from_file_frames.append(a)
     live.reset(seed=0)
     idle = live.step(control={"keys": []})
     live.reset(seed=0)
@@ -91,6 +93,15 @@ def test_live_session_equals_the_file_driven_run(tmp_path):
     assert (idle - pressed).abs().max() > 1e-4  # the keys reach the model
     with pytest.raises(ConfigError, match="'space' is not an action of the universal variant"):
         live.step(control={"keys": ["space"]})
+    # a prompt switch replays the committed blocks (recache) with their recorded actions: the
+    # model has no text, so the stream goes on exactly as without the switch
+    live.reset(seed=0)
+    for i, control in enumerate(steps):
+        if i == 2:
+            live.set_prompt("another prompt")
+        torch.testing.assert_close(live.step(control=control), from_file_frames[i], rtol=0,
+                                   atol=1e-6)  # fmt: skip
+    assert live.last.recache_ms > 0
 
 
 def test_precapture_covers_every_forward_with_the_action_caches(tmp_path):
