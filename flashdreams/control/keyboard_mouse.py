@@ -79,7 +79,7 @@ KEYMAPS: dict[str, Keymap] = {
     "gta_drive": Keymap({"w": 0, "s": 1}, 2, True, _STEER),
     # one-hot: nomove, jump, slide, turn left, turn right, left side, right side
     "templerun": Keymap(
-        {"w": 1, "space": 1, "s": 2, "z": 3, "c": 4, "a": 5, "d": 6},
+        {"w": 1, "space": 1, " ": 1, "s": 2, "z": 3, "c": 4, "a": 5, "d": 6},
         7,
         False,
         idle=0,
@@ -158,6 +158,11 @@ class KeyboardMouseControl(ControlEncoder):
         return row
 
     # ------------------------------------------------------------------ live control
+    def validate(self, control: dict[str, Any]) -> None:
+        """One-line ``ConfigError`` unless ``control`` is a valid live control of the variant
+        (for a server to reject a message before the step that would use it)."""
+        self.parse(control)
+
     def parse(self, control: dict[str, Any], where: str = "control") -> torch.Tensor:
         """One video frame's action row of a live control dict (``{"keys", "mouse"}``).
 
@@ -184,7 +189,7 @@ class KeyboardMouseControl(ControlEncoder):
             elif key in km.camera_keys:
                 look += torch.tensor(km.camera_keys[key])
             else:
-                names = ", ".join([*km.keys, *km.camera_keys])
+                names = ", ".join(k for k in [*km.keys, *km.camera_keys] if k.strip())
                 raise ConfigError(f"{where}.keys: {key!r} is not an action of the "
                                   f"{self.variant} variant (keys: {names})")  # fmt: skip
         if km.exclusive and len({km.keys[k] for k in pressed}) > 1:

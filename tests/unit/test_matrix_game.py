@@ -167,9 +167,11 @@ def test_templerun_is_one_hot_with_nomove_when_idle():
     assert set(enc.provides()) == {"keyboard"}
     idle = enc.inputs(0, 3)["keyboard"]
     assert idle.shape == (1, 3, 12, 7) and (idle[..., 0] == 1).all() and idle[..., 1:].sum() == 0
-    enc.set_control({"keys": ["space"]})
+    enc.set_control({"keys": [" "]})  # the browser's name of the space bar
     jump = enc.inputs(3, 3)["keyboard"][0, -1, -1]
     assert jump.tolist() == [0, 1, 0, 0, 0, 0, 0]
+    with pytest.raises(ConfigError, match=r"'q' is not an action of the templerun variant"):
+        enc.validate({"keys": ["q"]})
 
 
 @pytest.mark.parametrize("variant,control,match", [
