@@ -130,8 +130,12 @@ class ActionModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *, keyboard: torch.Tensor | None,
                 mouse: torch.Tensor | None, positions: torch.Tensor, cache=None, layer: int = 0,
-                frame_mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:  # fmt: skip
+                frame_mask: torch.Tensor | None = None, rope=None, ops=None) -> torch.Tensor:  # fmt: skip
         """Add the action branches to the residual stream.
+
+        The static-shape parts (projections, norms, RoPE, output residuals) are the methods
+        ``mouse_qkv``, ``mouse_out``, ``keyboard_kv``, ``keyboard_q`` and ``keyboard_out``; the
+        cache writes and the attentions, whose key length grows, run between them.
 
         Args:
             x: (B, L, dim) fp32 tokens of F latent frames in (frame, h, w) order.
@@ -145,52 +149,68 @@ class ActionModule(nn.Module):
                 (True = may attend), else None.
             rope: ``self.rope.cos_sin(positions)`` when the caller computed it once for all
                 the action modules of a forward, else None.
+            ops: what runs the static-shape methods (the block, whose graph policy may have
+                compiled its copies of them); None: this module.
 
         Returns:
             (B, L, dim) fp32 tokens.
         """
-        b, num_tokens, _ = x.shape
-        f = positions.shape[0]
-        s = num_tokens // f  # tokens per frame
+        ops = self if ops is None else ops
+        b, f = x.shape[0], positions.shape[0]
+        s = x.shape[1] // f  # tokens per frame
         cos, sin = self.rope.cos_sin(positions) if rope is None else rope
         if self.mouse_dim and mouse is not None:
-            x = x + self.mouse_branch(x, mouse, cos, sin, cache, layer, frame_mask, f, s).float()
+            q, k, v = ops.mouse_qkv(x, mouse, cos, sin)
+            if cache is not None:  # one key per token: (B, F * S, H, D)
+                k, v = cache.branch("mouse").update(layer, k, v)[:2]
+            k, v = _to_positions(k, b, s), _to_positions(v, b, s)
+            x = ops.mouse_out(x, attend(q, k, v, frame_mask))
         if keyboard is not None:
-            x = x + self.keyboard_branch(x, keyboard, cos, sin, cache, layer, frame_mask, f,
-                                         s).float()  # fmt: skip
+            k, v = ops.keyboard_kv(keyboard, cos, sin)
+            if cache is not None:  # one key per frame: (B, F, H, D)
+                k, v = cache.branch("keyboard").update(layer, k, v)[:2]
+            mask = None if frame_mask is None else frame_mask.repeat_interleave(s, 0)
+            x = ops.keyboard_out(x, attend(ops.keyboard_q(x, cos, sin), k, v, mask))
         return x
 
-    def mouse_branch(self, x, mouse, cos, sin, cache, layer, frame_mask, f, s) -> torch.Tensor:
-        """Per-token temporal attention over [token | mouse window] features: (B, L, dim)."""
-        b, dt = x.shape[0], self.t_qkv.weight.dtype
-        heads = (self.num_heads, self.head_dim)
+    def mouse_qkv(self, x, mouse, cos, sin):
+        """Mouse branch q (B*S, F, H, D) per latent position, k and v (B, F*S, H, D) in token
+        order (the cache's layout), from an MLP of [token | the frame's mouse window]."""
+        b, f, dt = x.shape[0], mouse.shape[1], self.t_qkv.weight.dtype
+        s = x.shape[1] // f
         tokens = x.view(b, f, s, -1).transpose(1, 2).to(dt)  # (B, S, F, dim)
         window = mouse.to(dt).reshape(b, 1, f, -1).expand(b, s, f, -1)  # (B, S, F, 12 * 2)
         h = self.mouse_mlp(torch.cat([tokens, window], dim=-1))
+        heads = (self.num_heads, self.head_dim)
         q, k, v = self.t_qkv(h).reshape(b * s, f, 3, *heads).unbind(2)  # (B*S, F, H, D)
         q = apply_rope(self.img_attn_q_norm(q), cos, sin)
         k = apply_rope(self.img_attn_k_norm(k), cos, sin)
-        if cache is not None:  # the branch cache holds one key per token: (B, F * S, H, D)
-            kv = cache.branch("mouse").update(layer, *(_to_frames(t, b, s) for t in (k, v)))
-            k, v = (_to_positions(t, b, s) for t in (kv[0], kv[1]))
-        out = attend(q, k, v, frame_mask)  # (B*S, F, H, D)
-        out = out.reshape(b, s, f, -1).transpose(1, 2).reshape(b, f * s, -1)
-        return self.proj_mouse(out)
+        return q, _to_frames(k, b, s), _to_frames(v, b, s)
 
-    def keyboard_branch(self, x, keyboard, cos, sin, cache, layer, frame_mask, f, s):
-        """Tokens query one key per latent frame of embedded keyboard windows: (B, L, dim)."""
-        b, dt = x.shape[0], self.mouse_attn_q.weight.dtype
-        heads = (self.num_heads, self.head_dim)
-        emb = self.keyboard_embed(keyboard.to(dt)).reshape(b, f, -1)  # (B, F, 12 * 128)
-        k, v = self.keyboard_attn_kv(emb).reshape(b, f, 2, *heads).unbind(2)  # (B, F, H, D)
-        k = apply_rope(self.key_attn_k_norm(k), cos, sin)
-        q = self.key_attn_q_norm(self.mouse_attn_q(x.to(dt)).view(b, f, -1, self.head_dim))
-        q = apply_rope(q, cos, sin).view(b, f * s, *heads)  # every token at its frame's angle
-        if cache is not None:  # one key per frame: (B, F, H, D)
-            kv = cache.branch("keyboard").update(layer, k, v)
-            k, v = kv[0], kv[1]
-        mask = None if frame_mask is None else frame_mask.repeat_interleave(s, 0)
-        return self.proj_keyboard(attend(q, k, v, mask).flatten(2))
+    def mouse_out(self, x, attn):
+        """``x`` plus the projected mouse attention (B*S, F, H, D): (B, L, dim) fp32."""
+        b, f = x.shape[0], attn.shape[1]
+        out = attn.reshape(b, -1, f, attn.shape[2] * attn.shape[3]).transpose(1, 2)
+        return x + self.proj_mouse(out.reshape(b, x.shape[1], -1)).float()
+
+    def keyboard_kv(self, keyboard, cos, sin):
+        """One key and value per latent frame (B, F, H, D) of embedded keyboard windows."""
+        b, f = keyboard.shape[:2]
+        emb = self.keyboard_embed(keyboard.to(self.keyboard_attn_kv.weight.dtype))
+        kv = self.keyboard_attn_kv(emb.reshape(b, f, -1))  # (B, F, 2 * H * D)
+        k, v = kv.reshape(b, f, 2, self.num_heads, self.head_dim).unbind(2)
+        return apply_rope(self.key_attn_k_norm(k), cos, sin), v
+
+    def keyboard_q(self, x, cos, sin):
+        """Keyboard queries (B, L, H, D) of every token, rotated to its frame's angle."""
+        b, f = x.shape[0], cos.shape[0]
+        q = self.mouse_attn_q(x.to(self.mouse_attn_q.weight.dtype))
+        q = self.key_attn_q_norm(q.view(b, f, -1, self.head_dim))  # (B, F, S * H, D)
+        return apply_rope(q, cos, sin).view(b, x.shape[1], self.num_heads, self.head_dim)
+
+    def keyboard_out(self, x, attn):
+        """``x`` plus the projected keyboard attention (B, L, H, D): (B, L, dim) fp32."""
+        return x + self.proj_keyboard(attn.flatten(2)).float()
 
 
 def _to_frames(t: torch.Tensor, b: int, s: int) -> torch.Tensor:

@@ -46,16 +46,34 @@ class ActionStep:
 class MatrixGameBlock(WanBlock):
     """A Wan block whose cross-attention residual is followed by an ``ActionModule``
     (``x = x + cross(x); x = action(x); x = x + ffn(x)``, as the release's
-    ``CausalWanAttentionBlock``). Its compile regions leave the action module (which writes its
-    cache branches) outside: the cross-attention output and the FFN are regions of their own."""
+    ``CausalWanAttentionBlock``). Its compile regions leave the cache writes and attentions of
+    the action module outside: the cross-attention output, the FFN and the action module's
+    static-shape parts (``ActionModule.mouse_qkv``, ...; run through this block's copies, which
+    a graph policy may compile) are regions of their own."""
 
-    _compile_regions = ("self_attn_in", "self_attn_out", "cross_out", "ffn_out")
+    _action_regions = ("mouse_qkv", "mouse_out", "keyboard_kv", "keyboard_q", "keyboard_out")
+    _compile_regions = ("self_attn_in", "self_attn_out", "cross_out", "ffn_out", *_action_regions)
 
     def __init__(self, *args, action: ActionModule, layer: int, step: ActionStep, **kw) -> None:
         super().__init__(*args, **kw)
         self.action_model = action
         self.action_layer = layer  # index of this block in the cache branches
         self._step = step  # shared with the model (a plain object, not a submodule)
+
+    def mouse_qkv(self, x, mouse, cos, sin):
+        return self.action_model.mouse_qkv(x, mouse, cos, sin)
+
+    def mouse_out(self, x, attn):
+        return self.action_model.mouse_out(x, attn)
+
+    def keyboard_kv(self, keyboard, cos, sin):
+        return self.action_model.keyboard_kv(keyboard, cos, sin)
+
+    def keyboard_q(self, x, cos, sin):
+        return self.action_model.keyboard_q(x, cos, sin)
+
+    def keyboard_out(self, x, attn):
+        return self.action_model.keyboard_out(x, attn)
 
     def cross_out(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-attention output projection + residual (fp32)."""
@@ -81,7 +99,7 @@ class MatrixGameBlock(WanBlock):
         x = self.action_model(x, keyboard=step.keyboard, mouse=step.mouse,
                               positions=step.positions, cache=step.cache,
                               layer=self.action_layer, frame_mask=step.frame_mask,
-                              rope=step.rope)  # fmt: skip
+                              rope=step.rope, ops=self)  # fmt: skip
         return self.ffn_out(x, e0, next_table)
 
 
