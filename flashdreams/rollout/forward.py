@@ -131,6 +131,29 @@ class Forwards:
         for e in self.model.commit_order():
             self.run(x, t, ctx, positions, inputs, e, commit=True, cache=cache, capture=capture)
 
+    def precapture(self, ctx, blocks: int, fpb: int, latent_hw: tuple[int, int],
+                   begin_block: Callable[[int, int], None]) -> None:  # fmt: skip
+        """Run the forwards of ``blocks`` blocks of ``fpb`` frames once, on stand-in inputs.
+
+        The forwards write only into the slots of the block they pretend to be, which every
+        real block overwrites before reading; the cache is reset afterwards. Named inputs are
+        stand-ins of the model's declared shapes, so no live control is consumed.
+        """
+        x = torch.zeros(self.batch_size, self.model.out_dim, fpb, *latent_hw, device=self.device)
+        t = torch.zeros(self.batch_size, fpb, device=self.device)
+        inputs = self.standin_inputs(fpb, latent_hw)
+        commits = self.cache is not None and self.exact_commit and self.model.commit_mode != "none"
+        for block in range(blocks):
+            start = block * fpb
+            begin_block(start, fpb)
+            positions = torch.arange(start, start + fpb, device=self.device)
+            for e in self.model.commit_order():
+                self.run(x, t, ctx, positions, inputs, e)
+                if commits:
+                    self.run(x, t, ctx, positions, inputs, e, commit=True)
+        if self.cache is not None:
+            self.cache.reset()
+
 
 def _eager():
     """Run compiled modules eagerly (a replay's shapes would otherwise trigger recompiles).

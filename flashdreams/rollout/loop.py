@@ -12,7 +12,6 @@ noise. A conditioner's prefix frames (I2V) draw none. ``noise_fn`` may be inject
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from flashdreams.image_encoder.base import ImageEncoder
 from flashdreams.model.base import DiT
 from flashdreams.parallel.base import ParallelPolicy
 from flashdreams.precision.base import Precision
+from flashdreams.rollout.context import PromptContext
 from flashdreams.rollout.decode import BlockDecoder
 from flashdreams.rollout.forward import Forwards
 from flashdreams.scheduler.base import Scheduler
@@ -108,8 +108,10 @@ class Rollout:
         self.offloader = offloader
         self.negative_prompt, self.height, self.width = negative_prompt, height, width
         self.frame_offset = self.conditioner.num_prefix_frames  # latent frames before block 0
-        self.images: list | None = None
-        self._image_tokens: torch.Tensor | None = None
+        self.prompt_context = PromptContext(
+            model, text_encoder, self.image_encoder, self.guidance, batch_size=batch_size,
+            negative_prompt=negative_prompt, device=self.device, dtype=dtype,
+        )  # fmt: skip
         self.latent_hw = self._latent_size(height, width)
         if frames_per_block < 1:
             raise ConfigError(f"rollout.frames_per_block={frames_per_block} must be >= 1")
@@ -126,8 +128,6 @@ class Rollout:
                               "cache holds the K/V of one prompt")  # fmt: skip
         if self.cache is None and self.frame_offset:
             raise ConfigError("conditioner=first_frame needs a KV cache (an AR recipe)")
-        self._contexts: dict[tuple[str, ...], tuple] = {}
-        self.prompts: list[str] = []
         self.step_index = 0
 
     def _build_cache(self) -> None:
@@ -186,11 +186,7 @@ class Rollout:
             seed: reseed the generator (None: the run's seed).
             images: one PIL image per video for I2V recipes (encoded here, once per clip).
         """
-        if len(prompts) != self.batch_size:
-            raise ConfigError(
-                f"got {len(prompts)} prompts for rollout.batch_size={self.batch_size}"
-            )
-        self.prompts = list(prompts)
+        self.prompt_context.set_prompts(prompts)
         self.seed = self.seed if seed is None else seed
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         if self.cache is not None and self.cache.rolls:
@@ -211,14 +207,7 @@ class Rollout:
 
     def _prepare_images(self, images: list | None) -> None:
         """Image tokens (cross-attention) and latent conditioning of the clip's images."""
-        if images is not None and len(images) != self.batch_size:
-            raise ConfigError(f"got {len(images)} images for rollout.batch_size={self.batch_size}")
-        if images is not None or self._image_tokens is not None:
-            self._contexts.clear()  # the image tokens are part of the cached context
-        self.images = None if images is None else list(images)
-        self._image_tokens = None
-        if self.images is not None:
-            self._image_tokens = self.image_encoder.encode(self.images, self.device, self.dtype)
+        self.prompt_context.set_images(images)
         self.conditioner.prepare(self.images, height=self.height, width=self.width,
                                  num_frames=self._clip_frames(), device=self.device)  # fmt: skip
 
@@ -230,28 +219,23 @@ class Rollout:
 
     def _encode(self) -> tuple:
         """(conditional context, guidance state) of the current prompts, once per prompt tuple."""
-        key = tuple(self.prompts)
-        if key not in self._contexts:
-            b, needs_neg = self.batch_size, self.guidance.needs_negative
-            texts = self.prompts + [self.negative_prompt] * b if needs_neg else self.prompts
-            emb = self.text_encoder.encode(texts, self.device, self.dtype)  # (B or 2B, L, C)
-            cond = self.model.prepare_context(emb[:b], self._image_tokens)
-            uncond = self.model.prepare_context(emb[b:], self._image_tokens) if needs_neg else None
-            self._contexts[key] = (cond, self.guidance.prepare(cond, uncond))
-        return self._contexts[key]
+        return self.prompt_context.encode()
 
     def context(self) -> list:
         """Cross-attention context of the current prompts (encoded once per prompt tuple)."""
-        return self._encode()[0]
+        return self.prompt_context.encode()[0]
 
     def set_prompts(self, prompts: list[str]) -> None:
         """Switch prompts mid-clip (the next forward uses them); other prompts' K/V are freed."""
-        if len(prompts) != self.batch_size:
-            raise ConfigError(
-                f"got {len(prompts)} prompts for rollout.batch_size={self.batch_size}"
-            )
-        self.prompts = list(prompts)
-        self._contexts = {k: v for k, v in self._contexts.items() if k == tuple(self.prompts)}
+        self.prompt_context.set_prompts(prompts)
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.prompt_context.prompts
+
+    @property
+    def images(self) -> list | None:
+        return self.prompt_context.images
 
     def set_control(self, control: dict | None) -> None:
         """Live control of the next step (keys, ...), handed to the control encoder."""
@@ -331,52 +315,13 @@ class Rollout:
         return prefix
 
     def precapture(self) -> None:
-        """Run every forward shape of the rollout once (graph capture during warm-up).
-
-        One shape per KV length while the cache fills, plus the steady one; named inputs are
-        stand-ins of the model's declared shapes. The forwards write only into the slots of the
-        block they pretend to be, which every real block overwrites before reading, and the
-        cache is reset afterwards.
-        """
+        """Run every forward shape of the rollout once (graph capture during warm-up): one per
+        KV length while the cache fills, plus the steady one (``Forwards.precapture``)."""
         if not self.graph.wants_precapture(self.device):
             return
-        fpb, fw = self.frames_per_block, self.forwards
         blocks = self.total_blocks or 10**9
         if self.cache is not None:
-            blocks = min(blocks, self.cache.capacity_frames // fpb + 1)
-        x = torch.zeros(self.batch_size, self.model.out_dim, fpb, *self.latent_hw,
-                        device=self.device)  # fmt: skip
-        t = torch.zeros(self.batch_size, fpb, device=self.device)
-        inputs = fw.standin_inputs(fpb, self.latent_hw)
-        commits = self.cache is not None and fw.exact_commit and self.model.commit_mode != "none"
+            blocks = min(blocks, self.cache.capacity_frames // self.frames_per_block + 1)
         with torch.no_grad():
-            ctx = self.context()
-            for block in range(min(blocks, 1 if self.cache is None else blocks)):
-                start = block * fpb
-                self._begin_block(start, fpb)
-                positions = self._positions(start, fpb)
-                for e in self.model.commit_order():
-                    fw.run(x, t, ctx, positions, inputs, e)
-                    if commits:
-                        fw.run(x, t, ctx, positions, inputs, e, commit=True)
-        if self.cache is not None:
-            self.cache.reset()
-
-
-def run_rollout(rollout: Rollout, prompts: list[str], on_step: Callable[[StepOutput], None],
-                profile: bool = False, images: list | None = None) -> float:  # fmt: skip
-    """Run all blocks of a finite rollout, handing each step to ``on_step``.
-
-    Returns:
-        Seconds spent in steps 0 and 1 (warm-up).
-    """
-    warm_start, warmup_s = time.perf_counter(), 0.0
-    rollout.start(prompts, images=images)
-    rollout.precapture()
-    for i in range(rollout.total_blocks):
-        on_step(rollout.step(sync=profile))
-        if i == min(1, rollout.total_blocks - 1):
-            if rollout.device.type == "cuda":
-                torch.cuda.synchronize(rollout.device)
-            warmup_s = time.perf_counter() - warm_start
-    return warmup_s
+            self.forwards.precapture(self.context(), blocks if self.cache is not None else 1,
+                                     self.frames_per_block, self.latent_hw, self._begin_block)  # fmt: skip

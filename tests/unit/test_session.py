@@ -129,7 +129,7 @@ def test_set_prompt_takes_effect_at_the_next_step():
     assert b.last.prompt_version == 1 and b.last.recache_ms > 0
     assert b.rollout.prompts == ["a burning city"]
     assert not torch.equal(fa, fb)
-    assert list(b.rollout._contexts) == [("a burning city",)]  # the old prompt's K/V are freed
+    assert list(b.rollout.prompt_context.cached) == [("a burning city",)]  # old K/V freed
     b.set_prompt("a burning city")  # same prompt again: no recache
     b.step()
     assert b.last.prompt_version == 1 and b.last.recache_ms == 0
