@@ -129,6 +129,8 @@ class FewStepFlowConfig:
     integer_timesteps: bool = False
     boundary: float | None = None  # MoE: high-noise steps bridge to this sigma (FastVideo)
     renoise: str = "fresh"  # fresh | initial: re-noise with the block's starting noise (Cosmos)
+    grid: str | None = None  # null (exact warped sigmas) | wan_unipc | self_forcing (vendor grid)
+    latent_dtype: str | None = None  # null | bfloat16: latents rounded after every step
 
 
 @dataclass

@@ -43,3 +43,83 @@ def test_diffusers_solvers_integrate_a_constant_flow_exactly(solver):
     for i in range(sched.num_steps):
         x = sched.step(eps - x0, x, i, None)
     torch.testing.assert_close(x, x0, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- vendor grids (issue 30)
+def _wan_unipc_reference(shift: float):
+    """cshang-rbx/lingbot-world's lookups, written out from its semantics (not its code):
+    FlowUniPCMultistepScheduler(shift=1).set_timesteps(1000, shift) gives float32 sigmas and
+    int64 timesteps; x0 takes argmin |t_i - t| (the first tie), add_noise the second tie."""
+    import numpy as np
+
+    sigma_max = float(np.float32(1.0 - 0.001))
+    raw = np.linspace(sigma_max, 0.0, 1001)[:-1]
+    warped = shift * raw / (1 + (shift - 1) * raw)
+    steps = torch.from_numpy(warped * 1000).to(torch.int64)
+    levels = torch.from_numpy(warped.astype(np.float32))
+
+    def x0_level(t):
+        return float(levels[int(torch.argmin((steps - t).abs()))])
+
+    def renoise_level(t):
+        ties = (steps == t).nonzero().flatten()
+        return float(levels[int(ties[1] if len(ties) > 1 else ties[0])])
+
+    return steps, x0_level, renoise_level
+
+
+LINGBOT_STEPS = [999.0, 820.179, 641.358, 320.679]  # conf/scheduler/lingbot_fast.yaml
+
+
+def test_lingbot_levels_are_the_vendors_first_and_second_grid_ties():
+    sched = FewStepFlowScheduler(LINGBOT_STEPS, shift=10.0, grid="wan_unipc")
+    steps, x0_level, renoise_level = _wan_unipc_reference(10.0)
+    assert sched.timesteps == [float(steps[i]) for i in (0, 179, 358, 679)]
+    assert sched.timesteps == [999.0, 978.0, 947.0, 825.0]
+    # x0: the first grid entry of each integer timestep (pinned: a change here changes the
+    # model the checkpoint was distilled as)
+    assert sched.sigmas == [x0_level(t) for t in sched.timesteps]
+    assert sched.sigmas == pytest.approx([0.99989992, 0.97897100, 0.94790888, 0.82585257], abs=1e-8)
+    # re-noising: the second entry of the next step's integer timestep
+    assert sched.renoise_sigmas[1:] == [renoise_level(t) for t in sched.timesteps[1:]]
+    assert sched.renoise_sigmas[1:] == pytest.approx([0.97882956, 0.94769305, 0.82519257],
+                                                     abs=1e-8)  # fmt: skip
+    exact = FewStepFlowScheduler(LINGBOT_STEPS, shift=10.0, integer_timesteps=True)
+    assert exact.timesteps == sched.timesteps  # same model timesteps, other levels
+    assert max(abs(a - b) for a, b in zip(exact.sigmas, sched.sigmas, strict=True)) > 8e-4
+
+
+def test_lingbot_step_converts_with_the_first_tie_and_renoises_with_the_second():
+    sched = FewStepFlowScheduler(LINGBOT_STEPS, shift=10.0, grid="wan_unipc")
+    gen = torch.Generator().manual_seed(0)
+    x, flow, fresh = (torch.randn(1, 16, 3, 4, 4, generator=gen) for _ in range(3))
+    for i in range(sched.num_steps):
+        out = sched.step(flow, x, i, lambda shape: fresh)
+        x0 = (x.double() - sched.sigmas[i] * flow.double()).float()  # the vendor's float64
+        if i + 1 == sched.num_steps:
+            torch.testing.assert_close(out, x0, rtol=0, atol=0)
+            continue
+        s = torch.tensor(sched.renoise_sigmas[i + 1], dtype=torch.float32)
+        torch.testing.assert_close(out, (1 - s) * x0 + s * fresh, rtol=0, atol=0)
+        # the exact-sigma sampler differs measurably on the same inputs
+        other = FewStepFlowScheduler(LINGBOT_STEPS, shift=10.0).step(flow, x, i, lambda s_: fresh)
+        assert (other - out).abs().max() > 1e-4
+
+
+def test_lingbot_recipe_uses_the_vendor_grid():
+    from tests.unit.test_config import compose_run
+
+    for recipe in ("lingbot_world_fast", "lingbot_world_fast_taehv_window15_sink3"):
+        cfg = compose_run([f"recipe={recipe}"])
+        assert cfg.scheduler.grid == "wan_unipc" and cfg.scheduler.shift == 10.0
+
+
+def test_grid_rejects_timesteps_off_the_grid_and_unwarped_lists():
+    with pytest.raises(ConfigError, match="scheduler.timesteps holds 820.5"):
+        FewStepFlowScheduler([999.0, 820.5], shift=10.0, grid="wan_unipc")
+    with pytest.raises(ConfigError, match="scheduler.grid=wan_unipc needs scheduler.warp=true"):
+        FewStepFlowScheduler(LINGBOT_STEPS, shift=10.0, warp=False, grid="wan_unipc")
+    with pytest.raises(ConfigError, match="scheduler.grid='unipc'"):
+        FewStepFlowScheduler(LINGBOT_STEPS, grid="unipc")
+    with pytest.raises(ConfigError, match="scheduler.latent_dtype='fp8'"):
+        FewStepFlowScheduler(LINGBOT_STEPS, latent_dtype="fp8")
