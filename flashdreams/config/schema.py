@@ -67,6 +67,7 @@ class RunConfig:
 class WanModelConfig:
     _target_: str = "flashdreams.model.wan.WanDiT"
     checkpoint: str | None = None  # consumed by the loader, not the constructor
+    checkpoint_key: str | None = None  # entry of a training .pt to load (generator / _ema)
     dim: int = 1536
     num_heads: int = 12
     num_layers: int = 30
