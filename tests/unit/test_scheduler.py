@@ -123,3 +123,63 @@ def test_grid_rejects_timesteps_off_the_grid_and_unwarped_lists():
         FewStepFlowScheduler(LINGBOT_STEPS, grid="unipc")
     with pytest.raises(ConfigError, match="scheduler.latent_dtype='fp8'"):
         FewStepFlowScheduler(LINGBOT_STEPS, latent_dtype="fp8")
+
+
+DMD_STEPS = [1000, 850, 700, 550, 350, 275, 200, 125]  # FastVideo's dmd_denoising_steps
+
+
+def _self_forcing_reference(shift: float):
+    """FastVideo's causal DMD stage on SelfForcingFlowMatchScheduler(num_inference_steps=1000,
+    shift, sigma_min=0, extra_one_step=True), written out from its semantics: float32 grid,
+    timesteps = cat(grid timesteps, [0])[1000 - step], every level from the nearest entry."""
+    sig = torch.linspace(1.0, 0.0, 1001)[:-1]
+    sig = shift * sig / (1 + (shift - 1) * sig)
+    grid_t = sig * 1000
+    steps = torch.cat([grid_t, torch.tensor([0.0])])[1000 - torch.tensor(DMD_STEPS)]
+
+    def level(t):  # (B, 1, 1, 1)-shaped in the stage: it promotes bf16 samples to float32
+        return sig[torch.argmin((grid_t - t).abs())].reshape(1, 1, 1, 1, 1)
+
+    return steps, level
+
+
+def test_causal_wan22_timesteps_and_levels_come_from_the_checkpoint_grid():
+    sched = FewStepFlowScheduler(DMD_STEPS, shift=5.0, boundary=0.875, grid="self_forcing")
+    steps, level = _self_forcing_reference(5.0)
+    assert sched.timesteps == steps.tolist()
+    assert sched.timesteps == pytest.approx([1000, 965.909, 921.053, 859.375, 729.167, 654.762,
+                                             555.556, 416.667], abs=1e-3)  # fmt: skip
+    assert sched.sigmas == [level(t).item() for t in steps]
+    assert sched.renoise_sigmas == sched.sigmas  # nearest entry for both conversions
+    assert sched.boundary_sigma == level(875.0).item() == pytest.approx(0.874850, abs=1e-6)
+    assert sched.boundary_sigma != 0.875  # the nearest grid entry, not the ratio
+
+
+def _fastvideo_step(x, flow, i, steps, level, noise):
+    """One step of FastVideo's stage with a bf16 DiT output (x0 / x_bound keep its dtype)."""
+    s, b = level(steps[i]), level(875.0)
+    high = steps[i] >= 875.0
+    pred = (x.double() - (s - (b if high else 0)).double() * flow.double()).bfloat16()
+    if i + 1 == len(steps) or (high and steps[i + 1] < 875.0):
+        return pred.float()
+    nxt = level(steps[i + 1])
+    if high:  # add_noise_high
+        a = (1 - nxt) / (1 - b)
+        return (a * pred + torch.sqrt(nxt**2 - (a * b) ** 2) * noise).bfloat16().float()
+    return ((1 - nxt) * pred + nxt * noise).bfloat16().float()  # add_noise
+
+
+def test_causal_wan22_steps_round_to_bf16_like_fastvideo():
+    sched = FewStepFlowScheduler(DMD_STEPS, shift=5.0, boundary=0.875, grid="self_forcing",
+                                 latent_dtype="bfloat16")  # fmt: skip
+    steps, level = _self_forcing_reference(5.0)
+    gen = torch.Generator().manual_seed(1)
+    x, flow, fresh = (torch.randn(1, 16, 3, 4, 4, generator=gen) for _ in range(3))
+    noise = fresh.bfloat16()  # FastVideo draws bf16 noise (the prediction's dtype)
+    for i in range(sched.num_steps):  # 3 bridge steps, the hand-over, 4 re-noised low steps
+        out = sched.step(flow, x, i, lambda shape: fresh)
+        ref = _fastvideo_step(x, flow, i, steps, level, noise)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        assert torch.equal(out, out.bfloat16().float())
+        unrounded = FewStepFlowScheduler(DMD_STEPS, shift=5.0, boundary=0.875, grid="self_forcing")
+        assert not torch.equal(unrounded.step(flow, x, i, lambda shape: fresh), out)
