@@ -264,9 +264,6 @@ class WanDiT(DiT):
 
     Attributes:
         _keep_fp32: name substrings of parameters kept in fp32 when the model is cast.
-        checkpoint_key: which entry of a training ``.pt`` envelope the loader takes
-            (``model.checkpoint_key``: ``generator`` / ``generator_ema``; None: the loader's
-            preference). Read by ``io.checkpoint.materialize``, not by the network.
     """
 
     _keep_fp32 = ("modulation", "norm", "time_embedding", "time_projection", "head.head")
@@ -288,10 +285,8 @@ class WanDiT(DiT):
         text_len: int = 512,
         rope_max_pos: int = 1024,
         camera_channels: int | None = None,
-        checkpoint_key: str | None = None,
     ) -> None:
         super().__init__()
-        self.checkpoint_key = checkpoint_key
         self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
         self.head_dim = dim // num_heads
         self.in_dim, self.out_dim = in_dim, out_dim
