@@ -227,14 +227,6 @@ class FewStepFlowScheduler(Scheduler):
             self._levels = torch.tensor(values, dtype=torch.float32, device=device)
         return self._levels
 
-    def _device_levels(self, device: torch.device) -> torch.Tensor:
-        """float32 re-noising levels of every step, then the boundary's, on ``device`` (made
-        once per device: no host-to-device copy per step)."""
-        if self._levels is None or self._levels.device != torch.device(device):
-            values = [*self.renoise_sigmas, self.boundary_sigma or 0.0]
-            self._levels = torch.tensor(values, dtype=torch.float32, device=device)
-        return self._levels
-
     def _grid_step(self, flow, x, index, noise_fn: NoiseFn):
         """One step with the vendor's grid levels: x0 (or x at the boundary) in float64, the
         re-noising in float32 with float32 levels, as the vendors' tensors compute them."""
