@@ -81,7 +81,7 @@ def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype,
         model = materialize_experts(model, checkpoint, low, device, dtype, seed)
     else:
         model = materialize(model, checkpoint, device=device, dtype=dtype, seed=seed,
-                            draw_on=draw_on)  # fmt: skip
+                            draw_on=draw_on, checkpoint_key=model_cfg.get("checkpoint_key"))  # fmt: skip
     return model.eval().requires_grad_(False)
 
 

@@ -67,6 +67,7 @@ class RunConfig:
 class WanModelConfig:
     _target_: str = "flashdreams.model.wan.WanDiT"
     checkpoint: str | None = None  # consumed by the loader, not the constructor
+    checkpoint_key: str | None = None  # entry of a training .pt to load (generator / _ema)
     dim: int = 1536
     num_heads: int = 12
     num_layers: int = 30
@@ -129,6 +130,8 @@ class FewStepFlowConfig:
     integer_timesteps: bool = False
     boundary: float | None = None  # MoE: high-noise steps bridge to this sigma (FastVideo)
     renoise: str = "fresh"  # fresh | initial: re-noise with the block's starting noise (Cosmos)
+    grid: str | None = None  # null (exact warped sigmas) | wan_unipc | self_forcing (vendor grid)
+    latent_dtype: str | None = None  # null | bfloat16: latents rounded after every step
 
 
 @dataclass

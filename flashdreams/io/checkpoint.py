@@ -22,6 +22,7 @@ from torch import nn
 from flashdreams import ConfigError
 from flashdreams.io.keymap import (
     diffusers_to_wan,
+    generator_entries,
     lingbot_to_flashdreams,
     looks_like_diffusers,
     strip_wrapper_prefixes,
@@ -175,22 +176,46 @@ def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
     return _read_safetensors(files)
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.name.endswith(".safetensors.index.json"):
-        return _read_safetensors(_shards(path))
-    if path.suffix == ".safetensors":
-        return _read_safetensors([path])
+def _unwrap(obj: dict, path: Path, key: str | None) -> dict[str, torch.Tensor]:
+    """The generator weights of a training ``.pt`` (``key``: the envelope entry to load)."""
+    entries = generator_entries(obj)
+    if key is not None and not entries:
+        log.warning("model.checkpoint_key=%s is ignored: %s is a plain state dict (no "
+                    "generator / generator_ema entries)", key, path)  # fmt: skip
+        key = None
+    try:
+        state, entry = unwrap_training_checkpoint(obj, key)
+    except KeyError:
+        raise CheckpointError(
+            f"model.checkpoint_key={key} but checkpoint {str(path)!r} has no such entry "
+            f"(its entries: {', '.join(entries)})"
+        ) from None
+    if entry is not None:
+        how = "model.checkpoint_key" if key is not None else "default preference"
+        log.info("checkpoint %s: loading entry %r (%s; entries: %s)", path, entry, how,
+                 ", ".join(entries))  # fmt: skip
+    return state
+
+
+def _read_file(path: Path, key: str | None = None) -> dict[str, torch.Tensor]:
     if path.suffix in _TORCH_SUFFIXES:
         obj = load_torch_file(path)
         if not isinstance(obj, dict):
             raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}")
-        return unwrap_training_checkpoint(obj)
+        return _unwrap(obj, path, key)
+    if key is not None:
+        log.warning("model.checkpoint_key=%s is ignored: %s is not a training .pt", key, path)
+    if path.name.endswith(".safetensors.index.json"):
+        return _read_safetensors(_shards(path))
+    if path.suffix == ".safetensors":
+        return _read_safetensors([path])
     raise CheckpointError(f"checkpoint {str(path)!r} has an unknown format (suffix)")
 
 
 def read_state_dict(
     path: str | os.PathLike,
     convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    key: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read a DiT checkpoint in any supported format, keyed by the model's names.
 
@@ -200,13 +225,21 @@ def read_state_dict(
         convert: the model's renaming of the read tensors (a model class's
             ``convert_checkpoint``, e.g. Cosmos' native / diffusers names); None: Wan's (Wan
             original, diffusers and LingBot-World names).
+        key: which entry of a training ``.pt`` envelope to load (``generator``,
+            ``generator_ema``, ...; ``model.checkpoint_key``); None prefers ``generator_ema``.
+            Ignored, with a warning, for files without an envelope.
 
     Returns:
         CPU tensors in their stored dtype, keyed like ``blocks.0.self_attn.q.weight``.
     """
     path = Path(path)
     try:
-        state = _read_folder(path) if path.is_dir() else _read_file(path)
+        if path.is_dir():
+            if key is not None:
+                log.warning("model.checkpoint_key=%s is ignored for the folder %s", key, path)
+            state = _read_folder(path)
+        else:
+            state = _read_file(path, key)
     except CheckpointError:
         raise
     except Exception as err:  # corrupt or truncated files: safetensors / zip / json errors
@@ -361,6 +394,7 @@ def materialize(
     dtype: torch.dtype | str,
     seed: int = 0,
     draw_on: torch.device | str | None = None,
+    checkpoint_key: str | None = None,
 ) -> nn.Module:
     """Give a model built under ``torch.device("meta")`` real weights, allocated once.
 
@@ -380,6 +414,8 @@ def materialize(
             (``offload=blocks``, an idle expert): random weights are drawn there, so they equal
             a run resident on it, then moved to ``device``. When they do not fit in its free
             memory they are drawn on ``device`` instead, with a log line saying so.
+        checkpoint_key: the entry of a training ``.pt`` envelope to load
+            (``model.checkpoint_key``; see :func:`read_state_dict`).
 
     Returns:
         The same module, materialized on ``device``.
@@ -395,7 +431,7 @@ def materialize(
             model_on_meta.to(device)
     else:
         convert = model_on_meta.convert_checkpoint  # the DiT contract; None: Wan's names
-        state = read_state_dict(resolve_path(checkpoint, DIT_PATTERNS), convert)
+        state = read_state_dict(resolve_path(checkpoint, DIT_PATTERNS), convert, checkpoint_key)
         check_state_dict(model_on_meta, state, source=str(checkpoint))
         _assign(model_on_meta, state, device, dtype)
         log.info("loaded %s into %s", checkpoint, type(model_on_meta).__name__)

@@ -171,25 +171,39 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def unwrap_training_checkpoint(obj: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """Extract the generator weights of a Self-Forcing / CausVid ``.pt`` checkpoint.
+def generator_entries(obj: Mapping[str, object]) -> list[str]:
+    """Top-level entries of a training ``.pt`` that hold state dicts (its envelope keys)."""
+    return [k for k, v in obj.items() if isinstance(v, Mapping)]
 
-    Prefers ``generator_ema``, then ``generator``, else treats the dict itself as the state
-    dict; wrapper prefixes are stripped and non-tensor entries dropped.
+
+def unwrap_training_checkpoint(
+    obj: Mapping[str, object], key: str | None = None
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Extract the generator weights of a Self-Forcing / CausVid ``.pt`` checkpoint.
 
     Args:
         obj: what ``torch.load`` returned.
+        key: the envelope entry to load (``generator``, ``generator_ema``, ...); None takes
+            ``generator_ema``, then ``generator``, else the dict itself as the state dict.
 
     Returns:
-        The DiT state dict, keyed by the names the training code's DiT used.
+        The DiT state dict, keyed by the names the training code's DiT used (wrapper prefixes
+        stripped, non-tensor entries dropped), and the entry it came from (None: the dict
+        itself).
+
+    Raises:
+        KeyError: ``key`` is not an entry holding a state dict.
     """
-    for entry in _GENERATOR_ENTRIES:
-        inner = obj.get(entry)
-        if isinstance(inner, Mapping):
-            obj = inner
-            break
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    return strip_wrapper_prefixes(tensors)
+    entry = None
+    if key is not None:
+        if not isinstance(obj.get(key), Mapping):
+            raise KeyError(key)
+        entry = key
+    else:
+        entry = next((e for e in _GENERATOR_ENTRIES if isinstance(obj.get(e), Mapping)), None)
+    inner = obj if entry is None else obj[entry]
+    tensors = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
+    return strip_wrapper_prefixes(tensors), entry
 
 
 # UMT5 encoder: Wan's ``models_t5_umt5-xxl-enc-bf16.pth`` names (tail after ``blocks.N.``)

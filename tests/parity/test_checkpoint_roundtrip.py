@@ -240,3 +240,61 @@ def test_keymap_matches_diffusers_one_to_one(image_dim):
     assert forward == their_shapes
     assert backward == shapes
     assert len(ours) == len(theirs)
+
+
+# ---------------------------------------------------------------- envelope entry (issue 30)
+def write_envelope(tmp_path, generator, ema) -> str:
+    path = tmp_path / "causal_forcing.pt"
+    torch.save({"generator": {f"model.{k}": v for k, v in generator.items()},
+                "generator_ema": {f"model.{k}": v for k, v in ema.items()},
+                "critic": {"w": torch.zeros(1)}, "step": 10}, path)  # fmt: skip
+    return str(path)
+
+
+@pytest.fixture()
+def two_entries(tmp_path, source):
+    ema = {k: v + 0.5 for k, v in source.items()}  # different weights under each entry
+    return write_envelope(tmp_path, source, ema), source, ema
+
+
+@pytest.mark.parametrize("key", ["generator", "generator_ema", None])
+def test_checkpoint_key_picks_the_envelope_entry(two_entries, key, caplog):
+    path, generator, ema = two_entries
+    with caplog.at_level("INFO", logger="flashdreams.io.checkpoint"):
+        model = materialize(meta_model(), path, "cpu", torch.float32, checkpoint_key=key)
+    assert_same(model.state_dict(), generator if key == "generator" else ema)  # None: ema
+    loaded = "generator" if key == "generator" else "generator_ema"
+    assert f"loading entry '{loaded}'" in caplog.text  # which weights ran is in the log
+
+
+def test_missing_checkpoint_key_is_one_line_error(two_entries):
+    path, _, _ = two_entries
+    with pytest.raises(CheckpointError, match=r"^model.checkpoint_key=generator_emma but .*"
+                       r"its entries: generator, generator_ema, critic\)$"):  # fmt: skip
+        materialize(meta_model(), path, "cpu", torch.float32, checkpoint_key="generator_emma")
+
+
+def test_recipes_load_the_entry_of_the_vendor_command():
+    from tests.unit.test_config import compose_run
+
+    expected = {  # README commands: --use_ema loads generator_ema, its absence generator
+        "self_forcing_wan21_t2v_1_3b": "generator_ema",
+        "self_forcing_wan21_t2v_1_3b_taehv": "generator_ema",
+        "causal_forcing_wan21_t2v_1_3b_chunkwise": "generator",
+        "causal_forcing_wan21_t2v_1_3b_framewise": "generator_ema",
+        "causal_forcing_wan21_i2v_1_3b_framewise": "generator_ema",
+    }
+    for recipe, key in expected.items():
+        assert compose_run([f"recipe={recipe}"]).model.checkpoint_key == key, recipe
+
+
+def test_chunkwise_recipe_builds_the_generator_entry(two_entries):
+    from flashdreams.build import build_model
+    from tests.unit.test_config import compose_run
+
+    path, generator, _ = two_entries
+    dims = [f"model.{k}={v}" for k, v in TINY.items()]
+    cfg = compose_run(["recipe=causal_forcing_wan21_t2v_1_3b_chunkwise", *dims,
+                       f"model.checkpoint={path}"])  # fmt: skip
+    model = build_model(cfg.model, torch.device("cpu"), torch.float32, seed=0)
+    assert_same(model.state_dict(), generator)

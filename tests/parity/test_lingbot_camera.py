@@ -6,8 +6,8 @@ change from block to block. The reference recomputes every denoising forward as 
 full-sequence forward over ``[clean frames so far | noisy block]`` with a block-causal mask, the
 conditioner's I2V channels and the camera rays of all those frames (taken from the finished
 trajectory, so the per-block relative poses must agree with the whole clip's), the scheduler's
-integer model timesteps and exact sigmas, and the same noise. Tolerance: fp32, max abs error
-<= 1e-4. Zeroed camera layers reproduce the plain I2V DiT bit for bit.
+integer model timesteps and its levels (x0 and re-noising, vendor grid), and the same noise.
+Tolerance: fp32, max abs error <= 1e-4. Zeroed camera layers reproduce the plain I2V DiT bit for bit.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def reference_rollout(model, y, rays, ctx, sched, fpb, num_blocks, noise_fn):
                          mask=mask, inputs={"camera": rays[:, :, :n]})[:, :, -fpb:]  # fmt: skip
             x0 = x - sched.sigmas[j] * flow
             if j + 1 < len(sched.timesteps):
-                s = sched.sigmas[j + 1]
+                s = sched.renoise_sigmas[j + 1]  # the vendor re-noises at another tie
                 x = (1 - s) * x0 + s * noise_fn(tuple(x.shape))
         clean.append(x0)
         block_ids = ids

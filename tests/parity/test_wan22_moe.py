@@ -8,10 +8,12 @@ reference, per-expert caches, recipes and checkpoint layouts.
     on the latents.
 (b) ``recipe=causal_wan22_a14b_480p`` (tiny, image prefix) == a teacher-forced reference that
     recomputes every forward from scratch: one full-sequence forward of the expert of the step's
-    timestep over ``[image | clean blocks so far | noisy block]`` with a block-causal mask, that
-    expert's own context, the FastVideo boundary bridge written out here, and the rollout's
-    noise order. Only correct if each expert's cache holds that expert's clean K/V of every
-    earlier block (commit through both experts). fp32, max abs error <= 1e-4.
+    timestep over ``[image | clean blocks so far | noisy block]`` with a block-causal mask, the
+    shared (FastVideo, the recipe's default) or the expert's own text K/V, the FastVideo boundary
+    bridge written out here on the scheduler's grid levels, and the rollout's noise order. Only
+    correct if each expert's cache holds that expert's clean K/V of every earlier block (commit
+    through both experts). fp32 latents (``scheduler.latent_dtype=null``), max abs error <= 1e-4;
+    with the recipe's bf16 rounding every latent the rollout returns is a bf16 value.
 (c) the two experts' caches are separate buffers and both hold clean K/V after the commit.
 (d) the recipes compose with the reference settings; bad settings are one-line ConfigErrors.
 """
@@ -130,34 +132,37 @@ def _block_causal_mask(block_ids: list[int]) -> torch.Tensor:
     return allowed.repeat_interleave(TPF, 0).repeat_interleave(TPF, 1)
 
 
-def _bridge_step(x, flow, j, timesteps, boundary, noise_fn):
-    """FastVideo's causal MoE sampler, written out (sigmas = warped timesteps / 1000)."""
-    s = timesteps[j] / 1000.0
-    if j + 1 == len(timesteps):
-        return x - s * flow
-    nxt = timesteps[j + 1] / 1000.0
-    if s >= boundary:  # high-noise expert: to the boundary, then the Gaussian bridge
-        x_b = x - (s - boundary) * flow
-        if nxt < boundary:
-            return x_b
-        a = (1 - nxt) / (1 - boundary)
-        return a * x_b + (nxt**2 - (a * boundary) ** 2) ** 0.5 * noise_fn(tuple(x.shape))
-    return (1 - nxt) * (x - s * flow) + nxt * noise_fn(tuple(x.shape))
+def _bridge_step(x, flow, j, sched, noise_fn):
+    """FastVideo's causal MoE sampler, written out in float64 on the scheduler's levels (x0:
+    ``sigmas``, re-noising: ``renoise_sigmas``, the boundary: ``boundary_sigma``)."""
+    t, s, b = sched.timesteps, sched.sigmas[j], sched.boundary_sigma
+    x, flow = x.double(), flow.double()
+    if j + 1 == len(t):
+        return (x - s * flow).float()
+    nxt = sched.renoise_sigmas[j + 1]
+    if t[j] >= 875.0:  # high-noise expert: to the boundary, then the Gaussian bridge
+        x_b = x - (s - b) * flow
+        if t[j + 1] < 875.0:
+            return x_b.float()
+        a = (1 - nxt) / (1 - b)
+        noise = noise_fn(tuple(x.shape)).double()
+        return (a * x_b + (nxt**2 - (a * b) ** 2) ** 0.5 * noise).float()
+    return ((1 - nxt) * (x - s * flow) + nxt * noise_fn(tuple(x.shape)).double()).float()
 
 
-def reference_moe_rollout(moe, contexts, timesteps, prefix, fpb, num_blocks, noise_fn):
+def reference_moe_rollout(moe, contexts, sched, prefix, fpb, num_blocks, noise_fn):
     """Clean latents of a teacher-forced rollout, every forward recomputed with a mask."""
     clean, block_ids = [prefix], [0] * prefix.shape[2]
     for _ in range(num_blocks):
         x = noise_fn((1, 16, fpb, 4, 4))
         ids = block_ids + [block_ids[-1] + 1] * fpb
         mask, positions = _block_causal_mask(ids), torch.arange(len(ids))
-        for j, t in enumerate(timesteps):
+        for j, t in enumerate(sched.timesteps):
             expert = 0 if t >= moe.boundary * 1000 else 1
             seq = torch.cat([*clean, x], dim=2)
             t_frames = torch.tensor([0.0] * len(block_ids) + [t] * fpb)[None]
             flow = moe.experts[expert](seq, t_frames, contexts[expert], positions, mask=mask)
-            x = _bridge_step(x, flow[:, :, -fpb:], j, timesteps, moe.boundary, noise_fn)
+            x = _bridge_step(x, flow[:, :, -fpb:], j, sched, noise_fn)
         clean.append(x)
         block_ids = ids
     return torch.cat(clean, dim=2)
@@ -170,12 +175,14 @@ def _causal(tmp_path, *extra):
     return build_rollout(cfg, noise_fn=_generator_noise(11)), image
 
 
-@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("shared", [True, False])
 def test_causal_moe_rollout_equals_masked_reference_per_expert(tmp_path, shared):
-    rollout, image = _causal(tmp_path, f"model.shared_cross_attn={str(shared).lower()}")
+    rollout, image = _causal(tmp_path, f"model.shared_cross_attn={str(shared).lower()}",
+                             "scheduler.latent_dtype=null")  # fmt: skip
     moe, sched = rollout.model, rollout.scheduler
     assert sched.boundary == moe.boundary == 0.875 and rollout.frames_per_block == 3
-    assert moe.expert_plan(sched.begin_block(torch.device("cpu"))) == [0] * 4 + [1] * 4
+    # the checkpoint's shift-5 grid: 3 high-noise steps (t >= 875), 5 low-noise ones
+    assert moe.expert_plan(sched.begin_block(torch.device("cpu"))) == [0] * 3 + [1] * 5
     rollout.start([PROMPT], images=[image])
     outs = [rollout.step() for _ in range(2)]
     ours = torch.cat([o.latents for o in outs], dim=2)
@@ -185,9 +192,22 @@ def test_causal_moe_rollout_equals_masked_reference_per_expert(tmp_path, shared)
     if shared:  # FastVideo: one cross-attention cache, filled by the high-noise expert
         contexts[1] = contexts[0]
     prefix = outs[0].latents[:, :, :1]
-    ref = reference_moe_rollout(moe, contexts, sched.timesteps, prefix, 3, 2, _generator_noise(11))
+    ref = reference_moe_rollout(moe, contexts, sched, prefix, 3, 2, _generator_noise(11))
     assert ours.shape == (1, 16, 1 + 2 * 3, 4, 4)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+    if shared:  # the expert's own K/V is another model: the reference must see the difference
+        own = [e.prepare_context(emb) for e in moe.experts]
+        other = reference_moe_rollout(moe, own, sched, prefix, 3, 2, _generator_noise(11))
+        assert (other - ref).abs().max() > 1e-3
+
+
+def test_causal_moe_rollout_latents_are_bf16_values_by_default(tmp_path):
+    rollout, image = _causal(tmp_path)  # the recipe's scheduler.latent_dtype=bfloat16
+    rollout.start([PROMPT], images=[image])
+    for _ in range(2):
+        latents = rollout.step().latents[:, :, -3:]  # this block's frames
+        assert torch.equal(latents, latents.bfloat16().float())
+        assert latents.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- (c) per-expert caches
@@ -205,7 +225,8 @@ def test_expert_caches_are_separate_and_both_hold_clean_kv(tmp_path):
     for e, expert in enumerate(moe.experts):  # fresh clean commits of image + block 0
         fresh = FullKVCache(num_layers=2, num_heads=4, head_dim=16, tokens_per_frame=TPF,
                             frames_per_block=3, total_frames=4)  # fmt: skip
-        ctx = expert.prepare_context(emb)
+        owner = moe.experts[0] if moe.shared_cross_attn else expert  # whose text K/V it reads
+        ctx = owner.prepare_context(emb)
         for start, num in ((0, 1), (1, 3)):
             fresh.begin_block(start, num)
             x = out.latents[:, :, start : start + num]
@@ -238,8 +259,8 @@ def test_graph_shape_key_names_the_expert(tmp_path):
     # a captured graph replays one expert: equal keys never mix experts
     assert all(key[1] == expert for key, expert in policy.calls)
     experts = [expert for _, expert in policy.calls]
-    # image commit (both experts), 4 high + 4 low steps, commit (both), 4 high + 4 low steps
-    assert experts == [0, 1] + [0] * 4 + [1] * 4 + [0, 1] + [0] * 4 + [1] * 4
+    # image commit (both experts), 3 high + 5 low steps, commit (both), 3 high + 5 low steps
+    assert experts == [0, 1] + [0] * 3 + [1] * 5 + [0, 1] + [0] * 3 + [1] * 5
 
 
 def test_offload_idle_expert_keeps_results_and_swaps(tmp_path):
@@ -291,6 +312,14 @@ def test_recipes_compose_with_reference_settings():
     causal = compose_run(["recipe=causal_wan22_a14b_480p", "model.boundary=0.9"])
     assert causal.scheduler.boundary == 0.9  # follows the model's boundary
     assert list(causal.scheduler.timesteps) == [1000, 850, 700, 550, 350, 275, 200, 125]
+    # FastVideo's released inference: the checkpoint's shift-5 grid, bf16 latents, one shared
+    # cross-attention K/V; the variant recipe keeps each expert's own text K/V
+    sched = causal.scheduler
+    assert (sched.grid, sched.shift, sched.latent_dtype) == ("self_forcing", 5.0, "bfloat16")
+    assert causal.model.shared_cross_attn is True
+    variant = compose_run(["recipe=causal_wan22_a14b_480p_expert_text_kv"])
+    assert variant.model.shared_cross_attn is False and variant.scheduler == compose_run(
+        ["recipe=causal_wan22_a14b_480p"]).scheduler  # fmt: skip
     assert causal.model.checkpoint.endswith("Diffusers/transformer")
     assert causal.model.low_noise_checkpoint.endswith("Diffusers/transformer_2")
 

@@ -235,18 +235,6 @@ def test_pose_integrator_keys():
     assert float(level[1, 3]) == pytest.approx(0.0)  # translation stays horizontal
 
 
-def test_lingbot_schedule_matches_wan_unipc_grid():
-    from hydra.utils import instantiate
-
-    sched = instantiate(compose_run(["recipe=lingbot_world_fast"]).scheduler)
-    shift, index = 10.0, [0, 179, 358, 679]
-    grid = np.linspace(0.999, 0.0, 1001)[:-1]  # FlowUniPCMultistepScheduler.set_timesteps(1000)
-    grid = shift * grid / (1 + (shift - 1) * grid)
-    np.testing.assert_allclose(sched.sigmas, grid[index], rtol=1e-12)
-    assert sched.timesteps == [999.0, 978.0, 947.0, 825.0]
-    assert sched.timesteps == (grid[index] * 1000).astype(np.int64).tolist()
-
-
 def test_token_features_follow_the_reference_layout():
     """Token (f, i, j) feature ((c * 64 + py * 8 + px) * 4 + qy * 2 + qx) is ray channel c at
     pixel (16 i + 8 qy + py, 16 j + 8 qx + px): the reference's ``f (h c1) (w c2) c -> ... (c c1
