@@ -230,11 +230,17 @@ class DiT(nn.Module):
     # ------------------------------------------------------------------ attention
     def set_attention(self, attention: Attention) -> None:
         """Install the attention the blocks call (backend + parallel policy, composed)."""
-        raise NotImplementedError
+        self._attention = attention
 
     @property
     def attention(self) -> Attention:
-        raise NotImplementedError
+        """The attention the blocks call (a model sets a one-process default at construction)."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, backend) -> None:
+        """A bare backend runs on one process (tests, micro-benchmarks)."""
+        self._attention = backend if isinstance(backend, Attention) else Attention(backend)
 
     # ------------------------------------------------------------------ conditioning / forward
     def prepare_context(self, text: torch.Tensor, image: torch.Tensor | None = None):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashdreams.attention.base import Attention, AttentionBackend
+from flashdreams.attention.base import Attention
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.base import KVCache, kv_amax
 from flashdreams.model import fused_norms as fused
@@ -328,18 +328,6 @@ class WanDiT(DiT):
                 doc=f"model.camera_channels={self.camera_channels}: camera ray maps, from "
                     "control=camera")  # fmt: skip
         return out
-
-    def set_attention(self, attention: Attention) -> None:
-        self._attention = attention
-
-    @property
-    def attention(self) -> Attention:
-        return self._attention
-
-    @attention.setter
-    def attention(self, backend: AttentionBackend | Attention) -> None:
-        """A bare backend runs on one process (tests, micro-benchmarks)."""
-        self._attention = backend if isinstance(backend, Attention) else Attention(backend)
 
     # ---------------------------------------------------------------- weights
     @torch.no_grad()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashdreams import ConfigError
-from flashdreams.attention.base import Attention, AttentionBackend
+from flashdreams.attention.base import Attention
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.base import kv_amax
 from flashdreams.io.cosmos_keymap import cosmos_to_flashdreams
@@ -314,18 +314,6 @@ class CosmosDiT(DiT):
         return {"condition_mask": ConditionInput.per_latent_pixel(
             "condition_mask", 1, required=False,
             doc="1 on the given latent frames (Video2World): conditioner=cosmos_video")}  # fmt: skip
-
-    def set_attention(self, attention: Attention) -> None:
-        self._attention = attention
-
-    @property
-    def attention(self) -> Attention:
-        return self._attention
-
-    @attention.setter
-    def attention(self, backend: AttentionBackend | Attention) -> None:
-        """A bare backend runs on one process (tests, micro-benchmarks)."""
-        self._attention = backend if isinstance(backend, Attention) else Attention(backend)
 
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
