@@ -37,6 +37,11 @@ class ControlEncoder(nn.Module):
                 device: torch.device) -> None:  # fmt: skip
         """Start a clip of ``num_frames`` latent frames (None: an endless stream)."""
 
+    def live_control(self) -> dict[str, Any] | None:
+        """What a live client may send (``{"keys": [...], "mouse": bool}``: the browser page
+        sends only these), or None when the control takes no keys."""
+        return None
+
     def set_control(self, control: dict[str, Any] | None) -> None:
         """The live control of the next step (validated by the session), or None."""
 

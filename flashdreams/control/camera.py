@@ -164,6 +164,9 @@ class CameraControl(ControlEncoder):
         return usable
 
     # ------------------------------------------------------------------ camera
+    def live_control(self) -> dict[str, Any]:
+        return {"keys": sorted(PoseIntegrator.KEYS), "mouse": False}
+
     def set_control(self, control: dict[str, Any] | None) -> None:
         """Keys held for the frames generated next (``{"keys": ["w", "d"]}``; None: none)."""
         keys = (control or {}).get("keys", [])

@@ -158,6 +158,10 @@ class KeyboardMouseControl(ControlEncoder):
         return row
 
     # ------------------------------------------------------------------ live control
+    def live_control(self) -> dict[str, Any]:
+        km = self.keymap
+        return {"keys": sorted({*km.keys, *km.camera_keys}), "mouse": bool(km.mouse)}
+
     def validate(self, control: dict[str, Any]) -> None:
         """One-line ``ConfigError`` unless ``control`` is a valid live control of the variant
         (for a server to reject a message before the step that would use it)."""

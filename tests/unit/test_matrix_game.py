@@ -218,3 +218,20 @@ def test_model_rejects_windows_of_another_variant():
     inputs = {"image_latents": torch.randn(1, 20, 3, 4, 4), "keyboard": torch.zeros(1, 3, 12, 7)}
     with pytest.raises(ConfigError, match=r"input 'keyboard' has shape \(1, 3, 12, 7\)"):
         model(torch.randn(1, 16, 3, 4, 4), torch.full((1,), 500.0), ctx, inputs=inputs)
+
+
+def test_live_control_lists_what_the_page_may_send():
+    """The server's hello carries these; the page sends only the keys (and mouse) listed, so
+    a key another recipe uses (shift, q) never fails a Matrix-Game step."""
+    from flashdreams.control.camera import CameraControl
+    from flashdreams.control.keyboard_mouse import KeyboardMouseControl
+
+    for variant in ("universal", "gta_drive", "templerun"):
+        control = KeyboardMouseControl(variant=variant)
+        live = control.live_control()
+        control.validate(
+            {"keys": live["keys"][:1], **({"mouse": [1.0, 0.0]} if live["mouse"] else {})}
+        )
+        assert "shift" not in live["keys"] and "q" not in live["keys"]
+    assert KeyboardMouseControl(variant="templerun").live_control()["mouse"] is False
+    assert CameraControl().live_control() == {"keys": list("adeikqsw"), "mouse": False}

@@ -53,6 +53,7 @@ function onJson(msg) {
     case "hello":
       stats.hello = msg;
       fps = msg.fps;
+      liveControl = msg.control ?? null; // the keys and mouse the recipe's control takes
       canvas.width = msg.width;
       canvas.height = msg.height;
       $("recipe").textContent = `${msg.run_name} · ${msg.width}×${msg.height} @ ${msg.fps} fps`;
@@ -148,10 +149,28 @@ $("prompt").addEventListener("keydown", (ev) => {
   }
 });
 
-// ---------------------------------------------------------------- keyboard controls
+// ---------------------------------------------------------------- keyboard and mouse controls
 // Camera recipes (LingBot-World): W/S forward/back, A/D yaw, Q/E strafe, I/K pitch.
-const CONTROL_KEYS = new Set(["w", "a", "s", "d", "q", "e", "i", "k", " ", "shift",
-  "arrowup", "arrowdown", "arrowleft", "arrowright"]);
+// Matrix-Game: W/A/S/D (+ I/J/K/L or arrows to look, space, Z/C turn in Temple Run) and, once
+// the canvas holds the pointer (click it; Esc releases), mouse movement as `mouse: [dx, dy]`
+// per video frame; the recipe's control uses the keys and axes its variant has.
+const CONTROL_KEYS = new Set(["w", "a", "s", "d", "q", "e", "i", "j", "k", "l", "z", "c", " ",
+  "shift", "arrowup", "arrowdown", "arrowleft", "arrowright"]);
+let mouseAcc = [0, 0];
+let mouseMoving = false;
+let liveControl = null; // from hello: {keys: [...], mouse: bool}; null sends every key held
+
+function sendControl() {
+  if (!running) return;
+  let keys = [...keysDown].sort();
+  if (liveControl) keys = keys.filter((k) => liveControl.keys.includes(k));
+  const msg = { type: "control", keys };
+  if (document.pointerLockElement === canvas && (!liveControl || liveControl.mouse)) {
+    const frames = Math.max(fps, 1) * 0.1; // video frames in one 100 ms tick
+    msg.mouse = [mouseAcc[0] / frames, mouseAcc[1] / frames];
+  }
+  send(msg);
+}
 
 function onKey(ev, down) {
   const key = ev.key.toLowerCase();
@@ -162,11 +181,23 @@ function onKey(ev, down) {
   if (had === down) return; // auto-repeat
   const keys = [...keysDown].sort();
   $("keys").textContent = keys.length ? keys.join("+") : "-";
-  if (running) send({ type: "control", keys });
+  sendControl();
 }
 canvas.addEventListener("keydown", (ev) => onKey(ev, true));
 canvas.addEventListener("keyup", (ev) => onKey(ev, false));
 canvas.addEventListener("blur", () => { keysDown.clear(); if (running) send({ type: "control", keys: [] }); });
+canvas.addEventListener("click", () => { if (canvas.requestPointerLock) canvas.requestPointerLock(); });
+canvas.addEventListener("mousemove", (ev) => {
+  if (document.pointerLockElement !== canvas) return;
+  mouseAcc[0] += ev.movementX;
+  mouseAcc[1] += ev.movementY;
+});
+setInterval(() => { // mouse movement leaves as one control message per 100 ms tick
+  const moved = mouseAcc[0] !== 0 || mouseAcc[1] !== 0;
+  if (moved || mouseMoving) sendControl(); // one more with [0, 0] when it stops
+  mouseMoving = moved;
+  mouseAcc = [0, 0];
+}, 100);
 
 setState("connecting");
 connect();
