@@ -59,8 +59,10 @@ class FrameRope:
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(F,) absolute latent frames -> cos, sin (F, head_dim // 2) fp32."""
         d = self.time_dims
-        inv = 1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-        ang = positions.to(torch.float64)[:, None] * inv.to(positions.device)[None]
+        # made on the positions' device: a host-to-device copy cannot be captured in a graph
+        steps = torch.arange(0, d, 2, dtype=torch.float64, device=positions.device)
+        inv = 1.0 / self.theta ** (steps / d)
+        ang = positions.to(torch.float64)[:, None] * inv[None]
         rest = self.head_dim // 2 - ang.shape[1]
         ang = torch.cat([ang, ang.new_zeros(ang.shape[0], rest)], dim=1)
         return torch.cos(ang).float(), torch.sin(ang).float()
