@@ -2,13 +2,17 @@
 
 All device work (building a session's buffers, AR steps, freeing) runs on one worker thread,
 so the steps of concurrent sessions interleave (round-robin, in arrival order) and never race
-on the shared model. ``max_sessions`` bounds how many sessions hold device memory at once.
+on the shared model. ``max_sessions`` bounds how many sessions hold device memory at once, and
+``serve.max_session_bytes`` how much one may take: a session's size is computed from the
+warm-up session before anything is allocated, so a client cannot stall the device thread
+with a huge allocation.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +22,7 @@ from omegaconf import DictConfig
 
 from flashdreams.build import SharedParts, assemble_rollout, build_shared
 from flashdreams.rollout import Rollout
+from flashdreams.serve.protocol import ProtocolError
 from flashdreams.session import Session
 
 log = logging.getLogger(__name__)
@@ -54,8 +59,10 @@ class Engine:
             from flashdreams.io.image import load_image
 
             self.images = [load_image(cfg.image)] * int(cfg.rollout.batch_size)
+        self.session_fixed_bytes, self.block_bytes = 0, 0
         self.executor.submit(self._warm_up).result()
         self.baseline_bytes = self.memory_bytes()
+        self.max_session_bytes = self._session_limit()
 
     # ------------------------------------------------------------------ slots
     def try_acquire(self) -> bool:
@@ -91,8 +98,10 @@ class Engine:
         This checks the recipe at startup and makes the one-time allocations (cuBLAS
         workspaces: 32 MiB per thread and stream on Hopper) before the memory baseline is read.
         """
+        before = self.memory_bytes()
         session = self.new_session(self.cfg.prompt, self.cfg.seed, 1)
         session.step()
+        self._measure(session, before)
         self.free(session)
 
     def free(self, session: Session) -> None:
@@ -103,6 +112,57 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ session size
+    def _measure(self, session: Session, before: int | None) -> None:
+        """Size model of a session, from the one-block warm-up session (device thread).
+
+        Bytes = fixed + ``block_bytes`` x blocks: a cache that rolls has a fixed size; a full
+        cache grows with the stream (its buffers per latent frame, ``frames_per_block`` a
+        block). On CUDA the fixed part is the memory the session really took (cache, decoder
+        state, a step's workspace); elsewhere the bytes of its cache buffers.
+        """
+        cache = session.rollout.cache
+        cache_bytes = tensor_bytes(cache)
+        capacity = getattr(cache, "capacity_frames", 0)
+        grows = cache is not None and capacity and not _cache_wraps(cache)
+        per_frame = cache_bytes / capacity if grows else 0
+        self.block_bytes = int(per_frame * session.rollout.frames_per_block)
+        after = self.memory_bytes()
+        used = cache_bytes if before is None or after is None else max(after - before, cache_bytes)
+        if self.device.type == "cuda":
+            used = max(used, torch.cuda.max_memory_allocated(self.device) - (before or 0))
+        # the fixed part keeps an I2V prefix (frames before block 0) and every other buffer
+        self.session_fixed_bytes = max(0, used - self.block_bytes)
+
+    def session_bytes(self, total_blocks: int | None) -> int:
+        """Estimated memory of a session of ``total_blocks`` (None: endless) before building it."""
+        blocks = 0 if not self.block_bytes else total_blocks or 0
+        return self.session_fixed_bytes + self.block_bytes * blocks
+
+    def _session_limit(self) -> int:
+        """``serve.max_session_bytes``, or what free memory allows each of ``max_sessions``."""
+        limit = self.cfg.serve.get("max_session_bytes")
+        if limit is not None:
+            return int(limit)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(
+                self.device
+            )
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(0.9 * free / self.max_sessions)
+
+    def check_session_size(self, total_blocks: int | None) -> None:
+        """Refuse (``too_large``) a session over ``max_session_bytes``; nothing is allocated."""
+        need = self.session_bytes(total_blocks)
+        if need > self.max_session_bytes:
+            raise ProtocolError(
+                "too_large", f"start: total_blocks={total_blocks} needs about {need / 2**20:.0f} "
+                f"MiB, over serve.max_session_bytes={self.max_session_bytes} "
+                f"({self.max_session_bytes / 2**20:.0f} MiB); ask for fewer blocks",
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ status
     def memory_bytes(self) -> int | None:
@@ -120,9 +180,43 @@ class Engine:
             "live_sessions": len(self._live),
             "memory_bytes": self.memory_bytes(),
             "baseline_memory_bytes": self.baseline_bytes,
+            "max_session_bytes": self.max_session_bytes,
             "device": str(self.device),
         }
 
     def shutdown(self) -> None:
         """Stop the worker thread (after the running step)."""
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _cache_wraps(cache) -> bool:
+    """True if the cache holds an endless stream (old frames evicted: its size is fixed)."""
+    try:
+        cache.frame_slot(cache.capacity_frames + cache.frames_per_block)
+    except IndexError:
+        return False
+    return True
+
+
+def tensor_bytes(obj, _seen: set | None = None) -> int:
+    """Bytes of the distinct tensors reachable from ``obj`` (attributes, lists, dicts)."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "meta":
+            return 0
+        storage = obj.untyped_storage()
+        key = ("storage", obj.device, storage.data_ptr())  # views share their storage
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(x, seen) for x in obj.values())
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        return sum(tensor_bytes(x, seen) for x in vars(obj).values())
+    return 0
