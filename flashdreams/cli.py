@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from flashdreams import ConfigError
 from flashdreams.config import schema  # noqa: F401  (registers the structured configs)
+from flashdreams.config.validate import check_run_config, unknown_key_error
 from flashdreams.parallel.launch import failure_line, launched_rank, rank_overrides, rank_prefix
 
 CONF_DIR = Path(__file__).parent / "conf"
@@ -69,6 +72,55 @@ def check_choices(argv: list[str]) -> None:
                     fail(f"{key}={choice}: unknown option; allowed: {', '.join(allowed)}")
 
 
+def check_keys(config_name: str, argv: list[str]) -> None:
+    """One-line error (exit 2) for a misspelled ``key=value`` or a ``+key`` a schema lacks."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    message = unknown_key_error(config_name, overrides, GROUPS) if overrides else None
+    if message is not None:
+        fail(message)
+
+
+def run_dir_of_job() -> Path | None:
+    """This Hydra job's output dir (None outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def discard_if_empty(run_dir: Path | None) -> bool:
+    """Remove a run dir that holds nothing but what Hydra wrote (``.hydra/``, its log).
+
+    A run that fails validation or is interrupted before writing anything leaves no
+    directory behind. Returns True when the dir is gone.
+    """
+    if run_dir is None or not run_dir.is_dir():
+        return run_dir is not None
+    entries = list(run_dir.iterdir())
+    if any(e.name != ".hydra" and not (e.is_file() and e.suffix == ".log") for e in entries):
+        return False
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    run_dir.rmdir()
+    return True
+
+
+def interrupted_message() -> str:
+    """The one line of a Ctrl-C: where the output is, if anything was written."""
+    run_dir = run_dir_of_job()
+    if run_dir is None or discard_if_empty(run_dir):
+        return "interrupted before anything was written"
+    return f"interrupted; the video and stats.json written so far are kept in {run_dir}"
+
+
+class SweepReport(Callback):
+    """Hydra callback: a multirun ends by printing where its sweep went."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir).absolute()
+        print(f"flashdreams: sweep written to {sweep} (table: flashdreams-report {sweep})",
+              file=sys.stderr)  # fmt: skip
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"flashdreams: error: {rank_prefix()}{message}", file=sys.stderr)
     raise SystemExit(code)
@@ -99,14 +151,17 @@ def user_error(err: BaseException) -> str | None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def _run(cfg: DictConfig) -> None:
-    from flashdreams.job import run_job
-
     try:
+        check_run_config(cfg)  # before any import of torch or loading
+        from flashdreams.job import run_job
+
         run_job(cfg)
     except KeyboardInterrupt:
-        fail("interrupted; the video and stats.json written so far are kept", 130)
+        fail(interrupted_message(), 130)
     except Exception as err:  # noqa: BLE001
         message = user_error(err)
+        if message is not None:
+            discard_if_empty(run_dir_of_job())
         if message is None or cfg.debug:
             if rank_prefix():  # torchrun: one line naming this rank above the traceback
                 print(f"flashdreams: error: {failure_line(err)}", file=sys.stderr)
@@ -130,10 +185,25 @@ def _image_flag(argv: list[str]) -> list[str]:
     return out
 
 
+def _interruptible(main):
+    """Ctrl-C anywhere (imports, composition, the run) ends with one line, exit 130."""
+
+    def wrapped() -> None:
+        try:
+            main()
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    wrapped.__doc__ = main.__doc__
+    return wrapped
+
+
+@_interruptible
 def run_main() -> None:
     """``flashdreams-run``: run a recipe (Hydra app); ``--image PATH`` is ``image=PATH``."""
     sys.argv[1:] = _image_flag(sys.argv[1:])
     check_choices(sys.argv[1:])
+    check_keys("run", sys.argv[1:])
     sys.argv[1:] += rank_overrides()  # torchrun ranks > 0: no output dir of their own
     if "debug=true" in sys.argv[1:]:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
@@ -146,10 +216,15 @@ def _bench(cfg: DictConfig) -> None:
     from flashdreams.job import output_dir, run_job
 
     try:
+        check_run_config(cfg)
         apply_memory_fraction(cfg)  # before anything is allocated
         run_job(cfg)
+    except KeyboardInterrupt:
+        fail(interrupted_message(), 130)
     except Exception as err:  # noqa: BLE001
         message = user_error(err)
+        if message is not None:
+            discard_if_empty(run_dir_of_job())
         if message is None or cfg.debug:
             raise
         fail(message)
@@ -157,10 +232,12 @@ def _bench(cfg: DictConfig) -> None:
         run_bench(cfg, output_dir(cfg))
 
 
+@_interruptible
 def bench_main() -> None:
     """``flashdreams-bench``: a profiled random-weight run + floor + diffusers peer (JSON)."""
     sys.argv[1:] = _image_flag(sys.argv[1:])
     check_choices(sys.argv[1:])
+    check_keys("bench", sys.argv[1:])
     sys.argv[1:] += rank_overrides()  # torchrun ranks > 0: no output dir of their own
     _bench()
 

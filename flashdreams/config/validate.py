@@ -8,6 +8,7 @@ line naming the setting. No torch import here (the CLI runs these before buildin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from flashdreams import ConfigError
@@ -50,3 +51,93 @@ def check_run_config(cfg) -> None:
     for key in ("batch_size", "frames_per_block", "height", "width"):
         check_positive_int(r[key], f"rollout.{key}")
     check_total_blocks(r.total_blocks, "rollout.total_blocks")
+    for key in ("prompt_file", "image", "poses", "intrinsics"):  # files: before any loading
+        value = cfg.get(key)
+        if value and not Path(str(value)).expanduser().is_file():
+            what = "does not exist" if key == "prompt_file" else "no such file"
+            sep = " " if key == "prompt_file" else ": "
+            raise ConfigError(f"{key}={str(value)!r}{sep}{what}")
+
+
+def _paths(node: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every key of a plain (container) config, nodes included."""
+    out = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            out += [path, *_paths(value, path + ".")]
+    return out
+
+
+def unknown_key_error(
+    config_name: str, overrides: list[str], groups: tuple[str, ...]
+) -> str | None:
+    """The one-line error of a command-line key that the composed config does not have.
+
+    A ``key=value`` whose key does not exist, and a ``+key=value`` that adds a key to a node
+    with a schema (a dataclass: its keys are fixed, so the value would be ignored), are errors
+    naming the key and the closest valid keys. Group choices are composed first (a recipe's
+    keys count); ``+key`` at the top level, ``++key``, ``~key`` and ``hydra.*`` are left to Hydra. Returns None when every
+    key exists or when the overrides do not parse or compose (Hydra reports those itself).
+    """
+    import dataclasses
+    import difflib
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001  (Hydra reports bad syntax)
+        return None
+    choices, keys = [], []
+    for o in parsed:
+        key = o.key_or_group
+        if key.startswith("hydra") or o.type is OverrideType.DEL:
+            continue
+        if key in groups or "/" in key or o.package is not None:
+            value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else None
+            choices.append(f"{key}={value}" if value is not None else o.input_line)
+        elif o.type in (OverrideType.CHANGE, OverrideType.ADD):
+            keys.append(o)
+    if not keys:
+        return None
+    was = GlobalHydra.instance().is_initialized()
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_module("flashdreams.conf", version_base="1.3"):
+            cfg = compose(config_name, overrides=choices)
+    except Exception:  # noqa: BLE001  (Hydra reports it on its own run)
+        return None
+    finally:
+        if not was:
+            GlobalHydra.instance().clear()
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    known = _paths(plain)
+    for o in keys:
+        key = o.key_or_group
+        parent_path, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+        exists = key in known
+        if o.type is OverrideType.CHANGE and not exists:
+            pass
+        elif (
+            o.type is OverrideType.ADD
+            and not exists
+            and parent_path
+            and isinstance(parent, DictConfig)
+        ):
+            if not dataclasses.is_dataclass(OmegaConf.get_type(parent)):
+                continue  # a free-form node: adding keys is what + is for
+        else:
+            continue
+        near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        if not near and isinstance(parent, DictConfig):
+            near = [f"{parent_path}.{k}" if parent_path else str(k) for k in parent][:8]
+        hint = f"; closest: {', '.join(near)}" if near else ""
+        sign = "+" if o.type is OverrideType.ADD else ""
+        return f"{sign}{key}: unknown key{hint}"
+    return None
