@@ -312,7 +312,11 @@ class Stream:
 
 
 def _step_job(session: Session, prompt: str | None, control: dict | None):
-    """On the device thread: one AR step, its frames copied to the host without a sync."""
+    """On the device thread: one AR step, its frames copied to the host without a sync.
+
+    The copy goes to pinned memory, so this thread returns while the GPU still runs the step
+    and the next step's launches queue behind it; ``done`` marks when ``host`` may be read.
+    """
     if prompt is not None:
         session.set_prompt(prompt)
     frames = session.step(control)  # (B, T, 3, H, W) in [0, 1]
@@ -320,8 +324,11 @@ def _step_job(session: Session, prompt: str | None, control: dict | None):
     if frames is not None:
         u8 = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
         u8 = u8.contiguous()  # (B, T, H, W, 3)
-        host = u8.to("cpu", non_blocking=True).numpy() if frames.is_cuda else u8.numpy()
-        if frames.is_cuda:
+        if frames.is_cuda:  # into pinned memory: the copy is queued, the thread goes on
+            pinned = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
+            host = pinned.copy_(u8, non_blocking=True).numpy()
             done = torch.cuda.Event()
             done.record()
+        else:
+            host = u8.numpy()
     return step, host, done
