@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flashdreams import ConfigError
 from flashdreams.config import schema  # noqa: F401  (registers the structured configs)
+from flashdreams.config.options import hydra_choices, scope_options
 from flashdreams.config.validate import check_run_config, unknown_key_error
 from flashdreams.parallel.launch import failure_line, launched_rank, rank_overrides, rank_prefix
 
@@ -152,6 +153,7 @@ def user_error(err: BaseException) -> str | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def _run(cfg: DictConfig) -> None:
     try:
+        scope_options(cfg, hydra_choices())  # the recipe's keys of options it did not choose
         check_run_config(cfg)  # before any import of torch or loading
         from flashdreams.job import run_job
 
@@ -216,6 +218,7 @@ def _bench(cfg: DictConfig) -> None:
     from flashdreams.job import output_dir, run_job
 
     try:
+        scope_options(cfg, hydra_choices())
         check_run_config(cfg)
         apply_memory_fraction(cfg)  # before anything is allocated
         run_job(cfg)

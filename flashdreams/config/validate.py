@@ -115,6 +115,9 @@ def unknown_key_error(
     finally:
         if not was:
             GlobalHydra.instance().clear()
+    from flashdreams.config.options import scope_options
+
+    scope_options(cfg)  # a recipe's keys for options it did not choose are not valid keys
     plain = OmegaConf.to_container(cfg, resolve=False)
     known = _paths(plain)
     for o in keys:

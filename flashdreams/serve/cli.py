@@ -26,9 +26,11 @@ from flashdreams.serve import config  # noqa: F401  (registers the serve schema)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
 def _serve(cfg: DictConfig) -> None:
     try:
+        from flashdreams.config.options import hydra_choices, scope_options
         from flashdreams.config.validate import check_run_config
         from flashdreams.serve.app import serve
 
+        scope_options(cfg, hydra_choices())
         check_run_config(cfg)
         serve(cfg)
     except KeyboardInterrupt:

@@ -97,7 +97,9 @@ class Session:
             if cfg is None:
                 raise ValueError("Session needs a composed config or a rollout")
             from flashdreams.build import build_rollout
+            from flashdreams.config.options import scope_options
 
+            scope_options(cfg)  # a recipe's keys of options it did not choose are dropped
             rollout = build_rollout(cfg)
         self._lock = threading.Lock()
         self.rollout = rollout
