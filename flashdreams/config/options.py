@@ -22,7 +22,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 _SPECIAL = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # groups whose nodes are instantiated from one option each (model: checked by its schema)
 SCOPED_GROUPS = ("scheduler", "cache", "attention", "parallel", "graph", "vae", "text_encoder",
-                 "guidance", "image_encoder", "conditioner", "logger", "precision")  # fmt: skip
+                 "guidance", "image_encoder", "conditioner", "control", "logger", "precision")  # fmt: skip
 
 
 @cache
