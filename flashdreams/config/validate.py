@@ -51,12 +51,45 @@ def check_run_config(cfg) -> None:
     for key in ("batch_size", "frames_per_block", "height", "width"):
         check_positive_int(r[key], f"rollout.{key}")
     check_total_blocks(r.total_blocks, "rollout.total_blocks")
+    cache = cfg.get("cache")
+    window = cache.get("window_frames") if cache is not None and "window_frames" in cache else None
+    if _is_int(window) and window < r.frames_per_block:
+        raise ConfigError(
+            f"cache.window_frames={window} is smaller than one block "
+            f"({r.frames_per_block} latent frames); use cache.window_frames>={r.frames_per_block}"
+        )
+    _check_local_weights(cfg)
     for key in ("prompt_file", "image", "poses", "intrinsics"):  # files: before any loading
         value = cfg.get(key)
         if value and not Path(str(value)).expanduser().is_file():
             what = "does not exist" if key == "prompt_file" else "no such file"
             sep = " " if key == "prompt_file" else ": "
             raise ConfigError(f"{key}={str(value)!r}{sep}{what}")
+
+
+_WEIGHT_KEYS = ("checkpoint", "low_noise_checkpoint", "tokenizer", "path")
+
+
+def _check_local_weights(cfg) -> None:
+    """A local weights / tokenizer path that does not exist fails before anything is built
+    (``hf://`` paths are fetched, or found in the cache, by the loaders)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    def visit(node, where: str) -> None:
+        for key in node:
+            if OmegaConf.is_missing(node, key):
+                continue
+            value = node[key]
+            if isinstance(value, DictConfig):
+                visit(value, f"{where}{key}.")
+            elif key in _WEIGHT_KEYS and isinstance(value, str) and value:
+                if "://" not in value and not Path(value).expanduser().exists():
+                    raise ConfigError(f"{where}{key}={value!r}: no such file or directory")
+
+    for group in ("model", "vae", "text_encoder", "conditioner", "control", "image_encoder"):
+        node = cfg.get(group) if group in cfg else None
+        if isinstance(node, DictConfig):
+            visit(node, f"{group}.")
 
 
 def _paths(node: Any, prefix: str = "") -> list[str]:

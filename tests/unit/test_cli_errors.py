@@ -47,6 +47,8 @@ def test_misspelled_key_is_one_line_naming_the_closest_keys(tmp_path, args, expe
         (["seed=18446744073709551616"], "seed=18446744073709551616 must be an integer in [0, 2**63)"),
         (["seed=-1"], "seed=-1 must be an integer in [0, 2**63)"),
         (["prompt_file=/does/not/exist"], "prompt_file='/does/not/exist' does not exist"),
+        (["model.checkpoint=/no/dit.pt"], "model.checkpoint='/no/dit.pt': no such file or directory"),
+        (["cache.window_frames=1"], "cache.window_frames=1 is smaller than one block (3 latent frames); use cache.window_frames>=3"),
     ],
 )  # fmt: skip
 def test_bad_values_are_one_line_and_leave_no_run_dir(tmp_path, args, expected):
