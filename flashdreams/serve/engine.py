@@ -59,7 +59,7 @@ class Engine:
             from flashdreams.io.image import load_image
 
             self.images = [load_image(cfg.image)] * int(cfg.rollout.batch_size)
-        self.session_fixed_bytes, self.block_bytes = 0, 0
+        self.session_fixed_bytes, self.frame_bytes, self.cache_rolls = 0, 0.0, False
         self.executor.submit(self._warm_up).result()
         self.baseline_bytes = self.memory_bytes()
         self.max_session_bytes = self._session_limit()
@@ -117,28 +117,43 @@ class Engine:
     def _measure(self, session: Session, before: int | None) -> None:
         """Size model of a session, from the one-block warm-up session (device thread).
 
-        Bytes = fixed + ``block_bytes`` x blocks: a cache that rolls has a fixed size; a full
-        cache grows with the stream (its buffers per latent frame, ``frames_per_block`` a
-        block). On CUDA the fixed part is the memory the session really took (cache, decoder
-        state, a step's workspace); elsewhere the bytes of its cache buffers.
+        Bytes = fixed + bytes per cached latent frame x the frames a session's cache holds: a
+        full cache every frame of the stream, a rolling one at most its window (and sink). On
+        CUDA the fixed part is what the session took besides its cache (decoder state, a
+        step's workspace); elsewhere 0.
         """
-        cache = session.rollout.cache
+        r = session.rollout
+        cache = r.cache
+        frames = cache.capacity_frames if cache is not None else 0
         cache_bytes = tensor_bytes(cache)
-        capacity = getattr(cache, "capacity_frames", 0)
-        grows = cache is not None and capacity and not _cache_wraps(cache)
-        per_frame = cache_bytes / capacity if grows else 0
-        self.block_bytes = int(per_frame * session.rollout.frames_per_block)
+        self.frame_bytes = cache_bytes / frames if frames else 0.0
+        self.cache_rolls = bool(cache is not None and cache.rolls)
+        self.prefix_frames = int(getattr(r, "frame_offset", 0))  # an I2V image frame
+        self.frames_per_block = int(r.frames_per_block)
         after = self.memory_bytes()
         used = cache_bytes if before is None or after is None else max(after - before, cache_bytes)
         if self.device.type == "cuda":
             used = max(used, torch.cuda.max_memory_allocated(self.device) - (before or 0))
-        # the fixed part keeps an I2V prefix (frames before block 0) and every other buffer
-        self.session_fixed_bytes = max(0, used - self.block_bytes)
+        self.session_fixed_bytes = max(0, used - cache_bytes)
+
+    def cache_frames(self, total_blocks: int | None) -> int:
+        """Latent frames the KV cache of a session of ``total_blocks`` (None: endless) holds."""
+        if not self.frame_bytes:
+            return 0
+        frames = (
+            None
+            if total_blocks is None
+            else self.prefix_frames + self.frames_per_block * (total_blocks)
+        )
+        if self.cache_rolls:
+            c = self.cfg.cache
+            window = int(c.window_frames) + int(c.get("sink_frames", 0) or 0)
+            return window if frames is None else min(window, frames)
+        return frames or 0  # a full cache cannot stream endlessly (the session refuses)
 
     def session_bytes(self, total_blocks: int | None) -> int:
         """Estimated memory of a session of ``total_blocks`` (None: endless) before building it."""
-        blocks = 0 if not self.block_bytes else total_blocks or 0
-        return self.session_fixed_bytes + self.block_bytes * blocks
+        return int(self.session_fixed_bytes + self.frame_bytes * self.cache_frames(total_blocks))
 
     def _session_limit(self) -> int:
         """``serve.max_session_bytes``, or what free memory allows each of ``max_sessions``."""
@@ -187,15 +202,6 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the worker thread (after the running step)."""
         self.executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _cache_wraps(cache) -> bool:
-    """True if the cache holds an endless stream (old frames evicted: its size is fixed)."""
-    try:
-        cache.frame_slot(cache.capacity_frames + cache.frames_per_block)
-    except IndexError:
-        return False
-    return True
 
 
 def tensor_bytes(obj, _seen: set | None = None) -> int:
