@@ -4,7 +4,8 @@ Starts ``flashdreams-serve`` as a subprocess on a free loopback port (``serve.re
 so it generates as fast as it can), connects one WebSocket client, and runs:
 
 1. a warm-up stream (``--warmup-blocks`` blocks: compilation, graph capture, allocator);
-2. ``--starts`` short streams on the warm server, timing ``start`` -> first frame;
+2. ``--starts`` starts of the server's default stream (what the web page sends) on the warm
+   server, timing ``start`` -> first frame, each stopped after it;
 3. one endless stream for ``--seconds``, reading every frame as it arrives.
 
 Generated frames/s is the step's frames over its block period (the ``step`` messages'
@@ -72,13 +73,16 @@ def recv_until(ws, kind: str, timeout: float = 600.0) -> dict:
                 raise SystemExit(f"server error: {data}")
 
 
-def time_to_first_frame(ws, blocks: int) -> float:
-    """Seconds from sending ``start`` to the first frame; the stream is then read to its end."""
+def time_to_first_frame(ws, blocks: int | None = None) -> float:
+    """Seconds from sending ``start`` to the first frame, then stopped (``blocks`` None: the
+    server's default stream, as the web page starts it)."""
+    start = {"type": "start"} if blocks is None else {"type": "start", "total_blocks": blocks}
     t0 = time.perf_counter()
-    ws.send(json.dumps({"type": "start", "total_blocks": blocks}))
+    ws.send(json.dumps(start))
     while not isinstance(ws.recv(timeout=600), bytes):
         pass
     ttff = time.perf_counter() - t0
+    ws.send(json.dumps({"type": "stop"}))
     recv_until(ws, "stopped")
     return ttff
 
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             with connect(f"ws://127.0.0.1:{port}/ws", max_size=None, open_timeout=60) as ws:
                 hello = json.loads(ws.recv(timeout=60))
                 time_to_first_frame(ws, args.warmup_blocks)  # warm the server
-                ttff = [time_to_first_frame(ws, 1) for _ in range(args.starts)]
+                ttff = [time_to_first_frame(ws) for _ in range(args.starts)]
                 result = summarize(endless(ws, args.seconds), hello, ttff)
         finally:
             proc.terminate()

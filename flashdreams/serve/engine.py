@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from omegaconf import DictConfig
 
+from flashdreams import ConfigError
 from flashdreams.build import SharedParts, assemble_rollout, build_shared
 from flashdreams.rollout import Rollout
 from flashdreams.serve.protocol import ProtocolError
@@ -74,9 +75,12 @@ class Engine:
             return True
 
     def release(self) -> None:
-        """Give a slot back."""
+        """Give a slot back; the last one out has the spare rebuilt if it was used up."""
         with self._lock:
             self._active = max(0, self._active - 1)
+            idle = self._active == 0
+        if idle and self._spare is None:
+            self.executor.submit(self._refill_if_idle)
 
     @property
     def active(self) -> int:
@@ -85,7 +89,10 @@ class Engine:
 
     # ------------------------------------------------------------------ on the worker thread
     def new_session(self, prompt: str, seed: int, total_blocks) -> Session:
-        """Build a session (device buffers allocated here)."""
+        """A session: the warm spare when it fits, else built (device buffers allocated here)."""
+        spare = self._take_spare(prompt, seed, total_blocks)
+        if spare is not None:
+            return spare
         rollout = spawn_rollout(self.shared, self.cfg, total_blocks)
         session = Session(rollout=rollout, prompt=prompt, seed=seed, total_blocks=total_blocks,
                           images=self.images)  # fmt: skip
@@ -103,6 +110,7 @@ class Engine:
         session.step()
         self._measure(session, before)
         self.free(session)
+        self._build_spare()
 
     def free(self, session: Session) -> None:
         """Drop a session's buffers and return its device memory to the allocator's pool."""
@@ -112,6 +120,53 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ the warm spare
+    # One idle session, built for the default stream (``serve.total_blocks``) at startup and
+    # kept when a stream of that length ends: a ``start`` that fits it only resets it (its
+    # buffers, decoder and graph captures stay warm), so the first frame is one step away.
+    # It holds a slot's memory; a start that does not fit frees it before building its own,
+    # so the sessions alive never exceed ``max_sessions``.
+    _spare: Session | None = None
+
+    def _build_spare(self) -> None:
+        try:
+            self._spare = self.new_session(self.cfg.prompt, self.cfg.seed,
+                                           self.cfg.serve.total_blocks)  # fmt: skip
+        except ConfigError:  # e.g. an endless default on a full cache: no spare
+            self._spare = None
+
+    def _take_spare(self, prompt: str, seed: int, total_blocks) -> Session | None:
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        if spare.total_blocks != total_blocks:
+            self.free(spare)  # its memory goes to the session built instead
+            return None
+        try:
+            spare.reset(seed=seed, prompt=prompt)
+        except BaseException:
+            self.free(spare)
+            raise
+        return spare
+
+    def _refill_if_idle(self) -> None:
+        """Rebuild the spare while no stream runs (device thread): nothing waits on it."""
+        if self._spare is not None or self._active:
+            return
+        try:
+            self._build_spare()
+        except Exception:  # noqa: BLE001  (e.g. out of memory: the server runs without)
+            log.exception("could not rebuild the spare session")
+
+    def end_session(self, session: Session) -> None:
+        """A stream ended: keep its session as the spare when it fits the default stream and
+        there is none, else free it (device thread)."""
+        default = self.cfg.serve.total_blocks
+        if self._spare is None and not session.closed and session.total_blocks == default:
+            self._spare = session
+            return
+        self.free(session)
 
     # ------------------------------------------------------------------ session size
     def _measure(self, session: Session, before: int | None) -> None:
@@ -192,7 +247,8 @@ class Engine:
         return {
             "active_sessions": self._active,
             "max_sessions": self.max_sessions,
-            "live_sessions": len(self._live),
+            "live_sessions": len(self._live) - (self._spare is not None),  # streams' sessions
+            "spare_sessions": int(self._spare is not None),
             "memory_bytes": self.memory_bytes(),
             "baseline_memory_bytes": self.baseline_bytes,
             "max_session_bytes": self.max_session_bytes,

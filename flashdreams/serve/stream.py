@@ -263,7 +263,7 @@ class Stream:
             await playout.finish(drain=reason is None and not self.stop_requested)
             steps = session.step_index
             self.session = None
-            await loop.run_in_executor(self.engine.executor, self.engine.free, session)
+            await loop.run_in_executor(self.engine.executor, self.engine.end_session, session)
             del session
             self.engine.release()
             reason = reason or (self.stop_reason if self.stop_requested else "finished")

@@ -263,3 +263,24 @@ def test_recursion_in_parse_message_is_bad_json():
     with pytest.raises(protocol.ProtocolError) as err:
         protocol.parse_message("[" * 100_000 + "]" * 100_000, 10**6, 100)
     assert err.value.code == "bad_json"
+
+
+def first_frames(server, count: int) -> list[bytes]:
+    with server.ws() as ws:
+        send(ws, type="start", prompt="a fox", seed=7)
+        recv_json(ws, "started")
+        status = server.status()
+        assert status["spare_sessions"] == 0 and status["live_sessions"] == 1, status
+        jpegs = [jpeg for _, jpeg in recv_frames(ws, count)]
+        send(ws, type="stop")
+        recv_json(ws, "stopped")
+    return jpegs
+
+
+def test_a_warm_spare_serves_the_next_start_reset_to_its_seed(server):
+    """The default stream starts on a session kept warm (no build); it is reset in full."""
+    assert server.wait_idle()["spare_sessions"] == 1
+    first = first_frames(server, 21)  # on the spare built at startup
+    assert server.wait_idle()["spare_sessions"] == 1  # the ended session is the spare again
+    assert first_frames(server, 21) == first  # the same stream: nothing of the last one left
+    server.wait_idle()
