@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -113,6 +115,17 @@ def interrupted_message() -> str:
     return f"interrupted; the video and stats.json written so far are kept in {run_dir}"
 
 
+def _interrupted(err: BaseException | None) -> bool:
+    """True when a Ctrl-C is in ``err``'s chain of causes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 class SweepReport(Callback):
     """Hydra callback: a multirun ends by printing where its sweep went."""
 
@@ -161,6 +174,8 @@ def _run(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         fail(interrupted_message(), 130)
     except Exception as err:  # noqa: BLE001
+        if _interrupted(err):  # a Ctrl-C that broke a half-done import or clean-up
+            fail(interrupted_message(), 130)
         message = user_error(err)
         if message is not None:
             discard_if_empty(run_dir_of_job())
@@ -187,10 +202,27 @@ def _image_flag(argv: list[str]) -> list[str]:
     return out
 
 
+def _exit_at_once(signum, frame) -> None:
+    """Ctrl-C while starting (composing, importing, loading): nothing is written yet, so the
+    process ends here, with one line. A ``KeyboardInterrupt`` raised inside an import can be
+    swallowed by a library's ``except:`` and leave a module half-imported."""
+    print(f"flashdreams: error: {rank_prefix()}{interrupted_message()}", file=sys.stderr,
+          flush=True)  # fmt: skip
+    os._exit(130)
+
+
+def exit_at_once_on_ctrl_c(enable: bool) -> None:
+    """While starting, Ctrl-C ends the process at once; after (``enable=False``) it raises
+    ``KeyboardInterrupt`` so the video and stats written so far are closed properly."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _exit_at_once if enable else signal.default_int_handler)
+
+
 def _interruptible(main):
     """Ctrl-C anywhere (imports, composition, the run) ends with one line, exit 130."""
 
     def wrapped() -> None:
+        exit_at_once_on_ctrl_c(True)
         try:
             main()
         except KeyboardInterrupt:

@@ -109,6 +109,7 @@ def run_job(cfg: DictConfig) -> int:
     image = load_image(cfg.image) if cfg.image else None  # a bad path fails before any loading
     prompts = read_prompts(cfg)  # so does a bad prompt file
     rollout = build_rollout(cfg)
+    _raise_on_ctrl_c()  # from here a Ctrl-C closes the video and stats.json properly
     run_dir = rollout.parallel.broadcast(output_dir(cfg))  # rank 0's dir: one per torchrun job
     is_main = rollout.parallel.is_main
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
@@ -137,6 +138,7 @@ def run_job(cfg: DictConfig) -> int:
         quality = build_quality(cfg, rollout)
         stats.sections["quality"] = quality.steps  # rewritten with stats.json after each step
     writers: list = []
+    bar = None
     failed, status, warmup_s, t0 = True, "failed", None, time.perf_counter()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +177,8 @@ def run_job(cfg: DictConfig) -> int:
         status = "interrupted"
         raise
     finally:
+        if bar is not None:
+            bar.close()  # before any message: the progress line ends first
         for writer in writers:
             writer.close()
         if is_main:
@@ -182,7 +186,12 @@ def run_job(cfg: DictConfig) -> int:
             extra = quality.summary() if quality is not None else None
             stats.finish(status, warmup_s, peak, time.perf_counter() - t0, extra)
             if stats.steps:
-                plot_latency(stats.as_dict(), run_dir / "latency.png")
+                try:
+                    plot_latency(stats.as_dict(), run_dir / "latency.png")
+                except Exception:  # an interrupt mid-import can break it: keep the first error
+                    if not failed:
+                        raise
+                    log.warning("latency.png not written (the run was %s)", status)
             logger.log_summary(stats.summary)
             for writer in writers:
                 logger.log_video(Path(writer.path), cfg.fps)
@@ -191,6 +200,14 @@ def run_job(cfg: DictConfig) -> int:
     if is_main:
         _print_summary(stats, run_dir)
     return 0
+
+
+def _raise_on_ctrl_c() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

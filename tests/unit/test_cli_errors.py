@@ -57,16 +57,18 @@ def test_bad_values_are_one_line_and_leave_no_run_dir(tmp_path, args, expected):
     assert not list(tmp_path.glob("outputs/runs/*/*")), "an empty run dir was left behind"
 
 
-def test_ctrl_c_while_starting_is_one_line(tmp_path):
+@pytest.mark.parametrize("delay", [0.5, 1.5, 4.0])  # importing, building, stepping
+def test_ctrl_c_while_starting_is_one_line(tmp_path, delay):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([*RUN, *TINY], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    time.sleep(1.0)  # composing / importing torch: before any step
+    proc = subprocess.Popen([*RUN, *TINY, "rollout.total_blocks=500"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("flashdreams: error: interrupted"), err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "flashdreams: error" in line]
+    assert len(lines) == 1 and lines[0].startswith("flashdreams: error: interrupted"), err
 
 
 def test_short_run_labels_tell_the_truth_and_multirun_says_where(tmp_path):
