@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import resource
+import socket
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from tqdm import tqdm
 from flashdreams.build import build_rollout, read_prompts
 from flashdreams.io.image import load_image
 from flashdreams.rollout import Rollout, StepOutput, run_rollout
-from flashdreams.stats import RunStats, StepTimer
+from flashdreams.stats import WARMUP_STEPS, RunStats, StepTimer
 
 log = logging.getLogger("flashdreams")
 
@@ -68,13 +70,19 @@ class _StepSink:
             self.pending.pop(0)
 
 
+def _ms(value) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
 def _print_summary(stats: RunStats, run_dir: Path) -> None:
     s = stats.summary
+    over = f"steps>={WARMUP_STEPS}" if s["num_steps"] > WARMUP_STEPS else "all steps"
+    warmup = "n/a (run ended before step 2)" if s["warmup_s"] is None else f"{s['warmup_s']:.2f} s"
     rows = [
         ("AR steps", f"{s['num_steps']}"),
-        ("median step latency (steps>=2)", f"{s['median_step_ms']:.1f} ms"),
-        ("median block period (steps>=2)", f"{s['median_period_ms']:.1f} ms"),
-        ("warm-up (steps 0-1)", f"{s['warmup_s']:.2f} s"),
+        (f"median step latency ({over})", _ms(s["median_step_ms"])),
+        (f"median block period ({over})", _ms(s["median_period_ms"])),
+        ("warm-up (steps 0-1)", warmup),
         ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"),
         ("frames / throughput", f"{s['num_frames']} / {s['fps'] or 0:.1f} fps"),
         *_quality_rows(s),
@@ -99,10 +107,11 @@ def run_job(cfg: DictConfig) -> int:
     from flashdreams.io.video import Mp4Writer
 
     image = load_image(cfg.image) if cfg.image else None  # a bad path fails before any loading
+    prompts = read_prompts(cfg)  # so does a bad prompt file
     rollout = build_rollout(cfg)
+    _raise_on_ctrl_c()  # from here a Ctrl-C closes the video and stats.json properly
     run_dir = rollout.parallel.broadcast(output_dir(cfg))  # rank 0's dir: one per torchrun job
     is_main = rollout.parallel.is_main
-    prompts = read_prompts(cfg)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     header = {
         "run_name": cfg.run_name,
@@ -112,11 +121,13 @@ def run_job(cfg: DictConfig) -> int:
         "dtype": str(rollout.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "parallel": f"{rollout.parallel.name} x{rollout.parallel.world_size}",
-        "precision": rollout.precision.effective, "offload": cfg.get("offload", "none"),
+        "precision": precision_label(rollout.precision.effective, rollout.dtype),
+        "offload": cfg.get("offload", "none"),
         "kv_cache": rollout.precision.kv_cache or "model dtype",
         # the shape the benchmark floor counts: DiT tokens per latent frame, forwards per step
         "tokens_per_frame": rollout.cache_tokens_per_frame(),
         "forwards_per_step": 2 if rollout.guidance.needs_negative else 1,
+        "host": socket.gethostname(), "pid": os.getpid(),  # flashdreams-report: killed runs
     }  # fmt: skip
     logger = instantiate(cfg.logger) if is_main else None
     stats = RunStats(run_dir / "stats.json" if is_main else None, header)
@@ -127,7 +138,8 @@ def run_job(cfg: DictConfig) -> int:
         quality = build_quality(cfg, rollout)
         stats.sections["quality"] = quality.steps  # rewritten with stats.json after each step
     writers: list = []
-    failed, status, warmup_s, t0 = True, "failed", 0.0, time.perf_counter()
+    bar = None
+    failed, status, warmup_s, t0 = True, "failed", None, time.perf_counter()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(resolved)
@@ -153,7 +165,7 @@ def run_job(cfg: DictConfig) -> int:
 
             images = None if image is None else [image] * b
             w = run_rollout(rollout, batch, on_step, profile=cfg.profile, images=images)
-            warmup_s = warmup_s or w
+            warmup_s = warmup_s if warmup_s is not None else w
             sink.drain(force=True)
             bar.close()
             for writer in writers:
@@ -165,6 +177,8 @@ def run_job(cfg: DictConfig) -> int:
         status = "interrupted"
         raise
     finally:
+        if bar is not None:
+            bar.close()  # before any message: the progress line ends first
         for writer in writers:
             writer.close()
         if is_main:
@@ -172,7 +186,12 @@ def run_job(cfg: DictConfig) -> int:
             extra = quality.summary() if quality is not None else None
             stats.finish(status, warmup_s, peak, time.perf_counter() - t0, extra)
             if stats.steps:
-                plot_latency(stats.as_dict(), run_dir / "latency.png")
+                try:
+                    plot_latency(stats.as_dict(), run_dir / "latency.png")
+                except Exception:  # an interrupt mid-import can break it: keep the first error
+                    if not failed:
+                        raise
+                    log.warning("latency.png not written (the run was %s)", status)
             logger.log_summary(stats.summary)
             for writer in writers:
                 logger.log_video(Path(writer.path), cfg.fps)
@@ -181,6 +200,24 @@ def run_job(cfg: DictConfig) -> int:
     if is_main:
         _print_summary(stats, run_dir)
     return 0
+
+
+def _raise_on_ctrl_c() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def precision_label(effective: str, dtype: torch.dtype) -> str:
+    """What the run's weights computed in: ``precision=bf16`` on a float32 run is fp32."""
+    if effective == "bf16" and dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
+    return effective
 
 
 def _save_embeddings(cfg: DictConfig, rollout: Rollout, prompts: list[str]) -> None:

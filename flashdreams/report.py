@@ -59,7 +59,27 @@ def _read_row(stats_path: Path, sweep_dir: Path) -> dict[str, Any]:
     peak = summary.get("peak_memory_bytes")
     row["peak_memory_mb"] = None if peak is None else peak / MIB
     row["status"] = stats.get("status", "unknown")
+    if row["status"] == "running" and _process_gone(stats):
+        row["status"] = "killed"
     return row
+
+
+def _process_gone(stats: dict[str, Any]) -> bool:
+    """True when the run's process (``pid`` on this ``host``) no longer exists: a run left
+    ``running`` by a kill. Runs of other hosts, or without a pid, are taken at their word."""
+    import os
+    import socket
+
+    pid = stats.get("pid")
+    if not isinstance(pid, int) or stats.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:

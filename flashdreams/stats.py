@@ -74,13 +74,16 @@ class StepTimer:
         return row
 
 
-def summarize(steps: list[dict[str, Any]], warmup_s: float, peak_bytes: int, total_s: float):
-    """DESIGN.md metrics: medians over steps >= 2 (all steps when fewer than 3)."""
+def summarize(steps: list[dict[str, Any]], warmup_s: float | None, peak_bytes: int,
+              total_s: float):  # fmt: skip
+    """DESIGN.md metrics: medians over steps >= 2 (all steps when fewer than 3: ``medians_over``
+    says which); ``warmup_s`` is None when the run ended before its warm-up did."""
     timed = [s for s in steps if s["step"] >= WARMUP_STEPS] or steps
     frames = sum(s["num_frames"] for s in steps)
     with_commit = [s for s in timed if s["commit_ms"] > 0] or timed
     return {
         "num_steps": len(steps),
+        "medians_over": f"steps>={WARMUP_STEPS}" if len(steps) > WARMUP_STEPS else "all steps",
         "median_step_ms": statistics.median(s["step_ms"] for s in timed) if timed else None,
         "median_period_ms": (
             statistics.median(s["period_ms"] for s in with_commit) if timed else None
@@ -116,7 +119,7 @@ class RunStats:
         self.steps.append(row)
         self.write()
 
-    def finish(self, status: str, warmup_s: float, peak_bytes: int, total_s: float,
+    def finish(self, status: str, warmup_s: float | None, peak_bytes: int, total_s: float,
                extra: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.status = status
         self.summary = {**summarize(self.steps, warmup_s, peak_bytes, total_s), **(extra or {})}

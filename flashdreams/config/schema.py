@@ -61,6 +61,7 @@ class RunConfig:
     precision: Any = MISSING
     recipe: Any = None
     bench: Any = None
+    serve: Any = None  # flashdreams-serve's block (flashdreams/serve/config.py)
 
 
 @dataclass

@@ -13,11 +13,13 @@ from starlette.applications import Starlette
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from flashdreams import ConfigError
 from flashdreams.serve import protocol
 from flashdreams.serve.config import check_serve
 from flashdreams.serve.engine import Engine
+from flashdreams.serve.limits import OVERSIZE, Guard, size_limited_protocol
 from flashdreams.serve.stream import Stream
 
 log = logging.getLogger("flashdreams.serve")
@@ -72,13 +74,24 @@ class OutQueue:
         return item
 
 
+# what a send or close to a client that went away raises (uvicorn: ClientDisconnected, an OSError)
+_GONE = (WebSocketDisconnect, RuntimeError, OSError)
+
+
 async def _send_loop(ws: WebSocket, out: OutQueue) -> None:
-    while True:
-        item = await out.get()
-        if isinstance(item, bytes):
-            await ws.send_bytes(item)
-        else:
-            await ws.send_text(item)
+    try:
+        while True:
+            item = await out.get()
+            if isinstance(item, bytes):
+                await ws.send_bytes(item)
+            else:
+                await ws.send_text(item)
+    except _GONE:
+        pass  # the client went away; the receive loop sees the disconnect and ends the stream
+
+
+def _client(ws: WebSocket) -> str:
+    return f"{ws.client.host}:{ws.client.port}" if ws.client else "client"
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:
@@ -90,23 +103,30 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     stream = Stream(engine, cfg, out)
     sender = asyncio.create_task(_send_loop(ws, out))
     out.put(protocol.event("hello", **stream.hello()), droppable=False)
+    closed_by_client = False
     try:
         while True:
             msg = await ws.receive()
             if msg["type"] == "websocket.disconnect":
+                closed_by_client = True
+                if msg.get("code", 1000) not in (1000, 1001):
+                    log.info("%s disconnected (code %s)", _client(ws), msg.get("code"))
                 break
-            await stream.handle(
-                msg.get("text") if msg.get("text") is not None else msg.get("bytes")
-            )
+            if OVERSIZE in msg:
+                raw = protocol.Oversize(msg[OVERSIZE])
+            else:
+                raw = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
+            await stream.handle(raw)
             if out.pending_replies > MAX_PENDING_REPLIES or sender.done():
                 break
     finally:
         await stream.end("disconnect")
         sender.cancel()
-        try:
-            await ws.close()
-        except (RuntimeError, OSError):
-            pass  # already closed by the client
+        if not closed_by_client:
+            try:
+                await ws.close()
+            except _GONE:
+                pass  # the client is gone already
 
 
 async def index(request) -> FileResponse:
@@ -120,6 +140,7 @@ async def status(request) -> JSONResponse:
 def create_app(cfg: DictConfig, engine: Engine | None = None) -> Starlette:
     """The Starlette app; the engine (model weights) is built here unless given."""
     check_serve(cfg.serve)
+    s = cfg.serve
     app = Starlette(
         routes=[
             Route("/", index),
@@ -130,34 +151,55 @@ def create_app(cfg: DictConfig, engine: Engine | None = None) -> Starlette:
     )
     app.state.cfg = cfg
     app.state.engine = engine or Engine(cfg)
-    return app
+    guarded = Guard(app, s.host, s.allowed_hosts, s.allowed_origins)
+    guarded.state = app.state
+    return guarded
 
 
 def bind_socket(host: str, port: int, send_buffer_bytes: int = 0) -> socket.socket:
-    """A listening TCP socket (port 0: a free port)."""
+    """A listening TCP socket (port 0: a free port); ``ConfigError`` when it cannot bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if send_buffer_bytes > 0:  # inherited by accepted connections
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
-    sock.bind((host, port))
-    sock.listen(128)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"serve.port={port}: cannot listen on {host}:{port} "
+                          f"({err.strerror or err}); pick another serve.port (0: any free one)"
+                          ) from None  # fmt: skip
     sock.setblocking(False)
     return sock
 
 
+def uvicorn_config(app, serve_cfg):
+    """uvicorn's settings: oversize messages dropped unread (``limits``), no compression."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app, log_config=None, log_level="warning", ws=size_limited_protocol(
+            serve_cfg.max_message_bytes), ws_max_size=max(serve_cfg.max_message_bytes * 4, 2**20),
+        ws_per_message_deflate=False, lifespan="off",
+    )  # fmt: skip
+
+
 def serve(cfg: DictConfig) -> None:
-    """Load the recipe, bind, and serve until interrupted."""
+    """Bind (a port in use fails here, before any loading), load the recipe, serve."""
     import uvicorn
 
     s = cfg.serve
-    app = create_app(cfg)
+    check_serve(s)
     sock = bind_socket(s.host, s.port, s.send_buffer_bytes)
+    try:
+        app = create_app(cfg)
+    except BaseException:
+        sock.close()
+        raise
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, log_config=None, log_level="warning", ws_max_size=max(s.max_message_bytes * 4, 2**20),
-        ws_per_message_deflate=False, lifespan="off",
-    )  # fmt: skip
+    config = uvicorn_config(app, s)
     server = uvicorn.Server(config)
     url = f"http://{s.host}:{port}/"
     print(f"flashdreams-serve: listening on {url} (recipe {cfg.run_name}, "

@@ -1,15 +1,16 @@
 """Schema of ``flashdreams-serve``'s config: the run config plus a ``serve`` block.
 
-Registered in Hydra's ConfigStore as ``base_serve_run``; ``conf/serve.yaml`` composes the
-whole run config (``- run``) and then this schema, so a misspelled ``serve.*`` key or a wrong
-type fails at composition. No torch import here (``--help`` stays fast).
+Registered in Hydra's ConfigStore as ``base_serve`` (package ``serve``); ``conf/serve.yaml``
+composes the whole run config (``- run``) and then this schema into ``serve`` only, so the
+recipe's settings stay as ``flashdreams-run`` composes them, and a misspelled ``serve.*`` key or
+a wrong type fails at composition. No torch import here (``--help`` stays fast).
 """
 
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from flashdreams.config.schema import RunConfig
+from flashdreams.config import schema  # noqa: F401  (base_run, which serve.yaml composes)
 
 
 @dataclass
@@ -26,16 +27,14 @@ class ServeConfig:
     lead_s: float = 1.0  # seconds of video generated ahead of real time when realtime
     send_buffer_bytes: int = 0  # kernel send buffer per client (0: OS default)
     total_blocks: int | None = None  # AR steps when `start` names none (null: endless)
-
-
-@dataclass
-class ServeRunConfig(RunConfig):
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    max_session_bytes: int | None = None  # memory one session may take (null: free / max_sessions)
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names besides loopback's
+    allowed_origins: list[str] = field(default_factory=list)  # cross-site page origins allowed
 
 
 def register() -> None:
-    """Store the schema (idempotent)."""
-    ConfigStore.instance().store(name="base_serve_run", node=ServeRunConfig)
+    """Store the schema (idempotent): ``base_serve`` fills and types the run config's ``serve``."""
+    ConfigStore.instance().store(name="base_serve", node=ServeConfig, package="serve")
 
 
 register()
@@ -57,3 +56,10 @@ def check_serve(serve) -> None:
             raise ConfigError(f"serve.{key}={value} must be {allowed}")
     if serve.total_blocks is not None and serve.total_blocks < 1:
         raise ConfigError(f"serve.total_blocks={serve.total_blocks} must be >= 1 or null")
+    if serve.max_session_bytes is not None and serve.max_session_bytes < 1:
+        raise ConfigError(f"serve.max_session_bytes={serve.max_session_bytes} must be >= 1 or "
+                          "null")  # fmt: skip
+    for key in ("allowed_hosts", "allowed_origins"):
+        for item in serve[key]:
+            if not isinstance(item, str) or not item.strip() or item.strip().lower() == "null":
+                raise ConfigError(f"serve.{key}: {item!r} is not a host name / origin")

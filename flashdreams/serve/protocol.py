@@ -38,6 +38,13 @@ _FIELDS = {
 }
 
 
+@dataclass(frozen=True)
+class Oversize:
+    """Stands for a client message that was dropped unread past the size limit."""
+
+    size: int  # bytes received before the message ended (at least the limit + 1)
+
+
 class ProtocolError(ValueError):
     """A client message the server rejects; sent back as an ``error`` message."""
 
@@ -62,11 +69,14 @@ class FrameInfo:
     prompt_version: int  # 0 for the start prompt, +1 per prompt switch that took effect
 
 
-def parse_message(raw: str | bytes | None, max_bytes: int, max_prompt_chars: int) -> dict:
+def parse_message(
+    raw: str | bytes | Oversize | None, max_bytes: int, max_prompt_chars: int
+) -> dict:
     """Decode and validate one client message.
 
     Args:
-        raw: the text of a WebSocket message (bytes for a binary message).
+        raw: the text of a WebSocket message (bytes for a binary message, ``Oversize`` for one
+            dropped unread past the limit).
         max_bytes: size limit in bytes.
         max_prompt_chars: longest prompt accepted.
 
@@ -76,16 +86,24 @@ def parse_message(raw: str | bytes | None, max_bytes: int, max_prompt_chars: int
     Raises:
         ProtocolError: the message is binary, too large, not JSON, or not a valid message.
     """
+    size = raw.size if isinstance(raw, Oversize) else len(raw) if raw is not None else 0
+    if isinstance(raw, str):
+        size = len(raw.encode(errors="surrogatepass"))
+    if size > max_bytes:
+        raise ProtocolError("too_large", f"message of {size}{'+' * isinstance(raw, Oversize)} "
+                            f"bytes exceeds serve.max_message_bytes={max_bytes}")  # fmt: skip
     if raw is None or isinstance(raw, bytes):
         raise ProtocolError("binary", "binary messages are not accepted; send JSON text")
-    size = len(raw.encode())
-    if size > max_bytes:
-        raise ProtocolError("too_large", f"message of {size} bytes exceeds "
-                            f"serve.max_message_bytes={max_bytes}")  # fmt: skip
     try:
         msg = json.loads(raw)
     except ValueError as err:
         raise ProtocolError("bad_json", f"message is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ProtocolError("bad_json", "message is not valid JSON: nested too deeply") from None
+    except Exception as err:  # noqa: BLE001  (any parse failure is the client's)
+        raise ProtocolError(
+            "bad_json", f"message is not valid JSON ({type(err).__name__})"
+        ) from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("bad_message", 'message must be a JSON object with a string "type"')
     kind = msg["type"]

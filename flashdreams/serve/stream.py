@@ -1,15 +1,20 @@
 """One client's stream: its protocol state machine and its generation loop.
 
 Everything here runs on the event loop except the jobs handed to the engine's device thread
-(``_step_job``, session build and free) and JPEG encoding (a worker thread), so the server
-stays responsive while a step runs. A step's frames are encoded while the next step runs.
+(``_step_job``, session build and free) and JPEG encoding (a pool of worker threads, one frame
+per worker), so the server stays responsive while a step runs. A step's frames are encoded and
+sent while the next step runs. With ``serve.realtime`` a playout task hands frames to the
+client's queue at the video's frame rate (no bursts of a whole block), while generation runs
+at most ``serve.lead_s`` ahead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from omegaconf import DictConfig
@@ -20,6 +25,70 @@ from flashdreams.serve.protocol import FrameInfo, ProtocolError
 from flashdreams.session import Session, SessionStep, validate_control
 
 log = logging.getLogger("flashdreams.serve")
+INTERNAL = "internal error; the details are in the server log"
+_ENCODERS: ThreadPoolExecutor | None = None
+
+
+def encoders() -> ThreadPoolExecutor:
+    """The JPEG workers shared by every stream (Pillow releases the GIL while it encodes)."""
+    global _ENCODERS
+    if _ENCODERS is None:
+        _ENCODERS = ThreadPoolExecutor(min(8, max(2, (os.cpu_count() or 2) // 2)),
+                                       thread_name_prefix="flashdreams-jpeg")  # fmt: skip
+    return _ENCODERS
+
+
+class _Playout:
+    """Hands a stream's messages to the client's queue, frames at ``fps`` (realtime) or at once.
+
+    A frame is due ``index / fps`` after the stream's first frame; a late frame goes out at
+    once and later frames are spaced from it (the clock restarts), so delivery never bursts
+    to catch up.
+    """
+
+    def __init__(self, out, fps: float | None) -> None:
+        self.out, self.period = out, (1.0 / fps if fps else 0.0)
+        self.items: asyncio.Queue = asyncio.Queue()
+        self.t0: float | None = None
+        self.index = 0
+        self.task = asyncio.create_task(self._run())
+
+    def put(self, item: str | bytes, paced: bool = False) -> None:
+        """Queue a message; a ``paced`` one (a frame time's first frame) waits for its turn."""
+        self.items.put_nowait((item, paced))
+
+    async def _run(self) -> None:
+        while True:
+            item, paced = await self.items.get()
+            if item is None:
+                return
+            if paced and self.period:
+                now = time.monotonic()
+                if self.t0 is None:
+                    self.t0 = now
+                due = self.t0 + self.index * self.period
+                if due > now:
+                    await asyncio.sleep(due - now)
+                elif now - due > self.period:  # late: restart the clock at this frame
+                    self.t0 = now - self.index * self.period
+                self.index += 1
+            self.out.put(item, droppable=True)
+
+    def restart(self) -> None:
+        """After a pause: the next frame is due at once."""
+        self.t0, self.index = None, 0
+
+    async def finish(self, drain: bool) -> None:
+        """Stop: after the queued messages (``drain``) or dropping them."""
+        if drain:
+            self.items.put_nowait((None, False))
+            await self.task
+        else:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
 
 
 class _Pacer:
@@ -62,6 +131,7 @@ class Stream:
         self.control: dict | None = None  # applies to every step until replaced
         self.frames_made = 0
         self.pacer = _Pacer(cfg.fps, cfg.serve.lead_s) if cfg.serve.realtime else None
+        self.playout: _Playout | None = None
 
     def hello(self) -> dict:
         """Fields of the ``hello`` message sent on connect."""
@@ -72,6 +142,7 @@ class Stream:
             "frames_per_block": r.frames_per_block, "batch_size": r.batch_size,
             "max_sessions": s.max_sessions, "max_message_bytes": s.max_message_bytes,
             "queue_frames": s.queue_frames, "prompt": self.cfg.prompt,
+            "max_session_bytes": self.engine.max_session_bytes,
         }  # fmt: skip
 
     def reply(self, kind: str, **fields) -> None:
@@ -102,6 +173,8 @@ class Stream:
                 self.paused = kind == "pause"
                 if self.pacer is not None:
                     self.pacer.restart()
+                if self.playout is not None and not self.paused:
+                    self.playout.restart()
                 self.wake.set()
                 self.reply("paused" if self.paused else "resumed", step=self.session.step_index)
             elif kind == "stop":
@@ -120,21 +193,26 @@ class Stream:
         total = msg["total_blocks"] if "total_blocks" in msg else self.cfg.serve.total_blocks
         loop = asyncio.get_running_loop()
         try:
+            self.engine.check_session_size(total)  # before any allocation on the device thread
             self.session = await loop.run_in_executor(
                 self.engine.executor, self.engine.new_session, prompt, seed, total
             )
+        except ProtocolError:
+            self.engine.release()
+            raise
         except (ConfigError, ValueError) as err:
             self.engine.release()
             raise ProtocolError("bad_message", f"start: {err}") from None
-        except Exception as err:  # e.g. out of device memory: the server goes on
+        except Exception:  # e.g. out of device memory: the server goes on
             self.engine.release()
             log.exception("could not build a session")
-            raise ProtocolError("internal", f"start: {type(err).__name__}: {err}") from None
+            raise ProtocolError("internal", f"start: {INTERNAL}") from None
         self.paused = self.stop_requested = False
         self.pending_prompt = self.control = None
         self.frames_made = 0
         if self.pacer is not None:
             self.pacer.restart()
+        self.playout = _Playout(self.out, self.cfg.fps if self.pacer is not None else None)
         self.reply("started", prompt=prompt, seed=seed, total_blocks=self.session.total_blocks)
         self.task = asyncio.create_task(self._generate())
 
@@ -174,16 +252,18 @@ class Stream:
                 if emitting is not None:
                     await emitting
                 emitting = asyncio.create_task(self._emit(*job))
-        except Exception as err:  # noqa: BLE001  (reported to the client; the server goes on)
+        except Exception:  # noqa: BLE001  (reported to the client; the server goes on)
             log.exception("stream failed")
             reason = "error"
-            self.reply("error", code="internal", message=f"{type(err).__name__}: {err}")
+            self.reply("error", code="internal", message=INTERNAL)
         finally:
             if emitting is not None:
                 await emitting
+            playout, self.playout = self.playout, None
+            await playout.finish(drain=reason is None and not self.stop_requested)
             steps = session.step_index
             self.session = None
-            await loop.run_in_executor(self.engine.executor, self.engine.free, session)
+            await loop.run_in_executor(self.engine.executor, self.engine.end_session, session)
             del session
             self.engine.release()
             reason = reason or (self.stop_reason if self.stop_requested else "finished")
@@ -192,17 +272,26 @@ class Stream:
             self.task = None if self.task is asyncio.current_task() else self.task
 
     async def _emit(self, step: SessionStep, host, done) -> None:
-        """Encode a step's frames on a worker thread and queue them (with a ``step`` message)."""
-        messages, num_frames = await asyncio.to_thread(self._encode, step, host, done)
-        for item in messages:
-            self.out.put(item, droppable=True)
+        """Encode a step's frames on the JPEG workers and hand them (after a ``step`` message)
+        to the playout."""
+        loop = asyncio.get_running_loop()
+        if done is not None:
+            await asyncio.to_thread(done.synchronize)
+        q = self.cfg.serve.jpeg_quality
+        frames = [] if host is None else [host[b, i] for i in range(host.shape[1])
+                                          for b in range(host.shape[0])]  # fmt: skip
+        jpegs = await asyncio.gather(
+            *(loop.run_in_executor(encoders(), protocol.encode_jpeg, f, q) for f in frames)
+        )
+        messages, num_frames = self._messages(step, host, jpegs)
+        batch = 1 if host is None else host.shape[0]
+        for k, item in enumerate(messages):  # the step message, then frame by frame
+            self.playout.put(item, paced=k > 0 and (k - 1) % batch == 0)
         self.frames_made += num_frames
         if self.pacer is not None:
             self.pacer.add(num_frames)
 
-    def _encode(self, step: SessionStep, host, done) -> tuple[list[str | bytes], int]:
-        if done is not None:
-            done.synchronize()
+    def _messages(self, step: SessionStep, host, jpegs) -> tuple[list[str | bytes], int]:
         t = step.timings()
         frames_in_block = 0 if host is None else host.shape[1]
         head = protocol.event(
@@ -212,18 +301,22 @@ class Stream:
             **({} if step.state is None else {"state": step.state}),  # e.g. the camera pose
         )  # fmt: skip
         messages: list[str | bytes] = [head]
-        q = self.cfg.serve.jpeg_quality
+        jpeg = iter(jpegs)
         for i in range(frames_in_block):
             for b in range(host.shape[0]):
                 info = FrameInfo(step.step, self.frames_made + i, i, frames_in_block, b,
                                  host.shape[0], t["step_ms"], t["period_ms"], 0,
                                  step.prompt_version)  # fmt: skip
-                messages.append(protocol.pack_frame(info, protocol.encode_jpeg(host[b, i], q)))
+                messages.append(protocol.pack_frame(info, next(jpeg)))
         return messages, frames_in_block
 
 
 def _step_job(session: Session, prompt: str | None, control: dict | None):
-    """On the device thread: one AR step, its frames copied to the host without a sync."""
+    """On the device thread: one AR step, its frames copied to the host without a sync.
+
+    The copy goes to pinned memory, so this thread returns while the GPU still runs the step
+    and the next step's launches queue behind it; ``done`` marks when ``host`` may be read.
+    """
     if prompt is not None:
         session.set_prompt(prompt)
     frames = session.step(control)  # (B, T, 3, H, W) in [0, 1]
@@ -231,8 +324,11 @@ def _step_job(session: Session, prompt: str | None, control: dict | None):
     if frames is not None:
         u8 = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
         u8 = u8.contiguous()  # (B, T, H, W, 3)
-        host = u8.to("cpu", non_blocking=True).numpy() if frames.is_cuda else u8.numpy()
-        if frames.is_cuda:
+        if frames.is_cuda:  # into pinned memory: the copy is queued, the thread goes on
+            pinned = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
+            host = pinned.copy_(u8, non_blocking=True).numpy()
             done = torch.cuda.Event()
             done.record()
+        else:
+            host = u8.numpy()
     return step, host, done

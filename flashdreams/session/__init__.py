@@ -13,29 +13,41 @@ A prompt switch ("recache") re-encodes the cross-attention K/V and rewrites the 
 frame still in the KV cache under the new prompt (``recache.py``): the clean latents of those
 frames are kept and their commit forwards replayed in order, block-causally, at the commit
 timestep ``rollout.context_noise`` without fresh noise. Evicted frames are not replayed.
+
+A session may be shared between threads: ``step``, ``reset``, ``set_prompt`` and ``close``
+take a lock, so concurrent callers run one after the other (each step sees the state the
+previous one left). After ``close()`` every one of them raises ``SessionClosed``.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from flashdreams import ConfigError
+from flashdreams.config import schema  # noqa: F401  (Session(cfg) of a Hydra-composed config)
+from flashdreams.config.validate import check_seed, check_total_blocks
 from flashdreams.rollout import Rollout, StepOutput
 from flashdreams.session.control import validate_control
 from flashdreams.session.recache import block_frames, replay, resident_frames
 
-__all__ = ["Session", "SessionEnded", "SessionStep", "validate_control"]
+__all__ = ["Session", "SessionClosed", "SessionEnded", "SessionStep", "validate_control"]
 
 _CONFIG = object()  # sentinel: take the value from the config / the cache's capabilities
 
 
 class SessionEnded(RuntimeError):
     """The stream has no next step (its ``total_blocks`` are done or RoPE range is used up)."""
+
+
+class SessionClosed(RuntimeError):
+    """The session was closed: it cannot step, reset or switch prompts any more."""
 
 
 @dataclass
@@ -72,8 +84,9 @@ class Session:
             are defaults).
         rollout: an already built rollout to drive instead (the server shares model weights).
         prompt: the first prompt (one string for every video of the batch, or one per video).
-        seed: seed of the stream's noise.
-        total_blocks: AR steps of the stream; ``None`` is endless (needs a rolling cache).
+        seed: seed of the stream's noise, an integer in [0, 2**63).
+        total_blocks: AR steps of the stream, a positive integer; ``None`` is endless (needs a
+            rolling cache).
             Default: endless when the cache rolls, else the config's ``rollout.total_blocks``.
         images: one PIL image per video for image-conditioned recipes (kept across resets).
     """
@@ -84,8 +97,11 @@ class Session:
             if cfg is None:
                 raise ValueError("Session needs a composed config or a rollout")
             from flashdreams.build import build_rollout
+            from flashdreams.config.options import scope_options
 
+            scope_options(cfg)  # a recipe's keys of options it did not choose are dropped
             rollout = build_rollout(cfg)
+        self._lock = threading.Lock()
         self.rollout = rollout
         self._default_total = rollout.total_blocks
         if prompt is None:
@@ -107,8 +123,6 @@ class Session:
         from hydra import compose, initialize_config_module
         from hydra.core.global_hydra import GlobalHydra
 
-        from flashdreams.config import schema  # noqa: F401  (registers the structured configs)
-
         GlobalHydra.instance().clear()
         with initialize_config_module("flashdreams.conf", version_base="1.3"):
             cfg = compose("run", overrides=list(overrides))
@@ -122,7 +136,18 @@ class Session:
             seed: new seed (``None`` keeps the current one).
             prompt: new prompt (``None`` keeps the current one).
             total_blocks: as in the constructor (default keeps the current choice).
+
+        Raises:
+            ConfigError: a seed or ``total_blocks`` out of range.
+            ValueError: a prompt that is not a non-empty string or a list of them.
+            SessionClosed: the session was closed.
         """
+        with self._locked():
+            self._reset(seed, prompt, total_blocks)
+
+    def _reset(self, seed, prompt, total_blocks) -> None:
+        if seed is not None:
+            check_seed(seed)
         r = self.rollout
         if total_blocks is _CONFIG:
             total_blocks = getattr(self, "total_blocks", _CONFIG)
@@ -143,8 +168,7 @@ class Session:
 
     def _check_total_blocks(self, total_blocks: int | None) -> None:
         r, cache = self.rollout, self.rollout.cache
-        if total_blocks is not None and (isinstance(total_blocks, bool) or total_blocks < 1):
-            raise ConfigError(f"total_blocks={total_blocks!r} must be >= 1 or null (endless)")
+        check_total_blocks(total_blocks)
         if cache is None:
             if total_blocks != 1:
                 raise ConfigError("a recipe without KV cache (bidirectional) streams one block")
@@ -158,9 +182,17 @@ class Session:
             )
 
     def _prompts(self, prompt) -> list[str]:
-        prompts = [prompt] * self.rollout.batch_size if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != self.rollout.batch_size or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or {self.rollout.batch_size} strings")
+        n = self.rollout.batch_size
+        if isinstance(prompt, str):
+            prompts = [prompt] * n
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string or a list of {n} strings, "
+                             f"not {type(prompt).__name__}")  # fmt: skip
+        if len(prompts) != n:
+            raise ValueError(f"prompt must be a string or a list of {n} strings, "
+                             f"not {len(prompts)}")  # fmt: skip
         if any(not p.strip() for p in prompts):
             raise ValueError("prompt must not be empty")
         return prompts
@@ -176,18 +208,42 @@ class Session:
         return self.rollout.step_index
 
     @property
+    def closed(self) -> bool:
+        """True once ``close()`` ran."""
+        return self.rollout is None
+
+    @property
     def finished(self) -> bool:
-        """True when no further step can run."""
+        """True when no further step can run (its ``total_blocks`` are done, or closed)."""
+        if self.rollout is None:
+            return True
         # endless streams (rolling cache) never end: RoPE frame positions are unbounded
         return self.total_blocks is not None and self.rollout.step_index >= self.total_blocks
 
     def set_prompt(self, prompt) -> None:
-        """Switch to ``prompt`` (a string, or one per video) at the next step."""
-        self._pending_prompts = self._prompts(prompt)
+        """Switch to ``prompt`` (a string, or a list of one per video) at the next step.
+
+        Raises:
+            ValueError: not a non-empty string or a list of ``batch_size`` of them.
+        """
+        with self._locked():
+            self._pending_prompts = self._prompts(prompt)
 
     def close(self) -> None:
-        """Drop the rollout and the kept latents (the caller frees device memory after)."""
-        self._blocks, self.last, self.rollout = [], None, None
+        """Drop the rollout and the kept latents (the caller frees device memory after).
+
+        Waits for a step running on another thread; closing twice is allowed.
+        """
+        with self._lock:
+            self._blocks, self.last, self.rollout = [], None, None
+
+    @contextmanager
+    def _locked(self):
+        """Hold the session's lock; raises ``SessionClosed`` once the session is closed."""
+        with self._lock:
+            if self.rollout is None:
+                raise SessionClosed("the session is closed; make a new Session")
+            yield
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -200,7 +256,12 @@ class Session:
 
         Raises:
             SessionEnded: the stream is finished.
+            SessionClosed: the session was closed.
         """
+        with self._locked():
+            return self._step(control)
+
+    def _step(self, control: dict[str, Any] | None) -> torch.Tensor | None:
         if self.finished:
             raise SessionEnded(f"the stream ended after {self.rollout.step_index} AR steps")
         if control is not None:
@@ -216,7 +277,10 @@ class Session:
 
     def __iter__(self) -> Iterator[torch.Tensor | None]:
         while not self.finished:
-            yield self.step()
+            try:
+                yield self.step()
+            except SessionEnded:  # another thread ran the last step
+                return
 
     def _remember(self, out: StepOutput) -> None:
         """Keep the clean latents of blocks whose frames are still in the KV cache."""

@@ -80,6 +80,6 @@ def test_tiny_rollout_builds_with_each_cache():
 
 def test_wrong_key_fails_at_composition():
     with pytest.raises(ConfigCompositionException):
-        compose_run(["cache=full", "cache.window_frames=3"])
+        compose_run(["cache=rolling", "cache.windw_frames=3"])
     with pytest.raises(ConfigCompositionException):
         compose_run(["rollout.total_blocks=seven"])
