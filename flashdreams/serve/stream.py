@@ -143,6 +143,8 @@ class Stream:
             "max_sessions": s.max_sessions, "max_message_bytes": s.max_message_bytes,
             "queue_frames": s.queue_frames, "prompt": self.cfg.prompt,
             "max_session_bytes": self.engine.max_session_bytes,
+            # the keys (and mouse) the recipe's control takes: the page sends only these
+            "control": self.engine.shared.conditioning.control.live_control(),
         }  # fmt: skip
 
     def reply(self, kind: str, **fields) -> None:

@@ -76,7 +76,8 @@ def test_websocket_keys_move_the_camera(tmp_path, image_path):
     server = ServerProcess(tmp_path, *LINGBOT, f"image={image_path}", "serve.realtime=false",
                            "rollout.height=32", "rollout.width=32")  # fmt: skip
     try:
-        with server.ws() as ws:
+        with server.ws() as ws:  # the page learns which keys the camera takes
+            assert recv_json(ws, "hello")["control"] == {"keys": list("adeikqsw"), "mouse": False}
             send(ws, type="start", prompt="a lake")
             assert recv_json(ws, "started")["total_blocks"] is None
             first = recv_json(ws, "step")

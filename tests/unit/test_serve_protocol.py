@@ -104,6 +104,7 @@ def test_page_and_hello(server):
     with server.ws() as ws:
         hello = json.loads(ws.recv(timeout=10))
         assert hello["type"] == "hello" and (hello["height"], hello["width"]) == (64, 64)
+        assert hello["control"] is None  # a recipe without control: the page sends every key
 
 
 def test_finite_stream_frames_have_the_right_size_and_count(server):
