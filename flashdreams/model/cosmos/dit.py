@@ -363,11 +363,20 @@ class CosmosDiT(DiT):
                          else mask.float().expand(b, 1, f, h, w))  # fmt: skip
         if self.concat_padding_mask:
             parts.append(x.new_zeros(b, 1, f, h, w, dtype=torch.float32))
-        x = torch.cat(parts, dim=1)
+        return _linear(self.patch_embed, self.patches(torch.cat(parts, dim=1))).float()
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, F, H, W) -> (B, L, C * pt * ph * pw): each token's features ordered
+        (C, pt, ph, pw), tokens (F, H, W) row-major (the native ``PatchEmbed`` rearrange)."""
+        b, c, f, h, w = x.shape
         pt, ph, pw = self.patch_size
-        x = x.reshape(b, x.shape[1], f // pt, pt, h // ph, ph, w // pw, pw)
-        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)  # (B, L, C*pt*ph*pw)
-        return _linear(self.patch_embed, x).float()
+        x = x.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+        return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
+
+    def embed(self, x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, L, dim) fp32 input tokens of a forward: the patch embedding of the latents and
+        mask channels (subclasses add conditioning tokens, e.g. OmniDreams' HDMap)."""
+        return self.patchify(x, inputs.get("condition_mask"))
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -412,7 +421,7 @@ class CosmosDiT(DiT):
             raise ValueError(f"timestep {tuple(timestep.shape)}: need (B,) or (B, F)")
 
         # 1. patchify, time embedding per frame, RoPE tables at absolute positions
-        tokens = self.patchify(x, inputs.get("condition_mask"))
+        tokens = self.embed(x, inputs)
         emb, temb = self.time_embedding(timestep)
         cos, sin = self.rope.cos_sin(frame_positions, gh, gw)
 
