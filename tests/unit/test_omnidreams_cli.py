@@ -1,0 +1,63 @@
+"""The OmniDreams single-view recipe through the CLI on the CPU (tiny sizes, random weights), as a
+user runs it: image= first frame + control.video= HDMap mp4; and its one-line input errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flashdreams import ConfigError
+from flashdreams.build import build_conditioning
+from flashdreams.io.video import Mp4Writer, read_video_frames
+from tests.unit.test_cli import _only, _run
+from tests.unit.test_config import compose_run
+
+SIZE = 32
+ENCODER = ["control.encoder.checkpoint=null", "control.encoder.base_dim=8",
+           "conditioner.encoder.checkpoint=null", "conditioner.encoder.base_dim=8"]  # fmt: skip
+TINY = ["recipe=omnidreams_single_view", "model=omnidreams_tiny", "model.checkpoint=null",
+        "text_encoder=random",
+        "vae=preview", "device=cpu", "dtype=float32",
+        f"rollout.height={SIZE}", f"rollout.width={SIZE}", "rollout.total_blocks=2",
+        *ENCODER]  # fmt: skip
+
+
+def _hdmap(path, frames: int, fps: int = 30, size=(SIZE, SIZE)):
+    rng = np.random.default_rng(0)
+    with Mp4Writer(path, fps=fps) as writer:
+        writer.write(rng.integers(0, 255, (frames, *size, 3), dtype=np.uint8))
+    return path
+
+
+def _image(path):
+    Image.fromarray(np.full((SIZE, SIZE, 3), 128, np.uint8)).save(path)
+    return path
+
+
+def test_recipe_runs_from_image_and_hdmap(tmp_path):
+    hdmap = _hdmap(tmp_path / "clip_hdmap.mp4", 13)  # 2 blocks x 2 latent frames = 13 frames
+    _run([*TINY, f"image={_image(tmp_path / 'first.png')}", f"control.video={hdmap}"], tmp_path)
+    run_dir = _only("outputs/runs/omnidreams_single_view/*", tmp_path)
+    assert read_video_frames(run_dir / "video.mp4") == 13
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["status"] == "completed" and len(stats["steps"]) == 2
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [("missing", "no such file"), ("short", "too short"), ("size", "aspect ratio"),
+     ("null", "control.video=null")],
+)  # fmt: skip
+def test_bad_hdmap_is_one_line_error(case, message, tmp_path):
+    video = {"missing": tmp_path / "nope.mp4", "null": None,
+             "short": _hdmap(tmp_path / "short.mp4", 9),  # 13 needed
+             "size": _hdmap(tmp_path / "wide.mp4", 13, size=(SIZE, 2 * SIZE))}[case]  # fmt: skip
+    cfg = compose_run([*TINY, f"image={tmp_path / 'first.png'}",
+                       f"control.video={'null' if video is None else video}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=message) as err:
+        conditioning = build_conditioning(cfg, "cpu")
+        conditioning.control.prepare(1, height=SIZE, width=SIZE, num_frames=4, device="cpu")
+    assert "control.video" in str(err.value) and "\n" not in str(err.value)
