@@ -46,7 +46,9 @@ class CosmosVideoConditioner(Conditioner):
         num_latent_frames: latent frames taken from the video (1 or 2: its last 1 or 5
             frames); an image always gives 1.
         conditional_timestep: timestep of the given frames on the [0, 1000] scale (the
-            pipelines' 0.0001 as a sigma).
+            pipelines' 0.0001 as a sigma); None: they keep the block's timestep (OmniDreams'
+            Self-Forcing student, ``conditional_frame_timestep=-1``: only the frames and the
+            condition mask are given).
         temporal_stride: video frames per latent frame after the first (the VAE's 4).
         spatial_stride: pixels per latent pixel (the VAE's 8).
         needs_image: a clip cannot start without ``image=`` (Image2World recipes).
@@ -55,7 +57,7 @@ class CosmosVideoConditioner(Conditioner):
     optional_image = True
 
     def __init__(self, encoder, video: str | None = None, num_latent_frames: int = 2,
-                 conditional_timestep: float = 0.1, temporal_stride: int = 4,
+                 conditional_timestep: float | None = 0.1, temporal_stride: int = 4,
                  spatial_stride: int = 8, needs_image: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.needs_image = needs_image
@@ -64,7 +66,8 @@ class CosmosVideoConditioner(Conditioner):
         self.encoder = encoder
         self.video = video
         self.num_latent_frames = num_latent_frames
-        self.conditional_timestep = float(conditional_timestep)
+        self.conditional_timestep = (None if conditional_timestep is None
+                                     else float(conditional_timestep))  # fmt: skip
         self.temporal_stride = temporal_stride
         self.spatial_stride = spatial_stride
         self._given: torch.Tensor | None = None  # (B, C, n, h, w) encoded frames
@@ -116,7 +119,7 @@ class CosmosVideoConditioner(Conditioner):
 
     def timesteps(self, t: torch.Tensor, start: int) -> torch.Tensor:
         count = self._count(start, t.shape[1])
-        if count == 0:
+        if count == 0 or self.conditional_timestep is None:
             return t
         return torch.cat([torch.full_like(t[:, :count], self.conditional_timestep),
                           t[:, count:]], dim=1)  # fmt: skip

@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from hydra.utils import instantiate
 from PIL import Image
 
 from flashdreams import ConfigError
@@ -61,3 +63,17 @@ def test_bad_hdmap_is_one_line_error(case, message, tmp_path):
         conditioning = build_conditioning(cfg, "cpu")
         conditioning.control.prepare(1, height=SIZE, width=SIZE, num_frames=4, device="cpu")
     assert "control.video" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_first_frame_keeps_the_block_timestep():
+    """The release's conditional_frame_timestep=-1: the given first latent frame is replaced
+    and masked but keeps the block's timestep (Cosmos Image2World gives it t = 0.1)."""
+    cfg = compose_run([*TINY, "image=first.png", "control.video=x.mp4"])
+    assert cfg.conditioner.conditional_timestep is None
+    conditioner = instantiate(cfg.conditioner)
+    conditioner.prepare([Image.new("RGB", (SIZE, SIZE))], height=SIZE, width=SIZE,
+                        num_frames=4, device="cpu")  # fmt: skip
+    assert conditioner.num_given == 1
+    t = torch.full((1, 2), 937.5)
+    assert torch.equal(conditioner.timesteps(t, 0), t)
+    assert conditioner.inputs(0, 2)["condition_mask"][0, 0, :, 0, 0].tolist() == [1.0, 0.0]

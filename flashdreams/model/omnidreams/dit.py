@@ -3,8 +3,8 @@ by Self-Forcing distillation and conditioned on a rendered HD map of the road ah
 
 The HDMap video is encoded by the Wan 2.1 VAE (16 latent channels, the same latent grid as the
 generated video); its patches pass ``additional_patch_embedding`` (a bias-free Linear over the
-same (C, pt, ph, pw) patch layout as the latents', zero-initialised when trained from a plain
-Cosmos DiT) and the result is added to the latent patch tokens before the first block. Nothing
+same (C, pt, ph, pw) patch layout as the latents'; the training code offers ``zero_init``, which
+makes the branch a no-op on a plain Cosmos DiT, and ``random_init``) and the result is added to the latent patch tokens before the first block. Nothing
 else differs from ``CosmosDiT``: the named input ``hdmap`` (B, 16, F, h, w) rides with the
 forward's frames, so a block-causal rollout and a full-sequence masked forward see the same
 tokens.
@@ -31,9 +31,9 @@ class OmniDreamsDiT(CosmosDiT):
     Args:
         hdmap_channels: latent channels of the HDMap input (the release's
             ``additional_concat_ch``: 16, Wan 2.1 VAE latents).
-        hdmap_init: ``zero`` (the branch starts as a no-op, the release's ``zero_init``) or
+        hdmap_init: ``zero`` (the branch is a no-op: the output is ``CosmosDiT``'s) or
             ``random`` (a seeded random draw as every other weight: random-weight runs exercise
-            the branch); applies to random weights only, a checkpoint overrides it.
+            the branch); random weights only, a checkpoint overrides it.
         **kwargs: ``CosmosDiT`` arguments.
     """
 
