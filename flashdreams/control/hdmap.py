@@ -8,6 +8,12 @@ per-conv cache as the rollout asks for latent frames, so each AR block encodes o
 frames (8 video frames for the release's 2-latent blocks) and the latents equal those of one
 encode of the whole clip. With an endless stream (``rollout.total_blocks=null``) the last
 frame of the file repeats once it runs out.
+
+Closed loop (``control.live=true``): a client (a driving simulator rendering the map) hands
+frames in with :meth:`HDMapControl.push_frames`; they replace the file's frames (if any) from
+the first frame not yet encoded, so they condition the next AR step; when a step needs frames
+nobody gave, the last frame repeats. Frames pushed for exactly the file's frames give exactly
+the file-driven latents.
 """
 
 from __future__ import annotations
@@ -60,15 +66,19 @@ class HDMapControl(ControlEncoder):
         video: the HDMap video (mp4, ...); required.
         fps: the run's frame rate; the video is resampled to it (the release: 30).
         channels: latent channels of the encoder (the DiT's ``hdmap_channels``: 16).
+        live: frames may be pushed in while the clip runs (:meth:`push_frames`); ``video``
+            becomes optional (without it the clip waits for the first pushed frame).
     """
 
     def __init__(self, encoder, video: str | None = None, fps: float = 30.0,
-                 channels: int = 16) -> None:  # fmt: skip
+                 channels: int = 16, live: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.encoder, self.video, self.fps, self.channels = encoder, video, float(fps), channels
+        self.live = live
+        self._size: tuple[int, int] | None = None  # (width, height) of the run
         self.temporal_factor = int(encoder.temporal_factor)
         self.spatial_factor = int(encoder.spatial_factor)
-        self._frames: np.ndarray | None = None  # (T, H, W, 3) uint8 at the run's fps and size
+        self._frames: list[np.ndarray] | None = None  # (H, W, 3) uint8 at the run's fps and size
         self._latents: dict[int, torch.Tensor] = {}  # latent frame -> (1, C, 1, h, w)
         self._encoded = 0  # latent frames encoded so far (the causal cache holds their past)
         self._cache: list | None = None
@@ -89,6 +99,8 @@ class HDMapControl(ControlEncoder):
         return probe_video(str(self.video), "control.video")
 
     def check_frames(self, num_frames: int) -> None:
+        if self.live and not self.video:
+            return  # frames come from the client
         _, _, src_fps, count = self._probe()
         need = self._video_frames(num_frames)
         have = count if src_fps <= 0 else int(count * self.fps / src_fps + 1e-6)
@@ -99,6 +111,11 @@ class HDMapControl(ControlEncoder):
 
     # ---------------------------------------------------------------- clip
     def prepare(self, batch, *, height, width, num_frames, device) -> None:
+        self._latents, self._encoded, self._device = {}, 0, device
+        self._cache = [None] * self.encoder._num_convs
+        self._size, self._frames = (width, height), []
+        if self.live and not self.video:
+            return
         src_w, src_h, src_fps, count = self._probe()
         if abs((src_w / src_h) / (width / height) - 1.0) > ASPECT_TOL:
             raise ConfigError(f"control.video={self.video!r} is {src_w}x{src_h}, the run is "
@@ -125,13 +142,45 @@ class HDMapControl(ControlEncoder):
                     frames[i] = img
         finally:
             reader.close()
-        self._frames = np.stack([frames[i] for i in wanted])
+        self._frames = [frames[i] for i in wanted]
         if (src_w, src_h) != (width, height) or abs(src_fps - self.fps) > 1e-3:
             log.info("control.video %s: %dx%d at %g fps resampled to %dx%d at %g fps "
                      "(%d frames)", self.video, src_w, src_h, src_fps, width, height, self.fps,
                      len(self._frames))  # fmt: skip
-        self._latents, self._encoded, self._device = {}, 0, device
-        self._cache = [None] * self.encoder._num_convs
+
+    def push_frames(self, frames) -> int:
+        """Live HDMap frames (``control.live=true``): (T, H, W, 3) uint8 RGB, any size of the
+        run's aspect ratio (resized). They replace the clip's frames from the first one not
+        yet encoded. Returns the index of the first frame they landed on.
+
+        Raises:
+            ValueError: not live, no clip prepared, or frames of another shape / aspect ratio.
+        """
+        if not self.live or self._frames is None:
+            raise ValueError("HDMap frames can be pushed only to control=hdmap with "
+                             "control.live=true, once a clip started")  # fmt: skip
+        arr = np.asarray(frames)
+        if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or not len(arr):
+            raise ValueError(f"HDMap frames must be (T, H, W, 3) uint8, got {list(arr.shape)} "
+                             f"({arr.dtype})")  # fmt: skip
+        width, height = self._size
+        if abs((arr.shape[2] / arr.shape[1]) / (width / height) - 1.0) > ASPECT_TOL:
+            raise ValueError(f"HDMap frames are {arr.shape[2]}x{arr.shape[1]}, the run is "
+                             f"{width}x{height}: the aspect ratio must match")  # fmt: skip
+        first = self._consumed()
+        for i, img in enumerate(arr):
+            if img.shape[:2] != (height, width):
+                img = np.asarray(Image.fromarray(img).resize((width, height),
+                                                             Image.Resampling.LANCZOS))  # fmt: skip
+            if first + i < len(self._frames):
+                self._frames[first + i] = img
+            else:
+                self._frames.append(img)
+        return first
+
+    def _consumed(self) -> int:
+        """Video frames the encoded latent frames cover (1 + tf (n - 1); 0 before any)."""
+        return 0 if self._encoded == 0 else 1 + self.temporal_factor * (self._encoded - 1)
 
     # ---------------------------------------------------------------- streamed encode
     def _pixels(self, latent: int) -> torch.Tensor:
@@ -139,6 +188,9 @@ class HDMapControl(ControlEncoder):
         alone, then ``temporal_factor`` frames each); past the file's end, its last frame."""
         tf = self.temporal_factor
         first, num = (0, 1) if latent == 0 else (1 + tf * (latent - 1), tf)
+        if not self._frames:
+            raise ConfigError("control.video=null and no HDMap frame was pushed: a live "
+                              "HDMap clip needs its first frame before the first step")  # fmt: skip
         last = len(self._frames) - 1
         imgs = [Image.fromarray(self._frames[min(i, last)]) for i in range(first, first + num)]
         return image_to_tensor(imgs).permute(1, 0, 2, 3).unsqueeze(0)

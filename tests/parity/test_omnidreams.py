@@ -125,3 +125,39 @@ def test_streamed_hdmap_encode_equals_one_shot(tmp_path):
     whole = enc.encode(pixels.permute(1, 0, 2, 3)[None])
     assert streamed.shape == whole.shape == (1, 16, 4, 4, 4)
     torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)
+
+
+def test_pushed_hdmap_frames_give_the_file_driven_rollout(tmp_path):
+    """The closed loop: HDMap frames pushed block by block (control.live=true, no file) give
+    the same latents as the run driven by a file of the same frames."""
+    from PIL import Image
+
+    from flashdreams.build import build_rollout
+    from flashdreams.conditioner.cosmos_video import read_last_frames
+    from tests.unit.test_config import compose_run
+    from tests.unit.test_omnidreams_cli import ENCODER
+
+    frames = np.random.default_rng(1).integers(0, 255, (13, 32, 32, 3), dtype=np.uint8)
+    with Mp4Writer(tmp_path / "hdmap.mp4", fps=30) as writer:
+        writer.write(frames)
+    Image.fromarray(frames[0]).save(tmp_path / "first.png")
+    base = ["recipe=omnidreams_single_view", "model=omnidreams_tiny", "model.checkpoint=null",
+            "text_encoder=random", "vae=none", "device=cpu", "dtype=float32",
+            "rollout.height=32", "rollout.width=32", "rollout.total_blocks=2", *ENCODER,
+            "control.encoder.dtype=float32", f"image={tmp_path / 'first.png'}"]  # fmt: skip
+    runs = {}
+    for mode in ("file", "live"):
+        extra = ([f"control.video={tmp_path / 'hdmap.mp4'}"] if mode == "file"
+                 else ["control.live=true"])  # fmt: skip
+        gen = torch.Generator().manual_seed(0)  # the same draws, in the same order, per run
+        rollout = build_rollout(compose_run([*base, *extra]),
+                                noise_fn=lambda shape, gen=gen: torch.randn(shape, generator=gen))  # fmt: skip
+        rollout.start(["a road"], images=[Image.open(tmp_path / "first.png")])
+        decoded = [np.asarray(f) for f in read_last_frames(str(tmp_path / "hdmap.mp4"), 13)]
+        outs = []
+        for step, chunk in enumerate((decoded[:5], decoded[5:13])):
+            if mode == "live":
+                assert rollout.control.push_frames(np.stack(chunk)) == (0, 5)[step]
+            outs.append(rollout.step().latents)
+        runs[mode] = torch.cat(outs, dim=2)
+    torch.testing.assert_close(runs["live"], runs["file"], rtol=0, atol=0)
