@@ -1,0 +1,143 @@
+"""FlashVSR v1.1: a one-step causal Wan 2.1 1.3B DiT conditioned on low-resolution video.
+
+``OpenImagingLab/FlashVSR`` (weights ``JunhaoZhuang/FlashVSR-v1.1``,
+``diffusion_pytorch_model_streaming_dmd.safetensors``, Wan original key names): the Wan 2.1
+T2V-1.3B network (no image branch) run once per chunk at t = 1000 (x0 = noise - flow). The LR
+video enters as the named input ``lr_features``: (B, lr_layers, tokens, dim) tokens of the LR
+projector (``flashdreams.model.flashvsr.projector``, given by ``control=lr_video``), set ``i``
+added to the token stream before block ``i`` (v1.1: one set, before block 0). The
+cross-attention reads a fixed prompt tensor ([1, 512, 4096], ``text_encoder=prompt_tensor``)
+through ``text_embedding``, computed once.
+
+The release keeps the K/V its one denoising forward wrote (``commit_mode = "none"``) and
+attends to the previous ``kv_ratio`` = 3 chunks of 2 latent frames plus the current chunk
+(``cache=rolling`` with ``window_frames`` 8). Its self-attention is block-sparse (windows of
+(2, 8, 8) tokens, a local range and the top-k of mean-pooled q.k); this model computes the
+dense attention of the recipe's backend (equal to the sparse one when the top-k and the local
+range cover every window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flashdreams import ConfigError
+from flashdreams.model.base import ConditionInput
+from flashdreams.model.wan import WanBlock, WanDiT
+
+
+@dataclass
+class LRStep:
+    """The LR features of the running forward (set by ``FlashVSRDiT.forward``)."""
+
+    features: torch.Tensor | None = None  # (B, lr_layers, L, dim)
+
+
+class FlashVSRBlock(WanBlock):
+    """A Wan block that first adds its layer's LR features to the token stream (layers >= 1;
+    layer 0's are added to the patch tokens by ``FlashVSRDiT.condition_tokens``)."""
+
+    def __init__(self, *args, step: LRStep, **kw) -> None:
+        super().__init__(*args, **kw)
+        self._step = step  # shared with the model (a plain object, not a submodule)
+
+    def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None, cam=None,
+                h=None, next_table=None):  # fmt: skip
+        feats = self._step.features
+        if feats is not None and layer < feats.shape[1]:
+            x, h = x + feats[:, layer].float(), None  # the previous block's norm1 is stale
+        return super().forward(x, e0, cross_kv, cos, sin, attn, cache, layer, mask, cam, h,
+                               next_table)  # fmt: skip
+
+
+class FlashVSRDiT(WanDiT):
+    """FlashVSR's causal DiT (Wan 2.1 T2V-1.3B shape; released sizes by default).
+
+    Args:
+        dim, num_heads, num_layers, ffn_dim, in_dim, out_dim, text_dim, freq_dim, patch_size,
+            eps, cross_attn_norm, text_len, rope_max_pos: the Wan DiT's (see ``WanDiT``).
+        lr_layers: sets of LR features the forward adds, one before each of the first
+            ``lr_layers`` blocks (the projector's ``layer_num``: 1 in v1.1).
+    """
+
+    commit_mode = "none"  # the one step at t = 1000 writes the K/V later chunks attend to
+
+    def __init__(
+        self,
+        dim: int = 1536,
+        num_heads: int = 12,
+        num_layers: int = 30,
+        ffn_dim: int = 8960,
+        in_dim: int = 16,
+        out_dim: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        patch_size: Sequence[int] = (1, 2, 2),
+        eps: float = 1e-6,
+        cross_attn_norm: bool = True,
+        text_len: int = 512,
+        rope_max_pos: int = 1024,
+        lr_layers: int = 1,
+    ) -> None:
+        super().__init__(dim=dim, num_heads=num_heads, num_layers=num_layers, ffn_dim=ffn_dim,
+                         in_dim=in_dim, out_dim=out_dim, text_dim=text_dim, freq_dim=freq_dim,
+                         patch_size=patch_size, eps=eps, cross_attn_norm=cross_attn_norm,
+                         image_dim=None, text_len=text_len, rope_max_pos=rope_max_pos)  # fmt: skip
+        if not 1 <= lr_layers <= num_layers:
+            raise ConfigError(f"model.lr_layers={lr_layers} must be in [1, {num_layers}] "
+                              "(model.num_layers)")  # fmt: skip
+        if tuple(self.patch_size) != (1, 2, 2):
+            raise ConfigError(f"model.patch_size={list(self.patch_size)} must be [1, 2, 2]: "
+                              "the LR projector gives one token per 16 x 16 pixels")  # fmt: skip
+        self.lr_layers = lr_layers
+        self._step = LRStep()
+        block = (dim, ffn_dim, num_heads, eps, cross_attn_norm, False)
+        for i in range(1, lr_layers):
+            self.blocks[i] = FlashVSRBlock(*block, step=self._step)
+
+    # ---------------------------------------------------------------- contract
+    def inputs(self) -> dict[str, ConditionInput]:
+        layers, dim = self.lr_layers, self.dim
+
+        def shape(b: int, f: int, hw: tuple[int, int]) -> tuple[int, ...]:
+            return (b, layers, f * (hw[0] // 2) * (hw[1] // 2), dim)
+
+        return {"lr_features": ConditionInput(
+            "lr_features", shape, doc="LR projector tokens of the input video: control=lr_video")}  # fmt: skip
+
+    def set_attention(self, attention) -> None:
+        from flashdreams.parallel.base import SequenceParallel
+
+        if self.lr_layers > 1 and type(attention.sequence) is not SequenceParallel:
+            raise ConfigError(f"model.lr_layers={self.lr_layers}: per-block LR features need "
+                              "parallel=single (they are not sharded with the tokens)")  # fmt: skip
+        super().set_attention(attention)
+
+    # ---------------------------------------------------------------- forward
+    def condition_tokens(self, tokens: torch.Tensor, inputs: dict[str, torch.Tensor],
+                         grid: tuple[int, int, int]) -> torch.Tensor:  # fmt: skip
+        """Patch tokens + the LR features of layer 0 (the release adds them before block 0)."""
+        feats = inputs.get("lr_features")
+        return tokens if feats is None else tokens + feats[:, 0].float()
+
+    def forward(self, x, timestep, context, frame_positions=None, cache=None, mask=None,
+                inputs=None, expert=0):  # fmt: skip
+        """``WanDiT.forward`` with ``lr_features`` (B, lr_layers, F * h/2 * w/2, dim) added
+        before the first ``lr_layers`` blocks (absent: an unconditioned forward)."""
+        feats = (inputs or {}).get("lr_features")
+        if feats is not None:
+            b, _, f, h, w = x.shape
+            want = (b, self.lr_layers, f * (h // 2) * (w // 2), self.dim)
+            if tuple(feats.shape) != want:
+                raise ConfigError(f"input 'lr_features' has shape {tuple(feats.shape)}, the "
+                                  f"model needs {want} (control.lr_layers must equal "
+                                  "model.lr_layers)")  # fmt: skip
+        self._step.features = feats
+        try:
+            return super().forward(x, timestep, context, frame_positions, cache, mask, inputs,
+                                   expert)  # fmt: skip
+        finally:
+            self._step.features = None
