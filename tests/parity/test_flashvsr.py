@@ -92,8 +92,11 @@ def test_projector_loads_the_release_key_names(tmp_path):
     names = {"conv1.weight", "conv1.bias", "norm1.gamma", "conv2.weight", "conv2.bias",
              "norm2.gamma", "linear_layers.0.weight", "linear_layers.0.bias"}  # fmt: skip
     assert set(LRProjector(3, DIM, 1, H1, H2).state_dict()) == names
-    assert LRProjector().conv1.weight.shape == (2048, 768, 4, 3, 3)  # the release's sizes
-    assert LRProjector().linear_layers[0].weight.shape == (1536, 3072)
+    with torch.device("meta"):  # the release's sizes
+        real = LRProjector()
+    assert real.conv1.weight.shape == (2048, 768, 4, 3, 3)
+    assert real.conv2.weight.shape == (3072, 2048, 4, 3, 3)
+    assert real.linear_layers[0].weight.shape == (1536, 3072)
 
 
 FPB, CHUNKS, LH, LW = 2, 6, 4, 6  # frames per chunk, chunks, latent size
@@ -136,3 +139,102 @@ def test_one_step_rollout_equals_masked_full_sequence(lr_layers):
         out = model(noise[:, :, sl], t[:, sl], ctx, torch.arange(sl.start, sl.stop), cache,
                     inputs=step)  # fmt: skip
         torch.testing.assert_close(out, ref[:, :, sl], rtol=0, atol=1e-4)
+
+
+def _release_sparse_attention(q, k, v, grid, topk, local_range):
+    """The release's windowed block-sparse self-attention written out (batch 1): partition
+    into (2, 8, 8) windows, the draft mask of mean-pooled q.k under the local mask, then
+    dense attention of each query block to its kept key blocks (window order), reversed."""
+    (_, lq, heads, d), (h, w) = q.shape, grid
+    fq, fk = lq // (h * w), k.shape[1] // (h * w)
+
+    def part(x, f):  # (1, f h w, H, D) -> (windows, 128, H D)
+        x = x.reshape(f // 2, 2, h // 8, 8, w // 8, 8, heads * d)
+        return x.permute(0, 2, 4, 1, 3, 5, 6).reshape(-1, 128, heads * d)
+
+    qw, kw, vw = part(q, fq), part(k, fk), part(v, fk)
+    pq = qw.mean(1).view(-1, heads, d).transpose(0, 1)  # (H, nq, d)
+    pk = kw.mean(1).view(-1, heads, d).transpose(0, 1)
+    scores = pq @ pk.transpose(1, 2) / d**0.5
+    rows, cols = h // 8, w // 8
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    r, c = r.reshape(-1), c.reshape(-1)
+    start_r, start_c = r - local_range // 2, c - local_range // 2
+    local = ((r[None] >= start_r[:, None]) & (r[None] <= start_r[:, None] + local_range - 1)
+             & (c[None] >= start_c[:, None]) & (c[None] <= start_c[:, None] + local_range - 1))  # fmt: skip
+    n = rows * cols
+    local = local.unsqueeze(1).unsqueeze(0).repeat(fq // 2, 1, fk // 2, 1).reshape(fq // 2 * n, -1)
+    attn = (scores + torch.zeros_like(scores).masked_fill(~local, float("-inf"))).softmax(-1)
+    flat = attn.reshape(heads * (fq // 2), -1)
+    keep = min(flat.shape[1] - 1, topk)
+    thr = flat.topk(keep + 1, dim=1).values[:, -1:]
+    blocks = (flat > thr).reshape(heads, -1, attn.shape[-1])  # (H, nq, nk)
+    tok = blocks.repeat_interleave(128, 1).repeat_interleave(128, 2)
+    qs = qw.reshape(-1, heads, d).transpose(0, 1)  # (H, nq 128, d)
+    ks, vs = (x.reshape(-1, heads, d).transpose(0, 1) for x in (kw, vw))
+    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=tok)
+    out = torch.where(tok.any(-1, keepdim=True), out, 0).transpose(0, 1)  # (nq 128, H, d)
+    out = out.reshape(fq // 2, rows, cols, 2, 8, 8, heads, d).permute(0, 3, 1, 4, 2, 5, 6, 7)
+    return out.reshape(1, lq, heads, d), blocks
+
+
+def test_sparse_mask_in_natural_order_equals_the_release_windowed_attention():
+    from flashdreams.model.flashvsr.sparse import token_mask, topk_count
+
+    torch.manual_seed(0)
+    grid, heads, d = (16, 24), 2, 8
+    q = torch.randn(1, 2 * 16 * 24, heads, d)
+    k = torch.randn(1, 8 * 16 * 24, heads, d)  # 3 cached chunks + the current one
+    v = torch.randn_like(k)
+    ratio, local_range = 0.2, 3
+    ref, blocks = _release_sparse_attention(q, k, v, grid, topk_count(grid, ratio), local_range)
+    assert 0.1 < blocks.float().mean() < 0.9  # the top-k and the local range both cut
+    mask = token_mask(q, k, grid, ratio, local_range)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask).transpose(1, 2)  # fmt: skip
+    out = torch.where(mask.any(-1).transpose(1, 2)[..., None], out, 0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def _sparse_rollout(**kw) -> torch.Tensor:
+    model = FlashVSRDiT(dim=32, num_heads=2, num_layers=2, ffn_dim=64, text_dim=16, text_len=8,
+                        **kw)  # fmt: skip
+    model.init_weights(torch.Generator().manual_seed(0))
+    model.eval().requires_grad_(False)
+    torch.manual_seed(1)
+    ctx = model.prepare_context(torch.randn(1, 8, 16))
+    lh, lw, chunks = 32, 32, 3  # token grid 16 x 16: 4 windows per frame pair
+    tpf = (lh // 2) * (lw // 2)
+    noise = torch.randn(1, 16, 2 * chunks, lh, lw)
+    feats = torch.randn(1, 1, 2 * chunks * tpf, 32)
+    cache = model.build_cache(partial(RollingKVCache, window_frames=WINDOW, sink_frames=0),
+                              tokens_per_frame=tpf, frames_per_block=2, total_frames=None,
+                              batch_size=1, device="cpu", dtype=torch.float32)  # fmt: skip
+    outs = []
+    for b in range(chunks):
+        sl = slice(2 * b, 2 * b + 2)
+        cache.begin_block(2 * b, 2)
+        step = {"lr_features": feats[:, :, 2 * b * tpf : (2 * b + 2) * tpf]}
+        outs.append(model(noise[:, :, sl], torch.full((1, 2), 1000.0), ctx,
+                          torch.arange(sl.start, sl.stop), cache, inputs=step))  # fmt: skip
+    return torch.cat(outs, dim=2)
+
+
+def test_sparse_rollout_attends_through_the_mask():
+    """A cutting mask changes the rollout; a mask that keeps every block but the release's
+    always-dropped one (``flat > the (topk + 1)-th value`` drops the smallest) stays close."""
+    dense = _sparse_rollout()
+    cut = _sparse_rollout(sparse_ratio=0.05, local_range=1)
+    assert (cut - dense).abs().max() > 1e-2
+    wide = _sparse_rollout(sparse_ratio=100.0, local_range=9)
+    assert (wide - dense).abs().max() < (cut - dense).abs().max()
+
+
+def test_a_huge_ratio_keeps_all_but_the_smallest_block():
+    from flashdreams.model.flashvsr.sparse import block_mask
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2 * 16 * 16, 2, 8), torch.randn(1, 6 * 16 * 16, 2, 8)
+    blocks = block_mask(q, k, (16, 16), 100.0, 9)  # (1, 2, 4, 12)
+    assert blocks.shape == (1, 2, 4, 12)
+    assert (blocks.view(1, 2, -1).sum(-1) == 4 * 12 - 1).all()

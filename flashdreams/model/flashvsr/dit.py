@@ -12,9 +12,11 @@ through ``text_embedding``, computed once.
 The release keeps the K/V its one denoising forward wrote (``commit_mode = "none"``) and
 attends to the previous ``kv_ratio`` = 3 chunks of 2 latent frames plus the current chunk
 (``cache=rolling`` with ``window_frames`` 8). Its self-attention is block-sparse (windows of
-(2, 8, 8) tokens, a local range and the top-k of mean-pooled q.k); this model computes the
-dense attention of the recipe's backend (equal to the sparse one when the top-k and the local
-range cover every window).
+(2, 8, 8) tokens, a local range and the top-k of mean-pooled q.k): with ``sparse_ratio`` set,
+the cached forwards attend with that mask, explicit per head
+(``flashdreams.model.flashvsr.sparse``; it needs an attention that takes a (B, heads, Lq, Lk)
+mask, ``attention=sdpa``: the exact reference at dense cost); ``sparse_ratio`` null: dense
+attention (the recipe's backend, any kernel).
 """
 
 from __future__ import annotations
@@ -25,20 +27,26 @@ from dataclasses import dataclass
 import torch
 
 from flashdreams import ConfigError
+from flashdreams.cache.base import kv_amax
 from flashdreams.model.base import ConditionInput
+from flashdreams.model.flashvsr.sparse import token_mask
 from flashdreams.model.wan import WanBlock, WanDiT
 
 
 @dataclass
 class LRStep:
-    """The LR features of the running forward (set by ``FlashVSRDiT.forward``)."""
+    """What the blocks read during one forward (set by ``FlashVSRDiT.forward``)."""
 
     features: torch.Tensor | None = None  # (B, lr_layers, L, dim)
+    grid: tuple[int, int] = (0, 0)  # token grid (h, w)
+    sparse_ratio: float | None = None  # None: dense self-attention
+    local_range: int = 11
 
 
 class FlashVSRBlock(WanBlock):
     """A Wan block that first adds its layer's LR features to the token stream (layers >= 1;
-    layer 0's are added to the patch tokens by ``FlashVSRDiT.condition_tokens``)."""
+    layer 0's are added to the patch tokens by ``FlashVSRDiT.condition_tokens``) and, with a
+    ``sparse_ratio``, attends through the release's sparse mask in cached forwards."""
 
     def __init__(self, *args, step: LRStep, **kw) -> None:
         super().__init__(*args, **kw)
@@ -46,11 +54,22 @@ class FlashVSRBlock(WanBlock):
 
     def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None, cam=None,
                 h=None, next_table=None):  # fmt: skip
-        feats = self._step.features
-        if feats is not None and layer < feats.shape[1]:
+        step = self._step
+        feats = step.features
+        if feats is not None and 0 < layer < feats.shape[1]:
             x, h = x + feats[:, layer].float(), None  # the previous block's norm1 is stale
-        return super().forward(x, e0, cross_kv, cos, sin, attn, cache, layer, mask, cam, h,
-                               next_table)  # fmt: skip
+        if step.sparse_ratio is None or cache is None:
+            return super().forward(x, e0, cross_kv, cos, sin, attn, cache, layer, mask, cam, h,
+                                   next_table)  # fmt: skip
+        q, k, v = self.self_attn_in(x, e0, cos, sin, h)
+        kv = cache.update(layer, k, v)
+        k, v = kv[0], kv[1]
+        allowed = token_mask(q, k, step.grid, step.sparse_ratio, step.local_range)
+        y = attn.self_attention(q, k, v, allowed, kv_amax(kv))
+        # a query block with no kept key block gives zeros (no softmax over nothing)
+        y = torch.where(allowed.any(-1).transpose(1, 2)[..., None], y, 0)
+        x, q = self.self_attn_out(x, y, e0, cam)
+        return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0, next_table)
 
 
 class FlashVSRDiT(WanDiT):
@@ -61,6 +80,8 @@ class FlashVSRDiT(WanDiT):
             eps, cross_attn_norm, text_len, rope_max_pos: the Wan DiT's (see ``WanDiT``).
         lr_layers: sets of LR features the forward adds, one before each of the first
             ``lr_layers`` blocks (the projector's ``layer_num``: 1 in v1.1).
+        sparse_ratio: the release's ``sparse_ratio`` (2.0 stable, 1.5 faster); None = dense.
+        local_range: the release's ``local_range`` in windows (11 stable, 9 sharper).
     """
 
     commit_mode = "none"  # the one step at t = 1000 writes the K/V later chunks attend to
@@ -81,6 +102,8 @@ class FlashVSRDiT(WanDiT):
         text_len: int = 512,
         rope_max_pos: int = 1024,
         lr_layers: int = 1,
+        sparse_ratio: float | None = None,
+        local_range: int = 11,
     ) -> None:
         super().__init__(dim=dim, num_heads=num_heads, num_layers=num_layers, ffn_dim=ffn_dim,
                          in_dim=in_dim, out_dim=out_dim, text_dim=text_dim, freq_dim=freq_dim,
@@ -92,11 +115,15 @@ class FlashVSRDiT(WanDiT):
         if tuple(self.patch_size) != (1, 2, 2):
             raise ConfigError(f"model.patch_size={list(self.patch_size)} must be [1, 2, 2]: "
                               "the LR projector gives one token per 16 x 16 pixels")  # fmt: skip
+        if sparse_ratio is not None and not sparse_ratio > 0:
+            raise ConfigError(f"model.sparse_ratio={sparse_ratio} must be > 0 (or null: dense)")
+        if local_range < 1:
+            raise ConfigError(f"model.local_range={local_range} must be >= 1")
         self.lr_layers = lr_layers
-        self._step = LRStep()
+        self._step = LRStep(sparse_ratio=sparse_ratio, local_range=int(local_range))
         block = (dim, ffn_dim, num_heads, eps, cross_attn_norm, False)
-        for i in range(1, lr_layers):
-            self.blocks[i] = FlashVSRBlock(*block, step=self._step)
+        self.blocks = torch.nn.ModuleList(FlashVSRBlock(*block, step=self._step)
+                                          for _ in range(num_layers))  # fmt: skip
 
     # ---------------------------------------------------------------- contract
     def inputs(self) -> dict[str, ConditionInput]:
@@ -114,6 +141,9 @@ class FlashVSRDiT(WanDiT):
         if self.lr_layers > 1 and type(attention.sequence) is not SequenceParallel:
             raise ConfigError(f"model.lr_layers={self.lr_layers}: per-block LR features need "
                               "parallel=single (they are not sharded with the tokens)")  # fmt: skip
+        if self._step.sparse_ratio is not None and type(attention.sequence) is not SequenceParallel:
+            raise ConfigError(f"model.sparse_ratio={self._step.sparse_ratio}: the sparse mask "
+                              "needs every token of a chunk; use parallel=single")  # fmt: skip
         super().set_attention(attention)
 
     # ---------------------------------------------------------------- forward
@@ -136,6 +166,7 @@ class FlashVSRDiT(WanDiT):
                                   f"model needs {want} (control.lr_layers must equal "
                                   "model.lr_layers)")  # fmt: skip
         self._step.features = feats
+        self._step.grid = (x.shape[3] // 2, x.shape[4] // 2)
         try:
             return super().forward(x, timestep, context, frame_positions, cache, mask, inputs,
                                    expert)  # fmt: skip
