@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from flashdreams import ConfigError
+from flashdreams.build import build_conditioning
 from flashdreams.control.lr_video import LRVideoControl
 from flashdreams.model.flashvsr import FlashVSRDiT, LRProjector
 from flashdreams.text_encoder.prompt_tensor import PromptTensorTextEncoder
@@ -48,8 +49,10 @@ def test_recipe_composes_with_the_release_settings():
     assert cfg.rollout.height % 128 == 0 and cfg.rollout.width % 128 == 0
 
 
-def test_tiny_4x_run_through_the_cli(tmp_path):
-    video = _mp4(tmp_path / "lr.mp4", 21)  # 21 + 4 -> 25 LR frames: 6 latent frames
+@pytest.mark.parametrize("size,sparse", [(64, []), (128, ["model.sparse_ratio=2.0",
+                                                             "model.local_range=11"])])  # fmt: skip
+def test_tiny_4x_run_through_the_cli(tmp_path, size, sparse):
+    video = _mp4(tmp_path / "lr.mp4", 21, w=size // 4, h=size // 4)  # 25 LR frames: 6 latents
     prompt = tmp_path / "posi_prompt.pth"
     torch.save(torch.randn(1, 4, 16), prompt)
     args = ["recipe=flashvsr_v1_1_x4", "model.checkpoint=null", "model.dim=64", "model.num_heads=2",
@@ -57,20 +60,21 @@ def test_tiny_4x_run_through_the_cli(tmp_path):
             f"text_encoder.path={prompt}", "control.checkpoint=null", "control.hidden_dim1=8",
             "control.hidden_dim2=8", "control.dtype=float32", f"control.video={video}",
             "vae=preview", "~vae.checkpoint", "graph=eager", "attention=sdpa",
-            "rollout.height=64", "rollout.width=64", "rollout.total_blocks=3", "device=cpu",
-            "dtype=float32", f"paths.root={tmp_path / 'out'}"]  # fmt: skip
+            f"rollout.height={size}", f"rollout.width={size}", "rollout.total_blocks=3",
+            "device=cpu", "dtype=float32", *sparse, f"paths.root={tmp_path / 'out'}"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "-m", "flashdreams.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run,) = (tmp_path / "out" / "runs").glob("*/*")
     assert len(json.loads((run / "stats.json").read_text())["steps"]) == 3
-    # 4 more blocks need 14 latent frames = 57 LR frames: a one-line error before any forward
-    proc = subprocess.run([sys.executable, "-m", "flashdreams.cli", *args[:-1],
-                           "rollout.total_blocks=7", f"paths.root={tmp_path / 'o2'}"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode != 0
-    assert "video=" in proc.stderr and "rollout.total_blocks" in proc.stderr
+    if sparse:
+        return
+    # 7 blocks need 14 latent frames = 57 LR frames: a one-line error at build, before any model
+    cfg = compose_run([a for a in args if not a.startswith("paths.")] + ["rollout.total_blocks=7"])
+    with pytest.raises(ConfigError) as err:
+        build_conditioning(cfg, torch.device("cpu"))
+    assert "\n" not in str(err.value) and "rollout.total_blocks" in str(err.value)
 
 
 def test_missing_or_unreadable_video_is_a_one_line_error(tmp_path):
