@@ -238,3 +238,31 @@ def test_a_huge_ratio_keeps_all_but_the_smallest_block():
     blocks = block_mask(q, k, (16, 16), 100.0, 9)  # (1, 2, 4, 12)
     assert blocks.shape == (1, 2, 4, 12)
     assert (blocks.view(1, 2, -1).sum(-1) == 4 * 12 - 1).all()
+
+
+def test_tcdecoder_streams_as_its_whole_clip_with_the_release_key_layout(tmp_path):
+    from flashdreams.model.flashvsr.tcdecoder import TCDecoder, lr_groups
+
+    dec = TCDecoder(channels=(8, 8, 4, 4))
+    keys = set(dec.state_dict())
+    # the release's deepened stack: conv 1, identity conv 3 (no bias), MemBlocks 5-7, TGrow 9,
+    # conv 10, ..., identity conv 24, head conv 26
+    assert {"decoder.1.weight", "decoder.3.weight", "decoder.5.conv.0.weight",
+            "decoder.9.conv.weight", "decoder.24.weight", "decoder.26.bias"} <= keys  # fmt: skip
+    assert "decoder.3.bias" not in keys and dec.decoder[1].in_channels == 16 + 768
+    path = tmp_path / "TCDecoder.ckpt"
+    torch.save({k: torch.randn_like(v) * 0.1 for k, v in dec.state_dict().items()}, path)
+    dec = TCDecoder(str(path), channels=(8, 8, 4, 4))
+
+    torch.manual_seed(0)
+    latents = torch.randn(1, 16, 10, 4, 4)
+    lr = torch.rand(1, 3, 41, 32, 32) * 2 - 1
+    whole = dec.decode_full(latents, lr_groups(lr, 0, 10))
+    dec.reset()
+    parts = [dec.decode_step(latents[:, :, :6], lr_groups(lr, 0, 6))]
+    parts += [dec.decode_step(latents[:, :, s : s + 2], lr_groups(lr, s, 2)) for s in (6, 8)]
+    assert whole.shape == (1, 37, 3, 32, 32)
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-5)
+    # the LR frames reach the output
+    other = dec.decode_full(latents, lr_groups(-lr, 0, 10))
+    assert (other - whole).abs().max() > 1e-3
