@@ -196,9 +196,13 @@ def test_sparse_mask_in_natural_order_equals_the_release_windowed_attention():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
-def _sparse_rollout(**kw) -> torch.Tensor:
+def _sparse_rollout(attention=None, **kw) -> torch.Tensor:
     model = FlashVSRDiT(dim=32, num_heads=2, num_layers=2, ffn_dim=64, text_dim=16, text_len=8,
                         **kw)  # fmt: skip
+    if attention is not None:
+        from flashdreams.attention.base import Attention
+
+        model.set_attention(Attention(attention))
     model.init_weights(torch.Generator().manual_seed(0))
     model.eval().requires_grad_(False)
     torch.manual_seed(1)
@@ -266,3 +270,14 @@ def test_tcdecoder_streams_as_its_whole_clip_with_the_release_key_layout(tmp_pat
     # the LR frames reach the output
     other = dec.decode_full(latents, lr_groups(-lr, 0, 10))
     assert (other - whole).abs().max() > 1e-3
+
+
+def test_flex_block_sparse_path_equals_the_explicit_mask():
+    """attention=flex: tokens in window order and a BlockMask of the kept 128-token blocks give
+    the masked-SDPA reference (fp32, <= 1e-5), also with query blocks that keep nothing."""
+    from flashdreams.attention.flex import FlexAttention
+
+    ref = _sparse_rollout(sparse_ratio=0.05, local_range=1)
+    flex = _sparse_rollout(FlexAttention(unmasked="math", compile=False), sparse_ratio=0.05,
+                           local_range=1)  # fmt: skip
+    torch.testing.assert_close(flex, ref, rtol=0, atol=1e-5)

@@ -29,7 +29,7 @@ import torch
 from flashdreams import ConfigError
 from flashdreams.cache.base import kv_amax
 from flashdreams.model.base import ConditionInput
-from flashdreams.model.flashvsr.sparse import token_mask
+from flashdreams.model.flashvsr.sparse import block_mask, flex_block_mask, token_mask, window_order
 from flashdreams.model.wan import WanBlock, WanDiT
 
 
@@ -41,6 +41,7 @@ class LRStep:
     grid: tuple[int, int] = (0, 0)  # token grid (h, w)
     sparse_ratio: float | None = None  # None: dense self-attention
     local_range: int = 11
+    block_sparse: bool = False  # attention=flex: window-ordered tokens + a BlockMask
 
 
 class FlashVSRBlock(WanBlock):
@@ -64,12 +65,27 @@ class FlashVSRBlock(WanBlock):
         q, k, v = self.self_attn_in(x, e0, cos, sin, h)
         kv = cache.update(layer, k, v)
         k, v = kv[0], kv[1]
-        allowed = token_mask(q, k, step.grid, step.sparse_ratio, step.local_range)
-        y = attn.self_attention(q, k, v, allowed, kv_amax(kv))
-        # a query block with no kept key block gives zeros (no softmax over nothing)
-        y = torch.where(allowed.any(-1).transpose(1, 2)[..., None], y, 0)
+        if step.block_sparse:
+            y = self._block_sparse(q, k, v, attn, kv_amax(kv))
+        else:
+            allowed = token_mask(q, k, step.grid, step.sparse_ratio, step.local_range)
+            y = attn.self_attention(q, k, v, allowed, kv_amax(kv))
+            # a query block with no kept key block gives zeros (no softmax over nothing)
+            y = torch.where(allowed.any(-1).transpose(1, 2)[..., None], y, 0)
         x, q = self.self_attn_out(x, y, e0, cam)
         return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0, next_table)
+
+    def _block_sparse(self, q, k, v, attn, amax) -> torch.Tensor:
+        """The sparse attention on 128-token window blocks: q, k, v permuted into window order,
+        a FlexAttention ``BlockMask`` of the kept blocks, the output permuted back."""
+        step = self._step
+        hw = step.grid[0] * step.grid[1]
+        blocks = block_mask(q, k, step.grid, step.sparse_ratio, step.local_range)
+        pq = window_order(q.shape[1] // hw, step.grid, q.device)
+        pk = window_order(k.shape[1] // hw, step.grid, q.device)
+        mask = flex_block_mask(blocks, q.shape[1], k.shape[1])
+        y = attn.self_attention(q[:, pq], k[:, pk], v[:, pk], mask, amax)
+        return y[:, torch.argsort(pq)]
 
 
 class FlashVSRDiT(WanDiT):
@@ -144,6 +160,9 @@ class FlashVSRDiT(WanDiT):
         if self._step.sparse_ratio is not None and type(attention.sequence) is not SequenceParallel:
             raise ConfigError(f"model.sparse_ratio={self._step.sparse_ratio}: the sparse mask "
                               "needs every token of a chunk; use parallel=single")  # fmt: skip
+        from flashdreams.attention.flex import FlexAttention
+
+        self._step.block_sparse = isinstance(attention.backend, FlexAttention)
         super().set_attention(attention)
 
     # ---------------------------------------------------------------- forward

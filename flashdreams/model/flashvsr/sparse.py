@@ -99,3 +99,26 @@ def token_mask(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int], spars
     iq = token_windows(q.shape[1] // hw, grid_hw, q.device)
     ik = token_windows(k.shape[1] // hw, grid_hw, q.device)
     return blocks[:, :, iq[:, None], ik[None, :]]
+
+
+def window_order(frames: int, grid_hw: tuple[int, int], device=None) -> torch.Tensor:
+    """(frames h w,) permutation putting tokens in window order: window i's 128 tokens are
+    positions [128 i, 128 i + 128) (the release's ``WindowPartition3D`` order)."""
+    return torch.argsort(token_windows(frames, grid_hw, device), stable=True)
+
+
+def flex_block_mask(blocks: torch.Tensor, lq: int, lk: int):
+    """A FlexAttention ``BlockMask`` of 128-token window blocks (tokens in window order):
+    every kept block full, so the compiled kernel evaluates no per-token mask; the mask_mod
+    reads the same block table, for the eager (CPU) path, which applies it to every score."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    counts = blocks.sum(-1, dtype=torch.int32)  # (B, H, nq)
+    order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    none = torch.zeros_like(counts)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return blocks[b, h, q_idx // 128, kv_idx // 128]
+
+    return BlockMask.from_kv_blocks(none, torch.zeros_like(order), counts, order,
+                                    BLOCK_SIZE=128, mask_mod=mask_mod, seq_lengths=(lq, lk))  # fmt: skip
