@@ -13,10 +13,10 @@ The release keeps the K/V its one denoising forward wrote (``commit_mode = "none
 attends to the previous ``kv_ratio`` = 3 chunks of 2 latent frames plus the current chunk
 (``cache=rolling`` with ``window_frames`` 8). Its self-attention is block-sparse (windows of
 (2, 8, 8) tokens, a local range and the top-k of mean-pooled q.k): with ``sparse_ratio`` set,
-the cached forwards attend with that mask, explicit per head
-(``flashdreams.model.flashvsr.sparse``; it needs an attention that takes a (B, heads, Lq, Lk)
-mask, ``attention=sdpa``: the exact reference at dense cost); ``sparse_ratio`` null: dense
-attention (the recipe's backend, any kernel).
+the cached forwards attend with that mask (``flashdreams.model.flashvsr.sparse``): under
+``attention=flex`` on tokens put in window order with a ``BlockMask`` of the kept 128-token
+blocks (the fast path), under any other backend as an explicit (B, heads, Lq, Lk) mask (masked
+SDPA: the exact reference at dense cost); ``sparse_ratio`` null: dense attention.
 """
 
 from __future__ import annotations

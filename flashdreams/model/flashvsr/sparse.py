@@ -12,6 +12,9 @@ pair and an H x W output. Each query block then attends densely to its kept key 
 ``block_mask`` computes the same window mask; ``token_mask`` expands it to a (B, heads, Lq, Lk)
 boolean mask in the tokens' natural (frame, h, w) order, so any attention that takes a per-head
 mask (SDPA) computes the release's sparse attention exactly (at dense cost: the reference path).
+``window_order`` + ``flex_block_mask`` are the fast path: tokens permuted so each window is one
+128-token block, and a FlexAttention ``BlockMask`` listing the kept key blocks of each query
+block (``attention=flex``).
 """
 
 from __future__ import annotations
