@@ -3,7 +3,8 @@
 A dense (Lq, Lk) boolean mask is turned into a ``BlockMask`` once (cached per mask tensor), so
 the kernel skips the key blocks a query block never sees: a block-causal mask over ``n`` blocks
 does about half the work of the dense masked SDPA call. Unmasked calls (every cached AR step, the
-bidirectional forward) go to the pinned SDPA kernel, which is faster there.
+bidirectional forward) go to the pinned SDPA kernel, which is faster there. A ``BlockMask`` given
+as the mask is used as it is (a model's own block-sparse pattern: FlashVSR's windows).
 """
 
 from __future__ import annotations
@@ -67,5 +68,6 @@ class FlexAttention(AttentionBackend):
         kernel = self._flex(q.device)
         with warnings.catch_warnings():  # the eager (CPU) path warns that it is unfused
             warnings.filterwarnings("ignore", message="flex_attention called without")
-            out = kernel(q_, k_, v_, block_mask=self.block_mask(mask))
+            block = mask if isinstance(mask, BlockMask) else self.block_mask(mask)
+            out = kernel(q_, k_, v_, block_mask=block)
         return out.transpose(1, 2)

@@ -130,15 +130,19 @@ class TAEHVDecoder(StreamingDecoder):
         if checkpoint is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self.decoder = build_taehv_decoder(self.latent_channels, channels)
+                self.decoder = self._build(self.latent_channels, channels)
                 self._init_random_weights()
         else:
             with torch.device("meta"):
-                self.decoder = build_taehv_decoder(self.latent_channels, channels)
+                self.decoder = self._build(self.latent_channels, channels)
             state = self._decoder_state(read_tensor_file(resolve_path(checkpoint)))
             check_state_dict(self, state, str(checkpoint))
             self.load_state_dict(state, assign=True)
         self.reset()
+
+    def _build(self, latent_channels: int, channels: Sequence[int]) -> nn.Sequential:
+        """The decoder stack (a subclass may widen or deepen it: FlashVSR's TCDecoder)."""
+        return build_taehv_decoder(latent_channels, channels)
 
     def _init_random_weights(self) -> None:
         """Variance-keeping random weights (PyTorch's default init decodes to black frames):

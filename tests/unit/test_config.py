@@ -21,6 +21,7 @@ NEEDS_FILES = {
     ("text_encoder", "umt5_xxl"): "tests/unit/test_text_encoder.py",
     ("text_encoder", "precomputed"): "tests/unit/test_text_encoder.py",
     ("text_encoder", "reason1_7b"): "tests/unit/test_cosmos_text_encoder.py",
+    ("text_encoder", "prompt_tensor"): "tests/unit/test_flashvsr_recipe.py",
 }
 
 

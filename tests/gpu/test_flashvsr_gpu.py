@@ -1,0 +1,40 @@
+"""FlashVSR sparse attention on CUDA: the compiled FlexAttention path (window order + BlockMask)
+against the explicit-mask SDPA reference, bf16 at a real chunk shape (768x1280 output: token
+grid 48x80, 2 query frames, 8 key frames, 12 heads of 128), and one compile for every call.
+
+Tolerance (bf16): relative L2 error <= 2e-2 (the bar of ``test_graph_policies.py``).
+"""
+
+import pytest
+import torch
+
+from flashdreams.attention.base import Attention
+from flashdreams.attention.flex import FlexAttention
+from flashdreams.attention.sdpa import SdpaAttention
+from flashdreams.model.flashvsr.dit import FlashVSRBlock, LRStep
+from flashdreams.model.flashvsr.sparse import token_mask
+from tests.gpu.helpers import rel_l2
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]  # fmt: skip
+
+
+def test_compiled_flex_block_sparse_equals_the_masked_reference():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    grid, heads, d = (48, 80), 12, 128
+    step = LRStep(grid=grid, sparse_ratio=2.0, local_range=11, block_sparse=True)
+    block = FlashVSRBlock(heads * d, 64, heads, 1e-6, True, False, step=step)
+    flex = Attention(FlexAttention(compile=True))
+    g = torch.Generator("cuda").manual_seed(0)
+    for _ in range(3):  # fresh masks every call: one compile serves them all
+        q = torch.randn(1, 2 * 48 * 80, heads, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        k = torch.randn(1, 8 * 48 * 80, heads, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        out = block._block_sparse(q, k, v, flex, None)
+        mask = token_mask(q, k, grid, 2.0, 11)
+        ref = Attention(SdpaAttention("efficient"))(q, k, v, mask)
+        ref = torch.where(mask.any(-1).transpose(1, 2)[..., None], ref, 0)
+        assert rel_l2(out.float(), ref.float()) <= 2e-2
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames <= 2, f"{frames} compiled graphs for 3 calls of one shape"

@@ -1,0 +1,133 @@
+"""FlashVSR v1.1 recipe: composes with the release's settings; a tiny 4x run of an mp4 goes
+through flashdreams-run; the DiT loads a safetensors file with the release's (Wan original) key
+names and the projector its ``.ckpt``; a missing / too short video fails in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flashdreams import ConfigError
+from flashdreams.build import build_conditioning
+from flashdreams.control.lr_video import LRVideoControl
+from flashdreams.model.flashvsr import FlashVSRDiT, LRProjector
+from flashdreams.text_encoder.prompt_tensor import PromptTensorTextEncoder
+from tests.unit.test_config import compose_run
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(dim=64, num_heads=2, num_layers=2, ffn_dim=128, text_dim=16, text_len=4)
+
+
+def _mp4(path: Path, frames: int, w: int = 16, h: int = 16) -> Path:
+    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=8, macro_block_size=1)
+    writer.send(None)
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.send(rng.integers(0, 255, (h, w, 3), dtype=np.uint8).tobytes())
+    writer.close()
+    return path
+
+
+def test_recipe_composes_with_the_release_settings():
+    cfg = compose_run(["recipe=flashvsr_v1_1_x4", "control.video=clip.mp4"])
+    m = cfg.model
+    assert (m.dim, m.num_layers, m.in_dim, m.text_dim, m.text_len, m.lr_layers) == (
+        1536, 30, 16, 4096, 512, 1)  # fmt: skip
+    assert list(cfg.scheduler.timesteps) == [1000]
+    assert (cfg.cache.window_frames, cfg.cache.sink_frames, cfg.rollout.frames_per_block) == (
+        8, 0, 2)  # fmt: skip
+    assert cfg.control.checkpoint.endswith("LQ_proj_in.ckpt") and cfg.control.scale == 4.0
+    assert cfg.rollout.height % 128 == 0 and cfg.rollout.width % 128 == 0
+
+
+@pytest.mark.parametrize("size,sparse", [(64, []), (128, ["model.sparse_ratio=2.0",
+                                                             "model.local_range=11"])])  # fmt: skip
+def test_tiny_4x_run_through_the_cli(tmp_path, size, sparse):
+    video = _mp4(tmp_path / "lr.mp4", 21, w=size // 4, h=size // 4)  # 25 LR frames: 6 latents
+    prompt = tmp_path / "posi_prompt.pth"
+    torch.save(torch.randn(1, 4, 16), prompt)
+    args = ["recipe=flashvsr_v1_1_x4", "model.checkpoint=null", "model.dim=64", "model.num_heads=2",
+            "model.num_layers=2", "model.ffn_dim=128", "model.text_dim=16", "model.text_len=4",
+            f"text_encoder.path={prompt}", "control.checkpoint=null", "control.hidden_dim1=8",
+            "control.hidden_dim2=8", "control.dtype=float32", f"control.video={video}",
+            "vae=preview", "~vae.checkpoint", "graph=eager", "attention=sdpa",
+            f"rollout.height={size}", f"rollout.width={size}", "rollout.total_blocks=3",
+            "device=cpu", "dtype=float32", *sparse, f"paths.root={tmp_path / 'out'}"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "flashdreams.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = (tmp_path / "out" / "runs").glob("*/*")
+    assert len(json.loads((run / "stats.json").read_text())["steps"]) == 3
+    if sparse:
+        return
+    # 7 blocks need 14 latent frames = 57 LR frames: a one-line error at build, before any model
+    cfg = compose_run([a for a in args if not a.startswith("paths.")] + ["rollout.total_blocks=7"])
+    with pytest.raises(ConfigError) as err:
+        build_conditioning(cfg, torch.device("cpu"))
+    assert "\n" not in str(err.value) and "rollout.total_blocks" in str(err.value)
+
+
+def test_missing_or_unreadable_video_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="video= is required"):
+        LRVideoControl(video=None, hidden_dim1=8, hidden_dim2=8, dim=64)
+    with pytest.raises(ConfigError, match="no such file"):
+        LRVideoControl(video=tmp_path / "nope.mp4", hidden_dim1=8, hidden_dim2=8,
+                       dim=64).check_frames(2)  # fmt: skip
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(ConfigError) as err:
+        LRVideoControl(video=bad, hidden_dim1=8, hidden_dim2=8, dim=64).check_frames(2)
+    assert "\n" not in str(err.value) and "bad.mp4" in str(err.value)
+
+
+def test_control_features_are_the_projector_of_the_upscaled_frames(tmp_path):
+    video = _mp4(tmp_path / "lr.mp4", 21, w=16, h=8)
+    ctl = LRVideoControl(video=video, hidden_dim1=8, hidden_dim2=8, dim=64, dtype="float32")
+    ctl.prepare(2, height=32, width=64, num_frames=6, device=torch.device("cpu"))
+    lr = ctl.lr_frames(0, 25)  # 21 frames + 4 copies of the last one, 4x upscaled
+    assert lr.shape == (2, 3, 25, 32, 64) and lr.min() >= -1 and lr.max() <= 1
+    torch.testing.assert_close(lr[:, :, 21:], lr[:, :, 20:21].expand(-1, -1, 4, -1, -1))
+    got = ctl.inputs(2, 2)["lr_features"]
+    assert got.shape == (2, 1, 2 * (32 // 16) * (64 // 16), 64)
+    torch.testing.assert_close(got, ctl.projector.stream(lr, 2, 2), rtol=0, atol=0)
+
+
+def test_checkpoints_in_the_release_formats_load(tmp_path):
+    from flashdreams.io.checkpoint import read_state_dict
+
+    model = FlashVSRDiT(**TINY)
+    model.init_weights(torch.Generator().manual_seed(0))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert "blocks.0.self_attn.q.weight" in state and "head.head.weight" in state
+    path = tmp_path / "diffusion_pytorch_model_streaming_dmd.safetensors"
+    save_file(state, str(path))
+    loaded = read_state_dict(str(path), FlashVSRDiT.convert_checkpoint)
+    assert set(loaded) == set(state)
+    fresh = FlashVSRDiT(**TINY)
+    fresh.load_state_dict(loaded, strict=True)
+    torch.testing.assert_close(fresh.blocks[1].ffn[0].weight, model.blocks[1].ffn[0].weight)
+
+    proj = LRProjector(3, 64, 1, 8, 8)
+    ckpt = tmp_path / "LQ_proj_in.ckpt"
+    torch.save({k: torch.randn_like(v) for k, v in proj.state_dict().items()}, ckpt)
+    ctl = LRVideoControl(video="x.mp4", checkpoint=str(ckpt), hidden_dim1=8, hidden_dim2=8,
+                         dim=64, dtype="float32")  # fmt: skip
+    torch.testing.assert_close(ctl.projector.conv1.weight, torch.load(ckpt)["conv1.weight"])
+    with pytest.raises(ConfigError, match="control.checkpoint="):
+        LRVideoControl(video="x.mp4", checkpoint=str(ckpt), hidden_dim1=16, hidden_dim2=8, dim=64)
+
+    prompt = tmp_path / "posi_prompt.pth"
+    torch.save(torch.randn(1, 512, 16), prompt)
+    enc = PromptTensorTextEncoder(str(prompt))
+    assert (enc.text_len, enc.text_dim) == (512, 16)
+    assert enc.encode(["a", "b"], torch.device("cpu"), torch.float32).shape == (2, 512, 16)
