@@ -185,12 +185,15 @@ def build_shared(cfg: DictConfig) -> SharedParts:
     graph = instantiate(cfg.graph)
     offload = str(cfg.get("offload", "none"))
     check_graph_options(cfg, graph)
+    step_cache = build_step_cache(cfg)
+    check_step_cache(cfg, step_cache, graph, parallel)
     precision = instantiate(cfg.precision) if "precision" in cfg else Precision()
     # offload=blocks loads on the CPU, so the full model never sits on the device
     model = build_model(cfg.model, torch.device("cpu") if offload == "blocks" else device,
                         dtype, cfg.seed, draw_on=device)  # fmt: skip
     model = precision.apply(model, device)
     model.set_attention(parallel.attention(instantiate(cfg.attention)))
+    model.set_step_cache(step_cache)
     if parallel.world_size > 1 and graph.name == "eager" and device.type == "cuda":
         log.warning("parallel=%s with graph=eager is launch-bound on GPUs (no speed-up measured); "
                     "use graph=cuda_graph or graph=compile_cuda_graph", parallel.name)  # fmt: skip
@@ -275,3 +278,28 @@ def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, graph=None,
         negative_prompt=cfg.negative_prompt, overlap_decode=r.get("overlap_decode", False),
         parallel=shared.parallel, precision=precision, offloader=shared.offloader,
     )  # fmt: skip
+
+
+def build_step_cache(cfg: DictConfig):
+    """The recipe's step cache (``step_cache`` group; none when the config has no group)."""
+    from flashdreams.step_cache.base import StepCache
+
+    return instantiate(cfg.step_cache) if cfg.get("step_cache") is not None else StepCache()
+
+
+def check_step_cache(cfg: DictConfig, step_cache, graph, parallel) -> None:
+    """One-line ``ConfigError`` before any weights load when the recipe cannot use its step
+    cache: a model whose forward does not run its blocks through ``DiT.run_blocks``, too few
+    layers or steps, a KV cache (streaming recipes), a capturing graph policy, several ranks."""
+    if not step_cache.enabled:
+        return
+    model = construct_model(cfg.model)  # meta device: no weights
+    model.set_step_cache(step_cache)
+    r = cfg.rollout  # a meta-device cache of the run's frames tells AR from bidirectional
+    cache = model.build_cache(parallel.cache_factory(instantiate(cfg.cache)), tokens_per_frame=1,
+                              frames_per_block=r.frames_per_block,
+                              total_frames=r.frames_per_block * (r.total_blocks or 1),
+                              batch_size=1, device=torch.device("meta"), dtype=torch.float32)  # fmt: skip
+    step_cache.check(num_layers=model.num_layers, num_steps=instantiate(cfg.scheduler).num_steps,
+                     kv_cache=cache is not None, graph_captures=bool(graph.captures),
+                     world_size=parallel.world_size)  # fmt: skip

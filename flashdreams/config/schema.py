@@ -59,6 +59,7 @@ class RunConfig:
     control: Any = MISSING
     logger: Any = MISSING
     precision: Any = MISSING
+    step_cache: Any = None  # training-free step caching (conf/step_cache); null = none
     recipe: Any = None
     bench: Any = None
     serve: Any = None  # flashdreams-serve's block (flashdreams/serve/config.py)

@@ -20,6 +20,10 @@ here. What a model must say about itself:
 * **Commit** (``commit_mode``): ``"forward"`` runs a separate forward of the clean block at the
   commit timestep (Self-Forcing and friends); ``"none"`` keeps the K/V the last denoising
   forward wrote (one-step models that commit as they denoise).
+* **Step cache** (``run_blocks``): a model whose forward runs its blocks through
+  ``run_blocks(tokens, segment)`` lets the recipe's step cache (``step_cache`` group, set once
+  by ``set_step_cache``) skip the middle blocks of a denoising step and reuse their residual
+  (``supports_step_cache``). The default runs every block.
 * **Graph shape key** (``graph_key``): what changes a forward's work besides its tensor shapes
   (the valid KV length; an expert; an exact commit). A captured graph is replayed only for an
   equal key.
@@ -38,6 +42,7 @@ from torch import nn
 
 from flashdreams import ConfigError
 from flashdreams.attention.base import Attention
+from flashdreams.step_cache.base import Segment, StepCache
 
 #: (batch, frames, (latent height, latent width)) -> the tensor's shape
 ShapeFn = Callable[[int, int, tuple[int, int]], tuple[int, ...]]
@@ -133,6 +138,10 @@ class DiT(nn.Module):
     #: per-prompt methods of each block (dotted, from the block) that read its weights outside
     #: the block's forward; ``offload=blocks`` keeps the block resident while they run
     block_context_methods: tuple[str, ...] = ("cross_attn.context_kv",)
+    #: whether ``forward`` runs its blocks through ``run_blocks`` (a step cache can apply)
+    supports_step_cache: bool = False
+    #: the recipe's step cache (``set_step_cache``); the default runs every block
+    step_cache: StepCache = StepCache()
     patch_size: tuple[int, int, int]
     in_dim: int
     out_dim: int
@@ -241,6 +250,20 @@ class DiT(nn.Module):
     def attention(self, backend) -> None:
         """A bare backend runs on one process (tests, micro-benchmarks)."""
         self._attention = backend if isinstance(backend, Attention) else Attention(backend)
+
+    # ------------------------------------------------------------------ step cache
+    def set_step_cache(self, step_cache: StepCache) -> None:
+        """Install the recipe's step cache; one-line ``ConfigError`` when the model's forward
+        does not run its blocks through ``run_blocks``."""
+        if step_cache.enabled and not self.supports_step_cache:
+            raise ConfigError(f"step_cache={step_cache.name} is not supported by the model "
+                              f"({type(self).__name__}); use step_cache=none")  # fmt: skip
+        self.step_cache = step_cache
+
+    def run_blocks(self, tokens: torch.Tensor, segment: Segment) -> torch.Tensor:
+        """The residual stream after all ``num_layers`` blocks: ``segment(tokens, start, stop)``
+        runs blocks [start, stop); the step cache chooses which segments run."""
+        return self.step_cache.run(tokens, segment, self.num_layers)
 
     # ------------------------------------------------------------------ conditioning / forward
     def prepare_context(self, text: torch.Tensor, image: torch.Tensor | None = None):

@@ -91,6 +91,14 @@ class WanMoE(DiT):
     def inputs(self) -> dict[str, ConditionInput]:
         return self.experts[HIGH_NOISE].inputs()
 
+    supports_step_cache = True  # each expert's forward runs its blocks through run_blocks
+
+    def set_step_cache(self, step_cache) -> None:
+        """Both experts use the recipe's step cache (its state is kept per expert)."""
+        super().set_step_cache(step_cache)
+        for expert in self.experts:
+            expert.set_step_cache(step_cache)
+
     def set_attention(self, attention: Attention) -> None:
         """Both experts call the same attention (one runs at a time)."""
         for expert in self.experts:

@@ -267,6 +267,7 @@ class WanDiT(DiT):
     """
 
     _keep_fp32 = ("modulation", "norm", "time_embedding", "time_projection", "head.head")
+    supports_step_cache = True
 
     def __init__(
         self,
@@ -462,13 +463,19 @@ class WanDiT(DiT):
             raise ValueError("per-token timesteps need parallel=single; pass them per frame")
         if cam is not None:
             tokens, cam = (t.contiguous() for t in tokens.split(self.dim, dim=-1))
-        h = None  # norm1's output, when the previous block computed it (fused norms)
-        for i, block in enumerate(self.blocks):
-            following = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
-            chain = block.chain_norm1(following, tokens)
-            out = block(tokens, e0, context[i], cos, sin, self.attention, cache, i, mask, cam, h,
-                        chain)  # fmt: skip
-            tokens, h = out if chain is not None else (out, None)
+
+        def segment(tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            h = None  # norm1's output, when the previous block computed it (fused norms)
+            for i in range(start, stop):
+                block = self.blocks[i]
+                following = self.blocks[i + 1] if i + 1 < stop else None
+                chain = block.chain_norm1(following, tokens)
+                out = block(tokens, e0, context[i], cos, sin, self.attention, cache, i, mask,
+                            cam, h, chain)  # fmt: skip
+                tokens, h = out if chain is not None else (out, None)
+            return tokens
+
+        tokens = self.run_blocks(tokens, segment)  # all blocks, or what the step cache runs
 
         # 4. head, gather the ranks' tokens, unpatchify
         out = sequence.gather(self.head(tokens, e), gf)  # (B, L, pt*ph*pw*C_out)

@@ -10,6 +10,7 @@ exact mode alike.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 from collections.abc import Callable, Hashable
 
@@ -93,11 +94,15 @@ class Forwards:
                 positions: torch.Tensor, start: int, scheduler, noise: Noise) -> torch.Tensor:  # fmt: skip
         """The block's denoising steps from noise ``x``; returns its clean latents."""
         inputs = self.inputs(start, x.shape[2])
+        step_cache = self.model.step_cache  # per forward: its step and guidance branch
+        step_cache.begin_block(len(plan))
         for j, expert in enumerate(plan):
             t = self.conditioner.timesteps(self.block_timestep(timesteps[j], x.shape[2]), start)
+            branches = itertools.count()  # the guidance's forwards of the step, in call order
 
-            def forward(x_in, t_in, ctx, expert=expert):
-                return self.run(x_in, t_in, ctx, positions, inputs, expert)
+            def forward(x_in, t_in, ctx, expert=expert, j=j, branches=branches):
+                with step_cache.step(j, next(branches), expert):
+                    return self.run(x_in, t_in, ctx, positions, inputs, expert)
 
             x_in = self.conditioner.replace(x, start)
             flow = self.guidance.predict(forward, x_in, t, guided, j, expert=expert)
