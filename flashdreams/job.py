@@ -21,6 +21,7 @@ from flashdreams.build import build_rollout, read_prompts
 from flashdreams.io.image import load_image
 from flashdreams.rollout import Rollout, StepOutput, run_rollout
 from flashdreams.stats import WARMUP_STEPS, RunStats, StepTimer
+from flashdreams.step_cache.base import hit_rate
 
 log = logging.getLogger("flashdreams")
 
@@ -137,6 +138,9 @@ def run_job(cfg: DictConfig) -> int:
 
         quality = build_quality(cfg, rollout)
         stats.sections["quality"] = quality.steps  # rewritten with stats.json after each step
+    step_cache, cache_steps = rollout.model.step_cache, []
+    if step_cache.enabled:  # per forward: computed or reused middle blocks, residual diff
+        stats.sections["step_cache"] = cache_steps
     writers: list = []
     bar = None
     failed, status, warmup_s, t0 = True, "failed", None, time.perf_counter()
@@ -160,6 +164,8 @@ def run_job(cfg: DictConfig) -> int:
             def on_step(out: StepOutput, sink=sink, bar=bar, clip=clip) -> None:
                 if quality is not None:
                     quality.compare(out, clip)
+                cache_steps.extend({"clip": clip, "ar_step": out.step, **r}
+                                   for r in step_cache.records())  # fmt: skip
                 sink(out)
                 bar.update(1)
 
@@ -183,7 +189,9 @@ def run_job(cfg: DictConfig) -> int:
             writer.close()
         if is_main:
             peak = peak_memory_bytes(rollout.device)
-            extra = quality.summary() if quality is not None else None
+            extra = quality.summary() if quality is not None else {}
+            if step_cache.enabled:
+                extra["step_cache_hit_rate"] = hit_rate(cache_steps)
             stats.finish(status, warmup_s, peak, time.perf_counter() - t0, extra)
             if stats.steps:
                 try:

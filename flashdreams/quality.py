@@ -67,8 +67,8 @@ def check_mode(mode: str) -> str:
 
 
 def reference_config(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with ``precision=bf16`` (and its KV cache in the run's dtype), no offload, and
-    FP8 attention replaced by the bf16 SDPA kernel it falls back to."""
+    """``cfg`` with ``precision=bf16`` (and its KV cache in the run's dtype), no offload, no
+    step cache, and FP8 attention replaced by the bf16 SDPA kernel it falls back to."""
     ref = copy.deepcopy(cfg)
     with open_dict(ref):
         attention = ref.get("attention")
@@ -78,6 +78,7 @@ def reference_config(cfg: DictConfig) -> DictConfig:
         ref.precision = dict(REFERENCE_PRECISION)
         ref.offload = "none"
         ref.quality = False
+        ref.step_cache = None  # a step-cached run is measured against the uncached one
     return ref
 
 
@@ -166,6 +167,7 @@ class QualityReport:
 
         return {
             "quality_reference": "precision=bf16"
+            + (" step_cache=none" if self.rollout.model.step_cache.enabled else "")
             + (" (teacher-forced)" if self.mode == "forced" else ""),
             "quality_min_cosine": worst("min_dit_cosine"),
             "quality_min_latent_cosine": worst("latent_cosine"),

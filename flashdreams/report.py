@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-COLUMNS = ("job", "overrides", "median_step_ms", "median_period_ms", "peak_memory_mb", "status")
+COLUMNS = ("job", "overrides", "median_step_ms", "median_period_ms", "peak_memory_mb",
+           "cache_hit_pct", "status")  # fmt: skip
 MIB = 2**20
 
 
@@ -58,6 +59,8 @@ def _read_row(stats_path: Path, sweep_dir: Path) -> dict[str, Any]:
     row["median_period_ms"] = summary.get("median_period_ms")
     peak = summary.get("peak_memory_bytes")
     row["peak_memory_mb"] = None if peak is None else peak / MIB
+    hits = summary.get("step_cache_hit_rate")  # step_cache runs: forwards that reused blocks
+    row["cache_hit_pct"] = None if hits is None else 100.0 * hits
     row["status"] = stats.get("status", "unknown")
     if row["status"] == "running" and _process_gone(stats):
         row["status"] = "killed"
@@ -114,7 +117,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [
         max([len(column)] + [len(row[i]) for row in cells]) for i, column in enumerate(COLUMNS)
     ]
-    numeric = [column.endswith(("_ms", "_mb")) for column in COLUMNS]
+    numeric = [column.endswith(("_ms", "_mb", "_pct")) for column in COLUMNS]
 
     def line(values: Sequence[str]) -> str:
         parts = [

@@ -48,3 +48,10 @@ class StepCache:
     def records(self) -> list[dict]:
         """Per forward of the last block: step, branch, expert, computed, residual diff."""
         return []
+
+
+def hit_rate(records: list[dict]) -> float | None:
+    """Fraction of the recorded forwards that reused the middle blocks (None: no record)."""
+    if not records:
+        return None
+    return sum(not r["computed"] for r in records) / len(records)

@@ -56,6 +56,14 @@ def test_collect_rows(sweep: Path) -> None:
     assert rows[0]["median_step_ms"] == 35.0 and rows[0]["median_period_ms"] == 42.5
     assert rows[1]["median_step_ms"] == 20.0 and rows[1]["status"] == "interrupted"
     assert rows[0]["peak_memory_mb"] == pytest.approx(3.0)
+    assert rows[0]["cache_hit_pct"] is None  # no step cache
+
+
+def test_step_cache_hit_rate_column(tmp_path: Path) -> None:
+    stats = _stats(30.0)
+    stats["summary"]["step_cache_hit_rate"] = 0.25  # written by step_cache=dbcache runs
+    _job(tmp_path, 0, ["step_cache=dbcache"], stats)
+    assert collect(tmp_path)[0]["cache_hit_pct"] == pytest.approx(25.0)
 
 
 def test_collect_natural_order_and_bad_stats(tmp_path: Path) -> None:
@@ -83,7 +91,7 @@ def test_write_report(sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (sweep / "report.png").read_bytes().startswith(PNG_MAGIC)
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["job", "overrides", "median_step_ms", "median_period_ms",
-                                "peak_memory_mb", "status"]  # fmt: skip
+                                "peak_memory_mb", "cache_hit_pct", "status"]  # fmt: skip
     assert "cache=rolling graph=cuda_graph" in table[3] and "20.0" in table[3]
     col = table[0].index("status")  # columns are aligned
     assert table[2][col:] == "completed" and table[3][col:] == "interrupted"

@@ -221,3 +221,42 @@ def test_config_group_builds_the_cache():
     assert isinstance(cache, DBCache) and cache.taylorseer_order == 1
     assert (cache.front, cache.back, cache.threshold) == (8, 0, 0.08)
     assert type(build_step_cache(compose_run(RECIPE))) is StepCache
+
+
+def test_stats_json_records_every_forward_and_the_hit_rate(tmp_path):
+    import json
+
+    from flashdreams.job import run_job
+
+    mask = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1]
+    cfg = compose_run([*RECIPE, f"paths.root={tmp_path}", "step_cache=dbcache",
+                       "step_cache.front_blocks=1", "step_cache.back_blocks=1",
+                       f"step_cache.mask={mask}".replace(" ", ""), "step_cache.mask_policy=static"])  # fmt: skip
+    assert run_job(cfg) == 0
+    (path,) = tmp_path.rglob("stats.json")
+    stats = json.loads(path.read_text())
+    records = stats["step_cache"]
+    assert [(r["step"], r["branch"]) for r in records] == [
+        (s, b) for s in range(STEPS) for b in (0, 1)
+    ]
+    assert [int(r["computed"]) for r in records if r["branch"] == 1] == mask
+    assert stats["summary"]["step_cache_hit_rate"] == pytest.approx(0.3)
+
+
+def test_quality_measures_a_cached_run_against_the_uncached_one(tmp_path):
+    import json
+
+    from flashdreams.job import run_job
+
+    cfg = compose_run([*RECIPE, f"paths.root={tmp_path}", "quality=true", "step_cache=dbcache",
+                       "step_cache.front_blocks=1", "step_cache.back_blocks=1",
+                       "step_cache.mask=[1,1,1,0,1,1,1,1,1,1]", "step_cache.mask_policy=static"])  # fmt: skip
+    assert run_job(cfg) == 0
+    (path,) = tmp_path.rglob("stats.json")
+    stats = json.loads(path.read_text())
+    (row,) = stats["quality"]
+    # the steps before the first reuse are the uncached run's exactly, the reused one is not
+    assert row["dit_cosine"][:3] == pytest.approx([1.0] * 3, abs=1e-12)
+    assert row["dit_cosine"][3] < 1.0 - 1e-9
+    assert 0.99 <= row["latent_cosine"] < 1.0
+    assert stats["summary"]["quality_reference"] == "precision=bf16 step_cache=none"
