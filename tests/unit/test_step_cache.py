@@ -260,3 +260,28 @@ def test_quality_measures_a_cached_run_against_the_uncached_one(tmp_path):
     assert row["dit_cosine"][3] < 1.0 - 1e-9
     assert 0.99 <= row["latent_cosine"] < 1.0
     assert stats["summary"]["quality_reference"] == "precision=bf16 step_cache=none"
+
+
+def test_cosmos_threshold_zero_is_exact_and_a_mask_is_followed():
+    cfg = compose_run(["recipe=cosmos_predict2_5_2b_t2v", "model=cosmos_tiny", "model.num_layers=4",
+                       "model.checkpoint=null",
+                       "device=cpu", "dtype=float32", "text_encoder=random", "vae=none",
+                       "~vae.checkpoint", "rollout.height=32", "rollout.width=32",
+                       "rollout.frames_per_block=2", f"scheduler.num_steps={STEPS}"])  # fmt: skip
+    torch.manual_seed(2)
+    noise = torch.randn(1, 16, 2, 4, 4)
+    rollout = build_rollout(cfg, noise_fn=lambda shape: noise.clone())
+
+    def run(step_cache):
+        rollout.model.set_step_cache(step_cache)
+        rollout.start(["a robot arm"])
+        return rollout.step().latents
+
+    ref = run(StepCache())
+    assert torch.equal(run(DBCache(1, 1, threshold=0.0, warmup_steps=0)), ref)
+    mask = [1, 1, 1, 0, 1, 1, 0, 1, 1, 1]
+    cache = DBCache(1, 1, 0.0, 0, mask=mask, mask_policy="static")
+    out = run(cache)
+    assert [int(r["computed"]) for r in cache.records() if r["branch"] == 0] == mask
+    assert not torch.equal(out, ref)
+    _close(out, ref)

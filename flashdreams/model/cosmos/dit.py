@@ -248,6 +248,7 @@ class CosmosDiT(DiT):
     """
 
     _keep_fp32 = ("norm", "adaln_modulation", "t_embedder")
+    supports_step_cache = True
     #: the loader's renaming of checkpoint tensors (native ``net.*`` or diffusers names)
     convert_checkpoint = staticmethod(cosmos_to_flashdreams)
 
@@ -428,8 +429,14 @@ class CosmosDiT(DiT):
         # 2. transformer blocks on this rank's tokens
         sequence = self.attention.sequence
         tokens, cos, sin, cache = sequence.scatter(tokens, cos, sin, cache, gf)
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, emb, temb, context[i], cos, sin, self.attention, cache, i, mask)
+
+        def segment(tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            for i in range(start, stop):
+                tokens = self.blocks[i](tokens, emb, temb, context[i], cos, sin, self.attention,
+                                        cache, i, mask)  # fmt: skip
+            return tokens
+
+        tokens = self.run_blocks(tokens, segment)  # all blocks, or what the step cache runs
 
         # 3. final layer, gather, unpatchify: each token's features are ordered (ph, pw, pt, C)
         out = sequence.gather(self.final_layer(tokens, emb, temb), gf)
