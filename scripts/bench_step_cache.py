@@ -1,0 +1,124 @@
+"""Step caching on a many-step bidirectional recipe: time, hit rate and quality vs uncached.
+
+Builds the recipe once (default ``wan21_t2v_1_3b_480p``: Wan 2.1 T2V 1.3B, 81 frames at
+480x832, UniPC 50 steps, CFG 5 as two forwards; random weights and prompt embeddings, no VAE:
+the clip's denoising alone is timed) and runs the same clip (same seed, same noise) under each
+step cache in one process: uncached, DBCache F8B0 at two thresholds (``--thresholds``), the
+same + TaylorSeer order 1, and a fixed 50 % reuse mask (every odd step reuses;
+``mask_policy=static``). For each: the clip's wall time (median of ``--repeats``), the speed-up over uncached, the hit rate
+(forwards that reused the middle blocks), and the final latents' cosine and PSNR against the
+uncached run (PSNR over the uncached latents' peak-to-peak range). Random weights change much
+more per step than trained ones, so thresholds hit less often than with real weights: compare
+times at equal hit rates (the fixed mask is the like-for-like speed check: target <= 0.55x).
+
+GPU:  python scripts/bench_step_cache.py --out benchmarks/<date>_step_cache/wan21_1_3b.json
+      python scripts/bench_step_cache.py --graph eager --repeats 1
+CPU smoke (tiny sizes): python scripts/bench_step_cache.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+TINY = ["model.dim=64", "model.num_heads=4", "model.num_layers=10", "model.ffn_dim=128",
+        "model.text_dim=32", "model.text_len=16", "device=cpu", "dtype=float32",
+        "rollout.height=32", "rollout.width=32", "rollout.frames_per_block=3",
+        "scheduler.num_steps=12"]  # fmt: skip
+
+
+def configs(steps: int, front: int, thresholds: list[float]) -> dict[str, dict]:
+    """Name -> DBCache keyword arguments (None: uncached)."""
+    base = dict(front_blocks=front, back_blocks=0, warmup_steps=min(8, steps // 4))
+    out: dict[str, dict | None] = {"none": None}
+    for order in (0, 1):
+        for th in thresholds:
+            name = f"dbcache_{th:g}" if order == 0 else f"taylorseer{order}_{th:g}"
+            out[name] = {**base, "threshold": th, "taylorseer_order": order}
+    out["mask_50pct"] = {**base, "threshold": 0.0, "mask_policy": "static",
+                         "mask": [int(i % 2 == 0) for i in range(steps)]}  # fmt: skip
+    return out
+
+
+def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    peak = float(ref.max() - ref.min())
+    mse = float((out.double() - ref.double()).pow(2).mean())
+    return 100.0 if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="wan21_t2v_1_3b_480p")
+    parser.add_argument("--graph", default="compile", help="eager | compile (no CUDA graphs)")
+    parser.add_argument("--attention", default="sdpa")
+    parser.add_argument("--front", type=int, default=8, help="DBCache front_blocks (F)")
+    parser.add_argument("--thresholds", default="0.08,0.24", help="comma-separated")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test at tiny sizes")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    args = parser.parse_args()
+
+    from hydra import compose, initialize_config_module
+
+    import flashdreams.config.schema  # noqa: F401  (registers the config schemas)
+    from flashdreams.build import build_rollout
+    from flashdreams.step_cache.base import StepCache, hit_rate
+    from flashdreams.step_cache.dbcache import DBCache
+
+    overrides = [f"recipe={args.recipe}", "model.checkpoint=null", "text_encoder=random",
+                 "vae=none", "~vae.checkpoint", "~vae.chunk_frames", f"graph={args.graph}",
+                 f"attention={args.attention}", *(TINY if args.tiny else []), *args.overrides]  # fmt: skip
+    with initialize_config_module("flashdreams.conf", version_base="1.3"):
+        cfg = compose("run", overrides=overrides)
+    rollout = build_rollout(cfg)
+    cuda = rollout.device.type == "cuda"
+    steps = rollout.scheduler.num_steps
+    front = min(args.front, rollout.model.num_layers - 1)
+
+    def clip() -> torch.Tensor:
+        rollout.start([cfg.prompt])
+        if cuda:
+            torch.cuda.synchronize()
+        return rollout.step().latents.float()
+
+    rows, ref, ref_ms = [], None, None
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    for name, kwargs in configs(steps, front, thresholds).items():
+        cache = StepCache() if kwargs is None else DBCache(**kwargs)
+        rollout.model.set_step_cache(cache)
+        clip()  # warm-up (compilation, allocator)
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            out = clip()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        ms = statistics.median(times)
+        if ref is None:
+            ref, ref_ms = out, ms
+        cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+        row = {"name": name, "settings": kwargs, "clip_ms": ms, "speedup": ref_ms / ms,
+               "hit_rate": hit_rate(cache.records()) or 0.0, "latent_cosine": cos,
+               "latent_psnr_db": psnr(out, ref)}  # fmt: skip
+        rows.append(row)
+        print(f"{name:18s} {ms:10.1f} ms  x{row['speedup']:.2f}  hit {row['hit_rate']:.2f}  "
+              f"cos {cos:.5f}  psnr {row['latent_psnr_db']:.1f} dB", flush=True)  # fmt: skip
+    rollout.model.set_step_cache(StepCache())
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        device = torch.cuda.get_device_name(rollout.device) if cuda else "cpu"
+        meta = {"recipe": args.recipe, "graph": args.graph, "attention": args.attention,
+                "steps": steps, "device": device, "overrides": args.overrides}  # fmt: skip
+        args.out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
