@@ -285,3 +285,32 @@ def test_cosmos_threshold_zero_is_exact_and_a_mask_is_followed():
     assert [int(r["computed"]) for r in cache.records() if r["branch"] == 0] == mask
     assert not torch.equal(out, ref)
     _close(out, ref)
+
+
+def test_two_experts_and_batched_cfg_keep_their_own_state():
+    """Wan 2.2 A14B (tiny experts), CFG as one batch-2 forward: one branch per step, a state per
+    expert; threshold 0 is exact, and the low-noise expert's first step computes."""
+    overrides = ["recipe=wan22_t2v_a14b_480p", *DIT, *RUN, "guidance.batched=true"]
+    torch.manual_seed(3)
+    noise = torch.randn(1, 16, FRAMES, SIZE // 8, SIZE // 8)
+    rollout = build_rollout(compose_run(overrides), noise_fn=lambda shape: noise.clone())
+    plan = rollout.model.expert_plan(rollout.scheduler.begin_block(torch.device("cpu")))
+    assert 0 < plan.count(1) < STEPS, plan
+
+    def run(step_cache):
+        rollout.model.set_step_cache(step_cache)
+        rollout.start(["a fox"])
+        return rollout.step().latents
+
+    ref = run(StepCache())
+    exact = DBCache(1, 1, threshold=0.0, warmup_steps=0)
+    assert torch.equal(run(exact), ref)
+    assert [(r["step"], r["expert"], r["branch"]) for r in exact.records()] == [
+        (s, e, 0) for s, e in enumerate(plan)
+    ]
+    first_low = plan.index(1)
+    cache = DBCache(1, 1, threshold=1e9, warmup_steps=1)  # reuse whenever allowed
+    run(cache)
+    computed = [r["step"] for r in cache.records() if r["computed"]]
+    assert computed == [0, first_low]  # each expert's first (warm-up) step only
+    assert cache.middle_passes == 2
