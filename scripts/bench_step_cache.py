@@ -41,7 +41,7 @@ def configs(steps: int, front: int, thresholds: list[float]) -> dict[str, dict]:
         for th in thresholds:
             name = f"dbcache_{th:g}" if order == 0 else f"taylorseer{order}_{th:g}"
             out[name] = {**base, "threshold": th, "taylorseer_order": order}
-    out["mask_50pct"] = {**base, "threshold": 0.0, "mask_policy": "static",
+    out["mask_50pct"] = {**base, "threshold": 0.0, "warmup_steps": 0, "mask_policy": "static",
                          "mask": [int(i % 2 == 0) for i in range(steps)]}  # fmt: skip
     return out
 

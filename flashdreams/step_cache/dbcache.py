@@ -84,15 +84,18 @@ class DBCache(StepCache):
             drives the decision).
         back_blocks: blocks computed every forward at the end (B >= 0).
         threshold: relative L1 change of the first blocks' residual under which the middle
-            blocks are reused (0: never reuse; the run equals ``step_cache=none`` exactly).
-        warmup_steps: the first forwards of each branch always compute.
+            blocks are reused (0: never reuse, the run equals ``step_cache=none`` exactly;
+            >= 1: reuse whenever the warm-up, mask and limits allow, nothing measured).
+        warmup_steps: the first forwards of each branch (and expert) always compute, whatever
+            the mask says.
         max_cached_steps: cached forwards per branch and block at most (None: no limit).
         max_continuous_cached_steps: cached forwards in a row at most (None: no limit).
         mask: per denoising step, 1 = compute, 0 = may reuse (None: no mask); as long as the
             schedule.
-        mask_policy: ``"static"``: the mask alone decides (0 always reuses, so the run
-            computes exactly the masked steps; its first entry must be 1); ``"dynamic"``:
-            masked steps compute, the others follow the threshold, warm-up and limits.
+        mask_policy: ``"static"``: after the warm-up the mask alone decides (0 always reuses,
+            so with ``warmup_steps=0`` the run computes exactly the masked steps; its first
+            entry must be 1); ``"dynamic"``: masked steps compute, the others follow the
+            limits and the threshold.
         taylorseer_order: 0: reuse the residual as stored; k > 0: extrapolate it (TaylorSeer).
     """
 
@@ -213,19 +216,20 @@ class DBCache(StepCache):
         return segment(x, stop, num_layers) if self.back else x
 
     def _decide(self, state: _State, index: int, front: torch.Tensor) -> tuple[bool, float | None]:
-        """(reuse the middle residual, the residual diff when it was measured)."""
-        if state.middle is None:
-            return False, None  # nothing stored yet
+        """(reuse the middle residual, the residual diff when it was measured), checked in
+        cache-dit's order: warm-up, mask, limits, threshold (0: never; >= 1: always)."""
+        if state.middle is None or state.seen < self.warmup_steps:
+            return False, None  # nothing stored yet / warm-up
         forced = self.mask[index] if self.mask is not None and index < len(self.mask) else None
         if forced == 1:
             return False, None
         if forced == 0 and self.mask_policy == "static":
             return True, None
-        if state.seen < self.warmup_steps:
-            return False, None
         if self.max_cached is not None and state.cached >= self.max_cached:
             return False, None
         if self.max_in_a_row is not None and state.in_a_row >= self.max_in_a_row:
             return False, None
+        if self.threshold <= 0.0 or self.threshold >= 1.0:
+            return self.threshold >= 1.0, None
         diff = float(relative_l1(front, state.front))
         return diff < self.threshold, diff

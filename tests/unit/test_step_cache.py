@@ -65,7 +65,7 @@ def test_threshold_zero_equals_uncached_bit_for_bit(clip):
         (s, b) for s in range(STEPS) for b in (0, 1)
     ]
     assert all(r["computed"] for r in records)
-    assert all(r["diff"] is not None for r in records if r["step"] > 0)  # measured, never < 0
+    assert all(r["diff"] is None for r in records)  # threshold 0: never measured (cache-dit)
 
 
 def test_threshold_reuses_middle_blocks_within_tolerance(clip):
@@ -75,6 +75,8 @@ def test_threshold_reuses_middle_blocks_within_tolerance(clip):
     reused = [r for r in cache.records() if not r["computed"]]
     assert 0 < len(reused) and cache.middle_passes == 2 * STEPS - len(reused)
     assert all(r["step"] >= 2 and r["diff"] < 0.5 for r in reused)  # warm-up, then threshold
+    measured = [r for r in cache.records() if r["diff"] is not None]
+    assert all(r["computed"] == (r["diff"] >= 0.5) for r in measured)
     assert not torch.equal(out, ref)
     _close(out, ref)
     # each CFG branch keeps its own state and compares with its own last computed residual
@@ -231,7 +233,8 @@ def test_stats_json_records_every_forward_and_the_hit_rate(tmp_path):
     mask = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1]
     cfg = compose_run([*RECIPE, f"paths.root={tmp_path}", "step_cache=dbcache",
                        "step_cache.front_blocks=1", "step_cache.back_blocks=1",
-                       f"step_cache.mask={mask}".replace(" ", ""), "step_cache.mask_policy=static"])  # fmt: skip
+                       "step_cache.warmup_steps=0", f"step_cache.mask={mask}".replace(" ", ""),
+                       "step_cache.mask_policy=static"])  # fmt: skip
     assert run_job(cfg) == 0
     (path,) = tmp_path.rglob("stats.json")
     stats = json.loads(path.read_text())
@@ -250,6 +253,7 @@ def test_quality_measures_a_cached_run_against_the_uncached_one(tmp_path):
 
     cfg = compose_run([*RECIPE, f"paths.root={tmp_path}", "quality=true", "step_cache=dbcache",
                        "step_cache.front_blocks=1", "step_cache.back_blocks=1",
+                       "step_cache.warmup_steps=0",
                        "step_cache.mask=[1,1,1,0,1,1,1,1,1,1]", "step_cache.mask_policy=static"])  # fmt: skip
     assert run_job(cfg) == 0
     (path,) = tmp_path.rglob("stats.json")
