@@ -32,8 +32,9 @@ class TaylorSeer:
 
     ``update(y, step)`` sets the factors ``d[0] = y`` and ``d[i + 1] = (d[i] - d_prev[i]) / w``
     (``w``: steps since the previous update; ``d_prev`` the previous factors, as many orders as
-    were available); ``approximate(step) = sum_i d[i] * k**i / i!`` with ``k`` the steps since
-    the last update. Exact for sequences linear in the step (order >= 1).
+    were available; as cache-dit's, an update at step 0 or 1 sets ``d[0]`` only);
+    ``approximate(step) = sum_i d[i] * k**i / i!`` with ``k`` the steps since the last update.
+    Exact for sequences linear in the step (order >= 1) once two updates from step 2 on exist.
     """
 
     def __init__(self, order: int) -> None:
@@ -43,7 +44,7 @@ class TaylorSeer:
 
     def update(self, y: torch.Tensor, step: int) -> None:
         new = [y]
-        if self.last_step is not None:
+        if self.last_step is not None and step > 1:  # as cache-dit: none from steps 0 and 1
             window = step - self.last_step
             for i in range(min(self.order, len(self.factors))):
                 new.append((new[i] - self.factors[i]) / window)
