@@ -11,6 +11,12 @@ uncached run (PSNR over the uncached latents' peak-to-peak range). Random weight
 more per step than trained ones, so thresholds hit less often than with real weights: compare
 times at equal hit rates (the fixed mask is the like-for-like speed check: target <= 0.55x).
 
+With ``--cache-dit`` (needs ``cache_dit`` importable, e.g. ``pip install --no-deps --target
+.vendor/site cache-dit`` and ``PYTHONPATH=.vendor/site``) every setting also runs on diffusers'
+``WanPipeline`` (same DiT weights, prompt embeddings and noise; ``output_type="latent"``) with
+cache-dit's DBCache / TaylorSeer at the same settings: its time, hit rate and latents' cosine
+against ours are added to the row (the same reuse pattern is the like-for-like comparison).
+
 GPU:  python scripts/bench_step_cache.py --out benchmarks/<date>_step_cache/wan21_1_3b.json
       python scripts/bench_step_cache.py --graph eager --repeats 1
 CPU smoke (tiny sizes): python scripts/bench_step_cache.py --tiny
@@ -52,6 +58,86 @@ def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     return 100.0 if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
+class _Peer:
+    """diffusers' ``WanPipeline`` around our DiT's weights, cached by cache-dit."""
+
+    def __init__(self, rollout, cfg, steps: int) -> None:
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+        from diffusers import WanTransformer3DModel as Dit
+
+        from flashdreams.io.keymap import wan_to_diffusers
+
+        m = rollout.model
+        dit = Dit(patch_size=m.patch_size, num_attention_heads=m.num_heads,
+                  attention_head_dim=m.head_dim, in_channels=m.in_dim, out_channels=m.out_dim,
+                  text_dim=m.text_dim, freq_dim=m.freq_dim, ffn_dim=m.blocks[0].ffn[0].weight.shape[0],
+                  num_layers=m.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                  eps=1e-6)  # fmt: skip
+        missing, _ = dit.load_state_dict(wan_to_diffusers(m.state_dict()), strict=False)
+        if missing:
+            raise RuntimeError(f"diffusers' DiT lacks {len(missing)} weights, e.g. {missing[0]}")
+        dit = dit.to(rollout.device, rollout.dtype).eval().requires_grad_(False)
+        shift = float(cfg.scheduler.get("shift", 5.0))
+        sched = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=shift)  # fmt: skip
+        self.pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=AutoencoderKLWan(),
+                                scheduler=sched, transformer=dit)  # fmt: skip
+        self.pipe.set_progress_bar_config(disable=True)
+        emb = rollout.text_encoder.encode([cfg.prompt, cfg.negative_prompt], rollout.device,
+                                          rollout.dtype)  # fmt: skip
+        self.pos, self.neg = emb[:1], emb[1:]
+        self.rollout, self.steps, self.scale = rollout, steps, float(cfg.guidance.scale)
+        self.cuda = rollout.device.type == "cuda"
+
+    def _clip(self) -> torch.Tensor:
+        r = self.rollout
+        gen = torch.Generator(device=r.device).manual_seed(r.seed)  # our run's only draw
+        noise = torch.randn((r.batch_size, r.model.out_dim, r.frames_per_block, *r.latent_hw),
+                            generator=gen, device=r.device)  # fmt: skip
+        frames = 1 + 4 * (r.frames_per_block - 1)
+        out = self.pipe(prompt_embeds=self.pos, negative_prompt_embeds=self.neg,
+                        height=r.height, width=r.width, num_frames=frames,
+                        num_inference_steps=self.steps, guidance_scale=self.scale,
+                        latents=noise, output_type="latent", return_dict=False)[0]  # fmt: skip
+        if self.cuda:
+            torch.cuda.synchronize()
+        return out.float()
+
+    def run(self, kwargs: dict | None, ours: torch.Tensor, repeats: int) -> dict:
+        import cache_dit
+        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+
+        if kwargs is not None:
+            mask = kwargs.get("mask")
+            config = DBCacheConfig(
+                Fn_compute_blocks=kwargs["front_blocks"], Bn_compute_blocks=kwargs["back_blocks"],
+                residual_diff_threshold=kwargs["threshold"],
+                max_warmup_steps=kwargs["warmup_steps"], enable_separate_cfg=True,
+                num_inference_steps=self.steps, steps_computation_mask=mask,
+                steps_computation_policy=kwargs.get("mask_policy", "dynamic"),
+            )  # fmt: skip
+            order = kwargs.get("taylorseer_order", 0)
+            calibrator = TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None
+            cache_dit.enable_cache(self.pipe, cache_config=config, calibrator_config=calibrator)
+        try:
+            self._clip()  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out = self._clip()
+                times.append((time.perf_counter() - start) * 1e3)
+            hits = None
+            if kwargs is not None:
+                stats = cache_dit.summary(self.pipe)[0]
+                hits = (len(stats.cached_steps) + len(stats.cfg_cached_steps)) / (2 * self.steps)
+        finally:
+            if kwargs is not None:
+                cache_dit.disable_cache(self.pipe)
+        cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ours.flatten(), dim=0))
+        return {"cache_dit_clip_ms": statistics.median(times), "cache_dit_hit_rate": hits or 0.0,
+                "cosine_vs_cache_dit": cos}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", default="wan21_t2v_1_3b_480p")
@@ -61,6 +147,7 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.08,0.24", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test at tiny sizes")
+    parser.add_argument("--cache-dit", action="store_true", help="also cache-dit on diffusers")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
@@ -88,6 +175,7 @@ def main() -> None:
             torch.cuda.synchronize()
         return rollout.step().latents.float()
 
+    peer = _Peer(rollout, cfg, steps) if args.cache_dit else None
     rows, ref, ref_ms = [], None, None
     thresholds = [float(t) for t in args.thresholds.split(",")]
     for name, kwargs in configs(steps, front, thresholds).items():
@@ -108,6 +196,8 @@ def main() -> None:
         row = {"name": name, "settings": kwargs, "clip_ms": ms, "speedup": ref_ms / ms,
                "hit_rate": hit_rate(cache.records()) or 0.0, "latent_cosine": cos,
                "latent_psnr_db": psnr(out, ref)}  # fmt: skip
+        if peer is not None:
+            row.update(peer.run(kwargs, out, args.repeats))
         rows.append(row)
         print(f"{name:18s} {ms:10.1f} ms  x{row['speedup']:.2f}  hit {row['hit_rate']:.2f}  "
               f"cos {cos:.5f}  psnr {row['latent_psnr_db']:.1f} dB", flush=True)  # fmt: skip
