@@ -59,16 +59,17 @@ def construct_model(model_cfg: DictConfig):
 
 
 def build_model(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, seed: int,
-                draw_on: torch.device | None = None):  # fmt: skip
+                draw_on: torch.device | None = None, model: DiT | None = None):  # fmt: skip
     """Construct the DiT on the meta device and fill it (checkpoint or seeded random weights).
 
     ``draw_on``: the compute device when ``device`` is the CPU for offloading; random weights are
     drawn there (the same weights as a resident run) when they fit (see ``materialize``).
+    ``model``: the meta-device model of ``model_cfg`` when the caller already constructed it.
     """
     from flashdreams.io.checkpoint import materialize
 
     checkpoint = model_cfg.get("checkpoint")
-    model = construct_model(model_cfg)
+    model = construct_model(model_cfg) if model is None else model
     if checkpoint is None:
         log.warning(
             "model.checkpoint=null: RANDOM WEIGHTS (seed %d). The output demonstrates the "
@@ -181,7 +182,8 @@ def build_shared(cfg: DictConfig) -> SharedParts:
     parallel = instantiate(cfg.parallel)
     device = parallel.setup(resolve_device(cfg.device))  # joins torchrun's job: cuda:LOCAL_RANK
     dtype = resolve_dtype(cfg.dtype, device)
-    conditioning = build_conditioning(cfg, device)
+    meta_model = construct_model(cfg.model)  # once: checked against, then filled
+    conditioning = build_conditioning(cfg, device, meta_model)
     graph = instantiate(cfg.graph)
     offload = str(cfg.get("offload", "none"))
     check_graph_options(cfg, graph)
@@ -190,7 +192,7 @@ def build_shared(cfg: DictConfig) -> SharedParts:
     precision = instantiate(cfg.precision) if "precision" in cfg else Precision()
     # offload=blocks loads on the CPU, so the full model never sits on the device
     model = build_model(cfg.model, torch.device("cpu") if offload == "blocks" else device,
-                        dtype, cfg.seed, draw_on=device)  # fmt: skip
+                        dtype, cfg.seed, draw_on=device, model=meta_model)  # fmt: skip
     model = precision.apply(model, device)
     model.set_attention(parallel.attention(instantiate(cfg.attention)))
     model.set_step_cache(step_cache)

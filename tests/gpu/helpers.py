@@ -25,3 +25,15 @@ def replay_equals_eager(attn, static: list[torch.Tensor], scales=(0.5, 3.0, 2.0)
         x.mul_(scale)
     graph.replay()
     return torch.equal(captured, attn(*static))
+
+
+def pre_captured_latents(overrides: list[str], steps: int = 5) -> list[torch.Tensor]:
+    """Clean latents (fp32) of the first ``steps`` AR steps of the composed ``overrides``,
+    started and pre-captured as a run is (a prompt, the run's seed)."""
+    from flashdreams.build import build_rollout
+    from tests.unit.test_config import compose_run
+
+    rollout = build_rollout(compose_run(overrides))
+    rollout.start(["a prompt"])
+    rollout.precapture()
+    return [rollout.step().latents.float() for _ in range(steps)]

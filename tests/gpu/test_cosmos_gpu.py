@@ -9,9 +9,7 @@ Tolerances (bf16): relative L2 error of every block's latents <= 2e-2 against ea
 import pytest
 import torch
 
-from flashdreams.build import build_rollout
-from tests.gpu.helpers import rel_l2
-from tests.unit.test_config import compose_run
+from tests.gpu.helpers import pre_captured_latents, rel_l2
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -25,10 +23,7 @@ BASE = [
 
 
 def _latents(overrides):
-    rollout = build_rollout(compose_run(BASE + overrides))
-    rollout.start(["a prompt"])
-    rollout.precapture()
-    return [rollout.step().latents.float() for _ in range(5)]
+    return pre_captured_latents(BASE + overrides)
 
 
 @pytest.fixture(scope="module")

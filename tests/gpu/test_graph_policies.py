@@ -8,8 +8,7 @@ would fail this test if a capture had recorded stale cache contents.
 import pytest
 import torch
 
-from flashdreams.build import build_rollout
-from tests.unit.test_config import compose_run
+from tests.gpu.helpers import pre_captured_latents
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -21,10 +20,7 @@ BASE = [
 
 
 def _latents(overrides):
-    rollout = build_rollout(compose_run(BASE + overrides))
-    rollout.start(["a prompt"])
-    rollout.precapture()
-    return [rollout.step().latents.float() for _ in range(5)]
+    return pre_captured_latents(BASE + overrides)
 
 
 @pytest.fixture(scope="module")
