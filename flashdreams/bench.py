@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flashdreams.attention.base import Attention
 from flashdreams.graph.cuda_graph import capture
+from flashdreams.rollout.schedule import BlockSchedule
 
 log = logging.getLogger("flashdreams.bench")
 
@@ -122,7 +123,7 @@ def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame:
     """Per-step floor (ms) of the diffuse stage: num_steps forwards at that step's KV length
     (two per step under classifier-free guidance, ``forwards_per_step`` in the stats header)."""
     r = cfg.rollout
-    q = r.frames_per_block * tokens_per_frame
+    schedule = BlockSchedule(r.frames_per_block, r.get("first_block_frames"))
     window = cfg.cache.get("window_frames") if "window_frames" in cfg.cache else None
     sink = cfg.cache.get("sink_frames", 0) if window else 0
     num_steps = (
@@ -130,9 +131,10 @@ def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame:
     ) * stats.get("forwards_per_step", 1)
     rows = []
     for s in stats["steps"]:
-        frames = (s["step"] + 1) * r.frames_per_block
+        frames = schedule.total(s["step"] + 1)  # the KV length the step's block attends to
         if window:
             frames = min(frames, window + sink)
+        q = schedule.frames(s["step"]) * tokens_per_frame
         f = forward_flops(cfg.model, q, frames * tokens_per_frame)
         linear = throughput.get("linear_tflops", throughput["matmul_tflops"])
         ms = (f["linear"] / linear + f["attention"] / throughput["attention_tflops"]) / 1e9
@@ -219,7 +221,8 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
             (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2])
         )  # stats from before the header had it
         attention = instantiate(cfg.attention)
-        med_kv = min((2 + len(stats["steps"])) // 2 * r.frames_per_block, 21) * tpf
+        schedule = BlockSchedule(r.frames_per_block, r.get("first_block_frames"))
+        med_kv = min(schedule.total((2 + len(stats["steps"])) // 2), 21) * tpf
         tp = measure_throughput(attention, m.num_heads, m.dim // m.num_heads,
                                 r.frames_per_block * tpf, med_kv,
                                 fp8_linears=ran_fp8_linears(stats))  # fmt: skip

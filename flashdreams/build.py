@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from flashdreams import ConfigError
 from flashdreams.model.base import DiT
 from flashdreams.rollout import NoiseFn, Rollout
+from flashdreams.rollout.schedule import BlockSchedule
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +146,13 @@ def build_conditioning(cfg: DictConfig, device: torch.device, model: DiT | None 
         log.warning("poses=/intrinsics= are ignored: this recipe has no camera control")
     needs_image = conditioner.needs_image or image_encoder.image_dim is not None
     if needs_image and not cfg.image:
+        text = cfg.get("text_recipe")
+        hint = f", or run recipe={text} for text-to-video" if text else ""
         raise ConfigError("image=null: this recipe conditions on an input image; "
-                          "pass image=path/to/first_frame.png (PNG or JPEG)")  # fmt: skip
+                          f"pass image=path/to/first_frame.png (PNG or JPEG){hint}")  # fmt: skip
     r = cfg.rollout  # the clip prepare() will see: prefix + every block (one if endless)
-    frames = conditioner.num_prefix_frames + r.frames_per_block * (r.total_blocks or 1)
+    schedule = BlockSchedule(r.frames_per_block, r.get("first_block_frames"))
+    frames = conditioner.num_prefix_frames + schedule.total(r.total_blocks or 1)
     conditioner.check_frames(frames)
     control.check_frames(frames)
     if cfg.image and not (needs_image or conditioner.optional_image):
@@ -273,6 +277,7 @@ def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, graph=None,
         cache_factory=shared.parallel.cache_factory(cache),  # this rank's share
         graph=graph if graph is not None else instantiate(cfg.graph), height=r.height,
         width=r.width, frames_per_block=r.frames_per_block,
+        first_block_frames=r.get("first_block_frames"),
         total_blocks=total_blocks or r.total_blocks, context_noise=r.context_noise,
         batch_size=r.batch_size, device=device, dtype=dtype, seed=cfg.seed, noise_fn=noise_fn,
         guidance=conditioning.guidance, image_encoder=conditioning.image_encoder,
@@ -298,9 +303,10 @@ def check_step_cache(cfg: DictConfig, step_cache, graph, parallel) -> None:
     model = construct_model(cfg.model)  # meta device: no weights
     model.set_step_cache(step_cache)
     r = cfg.rollout  # a meta-device cache of the run's frames tells AR from bidirectional
+    schedule = BlockSchedule(r.frames_per_block, r.get("first_block_frames"))
     cache = model.build_cache(parallel.cache_factory(instantiate(cfg.cache)), tokens_per_frame=1,
-                              frames_per_block=r.frames_per_block,
-                              total_frames=r.frames_per_block * (r.total_blocks or 1),
+                              frames_per_block=schedule.max_frames,
+                              total_frames=schedule.total(r.total_blocks or 1),
                               batch_size=1, device=torch.device("meta"), dtype=torch.float32)  # fmt: skip
     step_cache.check(num_layers=model.num_layers, num_steps=instantiate(cfg.scheduler).num_steps,
                      kv_cache=cache is not None, graph_captures=bool(graph.captures),

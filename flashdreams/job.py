@@ -128,6 +128,8 @@ def run_job(cfg: DictConfig) -> int:
         # the shape the benchmark floor counts: DiT tokens per latent frame, forwards per step
         "tokens_per_frame": rollout.cache_tokens_per_frame(),
         "forwards_per_step": 2 if rollout.guidance.needs_negative else 1,
+        # the block schedule: latent frames of AR step 0 and of every later step
+        **rollout.schedule.as_dict(),
         "host": socket.gethostname(), "pid": os.getpid(),  # flashdreams-report: killed runs
     }  # fmt: skip
     logger = instantiate(cfg.logger) if is_main else None

@@ -42,7 +42,8 @@ class StepTimer:
         self.device = device
         self.marks: dict[str, tuple[_Mark, _Mark]] = {}
         self._open: tuple[str, _Mark] | None = None
-        self.num_frames = 0
+        self.num_frames = 0  # video frames the step decoded
+        self.latent_frames = 0  # latent frames of the step's block (the block schedule's)
 
     def start(self, stage: str) -> None:
         self._open = (stage, _Mark(self.device))
@@ -71,6 +72,7 @@ class StepTimer:
         if "period" in self.marks:  # overlapping stages: step start to all of them done
             row["period_ms"] = self.marks["period"][0].ms_until(self.marks["period"][1])
         row["num_frames"] = self.num_frames
+        row["latent_frames"] = self.latent_frames
         return row
 
 

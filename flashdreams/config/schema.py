@@ -16,7 +16,8 @@ from omegaconf import MISSING
 class RolloutConfig:
     height: int = 128  # video height in pixels
     width: int = 128  # video width in pixels
-    frames_per_block: int = 3  # latent frames generated per AR step
+    frames_per_block: int = 3  # latent frames generated per AR step (every step after the first)
+    first_block_frames: int | None = None  # latent frames of AR step 0 (None: frames_per_block)
     total_blocks: int = 7  # AR steps
     context_noise: float = 0.0  # timestep of the commit forward
     batch_size: int = 1  # videos generated together
@@ -31,6 +32,7 @@ class RunConfig:
     prompt_file: str | None = None
     negative_prompt: str = ""
     image: str | None = None
+    text_recipe: str | None = None  # image-conditioned recipes: the text-only recipe to suggest
     poses: str | None = None
     intrinsics: str | None = None
     device: str = "auto"

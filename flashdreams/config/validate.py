@@ -51,12 +51,17 @@ def check_run_config(cfg) -> None:
     for key in ("batch_size", "frames_per_block", "height", "width"):
         check_positive_int(r[key], f"rollout.{key}")
     check_total_blocks(r.total_blocks, "rollout.total_blocks")
+    first = r.get("first_block_frames")
+    if first is not None:
+        check_positive_int(first, "rollout.first_block_frames")
+    largest = max(r.frames_per_block, first or 0)
     cache = cfg.get("cache")
     window = cache.get("window_frames") if cache is not None and "window_frames" in cache else None
-    if _is_int(window) and window < r.frames_per_block:
+    if _is_int(window) and window < largest:
+        what = "one block" if largest == r.frames_per_block else "the first block"
         raise ConfigError(
-            f"cache.window_frames={window} is smaller than one block "
-            f"({r.frames_per_block} latent frames); use cache.window_frames>={r.frames_per_block}"
+            f"cache.window_frames={window} is smaller than {what} "
+            f"({largest} latent frames); use cache.window_frames>={largest}"
         )
     _check_local_weights(cfg)
     for key in ("prompt_file", "image", "poses", "intrinsics"):  # files: before any loading

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 
@@ -136,26 +136,47 @@ class Forwards:
         for e in self.model.commit_order():
             self.run(x, t, ctx, positions, inputs, e, commit=True, cache=cache, capture=capture)
 
-    def precapture(self, ctx, blocks: int, fpb: int, latent_hw: tuple[int, int],
-                   begin_block: Callable[[int, int], None]) -> None:  # fmt: skip
-        """Run the forwards of ``blocks`` blocks of ``fpb`` frames once, on stand-in inputs.
+    def precapture(self, ctx, blocks: Iterable[tuple[int, int]], latent_hw: tuple[int, int],
+                   begin_block: Callable[[int, int], None], prefix: int = 0) -> None:  # fmt: skip
+        """Run the forwards of a run's blocks once, on stand-in inputs: the commit of ``prefix``
+        frames at frame 0 (a conditioner's), then each ``(start frame, frames)`` of ``blocks``
+        in order until one meets a cache state an earlier block of its size already met (the
+        cache is full: every later block repeats it).
 
         The forwards write only into the slots of the block they pretend to be, which every
         real block overwrites before reading; the cache is reset afterwards. Named inputs are
         stand-ins of the model's declared shapes, so no live control is consumed.
         """
-        x = torch.zeros(self.batch_size, self.model.out_dim, fpb, *latent_hw, device=self.device)
-        t = torch.zeros(self.batch_size, fpb, device=self.device)
-        inputs = self.standin_inputs(fpb, latent_hw)
-        commits = self.cache is not None and self.exact_commit and self.model.commit_mode != "none"
-        for block in range(blocks):
-            start = block * fpb
-            begin_block(start, fpb)
-            positions = torch.arange(start, start + fpb, device=self.device)
+        commits = self.cache is not None and self.model.commit_mode != "none"
+        standins: dict[int, tuple] = {}
+
+        def forwards(start: int, num: int, *, prefix_commit: bool = False) -> None:
+            if num not in standins:  # one stand-in per block size
+                standins[num] = (
+                    torch.zeros(self.batch_size, self.model.out_dim, num, *latent_hw,
+                                device=self.device),
+                    torch.zeros(self.batch_size, num, device=self.device),
+                    self.standin_inputs(num, latent_hw),
+                )  # fmt: skip
+            x, t, inputs = standins[num]
+            begin_block(start, num)
+            positions = torch.arange(start, start + num, device=self.device)
             for e in self.model.commit_order():
-                self.run(x, t, ctx, positions, inputs, e)
-                if commits:
+                if not prefix_commit:
+                    self.run(x, t, ctx, positions, inputs, e)
+                if prefix_commit or (commits and self.exact_commit):
                     self.run(x, t, ctx, positions, inputs, e, commit=True)
+
+        if prefix and commits:
+            forwards(0, prefix, prefix_commit=True)
+        seen = set()
+        for start, num in blocks:
+            begin_block(start, num)
+            state = (num, *(self.model.graph_key(self.cache, e) for e in self.model.commit_order()))
+            if state in seen:
+                break
+            seen.add(state)
+            forwards(start, num)
         if self.cache is not None:
             self.cache.reset()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import count
 
 import torch
 
@@ -30,6 +31,7 @@ from flashdreams.precision.base import Precision
 from flashdreams.rollout.context import PromptContext
 from flashdreams.rollout.decode import BlockDecoder
 from flashdreams.rollout.forward import Forwards
+from flashdreams.rollout.schedule import BlockSchedule
 from flashdreams.scheduler.base import Scheduler
 from flashdreams.stats import StepTimer
 from flashdreams.text_encoder.base import TextEncoder
@@ -63,7 +65,9 @@ class Rollout:
         graph: graph-capture policy that executes the forwards.
         height: video height in pixels.
         width: video width in pixels.
-        frames_per_block: latent frames per AR step.
+        frames_per_block: latent frames per AR step (every step after the first).
+        first_block_frames: latent frames of AR step 0 (None: ``frames_per_block``), see
+            ``rollout/schedule.py``.
         total_blocks: AR steps of a finite run (``None``: endless, for streaming sessions).
         context_noise: timestep of the commit forward (0 = clean K/V).
         batch_size: videos generated together.
@@ -91,12 +95,14 @@ class Rollout:
         image_encoder: ImageEncoder | None = None, conditioner: Conditioner | None = None,
         control: ControlEncoder | None = None, negative_prompt: str = "",
         overlap_decode: bool = False, parallel: ParallelPolicy | None = None,
-        precision: Precision | None = None, offloader=None,
+        precision: Precision | None = None, offloader=None, first_block_frames: int | None = None,
     ) -> None:  # fmt: skip
         self.model, self.scheduler = model, scheduler
         self.vae, self.text_encoder = vae, text_encoder
         self.device, self.dtype = torch.device(device), dtype
+        self.schedule = BlockSchedule(frames_per_block, first_block_frames)  # frames per block
         self.batch_size, self.frames_per_block = batch_size, frames_per_block
+        self.first_block_frames = self.schedule.first
         self.total_blocks, self.context_noise = total_blocks, float(context_noise)
         self.seed, self._injected_noise = seed, noise_fn
         self.guidance = guidance if guidance is not None else Guidance()
@@ -113,8 +119,6 @@ class Rollout:
             negative_prompt=negative_prompt, device=self.device, dtype=dtype,
         )  # fmt: skip
         self.latent_hw = self._latent_size(height, width)
-        if frames_per_block < 1:
-            raise ConfigError(f"rollout.frames_per_block={frames_per_block} must be >= 1")
         if total_blocks is not None and total_blocks < 1:
             raise ConfigError(f"rollout.total_blocks={total_blocks} must be >= 1 (or null)")
         self.decoder = BlockDecoder(vae, dtype, self.device, overlap_decode)
@@ -139,7 +143,7 @@ class Rollout:
         self.cache = None  # free the old buffers first
         self.cache = self.model.build_cache(
             self._cache_factory, tokens_per_frame=self.cache_tokens_per_frame(),
-            frames_per_block=self.frames_per_block, total_frames=frames,
+            frames_per_block=self.schedule.max_frames, total_frames=frames,
             batch_size=self.batch_size, device=self.device, dtype=self.dtype,
         )  # fmt: skip
         self._cache_frames = frames
@@ -203,7 +207,13 @@ class Rollout:
 
     def _clip_frames(self) -> int:
         """Latent frames of the clip: the prefix and every block (one when endless)."""
-        return self.frame_offset + self.frames_per_block * (self.total_blocks or 1)
+        return self.run_frames(self.total_blocks or 1)
+
+    def run_frames(self, total_blocks: int | None) -> int | None:
+        """Latent frames of a run of ``total_blocks`` AR steps, prefix included (None: endless)."""
+        if total_blocks is None:
+            return None
+        return self.frame_offset + self.schedule.total(total_blocks)
 
     def _prepare_images(self, images: list | None) -> None:
         """Image tokens (cross-attention) and latent conditioning of the clip's images."""
@@ -248,7 +258,7 @@ class Rollout:
     # ------------------------------------------------------------------ one AR step
     def _start_frame(self, block: int) -> int:
         """Absolute latent frame where AR block ``block`` starts (after any prefix frames)."""
-        return self.frame_offset + block * self.frames_per_block
+        return self.frame_offset + self.schedule.start(block)
 
     def _positions(self, start: int, num: int) -> torch.Tensor:
         return torch.arange(start, start + num, device=self.device)
@@ -264,8 +274,10 @@ class Rollout:
         Args:
             sync: synchronise the device at the end of the step (profiling runs only).
         """
-        i, fpb, fw = self.step_index, self.frames_per_block, self.forwards
+        i, fw = self.step_index, self.forwards
+        fpb = self.schedule.frames(i)
         timer = StepTimer(i, self.device)
+        timer.latent_frames = fpb
         start = self._start_frame(i)
         positions = self._positions(start, fpb)
 
@@ -315,13 +327,15 @@ class Rollout:
         return prefix
 
     def precapture(self) -> None:
-        """Run every forward shape of the rollout once (graph capture during warm-up): one per
-        KV length while the cache fills, plus the steady one (``Forwards.precapture``)."""
+        """Run every forward shape of the rollout once (graph capture during warm-up): a
+        prefix's commit, then the blocks of the schedule in order until their shapes repeat
+        (one per KV length while the cache fills, then the steady one: ``Forwards.precapture``)."""
         if not self.graph.wants_precapture(self.device):
             return
-        blocks = self.total_blocks or 10**9
-        if self.cache is not None:
-            blocks = min(blocks, self.cache.capacity_frames // self.frames_per_block + 1)
+        blocks = range(self.total_blocks) if self.total_blocks is not None else count()
+        if self.cache is None:
+            blocks = range(1)  # bidirectional: one block over the clip
+        plan = ((self._start_frame(i), self.schedule.frames(i)) for i in blocks)
         with torch.no_grad():
-            self.forwards.precapture(self.context(), blocks if self.cache is not None else 1,
-                                     self.frames_per_block, self.latent_hw, self._begin_block)  # fmt: skip
+            self.forwards.precapture(self.context(), plan, self.latent_hw, self._begin_block,
+                                     prefix=self.frame_offset if self.cache is not None else 0)  # fmt: skip

@@ -184,7 +184,7 @@ class Engine:
         self.frame_bytes = cache_bytes / frames if frames else 0.0
         self.cache_rolls = bool(cache is not None and cache.rolls)
         self.prefix_frames = int(getattr(r, "frame_offset", 0))  # an I2V image frame
-        self.frames_per_block = int(r.frames_per_block)
+        self.schedule = r.schedule  # latent frames of each block
         after = self.memory_bytes()
         used = cache_bytes if before is None or after is None else max(after - before, cache_bytes)
         if self.device.type == "cuda":
@@ -196,9 +196,7 @@ class Engine:
         if not self.frame_bytes:
             return 0
         frames = (
-            None
-            if total_blocks is None
-            else self.prefix_frames + self.frames_per_block * (total_blocks)
+            None if total_blocks is None else self.prefix_frames + self.schedule.total(total_blocks)
         )
         if self.cache_rolls:
             c = self.cfg.cache

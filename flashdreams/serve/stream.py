@@ -140,6 +140,7 @@ class Stream:
             "version": protocol.PROTOCOL_VERSION, "run_name": self.cfg.run_name,
             "height": r.height, "width": r.width, "fps": self.cfg.fps,
             "frames_per_block": r.frames_per_block, "batch_size": r.batch_size,
+            "first_block_frames": r.get("first_block_frames") or r.frames_per_block,
             "max_sessions": s.max_sessions, "max_message_bytes": s.max_message_bytes,
             "queue_frames": s.queue_frames, "prompt": self.cfg.prompt,
             "max_session_bytes": self.engine.max_session_bytes,

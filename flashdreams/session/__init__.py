@@ -173,8 +173,7 @@ class Session:
             if total_blocks != 1:
                 raise ConfigError("a recipe without KV cache (bidirectional) streams one block")
             return
-        offset = r.frame_offset
-        frames = None if total_blocks is None else offset + total_blocks * r.frames_per_block
+        frames = r.run_frames(total_blocks)
         if not _wraps(cache) and (frames is None or frames > cache.capacity_frames):
             raise ConfigError(
                 f"the KV cache holds {cache.capacity_frames} latent frames, too few for "

@@ -1,7 +1,8 @@
 """FlashVSR v1.1: the LR projector streamed chunk by chunk (6 latent frames, then 2) equals a
 plain re-implementation of the release's ``Buffer_LQ4x_Proj.stream_forward`` loop and its
-whole-clip run; the cached one-step rollout (2-frame chunks, KV window of 3 chunks + the
-current one, K/V kept from the denoising forward) equals one masked full-sequence forward.
+whole-clip run; the cached one-step rollout (the release's 6-frame first chunk then 2-frame
+chunks, or 2-frame chunks throughout; KV window of 3 chunks + the current one, K/V kept from
+the denoising forward) equals one masked full-sequence forward.
 
 Tolerances: fp32, max abs error <= 1e-5 (projector, observed ~1e-7) and <= 1e-4 (DiT, observed
 ~1e-6).
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from flashdreams.cache.rolling import RollingKVCache
 from flashdreams.model.flashvsr import FlashVSRDiT, LRProjector
+from flashdreams.rollout import BlockSchedule
 
 H1, H2, DIM = 8, 12, 32  # tiny projector widths
 
@@ -99,43 +101,51 @@ def test_projector_loads_the_release_key_names(tmp_path):
     assert real.linear_layers[0].weight.shape == (1536, 3072)
 
 
-FPB, CHUNKS, LH, LW = 2, 6, 4, 6  # frames per chunk, chunks, latent size
+FPB, FRAMES, LH, LW = 2, 12, 4, 6  # frames per later chunk, latent frames, latent size
 TPF = (LH // 2) * (LW // 2)
 WINDOW = 8  # kv_ratio 3 chunks + the current one
 
 
-def _mask() -> torch.Tensor:
-    frames = FPB * CHUNKS
-    allowed = torch.zeros(frames, frames, dtype=torch.bool)
-    for b in range(CHUNKS):
-        hi = (b + 1) * FPB
-        allowed[b * FPB : hi, max(0, hi - WINDOW) : hi] = True
+def _mask(schedule: BlockSchedule, chunks: int) -> torch.Tensor:
+    """A chunk attends to itself (bidirectionally) and the frames before it in the window."""
+    allowed = torch.zeros(FRAMES, FRAMES, dtype=torch.bool)
+    for b in range(chunks):
+        lo, hi = schedule.start(b), schedule.start(b) + schedule.frames(b)
+        allowed[lo:hi, max(0, hi - WINDOW) : hi] = True
     return allowed.repeat_interleave(TPF, 0).repeat_interleave(TPF, 1)
 
 
+@pytest.mark.parametrize("first", [2, 6], ids=["uniform", "release-6-then-2"])
 @pytest.mark.parametrize("lr_layers", [1, 2])
-def test_one_step_rollout_equals_masked_full_sequence(lr_layers):
+def test_one_step_rollout_equals_masked_full_sequence(lr_layers, first):
+    """The release's schedule (first=6): chunk 0 covers latent frames 0-5, then 2 per chunk at
+    RoPE frames 6, 8, ... (its ``4 + 2 i``), each attending to the last 8 frames: the first
+    chunk's 6 and then the sliding 3 chunks of 2 before the current one."""
     model = FlashVSRDiT(dim=64, num_heads=4, num_layers=3, ffn_dim=128, text_dim=16, text_len=8,
                         lr_layers=lr_layers)  # fmt: skip
     model.init_weights(torch.Generator().manual_seed(0))
     model.eval().requires_grad_(False)
     assert model.commit_mode == "none"
     ctx = model.prepare_context(torch.randn(1, 8, 16))
-    frames = FPB * CHUNKS
-    noise = torch.randn(1, 16, frames, LH, LW)
-    feats = torch.randn(1, lr_layers, frames * TPF, 64)
-    t = torch.full((1, frames), 1000.0)
-    ref = model(noise, t, ctx, mask=_mask(), inputs={"lr_features": feats})
-    plain = model(noise, t, ctx, mask=_mask())
+    schedule = BlockSchedule(FPB, first)
+    chunks = 1 + (FRAMES - first) // FPB
+    assert schedule.total(chunks) == FRAMES
+    noise = torch.randn(1, 16, FRAMES, LH, LW)
+    feats = torch.randn(1, lr_layers, FRAMES * TPF, 64)
+    t = torch.full((1, FRAMES), 1000.0)
+    mask = _mask(schedule, chunks)
+    ref = model(noise, t, ctx, mask=mask, inputs={"lr_features": feats})
+    plain = model(noise, t, ctx, mask=mask)
     assert (plain - ref).abs().max() > 1e-3  # the LR features reach the output
 
     cache = model.build_cache(partial(RollingKVCache, window_frames=WINDOW, sink_frames=0),
-                              tokens_per_frame=TPF, frames_per_block=FPB, total_frames=None,
-                              batch_size=1, device="cpu", dtype=torch.float32)  # fmt: skip
-    for b in range(CHUNKS):  # one forward per chunk; its K/V stay (no commit forward)
-        sl = slice(b * FPB, (b + 1) * FPB)
-        cache.begin_block(b * FPB, FPB)
-        step = {"lr_features": feats[:, :, b * FPB * TPF : (b + 1) * FPB * TPF]}
+                              tokens_per_frame=TPF, frames_per_block=schedule.max_frames,
+                              total_frames=None, batch_size=1, device="cpu",
+                              dtype=torch.float32)  # fmt: skip
+    for b in range(chunks):  # one forward per chunk; its K/V stay (no commit forward)
+        sl = slice(schedule.start(b), schedule.start(b) + schedule.frames(b))
+        cache.begin_block(sl.start, sl.stop - sl.start)
+        step = {"lr_features": feats[:, :, sl.start * TPF : sl.stop * TPF]}
         out = model(noise[:, :, sl], t[:, sl], ctx, torch.arange(sl.start, sl.stop), cache,
                     inputs=step)  # fmt: skip
         torch.testing.assert_close(out, ref[:, :, sl], rtol=0, atol=1e-4)
@@ -178,13 +188,16 @@ def _release_sparse_attention(q, k, v, grid, topk, local_range):
     return out.reshape(1, lq, heads, d), blocks
 
 
-def test_sparse_mask_in_natural_order_equals_the_release_windowed_attention():
+@pytest.mark.parametrize("fq,fk", [(2, 8), (6, 6)], ids=["later-chunk", "first-chunk"])
+def test_sparse_mask_in_natural_order_equals_the_release_windowed_attention(fq, fk):
+    """A later chunk (2 frames, 3 cached chunks + itself) and the release's first chunk (6
+    frames attending to themselves: top-k per query frame pair over all 3 pairs)."""
     from flashdreams.model.flashvsr.sparse import token_mask, topk_count
 
     torch.manual_seed(0)
     grid, heads, d = (16, 24), 2, 8
-    q = torch.randn(1, 2 * 16 * 24, heads, d)
-    k = torch.randn(1, 8 * 16 * 24, heads, d)  # 3 cached chunks + the current one
+    q = torch.randn(1, fq * 16 * 24, heads, d)
+    k = torch.randn(1, fk * 16 * 24, heads, d)
     v = torch.randn_like(k)
     ratio, local_range = 0.2, 3
     ref, blocks = _release_sparse_attention(q, k, v, grid, topk_count(grid, ratio), local_range)

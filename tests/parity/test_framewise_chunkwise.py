@@ -41,21 +41,23 @@ def _block_causal_mask(block_ids: list[int], tokens_per_frame: int) -> torch.Ten
     return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
-def reference_rollout(model, ctx, timesteps, fpb, num_blocks, noise_fn, prefix=None):
-    """Clean latents (B, C, T, h, w) of a teacher-forced masked-forward rollout."""
+def reference_rollout(model, ctx, timesteps, fpb, num_blocks, noise_fn, prefix=None, first=None):
+    """Clean latents (B, C, T, h, w) of a teacher-forced masked-forward rollout (block 0 of
+    ``first`` frames when given, else ``fpb``)."""
     clean, block_ids = [], []
     if prefix is not None:
         clean, block_ids = [prefix], [0] * prefix.shape[2]
-    for _ in range(num_blocks):
+    for b in range(num_blocks):
+        fpb_b = first if b == 0 and first is not None else fpb
         block = (block_ids[-1] + 1) if block_ids else 0
-        x = noise_fn((1, 16, fpb, 4, 4))
-        ids = block_ids + [block] * fpb
+        x = noise_fn((1, 16, fpb_b, 4, 4))
+        ids = block_ids + [block] * fpb_b
         mask = _block_causal_mask(ids, TPF)
         positions = torch.arange(len(ids))
         for j, t in enumerate(timesteps):
             seq = torch.cat([*clean, x], dim=2)
-            t_frames = torch.tensor([0.0] * len(block_ids) + [t] * fpb)[None]
-            flow = model(seq, t_frames, ctx, positions, mask=mask)[:, :, -fpb:]
+            t_frames = torch.tensor([0.0] * len(block_ids) + [t] * fpb_b)[None]
+            flow = model(seq, t_frames, ctx, positions, mask=mask)[:, :, -fpb_b:]
             x0 = x - t / 1000.0 * flow
             if j + 1 < len(timesteps):
                 s = timesteps[j + 1] / 1000.0
@@ -108,3 +110,28 @@ def test_i2v_framewise_rollout_equals_masked_reference(tmp_path):
     assert [o.start_frame for o in outs] == [0, *range(2, 1 + blocks)]
     assert outs[0].frames.shape[1] == 1 + 4  # the image frame + block 0 (one latent frame)
     assert sum(o.frames.shape[1] for o in outs) == 1 + 4 * blocks
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_t2v_rollout_with_a_one_frame_first_block_equals_masked_reference(window):
+    """rollout.first_block_frames=1: block 0 is one latent frame, later blocks 3 (FastVideo's
+    causal Wan 2.2 T2V schedule on the chunk-wise recipe); with a 4-frame rolling window the
+    third block no longer sees frame 0, and the reference must agree."""
+    extra = [] if window is None else [f"cache.window_frames={window}"]
+    cfg = compose_run(["recipe=causal_forcing_wan21_t2v_1_3b_chunkwise", *TINY,
+                       "rollout.total_blocks=3", "rollout.first_block_frames=1", *extra])  # fmt: skip
+    rollout = build_rollout(cfg, noise_fn=_generator_noise(5))
+    ours, outs = _run(rollout)
+    assert [o.start_frame for o in outs] == [0, 1, 4]
+    assert [o.latents.shape[2] for o in outs] == [1, 3, 3]
+    assert [o.timer.latent_frames for o in outs] == [1, 3, 3]
+    assert [o.frames.shape[1] for o in outs] == [1, 12, 12]  # 1 + 4 (7 - 1) video frames
+    if window is None:
+        ref = reference_rollout(rollout.model, rollout.context(), rollout.scheduler.timesteps, 3,
+                                3, _generator_noise(5), first=1)  # fmt: skip
+        torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
+    else:  # the reference's mask sees every earlier block: only the first two blocks agree
+        ref = reference_rollout(rollout.model, rollout.context(), rollout.scheduler.timesteps, 3,
+                                3, _generator_noise(5), first=1)  # fmt: skip
+        torch.testing.assert_close(ours[:, :, :4], ref[:, :, :4], rtol=0, atol=ATOL)
+        assert (ours[:, :, 4:] - ref[:, :, 4:]).abs().max() > 1e-3

@@ -150,19 +150,21 @@ def _bridge_step(x, flow, j, sched, noise_fn):
     return ((1 - nxt) * (x - s * flow) + nxt * noise_fn(tuple(x.shape)).double()).float()
 
 
-def reference_moe_rollout(moe, contexts, sched, prefix, fpb, num_blocks, noise_fn):
-    """Clean latents of a teacher-forced rollout, every forward recomputed with a mask."""
-    clean, block_ids = [prefix], [0] * prefix.shape[2]
-    for _ in range(num_blocks):
-        x = noise_fn((1, 16, fpb, 4, 4))
-        ids = block_ids + [block_ids[-1] + 1] * fpb
+def reference_moe_rollout(moe, contexts, sched, prefix, fpb, num_blocks, noise_fn, first=None):
+    """Clean latents of a teacher-forced rollout, every forward recomputed with a mask (no
+    ``prefix``: text only; ``first``: frames of block 0 when they differ from ``fpb``)."""
+    clean, block_ids = ([], []) if prefix is None else ([prefix], [0] * prefix.shape[2])
+    for b in range(num_blocks):
+        frames = first if b == 0 and first is not None else fpb
+        x = noise_fn((1, 16, frames, 4, 4))
+        ids = block_ids + [block_ids[-1] + 1 if block_ids else 0] * frames
         mask, positions = _block_causal_mask(ids), torch.arange(len(ids))
         for j, t in enumerate(sched.timesteps):
             expert = 0 if t >= moe.boundary * 1000 else 1
             seq = torch.cat([*clean, x], dim=2)
-            t_frames = torch.tensor([0.0] * len(block_ids) + [t] * fpb)[None]
+            t_frames = torch.tensor([0.0] * len(block_ids) + [t] * frames)[None]
             flow = moe.experts[expert](seq, t_frames, contexts[expert], positions, mask=mask)
-            x = _bridge_step(x, flow[:, :, -fpb:], j, sched, noise_fn)
+            x = _bridge_step(x, flow[:, :, -frames:], j, sched, noise_fn)
         clean.append(x)
         block_ids = ids
     return torch.cat(clean, dim=2)
@@ -199,6 +201,40 @@ def test_causal_moe_rollout_equals_masked_reference_per_expert(tmp_path, shared)
         own = [e.prepare_context(emb) for e in moe.experts]
         other = reference_moe_rollout(moe, own, sched, prefix, 3, 2, _generator_noise(11))
         assert (other - ref).abs().max() > 1e-3
+
+
+def test_causal_t2v_rollout_with_a_one_frame_first_block_equals_masked_reference():
+    """recipe=causal_wan22_t2v_a14b_480p: no image; FastVideo's MoE stage denoises block 0 as
+    one latent frame, then blocks of 3, through the same experts, bridge and shared text K/V."""
+    cfg = compose_run(["recipe=causal_wan22_t2v_a14b_480p", *DIT, *RUN, "rollout.total_blocks=3",
+                       "scheduler.latent_dtype=null"])  # fmt: skip
+    rollout = build_rollout(cfg, noise_fn=_generator_noise(13))
+    moe, sched = rollout.model, rollout.scheduler
+    assert (rollout.first_block_frames, rollout.frames_per_block, rollout.frame_offset) == (1, 3, 0)
+    assert moe.shared_cross_attn and rollout.cache.experts[0].capacity_frames == 7
+    rollout.start([PROMPT])
+    outs = [rollout.step() for _ in range(3)]
+    assert [o.latents.shape[2] for o in outs] == [1, 3, 3]
+    assert [o.start_frame for o in outs] == [0, 1, 4]
+    assert [o.frames.shape[1] for o in outs] == [1, 12, 12]  # Wan VAE: 1 + 4 (7 - 1) frames
+    ours = torch.cat([o.latents for o in outs], dim=2)
+
+    emb = rollout.text_encoder.encode([PROMPT], torch.device("cpu"), torch.float32)
+    shared = moe.experts[0].prepare_context(emb)  # the high-noise expert fills the one cache
+    ref = reference_moe_rollout(moe, [shared, shared], sched, None, 3, 3, _generator_noise(13),
+                                first=1)  # fmt: skip
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+    uniform = reference_moe_rollout(moe, [shared, shared], sched, None, 3, 3, _generator_noise(13))
+    assert (uniform[:, :, :7] - ref).abs().max() > 1e-3  # the schedule changes the video
+
+
+def test_causal_i2v_recipe_without_image_points_to_the_t2v_recipe():
+    cfg = compose_run(["recipe=causal_wan22_a14b_480p", *DIT, *RUN, *ENCODER])
+    with pytest.raises(Exception) as info:
+        build_rollout(cfg)
+    message = user_error(info.value)
+    assert message is not None and "\n" not in message
+    assert message.startswith("image=null") and "recipe=causal_wan22_t2v_a14b_480p" in message
 
 
 def test_causal_moe_rollout_latents_are_bf16_values_by_default(tmp_path):
@@ -322,6 +358,14 @@ def test_recipes_compose_with_reference_settings():
         ["recipe=causal_wan22_a14b_480p"]).scheduler  # fmt: skip
     assert causal.model.checkpoint.endswith("Diffusers/transformer")
     assert causal.model.low_noise_checkpoint.endswith("Diffusers/transformer_2")
+    # the T2V checkpoint from text alone: FastVideo's [1, 3, 3, 3, 3, 3, 3] blocks (19 frames)
+    t2v = compose_run(["recipe=causal_wan22_t2v_a14b_480p"])
+    assert t2v.scheduler == causal.scheduler and t2v.model.shared_cross_attn is True
+    assert "rand0nmr/SFWan2.2-T2V-A14B-Diffusers/transformer" in t2v.model.checkpoint
+    assert t2v.model.low_noise_checkpoint.endswith("T2V-A14B-Diffusers/transformer_2")
+    r = t2v.rollout
+    assert (r.first_block_frames, r.frames_per_block, r.total_blocks) == (1, 3, 7)
+    assert t2v.conditioner._target_.endswith("NoConditioner") and t2v.text_recipe is None
 
 
 @pytest.mark.parametrize("override,needle", [

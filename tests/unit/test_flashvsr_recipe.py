@@ -45,6 +45,7 @@ def test_recipe_composes_with_the_release_settings():
     assert list(cfg.scheduler.timesteps) == [1000]
     assert (cfg.cache.window_frames, cfg.cache.sink_frames, cfg.rollout.frames_per_block) == (
         8, 0, 2)  # fmt: skip
+    assert cfg.rollout.first_block_frames == 6  # the release's first DiT call
     assert cfg.control.checkpoint.endswith("LQ_proj_in.ckpt") and cfg.control.scale == 4.0
     assert cfg.rollout.height % 128 == 0 and cfg.rollout.width % 128 == 0
 
@@ -52,7 +53,7 @@ def test_recipe_composes_with_the_release_settings():
 @pytest.mark.parametrize("size,sparse", [(64, []), (128, ["model.sparse_ratio=2.0",
                                                              "model.local_range=11"])])  # fmt: skip
 def test_tiny_4x_run_through_the_cli(tmp_path, size, sparse):
-    video = _mp4(tmp_path / "lr.mp4", 21, w=size // 4, h=size // 4)  # 25 LR frames: 6 latents
+    video = _mp4(tmp_path / "lr.mp4", 29, w=size // 4, h=size // 4)  # 33 LR frames: 8 latents
     prompt = tmp_path / "posi_prompt.pth"
     torch.save(torch.randn(1, 4, 16), prompt)
     args = ["recipe=flashvsr_v1_1_x4", "model.checkpoint=null", "model.dim=64", "model.num_heads=2",
@@ -60,17 +61,18 @@ def test_tiny_4x_run_through_the_cli(tmp_path, size, sparse):
             f"text_encoder.path={prompt}", "control.checkpoint=null", "control.hidden_dim1=8",
             "control.hidden_dim2=8", "control.dtype=float32", f"control.video={video}",
             "vae=preview", "~vae.checkpoint", "graph=eager", "attention=sdpa",
-            f"rollout.height={size}", f"rollout.width={size}", "rollout.total_blocks=3",
+            f"rollout.height={size}", f"rollout.width={size}", "rollout.total_blocks=2",
             "device=cpu", "dtype=float32", *sparse, f"paths.root={tmp_path / 'out'}"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "-m", "flashdreams.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run,) = (tmp_path / "out" / "runs").glob("*/*")
-    assert len(json.loads((run / "stats.json").read_text())["steps"]) == 3
+    steps = json.loads((run / "stats.json").read_text())["steps"]
+    assert [s["latent_frames"] for s in steps] == [6, 2]  # the release's 6, then 2
     if sparse:
         return
-    # 7 blocks need 14 latent frames = 57 LR frames: a one-line error at build, before any model
+    # 7 blocks need 6 + 6 x 2 = 18 latent frames = 73 LR frames: a one-line error at build
     cfg = compose_run([a for a in args if not a.startswith("paths.")] + ["rollout.total_blocks=7"])
     with pytest.raises(ConfigError) as err:
         build_conditioning(cfg, torch.device("cpu"))
