@@ -360,7 +360,8 @@ def test_recipes_compose_with_reference_settings():
     assert causal.model.low_noise_checkpoint.endswith("Diffusers/transformer_2")
     # the T2V checkpoint from text alone: FastVideo's [1, 3, 3, 3, 3, 3, 3] blocks (19 frames)
     t2v = compose_run(["recipe=causal_wan22_t2v_a14b_480p"])
-    assert t2v.scheduler == causal.scheduler and t2v.model.shared_cross_attn is True
+    assert t2v.scheduler == compose_run(["recipe=causal_wan22_a14b_480p"]).scheduler
+    assert t2v.model.shared_cross_attn is True and t2v.cache == causal.cache
     assert "rand0nmr/SFWan2.2-T2V-A14B-Diffusers/transformer" in t2v.model.checkpoint
     assert t2v.model.low_noise_checkpoint.endswith("T2V-A14B-Diffusers/transformer_2")
     r = t2v.rollout
