@@ -155,3 +155,18 @@ def test_stats_json_records_the_schedule(tmp_path):
     assert (stats["first_block_frames"], stats["frames_per_block"]) == (1, 3)
     assert [s["latent_frames"] for s in stats["steps"]] == [1, 3, 3]
     assert [s["num_frames"] for s in stats["steps"]] == [1, 12, 12]
+
+
+def test_server_sizes_a_session_by_the_schedule():
+    """The server's size model (bytes per cached frame x the frames a session's cache holds)
+    counts the schedule's frames: a 1-frame first block, then 3s."""
+    from flashdreams.serve.engine import Engine
+
+    cfg = compose_run([*FIRST_ONE, "cache=full", "rollout.total_blocks=2"])
+    session = Session(cfg, total_blocks=2)
+    engine = Engine.__new__(Engine)  # the size model only: no server, no shared weights
+    engine.cfg, engine.device = cfg, torch.device("cpu")
+    engine._measure(session, None)
+    assert engine.cache_frames(2) == 4 and engine.cache_frames(5) == 13  # 1 + 3 (n - 1)
+    assert engine.frame_bytes * 4 == sum(t.numel() * t.element_size()
+                                         for t in session.rollout.cache.k + session.rollout.cache.v)  # fmt: skip
