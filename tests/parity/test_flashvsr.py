@@ -294,3 +294,13 @@ def test_flex_block_sparse_path_equals_the_explicit_mask():
     flex = _sparse_rollout(FlexAttention(unmasked="math", compile=False), sparse_ratio=0.05,
                            local_range=1)  # fmt: skip
     torch.testing.assert_close(flex, ref, rtol=0, atol=1e-5)
+
+
+def test_an_odd_block_under_sparse_attention_is_a_one_line_error():
+    from flashdreams import ConfigError
+    from flashdreams.model.flashvsr.sparse import block_mask
+
+    q = torch.randn(1, 3 * 16 * 16, 2, 8)  # 3 latent frames: not whole (2, 8, 8) windows
+    with pytest.raises(ConfigError, match="rollout.first_block_frames") as info:
+        block_mask(q, q, (16, 16), 2.0, 9)
+    assert "\n" not in str(info.value)

@@ -71,6 +71,10 @@ def block_mask(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int], spars
     if h % WINDOW[1] or w % WINDOW[2]:
         raise ConfigError(f"model.sparse_ratio: the output {16 * h}x{16 * w} must be multiples of "
                           "128 (rollout.height, rollout.width), the sparse windows' size")  # fmt: skip
+    if (q.shape[1] // (h * w)) % WINDOW[0]:
+        raise ConfigError(f"model.sparse_ratio: a block of {q.shape[1] // (h * w)} latent frames "
+                          "is not whole frame pairs (the sparse windows' depth); use even "
+                          "rollout.frames_per_block and rollout.first_block_frames")  # fmt: skip
     qw, kw = pool(q, grid_hw), pool(k, grid_hw)  # (B, nq, H, D), (B, nk, H, D)
     scores = torch.einsum("bqhd,bkhd->bhqk", qw, kw) / qw.shape[-1] ** 0.5
     per = (h // WINDOW[1]) * (w // WINDOW[2])  # windows per frame pair
