@@ -197,6 +197,14 @@ class ShardedSequence(SequenceParallel):
         rows = full.view(world, b, length, c).transpose(0, 1).reshape(b, world * length, c)
         return rows.index_select(1, self.layout.unshard(num_frames, out.device))
 
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of ``x`` (B, Ls, ...) over the real tokens of every rank (pads dropped), fp32."""
+        if self.layout.has_pad:
+            x = x.index_select(1, self.layout.local_select(self.frames, x.device))
+        out = x.float().sum()
+        dist.all_reduce(out)  # every rank holds a disjoint share of the sequence
+        return out
+
     def keys(self, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's K/V (B, Ls, H, D) -> the keys it stores and attends with."""
         lay, p = self.layout, self.policy
