@@ -101,6 +101,10 @@ class Session:
 
             scope_options(cfg)  # a recipe's keys of options it did not choose are dropped
             rollout = build_rollout(cfg)
+        from flashdreams.postprocess import build_postprocess
+
+        # postprocess=...: steps return the post-processed (upscaled) frames as they come
+        self.postprocess = build_postprocess(cfg, rollout) if cfg is not None else None
         self._lock = threading.Lock()
         self.rollout = rollout
         self._default_total = rollout.total_blocks
@@ -161,6 +165,8 @@ class Session:
         else:
             r.start(prompts, seed, images=self.images)
         r.precapture()
+        if self.postprocess is not None:
+            self.postprocess.start()
         self._blocks: list[tuple[int, torch.Tensor]] = []  # (start frame, clean latents)
         self._pending_prompts: list[str] | None = None
         self.prompt_version = 0
@@ -235,7 +241,7 @@ class Session:
         Waits for a step running on another thread; closing twice is allowed.
         """
         with self._lock:
-            self._blocks, self.last, self.rollout = [], None, None
+            self._blocks, self.last, self.rollout, self.postprocess = [], None, None, None
 
     @contextmanager
     def _locked(self):
@@ -271,9 +277,18 @@ class Session:
         out = self.rollout.step()
         self._remember(out)
         state = self.rollout.control_state()
-        self.last = SessionStep(out.step, out.frames, out, self.prompt_version, control, recache_ms,
+        frames = out.frames if self.postprocess is None else self._postprocess(out.frames)
+        self.last = SessionStep(out.step, frames, out, self.prompt_version, control, recache_ms,
                                 state)  # fmt: skip
-        return out.frames
+        return frames
+
+    def _postprocess(self, frames: torch.Tensor | None) -> torch.Tensor | None:
+        """The post-processed frames that became ready (at the last step: all that are left)."""
+        parts = [self.postprocess.push(frames)]
+        if self.finished:
+            parts.append(self.postprocess.finish())
+        parts = [p for p in parts if p is not None]
+        return torch.cat(parts, dim=1) if parts else None
 
     def __iter__(self) -> Iterator[torch.Tensor | None]:
         while not self.finished:
