@@ -59,13 +59,13 @@ def check_run_config(cfg) -> None:
             f"cache.window_frames={window} is smaller than one block "
             f"({r.frames_per_block} latent frames); use cache.window_frames>={r.frames_per_block}"
         )
-    _check_local_weights(cfg)
     for key in ("prompt_file", "image", "input", "poses", "intrinsics"):  # before any loading
         value = cfg.get(key)
         if value and not Path(str(value)).expanduser().is_file():
             what = "does not exist" if key == "prompt_file" else "no such file"
             sep = " " if key == "prompt_file" else ": "
             raise ConfigError(f"{key}={str(value)!r}{sep}{what}")
+    _check_local_weights(cfg)
 
 
 _WEIGHT_KEYS = ("checkpoint", "low_noise_checkpoint", "tokenizer", "path")
