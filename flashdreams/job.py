@@ -181,7 +181,8 @@ def run_job(cfg: DictConfig) -> int:
             bar = tqdm(total=rollout.total_blocks, desc=f"AR steps ({cfg.run_name})", unit="step",
                        disable=not is_main, file=sys.stderr)  # fmt: skip
 
-            def on_step(out: StepOutput, sink=sink, bar=bar, clip=clip) -> None:
+            def on_step(out: StepOutput, sink=sink, bar=bar, clip=clip,
+                        post_writers=post_writers) -> None:  # fmt: skip
                 if quality is not None:
                     quality.compare(out, clip)
                 cache_steps.extend({"clip": clip, "ar_step": out.step, **r}

@@ -149,11 +149,17 @@ def main() -> None:
             cfg = compose_run(overrides(args, height, width, scale))
             scope_options(cfg)
             start = time.perf_counter()
-            entry[mode] = run_scene(shared, cfg, args.chunks, ratio)
-            entry[mode]["wall_s"] = round(time.perf_counter() - start, 1)
+            try:
+                entry[mode] = run_scene(shared, cfg, args.chunks, ratio)
+                entry[mode]["wall_s"] = round(time.perf_counter() - start, 1)
+            except Exception as err:  # noqa: BLE001  (record it, measure the others)
+                entry[mode] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
             torch.cuda.empty_cache() if device.startswith("cuda") else None
             print(f"{entry['scene']:>10} x{scale} {mode:>6}: {entry[mode]}", flush=True)
         results["scenes"].append(entry)
+        if args.out is not None:  # written as it goes: a run cut short keeps its scenes
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
     results["total_s"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(results, indent=2)
     print(text)

@@ -85,7 +85,9 @@ class LRVideoControl(ControlEncoder):
         if resize not in ("pil", "torch"):
             raise ConfigError(f"control.resize={resize!r} must be pil or torch")
         if stream and (stream_size is None or len(stream_size) != 2):
-            raise ConfigError("control.stream_size must be [height, width] with control.stream=true")
+            raise ConfigError(
+                "control.stream_size must be [height, width] with control.stream=true"
+            )
         self.video_path, self.scale = None if stream else str(video), float(scale)
         self.multiple, self.resize, self.stream = int(size_multiple), resize, bool(stream)
         self.stream_size = None if stream_size is None else tuple(int(v) for v in stream_size)

@@ -248,7 +248,9 @@ def read_video(path: str | Path, setting: str = "input") -> tuple[np.ndarray, fl
     except (RuntimeError, OSError, StopIteration, KeyError, ValueError) as err:
         text = str(err).strip()
         reason = text.splitlines()[-1] if text else type(err).__name__
-        raise ConfigError(f"{setting}={str(path)!r}: cannot read it as a video ({reason})") from None
+        raise ConfigError(
+            f"{setting}={str(path)!r}: cannot read it as a video ({reason})"
+        ) from None
     if not frames:
         raise ConfigError(f"{setting}={str(path)!r}: the video holds no frames")
     return np.stack(frames), float(meta.get("fps") or 0.0)

@@ -83,7 +83,8 @@ class FedDecoder(StreamingDecoder):
         super().__init__()
         self.decoder, self._source = decoder, source
         self.latent_channels, self.spatial_factor = decoder.latent_channels, decoder.spatial_factor
-        self.temporal_factor, self.produces_frames = decoder.temporal_factor, decoder.produces_frames
+        self.temporal_factor = decoder.temporal_factor
+        self.produces_frames = decoder.produces_frames
         self._names = tuple(decoder.inputs())
         self._next = 0
 

@@ -30,7 +30,8 @@ def adain(content: torch.Tensor, style: torch.Tensor, eps: float = 1e-5) -> torc
 
     def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.flatten(2)
-        return flat.mean(-1)[..., None, None], (flat.var(-1, unbiased=False) + eps).sqrt()[..., None, None]
+        std = (flat.var(-1, unbiased=False) + eps).sqrt()
+        return flat.mean(-1)[..., None, None], std[..., None, None]
 
     c_mean, c_std = stats(content)
     s_mean, s_std = stats(style)
@@ -89,7 +90,8 @@ class ColorFixedDecoder(StreamingDecoder):
                               "(vsr.color_fix)")  # fmt: skip
         self.decoder, self.method, self.reference = decoder, method, reference
         self.latent_channels, self.spatial_factor = decoder.latent_channels, decoder.spatial_factor
-        self.temporal_factor, self.produces_frames = decoder.temporal_factor, decoder.produces_frames
+        self.temporal_factor = decoder.temporal_factor
+        self.produces_frames = decoder.produces_frames
 
     def inputs(self) -> dict[str, str]:
         return {**self.decoder.inputs(),

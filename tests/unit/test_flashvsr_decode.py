@@ -108,7 +108,9 @@ def test_fed_tcdecoder_streams_as_its_whole_clip(tmp_path, method, chunks):
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
 def test_tcdecoder_checkpoint_in_the_release_formats_loads_through_the_vae_option(tmp_path, suffix):
     torch.manual_seed(1)
-    state = {k: torch.randn_like(v) * 0.1 for k, v in TCDecoder(channels=SMALL).state_dict().items()}
+    state = {
+        k: torch.randn_like(v) * 0.1 for k, v in TCDecoder(channels=SMALL).state_dict().items()
+    }
     assert "decoder.26.bias" in state and state["decoder.1.weight"].shape[1] == 16 + 768
     path = tmp_path / f"TCDecoder{suffix}"
     save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
