@@ -152,6 +152,8 @@ def build_conditioning(cfg: DictConfig, device: torch.device, model: DiT | None 
     frames = conditioner.num_prefix_frames + r.frames_per_block * (r.total_blocks or 1)
     conditioner.check_frames(frames)
     control.check_frames(frames)
+    if cfg.get("input") and control.run_size() is None:
+        log.warning("input=%s is ignored: this recipe reads no input video", cfg.input)
     if cfg.image and not (needs_image or conditioner.optional_image):
         log.warning("image=%s is ignored: this recipe does not condition on an image", cfg.image)
     return Conditioning(guidance, image_encoder, conditioner, control)

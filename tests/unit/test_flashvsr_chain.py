@@ -15,6 +15,7 @@ import sys
 
 import imageio_ffmpeg
 import numpy as np
+import pytest
 import torch
 
 from flashdreams.io.video import read_video
@@ -86,3 +87,18 @@ def test_chained_run_through_the_cli(tmp_path):
     stats = json.loads((run / "stats.json").read_text())
     assert len(stats["steps"]) == 2 and len(stats["postprocess"]) == 3  # 3 chunks of 2 latents
     assert {"diffuse_ms", "decode_ms", "step_ms"} <= set(stats["postprocess"][0])
+
+
+def test_the_server_refuses_to_chain_in_one_line():
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from flashdreams import ConfigError
+    from flashdreams.serve.app import create_app
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("flashdreams.conf", version_base="1.3"):
+        cfg = compose("serve", overrides=["postprocess=flashvsr_v1_1_tiny"])
+    with pytest.raises(ConfigError) as err:
+        create_app(cfg)
+    assert "\n" not in str(err.value) and "postprocess=flashvsr_v1_1_tiny" in str(err.value)
