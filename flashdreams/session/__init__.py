@@ -87,7 +87,8 @@ class Session:
         seed: seed of the stream's noise, an integer in [0, 2**63).
         total_blocks: AR steps of the stream, a positive integer; ``None`` is endless (needs a
             rolling cache).
-            Default: endless when the cache rolls, else the config's ``rollout.total_blocks``.
+            Default: endless when the cache rolls (unless an input video sets the length), else
+            the config's ``rollout.total_blocks``.
         images: one PIL image per video for image-conditioned recipes (kept across resets).
     """
 
@@ -108,6 +109,8 @@ class Session:
         self._lock = threading.Lock()
         self.rollout = rollout
         self._default_total = rollout.total_blocks
+        size = rollout.control.run_size()  # an input of a known length (a video to upscale)
+        self._finite_input = size is not None and size.latent_frames is not None
         if prompt is None:
             prompt = cfg.prompt if cfg is not None else ""
         seed = cfg.seed if seed is None and cfg is not None else seed
@@ -156,7 +159,8 @@ class Session:
         if total_blocks is _CONFIG:
             total_blocks = getattr(self, "total_blocks", _CONFIG)
         if total_blocks is _CONFIG:
-            total_blocks = None if r.cache is not None and _wraps(r.cache) else self._default_total
+            endless = r.cache is not None and _wraps(r.cache) and not self._finite_input
+            total_blocks = None if endless else self._default_total
         self._check_total_blocks(total_blocks)
         prompts = self._prompts(prompt) if prompt is not None else list(r.prompts)
         self.total_blocks = r.total_blocks = total_blocks

@@ -64,8 +64,8 @@ def test_chained_session_equals_upscaling_the_generated_file(tmp_path):
     assert read_video(path)[0].shape == (21, 32, 32, 3)
     upscaled = Session.from_overrides(["recipe=flashvsr_v1_1_tiny", f"input={path}", *vsr,
                                        "vsr.resize=torch", "device=cpu", "dtype=float32",
-                                       "seed=3"], total_blocks=3)  # fmt: skip
-    assert upscaled.total_blocks == 3 and upscaled.rollout.height == 64
+                                       "seed=3"])  # fmt: skip
+    assert upscaled.total_blocks == 3 and upscaled.rollout.height == 64  # sized by the file
     want = _frames(list(upscaled))
     assert got.shape == want.shape == (1, 21, 3, 64, 64)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
