@@ -141,6 +141,7 @@ def build_conditioning(cfg: DictConfig, device: torch.device, model: DiT | None 
             raise ConfigError(f"{source} gives {name!r} shaped like {list(got)}, the model "
                               f"({type(model).__name__}) takes {list(want)} (per frame of a "
                               "2 x 2 latent)")  # fmt: skip
+    resolve_run_size(cfg, control)
     if (cfg.get("poses") or cfg.get("intrinsics")) and "camera" not in given:
         log.warning("poses=/intrinsics= are ignored: this recipe has no camera control")
     needs_image = conditioner.needs_image or image_encoder.image_dim is not None
@@ -151,9 +152,61 @@ def build_conditioning(cfg: DictConfig, device: torch.device, model: DiT | None 
     frames = conditioner.num_prefix_frames + r.frames_per_block * (r.total_blocks or 1)
     conditioner.check_frames(frames)
     control.check_frames(frames)
+    if cfg.get("input") and control.run_size() is None:
+        log.warning("input=%s is ignored: this recipe reads no input video", cfg.input)
     if cfg.image and not (needs_image or conditioner.optional_image):
         log.warning("image=%s is ignored: this recipe does not condition on an image", cfg.image)
     return Conditioning(guidance, image_encoder, conditioner, control)
+
+
+def resolve_run_size(cfg: DictConfig, control) -> None:
+    """``rollout.height`` / ``width`` / ``total_blocks`` left null take the size the control's
+    input proposes (``ControlEncoder.run_size``: a video to upscale); set in ``cfg``."""
+    r = cfg.rollout
+    open_keys = [k for k in ("height", "width", "total_blocks") if r[k] is None]
+    if not open_keys:
+        return
+    size = control.run_size()
+    if size is None:
+        if "height" in open_keys or "width" in open_keys:
+            key = "height" if "height" in open_keys else "width"
+            raise ConfigError(f"rollout.{key}=null: this recipe has no input to size the run "
+                              f"from; set rollout.{key}")  # fmt: skip
+        return  # total_blocks null: an endless stream
+    if r.height is None:
+        r.height = size.height
+    if r.width is None:
+        r.width = size.width
+    if r.total_blocks is None and size.latent_frames is not None:
+        blocks = blocks_for_frames(r, size.latent_frames)
+        if blocks < 1:
+            raise ConfigError(f"the input fills {size.latent_frames} latent frames, fewer than "
+                              f"one block of rollout.frames_per_block={r.frames_per_block} "
+                              "(too short)")  # fmt: skip
+        r.total_blocks = blocks
+    log.info("run size from the input: %dx%d, %s blocks", r.height, r.width, r.total_blocks)
+
+
+def blocks_for_frames(rollout_cfg: DictConfig, latent_frames: int) -> int:
+    """AR blocks whose latent frames fit in ``latent_frames`` (whole blocks only)."""
+    return latent_frames // rollout_cfg.frames_per_block
+
+
+def feed_decoder(vae, control, decoder_name: str = "vae"):
+    """``vae`` itself, or a ``FedDecoder`` giving it its named inputs from ``control``; a
+    decoder input no control gives is a one-line error."""
+    from flashdreams.vae.base import FedDecoder
+
+    wanted = vae.inputs()
+    if not wanted:
+        return vae
+    given = control.decoder_provides()
+    missing = [name for name in wanted if name not in given]
+    if missing:
+        raise ConfigError(f"{decoder_name} ({type(vae).__name__}) takes the decoder input "
+                          f"{missing[0]!r}, which the recipe's control does not give "
+                          "(e.g. control=lr_video)")  # fmt: skip
+    return FedDecoder(vae, control.decoder_inputs)
 
 
 def _option(cfg: DictConfig, group: str) -> str:
@@ -261,6 +314,7 @@ def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, graph=None,
             instantiate(cfg.conditioner).to(device), instantiate(cfg.control).to(device),
         )  # fmt: skip
     vae = instantiate(cfg.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae = feed_decoder(vae, conditioning.control, f"vae={_option(cfg, 'vae')}")
     r = cfg.rollout
     cache = instantiate(cfg.cache)
     if precision.kv_dtype is not None:

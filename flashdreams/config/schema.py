@@ -14,10 +14,10 @@ from omegaconf import MISSING
 
 @dataclass
 class RolloutConfig:
-    height: int = 128  # video height in pixels
-    width: int = 128  # video width in pixels
+    height: int | None = 128  # video height in pixels (null: from the input, see run_size)
+    width: int | None = 128  # video width in pixels (null: from the input)
     frames_per_block: int = 3  # latent frames generated per AR step
-    total_blocks: int = 7  # AR steps
+    total_blocks: int | None = 7  # AR steps (null: as many as the input fills, or endless)
     context_noise: float = 0.0  # timestep of the commit forward
     batch_size: int = 1  # videos generated together
     overlap_decode: bool = False  # CUDA: decode on a side stream, concurrent with the commit
@@ -31,6 +31,7 @@ class RunConfig:
     prompt_file: str | None = None
     negative_prompt: str = ""
     image: str | None = None
+    input: str | None = None  # a video to process (super-resolution recipes)
     poses: str | None = None
     intrinsics: str | None = None
     device: str = "auto"
@@ -60,6 +61,8 @@ class RunConfig:
     logger: Any = MISSING
     precision: Any = MISSING
     step_cache: Any = None  # training-free step caching (conf/step_cache); null = none
+    vsr: Any = None  # super-resolution settings of FlashVSR recipes (scale, color_fix, ...)
+    postprocess: Any = None  # a recipe run on this run's frames as they come (conf/postprocess)
     recipe: Any = None
     bench: Any = None
     serve: Any = None  # flashdreams-serve's block (flashdreams/serve/config.py)

@@ -140,6 +140,12 @@ async def status(request) -> JSONResponse:
 def create_app(cfg: DictConfig, engine: Engine | None = None) -> Starlette:
     """The Starlette app; the engine (model weights) is built here unless given."""
     check_serve(cfg.serve)
+    post = cfg.get("postprocess")
+    if post is not None and post.get("recipe"):
+        from flashdreams import ConfigError
+
+        raise ConfigError(f"postprocess={post.recipe}: flashdreams-serve does not chain a "
+                          "post-processing recipe yet (flashdreams-run and Session do)")  # fmt: skip
     s = cfg.serve
     app = Starlette(
         routes=[
