@@ -29,7 +29,10 @@ class SessionRouter(RequestRouter):
         self.max_sessions = int(kwargs.get("max_sessions", 1))
         self.owner: dict[str, object] = {}  # session id -> replica id of its running open
         self.opens: dict[str, tuple[str, object]] = {}  # open's request id -> (session, rid)
-        _ROUTERS.add(self)
+        # Ray ships this class by value: register with the imported module, not a copy
+        from flashdreams.serve import ray_router
+
+        ray_router._ROUTERS.add(self)
 
     def _used(self, replica: RunningReplica) -> int:
         mine = sum(rid == replica.replica_id for _, rid in self.opens.values())
@@ -72,7 +75,7 @@ def replica_stats() -> list[dict]:
             if replica.replica_id in seen:
                 continue
             seen.add(replica.replica_id)
-            stats = dict(replica.routing_stats or {})
+            stats = dict(replica.routing_stats or {"pid": None})  # None: no stats yet
             stats.setdefault("replica", replica.replica_id.unique_id)
             out.append(stats)
     return sorted(out, key=lambda s: s["replica"])
