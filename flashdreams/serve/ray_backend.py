@@ -87,8 +87,11 @@ class Generator:
                     if kind == "started":  # which replica runs the stream (status, tests)
                         item = json.dumps({**json.loads(item), "replica": self.replica})
                     yield item
-                if kind in (None, "stopped") and not live and not self.starting[sid] and (
-                    stream.task is None and not out.items
+                if (
+                    kind in (None, "stopped")
+                    and not live
+                    and not self.starting[sid]
+                    and (stream.task is None and not out.items)
                 ):  # the stream ended (or its start was refused) and no start is under way
                     return
         finally:

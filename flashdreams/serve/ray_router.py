@@ -40,7 +40,9 @@ class SessionRouter(RequestRouter):
         return max(mine, int(stats.get("active_sessions", 0)))
 
     async def choose_replicas(
-        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         meta = pending_request.metadata if pending_request is not None else None
         if meta is None or not meta.session_id:  # status, hello: any replica

@@ -8,7 +8,7 @@ Ray's replacement takes new sessions; the vLLM-Omni realtime client and the limi
 same as on the local backend.
 """
 
-import json
+import contextlib
 import os
 import signal
 import time
@@ -30,9 +30,11 @@ def server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("ray"), "serve.backend=ray", "serve.replicas=2",
                         "serve.max_sessions=2", "serve.ray_num_cpus=4", "serve.lead_s=0.5",
                         "serve.queue_frames=512", timeout=240, stop_s=60)  # fmt: skip
-    wait_replicas(srv, 2)
-    yield srv
-    srv.close()
+    try:
+        wait_replicas(srv, 2)
+        yield srv
+    finally:
+        srv.close()
 
 
 def wait_replicas(server, count: int, timeout: float = 120, exclude=()) -> list[dict]:
@@ -64,10 +66,10 @@ def reference_jpegs(prompt: str, seed: int) -> list[bytes]:
 
 def test_four_streams_stick_to_their_replicas_and_a_fifth_is_busy(server):
     references = {case: reference_jpegs(*case) for case in CASES}
-    clients = [server.ws(max_size=None) for _ in CASES]
-    try:
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(server.ws(max_size=None)) for _ in CASES]
         started = []
-        for ws, (prompt, seed) in zip(clients, CASES):
+        for ws, (prompt, seed) in zip(clients, CASES, strict=True):
             send(ws, type="start", prompt=prompt, seed=seed)  # endless
             started.append(recv_json(ws, "started", timeout=60))
         assert sorted(s["replica"] for s in started).count(started[0]["replica"]) == 2
@@ -77,7 +79,7 @@ def test_four_streams_stick_to_their_replicas_and_a_fifth_is_busy(server):
             assert busy["code"] == "busy" and "serve.max_sessions=2" in busy["message"]
         with ThreadPoolExecutor(len(clients)) as pool:
             frames = list(pool.map(lambda ws: recv_frames(ws, FRAMES, timeout=120), clients))
-        for case, got in zip(CASES, frames):
+        for case, got in zip(CASES, frames, strict=True):
             assert [info.frame for info, _ in got] == list(range(FRAMES))
             assert [jpeg for _, jpeg in got] == references[case], f"stream {case} differs"
         status = server.status()
@@ -88,9 +90,6 @@ def test_four_streams_stick_to_their_replicas_and_a_fifth_is_busy(server):
         for ws in clients:
             send(ws, type="stop")
             assert recv_json(ws, "stopped", timeout=60)["reason"] == "client"
-    finally:
-        for ws in clients:
-            ws.close()
     server.wait_idle(timeout=30)
 
 
@@ -123,8 +122,7 @@ def test_vllm_omni_client_streams_through_the_ray_backend(server, tmp_path):
 
 
 def test_a_killed_replica_loses_only_its_streams_and_comes_back(server):
-    a, b = server.ws(max_size=None), server.ws(max_size=None)
-    try:
+    with server.ws(max_size=None) as a, server.ws(max_size=None) as b:
         send(a, type="start", prompt="a fox", seed=1)
         replica_a = recv_json(a, "started", timeout=60)["replica"]
         send(b, type="start", prompt="a city", seed=2)
@@ -147,7 +145,4 @@ def test_a_killed_replica_loses_only_its_streams_and_comes_back(server):
             send(ws, type="start", prompt="a fox", total_blocks=2)
             recv_json(ws, "started", timeout=60)
             assert recv_json(ws, "stopped", timeout=60)["reason"] == "finished"
-    finally:
-        a.close()
-        b.close()
     server.wait_idle(timeout=30)

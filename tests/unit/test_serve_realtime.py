@@ -138,5 +138,7 @@ def test_encoder_fragments_concatenate_to_the_frames_written(tmp_path):
     chunks = asyncio.run(encode())
     frames = decode(b"".join(chunks), tmp_path)
     assert len(frames) == 6
-    for want, got in zip(video, frames):  # H.264 at crf 10: close to the input, in order
+    for want, got in zip(
+        video, frames, strict=True
+    ):  # H.264 at crf 10: close to the input, in order
         assert np.abs(got.astype(int) - want.astype(int)).mean() < 6
