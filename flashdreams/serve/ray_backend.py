@@ -242,9 +242,11 @@ def build_app(cfg: DictConfig):
     s = cfg.serve
     plain = OmegaConf.to_container(cfg, resolve=True)
     gpus = s.gpus_per_replica if str(cfg.device).startswith("cuda") else 0
+    # Ray pins an actor's torch to its num_cpus (1) threads; on CPU split the cores instead
+    threads = {} if gpus else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // s.replicas))}
     generator = serve.deployment(Generator, name="Generator").options(
         num_replicas=s.replicas, max_ongoing_requests=4 * s.max_sessions + 64,
-        ray_actor_options={"num_cpus": 1, "num_gpus": gpus},
+        ray_actor_options={"num_cpus": 1, "num_gpus": gpus, "runtime_env": {"env_vars": threads}},
         health_check_period_s=2.0, health_check_timeout_s=30.0,
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER, request_router_kwargs={

@@ -146,3 +146,17 @@ def test_a_killed_replica_loses_only_its_streams_and_comes_back(server):
             recv_json(ws, "started", timeout=60)
             assert recv_json(ws, "stopped", timeout=60)["reason"] == "finished"
     server.wait_idle(timeout=30)
+
+
+def test_the_page_drives_the_ray_backend(server):
+    """The browser test of the local backend (tests/unit/test_serve_browser.py), on Ray."""
+    browser = pytest.importorskip("tests.unit.test_serve_browser")
+    if browser.CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install -y chromium; .ci/run does this)")
+    with browser.sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=browser.CHROMIUM, args=browser.ARGS)
+        try:
+            page = chromium.new_page(viewport={"width": 1100, "height": 800})
+            browser.test_page_streams_steers_and_switches_prompt(server, page)
+        finally:
+            chromium.close()
