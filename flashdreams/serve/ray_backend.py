@@ -28,12 +28,14 @@ from pathlib import Path
 import ray
 from omegaconf import DictConfig, OmegaConf
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
 
 from flashdreams.serve import protocol
 from flashdreams.serve.app import OutQueue, bind_socket, create_app
 from flashdreams.serve.protocol import ProtocolError
 from flashdreams.serve.ray_router import ROUTING_STATS_PERIOD_S, replica_stats
+from flashdreams.serve.stream import INTERNAL
 
 log = logging.getLogger("flashdreams.serve")
 APP_NAME = "flashdreams"
@@ -180,12 +182,18 @@ class RayChannel:
                 self.out.put(item, droppable=isinstance(item, bytes) or kind == "step")
         except asyncio.CancelledError:
             raise
-        except Exception as err:  # noqa: BLE001  (a dead replica: tell the client, go on)
-            log.warning("stream %s: replica lost (%s)", sid[:8], type(err).__name__)
+        except Exception as err:  # noqa: BLE001  (tell the client; the server goes on)
+            lost = isinstance(err, (RayActorError, ActorUnavailableError))
+            if lost:
+                log.warning("stream %s: replica lost (%s)", sid[:8], type(err).__name__)
+            else:
+                log.error("stream %s failed on its replica: %s", sid[:8], err)
             if not stopped:
-                self.out.put(protocol.error("replica_lost", LOST), droppable=False)
-                self.out.put(protocol.event("stopped", reason="replica_lost", steps=None,
-                                            frames=None, dropped=self.out.dropped), droppable=False)  # fmt: skip
+                code, message = ("replica_lost", LOST) if lost else ("internal", INTERNAL)
+                self.out.put(protocol.error(code, message), droppable=False)
+                self.out.put(protocol.event("stopped", reason="replica_lost" if lost else "error",
+                                            steps=None, frames=None, dropped=self.out.dropped),
+                             droppable=False)  # fmt: skip
         finally:
             self.ready.set()
 
