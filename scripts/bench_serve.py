@@ -99,7 +99,7 @@ def time_to_first_frame(ws, blocks: int | None = None) -> float:
 def endless(ws, seconds: float) -> dict:
     """One endless stream for ``seconds``: arrival times, step periods, drops."""
     ws.send(json.dumps({"type": "start", "total_blocks": None}))
-    arrivals, periods, frames_per_step, dropped = [], [], [], 0
+    arrivals, periods, frames_per_step, dropped, steps_ms = [], [], [], 0, []
     t_end = None
     while True:
         msg = ws.recv(timeout=600)
@@ -113,10 +113,11 @@ def endless(ws, seconds: float) -> dict:
             data = json.loads(msg)
             if data["type"] == "step" and data["frames"]:
                 periods.append(data["period_ms"])
+                steps_ms.append(data["step_ms"])
                 frames_per_step.append(data["frames"])
             elif data["type"] == "stopped":
                 return {"arrivals": arrivals, "periods": periods, "frames": frames_per_step,
-                        "dropped": dropped, "stopped": data}  # fmt: skip
+                        "dropped": dropped, "stopped": data, "steps_ms": steps_ms}  # fmt: skip
         if t_end is None and arrivals:
             t_end = arrivals[0] + seconds
         if t_end is not None and now >= t_end:
@@ -138,6 +139,7 @@ def summarize(run: dict, hello: dict, ttff: list[float]) -> dict:
         "batch_size": hello["batch_size"], "steps": len(periods),
         "frames_received": len(arrivals), "frames_dropped": run["dropped"],
         "median_period_ms": statistics.median(steady_p) if steady_p else None,
+        "median_step_ms": statistics.median(run["steps_ms"][2:] or run["steps_ms"] or [0.0]),
         "generated_fps": generated, "delivered_fps": delivered,
         "delivered_over_generated": delivered / generated if generated and delivered else None,
         "time_to_first_frame_s": ttff,
@@ -155,17 +157,19 @@ def concurrent(port: int, sessions: int, seconds: float) -> dict:
 
     with ThreadPoolExecutor(sessions) as pool:
         runs = list(pool.map(one, range(sessions)))
-    rates, periods = [], []
+    rates, periods, steps = [], [], []
     for run in runs:
         arrivals, frames = run["arrivals"], run["frames"]
         skip = min(len(arrivals) - 2, frames[0] if frames else 0)
         span = arrivals[-1] - arrivals[skip] if len(arrivals) > skip + 1 else 0.0
         rates.append((len(arrivals) - 1 - skip) / span if span > 0 else 0.0)
         periods += run["periods"][2:]
+        steps += run["steps_ms"][2:]
     return {
         "sessions": sessions, "delivered_fps_total": sum(rates),
         "delivered_fps_per_session": statistics.mean(rates),
         "median_period_ms": statistics.median(periods) if periods else None,
+        "median_step_ms": statistics.median(steps) if steps else None,
         "frames_dropped": sum(run["dropped"] for run in runs),
     }  # fmt: skip
 
@@ -206,7 +210,8 @@ def compare(local: dict, ray: dict) -> dict:
     if local.get("delivered_fps") and ray.get("delivered_fps"):
         per_frame = 1000.0 / ray["delivered_fps"] - 1000.0 / local["delivered_fps"]
     return {
-        "median_period_ms": ratio("median_period_ms"), "delivered_fps": ratio("delivered_fps"),
+        "median_step_ms": ratio("median_step_ms"), "median_period_ms": ratio("median_period_ms"),
+        "delivered_fps": ratio("delivered_fps"),
         "median_time_to_first_frame_s": ratio("median_time_to_first_frame_s"),
         "overhead_per_frame_ms": per_frame,
     }  # fmt: skip
