@@ -142,6 +142,7 @@ def build_conditioning(cfg: DictConfig, device: torch.device, model: DiT | None 
             raise ConfigError(f"{source} gives {name!r} shaped like {list(got)}, the model "
                               f"({type(model).__name__}) takes {list(want)} (per frame of a "
                               "2 x 2 latent)")  # fmt: skip
+    resolve_run_size(cfg, control)
     if (cfg.get("poses") or cfg.get("intrinsics")) and "camera" not in given:
         log.warning("poses=/intrinsics= are ignored: this recipe has no camera control")
     needs_image = conditioner.needs_image or image_encoder.image_dim is not None
@@ -155,9 +156,67 @@ def build_conditioning(cfg: DictConfig, device: torch.device, model: DiT | None 
     frames = conditioner.num_prefix_frames + schedule.total(r.total_blocks or 1)
     conditioner.check_frames(frames)
     control.check_frames(frames)
+    if cfg.get("input") and control.run_size() is None:
+        log.warning("input=%s is ignored: this recipe reads no input video", cfg.input)
     if cfg.image and not (needs_image or conditioner.optional_image):
         log.warning("image=%s is ignored: this recipe does not condition on an image", cfg.image)
     return Conditioning(guidance, image_encoder, conditioner, control)
+
+
+def resolve_run_size(cfg: DictConfig, control) -> None:
+    """``rollout.height`` / ``width`` / ``total_blocks`` left null take the size the control's
+    input proposes (``ControlEncoder.run_size``: a video to upscale); set in ``cfg``."""
+    r = cfg.rollout
+    open_keys = [k for k in ("height", "width", "total_blocks") if r[k] is None]
+    if not open_keys:
+        return
+    size = control.run_size()
+    if size is None:
+        if "height" in open_keys or "width" in open_keys:
+            key = "height" if "height" in open_keys else "width"
+            raise ConfigError(f"rollout.{key}=null: this recipe has no input to size the run "
+                              f"from; set rollout.{key}")  # fmt: skip
+        return  # total_blocks null: an endless stream
+    if r.height is None:
+        r.height = size.height
+    if r.width is None:
+        r.width = size.width
+    if r.total_blocks is None and size.latent_frames is not None:
+        blocks = blocks_for_frames(r, size.latent_frames)
+        if blocks < 1:
+            first = BlockSchedule(r.frames_per_block, r.get("first_block_frames")).first
+            raise ConfigError(f"the input fills {size.latent_frames} latent frames, fewer than "
+                              f"the first block's {first} (rollout.frames_per_block, "
+                              "rollout.first_block_frames; too short)")  # fmt: skip
+        r.total_blocks = blocks
+    log.info("run size from the input: %dx%d, %s blocks", r.height, r.width, r.total_blocks)
+
+
+def blocks_for_frames(rollout_cfg: DictConfig, latent_frames: int) -> int:
+    """AR blocks of the block schedule whose latent frames fit in ``latent_frames`` (whole
+    blocks only)."""
+    r = rollout_cfg
+    schedule = BlockSchedule(r.frames_per_block, r.get("first_block_frames"))
+    if latent_frames < schedule.first:
+        return 0
+    return 1 + (latent_frames - schedule.first) // schedule.steady
+
+
+def feed_decoder(vae, control, decoder_name: str = "vae"):
+    """``vae`` itself, or a ``FedDecoder`` giving it its named inputs from ``control``; a
+    decoder input no control gives is a one-line error."""
+    from flashdreams.vae.base import FedDecoder
+
+    wanted = vae.inputs()
+    if not wanted:
+        return vae
+    given = control.decoder_provides()
+    missing = [name for name in wanted if name not in given]
+    if missing:
+        raise ConfigError(f"{decoder_name} ({type(vae).__name__}) takes the decoder input "
+                          f"{missing[0]!r}, which the recipe's control does not give "
+                          "(e.g. control=lr_video)")  # fmt: skip
+    return FedDecoder(vae, control.decoder_inputs)
 
 
 def _option(cfg: DictConfig, group: str) -> str:
@@ -265,6 +324,7 @@ def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, graph=None,
             instantiate(cfg.conditioner).to(device), instantiate(cfg.control).to(device),
         )  # fmt: skip
     vae = instantiate(cfg.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae = feed_decoder(vae, conditioning.control, f"vae={_option(cfg, 'vae')}")
     r = cfg.rollout
     cache = instantiate(cfg.cache)
     if precision.kv_dtype is not None:
@@ -297,14 +357,14 @@ def build_step_cache(cfg: DictConfig):
 def check_step_cache(cfg: DictConfig, step_cache, graph, parallel) -> None:
     """One-line ``ConfigError`` before any weights load when the recipe cannot use its step
     cache: a model whose forward does not run its blocks through ``DiT.run_blocks``, too few
-    layers or steps, a KV cache (streaming recipes), a capturing graph policy, several ranks."""
+    layers or steps, a KV cache (streaming recipes), a capturing graph policy."""
     if not step_cache.enabled:
         return
     model = construct_model(cfg.model)  # meta device: no weights
     model.set_step_cache(step_cache)
     r = cfg.rollout  # a meta-device cache of the run's frames tells AR from bidirectional
     schedule = BlockSchedule(r.frames_per_block, r.get("first_block_frames"))
-    cache = model.build_cache(parallel.cache_factory(instantiate(cfg.cache)), tokens_per_frame=1,
+    cache = model.build_cache(instantiate(cfg.cache), tokens_per_frame=1,  # whole, not a share
                               frames_per_block=schedule.max_frames,
                               total_frames=schedule.total(r.total_blocks or 1),
                               batch_size=1, device=torch.device("meta"), dtype=torch.float32)  # fmt: skip

@@ -27,7 +27,7 @@ from flashdreams.parallel.launch import failure_line, launched_rank, rank_overri
 CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("model", "scheduler", "cache", "attention", "parallel", "graph", "vae",
           "text_encoder", "guidance", "image_encoder", "conditioner", "control", "logger",
-          "recipe", "paths", "precision")  # fmt: skip
+          "recipe", "paths", "precision", "postprocess")  # fmt: skip
 
 
 def group_options(group: str, extra_dirs: list[Path] = ()) -> list[str]:

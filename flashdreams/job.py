@@ -71,6 +71,15 @@ class _StepSink:
             self.pending.pop(0)
 
 
+def _write(writers, frames) -> None:
+    """Write (B, T, 3, H, W) frames in [0, 1] (None: nothing) to one writer per video."""
+    if frames is None or not writers:
+        return
+    frames = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu()
+    for writer, clip_frames in zip(writers, frames.numpy(), strict=False):
+        writer.write(clip_frames)
+
+
 def _ms(value) -> str:
     return "n/a" if value is None else f"{value:.1f} ms"
 
@@ -110,6 +119,9 @@ def run_job(cfg: DictConfig) -> int:
     image = load_image(cfg.image) if cfg.image else None  # a bad path fails before any loading
     prompts = read_prompts(cfg)  # so does a bad prompt file
     rollout = build_rollout(cfg)
+    from flashdreams.postprocess import build_postprocess
+
+    post = build_postprocess(cfg, rollout)  # postprocess=...: upscale the frames as they come
     _raise_on_ctrl_c()  # from here a Ctrl-C closes the video and stats.json properly
     run_dir = rollout.parallel.broadcast(output_dir(cfg))  # rank 0's dir: one per torchrun job
     is_main = rollout.parallel.is_main
@@ -143,7 +155,11 @@ def run_job(cfg: DictConfig) -> int:
     step_cache, cache_steps = rollout.model.step_cache, []
     if step_cache.enabled:  # per forward: computed or reused middle blocks, residual diff
         stats.sections["step_cache"] = cache_steps
+    post_rows: list = []
+    if post is not None:  # per post-processing chunk: stage times (stats.json "postprocess")
+        stats.sections["postprocess"] = post_rows
     writers: list = []
+    post_writers: list = []
     bar = None
     failed, status, warmup_s, t0 = True, "failed", None, time.perf_counter()
     if is_main:
@@ -158,17 +174,26 @@ def run_job(cfg: DictConfig) -> int:
             names = [f"video_{clip * b + k:03d}.mp4" for k in range(b)]
             if len(prompts) == 1 and b == 1:
                 names = ["video.mp4"]
+            if post is not None:  # video.mp4: the upscaled stream; *_source.mp4: the run's frames
+                post_writers = [Mp4Writer(run_dir / n, cfg.fps) for n in names] if is_main else []
+                names = [n.replace(".mp4", "_source.mp4") for n in names]
+                post.start()
             writers = [Mp4Writer(run_dir / n, cfg.fps) for n in names] if is_main else []
             sink = _StepSink(rollout, stats, logger or _Null(), writers, clip)
             bar = tqdm(total=rollout.total_blocks, desc=f"AR steps ({cfg.run_name})", unit="step",
                        disable=not is_main, file=sys.stderr)  # fmt: skip
 
-            def on_step(out: StepOutput, sink=sink, bar=bar, clip=clip) -> None:
+            def on_step(out: StepOutput, sink=sink, bar=bar, clip=clip,
+                        post_writers=post_writers) -> None:  # fmt: skip
                 if quality is not None:
                     quality.compare(out, clip)
                 cache_steps.extend({"clip": clip, "ar_step": out.step, **r}
                                    for r in step_cache.records())  # fmt: skip
                 sink(out)
+                if post is not None:
+                    _write(post_writers, post.push(out.frames))
+                    if out.step + 1 == rollout.total_blocks:
+                        _write(post_writers, post.finish())
                 bar.update(1)
 
             images = None if image is None else [image] * b
@@ -176,8 +201,10 @@ def run_job(cfg: DictConfig) -> int:
             warmup_s = warmup_s if warmup_s is not None else w
             sink.drain(force=True)
             bar.close()
-            for writer in writers:
+            for writer in writers + post_writers:
                 writer.close()
+            if post is not None:
+                post_rows.extend({"clip": clip, **row} for row in post.take_rows())
             if cfg.save_embeddings and clip == 0 and is_main:
                 _save_embeddings(cfg, rollout, batch)
         failed, status = False, "completed"
@@ -187,7 +214,7 @@ def run_job(cfg: DictConfig) -> int:
     finally:
         if bar is not None:
             bar.close()  # before any message: the progress line ends first
-        for writer in writers:
+        for writer in writers + post_writers:
             writer.close()
         if is_main:
             peak = peak_memory_bytes(rollout.device)
@@ -203,7 +230,7 @@ def run_job(cfg: DictConfig) -> int:
                         raise
                     log.warning("latency.png not written (the run was %s)", status)
             logger.log_summary(stats.summary)
-            for writer in writers:
+            for writer in writers + post_writers:
                 logger.log_video(Path(writer.path), cfg.fps)
             logger.finish(failed=failed)
         rollout.parallel.teardown()

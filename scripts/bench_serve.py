@@ -8,15 +8,22 @@ so it generates as fast as it can), connects one WebSocket client, and runs:
    server, timing ``start`` -> first frame, each stopped after it;
 3. one endless stream for ``--seconds``, reading every frame as it arrives.
 
+4. with ``--sessions 1,2,4``: that many concurrent endless streams on one replica for
+   ``--seconds`` each (throughput with several sessions per replica).
+
 Generated frames/s is the step's frames over its block period (the ``step`` messages'
 ``period_ms``, device time: what the model makes); delivered frames/s is what the client
 receives per second of wall clock over the steady part of the stream. The JSON (stdout, and
 ``--out``) holds both, their ratio, the per-start times to the first frame and the frames the
-server dropped for this client.
+server dropped for this client. ``--backend ray`` measures the same through Ray Serve (one
+generator replica, ``serve.backend=ray``); ``--backend both`` runs local then ray and adds
+``ray_over_local``: the ratios of step latency and delivered frames/s and the overhead per
+frame in ms (the Ray backend's per-frame delivery period minus the local one's).
 
 Examples::
 
     python scripts/bench_serve.py -- recipe=demo device=cpu rollout.height=64 rollout.width=64
+    python scripts/bench_serve.py --backend both --sessions 1,2,4 -- recipe=demo device=cpu
     python scripts/bench_serve.py --seconds 30 --out benchmarks/serve_h200.json -- \\
         recipe=self_forcing_wan21_t2v_1_3b_taehv model.checkpoint=null text_encoder=random \\
         vae.checkpoint=null device=cuda
@@ -32,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from websockets.sync.client import connect
@@ -49,7 +57,8 @@ def start_server(overrides: list[str], tmp: Path, timeout: float) -> tuple[subpr
             f"serve.port_file={port_file}", "serve.realtime=false", "serve.queue_frames=4096",
             f"hydra.run.dir={tmp / 'run'}"]  # fmt: skip
     log = open(tmp / "server.log", "w")  # noqa: SIM115  (closed with the process)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     deadline = time.monotonic() + timeout
     while not port_file.is_file() or not port_file.read_text():
@@ -91,7 +100,7 @@ def time_to_first_frame(ws, blocks: int | None = None) -> float:
 def endless(ws, seconds: float) -> dict:
     """One endless stream for ``seconds``: arrival times, step periods, drops."""
     ws.send(json.dumps({"type": "start", "total_blocks": None}))
-    arrivals, periods, frames_per_step, dropped = [], [], [], 0
+    arrivals, periods, frames_per_step, dropped, steps_ms = [], [], [], 0, []
     t_end = None
     while True:
         msg = ws.recv(timeout=600)
@@ -105,10 +114,11 @@ def endless(ws, seconds: float) -> dict:
             data = json.loads(msg)
             if data["type"] == "step" and data["frames"]:
                 periods.append(data["period_ms"])
+                steps_ms.append(data["step_ms"])
                 frames_per_step.append(data["frames"])
             elif data["type"] == "stopped":
                 return {"arrivals": arrivals, "periods": periods, "frames": frames_per_step,
-                        "dropped": dropped, "stopped": data}  # fmt: skip
+                        "dropped": dropped, "stopped": data, "steps_ms": steps_ms}  # fmt: skip
         if t_end is None and arrivals:
             t_end = arrivals[0] + seconds
         if t_end is not None and now >= t_end:
@@ -130,10 +140,81 @@ def summarize(run: dict, hello: dict, ttff: list[float]) -> dict:
         "batch_size": hello["batch_size"], "steps": len(periods),
         "frames_received": len(arrivals), "frames_dropped": run["dropped"],
         "median_period_ms": statistics.median(steady_p) if steady_p else None,
+        "median_step_ms": statistics.median(run["steps_ms"][2:] or run["steps_ms"] or [0.0]),
         "generated_fps": generated, "delivered_fps": delivered,
         "delivered_over_generated": delivered / generated if generated and delivered else None,
         "time_to_first_frame_s": ttff,
         "median_time_to_first_frame_s": statistics.median(ttff) if ttff else None,
+    }  # fmt: skip
+
+
+def concurrent(port: int, sessions: int, seconds: float) -> dict:
+    """``sessions`` endless streams at once for ``seconds``: frames/s summed over them."""
+
+    def one(_) -> dict:
+        with connect(f"ws://127.0.0.1:{port}/ws", max_size=None, open_timeout=60) as ws:
+            json.loads(ws.recv(timeout=60))
+            return endless(ws, seconds)
+
+    with ThreadPoolExecutor(sessions) as pool:
+        runs = list(pool.map(one, range(sessions)))
+    rates, periods, steps = [], [], []
+    for run in runs:
+        arrivals, frames = run["arrivals"], run["frames"]
+        skip = min(len(arrivals) - 2, frames[0] if frames else 0)
+        span = arrivals[-1] - arrivals[skip] if len(arrivals) > skip + 1 else 0.0
+        rates.append((len(arrivals) - 1 - skip) / span if span > 0 else 0.0)
+        periods += run["periods"][2:]
+        steps += run["steps_ms"][2:]
+    return {
+        "sessions": sessions, "delivered_fps_total": sum(rates),
+        "delivered_fps_per_session": statistics.mean(rates),
+        "median_period_ms": statistics.median(periods) if periods else None,
+        "median_step_ms": statistics.median(steps) if steps else None,
+        "frames_dropped": sum(run["dropped"] for run in runs),
+    }  # fmt: skip
+
+
+def bench(args, overrides: list[str]) -> dict:
+    """One server (its backend named in ``overrides``): warm-up, starts, one stream, sessions."""
+    ray = "serve.backend=ray" in overrides
+    sessions = args.sessions or [1]
+    extra = [f"serve.max_sessions={max(sessions)}"]
+    if ray:
+        extra += ["serve.replicas=1"]
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        proc, port = start_server([*overrides, *extra], Path(tmp), args.start_timeout)
+        try:
+            with connect(f"ws://127.0.0.1:{port}/ws", max_size=None, open_timeout=60) as ws:
+                hello = json.loads(ws.recv(timeout=60))
+                time_to_first_frame(ws, args.warmup_blocks)  # warm the server
+                ttff = [time_to_first_frame(ws) for _ in range(args.starts)]
+                result = summarize(endless(ws, args.seconds), hello, ttff)
+            if args.sessions:
+                result["concurrent"] = [concurrent(port, n, args.seconds) for n in sessions]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+    result["backend"] = "ray" if ray else "local"
+    result["overrides"] = overrides
+    return result
+
+
+def compare(local: dict, ray: dict) -> dict:
+    """Ray over local: step latency and delivery ratios, the overhead per frame (ms)."""
+
+    def ratio(key: str):
+        a, b = local.get(key), ray.get(key)
+        return b / a if a and b else None
+
+    per_frame = None
+    if local.get("delivered_fps") and ray.get("delivered_fps"):
+        per_frame = 1000.0 / ray["delivered_fps"] - 1000.0 / local["delivered_fps"]
+    return {
+        "median_step_ms": ratio("median_step_ms"), "median_period_ms": ratio("median_period_ms"),
+        "delivered_fps": ratio("delivered_fps"),
+        "median_time_to_first_frame_s": ratio("median_time_to_first_frame_s"),
+        "overhead_per_frame_ms": per_frame,
     }  # fmt: skip
 
 
@@ -144,20 +225,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-blocks", type=int, default=3)
     parser.add_argument("--start-timeout", type=float, default=1800.0, help="server load (s)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--backend",
+        choices=("local", "ray", "both"),
+        default="local",
+        help="serve.backend to measure (both: local, then ray, compared)",
+    )
+    parser.add_argument(
+        "--sessions",
+        type=lambda v: [int(n) for n in v.split(",")],
+        default=None,
+        help="concurrent sessions per replica, e.g. 1,2,4",
+    )
     parser.add_argument("overrides", nargs="*", help="flashdreams-serve overrides (after --)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
-        proc, port = start_server(args.overrides, Path(tmp), args.start_timeout)
-        try:
-            with connect(f"ws://127.0.0.1:{port}/ws", max_size=None, open_timeout=60) as ws:
-                hello = json.loads(ws.recv(timeout=60))
-                time_to_first_frame(ws, args.warmup_blocks)  # warm the server
-                ttff = [time_to_first_frame(ws) for _ in range(args.starts)]
-                result = summarize(endless(ws, args.seconds), hello, ttff)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-    result["overrides"] = args.overrides
+    backends = ["local", "ray"] if args.backend == "both" else [args.backend]
+    results = {
+        b: bench(args, [*args.overrides, *(["serve.backend=ray"] if b == "ray" else [])])
+        for b in backends
+    }  # fmt: skip
+    result = results[backends[0]] if len(backends) == 1 else {
+        **results, "ray_over_local": compare(results["local"], results["ray"])}  # fmt: skip
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

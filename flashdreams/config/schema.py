@@ -14,11 +14,11 @@ from omegaconf import MISSING
 
 @dataclass
 class RolloutConfig:
-    height: int = 128  # video height in pixels
-    width: int = 128  # video width in pixels
+    height: int | None = 128  # video height in pixels (null: from the input, see run_size)
+    width: int | None = 128  # video width in pixels (null: from the input)
     frames_per_block: int = 3  # latent frames generated per AR step (every step after the first)
     first_block_frames: int | None = None  # latent frames of AR step 0 (None: frames_per_block)
-    total_blocks: int = 7  # AR steps
+    total_blocks: int | None = 7  # AR steps (null: as many as the input fills, or endless)
     context_noise: float = 0.0  # timestep of the commit forward
     batch_size: int = 1  # videos generated together
     overlap_decode: bool = False  # CUDA: decode on a side stream, concurrent with the commit
@@ -33,6 +33,7 @@ class RunConfig:
     negative_prompt: str = ""
     image: str | None = None
     text_recipe: str | None = None  # image-conditioned recipes: the text-only recipe to suggest
+    input: str | None = None  # a video to process (super-resolution recipes)
     poses: str | None = None
     intrinsics: str | None = None
     device: str = "auto"
@@ -62,6 +63,8 @@ class RunConfig:
     logger: Any = MISSING
     precision: Any = MISSING
     step_cache: Any = None  # training-free step caching (conf/step_cache); null = none
+    vsr: Any = None  # super-resolution settings of FlashVSR recipes (scale, color_fix, ...)
+    postprocess: Any = None  # a recipe run on this run's frames as they come (conf/postprocess)
     recipe: Any = None
     bench: Any = None
     serve: Any = None  # flashdreams-serve's block (flashdreams/serve/config.py)

@@ -49,7 +49,8 @@ def check_run_config(cfg) -> None:
         raise ConfigError(f"fps={fps!r} must be a frame rate in (0, 1000]")
     r = cfg.rollout
     for key in ("batch_size", "frames_per_block", "height", "width"):
-        check_positive_int(r[key], f"rollout.{key}")
+        if r[key] is not None or key in ("batch_size", "frames_per_block"):
+            check_positive_int(r[key], f"rollout.{key}")  # height / width null: from the input
     check_total_blocks(r.total_blocks, "rollout.total_blocks")
     first = r.get("first_block_frames")
     if first is not None:
@@ -63,13 +64,13 @@ def check_run_config(cfg) -> None:
             f"cache.window_frames={window} is smaller than {what} "
             f"({largest} latent frames); use cache.window_frames>={largest}"
         )
-    _check_local_weights(cfg)
-    for key in ("prompt_file", "image", "poses", "intrinsics"):  # files: before any loading
+    for key in ("prompt_file", "image", "input", "poses", "intrinsics"):  # before any loading
         value = cfg.get(key)
         if value and not Path(str(value)).expanduser().is_file():
             what = "does not exist" if key == "prompt_file" else "no such file"
             sep = " " if key == "prompt_file" else ": "
             raise ConfigError(f"{key}={str(value)!r}{sep}{what}")
+    _check_local_weights(cfg)
 
 
 _WEIGHT_KEYS = ("checkpoint", "low_noise_checkpoint", "tokenizer", "path")

@@ -5,12 +5,22 @@ The base class is also the no-op control of recipes without one (``control=none`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from flashdreams.model.base import ConditionInput
+
+
+@dataclass(frozen=True)
+class RunSize:
+    """The run size an input implies (a video to upscale): None where it implies nothing."""
+
+    height: int | None = None  # output pixels
+    width: int | None = None
+    latent_frames: int | None = None  # latent frames the input fills (None: unknown / endless)
 
 
 class ControlEncoder(nn.Module):
@@ -27,6 +37,19 @@ class ControlEncoder(nn.Module):
 
     def provides(self) -> dict[str, ConditionInput]:
         """Named inputs this control gives (none here)."""
+        return {}
+
+    def run_size(self) -> RunSize | None:
+        """The run size this control's input proposes (``rollout.height`` / ``width`` /
+        ``total_blocks`` left null take it: ``build.resolve_run_size``); None by default."""
+        return None
+
+    def decoder_provides(self) -> dict[str, str]:
+        """Named decoder inputs this control gives (``StreamingDecoder.inputs``); none here."""
+        return {}
+
+    def decoder_inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
+        """Named decoder inputs of latent frames [start, start + num) (``decoder_provides``)."""
         return {}
 
     def check_frames(self, num_frames: int) -> None:

@@ -224,3 +224,33 @@ def read_video_frames(path: str | Path) -> int:
         return sum(1 for _ in reader)
     finally:
         reader.close()
+
+
+def read_video(path: str | Path, setting: str = "input") -> tuple[np.ndarray, float]:
+    """Decode a whole video file: ((T, H, W, 3) uint8 frames, frames per second or 0).
+
+    Args:
+        path: the video file (anything ffmpeg reads: mp4, mkv, mov, ...).
+        setting: the setting that named the file, for the one-line errors.
+
+    Raises:
+        ConfigError: the file is missing, cannot be decoded, or holds no frame.
+    """
+    from flashdreams import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{setting}={str(path)!r}: no such file")
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta = next(reader)
+        w, h = meta["size"]
+        frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader]
+    except (RuntimeError, OSError, StopIteration, KeyError, ValueError) as err:
+        text = str(err).strip()
+        reason = text.splitlines()[-1] if text else type(err).__name__
+        raise ConfigError(
+            f"{setting}={str(path)!r}: cannot read it as a video ({reason})"
+        ) from None
+    if not frames:
+        raise ConfigError(f"{setting}={str(path)!r}: the video holds no frames")
+    return np.stack(frames), float(meta.get("fps") or 0.0)

@@ -1,4 +1,11 @@
-"""The HTTP + WebSocket app of ``flashdreams-serve``: ``/`` (web page), ``/status``, ``/ws``."""
+"""The HTTP + WebSocket app of ``flashdreams-serve``: ``/`` (web page), ``/status``, ``/ws``, and
+``/v1/realtime/video`` (vLLM-Omni's realtime video protocol, ``realtime.py``).
+
+The app talks to a *backend*: ``LocalBackend`` (the model in this process, ``engine.py``) or
+``ray_backend.RayBackend`` (generator replicas on Ray Serve). A backend hands out one *channel*
+per client (``hello()``, ``handle(raw)``, ``end(reason)``; ``Stream`` is the local one) and
+answers ``status()``.
+"""
 
 from __future__ import annotations
 
@@ -67,7 +74,7 @@ class OutQueue:
             await self._ready.wait()
         item, droppable = self.items.popleft()
         self.num_droppable -= droppable
-        if isinstance(item, bytes):  # report the drops known at send time
+        if isinstance(item, bytes) and item[:4] == protocol.FRAME_MAGIC:  # drops at send time
             item = bytearray(item)
             protocol.FRAME_HEADER_DROPPED.pack_into(item, _DROPPED_OFFSET, self.dropped)
             item = bytes(item)
@@ -94,13 +101,28 @@ def _client(ws: WebSocket) -> str:
     return f"{ws.client.host}:{ws.client.port}" if ws.client else "client"
 
 
+class LocalBackend:
+    """The model in this process: one ``Engine``, a ``Stream`` per client."""
+
+    def __init__(self, cfg: DictConfig, engine: Engine) -> None:
+        self.cfg, self.engine = cfg, engine
+
+    def channel(self, out, raw_frames: bool = False) -> Stream:
+        return Stream(self.engine, self.cfg, out, raw_frames=raw_frames)
+
+    async def status(self) -> dict:
+        return {"backend": "local", **self.engine.status()}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
 async def websocket_endpoint(ws: WebSocket) -> None:
     """One client: a receive loop here, a send loop, and at most one generating stream."""
-    engine: Engine = ws.app.state.engine
     cfg: DictConfig = ws.app.state.cfg
     await ws.accept()
     out = OutQueue(cfg.serve.queue_frames)
-    stream = Stream(engine, cfg, out)
+    stream = ws.app.state.backend.channel(out)
     sender = asyncio.create_task(_send_loop(ws, out))
     out.put(protocol.event("hello", **stream.hello()), droppable=False)
     closed_by_client = False
@@ -134,23 +156,36 @@ async def index(request) -> FileResponse:
 
 
 async def status(request) -> JSONResponse:
-    return JSONResponse(request.app.state.engine.status())
+    return JSONResponse(await request.app.state.backend.status())
 
 
-def create_app(cfg: DictConfig, engine: Engine | None = None) -> Starlette:
-    """The Starlette app; the engine (model weights) is built here unless given."""
+def create_app(cfg: DictConfig, engine: Engine | None = None, backend=None) -> Starlette:
+    """The Starlette app behind the Host / Origin guard; with neither ``engine`` nor
+    ``backend`` given, the local engine (model weights) is built here."""
+    from flashdreams.serve.realtime import realtime_endpoint
+
     check_serve(cfg.serve)
+    post = cfg.get("postprocess")
+    if post is not None and post.get("recipe"):
+        from flashdreams import ConfigError
+
+        raise ConfigError(f"postprocess={post.recipe}: flashdreams-serve does not chain a "
+                          "post-processing recipe yet (flashdreams-run and Session do)")  # fmt: skip
     s = cfg.serve
     app = Starlette(
         routes=[
             Route("/", index),
             Route("/status", status),
             WebSocketRoute("/ws", websocket_endpoint),
+            WebSocketRoute("/v1/realtime/video", realtime_endpoint),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ]
     )
     app.state.cfg = cfg
-    app.state.engine = engine or Engine(cfg)
+    if backend is None:
+        app.state.engine = engine or Engine(cfg)
+        backend = LocalBackend(cfg, app.state.engine)
+    app.state.backend = backend
     guarded = Guard(app, s.host, s.allowed_hosts, s.allowed_origins)
     guarded.state = app.state
     return guarded
@@ -192,6 +227,11 @@ def serve(cfg: DictConfig) -> None:
 
     s = cfg.serve
     check_serve(s)
+    if s.backend == "ray":
+        from flashdreams.serve.ray_backend import serve_ray
+
+        serve_ray(cfg)
+        return
     sock = bind_socket(s.host, s.port, s.send_buffer_bytes)
     try:
         app = create_app(cfg)
@@ -209,4 +249,4 @@ def serve(cfg: DictConfig) -> None:
     try:
         server.run(sockets=[sock])
     finally:
-        app.state.engine.shutdown()
+        app.state.backend.shutdown()

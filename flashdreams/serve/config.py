@@ -30,6 +30,12 @@ class ServeConfig:
     max_session_bytes: int | None = None  # memory one session may take (null: free / max_sessions)
     allowed_hosts: list[str] = field(default_factory=list)  # Host names besides loopback's
     allowed_origins: list[str] = field(default_factory=list)  # cross-site page origins allowed
+    backend: str = "local"  # local (this process) | ray (generator replicas on Ray Serve)
+    replicas: int = 1  # ray: generator replicas (one per GPU, or per group of gpus_per_replica)
+    gpus_per_replica: int = 1  # ray, device=cuda: GPUs each replica holds
+    ray_address: str | None = None  # ray: null starts a local Ray; "auto" / "host:port" joins
+    ray_num_cpus: int | None = None  # ray: CPUs of a local Ray (null: all)
+    realtime_model: str | None = None  # /v1/realtime/video model name (null: the run_name)
 
 
 def register() -> None:
@@ -47,13 +53,18 @@ def check_serve(serve) -> None:
     bounds = {
         "port": (0, 65535), "max_sessions": (1, None), "max_message_bytes": (256, None),
         "max_prompt_chars": (1, None), "queue_frames": (1, None), "jpeg_quality": (1, 95),
-        "send_buffer_bytes": (0, None), "lead_s": (0, None),
+        "send_buffer_bytes": (0, None), "lead_s": (0, None), "replicas": (1, None),
+        "gpus_per_replica": (0, None),
     }  # fmt: skip
     for key, (lo, hi) in bounds.items():
         value = serve[key]
         if value < lo or (hi is not None and value > hi):
             allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise ConfigError(f"serve.{key}={value} must be {allowed}")
+    if serve.backend not in ("local", "ray"):
+        raise ConfigError(f"serve.backend={serve.backend} must be local or ray")
+    if serve.ray_num_cpus is not None and serve.ray_num_cpus < 1:
+        raise ConfigError(f"serve.ray_num_cpus={serve.ray_num_cpus} must be >= 1 or null")
     if serve.total_blocks is not None and serve.total_blocks < 1:
         raise ConfigError(f"serve.total_blocks={serve.total_blocks} must be >= 1 or null")
     if serve.max_session_bytes is not None and serve.max_session_bytes < 1:

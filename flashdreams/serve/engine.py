@@ -239,9 +239,11 @@ class Engine:
             return torch.cuda.memory_allocated(self.device)
         return None
 
-    def status(self) -> dict:
-        """Counters for ``/status``: slots, live session objects, device memory."""
-        gc.collect()
+    def status(self, collect: bool = True) -> dict:
+        """Counters for ``/status``: slots, live session objects (after a garbage collection
+        unless ``collect`` is false), device memory."""
+        if collect:
+            gc.collect()
         return {
             "active_sessions": self._active,
             "max_sessions": self.max_sessions,

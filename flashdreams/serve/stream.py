@@ -118,10 +118,13 @@ class Stream:
         engine: the shared engine (model weights, device thread, session slots).
         cfg: the serve config.
         out: the client's outgoing queue.
+        raw_frames: frame messages carry the frame as raw (H, W, 3) RGB bytes, not a JPEG
+            (the realtime endpoint encodes them to fragmented MP4 itself).
     """
 
-    def __init__(self, engine, cfg: DictConfig, out) -> None:
+    def __init__(self, engine, cfg: DictConfig, out, raw_frames: bool = False) -> None:
         self.engine, self.cfg, self.out = engine, cfg, out
+        self.encode_frame = _raw_frame if raw_frames else protocol.encode_jpeg
         self.session: Session | None = None
         self.task: asyncio.Task | None = None
         self.paused = self.stop_requested = False
@@ -284,7 +287,7 @@ class Stream:
         frames = [] if host is None else [host[b, i] for i in range(host.shape[1])
                                           for b in range(host.shape[0])]  # fmt: skip
         jpegs = await asyncio.gather(
-            *(loop.run_in_executor(encoders(), protocol.encode_jpeg, f, q) for f in frames)
+            *(loop.run_in_executor(encoders(), self.encode_frame, f, q) for f in frames)
         )
         messages, num_frames = self._messages(step, host, jpegs)
         batch = 1 if host is None else host.shape[0]
@@ -312,6 +315,11 @@ class Stream:
                                  step.prompt_version)  # fmt: skip
                 messages.append(protocol.pack_frame(info, next(jpeg)))
         return messages, frames_in_block
+
+
+def _raw_frame(frame, quality: int) -> bytes:
+    """A frame's raw RGB bytes (``quality`` unused)."""
+    return frame.tobytes()
 
 
 def _step_job(session: Session, prompt: str | None, control: dict | None):

@@ -87,7 +87,8 @@ class Session:
         seed: seed of the stream's noise, an integer in [0, 2**63).
         total_blocks: AR steps of the stream, a positive integer; ``None`` is endless (needs a
             rolling cache).
-            Default: endless when the cache rolls, else the config's ``rollout.total_blocks``.
+            Default: endless when the cache rolls (unless an input video sets the length), else
+            the config's ``rollout.total_blocks``.
         images: one PIL image per video for image-conditioned recipes (kept across resets).
     """
 
@@ -101,9 +102,15 @@ class Session:
 
             scope_options(cfg)  # a recipe's keys of options it did not choose are dropped
             rollout = build_rollout(cfg)
+        from flashdreams.postprocess import build_postprocess
+
+        # postprocess=...: steps return the post-processed (upscaled) frames as they come
+        self.postprocess = build_postprocess(cfg, rollout) if cfg is not None else None
         self._lock = threading.Lock()
         self.rollout = rollout
         self._default_total = rollout.total_blocks
+        size = rollout.control.run_size()  # an input of a known length (a video to upscale)
+        self._finite_input = size is not None and size.latent_frames is not None
         if prompt is None:
             prompt = cfg.prompt if cfg is not None else ""
         seed = cfg.seed if seed is None and cfg is not None else seed
@@ -152,7 +159,8 @@ class Session:
         if total_blocks is _CONFIG:
             total_blocks = getattr(self, "total_blocks", _CONFIG)
         if total_blocks is _CONFIG:
-            total_blocks = None if r.cache is not None and _wraps(r.cache) else self._default_total
+            endless = r.cache is not None and _wraps(r.cache) and not self._finite_input
+            total_blocks = None if endless else self._default_total
         self._check_total_blocks(total_blocks)
         prompts = self._prompts(prompt) if prompt is not None else list(r.prompts)
         self.total_blocks = r.total_blocks = total_blocks
@@ -161,6 +169,8 @@ class Session:
         else:
             r.start(prompts, seed, images=self.images)
         r.precapture()
+        if self.postprocess is not None:
+            self.postprocess.start()
         self._blocks: list[tuple[int, torch.Tensor]] = []  # (start frame, clean latents)
         self._pending_prompts: list[str] | None = None
         self.prompt_version = 0
@@ -234,7 +244,7 @@ class Session:
         Waits for a step running on another thread; closing twice is allowed.
         """
         with self._lock:
-            self._blocks, self.last, self.rollout = [], None, None
+            self._blocks, self.last, self.rollout, self.postprocess = [], None, None, None
 
     @contextmanager
     def _locked(self):
@@ -270,9 +280,18 @@ class Session:
         out = self.rollout.step()
         self._remember(out)
         state = self.rollout.control_state()
-        self.last = SessionStep(out.step, out.frames, out, self.prompt_version, control, recache_ms,
+        frames = out.frames if self.postprocess is None else self._postprocess(out.frames)
+        self.last = SessionStep(out.step, frames, out, self.prompt_version, control, recache_ms,
                                 state)  # fmt: skip
-        return out.frames
+        return frames
+
+    def _postprocess(self, frames: torch.Tensor | None) -> torch.Tensor | None:
+        """The post-processed frames that became ready (at the last step: all that are left)."""
+        parts = [self.postprocess.push(frames)]
+        if self.finished:
+            parts.append(self.postprocess.finish())
+        parts = [p for p in parts if p is not None]
+        return torch.cat(parts, dim=1) if parts else None
 
     def __iter__(self) -> Iterator[torch.Tensor | None]:
         while not self.finished:

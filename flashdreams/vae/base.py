@@ -1,8 +1,16 @@
-"""Protocol of a streaming latent decoder, as the rollout loop sees it; the decoders' file reader."""
+"""Protocol of a streaming latent decoder, as the rollout loop sees it; the decoders' file reader.
+
+Decoders may take named inputs besides the latents (FlashVSR's Tiny Conditional Decoder reads
+the low-resolution frames, colour correction its reference frames): a decoder lists them in
+``inputs()`` and ``decode_step`` takes them as keyword arguments. The loop hands decoders
+latents only, so ``build.assemble_rollout`` wraps such a decoder in a ``FedDecoder`` that counts
+the latent frames decoded since ``reset`` and asks the recipe's control for the inputs of each
+new run of frames (``ControlEncoder.decoder_inputs(start, num)``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -35,16 +43,63 @@ class StreamingDecoder(nn.Module):
         """Forget the streaming state; the next ``decode_step`` starts a new clip."""
         raise NotImplementedError
 
-    def decode_step(self, latents: torch.Tensor) -> torch.Tensor:
+    def inputs(self) -> dict[str, str]:
+        """Named inputs ``decode_step`` takes as keyword arguments (name -> what it is); for
+        latent frames [s, s + T) each covers those frames (e.g. (B, 3, 4 T, H, W) video frames).
+        None by default: the decoder reads latents only."""
+        return {}
+
+    def decode_step(self, latents: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """Decode the next latent frames of the clip.
 
         Args:
             latents: (B, C, T, h, w) new latent frames, in the model's latent space.
+            inputs: the named inputs of ``inputs()`` for those frames.
 
         Returns:
             (B, T_out, 3, H, W) float frames in [0, 1].
         """
         raise NotImplementedError
+
+
+InputSource = Callable[[int, int], dict[str, torch.Tensor]]
+
+
+class FedDecoder(StreamingDecoder):
+    """A decoder with named inputs, fed from ``source(start, num)`` as the loop decodes.
+
+    The loop calls ``decode_step(latents)`` with latents only; this wrapper counts the latent
+    frames decoded since ``reset`` (a clip's first call starts at frame 0, an I2V prefix
+    included), asks the source for the inputs of the new frames and passes the ones the decoder
+    takes. Geometry and ``produces_frames`` are the wrapped decoder's.
+
+    Args:
+        decoder: the decoder (its ``inputs()`` non-empty).
+        source: (start, num) -> named tensors of latent frames [start, start + num), e.g. a
+            control's ``decoder_inputs`` (a bound method: the source is not a submodule).
+    """
+
+    def __init__(self, decoder: StreamingDecoder, source: InputSource) -> None:
+        super().__init__()
+        self.decoder, self._source = decoder, source
+        self.latent_channels, self.spatial_factor = decoder.latent_channels, decoder.spatial_factor
+        self.temporal_factor = decoder.temporal_factor
+        self.produces_frames = decoder.produces_frames
+        self._names = tuple(decoder.inputs())
+        self._next = 0
+
+    def inputs(self) -> dict[str, str]:
+        return {}  # fed here
+
+    def reset(self) -> None:
+        self.decoder.reset()
+        self._next = 0
+
+    def decode_step(self, latents: torch.Tensor) -> torch.Tensor | None:
+        num = latents.shape[2]
+        given = self._source(self._next, num)
+        self._next += num
+        return self.decoder.decode_step(latents, **{k: given[k] for k in self._names})
 
 
 def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -38,3 +38,21 @@ def test_compiled_flex_block_sparse_equals_the_masked_reference():
         assert rel_l2(out.float(), ref.float()) <= 2e-2
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames <= 2, f"{frames} compiled graphs for 3 calls of one shape"
+
+
+@pytest.mark.parametrize("recipe", ["flashvsr_v1_1_tiny", "flashvsr_v1_1_full"])
+def test_recipes_stream_a_clip_on_cuda(tmp_path, recipe):
+    """Random weights at the real sizes (DiT, projector, TCDecoder / Wan VAE), graph=compile:
+    a 64x96 clip upscaled 4x to 256x384, every chunk's frames finite and in [0, 1]."""
+    from flashdreams.session import Session
+    from tests.unit.test_flashvsr_recipe import _mp4
+
+    video = _mp4(tmp_path / "lr.mp4", 21, w=96, h=64)  # 25 frames after padding: 3 chunks
+    session = Session.from_overrides([
+        f"recipe={recipe}", f"input={video}", "model.checkpoint=null", "text_encoder=random",
+        "control.checkpoint=null", "vae.decoder.checkpoint=null", "vsr.size_multiple=128",
+        "device=cuda"])  # fmt: skip
+    assert (session.rollout.height, session.rollout.width, session.total_blocks) == (256, 384, 3)
+    frames = torch.cat([f for f in session if f is not None], dim=1)
+    assert frames.shape == (1, 21, 3, 256, 384)
+    assert torch.isfinite(frames).all() and frames.min() >= 0 and frames.max() <= 1

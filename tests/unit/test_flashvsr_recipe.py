@@ -47,7 +47,15 @@ def test_recipe_composes_with_the_release_settings():
         8, 0, 2)  # fmt: skip
     assert cfg.rollout.first_block_frames == 6  # the release's first DiT call
     assert cfg.control.checkpoint.endswith("LQ_proj_in.ckpt") and cfg.control.scale == 4.0
-    assert cfg.rollout.height % 128 == 0 and cfg.rollout.width % 128 == 0
+    # sized from the input (multiples of vsr.size_multiple = 128), decoded by the Wan VAE + adain
+    assert (cfg.rollout.height, cfg.rollout.width, cfg.rollout.total_blocks) == (None, None, None)
+    assert (cfg.vsr.size_multiple, cfg.vae.method, cfg.vsr.sparse_ratio) == (128, "adain", None)
+    assert cfg.vae.decoder.checkpoint.endswith("Wan2.1_VAE.pth")
+    tiny = compose_run(["recipe=flashvsr_v1_1_tiny", "input=clip.mp4", "vsr.scale=2",
+                        "vsr.sparse_ratio=1.5", "vsr.color_fix=wavelet"])  # fmt: skip
+    assert tiny.vae.decoder.checkpoint.endswith("TCDecoder.ckpt") and tiny.control.scale == 2
+    assert (tiny.model.sparse_ratio, tiny.vae.method, tiny.control.video) == (1.5, "wavelet",
+                                                                             "clip.mp4")  # fmt: skip
 
 
 @pytest.mark.parametrize("size,sparse", [(64, []), (128, ["model.sparse_ratio=2.0",
@@ -60,7 +68,7 @@ def test_tiny_4x_run_through_the_cli(tmp_path, size, sparse):
             "model.num_layers=2", "model.ffn_dim=128", "model.text_dim=16", "model.text_len=4",
             f"text_encoder.path={prompt}", "control.checkpoint=null", "control.hidden_dim1=8",
             "control.hidden_dim2=8", "control.dtype=float32", f"control.video={video}",
-            "vae=preview", "~vae.checkpoint", "graph=eager", "attention=sdpa",
+            "vae=preview", "graph=eager", "attention=sdpa",
             f"rollout.height={size}", f"rollout.width={size}", "rollout.total_blocks=2",
             "device=cpu", "dtype=float32", *sparse, f"paths.root={tmp_path / 'out'}"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
@@ -80,7 +88,7 @@ def test_tiny_4x_run_through_the_cli(tmp_path, size, sparse):
 
 
 def test_missing_or_unreadable_video_is_a_one_line_error(tmp_path):
-    with pytest.raises(ConfigError, match="video= is required"):
+    with pytest.raises(ConfigError, match="input= is required"):
         LRVideoControl(video=None, hidden_dim1=8, hidden_dim2=8, dim=64)
     with pytest.raises(ConfigError, match="no such file"):
         LRVideoControl(video=tmp_path / "nope.mp4", hidden_dim1=8, hidden_dim2=8,
@@ -96,7 +104,7 @@ def test_control_features_are_the_projector_of_the_upscaled_frames(tmp_path):
     video = _mp4(tmp_path / "lr.mp4", 21, w=16, h=8)
     ctl = LRVideoControl(video=video, hidden_dim1=8, hidden_dim2=8, dim=64, dtype="float32")
     ctl.prepare(2, height=32, width=64, num_frames=6, device=torch.device("cpu"))
-    lr = ctl.lr_frames(0, 25)  # 21 frames + 4 copies of the last one, 4x upscaled
+    lr = ctl.lr_frames(range(25))  # 21 frames + 4 copies of the last one, 4x upscaled
     assert lr.shape == (2, 3, 25, 32, 64) and lr.min() >= -1 and lr.max() <= 1
     torch.testing.assert_close(lr[:, :, 21:], lr[:, :, 20:21].expand(-1, -1, 4, -1, -1))
     got = ctl.inputs(2, 2)["lr_features"]

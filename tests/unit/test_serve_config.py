@@ -35,3 +35,18 @@ def test_serve_block_is_typed_and_the_recipe_size_survives(composer):
         composer("serve", ["serve.prt=1"])
     with pytest.raises(Exception, match="serve.port"):
         composer("serve", ["serve.port=abc"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("serve.backend=grpc", "serve.backend=grpc must be local or ray"),
+    ("serve.replicas=0", "serve.replicas=0 must be >= 1"),
+    ("serve.ray_num_cpus=0", "serve.ray_num_cpus=0 must be >= 1 or null"),
+])  # fmt: skip
+def test_ray_settings_are_checked_in_one_line(composer, override, message):
+    from flashdreams import ConfigError
+    from flashdreams.serve.config import check_serve
+
+    serve = OmegaConf.create(composer("serve", [override])["serve"])
+    with pytest.raises(ConfigError) as err:
+        check_serve(serve)
+    assert str(err.value) == message

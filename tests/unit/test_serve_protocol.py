@@ -24,14 +24,15 @@ TINY = [f"device={DEVICE}", "rollout.height=64", "rollout.width=64"]
 class ServerProcess:
     """A `flashdreams-serve` subprocess on a free loopback port."""
 
-    def __init__(self, tmp: Path, *overrides: str) -> None:
+    def __init__(self, tmp: Path, *overrides: str, timeout: float = 90, stop_s: float = 10) -> None:
+        self.stop_s = stop_s
         port_file = tmp / "port"
         args = [*TINY, "serve.port=0", f"serve.port_file={port_file}",
                 f"hydra.run.dir={tmp / 'run'}", *overrides]  # fmt: skip
         self.log = open(tmp / "server.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen([*SERVE, *args], stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + timeout
         while not port_file.is_file() or not port_file.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
@@ -60,7 +61,7 @@ class ServerProcess:
     def close(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=self.stop_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()

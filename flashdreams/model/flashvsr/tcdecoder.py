@@ -51,38 +51,44 @@ def lr_groups(lr: torch.Tensor, start: int, num: int) -> torch.Tensor:
 
 
 class TCDecoder(TAEHVDecoder):
-    """Streaming TCDecoder: ``decode_step(latents, lr)`` with the LR frames of those latents.
+    """Streaming TCDecoder: ``decode_step(latents, lr_frames=...)`` with the LR frames of those
+    latents (its named decoder input, fed by ``control=lr_video``).
 
     Args:
         checkpoint: ``TCDecoder.ckpt`` (release names); None = random weights.
         channels: level widths (512, 256, 128, 128 in the release).
         latent_channels: the DiT's latent channels (16); the LR channels are added.
         seed: seed of the random weights.
+        compile: ``torch.compile`` the per-block decode on CUDA (as ``vae=taehv``).
     """
 
     def __init__(self, checkpoint: str | None = None,
                  channels: Sequence[int] = (512, 256, 128, 128), latent_channels: int = 16,
-                 seed: int = 0) -> None:  # fmt: skip
-        super().__init__(checkpoint, channels, latent_channels + LR_CHANNELS, seed)
+                 seed: int = 0, compile: bool = False) -> None:  # fmt: skip
+        super().__init__(checkpoint, channels, latent_channels + LR_CHANNELS, seed, compile)
+        self.latent_channels = int(latent_channels)  # what the loop feeds; the LR is added here
 
     def _build(self, latent_channels: int, channels: Sequence[int]) -> nn.Sequential:
         return deepen(build_taehv_decoder(latent_channels, channels))
 
+    def inputs(self) -> dict[str, str]:
+        return {"lr_frames": "(B, 3, 4 T, 8 h, 8 w) LR frames 4j-3..4j of each latent j, [-1, 1]"}
+
     @staticmethod
-    def condition(latents: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    def condition(latents: torch.Tensor, lr_frames: torch.Tensor) -> torch.Tensor:
         """(B, 768 + C, T, h, w): pixel-unshuffled LR groups (B, 3, 4 T, 8 h, 8 w) + latents."""
-        b, c, f, hh, ww = groups.shape
+        b, c, f, hh, ww = lr_frames.shape
         t, h, w = f // 4, hh // 8, ww // 8
-        g = groups.reshape(b, c, t, 4, h, 8, w, 8).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        g = lr_frames.reshape(b, c, t, 4, h, 8, w, 8).permute(0, 1, 3, 5, 7, 2, 4, 6)
         g = g.reshape(b, c * 4 * 64, t, h, w)
-        return torch.cat([g.to(latents.dtype), latents], dim=1)
+        return torch.cat([g.to(latents.device, latents.dtype), latents], dim=1)
 
     @torch.no_grad()
-    def decode_full(self, latents: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    def decode_full(self, latents: torch.Tensor, lr_frames: torch.Tensor) -> torch.Tensor:
         """The whole clip in one pass: (B, 1 + 4 (T - 1), 3, H, W) frames in [0, 1]."""
-        return super().decode_full(self.condition(latents, groups))
+        return super().decode_full(self.condition(latents, lr_frames))
 
     @torch.no_grad()
-    def decode_step(self, latents: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """The next latents of the clip with their LR groups (``lr_groups``)."""
-        return super().decode_step(self.condition(latents, groups))
+    def decode_step(self, latents: torch.Tensor, lr_frames: torch.Tensor) -> torch.Tensor:
+        """The next latents of the clip with their LR frames (``lr_groups``)."""
+        return super().decode_step(self.condition(latents, lr_frames))

@@ -1,0 +1,130 @@
+"""A recipe run on another run's frames as they come (``postprocess=flashvsr_v1_1_tiny``).
+
+``flashdreams-run recipe=self_forcing_wan21_t2v_1_3b_taehv postprocess=flashvsr_v1_1_tiny``
+generates a stream and upscales every AR step's frames as they arrive: the post-processing
+recipe is composed like a run of its own (``postprocess.recipe`` + ``postprocess.overrides``),
+its control set to take pushed frames (``control.stream=true``, sized from the source run) and
+its rollout built on ``postprocess.device`` (the run's, or a second GPU). After each source
+step the frames go to the control (quantized to uint8, as a video file holds them) and the
+post-processing rollout runs every block whose input frames have all arrived; when a finite
+source ends, the stream is padded (the release's 4 copies of the last frame) and the blocks
+left run. So the chained output equals upscaling a lossless file of the generated frames
+(``tests/unit/test_flashvsr_chain.py``).
+
+Its rollout is endless (its cache rolls): it stops when the frames stop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig
+
+from flashdreams import ConfigError
+from flashdreams.rollout import Rollout, StepOutput
+
+log = logging.getLogger(__name__)
+
+
+def compose_run(overrides: list[str]) -> DictConfig:
+    """The ``run`` config of ``overrides`` (inside a running Hydra app, or on its own)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose("run", overrides=overrides)
+    with initialize_config_module("flashdreams.conf", version_base="1.3"):
+        return compose("run", overrides=overrides)
+
+
+class Postprocess:
+    """A streaming rollout fed another rollout's frames (its control must take pushed frames:
+    ``push_frames``, ``end_stream``, ``available``, ``frames_needed``).
+
+    Args:
+        rollout: the post-processing rollout (endless: ``total_blocks`` None).
+        cfg: its composed config.
+    """
+
+    def __init__(self, rollout: Rollout, cfg: DictConfig) -> None:
+        control = rollout.control
+        for method in ("push_frames", "end_stream", "frames_needed"):
+            if not callable(getattr(type(control), method, None)):
+                raise ConfigError(f"postprocess.recipe={cfg.run_name}: its control "
+                                  f"({type(control).__name__}) does not take streamed frames")  # fmt: skip
+        self.rollout, self.cfg, self.control = rollout, cfg, control
+        self.timers: list = []  # every step's StepTimer (resolved by the caller)
+
+    def start(self) -> None:
+        """Begin a new stream (a new clip of the source)."""
+        self.rollout.start([self.cfg.prompt] * self.rollout.batch_size)
+        self.rollout.precapture()
+
+    def _block_end(self) -> int:
+        """Latent frame where the next block ends (the loop's frame plan)."""
+        return self.rollout._start_frame(self.rollout.step_index + 1)
+
+    def _run_ready(self) -> list[StepOutput]:
+        outs = []
+        while self.control.available >= self.control.frames_needed(self._block_end()):
+            out = self.rollout.step()
+            self.timers.append(out.timer)
+            outs.append(out)
+        return outs
+
+    @torch.no_grad()
+    def push(self, frames: torch.Tensor | None) -> torch.Tensor | None:
+        """Feed a source step's frames (B, T, 3, H, W) in [0, 1]; returns the frames of every
+        block that became ready (B, T', 3, H', W'), or None when none did."""
+        if frames is not None:
+            self.control.push_frames(frames)
+        return self._frames(self._run_ready())
+
+    @torch.no_grad()
+    def finish(self) -> torch.Tensor | None:
+        """The source ended: pad the stream and run the blocks left; their frames, or None."""
+        self.control.end_stream()
+        return self._frames(self._run_ready())
+
+    def take_rows(self) -> list[dict]:
+        """Stage times of the steps run since the last call (waits for the device)."""
+        if self.rollout.device.type == "cuda":
+            torch.cuda.synchronize(self.rollout.device)
+        rows = [t.resolve() for t in self.timers]
+        self.timers.clear()
+        return rows
+
+    @staticmethod
+    def _frames(outs: list[StepOutput]) -> torch.Tensor | None:
+        frames = [o.frames for o in outs if o.frames is not None and o.frames.shape[1]]
+        return torch.cat(frames, dim=1) if frames else None
+
+
+def build_postprocess(cfg: DictConfig, source: Rollout) -> Postprocess | None:
+    """The ``postprocess`` of ``cfg`` fed by ``source``, or None (``postprocess=none``)."""
+    pp = cfg.get("postprocess")
+    if pp is None or not pp.get("recipe"):
+        return None
+    from flashdreams.build import build_rollout
+    from flashdreams.config.options import scope_options
+    from flashdreams.config.validate import check_run_config
+
+    overrides = [f"recipe={pp.recipe}", *[str(o) for o in pp.get("overrides") or []],
+                 "control.stream=true", f"control.stream_size=[{source.height},{source.width}]",
+                 f"device={pp.get('device') or source.device}", f"dtype={cfg.dtype}",
+                 f"rollout.batch_size={source.batch_size}", f"seed={cfg.seed}",
+                 f"vsr.resize={pp.get('resize', 'torch')}", "rollout.total_blocks=null"]  # fmt: skip
+    try:
+        sub = compose_run(overrides)
+    except Exception as err:  # noqa: BLE001  (Hydra's composition errors, one line)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"postprocess={pp.recipe}: {first}") from None
+    scope_options(sub)
+    check_run_config(sub)
+    rollout = build_rollout(sub)
+    if rollout.cache is not None and not rollout.cache.rolls:
+        raise ConfigError(f"postprocess={pp.recipe}: its cache must roll (an endless stream)")
+    log.info("postprocess %s: %dx%d on %s", pp.recipe, rollout.height, rollout.width,
+             rollout.device)  # fmt: skip
+    return Postprocess(rollout, sub)
