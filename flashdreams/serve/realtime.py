@@ -23,6 +23,7 @@ import uuid
 
 from starlette.websockets import WebSocket
 
+from flashdreams.rollout.schedule import BlockSchedule
 from flashdreams.serve import protocol
 from flashdreams.serve.app import _GONE, OutQueue, _send_loop
 from flashdreams.serve.fmp4 import FragmentedMP4Encoder
@@ -88,9 +89,11 @@ def parse_start(msg: dict, cfg) -> dict:
                            f"{sorted(EXTRA_PARAMS)}")  # fmt: skip
     num_frames = msg.get("num_frames")
     total = extra.get("total_blocks", s.total_blocks)
-    if num_frames is not None:  # enough blocks (a block has >= frames_per_block frames)
+    if num_frames is not None:  # enough blocks (a block has >= its latent frames in frames)
         num_frames = _positive_int(num_frames, "num_frames")
-        total = extra.get("total_blocks", math.ceil(num_frames / r.frames_per_block))
+        schedule = BlockSchedule(r.frames_per_block, r.get("first_block_frames"))
+        more = math.ceil(max(0, num_frames - schedule.first) / schedule.steady)
+        total = extra.get("total_blocks", 1 + more)
     if total is not None:
         _positive_int(total, "extra_params.total_blocks")
     crf = extra.get("crf", 23)
