@@ -65,7 +65,7 @@ def test_chained_session_equals_upscaling_the_generated_file(tmp_path):
     upscaled = Session.from_overrides(["recipe=flashvsr_v1_1_tiny", f"input={path}", *vsr,
                                        "vsr.resize=torch", "device=cpu", "dtype=float32",
                                        "seed=3"])  # fmt: skip
-    assert upscaled.total_blocks == 3 and upscaled.rollout.height == 64  # sized by the file
+    assert upscaled.total_blocks == 1 and upscaled.rollout.height == 64  # 6 latents: one chunk
     want = _frames(list(upscaled))
     assert got.shape == want.shape == (1, 21, 3, 64, 64)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -85,7 +85,7 @@ def test_chained_run_through_the_cli(tmp_path):
     assert read_video(run / "video.mp4")[0].shape == (21, 64, 64, 3)  # upscaled 2x
     assert read_video(run / "video_source.mp4")[0].shape == (21, 32, 32, 3)
     stats = json.loads((run / "stats.json").read_text())
-    assert len(stats["steps"]) == 2 and len(stats["postprocess"]) == 3  # 3 chunks of 2 latents
+    assert len(stats["steps"]) == 2 and len(stats["postprocess"]) == 1  # one chunk of 6 latents
     assert {"diffuse_ms", "decode_ms", "step_ms"} <= set(stats["postprocess"][0])
 
 

@@ -38,11 +38,11 @@ def test_the_run_is_sized_from_the_input(tmp_path):
     assert [latent_frames_of(n) for n in (4, 5, 30, 77)] == [0, 2, 8, 20]
     video = _mp4(tmp_path / "lr.mp4", 30, w=72, h=40)  # 30 frames -> 33 -> 8 latent frames
     r = _sized(f"input={video}")  # 4x: 160x288 -> 128x256 (multiples of 128)
-    assert (r.height, r.width, r.total_blocks) == (128, 256, 4)
+    assert (r.height, r.width, r.total_blocks) == (128, 256, 2)  # chunks of 6 + 2 latent frames
     r = _sized(f"input={video}", "vsr.scale=2", "vsr.size_multiple=16")  # 80x144
-    assert (r.height, r.width, r.total_blocks) == (80, 144, 4)
-    r = _sized(f"input={video}", "rollout.height=64", "rollout.total_blocks=2")  # given: kept
-    assert (r.height, r.width, r.total_blocks) == (64, 256, 2)
+    assert (r.height, r.width, r.total_blocks) == (80, 144, 2)
+    r = _sized(f"input={video}", "rollout.height=64", "rollout.total_blocks=1")  # given: kept
+    assert (r.height, r.width, r.total_blocks) == (64, 256, 1)
     with pytest.raises(ConfigError) as err:  # 2x of 40x72 is smaller than 128
         _sized(f"input={video}", "vsr.scale=2")
     assert "\n" not in str(err.value) and "vsr.size_multiple=128" in str(err.value)
