@@ -47,12 +47,12 @@ def test_recipes_stream_a_clip_on_cuda(tmp_path, recipe):
     from flashdreams.session import Session
     from tests.unit.test_flashvsr_recipe import _mp4
 
-    video = _mp4(tmp_path / "lr.mp4", 21, w=96, h=64)  # 25 frames after padding: 3 chunks
+    video = _mp4(tmp_path / "lr.mp4", 29, w=96, h=64)  # 33 after padding: 8 latents, chunks 6 + 2
     session = Session.from_overrides([
         f"recipe={recipe}", f"input={video}", "model.checkpoint=null", "text_encoder=random",
         "control.checkpoint=null", "vae.decoder.checkpoint=null", "vsr.size_multiple=128",
         "device=cuda"])  # fmt: skip
-    assert (session.rollout.height, session.rollout.width, session.total_blocks) == (256, 384, 3)
+    assert (session.rollout.height, session.rollout.width, session.total_blocks) == (256, 384, 2)
     frames = torch.cat([f for f in session if f is not None], dim=1)
-    assert frames.shape == (1, 21, 3, 256, 384)
+    assert frames.shape == (1, 29, 3, 256, 384)
     assert torch.isfinite(frames).all() and frames.min() >= 0 and frames.max() <= 1
