@@ -4,8 +4,8 @@ Builds ``flashvsr_v1_1_tiny`` once with random weights at the real size (Wan 2.1
 projector, TCDecoder 512/256/128/128, no downloads) and runs, per scene and attention mode, a
 stream of chunks (the release's first of 6 latent frames, then 2 = 8 output frames each) fed
 random LR frames (``control.stream``, bicubic on the device): the 4x scene 768x1408 first (the
-speed target: 38 FPS on one H200), then six 2x scenes from 384x384 to 704x1280 (the issue's end points; the four
-in between are ours). Sparse attention (``vsr.sparse_ratio``, FlexAttention block masks) needs
+speed target: 38 FPS on one H200), then six 2x scenes from 384x384 to 704x1280 (the issue's
+end points; the four in between are ours). Sparse attention (``vsr.sparse_ratio``, FlexAttention block masks) needs
 sizes in multiples of 128; other scenes report it as n/a.
 
 Per (scene, mode): median over chunks >= 2 of the chunk period (``period_ms``), FPS = 8 output
