@@ -163,8 +163,8 @@ class HDMapControl(ControlEncoder):
                              f"encoded (next: {done})")  # fmt: skip
         if first + len(arr) > done + self.max_ahead:
             raise ValueError(f"HDMap frames {first}..{first + len(arr) - 1} are too far ahead: "
-                             f"at most control.max_ahead_frames={self.max_ahead} beyond frame "
-                             f"{done - 1}")  # fmt: skip
+                             f"frames up to {done + self.max_ahead - 1} are taken now "
+                             f"(control.max_ahead_frames={self.max_ahead})")  # fmt: skip
         for i, img in enumerate(arr):
             self._pushed[first + i] = fit(img, width, height)
         self._next_push = max(self._next_push, first + len(arr))
