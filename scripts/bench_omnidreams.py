@@ -95,8 +95,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", action="append", choices=RECIPES,
                         help="recipe(s) to run (default: both, the fast one first)")  # fmt: skip
-    parser.add_argument("--blocks", type=int, default=8, help="AR blocks per run (medians over >= 2)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: a temp dir)")
+    parser.add_argument(
+        "--blocks", type=int, default=8, help="AR blocks per run (medians over >= 2)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: a temp dir)"
+    )
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, 64x64")
     parser.add_argument("overrides", nargs="*", help="extra flashdreams-bench overrides after --")
     args = parser.parse_args()

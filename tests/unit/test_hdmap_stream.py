@@ -143,4 +143,5 @@ def test_prompt_switch_recaches_with_the_hdmap_latents_it_kept(filed):
 def test_the_hdmap_encode_is_its_own_stage(file_run):
     for row in file_run["rows"]:
         assert row["control_ms"] > 0 and row["step_ms"] == pytest.approx(
-            row["encode_ms"] + row["control_ms"] + row["diffuse_ms"] + row["decode_ms"])
+            row["encode_ms"] + row["control_ms"] + row["diffuse_ms"] + row["decode_ms"]
+        )
