@@ -142,7 +142,7 @@ def test_pushed_hdmap_frames_give_the_file_driven_rollout(tmp_path):
         writer.write(frames)
     Image.fromarray(frames[0]).save(tmp_path / "first.png")
     base = ["recipe=omnidreams_single_view", "model=omnidreams_tiny", "model.checkpoint=null",
-            "text_encoder=random", "vae=none", "device=cpu", "dtype=float32",
+            "graph=eager", "text_encoder=random", "vae=none", "device=cpu", "dtype=float32",
             "rollout.height=32", "rollout.width=32", "rollout.total_blocks=2", *ENCODER,
             "control.encoder.dtype=float32", f"image={tmp_path / 'first.png'}"]  # fmt: skip
     runs = {}
