@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-STAGES = ("encode", "diffuse", "decode", "commit")
+STAGES = ("encode", "control", "diffuse", "decode", "commit")
 WARMUP_STEPS = 2  # steps 0 and 1 are warm-up (compile, capture) and excluded from medians
 
 
@@ -66,7 +66,7 @@ class StepTimer:
         for stage in STAGES:
             pair = self.marks.get(stage)
             row[f"{stage}_ms"] = pair[0].ms_until(pair[1]) if pair else 0.0
-        row["step_ms"] = row["encode_ms"] + row["diffuse_ms"] + row["decode_ms"]
+        row["step_ms"] = row["encode_ms"] + row["control_ms"] + row["diffuse_ms"] + row["decode_ms"]
         row["period_ms"] = row["step_ms"] + row["commit_ms"]
         if "period" in self.marks:  # overlapping stages: step start to all of them done
             row["period_ms"] = self.marks["period"][0].ms_until(self.marks["period"][1])
@@ -87,6 +87,9 @@ def summarize(steps: list[dict[str, Any]], warmup_s: float | None, peak_bytes: i
         "median_step_ms": statistics.median(s["step_ms"] for s in timed) if timed else None,
         "median_period_ms": (
             statistics.median(s["period_ms"] for s in with_commit) if timed else None
+        ),
+        "median_control_ms": (
+            statistics.median(s.get("control_ms", 0.0) for s in timed) if timed else None
         ),
         "median_diffuse_ms": statistics.median(s["diffuse_ms"] for s in timed) if timed else None,
         "median_decode_ms": statistics.median(s["decode_ms"] for s in timed) if timed else None,
