@@ -14,7 +14,7 @@ STAGES = ("encode", "control", "diffuse", "decode", "commit")
 WARMUP_STEPS = 2  # steps 0 and 1 are warm-up (compile, capture) and excluded from medians
 
 
-class _Mark:
+class Mark:
     """A point in time on the host clock or a CUDA stream."""
 
     def __init__(self, device: torch.device) -> None:
@@ -24,7 +24,7 @@ class _Mark:
             self.event.record()
         self.host = time.perf_counter()
 
-    def ms_until(self, other: _Mark) -> float:
+    def ms_until(self, other: Mark) -> float:
         if self.event is not None:
             return self.event.elapsed_time(other.event)
         return (other.host - self.host) * 1000.0
@@ -40,17 +40,24 @@ class StepTimer:
     def __init__(self, step: int, device: torch.device) -> None:
         self.step = step
         self.device = device
-        self.marks: dict[str, tuple[_Mark, _Mark]] = {}
-        self._open: tuple[str, _Mark] | None = None
+        self.marks: dict[str, tuple[Mark, Mark]] = {}
+        self.parts: dict[str, list[tuple[Mark, Mark]]] = {}  # sub-stages, e.g. a projector
+        self._open: tuple[str, Mark] | None = None
         self.num_frames = 0
 
     def start(self, stage: str) -> None:
-        self._open = (stage, _Mark(self.device))
+        self._open = (stage, Mark(self.device))
 
     def stop(self) -> None:
         stage, begin = self._open
-        self.marks[stage] = (begin, _Mark(self.device))
+        self.marks[stage] = (begin, Mark(self.device))
         self._open = None
+
+    def add_parts(self, parts: dict[str, list[tuple[Mark, Mark]]]) -> None:
+        """Sub-stage intervals recorded by a part of the step (a control's projector inside
+        the diffuse stage); each becomes ``<name>_ms``, the sum of its intervals."""
+        for name, pairs in parts.items():
+            self.parts.setdefault(name, []).extend(pairs)
 
     def close_period(self) -> None:
         """Mark the end of the block period on the current stream, for stages that overlap
@@ -58,7 +65,7 @@ class StepTimer:
         waited for every stage. The period is then the time from the first stage's start to
         this mark, not the sum of the stages."""
         first = next(iter(self.marks.values()))[0]
-        self.marks["period"] = (first, _Mark(self.device))
+        self.marks["period"] = (first, Mark(self.device))
 
     def resolve(self) -> dict[str, Any]:
         """Stage times of this step in ms, plus step latency and block period."""
@@ -70,6 +77,8 @@ class StepTimer:
         row["period_ms"] = row["step_ms"] + row["commit_ms"]
         if "period" in self.marks:  # overlapping stages: step start to all of them done
             row["period_ms"] = self.marks["period"][0].ms_until(self.marks["period"][1])
+        for name, pairs in self.parts.items():
+            row[f"{name}_ms"] = sum(a.ms_until(b) for a, b in pairs)
         row["num_frames"] = self.num_frames
         return row
 

@@ -54,6 +54,11 @@ class ControlEncoder(nn.Module):
         """Named decoder inputs of latent frames [start, start + num) (``decoder_provides``)."""
         return {}
 
+    def take_parts(self) -> dict[str, list]:
+        """Sub-stage timings recorded since the last call (name -> (begin, end) ``stats.Mark``
+        pairs, e.g. the LR projector's forwards), added to the step's ``StepTimer``; none here."""
+        return {}
+
     def check_frames(self, num_frames: int) -> None:
         """Fail in one line, before any model loads, if a clip of ``num_frames`` latent frames
         cannot be controlled (a control file too short); nothing to check by default."""
