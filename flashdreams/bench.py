@@ -211,6 +211,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     result: dict[str, Any] = {"stats": stats, "config": {"graph": cfg.graph._target_,
                               "attention": plain(cfg.attention)}}  # fmt: skip
     bench = cfg.get("bench") or {}
+    result["stages_ms"] = stage_medians(stats["steps"])
     if "precision" in cfg:
         result["config"].update(precision=plain(cfg.precision), offload=cfg.get("offload"),
                                 memory_fraction=bench.get("memory_fraction"))  # fmt: skip
@@ -231,7 +232,8 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         floor_ms = statistics.median(f["floor_ms"] for f in timed)
         measured = stats["summary"]["median_step_ms"]
         result["floor"] = {**tp, "steps": floors, "median_floor_ms": floor_ms,
-                           "floor_over_measured": floor_ms / measured}  # fmt: skip
+                           "floor_over_measured": floor_ms / measured,
+                           "floor_over_diffuse": floor_ms / result["stages_ms"]["diffuse"]}  # fmt: skip
         if bench.get("peer", False):
             dtype = resolve_dtype(cfg.dtype, torch.device("cuda"))
             model = build_model(m, torch.device("cuda"), dtype, cfg.seed)
@@ -251,6 +253,18 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
     return result
 
 
+def stage_medians(steps: list[dict]) -> dict[str, float]:
+    """Median ms per AR block (steps >= 2) of each stage: text ``encode``, ``control`` (the
+    control's encode: OmniDreams' HDMap), ``diffuse`` (the DiT's denoising steps), ``decode``,
+    ``commit``, and the step latency / block period (DESIGN.md section 5)."""
+    from flashdreams.stats import STAGES, WARMUP_STEPS
+
+    timed = [s for s in steps if s["step"] >= WARMUP_STEPS] or steps
+    keys = [*STAGES, "step", "period"]
+    return {k: statistics.median(s.get(f"{k}_ms", 0.0) for s in timed) if timed else 0.0
+            for k in keys}  # fmt: skip
+
+
 def _print(result: dict) -> None:
     s = result["stats"]["summary"]
     attention = result["config"]["attention"]
@@ -262,12 +276,17 @@ def _print(result: dict) -> None:
               + (f" memory_fraction={cap}" if cap is not None else ""))  # fmt: skip
     print(f"  median step {s['median_step_ms']:.1f} ms | period {s['median_period_ms']:.1f} ms | "
           f"warm-up {s['warmup_s']:.1f} s | peak {s['peak_memory_bytes'] / 2**30:.2f} GiB")  # fmt: skip
+    st = result.get("stages_ms")
+    if st:
+        print(f"  per block: control (HDMap encode) {st['control']:.1f} | DiT {st['diffuse']:.1f} | "
+              f"decode {st['decode']:.1f} | commit {st['commit']:.1f} | total {st['period']:.1f}"
+              f" ms (text {st['encode']:.1f})")  # fmt: skip
     if "floor" in result:
         f = result["floor"]
         gemm = f.get("linear_tflops", f["matmul_tflops"])
         print(f"  floor {f['median_floor_ms']:.1f} ms (GEMM {gemm:.0f} TFLOP/s, "
               f"attention {f['attention_tflops']:.0f} TFLOP/s) -> floor/measured "
-              f"{f['floor_over_measured']:.2f}")  # fmt: skip
+              f"{f['floor_over_measured']:.2f} (DiT alone {f['floor_over_diffuse']:.2f})")  # fmt: skip
     for frames, p in result.get("peer", {}).items():
         print(
             f"  bidirectional {frames} latent frames: ours {p['ours_ms']:.1f} ms, "

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-STAGES = ("encode", "diffuse", "decode", "commit")
+STAGES = ("encode", "control", "diffuse", "decode", "commit")
 WARMUP_STEPS = 2  # steps 0 and 1 are warm-up (compile, capture) and excluded from medians
 
 
-class _Mark:
+class Mark:
     """A point in time on the host clock or a CUDA stream."""
 
     def __init__(self, device: torch.device) -> None:
@@ -24,7 +24,7 @@ class _Mark:
             self.event.record()
         self.host = time.perf_counter()
 
-    def ms_until(self, other: _Mark) -> float:
+    def ms_until(self, other: Mark) -> float:
         if self.event is not None:
             return self.event.elapsed_time(other.event)
         return (other.host - self.host) * 1000.0
@@ -40,18 +40,25 @@ class StepTimer:
     def __init__(self, step: int, device: torch.device) -> None:
         self.step = step
         self.device = device
-        self.marks: dict[str, tuple[_Mark, _Mark]] = {}
-        self._open: tuple[str, _Mark] | None = None
+        self.marks: dict[str, tuple[Mark, Mark]] = {}
+        self.parts: dict[str, list[tuple[Mark, Mark]]] = {}  # sub-stages, e.g. a projector
+        self._open: tuple[str, Mark] | None = None
         self.num_frames = 0  # video frames the step decoded
         self.latent_frames = 0  # latent frames of the step's block (the block schedule's)
 
     def start(self, stage: str) -> None:
-        self._open = (stage, _Mark(self.device))
+        self._open = (stage, Mark(self.device))
 
     def stop(self) -> None:
         stage, begin = self._open
-        self.marks[stage] = (begin, _Mark(self.device))
+        self.marks[stage] = (begin, Mark(self.device))
         self._open = None
+
+    def add_parts(self, parts: dict[str, list[tuple[Mark, Mark]]]) -> None:
+        """Sub-stage intervals recorded by a part of the step (a control's projector inside
+        the diffuse stage); each becomes ``<name>_ms``, the sum of its intervals."""
+        for name, pairs in parts.items():
+            self.parts.setdefault(name, []).extend(pairs)
 
     def close_period(self) -> None:
         """Mark the end of the block period on the current stream, for stages that overlap
@@ -59,7 +66,7 @@ class StepTimer:
         waited for every stage. The period is then the time from the first stage's start to
         this mark, not the sum of the stages."""
         first = next(iter(self.marks.values()))[0]
-        self.marks["period"] = (first, _Mark(self.device))
+        self.marks["period"] = (first, Mark(self.device))
 
     def resolve(self) -> dict[str, Any]:
         """Stage times of this step in ms, plus step latency and block period."""
@@ -67,10 +74,12 @@ class StepTimer:
         for stage in STAGES:
             pair = self.marks.get(stage)
             row[f"{stage}_ms"] = pair[0].ms_until(pair[1]) if pair else 0.0
-        row["step_ms"] = row["encode_ms"] + row["diffuse_ms"] + row["decode_ms"]
+        row["step_ms"] = row["encode_ms"] + row["control_ms"] + row["diffuse_ms"] + row["decode_ms"]
         row["period_ms"] = row["step_ms"] + row["commit_ms"]
         if "period" in self.marks:  # overlapping stages: step start to all of them done
             row["period_ms"] = self.marks["period"][0].ms_until(self.marks["period"][1])
+        for name, pairs in self.parts.items():
+            row[f"{name}_ms"] = sum(a.ms_until(b) for a, b in pairs)
         row["num_frames"] = self.num_frames
         row["latent_frames"] = self.latent_frames
         return row
@@ -89,6 +98,9 @@ def summarize(steps: list[dict[str, Any]], warmup_s: float | None, peak_bytes: i
         "median_step_ms": statistics.median(s["step_ms"] for s in timed) if timed else None,
         "median_period_ms": (
             statistics.median(s["period_ms"] for s in with_commit) if timed else None
+        ),
+        "median_control_ms": (
+            statistics.median(s.get("control_ms", 0.0) for s in timed) if timed else None
         ),
         "median_diffuse_ms": statistics.median(s["diffuse_ms"] for s in timed) if timed else None,
         "median_decode_ms": statistics.median(s["decode_ms"] for s in timed) if timed else None,

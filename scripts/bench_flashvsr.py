@@ -9,7 +9,7 @@ end points; the four in between are ours). Sparse attention (``vsr.sparse_ratio`
 sizes in multiples of 128; other scenes report it as n/a.
 
 Per (scene, mode): median over chunks >= 2 of the chunk period (``period_ms``), FPS = 8 output
-frames / period, and its stages: projector (the LR control's ``inputs``, CUDA events), DiT
+frames / period, and its stages: projector (the LR control's forwards, CUDA events), DiT
 (the diffuse stage minus the projector) and decode (TCDecoder + colour correction). A time
 budget (``--budget-s``) skips the (scene, mode) pairs left when it is used up (listed as
 skipped), so the run fits its slot whatever the compile times.
@@ -50,34 +50,6 @@ def overrides(args, height: int, width: int, scale: int) -> list[str]:
     return base + (TINY if args.tiny else [])
 
 
-class ProjectorTimer:
-    """CUDA events (wall clock on the CPU) around the LR control's ``inputs`` (the projector)."""
-
-    def __init__(self, control, device: torch.device) -> None:
-        self.cuda, self.marks = device.type == "cuda", []
-        inner = control.inputs
-
-        def timed(start, num):
-            a = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
-            if self.cuda:
-                a.record()
-            out = inner(start, num)
-            b = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
-            if self.cuda:
-                b.record()
-            self.marks.append((a, b))
-            return out
-
-        control.inputs = timed
-
-    def take_ms(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        ms = sum(a.elapsed_time(b) if self.cuda else (b - a) * 1e3 for a, b in self.marks)
-        self.marks.clear()
-        return ms
-
-
 def run_scene(shared, cfg, chunks: int, sparse: float | None) -> dict:
     from flashdreams.build import assemble_rollout
 
@@ -85,7 +57,6 @@ def run_scene(shared, cfg, chunks: int, sparse: float | None) -> dict:
     rollout = assemble_rollout(cfg, shared)
     control, dev = rollout.control, rollout.device
     h0, w0 = control.stream_size
-    proj = ProjectorTimer(control, dev)
     rollout.start([cfg.prompt])
     g = torch.Generator(dev).manual_seed(0)
     latents = rollout.run_frames(chunks)  # the schedule's: 6, then 2 per chunk
@@ -95,8 +66,8 @@ def run_scene(shared, cfg, chunks: int, sparse: float | None) -> dict:
     rows = []
     for _ in range(chunks):
         out = rollout.step(sync=True)
+        out.timer.add_parts(control.take_parts())  # the projector's forwards: projector_ms
         row = out.timer.resolve()
-        row["projector_ms"] = proj.take_ms()
         row["dit_ms"] = row["diffuse_ms"] - row["projector_ms"]
         rows.append(row)
     steady = rows[2:] if len(rows) > 2 else rows

@@ -29,7 +29,9 @@ class ControlEncoder(nn.Module):
     Per clip the loop calls ``prepare(batch, ...)`` once; before each AR step the session hands
     it the step's live control (``set_control``, already validated by the session); every forward
     then asks ``inputs(start, num)`` for the tensors of latent frames [start, start + num), keyed
-    by the names of ``provides()``, which the model must accept (``DiT.inputs``).
+    by the names of ``provides()``, which the model must accept (``DiT.inputs``), after the loop
+    called ``encode_block(start, num)`` once per block (the timed ``control`` stage). A control
+    that takes streamed frames (``frames_ahead() > 0``) gets them through ``push_frames``.
     ``state()`` reports what was applied (the server sends it with each step).
 
     Subclasses declare the inputs they give in ``provides()`` with the shapes the model expects.
@@ -52,6 +54,11 @@ class ControlEncoder(nn.Module):
         """Named decoder inputs of latent frames [start, start + num) (``decoder_provides``)."""
         return {}
 
+    def take_parts(self) -> dict[str, list]:
+        """Sub-stage timings recorded since the last call (name -> (begin, end) ``stats.Mark``
+        pairs, e.g. the LR projector's forwards), added to the step's ``StepTimer``; none here."""
+        return {}
+
     def check_frames(self, num_frames: int) -> None:
         """Fail in one line, before any model loads, if a clip of ``num_frames`` latent frames
         cannot be controlled (a control file too short); nothing to check by default."""
@@ -67,6 +74,28 @@ class ControlEncoder(nn.Module):
 
     def set_control(self, control: dict[str, Any] | None) -> None:
         """The live control of the next step (validated by the session), or None."""
+
+    def frames_ahead(self) -> int:
+        """Streamed frames (``push_frames``) this control holds at most beyond the ones it
+        used; 0: it takes none (the server refuses binary frame messages)."""
+        return 0
+
+    def push_frames(self, frames, first: int | None = None) -> int:
+        """Hand in streamed conditioning frames (OmniDreams: rendered HDMap frames) for video
+        frames ``first``, ``first + 1``, ... of the stream; returns ``first``.
+
+        Raises:
+            ValueError: this control takes no streamed frames (or they do not fit).
+        """
+        raise ValueError(f"{type(self).__name__} takes no streamed frames")
+
+    def waiting(self) -> bool:
+        """True while the next step cannot run until frames are pushed."""
+        return False
+
+    def encode_block(self, start: int, num: int) -> None:
+        """Do the costly part of ``inputs(start, num)`` now (an encode), before the block's
+        forwards: the rollout times it as the step's ``control`` stage. Nothing by default."""
 
     def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
         """Named tensors of latent frames [start, start + num)."""

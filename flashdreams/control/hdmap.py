@@ -1,61 +1,40 @@
 """OmniDreams HDMap control: a rendered HD-map video -> Wan VAE latents, the DiT's ``hdmap`` input.
 
-The HDMap clip (``*_hdmap.mp4`` of ``nvidia/omni-dreams-samples``) is read once per clip,
-resampled to the run's frame rate (nearest source frame of each output time) and size (Lanczos,
-when the aspect ratio matches; else a one-line error), then encoded *streamed*: the Wan 2.1
-encoder's causal chunks (frame 0 alone, then 4 frames per latent frame) run through one
-per-conv cache as the rollout asks for latent frames, so each AR block encodes only its own
-frames (8 video frames for the release's 2-latent blocks) and the latents equal those of one
-encode of the whole clip. With an endless stream (``rollout.total_blocks=null``) the last
-frame of the file repeats once it runs out.
+The HDMap clip (``*_hdmap.mp4`` of ``nvidia/omni-dreams-samples``) is streamed from the file
+(``VideoFrames``: one ffmpeg reader, frames decoded only as far as a block needs), resampled
+to the run's frame rate (nearest source frame of each output time) and size (Lanczos, when the
+aspect ratio matches; else a one-line error), then encoded *streamed*: the Wan 2.1 encoder's
+causal chunks (frame 0 alone, then 4 frames per latent frame) run through one per-conv cache
+as the rollout asks for latent frames, so each AR block decodes and encodes only its own frames
+(8 video frames for the release's 2-latent blocks) and the latents equal those of one encode of
+the whole clip. ``encode_block`` does a block's work ahead of its forwards (timed as the
+step's ``control`` stage).
 
-Closed loop (``control.live=true``): a client (a driving simulator rendering the map) hands
-frames in with :meth:`HDMapControl.push_frames`; they replace the file's frames (if any) from
-the first frame not yet encoded, so they condition the next AR step; when a step needs frames
-nobody gave, the last frame repeats. Frames pushed for exactly the file's frames give exactly
-the file-driven latents.
+Closed loop: a client (a driving simulator rendering the map) hands frames in with
+:meth:`HDMapControl.push_frames` (``Session.push_frames``, or binary messages to
+``flashdreams-serve``). Video frame ``k`` of the stream is conditioned by HDMap frame ``k``; a
+pushed frame replaces the file's frame of that index. When a step needs a frame nobody
+pushed, the file's frame is used (if the file has it), else the last frame used repeats.
+``control.live=true`` makes the file optional: the stream then waits for its first frame.
+Memory is bounded: pushed frames at most ``max_ahead_frames`` ahead of the encoded ones, and
+the latents of the first and last ``history_frames`` latent frames (a prompt switch replays
+the commits of the frames still in the KV cache, which read their HDMap latents again).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import torch
-from PIL import Image
 
 from flashdreams import ConfigError
 from flashdreams.control.base import ControlEncoder
+from flashdreams.control.video_frames import VideoFrames, fit, probe_video, same_aspect
 from flashdreams.io.image import image_to_tensor
 from flashdreams.model.base import ConditionInput
 
 log = logging.getLogger(__name__)
-ASPECT_TOL = 0.01  # relative aspect-ratio difference accepted before resizing
-
-
-def probe_video(path: str, setting: str) -> tuple[int, int, float, int]:
-    """(width, height, fps, frame count) of a video file, one-line errors naming ``setting``."""
-    if not Path(path).is_file():
-        raise ConfigError(f"{setting}={path!r}: no such file")
-    try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        meta = next(reader)
-        reader.close()
-        count, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
-    except Exception as err:  # noqa: BLE001  (ffmpeg fails in several ways on bad files)
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{setting}={path!r}: cannot read it as a video ({reason})") from None
-    width, height = meta["size"]
-    return int(width), int(height), float(meta.get("fps") or 0.0), int(count)
-
-
-def resample_indices(src_fps: float, dst_fps: float, count: int, src_count: int) -> list[int]:
-    """Source frame of each of ``count`` output frames at ``dst_fps`` (nearest in time,
-    clamped to the last source frame)."""
-    ratio = 1.0 if src_fps <= 0 or dst_fps <= 0 else src_fps / dst_fps
-    return [min(int(round(i * ratio)), src_count - 1) for i in range(count)]
 
 
 class HDMapControl(ControlEncoder):
@@ -63,22 +42,32 @@ class HDMapControl(ControlEncoder):
 
     Args:
         encoder: the Wan 2.1 VAE encoder (``flashdreams.vae.wan21_encode.Wan21Encoder``).
-        video: the HDMap video (mp4, ...); required.
+        video: the HDMap video (mp4, ...); required unless ``live``.
         fps: the run's frame rate; the video is resampled to it (the release: 30).
         channels: latent channels of the encoder (the DiT's ``hdmap_channels``: 16).
-        live: frames may be pushed in while the clip runs (:meth:`push_frames`); ``video``
-            becomes optional (without it the clip waits for the first pushed frame).
+        live: the video is optional; without it the stream waits for its first pushed frame.
+        max_ahead_frames: pushed frames held at most beyond the last encoded one.
+        history_frames: latent frames whose latents are kept at each end of the stream (must
+            cover the KV cache's window and sink frames for a prompt switch's recache).
     """
 
     def __init__(self, encoder, video: str | None = None, fps: float = 30.0,
-                 channels: int = 16, live: bool = False) -> None:  # fmt: skip
+                 channels: int = 16, live: bool = False, max_ahead_frames: int = 32,
+                 history_frames: int = 32) -> None:  # fmt: skip
         super().__init__()
+        for key, value in (("max_ahead_frames", max_ahead_frames),
+                           ("history_frames", history_frames)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"control.{key}={value!r} must be an integer >= 1")
         self.encoder, self.video, self.fps, self.channels = encoder, video, float(fps), channels
-        self.live = live
-        self._size: tuple[int, int] | None = None  # (width, height) of the run
+        self.live, self.max_ahead, self.history = live, max_ahead_frames, history_frames
         self.temporal_factor = int(encoder.temporal_factor)
         self.spatial_factor = int(encoder.spatial_factor)
-        self._frames: list[np.ndarray] | None = None  # (H, W, 3) uint8 at the run's fps and size
+        self._size: tuple[int, int] | None = None  # (width, height) of the run; None: no clip
+        self._file: VideoFrames | None = None
+        self._pushed: dict[int, np.ndarray] = {}  # video frame -> (H, W, 3) uint8, not yet used
+        self._next_push = 0  # where a push without an index lands
+        self._last: np.ndarray | None = None  # the last frame encoded (repeats when none comes)
         self._latents: dict[int, torch.Tensor] = {}  # latent frame -> (1, C, 1, h, w)
         self._encoded = 0  # latent frames encoded so far (the causal cache holds their past)
         self._cache: list | None = None
@@ -95,15 +84,19 @@ class HDMapControl(ControlEncoder):
     def _probe(self) -> tuple[int, int, float, int]:
         if not self.video:
             raise ConfigError("control.video=null: OmniDreams is driven by an HDMap video; "
-                              "pass control.video=path/to/clip_hdmap.mp4")  # fmt: skip
+                              "pass control.video=path/to/clip_hdmap.mp4 (or control.live=true "
+                              "to stream the frames in)")  # fmt: skip
         return probe_video(str(self.video), "control.video")
+
+    def _resampled(self, src_fps: float, count: int) -> int:
+        """Frames the file gives at the run's frame rate."""
+        return count if src_fps <= 0 else max(1, int(count * self.fps / src_fps + 1e-6))
 
     def check_frames(self, num_frames: int) -> None:
         if self.live and not self.video:
             return  # frames come from the client
         _, _, src_fps, count = self._probe()
-        need = self._video_frames(num_frames)
-        have = count if src_fps <= 0 else int(count * self.fps / src_fps + 1e-6)
+        need, have = self._video_frames(num_frames), self._resampled(src_fps, count)
         if have < need:
             raise ConfigError(f"control.video={self.video!r} is too short: {count} frames at "
                               f"{src_fps:g} fps give {have} at {self.fps:g} fps, the clip of "
@@ -111,88 +104,95 @@ class HDMapControl(ControlEncoder):
 
     # ---------------------------------------------------------------- clip
     def prepare(self, batch, *, height, width, num_frames, device) -> None:
+        if self._file is not None:
+            self._file.close()
         self._latents, self._encoded, self._device = {}, 0, device
         self._cache = [None] * self.encoder._num_convs
-        self._size, self._frames = (width, height), []
+        self._size, self._file, self._pushed, self._next_push, self._last = (
+            (width, height), None, {}, 0, None)  # fmt: skip
         if self.live and not self.video:
             return
-        src_w, src_h, src_fps, count = self._probe()
-        if abs((src_w / src_h) / (width / height) - 1.0) > ASPECT_TOL:
+        probe = self._probe()
+        src_w, src_h, src_fps, count = probe
+        if not same_aspect(src_w, src_h, width, height):
             raise ConfigError(f"control.video={self.video!r} is {src_w}x{src_h}, the run is "
                               f"{width}x{height}: the HDMap must have the run's aspect ratio")  # fmt: skip
         if num_frames is not None:
             self.check_frames(num_frames)
-        total = count if num_frames is None else self._video_frames(num_frames)
-        if num_frames is None and src_fps > 0:
-            total = max(1, int(count * self.fps / src_fps + 1e-6))
-        wanted = resample_indices(src_fps, self.fps, total, count)
-        keep = set(wanted)
-        frames: dict[int, np.ndarray] = {}
-        reader = imageio_ffmpeg.read_frames(str(self.video))
-        try:
-            next(reader)
-            for i, raw in enumerate(reader):
-                if i > wanted[-1]:
-                    break
-                if i in keep:
-                    img = np.frombuffer(raw, np.uint8).reshape(src_h, src_w, 3)
-                    if (src_w, src_h) != (width, height):
-                        img = np.asarray(Image.fromarray(img).resize(
-                            (width, height), Image.Resampling.LANCZOS))  # fmt: skip
-                    frames[i] = img
-        finally:
-            reader.close()
-        self._frames = [frames[i] for i in wanted]
+        total = self._resampled(src_fps, count)
+        if num_frames is not None:
+            total = min(total, self._video_frames(num_frames))
+        self._file = VideoFrames(str(self.video), probe, self.fps, width, height, total)
         if (src_w, src_h) != (width, height) or abs(src_fps - self.fps) > 1e-3:
             log.info("control.video %s: %dx%d at %g fps resampled to %dx%d at %g fps "
-                     "(%d frames)", self.video, src_w, src_h, src_fps, width, height, self.fps,
-                     len(self._frames))  # fmt: skip
+                     "(%d frames, streamed)", self.video, src_w, src_h, src_fps, width, height,
+                     self.fps, total)  # fmt: skip
 
-    def push_frames(self, frames) -> int:
-        """Live HDMap frames (``control.live=true``): (T, H, W, 3) uint8 RGB, any size of the
-        run's aspect ratio (resized). They replace the clip's frames from the first one not
-        yet encoded. Returns the index of the first frame they landed on.
+    # ---------------------------------------------------------------- closed loop
+    def frames_ahead(self) -> int:
+        return self.max_ahead
+
+    def waiting(self) -> bool:
+        """True while the stream cannot step: live, no file, and frame 0 not pushed yet."""
+        return (self._size is not None and self._file is None and self._last is None
+                and 0 not in self._pushed)  # fmt: skip
+
+    def push_frames(self, frames, first: int | None = None) -> int:
+        """Streamed HDMap frames: (T, H, W, 3) uint8 RGB of the run's aspect ratio (resized to
+        the run), for video frames ``first``, ``first + 1``, ... of the stream (default: right
+        after the last pushed frame, or the first not yet encoded). Returns ``first``.
 
         Raises:
-            ValueError: not live, no clip prepared, or frames of another shape / aspect ratio.
+            ValueError: no clip started, frames of another shape / aspect ratio, frames already
+                encoded (late) or more than ``max_ahead_frames`` beyond the encoded ones.
         """
-        if not self.live or self._frames is None:
-            raise ValueError("HDMap frames can be pushed only to control=hdmap with "
-                             "control.live=true, once a clip started")  # fmt: skip
+        if self._size is None:
+            raise ValueError("HDMap frames can be pushed once a clip started")
         arr = np.asarray(frames)
         if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or not len(arr):
             raise ValueError(f"HDMap frames must be (T, H, W, 3) uint8, got {list(arr.shape)} "
                              f"({arr.dtype})")  # fmt: skip
         width, height = self._size
-        if abs((arr.shape[2] / arr.shape[1]) / (width / height) - 1.0) > ASPECT_TOL:
+        if not same_aspect(arr.shape[2], arr.shape[1], width, height):
             raise ValueError(f"HDMap frames are {arr.shape[2]}x{arr.shape[1]}, the run is "
                              f"{width}x{height}: the aspect ratio must match")  # fmt: skip
-        first = self._consumed()
+        done = self._consumed()
+        first = max(self._next_push, done) if first is None else int(first)
+        if first < done:
+            raise ValueError(f"HDMap frame {first} comes too late: frames up to {done - 1} are "
+                             f"encoded (next: {done})")  # fmt: skip
+        if first + len(arr) > done + self.max_ahead:
+            raise ValueError(f"HDMap frames {first}..{first + len(arr) - 1} are too far ahead: "
+                             f"frames up to {done + self.max_ahead - 1} are taken now "
+                             f"(control.max_ahead_frames={self.max_ahead})")  # fmt: skip
         for i, img in enumerate(arr):
-            if img.shape[:2] != (height, width):
-                img = np.asarray(Image.fromarray(img).resize((width, height),
-                                                             Image.Resampling.LANCZOS))  # fmt: skip
-            if first + i < len(self._frames):
-                self._frames[first + i] = img
-            else:
-                self._frames.append(img)
+            self._pushed[first + i] = fit(img, width, height)
+        self._next_push = max(self._next_push, first + len(arr))
         return first
 
     def _consumed(self) -> int:
         """Video frames the encoded latent frames cover (1 + tf (n - 1); 0 before any)."""
-        return 0 if self._encoded == 0 else 1 + self.temporal_factor * (self._encoded - 1)
+        return 0 if self._encoded == 0 else self._video_frames(self._encoded)
 
     # ---------------------------------------------------------------- streamed encode
-    def _pixels(self, latent: int) -> torch.Tensor:
-        """(1, 3, T, H, W) in [-1, 1]: the video frames of latent frame ``latent`` (frame 0
-        alone, then ``temporal_factor`` frames each); past the file's end, its last frame."""
-        tf = self.temporal_factor
-        first, num = (0, 1) if latent == 0 else (1 + tf * (latent - 1), tf)
-        if not self._frames:
+    def _frame(self, k: int) -> np.ndarray:
+        """Video frame ``k``: pushed, else the file's, else the last one used again."""
+        img = self._pushed.pop(k, None)
+        if img is None and self._file is not None:
+            img = self._file.get(k)
+        img = self._last if img is None else img
+        if img is None:
             raise ConfigError("control.video=null and no HDMap frame was pushed: a live "
                               "HDMap clip needs its first frame before the first step")  # fmt: skip
-        last = len(self._frames) - 1
-        imgs = [Image.fromarray(self._frames[min(i, last)]) for i in range(first, first + num)]
+        self._last = img
+        return img
+
+    def _pixels(self, latent: int) -> torch.Tensor:
+        """(1, 3, T, H, W) in [-1, 1]: the video frames of latent frame ``latent`` (frame 0
+        alone, then ``temporal_factor`` frames each)."""
+        tf = self.temporal_factor
+        first, num = (0, 1) if latent == 0 else (1 + tf * (latent - 1), tf)
+        imgs = np.stack([self._frame(k) for k in range(first, first + num)])
         return image_to_tensor(imgs).permute(1, 0, 2, 3).unsqueeze(0)
 
     @torch.no_grad()
@@ -203,17 +203,29 @@ class HDMapControl(ControlEncoder):
         mu = moments[:, : enc.mean.shape[1]]
         self._latents[self._encoded] = (mu - enc.mean.float()) / enc.std.float()
         self._encoded += 1
+        leaving = self._encoded - 1 - self.history  # keep [0, history) and the last history
+        if leaving >= self.history:
+            self._latents.pop(leaving, None)
+
+    def encode_block(self, start: int, num: int) -> None:
+        """Encode the HDMap latents of latent frames [start, start + num) now."""
+        if self._size is not None:
+            while self._encoded < start + num:
+                self._encode_next()
 
     def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
         """``hdmap`` (1, C, num, h, w) of latent frames [start, start + num), broadcast over
         the batch; frames are encoded once, in order, as they are first asked for."""
-        if self._frames is None:
+        if self._size is None:
             return {}
-        while self._encoded < start + num:
-            self._encode_next()
-        for old in [k for k in self._latents if k < start]:
-            del self._latents[old]  # the rollout never goes back
+        self.encode_block(start, num)
+        gone = [i for i in range(start, start + num) if i not in self._latents]
+        if gone:
+            raise RuntimeError(f"the HDMap latents of frame {gone[0]} were dropped: raise "
+                               f"control.history_frames={self.history} to cover the KV cache")  # fmt: skip
         return {"hdmap": torch.cat([self._latents[i] for i in range(start, start + num)], 2)}
 
     def state(self) -> dict | None:
-        return None if self._frames is None else {"hdmap_latent_frames": self._encoded}
+        if self._size is None:
+            return None
+        return {"hdmap_latent_frames": self._encoded, "hdmap_next_frame": self._consumed()}

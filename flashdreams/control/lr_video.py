@@ -100,6 +100,7 @@ class LRVideoControl(ControlEncoder):
         self._up: dict[int, torch.Tensor] = {}  # frame index -> (b, 3, H, W) float in [-1, 1]
         self._count, self._ended = 0, False
         self._batch, self._device, self._size = 1, torch.device("cpu"), (0, 0)
+        self._marks: list = []  # (begin, end) of each projector forward (stats: projector_ms)
 
     @property
     def _name(self) -> str:
@@ -262,11 +263,20 @@ class LRVideoControl(ControlEncoder):
                 del store[i]
 
     def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
+        from flashdreams.stats import Mark
+
+        begin = Mark(self._device)
         lo = FRAMES_PER_LATENT * start + 1  # LR frame 0 only warms the release's cache
         video = self.lr_frames(range(lo, lo + FRAMES_PER_LATENT * num))
         with torch.no_grad():
             dtype = self.projector.conv1.weight.dtype
-            return {"lr_features": self.projector(video.to(dtype))}
+            features = self.projector(video.to(dtype))
+        self._marks.append((begin, Mark(self._device)))
+        return {"lr_features": features}
+
+    def take_parts(self) -> dict[str, list]:
+        marks, self._marks = self._marks, []
+        return {"projector": marks} if marks else {}
 
     def decoder_inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
         idx = [max(0, FRAMES_PER_LATENT * j - 3 + i) for j in range(start, start + num)

@@ -12,8 +12,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-STAGES = ("encode_ms", "diffuse_ms", "decode_ms", "commit_ms")
-STAGE_COLORS = ("#8fbcd4", "#2c7fb8", "#41ab5d", "#fdae61")
+STAGES = ("encode_ms", "control_ms", "diffuse_ms", "decode_ms", "commit_ms")
+STAGE_COLORS = ("#8fbcd4", "#9e9ac8", "#2c7fb8", "#41ab5d", "#fdae61")
 
 
 def median_over_steady_steps(values: list[float]) -> float | None:
@@ -37,7 +37,7 @@ def _step_totals(steps: list[dict[str, Any]]) -> tuple[list[float], list[float]]
     for step in steps:
         step_ms = step.get("step_ms")
         if step_ms is None:
-            step_ms = sum(step.get(key) or 0.0 for key in STAGES[:3])
+            step_ms = sum(step.get(key) or 0.0 for key in STAGES[:4])
         period_ms = step.get("period_ms")
         if period_ms is None:
             period_ms = step_ms + (step.get("commit_ms") or 0.0)

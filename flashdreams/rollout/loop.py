@@ -286,6 +286,10 @@ class Rollout:
         prefix = self._commit_prefix(ctx) if i == 0 and self.frame_offset else None
         timer.stop()
 
+        timer.start("control")  # the control's encode of the block (OmniDreams: the HDMap)
+        self.control.encode_block(start, fpb)
+        timer.stop()
+
         timer.start("diffuse")
         x = self.noise((self.batch_size, self.model.out_dim, fpb, *self.latent_hw))
         timesteps = self.scheduler.begin_block(self.device)  # (num_steps,)

@@ -26,7 +26,7 @@ from flashdreams import ConfigError
 from flashdreams.serve import protocol
 from flashdreams.serve.config import check_serve
 from flashdreams.serve.engine import Engine
-from flashdreams.serve.limits import OVERSIZE, Guard, size_limited_protocol
+from flashdreams.serve.limits import OVERSIZE, OVERSIZE_BINARY, Guard, size_limited_protocol
 from flashdreams.serve.stream import Stream
 
 log = logging.getLogger("flashdreams.serve")
@@ -135,7 +135,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                     log.info("%s disconnected (code %s)", _client(ws), msg.get("code"))
                 break
             if OVERSIZE in msg:
-                raw = protocol.Oversize(msg[OVERSIZE])
+                raw = protocol.Oversize(msg[OVERSIZE], msg.get(OVERSIZE_BINARY, False))
             else:
                 raw = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
             await stream.handle(raw)
@@ -211,12 +211,17 @@ def bind_socket(host: str, port: int, send_buffer_bytes: int = 0) -> socket.sock
 
 
 def uvicorn_config(app, serve_cfg):
-    """uvicorn's settings: oversize messages dropped unread (``limits``), no compression."""
+    """uvicorn's settings: oversize messages dropped unread (``limits``), no compression.
+    Binary messages may reach ``serve.max_frame_bytes`` when the recipe's control takes
+    streamed frames (HDMap), else ``serve.max_message_bytes`` as text."""
     import uvicorn
 
+    takes_frames = app.state.engine.shared.conditioning.control.frames_ahead() > 0
+    binary = serve_cfg.max_frame_bytes if takes_frames else serve_cfg.max_message_bytes
+    biggest = max(serve_cfg.max_message_bytes, binary)
     return uvicorn.Config(
         app, log_config=None, log_level="warning", ws=size_limited_protocol(
-            serve_cfg.max_message_bytes), ws_max_size=max(serve_cfg.max_message_bytes * 4, 2**20),
+            serve_cfg.max_message_bytes, binary), ws_max_size=max(biggest * 4, 2**20),
         ws_per_message_deflate=False, lifespan="off",
     )  # fmt: skip
 

@@ -23,6 +23,7 @@ log = logging.getLogger("flashdreams.serve")
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 ANY_ADDRESS = ("", "0.0.0.0", "::")
 OVERSIZE = "flashdreams.oversize"  # key of the marker message: the dropped message's size
+OVERSIZE_BINARY = "flashdreams.oversize_binary"  # and whether it was a binary message
 
 
 def host_name(host: str) -> str:
@@ -88,8 +89,9 @@ class Guard:
             await send({"type": "websocket.close", "code": 1008})
 
 
-def size_limited_protocol(max_bytes: int):
-    """uvicorn's WebSocket protocol class, dropping message payloads past ``max_bytes``."""
+def size_limited_protocol(max_bytes: int, max_binary_bytes: int | None = None):
+    """uvicorn's WebSocket protocol class, dropping message payloads past ``max_bytes``
+    (binary messages: past ``max_binary_bytes`` when given, e.g. HDMap frames)."""
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
     from websockets.protocol import State
 
@@ -101,7 +103,8 @@ def size_limited_protocol(max_bytes: int):
             self._dropping = False  # the current frame's payload is dropped
             self._message_size = 0  # data bytes of the current message so far
             self._oversize = False  # the current message is past the limit
-            self._verdicts: deque[int | None] = deque()  # per finished message: size if dropped
+            self._binary = False  # the current message is binary
+            self._verdicts: deque[tuple[int, bool] | None] = deque()  # (size, binary) if dropped
 
         def data_received(self, data: bytes) -> None:
             if self.conn.state is not State.OPEN or self.conn.parser_exc is not None:
@@ -141,11 +144,13 @@ def size_limited_protocol(max_bytes: int):
             if opcode >= 0x8:  # control frame: the parser checks it
                 return header
             if opcode in (0x1, 0x2):  # a new text / binary message
-                self._message_size, self._oversize = 0, False
+                self._message_size, self._oversize, self._binary = 0, False, opcode == 0x2
             self._message_size += length
-            self._oversize = self._oversize or self._message_size > max_bytes
+            limit = max_binary_bytes if self._binary and max_binary_bytes else max_bytes
+            self._oversize = self._oversize or self._message_size > limit
             if fin:
-                self._verdicts.append(self._message_size if self._oversize else None)
+                verdict = (self._message_size, self._binary) if self._oversize else None
+                self._verdicts.append(verdict)
             if not self._oversize:
                 return header
             self._dropping = True  # same frame, empty payload (masked with a zero key)
@@ -159,7 +164,9 @@ def size_limited_protocol(max_bytes: int):
             self.frames = []
             if self.close_sent:
                 return
-            self.queue.put_nowait({"type": "websocket.receive", "text": None, OVERSIZE: dropped})
+            size, binary = dropped
+            self.queue.put_nowait({"type": "websocket.receive", "text": None, OVERSIZE: size,
+                                   OVERSIZE_BINARY: binary})  # fmt: skip
             if not self.read_paused:
                 self.read_paused = True
                 self.transport.pause_reading()

@@ -7,6 +7,10 @@ Client -> server: JSON text messages with a ``type``::
     {"type": "control", ...any control fields...}     e.g. {"type": "control", "keys": ["w"]}
     {"type": "pause"} / {"type": "resume"} / {"type": "stop"}
 
+Client -> server, binary: one control frame per message (recipes whose control takes streamed
+frames, e.g. OmniDreams' HDMap): ``CONTROL_FRAME_HEADER`` (magic ``FDM1``, the video frame of the
+stream it conditions, ``NEXT_FRAME`` = right after the last one sent) followed by a PNG or JPEG.
+
 Server -> client: JSON text messages (``hello``, ``started``, ``prompt``, ``paused``,
 ``resumed``, ``stopped``, ``error``) and one binary message per video frame: a fixed
 little-endian header (``FRAME_HEADER``) followed by the frame as a JPEG file.
@@ -28,6 +32,12 @@ FRAME_MAGIC = b"FDF1"
 # step_ms, period_ms, dropped, prompt version
 FRAME_HEADER = struct.Struct("<4sIIHHHHffII")
 FRAME_HEADER_DROPPED = struct.Struct("<I")  # rewritten at send time, at FRAME_HEADER.size - 8
+CONTROL_FRAME_MAGIC = b"FDM1"
+# magic, video frame index in the stream the frame conditions (NEXT_FRAME: after the last one)
+CONTROL_FRAME_HEADER = struct.Struct("<4sI")
+NEXT_FRAME = 0xFFFFFFFF
+CONTROL_FRAME_FORMATS = ("PNG", "JPEG")
+MAX_CONTROL_FRAME_PIXELS = 4096 * 4096  # decoded size limit (a small PNG can decode huge)
 MESSAGE_TYPES = ("start", "prompt", "control", "pause", "resume", "stop")
 _FIELDS = {
     "start": {"type", "prompt", "seed", "total_blocks"},
@@ -43,6 +53,7 @@ class Oversize:
     """Stands for a client message that was dropped unread past the size limit."""
 
     size: int  # bytes received before the message ended (at least the limit + 1)
+    binary: bool = False  # a binary message (its limit: serve.max_frame_bytes for frame recipes)
 
 
 class ProtocolError(ValueError):
@@ -126,6 +137,49 @@ def parse_message(
     elif kind == "prompt":
         _check_text(msg, "text", max_prompt_chars, required=True)
     return msg
+
+
+def is_control_frame(raw) -> bool:
+    """Whether a client message is a binary control frame (by its magic)."""
+    return isinstance(raw, bytes) and raw[:4] == CONTROL_FRAME_MAGIC
+
+
+def parse_control_frame(data: bytes) -> tuple[int | None, np.ndarray]:
+    """Decode a binary control frame message.
+
+    Returns:
+        (video frame index or None for "next", (H, W, 3) uint8 RGB frame).
+
+    Raises:
+        ProtocolError: ``bad_frame`` for a short header, another image format, an image past
+            ``MAX_CONTROL_FRAME_PIXELS`` or one that does not decode.
+    """
+    from PIL import Image
+
+    if len(data) <= CONTROL_FRAME_HEADER.size or data[:4] != CONTROL_FRAME_MAGIC:
+        raise ProtocolError("bad_frame", "a control frame is the FDM1 header + a PNG or JPEG")
+    _, index = CONTROL_FRAME_HEADER.unpack_from(data)
+    try:
+        img = Image.open(io.BytesIO(data[CONTROL_FRAME_HEADER.size :]))
+        if img.format not in CONTROL_FRAME_FORMATS:
+            raise ProtocolError("bad_frame", f"control frame: {img.format} image; send "
+                                f"{' or '.join(CONTROL_FRAME_FORMATS)}")  # fmt: skip
+        if img.width * img.height > MAX_CONTROL_FRAME_PIXELS:
+            raise ProtocolError("bad_frame", f"control frame of {img.width}x{img.height} "
+                                f"pixels is too large")  # fmt: skip
+        frame = np.asarray(img.convert("RGB"))
+    except ProtocolError:
+        raise
+    except Exception as err:  # noqa: BLE001  (any decode failure is the client's)
+        raise ProtocolError("bad_frame", f"control frame does not decode "
+                            f"({type(err).__name__})") from None  # fmt: skip
+    return (None if index == NEXT_FRAME else index), frame
+
+
+def pack_control_frame(image: bytes, index: int | None = None) -> bytes:
+    """One binary control frame message: header + PNG / JPEG bytes (clients, tests)."""
+    return CONTROL_FRAME_HEADER.pack(CONTROL_FRAME_MAGIC,
+                                     NEXT_FRAME if index is None else index) + image  # fmt: skip
 
 
 def _check_text(msg: dict[str, Any], key: str, max_chars: int, required: bool) -> None:

@@ -132,6 +132,7 @@ class Stream:
         self.wake = asyncio.Event()
         self.pending_prompt: str | None = None
         self.control: dict | None = None  # applies to every step until replaced
+        self.frames: list[tuple[int | None, object]] = []  # control frames for the next step
         self.frames_made = 0
         self.pacer = _Pacer(cfg.fps, cfg.serve.lead_s) if cfg.serve.realtime else None
         self.playout: _Playout | None = None
@@ -149,7 +150,12 @@ class Stream:
             "max_session_bytes": self.engine.max_session_bytes,
             # the keys (and mouse) the recipe's control takes: the page sends only these
             "control": self.engine.shared.conditioning.control.live_control(),
+            # binary control frames (HDMap) the recipe takes ahead of its steps (0: none)
+            "control_frames": self._frames_ahead(), "max_frame_bytes": s.max_frame_bytes,
         }  # fmt: skip
+
+    def _frames_ahead(self) -> int:
+        return self.engine.shared.conditioning.control.frames_ahead()
 
     def reply(self, kind: str, **fields) -> None:
         self.out.put(protocol.event(kind, **fields), droppable=False)
@@ -159,6 +165,12 @@ class Stream:
         """Act on one client message; a bad one gets an ``error`` reply and nothing else."""
         s = self.cfg.serve
         try:
+            if isinstance(raw, protocol.Oversize) and raw.binary and self._frames_ahead():
+                raise ProtocolError("too_large", f"binary message of {raw.size}+ bytes exceeds "
+                                    f"serve.max_frame_bytes={s.max_frame_bytes}")  # fmt: skip
+            if protocol.is_control_frame(raw) and self._frames_ahead():
+                await self._control_frame(raw)
+                return
             msg = protocol.parse_message(raw, s.max_message_bytes, s.max_prompt_chars)
             kind = msg["type"]
             if kind == "start":
@@ -188,6 +200,18 @@ class Stream:
         except ProtocolError as err:
             self.out.put(protocol.error(err.code, str(err)), droppable=False)
 
+    async def _control_frame(self, raw: bytes) -> None:
+        """A binary control frame: decoded on a worker, queued for the next step."""
+        if self.session is None:
+            raise ProtocolError("no_session", "control frame: no stream is running; send start")
+        if len(self.frames) >= self._frames_ahead():
+            raise ProtocolError("bad_frame", f"control frame: {len(self.frames)} frames wait for "
+                                f"the next step already (control.max_ahead_frames)")  # fmt: skip
+        loop = asyncio.get_running_loop()
+        self.frames.append(await loop.run_in_executor(encoders(), protocol.parse_control_frame,
+                                                      raw))  # fmt: skip
+        self.wake.set()
+
     async def _start(self, msg: dict) -> None:
         await self.end("restart")
         if not self.engine.try_acquire():
@@ -215,7 +239,7 @@ class Stream:
             raise ProtocolError("internal", f"start: {INTERNAL}") from None
         self.paused = self.stop_requested = False
         self.pending_prompt = self.control = None
-        self.frames_made = 0
+        self.frames_made, self.frames = 0, []
         if self.pacer is not None:
             self.pacer.restart()
         self.playout = _Playout(self.out, self.cfg.fps if self.pacer is not None else None)
@@ -251,10 +275,16 @@ class Stream:
                 if delay > 0:
                     await self._wait(delay)
                     continue
+                if session.waiting_for_frames and not self.frames:
+                    await self._wait(None)  # a live HDMap stream before its first frame
+                    continue
                 prompt, self.pending_prompt = self.pending_prompt, None
-                job = await loop.run_in_executor(
-                    self.engine.executor, _step_job, session, prompt, self.control
+                frames, self.frames = self.frames, []
+                *job, refused = await loop.run_in_executor(
+                    self.engine.executor, _step_job, session, prompt, self.control, frames
                 )
+                for message in refused:
+                    self.reply("error", code="bad_frame", message=message)
                 if emitting is not None:
                     await emitting
                 emitting = asyncio.create_task(self._emit(*job))
@@ -322,12 +352,20 @@ def _raw_frame(frame, quality: int) -> bytes:
     return frame.tobytes()
 
 
-def _step_job(session: Session, prompt: str | None, control: dict | None):
-    """On the device thread: one AR step, its frames copied to the host without a sync.
+def _step_job(session: Session, prompt: str | None, control: dict | None, frames=()):
+    """On the device thread: the client's control frames, then one AR step, its frames copied
+    to the host without a sync.
 
     The copy goes to pinned memory, so this thread returns while the GPU still runs the step
     and the next step's launches queue behind it; ``done`` marks when ``host`` may be read.
+    ``refused`` holds why control frames were refused (late, too far ahead, wrong shape).
     """
+    refused = []
+    for index, frame in frames:
+        try:
+            session.push_frames(frame[None], index)
+        except ValueError as err:
+            refused.append(f"control frame: {err}")
     if prompt is not None:
         session.set_prompt(prompt)
     frames = session.step(control)  # (B, T, 3, H, W) in [0, 1]
@@ -342,4 +380,4 @@ def _step_job(session: Session, prompt: str | None, control: dict | None):
             done.record()
         else:
             host = u8.numpy()
-    return step, host, done
+    return step, host, done, refused

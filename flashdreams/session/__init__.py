@@ -9,6 +9,9 @@ A session drives a ``Rollout`` built from a composed config::
     frames = session.step(control={"keys": ["w"]})
     session.reset(seed=1)
 
+A control that takes streamed frames (OmniDreams' HDMap) gets them with ``push_frames`` between
+steps: frame ``k`` conditions video frame ``k`` of the stream.
+
 A prompt switch ("recache") re-encodes the cross-attention K/V and rewrites the K/V of every
 frame still in the KV cache under the new prompt (``recache.py``): the clean latents of those
 frames are kept and their commit forwards replayed in order, block-causally, at the commit
@@ -237,6 +240,29 @@ class Session:
         """
         with self._locked():
             self._pending_prompts = self._prompts(prompt)
+
+    def push_frames(self, frames, first: int | None = None) -> int:
+        """Streamed conditioning frames for the recipe's control (OmniDreams: rendered HDMap
+        frames, (T, H, W, 3) uint8 RGB) for video frames ``first``, ``first + 1``, ... of the
+        stream (default: after the last pushed one). They condition the steps that cover those
+        frames; frames nobody pushed come from the control's file or repeat the last one.
+
+        Returns:
+            ``first``.
+
+        Raises:
+            ValueError: the control takes no frames, or they are late, too far ahead or of
+                another aspect ratio (the stream goes on).
+            SessionClosed: the session was closed.
+        """
+        with self._locked():
+            return self.rollout.control.push_frames(frames, first)
+
+    @property
+    def waiting_for_frames(self) -> bool:
+        """True while the next step needs streamed frames first (a live HDMap stream without a
+        file, before its first frame)."""
+        return self.rollout is not None and self.rollout.control.waiting()
 
     def close(self) -> None:
         """Drop the rollout and the kept latents (the caller frees device memory after).

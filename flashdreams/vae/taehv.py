@@ -107,6 +107,9 @@ class TAEHVDecoder(StreamingDecoder):
         seed: seed of the random weights when ``checkpoint`` is None.
         compile: compile the per-block decode with ``torch.compile`` (CUDA only; on CPU it
             logs one line and stays eager).
+        raw_latents: the checkpoint decodes Wan's raw latents (LightX2V's LightTAE,
+            ``lighttaew2_1``): the DiT's normalized latents are mapped back with Wan 2.1's
+            latent mean / std first (``z * std + mean``); ``taew2_1`` takes them as they are.
     """
 
     spatial_factor = 8
@@ -120,10 +123,12 @@ class TAEHVDecoder(StreamingDecoder):
         latent_channels: int = 16,
         seed: int = 0,
         compile: bool = False,
+        raw_latents: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(compile, bool):
-            raise ConfigError(f"vae.compile={compile!r} must be true or false")
+        for key, value in (("compile", compile), ("raw_latents", raw_latents)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"vae.{key}={value!r} must be true or false")
         self.compile = compile
         self._compiled = None  # torch.compile of ``_stack``, built on the first CUDA decode
         self.latent_channels = int(latent_channels)
@@ -138,6 +143,17 @@ class TAEHVDecoder(StreamingDecoder):
             state = self._decoder_state(read_tensor_file(resolve_path(checkpoint)))
             check_state_dict(self, state, str(checkpoint))
             self.load_state_dict(state, assign=True)
+        self.raw_latents = raw_latents
+        if raw_latents:
+            from flashdreams.vae.wan21 import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
+
+            if self.latent_channels != len(WAN21_LATENTS_MEAN):
+                raise ConfigError(f"vae.raw_latents=true needs Wan 2.1's "
+                                  f"{len(WAN21_LATENTS_MEAN)} latent channels")  # fmt: skip
+            shape = (1, -1, 1, 1, 1)
+            for name, stats in (("latent_mean", WAN21_LATENTS_MEAN),
+                                ("latent_std", WAN21_LATENTS_STD)):  # fmt: skip
+                self.register_buffer(name, torch.tensor(stats).reshape(shape), persistent=False)
         self.reset()
 
     def _build(self, latent_channels: int, channels: Sequence[int]) -> nn.Sequential:
@@ -246,6 +262,8 @@ class TAEHVDecoder(StreamingDecoder):
 
     def _as_frames(self, latents: torch.Tensor) -> torch.Tensor:
         dtype = self.decoder[1].weight.dtype
+        if self.raw_latents:  # LightTAE: Wan's raw latents
+            latents = latents.float() * self.latent_std.float() + self.latent_mean.float()
         return latents.transpose(1, 2).to(dtype)  # (B, C, T, h, w) -> (B, T, C, h, w)
 
     @torch.no_grad()

@@ -1,9 +1,11 @@
 """OmniDreams on the GPU (CUDA only): every graph policy reproduces eager SDPA on a block-causal
-AR rollout of a small OmniDreams DiT driven by an HDMap file, so the HDMap latents reach
-captured graphs as live inputs (pre-capture runs on stand-ins); and the pushed-frame closed loop
-equals the file-driven run under CUDA graphs.
+AR rollout of a small OmniDreams DiT driven by an HDMap file (streamed from the file block by
+block), so the HDMap latents reach captured graphs as live inputs (pre-capture runs on
+stand-ins); the pushed-frame closed loop equals the file-driven run under CUDA graphs; the fast
+recipe (2 steps, LightVAE-width HDMap encoder in bf16, LightTAE raw-latent decode compiled)
+decodes as its eager decoder.
 
-Tolerance (bf16): relative L2 error of every block's latents <= 2e-2 against eager.
+Tolerance (bf16): relative L2 error of every block's latents (frames) <= 2e-2 against eager.
 """
 
 import numpy as np
@@ -32,10 +34,10 @@ def files(tmp_path_factory):
     return root
 
 
-def _base(files):
+def _base(files, recipe="omnidreams_single_view", vae="vae=none"):
     return [
-        "recipe=omnidreams_single_view", "model.checkpoint=null", "text_encoder=random",
-        "vae=none", "model.dim=512", "model.num_heads=4", "model.num_layers=4",
+        f"recipe={recipe}", "model.checkpoint=null", "text_encoder=random",
+        vae, "model.dim=512", "model.num_heads=4", "model.num_layers=4",
         "model.ffn_dim=2048", "conditioner.encoder.checkpoint=null",
         "control.encoder.checkpoint=null", f"rollout.height={SIZE}", f"rollout.width={SIZE}",
         f"rollout.total_blocks={BLOCKS}", "device=cuda", "dtype=bfloat16",
@@ -43,8 +45,8 @@ def _base(files):
     ]  # fmt: skip
 
 
-def _latents(files, overrides, push=False):
-    rollout = build_rollout(compose_run(_base(files) + overrides))
+def _latents(files, overrides, push=False, frames=False, **base):
+    rollout = build_rollout(compose_run(_base(files, **base) + overrides))
     rollout.start(["a road"], images=[Image.open(files / "first.png")])
     rollout.precapture()
     out = []
@@ -53,7 +55,8 @@ def _latents(files, overrides, push=False):
             frames = [np.asarray(f) for f in read_last_frames(str(files / "hdmap.mp4"), FRAMES)]
             lo, hi = (0, 5) if i == 0 else (5 + 8 * (i - 1), 5 + 8 * i)
             rollout.control.push_frames(np.stack(frames[lo:hi]))
-        out.append(rollout.step().latents.float())
+        step = rollout.step()
+        out.append((step.frames if frames else step.latents).float())
     return out
 
 
@@ -74,4 +77,13 @@ def test_policy_matches_eager(files, eager, graph):
 def test_pushed_frames_match_file_under_cuda_graphs(files, eager):
     got = _latents(files, ["graph=cuda_graph", "attention=sdpa", "control.live=true"], push=True)
     for a, b in zip(got, eager, strict=True):
+        assert rel_l2(a, b) <= 2e-2
+
+
+def test_fast_recipe_compiled_lighttae_matches_eager(files):
+    fast = dict(recipe="omnidreams_single_view_fast", vae="vae.checkpoint=null")
+    common = ["graph=cuda_graph", "attention=sdpa", f"control.video={files / 'hdmap.mp4'}"]
+    got = _latents(files, [*common, "vae.compile=true"], frames=True, **fast)
+    want = _latents(files, [*common, "vae.compile=false"], frames=True, **fast)
+    for a, b in zip(got, want, strict=True):
         assert rel_l2(a, b) <= 2e-2

@@ -86,7 +86,9 @@ def test_chained_run_through_the_cli(tmp_path):
     assert read_video(run / "video_source.mp4")[0].shape == (21, 32, 32, 3)
     stats = json.loads((run / "stats.json").read_text())
     assert len(stats["steps"]) == 2 and len(stats["postprocess"]) == 1  # one chunk of 6 latents
-    assert {"diffuse_ms", "decode_ms", "step_ms"} <= set(stats["postprocess"][0])
+    row = stats["postprocess"][0]
+    assert {"diffuse_ms", "decode_ms", "step_ms", "projector_ms"} <= set(row)
+    assert 0 < row["projector_ms"] <= row["diffuse_ms"]  # the projector runs inside the diffuse
 
 
 def test_the_server_refuses_to_chain_in_one_line():

@@ -78,6 +78,7 @@ def test_tiny_4x_run_through_the_cli(tmp_path, size, sparse):
     (run,) = (tmp_path / "out" / "runs").glob("*/*")
     steps = json.loads((run / "stats.json").read_text())["steps"]
     assert [s["latent_frames"] for s in steps] == [6, 2]  # the release's 6, then 2
+    assert 0 < steps[-1]["projector_ms"] <= steps[-1]["diffuse_ms"]
     if sparse:
         return
     # 7 blocks need 6 + 6 x 2 = 18 latent frames = 73 LR frames: a one-line error at build

@@ -27,8 +27,8 @@ TINY = ["recipe=omnidreams_single_view", "model=omnidreams_tiny", "model.checkpo
         *ENCODER]  # fmt: skip
 
 
-def _hdmap(path, frames: int, fps: int = 30, size=(SIZE, SIZE)):
-    rng = np.random.default_rng(0)
+def _hdmap(path, frames: int, fps: int = 30, size=(SIZE, SIZE), seed: int = 0):
+    rng = np.random.default_rng(seed)
     with Mp4Writer(path, fps=fps) as writer:
         writer.write(rng.integers(0, 255, (frames, *size, 3), dtype=np.uint8))
     return path
