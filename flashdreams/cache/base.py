@@ -47,7 +47,8 @@ class KVCache:
         num_heads: attention heads.
         head_dim: dims per head.
         tokens_per_frame: latent tokens per frame (h * w after patching).
-        frames_per_block: latent frames per AR step.
+        frames_per_block: latent frames of the run's largest AR block (the block schedule's:
+            a rolling window must hold it).
         total_frames: latent frames of the whole rollout (a full cache holds them all; no cache
             allocates more), or None for an endless stream.
         batch_size: batch.
