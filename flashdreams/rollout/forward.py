@@ -136,6 +136,20 @@ class Forwards:
         for e in self.model.commit_order():
             self.run(x, t, ctx, positions, inputs, e, commit=True, cache=cache, capture=capture)
 
+    def prefill(self, plan, latents: torch.Tensor | None, ctx, *, capture: bool = True) -> None:
+        """A block's reconstituted context (``DiT.context_plan``): the cache is emptied and the
+        clean ``latents`` (B, C, n, h, w) of the plan's history frames run once, through every
+        expert of ``commit_order``, at the plan's timestep and RoPE positions; they attend only
+        to each other and their K/V stay in the cache for the block."""
+        n = len(plan.frames)
+        self.cache.begin_context(n)
+        if n == 0:
+            return
+        t = self.block_timestep(plan.timestep, n)
+        positions = torch.tensor(plan.positions, device=self.device)
+        for e in self.model.commit_order():
+            self.run(latents, t, ctx, positions, plan.inputs, e, commit=True, capture=capture)
+
     def precapture(self, ctx, blocks: int, fpb: int, latent_hw: tuple[int, int],
                    begin_block: Callable[[int, int], None]) -> None:  # fmt: skip
         """Run the forwards of ``blocks`` blocks of ``fpb`` frames once, on stand-in inputs.
