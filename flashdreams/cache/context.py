@@ -49,7 +49,7 @@ class ContextKVCache(KVCache):
         raise IndexError("cache=context places frames by begin_context / begin_block, not by "
                          "their index")  # fmt: skip
 
-    def _select(self, first: int, num: int) -> None:
+    def _slots(self, first: int, num: int) -> None:
         """Write slots [first, first + num); valid keys [0, first + num)."""
         if first + num > self.capacity_frames:
             raise IndexError(f"{first} context frames + a block of {num} exceed the cache's "
@@ -70,7 +70,7 @@ class ContextKVCache(KVCache):
     def begin_context(self, num_frames: int) -> None:
         """The history forward of the next block: ``num_frames`` frames in slots [0, n)."""
         self.context = num_frames
-        self._select(0, num_frames)
+        self._slots(0, num_frames)
 
     def begin_block(self, start_frame: int, num_frames: int) -> None:
-        self._select(self.context, num_frames)
+        self._slots(self.context, num_frames)

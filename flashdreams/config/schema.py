@@ -32,6 +32,7 @@ class RunConfig:
     negative_prompt: str = ""
     image: str | None = None
     poses: str | None = None
+    pose: str | None = None
     intrinsics: str | None = None
     device: str = "auto"
     dtype: str = "auto"

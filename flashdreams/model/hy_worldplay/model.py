@@ -111,6 +111,7 @@ class HYWorldPlayDiT(WanDiT):
     """
 
     _keep_fp32 = (*WanDiT._keep_fp32, "action_embedding")
+    commit_mode = "none"  # no commit: the memory is re-run before every block
     convert_checkpoint = None  # set below (a static function)
     supports_step_cache = False
 
