@@ -198,7 +198,7 @@ class PoseControl(ControlEncoder):
     def check_frames(self, num_frames: int) -> None:
         have = len(self.script[0])
         if self.pose_setting is not None and have < num_frames:
-            raise ConfigError(f"pose={self.pose_setting!r} gives {have} latent frames, the run "
+            raise ConfigError(f"pose={str(self.pose_setting)!r} gives {have} latent frames, the run "
                               f"needs {num_frames}; add moves (a count of {num_frames - 1} in all) "
                               "or lower rollout.total_blocks")  # fmt: skip
 
