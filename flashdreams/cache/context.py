@@ -27,6 +27,8 @@ class ContextKVCache(KVCache):
         context_frames: most history frames a block attends to (HY-WorldPlay: 16).
     """
 
+    rolls = True  # any stream fits: the history is chosen anew for every block
+
     def __init__(self, *, context_frames: int, **kwargs) -> None:
         if context_frames < 0:
             raise ConfigError(f"cache.context_frames={context_frames} must be >= 0")
