@@ -139,7 +139,7 @@ def load_trajectory(path: str, default_k: np.ndarray, setting: str = "pose"):
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{setting}={path!r} is not JSON ({err})") from None
     if not isinstance(data, dict) or not data:
-        raise ConfigError(f"{setting}={path!r}: expected {{\"0\": {{\"extrinsic\", \"K\"}}, ...}}")
+        raise ConfigError(f'{setting}={path!r}: expected {{"0": {{"extrinsic", "K"}}, ...}}')
     c2w, ks = [], []
     for key, entry in data.items():
         where = f"{setting}={path!r}: entry {key!r}"
@@ -177,7 +177,12 @@ class PoseControl(ControlEncoder):
                               "numbers: fx, fy, cx, cy in pixels")  # fmt: skip
         fx, fy, cx, cy = (float(v) for v in intrinsics)
         self.k = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
-        self.move, self.turn_deg, self.mouse_deg, self.tf = move, turn_deg, mouse_deg, temporal_factor
+        self.move, self.turn_deg, self.mouse_deg, self.tf = (
+            move,
+            turn_deg,
+            mouse_deg,
+            temporal_factor,
+        )
         self.pose_setting = pose
         c2w, ks = [np.eye(4)], [self.k]
         if pose is not None and str(pose).endswith((".json", ".npy")):
@@ -207,7 +212,9 @@ class PoseControl(ControlEncoder):
         if num_frames is not None:
             self.check_frames(num_frames)
         self.c2w, self.ks = list(self.script[0]), list(self.script[1])
-        self.labels = [0] + [action_label(a, b) for a, b in zip(self.c2w, self.c2w[1:])]
+        self.labels = [0] + [
+            action_label(a, b) for a, b in zip(self.c2w, self.c2w[1:], strict=False)
+        ]
         self.live, self._last = {}, None
 
     # ------------------------------------------------------------------ live control

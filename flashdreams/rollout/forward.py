@@ -176,7 +176,6 @@ class Forwards:
         if self.cache is not None:
             self.cache.reset()
 
-
     def _precapture_contexts(self, ctx, x, t, inputs, begin_block) -> None:
         """Pre-capture of a model that re-runs history (``context_plan``): for every history length
         it may plan, the history forward and the block's forward after it."""

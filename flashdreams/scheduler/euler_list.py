@@ -24,8 +24,10 @@ class EulerListScheduler(Scheduler):
 
     def __init__(self, timesteps: Sequence[float], shift: float = 1.0, warp: bool = False) -> None:
         ts = [float(t) for t in timesteps]
-        if not ts or any(t <= 0 or t > 1000 for t in ts) or any(
-            a <= b for a, b in zip(ts, ts[1:], strict=False)
+        if (
+            not ts
+            or any(t <= 0 or t > 1000 for t in ts)
+            or any(a <= b for a, b in zip(ts, ts[1:], strict=False))
         ):
             raise ConfigError(f"scheduler.timesteps={ts} must be decreasing values in (0, 1000]")
         if shift <= 0:

@@ -53,7 +53,7 @@ class PropeStep:
 class HYWorldPlayBlock(WanBlock):
     """A Wan block whose self-attention runs a RoPE and a PRoPE branch in one call."""
 
-    _compile_regions = ("cross_out_ffn",)
+    _compile_regions = ("qkv", "cross_out_ffn")
 
     def __init__(self, *args, step: PropeStep, **kw) -> None:
         super().__init__(*args, **kw)
@@ -71,8 +71,10 @@ class HYWorldPlayBlock(WanBlock):
         h = modulate(layer_norm_fp32(x, self.norm1).unflatten(1, (e0.shape[1], -1)), shift, scale)
         q, k, v = sa.project(h.flatten(1, 2).to(sa.q.weight.dtype))
         heads = (sa.num_heads, -1)
-        return sa.norm_q(q).unflatten(-1, heads), sa.norm_k(k).unflatten(-1, heads), v.unflatten(
-            -1, heads
+        return (
+            sa.norm_q(q).unflatten(-1, heads),
+            sa.norm_k(k).unflatten(-1, heads),
+            v.unflatten(-1, heads),
         )
 
     def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None, cam=None,
@@ -155,7 +157,8 @@ class HYWorldPlayDiT(WanDiT):
     def inputs(self) -> dict[str, ConditionInput]:
         out = super().inputs()
         out["action"] = ConditionInput.per_frame(
-            "action", 0, doc="action label per latent frame (trans * 9 + rotate), control=pose")
+            "action", 0, doc="action label per latent frame (trans * 9 + rotate), control=pose"
+        )
         out["viewmats"] = ConditionInput("viewmats", lambda b, f, hw: (b, f, 4, 4),
                                          doc="world-to-camera matrices, control=pose")  # fmt: skip
         out["intrinsics"] = ConditionInput("intrinsics", lambda b, f, hw: (b, f, 3, 3),
