@@ -165,14 +165,6 @@ class HYWorldPlayDiT(WanDiT):
                                            doc="normalized intrinsics, control=pose")  # fmt: skip
         return out
 
-    def set_attention(self, attention) -> None:
-        from flashdreams.parallel.base import SequenceParallel
-
-        if type(attention.sequence) is not SequenceParallel:
-            raise ConfigError("parallel: HY-WorldPlay's PRoPE branch is not sharded yet; use "
-                              "parallel=single")  # fmt: skip
-        super().set_attention(attention)
-
     def build_cache(self, factory, **dims):
         """The RoPE and PRoPE branches' K/V side by side: one cache of twice the batch."""
         from flashdreams.cache.context import ContextKVCache
