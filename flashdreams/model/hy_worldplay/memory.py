@@ -37,7 +37,7 @@ class MemoryConfig:
 
 
 def sphere_points(n: int, radius: float, seed: int) -> torch.Tensor:
-    """(n, 3) fp32 points uniform in a ball: radius r * u^(1/3), azimuth 2 pi v, polar
+    """(n, 3) fp32 CPU points uniform in a ball: radius r * u^(1/3), azimuth 2 pi v, polar
     acos(1 - 2 w), with u, v, w drawn in that order from a CPU generator seeded ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     u, v, w = (torch.rand(n, generator=gen) for _ in range(3))
@@ -60,7 +60,7 @@ def _wrap(deg: torch.Tensor) -> torch.Tensor:
 
 
 def fov_overlap(w2c_query: torch.Tensor, w2c_hist: torch.Tensor, points: torch.Tensor,
-                cfg: MemoryConfig, chunk: int = 16) -> torch.Tensor:  # fmt: skip
+                cfg: MemoryConfig, chunk: int = 64) -> torch.Tensor:  # fmt: skip
     """Overlap share for pairs: (N, 4, 4) query and history world-to-camera -> (N,) fp32
     (``chunk`` pairs at a time: N x points x 3 floats would not stay small)."""
     if w2c_query.shape[0] > chunk:
@@ -80,9 +80,7 @@ def fov_overlap(w2c_query: torch.Tensor, w2c_hist: torch.Tensor, points: torch.T
         _wrap(el_h - view_el[:, None]).abs() < half_v
     )
     in_hist &= vec.norm(dim=-1) < cfg.radius
-    seen = in_query.sum().float()
-    if seen == 0:
-        return torch.zeros(rel.shape[0])
+    seen = in_query.sum().float().clamp_min(1.0)  # no point in view: overlap 0
     return (in_hist & in_query[None]).sum(1).float() / seen
 
 
@@ -101,8 +99,8 @@ def select_memory(w2c: torch.Tensor, start: int, cfg: MemoryConfig,
     pairs_h = [h + o for h in clips for o in (0, 2) for _ in queries]
     overlap = fov_overlap(w2c[pairs_q], w2c[pairs_h], points, cfg)
     dist = (1.0 - overlap.double()).view(len(clips), 2, len(queries))
-    scores = (dist.mean(1)).sum(1) / len(queries)
-    order = sorted(range(len(clips)), key=lambda i: float(scores[i]))  # stable: ties keep order
+    scores = (dist.mean(1).sum(1) / len(queries)).tolist()  # one host read
+    order = sorted(range(len(clips)), key=lambda i: scores[i])  # stable: ties keep order
     memory: list[int] = []
     for i in order:
         if len(memory) >= cfg.context - cfg.recent:

@@ -187,10 +187,10 @@ class HYWorldPlayDiT(WanDiT):
         if start == 0:
             return ContextPlan((), (), self.memory_timestep, {}, 0)
         given = inputs(0, start + num)
-        if self._points is None:
+        w2c = given["viewmats"][0].detach().float()  # batch element 0 (the release's), on device
+        if self._points is None or self._points.device != w2c.device:
             m = self.memory
-            self._points = sphere_points(m.points, m.radius, m.seed)
-        w2c = given["viewmats"][0].detach().float().cpu()  # batch element 0 (the release's)
+            self._points = sphere_points(m.points, m.radius, m.seed).to(w2c.device)
         frames = tuple(select_memory(w2c, start, self.memory, self._points))
         index = torch.tensor(frames, device=given["viewmats"].device)
         picked = {n: given[n].index_select(1, index) for n in INPUTS}
