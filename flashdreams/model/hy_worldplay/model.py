@@ -53,7 +53,7 @@ class PropeStep:
 class HYWorldPlayBlock(WanBlock):
     """A Wan block whose self-attention runs a RoPE and a PRoPE branch in one call."""
 
-    _compile_regions = ("qkv", "cross_out_ffn")
+    _compile_regions = ("qkv", "branches", "attn_out", "cross_out_ffn")
 
     def __init__(self, *args, step: PropeStep, **kw) -> None:
         super().__init__(*args, **kw)
@@ -65,40 +65,42 @@ class HYWorldPlayBlock(WanBlock):
         return None  # norm1 is not handed between blocks (the self-attention region is own)
 
     def qkv(self, x, e0):
-        """norm1 + modulation, q/k/v projections, q/k RMS norm: (B, L, H, D) before RoPE."""
+        """Region 1: norm1 + modulation, q/k/v projections, q/k RMS norm (before RoPE)."""
         sa = self.self_attn
         shift, scale = self._mod(e0)[:2]
         h = modulate(layer_norm_fp32(x, self.norm1).unflatten(1, (e0.shape[1], -1)), shift, scale)
         q, k, v = sa.project(h.flatten(1, 2).to(sa.q.weight.dtype))
         heads = (sa.num_heads, -1)
-        return (
-            sa.norm_q(q).unflatten(-1, heads),
-            sa.norm_k(k).unflatten(-1, heads),
-            v.unflatten(-1, heads),
-        )
+        q, k = sa.norm_q(q).unflatten(-1, heads), sa.norm_k(k).unflatten(-1, heads)
+        return q, k, v.unflatten(-1, heads)
+
+    def branches(self, q, k, v, cos, sin, m_q, m_kv):
+        """Region 2: the RoPE branch's q/k and the PRoPE branch's q/k/v, stacked on the batch
+        axis (B rows RoPE, then B rows PRoPE)."""
+        q_all = torch.cat([apply_rope(q, cos, sin), apply_tiled(q, m_q)])
+        k_all = torch.cat([apply_rope(k, cos, sin), apply_tiled(k, m_kv)])
+        return q_all, k_all, torch.cat([v, apply_tiled(v, m_kv)])
+
+    def attn_out(self, x, y, e0, m_o):
+        """Region 3: both output projections, gated residual, norm3, cross-attention queries."""
+        sa, ca = self.self_attn, self.cross_attn
+        b = x.shape[0]
+        y_prope = apply_tiled(y[b:], m_o).flatten(2).to(sa.o_prope.weight.dtype)
+        out = sa.o(y[:b].flatten(2)).float() + sa.o_prope(y_prope).float()
+        x = gated_residual(x, out, self._mod(e0)[2])
+        hn = layer_norm_fp32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
+        return x, ca.norm_q(ca.q(hn.to(ca.q.weight.dtype))).unflatten(-1, (ca.num_heads, -1))
 
     def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None, cam=None,
                 h=None, next_table=None):  # fmt: skip
         mats = self._step.mats
-        q, k, v = self.qkv(x, e0)
-        b = q.shape[0]
-        q_all = torch.cat([apply_rope(q, cos, sin), apply_tiled(q, mats.q)])
-        k_all = torch.cat([apply_rope(k, cos, sin), apply_tiled(k, mats.kv)])
-        v_all = torch.cat([v, apply_tiled(v, mats.kv)])
+        q_all, k_all, v_all = self.branches(*self.qkv(x, e0), cos, sin, mats.q, mats.kv)
         amax = None
         if cache is not None:
             kv = cache.update(layer, k_all, v_all)  # (2B, Lk, H, D): RoPE rows, then PRoPE rows
             k_all, v_all, amax = kv[0], kv[1], getattr(kv, "amax", None)
-        y = attn.self_attention(q_all, k_all, v_all, mask, amax)
-        y_rope, y_prope = y[:b], apply_tiled(y[b:], mats.o)
-        sa = self.self_attn
-        out = sa.o(y_rope.flatten(2)).float() + sa.o_prope(y_prope.flatten(2).to(
-            sa.o_prope.weight.dtype)).float()  # fmt: skip
-        x = gated_residual(x, out, self._mod(e0)[2])
-        ca = self.cross_attn
-        hn = layer_norm_fp32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
-        qc = ca.norm_q(ca.q(hn.to(ca.q.weight.dtype))).unflatten(-1, (ca.num_heads, -1))
-        return self.cross_out_ffn(x, ca.attend(qc, cross_kv, attn), e0, None)
+        x, qc = self.attn_out(x, attn.self_attention(q_all, k_all, v_all, mask, amax), e0, mats.o)
+        return self.cross_out_ffn(x, self.cross_attn.attend(qc, cross_kv, attn), e0, None)
 
 
 class HYWorldPlayDiT(WanDiT):
