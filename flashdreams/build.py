@@ -292,13 +292,13 @@ def build_step_cache(cfg: DictConfig):
 def check_step_cache(cfg: DictConfig, step_cache, graph, parallel) -> None:
     """One-line ``ConfigError`` before any weights load when the recipe cannot use its step
     cache: a model whose forward does not run its blocks through ``DiT.run_blocks``, too few
-    layers or steps, a KV cache (streaming recipes), a capturing graph policy, several ranks."""
+    layers or steps, a KV cache (streaming recipes), a capturing graph policy."""
     if not step_cache.enabled:
         return
     model = construct_model(cfg.model)  # meta device: no weights
     model.set_step_cache(step_cache)
     r = cfg.rollout  # a meta-device cache of the run's frames tells AR from bidirectional
-    cache = model.build_cache(parallel.cache_factory(instantiate(cfg.cache)), tokens_per_frame=1,
+    cache = model.build_cache(instantiate(cfg.cache), tokens_per_frame=1,  # whole, not a share
                               frames_per_block=r.frames_per_block,
                               total_frames=r.frames_per_block * (r.total_blocks or 1),
                               batch_size=1, device=torch.device("meta"), dtype=torch.float32)  # fmt: skip

@@ -22,6 +22,7 @@ CPU smoke (tiny sizes, no floor): python scripts/bench_cosmos.py --tiny --clip 2
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -214,6 +215,9 @@ def time_clip(args, ours, peer, cuda: bool) -> dict:
     out = {"steps": args.clip if not distilled else len(rollout.scheduler.timesteps),
            "ours_clip_s": _time(our_clip, 1, 0, cuda) / 1e3}  # fmt: skip
     rollout = None  # free its cache and decoder before the pipeline runs
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     if distilled:
         return out
     vae_kw = dict(base_dim=8) if args.tiny else {}

@@ -49,7 +49,8 @@ def start_server(overrides: list[str], tmp: Path, timeout: float) -> tuple[subpr
             f"serve.port_file={port_file}", "serve.realtime=false", "serve.queue_frames=4096",
             f"hydra.run.dir={tmp / 'run'}"]  # fmt: skip
     log = open(tmp / "server.log", "w")  # noqa: SIM115  (closed with the process)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     deadline = time.monotonic() + timeout
     while not port_file.is_file() or not port_file.read_text():

@@ -148,7 +148,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test at tiny sizes")
     parser.add_argument("--cache-dit", action="store_true", help="also cache-dit on diffusers")
-    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    parser.add_argument(
+        "--only", default="", help="comma-separated setting names (uncached always)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write the rows as JSON (after each)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
 
@@ -178,7 +183,16 @@ def main() -> None:
     peer = _Peer(rollout, cfg, steps) if args.cache_dit else None
     rows, ref, ref_ms = [], None, None
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    for name, kwargs in configs(steps, front, thresholds).items():
+    only = {n for n in args.only.split(",") if n}
+    settings = {n: kw for n, kw in configs(steps, front, thresholds).items()
+                if not only or n == "none" or n in only}  # fmt: skip
+    unknown = only - set(configs(steps, front, thresholds))
+    if unknown:
+        raise SystemExit(f"--only: unknown setting(s) {sorted(unknown)}")
+    meta = {"recipe": args.recipe, "graph": args.graph, "attention": args.attention,
+            "steps": steps, "device": torch.cuda.get_device_name(rollout.device) if cuda else "cpu",
+            "overrides": args.overrides}  # fmt: skip
+    for name, kwargs in settings.items():
         cache = StepCache() if kwargs is None else DBCache(**kwargs)
         rollout.model.set_step_cache(cache)
         clip()  # warm-up (compilation, allocator)
@@ -201,13 +215,10 @@ def main() -> None:
         rows.append(row)
         print(f"{name:18s} {ms:10.1f} ms  x{row['speedup']:.2f}  hit {row['hit_rate']:.2f}  "
               f"cos {cos:.5f}  psnr {row['latent_psnr_db']:.1f} dB", flush=True)  # fmt: skip
+        if args.out is not None:  # after every row: a time limit keeps what was measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
     rollout.model.set_step_cache(StepCache())
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        device = torch.cuda.get_device_name(rollout.device) if cuda else "cpu"
-        meta = {"recipe": args.recipe, "graph": args.graph, "attention": args.attention,
-                "steps": steps, "device": device, "overrides": args.overrides}  # fmt: skip
-        args.out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -308,8 +308,10 @@ class DiT(nn.Module):
 
     def run_blocks(self, tokens: torch.Tensor, segment: Segment) -> torch.Tensor:
         """The residual stream after all ``num_layers`` blocks: ``segment(tokens, start, stop)``
-        runs blocks [start, stop); the step cache chooses which segments run."""
-        return self.step_cache.run(tokens, segment, self.num_layers)
+        runs blocks [start, stop); the step cache chooses which segments run (deciding on the
+        whole sequence under context parallelism: ``SequenceParallel.total``)."""
+        total = self.attention.sequence.total
+        return self.step_cache.run(tokens, segment, self.num_layers, total)
 
     # ------------------------------------------------------------------ conditioning / forward
     def prepare_context(self, text: torch.Tensor, image: torch.Tensor | None = None):

@@ -37,6 +37,11 @@ class SequenceParallel:
         """(B, L_local, C') per-token head output -> (B, L, C') of the whole block."""
         return out
 
+    #: ``total(x)``: the sum of a (B, L_local, ...) per-token tensor over the forward's real
+    #: tokens of every rank, the same on all ranks (a step cache's decision); None here: this
+    #: process holds every token, so a plain reduction is the total
+    total = None
+
 
 class ParallelPolicy:
     """Rank bookkeeping and model wiring of a parallel layout (one process: a no-op).

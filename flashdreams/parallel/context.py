@@ -58,14 +58,17 @@ class ContextParallel(ParallelPolicy):
         ring_degree: ranks per ring (null: world size / ulysses_degree).
         timeout_s: seconds a collective may wait for a peer; past it this rank fails, naming
             itself, and the launcher ends the job.
+        fp8_all_to_all: Ulysses exchanges (Q, K/V, O) as float8 e4m3 with per-head scales
+            (half the bytes of bf16; needs ulysses_degree > 1).
     """
 
     name = "context"
 
     def __init__(self, ulysses_degree: int | None = None, ring_degree: int | None = None,
-                 timeout_s: float = 600.0) -> None:  # fmt: skip
+                 timeout_s: float = 600.0, fp8_all_to_all: bool = False) -> None:  # fmt: skip
         self.ulysses_degree, self.ring_degree = ulysses_degree, ring_degree
         self.timeout_s = timeout_s
+        self.fp8_all_to_all = bool(fp8_all_to_all)
         self.ulysses = self.ring = 1
         self.ulysses_group = self.ring_group = None
         self.ring_ranks: list[int] = [0]
@@ -81,6 +84,9 @@ class ContextParallel(ParallelPolicy):
         if not self.is_main:
             logging.getLogger().setLevel(logging.ERROR)  # only rank 0 logs (errors: all)
         self.ulysses, self.ring = self._degrees()
+        if self.fp8_all_to_all and self.world_size > 1 and self.ulysses == 1:
+            raise ConfigError(f"parallel.fp8_all_to_all=true needs an all-to-all: "
+                              f"parallel={self.name} runs ulysses_degree 1 (use ulysses or usp)")  # fmt: skip
         if self.world_size > 1:
             self._make_groups()
             log.info("%s: rank %d of %d, ulysses %d x ring %d, %s", self.name, self.rank,
@@ -191,11 +197,19 @@ class ShardedSequence(SequenceParallel):
         rows = full.view(world, b, length, c).transpose(0, 1).reshape(b, world * length, c)
         return rows.index_select(1, self.layout.unshard(num_frames, out.device))
 
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of ``x`` (B, Ls, ...) over the real tokens of every rank (pads dropped), fp32."""
+        if self.layout.has_pad:
+            x = x.index_select(1, self.layout.local_select(self.frames, x.device))
+        out = x.float().sum()
+        dist.all_reduce(out)  # every rank holds a disjoint share of the sequence
+        return out
+
     def keys(self, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's K/V (B, Ls, H, D) -> the keys it stores and attends with."""
         lay, p = self.layout, self.policy
         if p.ulysses > 1:
-            return keys_to_heads(k, v, lay, self.frames, p.ulysses_group)
+            return keys_to_heads(k, v, lay, self.frames, p.ulysses_group, p.fp8_all_to_all)
         if lay.has_pad:
             idx = lay.local_select(self.frames, k.device)
             return k.index_select(1, idx), v.index_select(1, idx)
@@ -206,7 +220,7 @@ class ShardedSequence(SequenceParallel):
         p, lay = self.policy, self.layout
         num_heads = q.shape[2]
         if p.ulysses > 1:
-            q = queries_to_heads(q, p.ulysses, p.ulysses_group)
+            q = queries_to_heads(q, p.ulysses, p.ulysses_group, p.fp8_all_to_all)
         if mask is not None:
             mask = self._mask(mask)
         if p.ring > 1:
@@ -218,7 +232,7 @@ class ShardedSequence(SequenceParallel):
         else:
             out = inner(q, k, v, mask)
         if p.ulysses > 1:
-            out = heads_to_sequence(out, num_heads, p.ulysses, p.ulysses_group)
+            out = heads_to_sequence(out, num_heads, p.ulysses, p.ulysses_group, p.fp8_all_to_all)
         return out
 
     def _mask(self, mask: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch
 
 #: runs blocks [start, stop) on the (B, L, dim) residual stream and returns the new stream
 Segment = Callable[[torch.Tensor, int, int], torch.Tensor]
+#: sums a (B, L_local, ...) tensor over the whole sequence of every rank (a device scalar)
+Total = Callable[[torch.Tensor], torch.Tensor]
 
 
 class StepCache:
@@ -41,8 +43,12 @@ class StepCache:
         (0: conditional, 1: unconditional with two CFG forwards) of expert ``expert``."""
         yield
 
-    def run(self, tokens: torch.Tensor, segment: Segment, num_layers: int) -> torch.Tensor:
-        """The blocks' output for ``tokens``: here all of them, always."""
+    def run(self, tokens: torch.Tensor, segment: Segment, num_layers: int,
+            total: Total | None = None) -> torch.Tensor:  # fmt: skip
+        """The blocks' output for ``tokens``: here all of them, always.
+
+        ``total``: sums a per-token tensor over every rank's tokens (context parallelism), so
+        each rank takes the same decision; None: ``tokens`` is the whole sequence."""
         return segment(tokens, 0, num_layers)
 
     def records(self) -> list[dict]:

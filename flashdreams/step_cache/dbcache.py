@@ -11,7 +11,8 @@ expansion whose derivatives are finite differences over computed steps (TaylorSe
 
 Each guidance branch (conditional / unconditional with two CFG forwards) and each expert keeps
 its own state, so a branch is compared only with itself. The decision reads one device scalar
-on the host per cached-eligible forward.
+on the host per cached-eligible forward; under context parallelism that scalar is the ratio of
+sums over every rank's tokens (one all-reduce each), so all ranks skip the same blocks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flashdreams import ConfigError
-from flashdreams.step_cache.base import Segment, StepCache
+from flashdreams.step_cache.base import Segment, StepCache, Total
 
 
 class TaylorSeer:
@@ -71,9 +72,14 @@ class _State:
     records: list[dict] = field(default_factory=list)
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """``mean|current - previous| / mean|previous|`` in fp32 (a device scalar)."""
+def relative_l1(current: torch.Tensor, previous: torch.Tensor,
+                total: Total | None = None) -> torch.Tensor:  # fmt: skip
+    """``mean|current - previous| / mean|previous|`` in fp32 (a device scalar); with ``total``
+    (context parallelism) the ratio of the two sums over every rank's tokens, equal up to
+    rounding and the same on every rank."""
     prev = previous.float()
+    if total is not None:
+        return total((current.float() - prev).abs()) / total(prev.abs()).clamp_min(1e-12)
     return (current.float() - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
 
 
@@ -156,9 +162,6 @@ class DBCache(StepCache):
             raise ConfigError(f"step_cache={self.name} decides on the host inside a forward, "
                               "which a whole-forward CUDA graph cannot replay: use graph=eager "
                               "or graph=compile")  # fmt: skip
-        if world_size > 1:
-            raise ConfigError(f"step_cache={self.name} needs parallel=single (each rank would "
-                              "decide on its own shard of the residual)")  # fmt: skip
         if self.mask is not None and len(self.mask) != num_steps:
             raise ConfigError(f"step_cache.mask has {len(self.mask)} entries, the schedule "
                               f"scheduler.num_steps={num_steps}")  # fmt: skip
@@ -184,7 +187,8 @@ class DBCache(StepCache):
         return sorted(out, key=lambda r: (r["step"], r["expert"], r["branch"]))
 
     # ------------------------------------------------------------------ a forward
-    def run(self, tokens: torch.Tensor, segment: Segment, num_layers: int) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor, segment: Segment, num_layers: int,
+            total: Total | None = None) -> torch.Tensor:  # fmt: skip
         if self._active is None:  # a commit, a pre-capture, a replay: every block
             return segment(tokens, 0, num_layers)
         index, key = self._active
@@ -194,7 +198,7 @@ class DBCache(StepCache):
         stop = num_layers - self.back
         x = segment(tokens, 0, self.front)
         front = x - tokens
-        reuse, diff = self._decide(state, index, front)
+        reuse, diff = self._decide(state, index, front, total)
         state.seen += 1
         if reuse:
             state.cached += 1
@@ -216,7 +220,8 @@ class DBCache(StepCache):
                               "computed": not reuse, "diff": diff})  # fmt: skip
         return segment(x, stop, num_layers) if self.back else x
 
-    def _decide(self, state: _State, index: int, front: torch.Tensor) -> tuple[bool, float | None]:
+    def _decide(self, state: _State, index: int, front: torch.Tensor,
+                total: Total | None) -> tuple[bool, float | None]:  # fmt: skip
         """(reuse the middle residual, the residual diff when it was measured), checked in
         cache-dit's order: warm-up, mask, limits, threshold (0: never; >= 1: always)."""
         if state.middle is None or state.seen < self.warmup_steps:
@@ -232,5 +237,5 @@ class DBCache(StepCache):
             return False, None
         if self.threshold <= 0.0 or self.threshold >= 1.0:
             return self.threshold >= 1.0, None
-        diff = float(relative_l1(front, state.front))
+        diff = float(relative_l1(front, state.front, total))
         return diff < self.threshold, diff

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 BASE = [
     "recipe=cosmos_predict2_5_2b_distilled_t2v", "model.checkpoint=null", "text_encoder=random",
-    "vae=none", "~vae.checkpoint", "model.dim=512", "model.num_heads=4", "model.num_layers=4",
+    "vae=none", "~vae.checkpoint", "~vae.chunk_frames", "model.dim=512", "model.num_heads=4", "model.num_layers=4",
     "model.ffn_dim=2048", "cache=rolling", "cache.window_frames=6", "cache.sink_frames=3",
     "rollout.height=256", "rollout.width=256", "rollout.frames_per_block=3",
     "rollout.total_blocks=5", "device=cuda", "dtype=bfloat16",

@@ -31,7 +31,7 @@ ATOL = 1e-4
 FRAMES, SIZE, STEPS = 3, 32, 2  # latent frames (9 video frames), pixels, solver steps
 PROMPT, NEGATIVE = "a robot arm stacks cubes", "blurry"
 RUN = ["model=cosmos_tiny", "model.checkpoint=null", "model.qk_eps=1e-5", "device=cpu",
-       "dtype=float32", "text_encoder=random", "vae=none", "~vae.checkpoint",
+       "dtype=float32", "text_encoder=random", "vae=none", "~vae.checkpoint", "~vae.chunk_frames",
        f"rollout.height={SIZE}", f"rollout.width={SIZE}", f"rollout.frames_per_block={FRAMES}",
        f"scheduler.num_steps={STEPS}", f"prompt='{PROMPT}'", f"negative_prompt='{NEGATIVE}'"]  # fmt: skip
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from tests.unit.test_parallel import free_port, rollout_latents
 
 TINY = ["model=cosmos_tiny", "model.checkpoint=null", "device=cpu", "dtype=float32",
-        "text_encoder=random", "vae=none", "~vae.checkpoint", "rollout.height=32",
+        "text_encoder=random", "vae=none", "~vae.checkpoint", "~vae.chunk_frames", "rollout.height=32",
         "rollout.width=32"]  # fmt: skip
 CASES = {
     "ulysses-bidirectional": ["recipe=cosmos_predict2_5_2b_t2v", *TINY, "scheduler.num_steps=1",

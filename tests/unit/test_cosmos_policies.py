@@ -81,7 +81,7 @@ def test_offload_blocks_equals_resident():
 
     base = ["recipe=cosmos_predict2_5_2b_distilled_t2v", "model=cosmos_tiny",
             "model.checkpoint=null", "device=cpu", "dtype=float32", "text_encoder=random",
-            "vae=none", "~vae.checkpoint", "rollout.height=32", "rollout.width=32",
+            "vae=none", "~vae.checkpoint", "~vae.chunk_frames", "rollout.height=32", "rollout.width=32",
             "rollout.frames_per_block=2", "rollout.total_blocks=2", "cache=rolling",
             "scheduler.timesteps=[1000,500]"]  # fmt: skip
     latents = []

@@ -270,8 +270,9 @@ def test_cosmos_threshold_zero_is_exact_and_a_mask_is_followed():
     cfg = compose_run(["recipe=cosmos_predict2_5_2b_t2v", "model=cosmos_tiny", "model.num_layers=4",
                        "model.checkpoint=null",
                        "device=cpu", "dtype=float32", "text_encoder=random", "vae=none",
-                       "~vae.checkpoint", "rollout.height=32", "rollout.width=32",
-                       "rollout.frames_per_block=2", f"scheduler.num_steps={STEPS}"])  # fmt: skip
+                       "~vae.checkpoint", "~vae.chunk_frames", "rollout.height=32",
+                       "rollout.width=32", "rollout.frames_per_block=2",
+                       f"scheduler.num_steps={STEPS}"])  # fmt: skip
     torch.manual_seed(2)
     noise = torch.randn(1, 16, 2, 4, 4)
     rollout = build_rollout(cfg, noise_fn=lambda shape: noise.clone())
