@@ -33,6 +33,7 @@ class RunConfig:
     image: str | None = None
     input: str | None = None  # a video to process (super-resolution recipes)
     poses: str | None = None
+    pose: str | None = None
     intrinsics: str | None = None
     device: str = "auto"
     dtype: str = "auto"

@@ -136,6 +136,20 @@ class Forwards:
         for e in self.model.commit_order():
             self.run(x, t, ctx, positions, inputs, e, commit=True, cache=cache, capture=capture)
 
+    def prefill(self, plan, latents: torch.Tensor | None, ctx, *, capture: bool = True) -> None:
+        """A block's reconstituted context (``DiT.context_plan``): the cache is emptied and the
+        clean ``latents`` (B, C, n, h, w) of the plan's history frames run once, through every
+        expert of ``commit_order``, at the plan's timestep and RoPE positions; they attend only
+        to each other and their K/V stay in the cache for the block."""
+        n = len(plan.frames)
+        self.cache.begin_context(n)
+        if n == 0:
+            return
+        t = self.block_timestep(plan.timestep, n)
+        positions = torch.tensor(plan.positions, device=self.device)
+        for e in self.model.commit_order():
+            self.run(latents, t, ctx, positions, plan.inputs, e, commit=True, capture=capture)
+
     def precapture(self, ctx, blocks: int, fpb: int, latent_hw: tuple[int, int],
                    begin_block: Callable[[int, int], None]) -> None:  # fmt: skip
         """Run the forwards of ``blocks`` blocks of ``fpb`` frames once, on stand-in inputs.
@@ -147,6 +161,9 @@ class Forwards:
         x = torch.zeros(self.batch_size, self.model.out_dim, fpb, *latent_hw, device=self.device)
         t = torch.zeros(self.batch_size, fpb, device=self.device)
         inputs = self.standin_inputs(fpb, latent_hw)
+        if self.cache is not None and self.model.context_frames > 0:
+            self._precapture_contexts(ctx, x, t, inputs, begin_block)
+            return
         commits = self.cache is not None and self.exact_commit and self.model.commit_mode != "none"
         for block in range(blocks):
             start = block * fpb
@@ -158,6 +175,23 @@ class Forwards:
                     self.run(x, t, ctx, positions, inputs, e, commit=True)
         if self.cache is not None:
             self.cache.reset()
+
+    def _precapture_contexts(self, ctx, x, t, inputs, begin_block) -> None:
+        """Pre-capture of a model that re-runs history (``context_plan``): for every history length
+        it may plan, the history forward and the block's forward after it."""
+        b, c, fpb, h, w = x.shape
+        for n in self.model.context_sizes(fpb):
+            self.cache.begin_context(n)
+            if n:
+                xs, ts = x.new_zeros(b, c, n, h, w), t.new_zeros(b, n)
+                pos = torch.arange(n, device=self.device)
+                for e in self.model.commit_order():
+                    self.run(xs, ts, ctx, pos, self.standin_inputs(n, (h, w)), e, commit=True)
+            begin_block(0, fpb)
+            positions = torch.arange(n, n + fpb, device=self.device)
+            for e in self.model.commit_order():
+                self.run(x, t, ctx, positions, inputs, e)
+        self.cache.reset()
 
 
 def _eager():
