@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from flashdreams import ConfigError
 from flashdreams.cache.scatter import write_rows
 from flashdreams.precision.fp8 import FP8, dequantize, quantize_rowwise
 from flashdreams.precision.fp8_tensor import running_amax
@@ -128,6 +129,12 @@ class KVCache:
     def is_steady(self) -> bool:
         """True once the valid key range no longer grows (shapes are static from here on)."""
         return self.filled_frames >= self.capacity_frames
+
+    def begin_context(self, num_frames: int) -> None:
+        """Prepare a reconstituted context of ``num_frames`` history frames (``DiT.context_plan``):
+        only caches built for it can (``cache=context``)."""
+        raise ConfigError(f"the model re-runs history frames before each block, which "
+                          f"{type(self).__name__} cannot hold; use cache=context")  # fmt: skip
 
     def begin_block(self, start_frame: int, num_frames: int) -> None:
         """Select slots and valid keys for the block [start_frame, start_frame + num_frames)."""

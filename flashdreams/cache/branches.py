@@ -32,6 +32,10 @@ class BranchedKVCache:
         for cache in self._all():
             cache.begin_block(start_frame, num_frames)
 
+    def begin_context(self, num_frames: int) -> None:
+        for cache in self._all():
+            cache.begin_context(num_frames)
+
     def reset(self) -> None:
         for cache in self._all():
             cache.reset()

@@ -19,13 +19,16 @@ class ReplaceFirstFrameConditioner(Conditioner):
 
     Args:
         encoder: the VAE encoder (``encode(video) -> normalized latents``).
+        image_timestep: the timestep of the image frame's tokens (0 for Wan 2.2; HY-WorldPlay
+            gives it 14).
     """
 
     optional_image = True
 
-    def __init__(self, encoder) -> None:
+    def __init__(self, encoder, image_timestep: float = 0.0) -> None:
         super().__init__()
         self.encoder = encoder
+        self.image_timestep = float(image_timestep)
         self._first: torch.Tensor | None = None  # (B, C, 1, h, w) encoded image
 
     def prepare(self, images, *, height, width, num_frames, device) -> None:
@@ -42,4 +45,4 @@ class ReplaceFirstFrameConditioner(Conditioner):
     def timesteps(self, t: torch.Tensor, start: int) -> torch.Tensor:
         if self._first is None or start > 0:
             return t
-        return torch.cat([torch.zeros_like(t[:, :1]), t[:, 1:]], dim=1)
+        return torch.cat([torch.full_like(t[:, :1], self.image_timestep), t[:, 1:]], dim=1)

@@ -35,6 +35,7 @@ class RunConfig:
     text_recipe: str | None = None  # image-conditioned recipes: the text-only recipe to suggest
     input: str | None = None  # a video to process (super-resolution recipes)
     poses: str | None = None
+    pose: str | None = None
     intrinsics: str | None = None
     device: str = "auto"
     dtype: str = "auto"

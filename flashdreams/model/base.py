@@ -24,6 +24,10 @@ here. What a model must say about itself:
   ``run_blocks(tokens, segment)`` lets the recipe's step cache (``step_cache`` group, set once
   by ``set_step_cache``) skip the middle blocks of a denoising step and reuse their residual
   (``supports_step_cache``). The default runs every block.
+* **Reconstituted context** (``context_frames``, ``context_plan``): a model that does not keep
+  committed K/V but, before every block, re-runs chosen clean history frames into an emptied
+  cache (HY-WorldPlay's memory) says which frames, at which RoPE positions and timestep, and
+  where the block goes after them (``ContextPlan``). None by default: the cache holds commits.
 * **Graph shape key** (``graph_key``): what changes a forward's work besides its tensor shapes
   (the valid KV length; an expert; an exact commit). A captured graph is replayed only for an
   equal key.
@@ -113,6 +117,32 @@ class CacheLayout:
     branches: dict[str, BranchLayout] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ContextPlan:
+    """The reconstituted context of one AR block (``DiT.context_plan``).
+
+    Before the block the loop empties the cache and runs one forward of the clean latents of
+    the history ``frames`` (in this order) at ``timestep`` and RoPE ``positions``; they attend
+    only to each other and their K/V fill the cache. The block then runs at RoPE positions
+    ``block_position ...`` and attends to them and to itself.
+
+    Args:
+        frames: absolute latent frames of the history (may be empty: the block attends to
+            itself only).
+        positions: their RoPE frame positions.
+        timestep: the timestep they carry.
+        inputs: the named inputs of those frames (gathered by the model, which knows their
+            layout), in the order of ``frames``.
+        block_position: RoPE frame position of the block's first frame.
+    """
+
+    frames: tuple[int, ...]
+    positions: tuple[int, ...]
+    timestep: float
+    inputs: dict[str, torch.Tensor]
+    block_position: int
+
+
 class DiT(nn.Module):
     """Base class of every diffusion transformer the rollout runs.
 
@@ -140,6 +170,9 @@ class DiT(nn.Module):
     block_context_methods: tuple[str, ...] = ("cross_attn.context_kv",)
     #: whether ``forward`` runs its blocks through ``run_blocks`` (a step cache can apply)
     supports_step_cache: bool = False
+    #: latent frames of history a block may re-run into the cache before it (``context_plan``);
+    #: 0: none, the cache holds the committed K/V of earlier blocks (every model but memory ones)
+    context_frames: int = 0
     #: the recipe's step cache (``set_step_cache``); the default runs every block
     step_cache: StepCache = StepCache()
     patch_size: tuple[int, int, int]
@@ -226,6 +259,19 @@ class DiT(nn.Module):
                                         "num_heads": b.num_heads, "head_dim": b.head_dim,
                                         "tokens_per_frame": tokens})  # fmt: skip
         return BranchedKVCache(main, branches)
+
+    # ------------------------------------------------------------------ context
+    def context_plan(self, start: int, num: int,
+                     inputs: Callable[[int, int], dict[str, torch.Tensor]]) -> ContextPlan | None:  # fmt: skip
+        """The reconstituted context of the block of frames [start, start + num), or None (the
+        default: the block attends to the cache's committed K/V). Called only when
+        ``context_frames > 0``; ``inputs(s, n)`` gives the named inputs of frames [s, s + n)
+        (history and the block itself: a memory may select by the block's camera)."""
+        return None
+
+    def context_sizes(self, frames_per_block: int) -> list[int]:
+        """Every history length a ``ContextPlan`` may have (graph pre-capture runs each)."""
+        return [0]
 
     # ------------------------------------------------------------------ graphs
     def graph_key(self, cache, expert: int = 0, exact: bool = False) -> Hashable:

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import sys
 from collections.abc import Callable, Hashable, Iterable
+from itertools import islice
 
 import torch
 
@@ -136,6 +137,20 @@ class Forwards:
         for e in self.model.commit_order():
             self.run(x, t, ctx, positions, inputs, e, commit=True, cache=cache, capture=capture)
 
+    def prefill(self, plan, latents: torch.Tensor | None, ctx, *, capture: bool = True) -> None:
+        """A block's reconstituted context (``DiT.context_plan``): the cache is emptied and the
+        clean ``latents`` (B, C, n, h, w) of the plan's history frames run once, through every
+        expert of ``commit_order``, at the plan's timestep and RoPE positions; they attend only
+        to each other and their K/V stay in the cache for the block."""
+        n = len(plan.frames)
+        self.cache.begin_context(n)
+        if n == 0:
+            return
+        t = self.block_timestep(plan.timestep, n)
+        positions = torch.tensor(plan.positions, device=self.device)
+        for e in self.model.commit_order():
+            self.run(latents, t, ctx, positions, plan.inputs, e, commit=True, capture=capture)
+
     def precapture(self, ctx, blocks: Iterable[tuple[int, int]], latent_hw: tuple[int, int],
                    begin_block: Callable[[int, int], None], prefix: int = 0) -> None:  # fmt: skip
         """Run the forwards of a run's blocks once, on stand-in inputs: the commit of ``prefix``
@@ -150,15 +165,23 @@ class Forwards:
         commits = self.cache is not None and self.model.commit_mode != "none"
         standins: dict[int, tuple] = {}
 
-        def forwards(start: int, num: int, *, prefix_commit: bool = False) -> None:
-            if num not in standins:  # one stand-in per block size
+        def standin(num: int) -> tuple:  # one stand-in per block size
+            if num not in standins:
                 standins[num] = (
                     torch.zeros(self.batch_size, self.model.out_dim, num, *latent_hw,
                                 device=self.device),
                     torch.zeros(self.batch_size, num, device=self.device),
                     self.standin_inputs(num, latent_hw),
                 )  # fmt: skip
-            x, t, inputs = standins[num]
+            return standins[num]
+
+        if self.cache is not None and self.model.context_frames > 0:
+            for num in dict.fromkeys(num for _, num in islice(blocks, 2)):  # first, steady
+                self._precapture_contexts(ctx, *standin(num), begin_block)
+            return
+
+        def forwards(start: int, num: int, *, prefix_commit: bool = False) -> None:
+            x, t, inputs = standin(num)
             begin_block(start, num)
             positions = torch.arange(start, start + num, device=self.device)
             for e in self.model.commit_order():
@@ -179,6 +202,23 @@ class Forwards:
             forwards(start, num)
         if self.cache is not None:
             self.cache.reset()
+
+    def _precapture_contexts(self, ctx, x, t, inputs, begin_block) -> None:
+        """Pre-capture of a model that re-runs history (``context_plan``): for every history length
+        it may plan, the history forward and the block's forward after it."""
+        b, c, fpb, h, w = x.shape
+        for n in self.model.context_sizes(fpb):
+            self.cache.begin_context(n)
+            if n:
+                xs, ts = x.new_zeros(b, c, n, h, w), t.new_zeros(b, n)
+                pos = torch.arange(n, device=self.device)
+                for e in self.model.commit_order():
+                    self.run(xs, ts, ctx, pos, self.standin_inputs(n, (h, w)), e, commit=True)
+            begin_block(0, fpb)
+            positions = torch.arange(n, n + fpb, device=self.device)
+            for e in self.model.commit_order():
+                self.run(x, t, ctx, positions, inputs, e)
+        self.cache.reset()
 
 
 def _eager():

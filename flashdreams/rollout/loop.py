@@ -31,6 +31,7 @@ from flashdreams.precision.base import Precision
 from flashdreams.rollout.context import PromptContext
 from flashdreams.rollout.decode import BlockDecoder
 from flashdreams.rollout.forward import Forwards
+from flashdreams.rollout.history import LatentHistory
 from flashdreams.rollout.schedule import BlockSchedule
 from flashdreams.scheduler.base import Scheduler
 from flashdreams.stats import StepTimer
@@ -133,6 +134,8 @@ class Rollout:
         if self.cache is None and self.frame_offset:
             raise ConfigError("conditioner=first_frame needs a KV cache (an AR recipe)")
         self.step_index = 0
+        # clean latents of the clip, for models that re-run history before each block
+        self.history = LatentHistory() if model.context_frames > 0 else None
 
     def _build_cache(self) -> None:
         """The KV cache of the run's frames (None: endless), from the model's layout; a rolling
@@ -200,6 +203,8 @@ class Rollout:
         self.vae.reset()
         self.graph.reset()
         self.step_index = 0
+        if self.history is not None:
+            self.history.reset()
         self._prepare_images(images)
         frames = None if self.total_blocks is None else self._clip_frames()
         self.control.prepare(self.batch_size, height=self.height, width=self.width,
@@ -293,6 +298,7 @@ class Rollout:
         timer.start("diffuse")
         x = self.noise((self.batch_size, self.model.out_dim, fpb, *self.latent_hw))
         timesteps = self.scheduler.begin_block(self.device)  # (num_steps,)
+        positions = self._context(start, fpb, ctx, positions)
         self._begin_block(start, fpb)
         x0 = fw.denoise(x, timesteps, self._expert_plan(timesteps), guided, positions, start,
                         self.scheduler, self.noise)  # fmt: skip
@@ -309,12 +315,25 @@ class Rollout:
         out, out_start = x0, start
         if prefix is not None:  # step 0 also emits the conditioner's clean prefix frames
             out, out_start = torch.cat([prefix.to(x0.dtype), x0], dim=2), 0
+        if self.history is not None:
+            self.history.record(out_start, out)
         frames = self.decoder(out, timer, commit)
         timer.num_frames = 0 if frames is None else frames.shape[1]
         if sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step_index += 1
         return StepOutput(i, out, frames, timer, out_start)
+
+    def _context(self, start: int, num: int, ctx, positions: torch.Tensor) -> torch.Tensor:
+        """Reconstituted context (models with ``context_frames``): the history frames the model
+        plans are re-run into the emptied cache; returns the block's RoPE positions."""
+        if self.history is None or self.cache is None:
+            return positions
+        plan = self.model.context_plan(start, num, self.forwards.inputs)
+        if plan is None:
+            return positions
+        self.forwards.prefill(plan, self.history.gather(plan.frames), ctx)
+        return self._positions(plan.block_position, num)
 
     def _expert_plan(self, timesteps: torch.Tensor) -> list[int]:
         """Expert of each denoising step, from the scheduler's host list when it has one."""

@@ -329,8 +329,8 @@ class Session:
     def _remember(self, out: StepOutput) -> None:
         """Keep the clean latents of blocks whose frames are still in the KV cache."""
         r = self.rollout
-        if r.cache is None:
-            return
+        if r.cache is None or r.history is not None:
+            return  # a model that re-runs its history before every block keeps no K/V to redo
         start, latents, offset = out.start_frame, out.latents, r.frame_offset
         if start < offset:  # an I2V prefix, committed on its own before block 0
             self._blocks.append((start, latents[:, :, : offset - start]))

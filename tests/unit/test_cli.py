@@ -60,7 +60,7 @@ def test_help_lists_groups():
     proc = _run(["--help"], ".")
     for group in ("cache", "model", "recipe", "scheduler", "vae"):
         assert group in proc.stdout
-    assert "cache: full, none, rolling\n" in proc.stdout  # options, not the base_* schemas
+    assert "cache: context, full, none, rolling\n" in proc.stdout  # options, not the base_* schemas
     assert "base_" not in proc.stdout.split("== Config ==")[0]
 
 
@@ -70,7 +70,7 @@ def test_help_lists_groups():
         (["rollout.height=100"], "rollout.height=100"),
         (["rollout.total_blocks=0"], "rollout.total_blocks=0"),
         (["cache.window_frames=1"], "cache.window_frames=1"),
-        (["cache=nope"], "cache=nope: unknown option; allowed: full, none, rolling"),
+        (["cache=nope"], "cache=nope: unknown option; allowed: context, full, none, rolling"),
         (["prompt_file=/does/not/exist"], "prompt_file="),
     ],
 )
