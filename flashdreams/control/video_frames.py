@@ -7,29 +7,23 @@ the memory of one decoded frame, not of the clip (189 frames at 704x1280 would b
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
-from flashdreams import ConfigError
+from flashdreams.io.video import open_video, video_error
 
 ASPECT_TOL = 0.01  # relative aspect-ratio difference accepted before resizing
 
 
 def probe_video(path: str, setting: str) -> tuple[int, int, float, int]:
     """(width, height, fps, frame count) of a video file, one-line errors naming ``setting``."""
-    if not Path(path).is_file():
-        raise ConfigError(f"{setting}={path!r}: no such file")
+    reader, meta = open_video(path, setting)
+    reader.close()
     try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        meta = next(reader)
-        reader.close()
         count, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
     except Exception as err:  # noqa: BLE001  (ffmpeg fails in several ways on bad files)
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{setting}={path!r}: cannot read it as a video ({reason})") from None
+        raise video_error(path, setting, err) from None
     width, height = meta["size"]
     return int(width), int(height), float(meta.get("fps") or 0.0), int(count)
 

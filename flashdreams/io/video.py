@@ -226,6 +226,32 @@ def read_video_frames(path: str | Path) -> int:
         reader.close()
 
 
+def open_video(path: str | Path, setting: str):
+    """(frame-bytes iterator, ffmpeg metadata) of a video file, read with ffmpeg.
+
+    Raises:
+        ConfigError: one line naming ``setting`` when the file is missing or not a video.
+    """
+    from flashdreams import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{setting}={str(path)!r}: no such file")
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        return reader, next(reader)
+    except (RuntimeError, OSError, StopIteration, KeyError, ValueError) as err:
+        raise video_error(path, setting, err) from None
+
+
+def video_error(path: str | Path, setting: str, err: BaseException):
+    """The one-line ``ConfigError`` of a file ffmpeg cannot decode (its last message line)."""
+    from flashdreams import ConfigError
+
+    text = str(err).strip()
+    reason = text.splitlines()[-1] if text else type(err).__name__
+    return ConfigError(f"{setting}={str(path)!r}: cannot read it as a video ({reason})")
+
+
 def read_video(path: str | Path, setting: str = "input") -> tuple[np.ndarray, float]:
     """Decode a whole video file: ((T, H, W, 3) uint8 frames, frames per second or 0).
 
@@ -238,19 +264,12 @@ def read_video(path: str | Path, setting: str = "input") -> tuple[np.ndarray, fl
     """
     from flashdreams import ConfigError
 
-    if not Path(path).is_file():
-        raise ConfigError(f"{setting}={str(path)!r}: no such file")
+    reader, meta = open_video(path, setting)
     try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        meta = next(reader)
         w, h = meta["size"]
         frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader]
-    except (RuntimeError, OSError, StopIteration, KeyError, ValueError) as err:
-        text = str(err).strip()
-        reason = text.splitlines()[-1] if text else type(err).__name__
-        raise ConfigError(
-            f"{setting}={str(path)!r}: cannot read it as a video ({reason})"
-        ) from None
+    except (RuntimeError, OSError, KeyError, ValueError) as err:
+        raise video_error(path, setting, err) from None
     if not frames:
         raise ConfigError(f"{setting}={str(path)!r}: the video holds no frames")
     return np.stack(frames), float(meta.get("fps") or 0.0)
