@@ -184,9 +184,9 @@ def main() -> None:
     rows, ref, ref_ms = [], None, None
     thresholds = [float(t) for t in args.thresholds.split(",")]
     only = {n for n in args.only.split(",") if n}
-    settings = {n: kw for n, kw in configs(steps, front, thresholds).items()
-                if not only or n == "none" or n in only}  # fmt: skip
-    unknown = only - set(configs(steps, front, thresholds))
+    table = configs(steps, front, thresholds)
+    settings = {n: kw for n, kw in table.items() if not only or n == "none" or n in only}
+    unknown = only - set(table)
     if unknown:
         raise SystemExit(f"--only: unknown setting(s) {sorted(unknown)}")
     meta = {"recipe": args.recipe, "graph": args.graph, "attention": args.attention,

@@ -85,11 +85,16 @@ def _masked_forward_error(world: int) -> float:
     return (model(x, t, ctx, mask=mask) - ref_model(x, t, ctx, mask=mask)).abs().max().item()
 
 
-def _worker(rank: int, world: int, port: int, out_path: str) -> None:
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """A spawned test rank joins the loopback gloo group (60 s per collective, one thread)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))  # fmt: skip
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, world: int, port: int, out_path: str) -> None:
+    join_gloo(rank, world, port)
     results, refs = {}, {}
     for name, base, strategy in _cases(world):
         got = rollout_latents(base + strategy)

@@ -12,14 +12,21 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.unit.test_parallel import AR, BIDIRECTIONAL, ODD, TINY, free_port, rollout_latents
+from tests.unit.test_parallel import (
+    AR,
+    BIDIRECTIONAL,
+    ODD,
+    TINY,
+    free_port,
+    join_gloo,
+    rollout_latents,
+)
 
 REL_L2 = 2e-2
 
@@ -41,10 +48,7 @@ def test_quantize_heads_rounds_within_e4m3_and_scales_per_head():
 
 
 def _worker(rank: int, world: int, port: int, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=60))  # fmt: skip
-    torch.set_num_threads(1)
+    join_gloo(rank, world, port)
     errors = {}
     for name, mode in (("ar", AR), ("bidirectional", BIDIRECTIONAL)):
         base = [*TINY, *ODD, *mode, "parallel=ulysses"]

@@ -13,13 +13,12 @@ reordered sums).
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.unit.test_parallel import free_port
+from tests.unit.test_parallel import free_port, join_gloo
 
 STEPS = 10
 BASE = ["recipe=wan21_t2v_1_3b_480p", "model.dim=48", "model.num_heads=3", "model.num_layers=6",
@@ -45,10 +44,7 @@ def _run(overrides: list[str]) -> tuple[torch.Tensor, list[bool]]:
 
 
 def _worker(rank: int, world: int, port: int, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=60))  # fmt: skip
-    torch.set_num_threads(1)
+    join_gloo(rank, world, port)
     results = {}
     for name in ("ulysses", "ring"):
         latents, computed = _run([*BASE, f"parallel={name}"])
