@@ -73,6 +73,15 @@ def _torchvision_resize_shim() -> None:
     )
 
 
+def instantiate_attention(group: str):
+    """The attention of ``conf/attention/<group>.yaml`` as a run composes it."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "flashdreams" / "conf" / "attention"
+    return instantiate(OmegaConf.load(conf / f"{group}.yaml"))
+
+
 def main() -> None:
     from diffusers import CosmosTransformer3DModel
 
@@ -88,6 +97,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--latent-frames", type=int, default=24)
     p.add_argument("--attention", default="cudnn", help="SdpaAttention backend")
+    p.add_argument("--attention-config", default=None,
+                   help="an attention config group (fast, flash_attn, cudnn_fp8) instead")  # fmt: skip
     p.add_argument("--graph", default="eager", choices=["eager", "compile"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test at toy sizes")
@@ -107,7 +118,10 @@ def main() -> None:
     with torch.device("meta"):
         ours = CosmosDiT(**size)
     ours = materialize(ours, None, device, dtype, seed=0).eval().requires_grad_(False)
-    ours.attention = SdpaAttention(args.attention if cuda else "auto")
+    if args.attention_config and cuda:
+        ours.attention = instantiate_attention(args.attention_config)
+    else:
+        ours.attention = SdpaAttention(args.attention if cuda else "auto")
     heads, head_dim = ours.num_heads, ours.head_dim
     peer = CosmosTransformer3DModel(
         in_channels=ours.in_dim + 1, out_channels=ours.out_dim, num_attention_heads=heads,
@@ -148,7 +162,7 @@ def main() -> None:
     tokens = f * (h // 2) * (w // 2)
     result = {
         "shape": {"latent": [ours.in_dim, f, h, w], "tokens": tokens, "dtype": str(dtype)},
-        "attention": ours.attention.backend.backend, "graph": args.graph,
+        "attention": ours.attention.name, "graph": args.graph,
         "ours_step_ms": ours_ms, "diffusers_step_ms": peer_ms,
         "speedup": peer_ms / ours_ms, "output_rel_l2_vs_diffusers": rel,
     }  # fmt: skip

@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--sparse-ratio", type=float, default=2.0, help="the sparse mode's ratio")
     ap.add_argument("--budget-s", type=float, default=270.0, help="skip pairs after this")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", default="dense,sparse", help="attention modes to run, in order")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test at tiny sizes")
     args = ap.parse_args()
 
@@ -111,7 +112,9 @@ def main() -> None:
                "scenes": []}  # fmt: skip
     for height, width, scale in scenes:
         entry = {"scene": f"{height}x{width}", "scale": scale}
-        for mode, ratio in (("dense", None), ("sparse", args.sparse_ratio)):
+        ratios = {"dense": None, "sparse": args.sparse_ratio}
+        for mode in args.modes.split(","):
+            ratio = ratios[mode]
             if ratio is not None and (height % 128 or width % 128):
                 entry[mode] = "n/a (needs multiples of 128)"
                 continue
