@@ -1,11 +1,13 @@
 """Benchmark harness: a profiled run plus the hardware floor and a diffusers peer, as JSON.
 
-The floor of an AR step is its FLOP count (from the model config and the KV length of each
-step) divided by throughputs measured on the same GPU in the same process: a large GEMM for the
+The floor of an AR step is its FLOP count (``DiT.forward_flops`` of the run's model, from its
+own modules: action, camera and PRoPE branches included, at the KV length of each step)
+divided by throughputs measured on the same GPU in the same process: a large GEMM for the
 linear layers (bf16, or e4m3 ``_scaled_mm`` when the run's precision is FP8: then every linear
 is counted at the FP8 rate, a floor below what the bf16-kept narrow layers allow) and the
 configured attention backend at the step's own shape, called as the run calls it (an FP8
-attention gets the KV cache's |K|/|V| bound).
+attention gets the KV cache's |K|/|V| bound). Every attention of the model (a cross-attention,
+an action module's) is charged at that rate: the floor is optimistic for small ones.
 """
 
 from __future__ import annotations
@@ -22,24 +24,34 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flashdreams import ConfigError
 from flashdreams.attention.base import Attention
 from flashdreams.graph.cuda_graph import capture
+from flashdreams.model.base import DiT, add_flops
 from flashdreams.rollout.schedule import BlockSchedule
 
 log = logging.getLogger("flashdreams.bench")
 
 
-def forward_flops(cfg_model, q_tokens: int, kv_tokens: int) -> dict[str, float]:
-    """FLOPs of one DiT forward over ``q_tokens`` attending to ``kv_tokens`` (self-attn)."""
-    d, ffn, layers, text = (
-        cfg_model.dim,
-        cfg_model.ffn_dim,
-        cfg_model.num_layers,
-        cfg_model.text_len,
-    )
-    linear = 2 * q_tokens * (4 * d * d + 2 * d * d + 2 * d * ffn) * layers
-    attention = 4 * q_tokens * kv_tokens * d * layers + 4 * q_tokens * text * d * layers
-    return {"linear": float(linear), "attention": float(attention)}
+def block_flops(model: DiT, tokens_per_frame: int, block_frames: int, kv_frames: int,
+                forwards: int, history_frames: int = 0) -> dict[str, float]:  # fmt: skip
+    """FLOPs of one AR block's diffuse stage: ``forwards`` forwards of the block's frames over
+    ``kv_frames`` key frames (the block's included), after, for a model that re-runs its
+    history (``context_frames``), one forward of the ``history_frames`` attending to each
+    other."""
+    tpf = tokens_per_frame
+    parts = [model.forward_flops(block_frames * tpf, kv_frames * tpf, tpf)] * forwards
+    if history_frames:
+        parts.append(model.forward_flops(history_frames * tpf, history_frames * tpf, tpf))
+    return add_flops(*parts)
+
+
+def flops_ms(flops: dict[str, float], throughput: dict) -> float:
+    """Milliseconds of ``flops`` at the measured rates: GEMMs (``linear``, ``embed``) at the
+    linear rate, ``attention`` at the attention backend's."""
+    linear = throughput.get("linear_tflops", throughput["matmul_tflops"])
+    gemm = flops["linear"] + flops.get("embed", 0.0)
+    return (gemm / linear + flops["attention"] / throughput["attention_tflops"]) / 1e9
 
 
 def time_cuda(fn: Callable[[], Any], repeats: int = 10, warmup: int = 3) -> float:
@@ -119,9 +131,15 @@ def measure_throughput(attention, heads: int, head_dim: int, q_tokens: int, kv_t
     }
 
 
-def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame: int):
-    """Per-step floor (ms) of the diffuse stage: num_steps forwards at that step's KV length
-    (two per step under classifier-free guidance, ``forwards_per_step`` in the stats header)."""
+def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame: int,
+               model: DiT | None = None) -> list[dict]:  # fmt: skip
+    """Per-step floor (ms) of the diffuse stage: num_steps forwards of ``model`` (the run's,
+    built on the meta device when not given) at that step's KV length (two per step under
+    classifier-free guidance, ``forwards_per_step`` in the stats header), plus the history
+    re-run of a model with a reconstituted context."""
+    from flashdreams.build import construct_model
+
+    model = construct_model(cfg.model) if model is None else model
     r = cfg.rollout
     schedule = BlockSchedule(r.frames_per_block, r.get("first_block_frames"))
     window = cfg.cache.get("window_frames") if "window_frames" in cfg.cache else None
@@ -131,16 +149,34 @@ def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame:
     ) * stats.get("forwards_per_step", 1)
     rows = []
     for s in stats["steps"]:
-        frames = schedule.total(s["step"] + 1)  # the KV length the step's block attends to
-        if window:
-            frames = min(frames, window + sink)
-        q = schedule.frames(s["step"]) * tokens_per_frame
-        f = forward_flops(cfg.model, q, frames * tokens_per_frame)
-        linear = throughput.get("linear_tflops", throughput["matmul_tflops"])
-        ms = (f["linear"] / linear + f["attention"] / throughput["attention_tflops"]) / 1e9
+        block = schedule.frames(s["step"])
+        history = 0
+        if model.context_frames:  # the history re-run before the block, then the block
+            history = min(schedule.start(s["step"]), model.context_frames)
+            frames = history + block
+        else:
+            frames = schedule.total(s["step"] + 1)  # the KV length the step's block attends to
+            if window:
+                frames = min(frames, window + sink)
+        f = block_flops(model, tokens_per_frame, block, frames, num_steps, history)
         rows.append({"step": s["step"], "kv_tokens": frames * tokens_per_frame,
-                     "floor_ms": num_steps * ms, "tflop": num_steps * sum(f.values()) / 1e12})  # fmt: skip
+                     "floor_ms": flops_ms(f, throughput), "tflop": sum(f.values()) / 1e12})  # fmt: skip
     return rows
+
+
+def check_peer(cfg: DictConfig) -> None:
+    """``bench.peer=true`` times diffusers' ``WanTransformer3DModel``: only a plain Wan T2V DiT
+    has that peer (one-line ``ConfigError`` otherwise, before the run)."""
+    from flashdreams.build import construct_model
+    from flashdreams.model.wan import WanDiT
+
+    if not (cfg.get("bench") or {}).get("peer", False):
+        return
+    model = construct_model(cfg.model)
+    if type(model) is not WanDiT or model.image_dim is not None or model.camera_channels:
+        raise ConfigError(f"bench.peer=true times diffusers' WanTransformer3DModel, a plain Wan "
+                          f"text-to-video DiT; the model ({type(model).__name__}) has no such "
+                          "peer: set bench.peer=false")  # fmt: skip
 
 
 def diffusers_peer(cfg: DictConfig, ours_forward: Callable, latent_hw, frames: list[int], text):
@@ -176,8 +212,6 @@ def apply_memory_fraction(cfg: DictConfig) -> float | None:
         The cap in bytes, or None when unset (or without CUDA, with a warning).
     """
     import os
-
-    from flashdreams import ConfigError
 
     fraction = (cfg.get("bench") or {}).get("memory_fraction")
     if fraction is None:
@@ -216,7 +250,11 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         result["config"].update(precision=plain(cfg.precision), offload=cfg.get("offload"),
                                 memory_fraction=bench.get("memory_fraction"))  # fmt: skip
     if torch.cuda.is_available():
+        from flashdreams.build import construct_model
+
         m, r = cfg.model, cfg.rollout
+        check_peer(cfg)
+        flops_model = construct_model(m)  # on the meta device: its shapes, no weights
         hw = (r.height // 8, r.width // 8)  # the diffusers peer: Wan 2.1 VAE geometry
         tpf = stats.get("tokens_per_frame") or (
             (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2])
@@ -224,10 +262,10 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         attention = instantiate(cfg.attention)
         schedule = BlockSchedule(r.frames_per_block, r.get("first_block_frames"))
         med_kv = min(schedule.total((2 + len(stats["steps"])) // 2), 21) * tpf
-        tp = measure_throughput(attention, m.num_heads, m.dim // m.num_heads,
+        tp = measure_throughput(attention, flops_model.num_heads, flops_model.head_dim,
                                 r.frames_per_block * tpf, med_kv,
                                 fp8_linears=ran_fp8_linears(stats))  # fmt: skip
-        floors = step_floor(cfg, stats, tp, tpf)
+        floors = step_floor(cfg, stats, tp, tpf, flops_model)
         timed = [f for f in floors if f["step"] >= 2] or floors
         floor_ms = statistics.median(f["floor_ms"] for f in timed)
         measured = stats["summary"]["median_step_ms"]

@@ -246,12 +246,13 @@ def run_main() -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
 def _bench(cfg: DictConfig) -> None:
-    from flashdreams.bench import apply_memory_fraction, run_bench
+    from flashdreams.bench import apply_memory_fraction, check_peer, run_bench
     from flashdreams.job import output_dir, run_job
 
     try:
         scope_options(cfg, hydra_choices())
         check_run_config(cfg)
+        check_peer(cfg)  # before the run, not after it
         apply_memory_fraction(cfg)  # before anything is allocated
         run_job(cfg)
     except KeyboardInterrupt:

@@ -4,8 +4,8 @@ One denoising step under classifier-free guidance is two DiT forwards (cond, unc
 whole clip (704x1280, 93 frames -> 24 x 88 x 160 latents, 84480 tokens). Both models hold the
 same random bf16 weights; ours caches the prompt's cross-attention K/V once (as the rollout
 does), diffusers recomputes ``crossattn_proj`` and the K/V every forward (as its pipeline does).
-The floor is the step's FLOPs at the measured bf16 GEMM rate and the attention backend's rate at
-this shape (``flashdreams.bench.measure_throughput``). Writes JSON and prints a table.
+The floor is the step's FLOPs (``DiT.forward_flops`` of our model) at the measured bf16 GEMM rate
+and the attention backend's rate at this shape (``flashdreams.bench.measure_throughput``). Writes JSON and prints a table.
 
 With ``--clip STEPS`` it also times a whole clip, decode included: our rollout of the
 ``cosmos_predict2_5_2b_t2v`` recipe (random weights and prompt embeddings, Wan 2.1 VAE with
@@ -29,14 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def step_flops(dim: int, layers: int, tokens: int, text_len: int) -> dict[str, float]:
-    """FLOPs of one forward over the clip: self q/k/v/o, cross q/o, the 4x MLP (the context
-    K/V are per prompt), self-attention over every token and cross-attention to the text."""
-    linear = 2 * tokens * (4 * dim * dim + 2 * dim * dim + 8 * dim * dim) * layers
-    attention = (4 * tokens * tokens * dim + 4 * tokens * text_len * dim) * layers
-    return {"linear": float(linear), "attention": float(attention)}
 
 
 def _time(fn, repeats: int, warmup: int, cuda: bool) -> float:
@@ -86,7 +78,7 @@ def main() -> None:
     from diffusers import CosmosTransformer3DModel
 
     from flashdreams.attention.sdpa import SdpaAttention
-    from flashdreams.bench import measure_throughput
+    from flashdreams.bench import flops_ms, measure_throughput
     from flashdreams.graph.compile import compile_blocks
     from flashdreams.io.checkpoint import materialize
     from flashdreams.io.cosmos_keymap import flashdreams_to_diffusers
@@ -167,11 +159,11 @@ def main() -> None:
         "speedup": peer_ms / ours_ms, "output_rel_l2_vs_diffusers": rel,
     }  # fmt: skip
     if cuda:
-        fl = step_flops(ours.dim, ours.num_layers, tokens, ours.text_len)
+        fl = ours.forward_flops(tokens, tokens, tokens // f)
         tp = measure_throughput(ours.attention.backend, heads, head_dim, tokens, tokens)
-        floor = 2 * (fl["linear"] / tp["linear_tflops"] + fl["attention"] / tp["attention_tflops"])
+        floor = 2 * flops_ms(fl, tp)  # cond + uncond
         result["floor"] = {**tp, "step_tflop": 2 * sum(fl.values()) / 1e12,
-                           "floor_ms": floor / 1e9, "floor_over_measured": floor / 1e9 / ours_ms}  # fmt: skip
+                           "floor_ms": floor, "floor_over_measured": floor / ours_ms}  # fmt: skip
     print(f"step (2 forwards, {tokens} tokens): ours {ours_ms:.1f} ms, diffusers {peer_ms:.1f} ms "
           f"({peer_ms / ours_ms:.2f}x); outputs rel L2 {rel:.1e}")  # fmt: skip
     if "floor" in result:

@@ -9,9 +9,10 @@ made during the timed steps (``captures_in_steps``: 0 means every step replayed 
 
 Per step: ``dit_ms`` (the diffuse stage: the memory re-run + 4 Euler steps), ``decode_ms``
 (Wan 2.2 VAE, streaming), ``step_ms``; medians over steps >= 2 and over the steady steps >= 4.
-The DiT floor of a step: its FLOPs (memory forward over n frames attending to n, 4 block
-forwards over 4 frames attending to n + 4; both RoPE and PRoPE branches) at the measured bf16
-GEMM rate and the attention backend's rate (``flashdreams.bench.measure_throughput``).
+The DiT floor of a step: its FLOPs (``flashdreams.bench.block_flops`` of the model: the memory
+forward over n frames attending to n, 4 block forwards over 4 frames attending to n + 4; both
+RoPE and PRoPE branches) at the measured bf16 GEMM rate and the attention backend's rate
+(``flashdreams.bench.measure_throughput``).
 
 GPU:  python scripts/bench_hy_worldplay.py --out benchmarks/<date>_hy_worldplay/bench.json
       python scripts/bench_hy_worldplay.py --memory-fraction 0.17   (a 24 GB budget on an H200)
@@ -35,20 +36,6 @@ TINY = ["model.dim=64", "model.num_heads=2", "model.num_layers=2", "model.ffn_di
         "device=cpu", "dtype=float32", "graph=eager", "attention=sdpa"]  # fmt: skip
 
 
-def block_flops(m, tpf: int, history: int, fpb: int, steps: int) -> dict[str, float]:
-    """FLOPs of one block: the memory forward and ``steps`` block forwards (two branches)."""
-
-    def forward(q_frames: int, kv_frames: int) -> tuple[float, float]:
-        q, kv, d = q_frames * tpf, kv_frames * tpf, m.dim
-        linear = 2 * q * (5 * d * d + 2 * d * d + 2 * d * m.ffn_dim) * m.num_layers  # + o_prope
-        attention = (2 * 4 * q * kv * d + 4 * q * m.text_len * d) * m.num_layers  # 2 branches
-        return linear, attention
-
-    parts = [forward(history, history)] if history else []
-    parts += [forward(fpb, history + fpb)] * steps
-    return {"linear": sum(p[0] for p in parts), "attention": sum(p[1] for p in parts)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--graph", default="cuda_graph", help="graph policy")
@@ -65,7 +52,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra config overrides")
     args = parser.parse_args()
 
-    from flashdreams.bench import measure_throughput
+    from flashdreams.bench import block_flops, flops_ms, measure_throughput
     from flashdreams.build import build_rollout
     from tests.unit.test_config import compose_run
 
@@ -110,9 +97,9 @@ def main() -> None:
                                   r.frames_per_block * tpf, 20 * tpf)  # fmt: skip
         steps = len(cfg.scheduler.timesteps)
         for row in rows:
-            f = block_flops(m, tpf, row["history_frames"], r.frames_per_block, steps)
-            row["dit_floor_ms"] = (f["linear"] / rate["linear_tflops"]
-                                   + f["attention"] / rate["attention_tflops"]) / 1e9  # fmt: skip
+            hist, fpb = row["history_frames"], r.frames_per_block
+            f = block_flops(rollout.model, tpf, fpb, hist + fpb, steps, hist)
+            row["dit_floor_ms"] = flops_ms(f, rate)
         steady = [row for row in rows if row["step"] >= 4]
         floor = statistics.median(row["dit_floor_ms"] for row in steady)
         result["floor"] = {**rate, "steady_dit_floor_ms": floor,

@@ -251,7 +251,9 @@ class KeyboardMouseControl(ControlEncoder):
         frames = torch.arange(start, start + num)[:, None] * tf
         idx = (frames - self.window_frames + torch.arange(self.window_frames)[None]).clamp(min=0)
         win = self.timeline[idx]  # (num, 12, K + M)
-        win = win[None].expand(self.batch, -1, -1, -1).to(self.device)
+        # an asynchronous copy: a blocking one waits for the GPU's queue every forward (a host
+        # sync per denoising step); pageable memory is staged before the call returns
+        win = win[None].expand(self.batch, -1, -1, -1).to(self.device, non_blocking=True)
         k = self.keymap.keyboard_dim
         out = {"keyboard": win[..., :k]}
         if self.keymap.mouse:

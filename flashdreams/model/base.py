@@ -28,6 +28,11 @@ here. What a model must say about itself:
   committed K/V but, before every block, re-runs chosen clean history frames into an emptied
   cache (HY-WorldPlay's memory) says which frames, at which RoPE positions and timestep, and
   where the block goes after them (``ContextPlan``). None by default: the cache holds commits.
+* **FLOP count** (``forward_flops``): the FLOPs of one forward of ``q_tokens`` query tokens
+  whose self-attention reads ``kv_tokens`` keys, from the model's own modules and shapes (every
+  block's GEMMs, every softmax attention, action or camera branches included), split into
+  ``linear`` / ``attention`` / ``embed``. ``flashdreams.bench`` divides it by the measured GEMM
+  and attention rates: the floor of every model's step.
 * **Graph shape key** (``graph_key``): what changes a forward's work besides its tensor shapes
   (the valid KV length; an expert; an exact commit). A captured graph is replayed only for an
   equal key.
@@ -50,6 +55,22 @@ from flashdreams.step_cache.base import Segment, StepCache
 
 #: (batch, frames, (latent height, latent width)) -> the tensor's shape
 ShapeFn = Callable[[int, int, tuple[int, int]], tuple[int, ...]]
+
+#: the parts of ``DiT.forward_flops``: the blocks' GEMMs on the tokens (and per-frame GEMMs
+#: inside the blocks), every softmax attention (q.k and p.v), and the GEMMs outside the blocks
+#: (patch embedding, head, time and condition embeddings)
+FLOP_PARTS = ("linear", "attention", "embed")
+
+
+def linear_flops(rows: int, *layers: nn.Module) -> float:
+    """FLOPs of ``layers`` (each with ``in_features`` / ``out_features``: ``nn.Linear`` and its
+    FP8 and fused replacements) applied to ``rows`` rows: 2 x rows x in x out each."""
+    return float(2 * rows * sum(layer.in_features * layer.out_features for layer in layers))
+
+
+def add_flops(*parts: dict[str, float]) -> dict[str, float]:
+    """The sum of ``forward_flops``-style dicts (missing parts count 0)."""
+    return {k: float(sum(p.get(k, 0.0) for p in parts)) for k in FLOP_PARTS}
 
 
 @dataclass(frozen=True)
@@ -196,6 +217,18 @@ class DiT(nn.Module):
     def spatial_multiple(self) -> int:
         """Latent height and width must be multiples of this (the spatial patch)."""
         return int(self.patch_size[1])
+
+    def forward_flops(self, q_tokens: int, kv_tokens: int,
+                      tokens_per_frame: int) -> dict[str, float]:  # fmt: skip
+        """FLOPs of one forward of ``q_tokens`` query tokens (whole latent frames of
+        ``tokens_per_frame`` tokens) whose self-attention reads ``kv_tokens`` keys (the cache's
+        valid keys plus the block's; ``q_tokens`` for a bidirectional forward), with every
+        named input given. Keys ``FLOP_PARTS``: ``linear`` (the blocks' GEMMs), ``attention``
+        (every softmax attention, 4 x queries x keys x width), ``embed`` (GEMMs outside the
+        blocks). Per-prompt work (``prepare_context``) is not counted; elementwise work (norms,
+        RoPE, modulation) is not counted."""
+        raise NotImplementedError(f"{type(self).__name__} does not count its FLOPs "
+                                  "(DiT.forward_flops)")  # fmt: skip
 
     # ------------------------------------------------------------------ inputs
     def inputs(self) -> dict[str, ConditionInput]:

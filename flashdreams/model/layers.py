@@ -185,6 +185,7 @@ class LinearGeluTanh(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_gelu_tanh(x.to(self.weight.dtype), self.weight, self.bias)

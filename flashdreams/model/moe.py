@@ -91,6 +91,11 @@ class WanMoE(DiT):
     def inputs(self) -> dict[str, ConditionInput]:
         return self.experts[HIGH_NOISE].inputs()
 
+    def forward_flops(self, q_tokens: int, kv_tokens: int,
+                      tokens_per_frame: int) -> dict[str, float]:  # fmt: skip
+        """One expert's (a forward runs one; both have the same shape)."""
+        return self.experts[HIGH_NOISE].forward_flops(q_tokens, kv_tokens, tokens_per_frame)
+
     supports_step_cache = True  # each expert's forward runs its blocks through run_blocks
 
     def set_step_cache(self, step_cache) -> None:

@@ -17,7 +17,7 @@ from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.base import KVCache, kv_amax
 from flashdreams.model import fused_norms as fused
 from flashdreams.model import fused_rope
-from flashdreams.model.base import ConditionInput, DiT
+from flashdreams.model.base import ConditionInput, DiT, add_flops, linear_flops
 from flashdreams.model.camera import CameraEncoder, CameraInjector
 from flashdreams.model.layers import (
     LinearGeluTanh,
@@ -235,6 +235,22 @@ class WanBlock(nn.Module):
         # 2. cross-attention to the cached context K/V, then 3. the feed-forward
         return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0, next_table)
 
+    def flops(self, q_tokens: int, kv_tokens: int, tokens_per_frame: int,
+              context_tokens: Sequence[int]) -> dict[str, float]:  # fmt: skip
+        """FLOPs of this block for ``q_tokens`` queries over ``kv_tokens`` self-attention keys
+        and cross-attention K/V of ``context_tokens`` keys each (text, and image for I2V):
+        q/k/v/o, the cross queries and output, the FFN, the camera injector (camera models),
+        and both attentions (see ``DiT.forward_flops``)."""
+        sa, ca = self.self_attn, self.cross_attn
+        layers = [sa.q, sa.k, sa.v, sa.o, ca.q, ca.o, self.ffn[0], self.ffn[2]]
+        if self.camera_injector is not None:
+            c = self.camera_injector
+            layers += [c.mlp1, c.mlp2, c.scale, c.shift]
+        width = sa.q.out_features
+        keys = kv_tokens + sum(context_tokens)
+        return {"linear": linear_flops(q_tokens, *layers),
+                "attention": float(4 * q_tokens * keys * width)}  # fmt: skip
+
     def chain_norm1(self, following: nn.Module | None, x: torch.Tensor) -> torch.Tensor | None:
         """The following block's modulation table when this block can hand it norm1's output
         (both fused, same norm, its table on the tokens' device), else None."""
@@ -267,6 +283,8 @@ class WanDiT(DiT):
     """
 
     _keep_fp32 = ("modulation", "norm", "time_embedding", "time_projection", "head.head")
+    #: context tokens of an image (I2V): CLIP ViT-H/14's 257 (``ImageProjection``'s input)
+    image_tokens = 257
     supports_step_cache = True
 
     def __init__(
@@ -293,6 +311,7 @@ class WanDiT(DiT):
         self.in_dim, self.out_dim = in_dim, out_dim
         self.text_dim, self.text_len = text_dim, text_len
         self.freq_dim = freq_dim
+        self.image_dim = image_dim
         self.patch_size = tuple(patch_size)
         self.patch_embedding = nn.Conv3d(in_dim, dim, self.patch_size, stride=self.patch_size)
         gelu = nn.GELU(approximate="tanh")
@@ -329,6 +348,30 @@ class WanDiT(DiT):
                 doc=f"model.camera_channels={self.camera_channels}: camera ray maps, from "
                     "control=camera")  # fmt: skip
         return out
+
+    def context_tokens(self) -> tuple[int, ...]:
+        """Keys of each cross-attention of a block: the text's, then (I2V) the image's."""
+        image = () if self.image_dim is None else (self.image_tokens,)
+        return (self.text_len, *image)
+
+    def forward_flops(self, q_tokens: int, kv_tokens: int,
+                      tokens_per_frame: int) -> dict[str, float]:  # fmt: skip
+        frames = q_tokens // tokens_per_frame
+        context = self.context_tokens()
+        blocks = [b.flops(q_tokens, kv_tokens, tokens_per_frame, context) for b in self.blocks]
+        return add_flops(*blocks, {"embed": self.embed_flops(q_tokens, frames)})
+
+    def embed_flops(self, q_tokens: int, frames: int) -> float:
+        """GEMMs outside the blocks: the patch embedding and the head per token, the time
+        embedding and projection per frame, the camera encoder per token (camera models)."""
+        flops = 2.0 * q_tokens * self.patch_embedding.weight.numel()
+        flops += linear_flops(q_tokens, self.head.head)
+        flops += linear_flops(frames, self.time_embedding[0], self.time_embedding[2],
+                              self.time_projection[1])  # fmt: skip
+        if self.camera_channels is not None:
+            c = self.camera_encoder
+            flops += linear_flops(q_tokens, c.proj, c.mlp1, c.mlp2)
+        return flops
 
     # ---------------------------------------------------------------- weights
     @torch.no_grad()

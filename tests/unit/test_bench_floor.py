@@ -1,11 +1,20 @@
-"""The benchmark floor counts the FLOPs of the shape that really runs (VAE factor, CFG)."""
+"""The benchmark floor counts the FLOPs of the shape and the model that really run (VAE
+factor, CFG, action modules, a re-run history), and a diffusers peer only where one exists."""
 
 from __future__ import annotations
 
 import pytest
 
-from flashdreams.bench import forward_flops, ran_fp8_linears, step_floor
+from flashdreams import ConfigError
+from flashdreams.bench import check_peer, flops_ms, ran_fp8_linears, step_floor
+from flashdreams.build import construct_model
 from tests.unit.test_config import compose_run
+
+
+def forward_flops(cfg_model, q_tokens, kv_tokens):
+    tpf = 10  # whole frames of every shape below
+    return construct_model(cfg_model).forward_flops(q_tokens, kv_tokens, tpf)
+
 
 TINY = ["model.dim=64", "model.num_heads=4", "model.num_layers=2", "model.ffn_dim=128",
         "model.text_dim=32", "model.text_len=16"]  # fmt: skip
@@ -22,8 +31,8 @@ def test_bidirectional_floor_counts_both_guidance_forwards():
     cfg = compose_run(["recipe=wan21_t2v_1_3b_480p", "scheduler.num_steps=3", *TINY])
     tpf = (480 // 8 // 2) * (832 // 8 // 2)
     frames = cfg.rollout.frames_per_block
-    f = forward_flops(cfg.model, frames * tpf, frames * tpf)
-    one = (f["linear"] / 500.0 + f["attention"] / 250.0) / 1e9
+    f = construct_model(cfg.model).forward_flops(frames * tpf, frames * tpf, tpf)
+    one = ((f["linear"] + f["embed"]) / 500.0 + f["attention"] / 250.0) / 1e9
     assert _floor(cfg, tpf, 1)["floor_ms"] == pytest.approx(3 * one)
     assert _floor(cfg, tpf, 2)["floor_ms"] == pytest.approx(6 * one)
 
@@ -51,7 +60,8 @@ def test_fp8_runs_charge_the_linears_at_the_fp8_gemm_rate():
         cfg.model, cfg.rollout.frames_per_block * 10, cfg.rollout.frames_per_block * 10
     )
     steps = len(cfg.scheduler.timesteps)
-    assert bf16 - fp8 == pytest.approx(steps * f["linear"] * (1 / 500.0 - 1 / 1000.0) / 1e9)
+    gemm = f["linear"] + f["embed"]
+    assert bf16 - fp8 == pytest.approx(steps * gemm * (1 / 500.0 - 1 / 1000.0) / 1e9)
 
 
 def test_the_floor_charges_fp8_linears_only_where_they_ran():
@@ -61,3 +71,49 @@ def test_the_floor_charges_fp8_linears_only_where_they_ran():
     assert not ran_fp8_linears({"precision": "bfloat16 (fp8 unavailable)"})
     assert not ran_fp8_linears({"precision": "bf16"})
     assert not ran_fp8_linears({})  # stats from before the header recorded it
+
+
+def test_the_floor_counts_the_models_own_flops():
+    """Matrix-Game's floor holds its action modules: more than a Wan DiT of the same shape, by
+    exactly what the model counts for them."""
+    tiny = [*TINY, "model.action_blocks=1", "model.image_dim=16"]
+    cfg = compose_run(["recipe=matrix_game2_universal", *tiny])
+    stats = {"steps": [{"step": 3}], "tokens_per_frame": 10, "forwards_per_step": 1}
+    model = construct_model(cfg.model)
+    row = step_floor(cfg, stats, THROUGHPUT, 10, model)[0]
+    frames = cfg.rollout.frames_per_block
+    steps = len(cfg.scheduler.timesteps)
+    q, kv = frames * 10, row["kv_tokens"]
+    action = model.blocks[0].action_model.flops(q, kv, 10)
+    wan = model.forward_flops(q, kv, 10)
+    for part in ("linear", "attention"):
+        wan[part] -= action[part]
+    assert row["floor_ms"] == pytest.approx(steps * flops_ms(model.forward_flops(q, kv, 10),
+                                                             THROUGHPUT))  # fmt: skip
+    assert row["floor_ms"] > steps * flops_ms(wan, THROUGHPUT) * 1.01
+
+
+def test_the_floor_of_a_rerun_history_counts_the_memory_forward():
+    """HY-WorldPlay re-runs up to ``context_frames`` history frames before each block, then the
+    block attends to them and itself."""
+    cfg = compose_run(["recipe=hy_worldplay_wan_i2v_5b", *TINY, "model.memory_points=100"])
+    model = construct_model(cfg.model)
+    fpb, ctx = cfg.rollout.frames_per_block, model.context_frames
+    stats = {"steps": [{"step": 0}, {"step": 9}], "tokens_per_frame": 10, "forwards_per_step": 1}
+    first, late = step_floor(cfg, stats, THROUGHPUT, 10, model)
+    steps = len(cfg.scheduler.timesteps)
+    assert first["kv_tokens"] == fpb * 10  # no history before the first block
+    assert late["kv_tokens"] == (ctx + fpb) * 10
+    memory = flops_ms(model.forward_flops(ctx * 10, ctx * 10, 10), THROUGHPUT)
+    block = flops_ms(model.forward_flops(fpb * 10, (ctx + fpb) * 10, 10), THROUGHPUT)
+    assert late["floor_ms"] == pytest.approx(memory + steps * block)
+
+
+def test_peer_only_for_a_plain_wan():
+    check_peer(compose_run(["recipe=self_forcing_wan21_t2v_1_3b", *TINY, "+bench.peer=true"]))
+    cfg = compose_run(["recipe=matrix_game2_universal", *TINY, "model.action_blocks=1",
+                       "+bench.peer=true"])  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"^bench.peer=true .*\(MatrixGameDiT\).*bench.peer=false$"
+    ):
+        check_peer(cfg)

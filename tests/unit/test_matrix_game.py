@@ -235,3 +235,21 @@ def test_live_control_lists_what_the_page_may_send():
         assert "shift" not in live["keys"] and "q" not in live["keys"]
     assert KeyboardMouseControl(variant="templerun").live_control()["mouse"] is False
     assert CameraControl().live_control() == {"keys": list("adeikqsw"), "mouse": False}
+
+
+def test_action_windows_reach_the_device_without_a_blocking_copy(monkeypatch):
+    """A blocking host-to-device copy waits for the GPU's queue: one per denoising step would
+    stall the step. The windows are copied asynchronously."""
+    calls = []
+    to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("non_blocking", False))
+        return to(self, *args, **kwargs)
+
+    enc = KeyboardMouseControl("universal")
+    enc.prepare(1, height=32, width=32, num_frames=6, device="cpu")
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    out = enc.inputs(3, 3)
+    assert out["keyboard"].shape == (1, 3, 12, 4) and out["mouse"].shape == (1, 3, 12, 2)
+    assert calls and all(calls)

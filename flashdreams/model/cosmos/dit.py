@@ -30,7 +30,7 @@ from flashdreams.attention.base import Attention
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.base import kv_amax
 from flashdreams.io.cosmos_keymap import cosmos_to_flashdreams
-from flashdreams.model.base import ConditionInput, DiT
+from flashdreams.model.base import ConditionInput, DiT, add_flops, linear_flops
 from flashdreams.model.cosmos.rope import CosmosRope3D, apply_rope_half
 from flashdreams.model.layers import gated_residual, modulate, sinusoidal_embedding
 
@@ -183,6 +183,22 @@ class CosmosBlock(nn.Module):
         y = _linear(self.mlp.layer2, F.gelu(_linear(self.mlp.layer1, h)))
         return gated_residual(x, y, mod[:, :, 8])
 
+    def flops(self, q_tokens: int, kv_tokens: int, tokens_per_frame: int,
+              context_tokens: int) -> dict[str, float]:  # fmt: skip
+        """FLOPs of this block (``DiT.forward_flops``): q/k/v/o, the cross queries and output
+        and the MLP per token, the three AdaLN-LoRA MLPs per frame, self-attention over
+        ``kv_tokens`` keys and cross-attention to ``context_tokens`` keys."""
+        sa, ca = self.self_attn, self.cross_attn
+        frames = q_tokens // tokens_per_frame
+        linear = linear_flops(q_tokens, sa.q_proj, sa.k_proj, sa.v_proj, sa.output_proj,
+                              ca.q_proj, ca.output_proj, self.mlp.layer1, self.mlp.layer2)  # fmt: skip
+        loras = (self.adaln_modulation_self_attn, self.adaln_modulation_cross_attn,
+                 self.adaln_modulation_mlp)  # fmt: skip
+        linear += linear_flops(frames, *(m[i] for m in loras for i in (1, 2)))
+        width = sa.q_proj.out_features
+        return {"linear": linear,
+                "attention": float(4 * q_tokens * (kv_tokens + context_tokens) * width)}  # fmt: skip
+
     def forward(self, x, emb, temb, cross_kv: CrossKV, cos, sin, attn: Attention, cache=None,
                 layer: int = 0, mask=None) -> torch.Tensor:  # fmt: skip
         # x: (B, L, C) fp32 residual stream; emb (B, G, C), temb (B, G, 3C): time embedding
@@ -315,6 +331,21 @@ class CosmosDiT(DiT):
         return {"condition_mask": ConditionInput.per_latent_pixel(
             "condition_mask", 1, required=False,
             doc="1 on the given latent frames (Video2World): conditioner=cosmos_video")}  # fmt: skip
+
+    def forward_flops(self, q_tokens: int, kv_tokens: int,
+                      tokens_per_frame: int) -> dict[str, float]:  # fmt: skip
+        frames = q_tokens // tokens_per_frame
+        blocks = [b.flops(q_tokens, kv_tokens, tokens_per_frame, self.text_len)
+                  for b in self.blocks]  # fmt: skip
+        return add_flops(*blocks, {"embed": self.embed_flops(q_tokens, frames)})
+
+    def embed_flops(self, q_tokens: int, frames: int) -> float:
+        """GEMMs outside the blocks: the patch embedding and the final projection per token,
+        the time MLP and the final layer's AdaLN-LoRA per frame."""
+        te, final = self.t_embedder, self.final_layer
+        flops = linear_flops(q_tokens, self.patch_embed, final.linear)
+        return flops + linear_flops(frames, te.linear_1, te.linear_2,
+                                    final.adaln_modulation[1], final.adaln_modulation[2])  # fmt: skip
 
     # ---------------------------------------------------------------- weights
     @torch.no_grad()

@@ -29,7 +29,13 @@ import torch
 from flashdreams import ConfigError
 from flashdreams.cache.base import kv_amax
 from flashdreams.model.base import ConditionInput
-from flashdreams.model.flashvsr.sparse import block_mask, flex_block_mask, token_mask, window_order
+from flashdreams.model.flashvsr.sparse import (
+    block_mask,
+    flex_block_mask,
+    kept_fraction,
+    token_mask,
+    window_order,
+)
 from flashdreams.model.wan import WanBlock, WanDiT
 
 
@@ -74,6 +80,21 @@ class FlashVSRBlock(WanBlock):
             y = torch.where(allowed.any(-1).transpose(1, 2)[..., None], y, 0)
         x, q = self.self_attn_out(x, y, e0, cam)
         return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0, next_table)
+
+    def flops(self, q_tokens, kv_tokens, tokens_per_frame, context_tokens):
+        """The Wan block's FLOPs (the LR features are an addition); with a ``sparse_ratio``
+        (the cached forwards the rollout runs), the self-attention over the kept window blocks
+        only (at most ``kept_fraction`` of it) plus the window scores of the mean-pooled q, k."""
+        out = super().flops(q_tokens, kv_tokens, tokens_per_frame, context_tokens)
+        ratio = self._step.sparse_ratio
+        if ratio is None:
+            return out
+        width = self.self_attn.q.out_features
+        dense = 4 * q_tokens * kv_tokens * width
+        scores = 2 * (q_tokens // 128) * (kv_tokens // 128) * width
+        kept = dense * kept_fraction(tokens_per_frame, kv_tokens, ratio)
+        out["attention"] += kept + scores - dense
+        return out
 
     def _block_sparse(self, q, k, v, attn, amax) -> torch.Tensor:
         """The sparse attention on 128-token window blocks: q, k, v permuted into window order,

@@ -51,11 +51,21 @@ def pool(x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
 
 
 def topk_count(grid_hw: tuple[int, int], sparse_ratio: float) -> int:
-    """The release's ``topk`` for a token grid (output = 16 x the token grid)."""
+    """The release's ``topk`` for a token grid (output = 16 x the token grid): it depends on
+    the grid's area only."""
     h, w = grid_hw
     n = WINDOW[0] * h * w // 128  # windows per frame pair
     ratio = sparse_ratio * 768 * 1280 / (16 * h * 16 * w)
     return int(n * n * ratio) - 1
+
+
+def kept_fraction(tokens_per_frame: int, kv_tokens: int, sparse_ratio: float) -> float:
+    """At most this fraction of the (query window, key window) blocks is attended: ``block_mask``
+    keeps ``topk_count`` of each query frame pair's (windows per pair x key windows) entries
+    (fewer where the local range allows fewer)."""
+    entries = (WINDOW[0] * tokens_per_frame // 128) * (kv_tokens // 128)
+    keep = min(entries - 1, topk_count((1, tokens_per_frame), sparse_ratio))
+    return max(keep, 0) / entries
 
 
 def block_mask(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int], sparse_ratio: float,

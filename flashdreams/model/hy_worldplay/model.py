@@ -29,7 +29,7 @@ from torch import nn
 
 from flashdreams import ConfigError
 from flashdreams.io.keymap import diffusers_to_wan, looks_like_diffusers
-from flashdreams.model.base import ConditionInput, ContextPlan
+from flashdreams.model.base import ConditionInput, ContextPlan, linear_flops
 from flashdreams.model.hy_worldplay.memory import MemoryConfig, select_memory, sphere_points
 from flashdreams.model.hy_worldplay.prope import PropeMatrices, apply_tiled, prope_matrices
 from flashdreams.model.layers import (
@@ -60,6 +60,17 @@ class HYWorldPlayBlock(WanBlock):
         dim = self.self_attn.q.in_features
         self.self_attn.o_prope = nn.Linear(dim, dim)
         self._step = step  # shared with the model (a plain object, not a submodule)
+
+    def flops(self, q_tokens, kv_tokens, tokens_per_frame, context_tokens):
+        """The Wan block's FLOPs plus the PRoPE branch: its output projection, its own
+        self-attention (the second half of the batch) and the per-frame 4 x 4 transforms of
+        its q, k, v and output (8 FLOPs per element each)."""
+        out = super().flops(q_tokens, kv_tokens, tokens_per_frame, context_tokens)
+        sa = self.self_attn
+        width = sa.q.out_features
+        out["linear"] += linear_flops(q_tokens, sa.o_prope) + 4 * 8 * q_tokens * width
+        out["attention"] += 4 * q_tokens * kv_tokens * width
+        return out
 
     def chain_norm1(self, following, x):
         return None  # norm1 is not handed between blocks (the self-attention region is own)
@@ -198,6 +209,11 @@ class HYWorldPlayDiT(WanDiT):
         picked = {n: given[n].index_select(1, index) for n in INPUTS}
         return ContextPlan(frames, tuple(range(len(frames))), self.memory_timestep, picked,
                            len(frames))  # fmt: skip
+
+    def embed_flops(self, q_tokens: int, frames: int) -> float:
+        """``WanDiT``'s plus the action label's embedding per frame."""
+        a = self.action_embedding
+        return super().embed_flops(q_tokens, frames) + linear_flops(frames, a[0], a[2])
 
     # ---------------------------------------------------------------- conditioning
     def condition_time(self, e: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

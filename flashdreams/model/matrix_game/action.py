@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashdreams.model.base import linear_flops
 from flashdreams.model.layers import apply_rope
 
 
@@ -174,6 +175,24 @@ class ActionModule(nn.Module):
             mask = None if frame_mask is None else frame_mask.repeat_interleave(s, 0)
             x = ops.keyboard_out(x, attend(ops.keyboard_q(x, cos, sin), k, v, mask))
         return x
+
+    def flops(self, q_tokens: int, kv_tokens: int, tokens_per_frame: int) -> dict[str, float]:
+        """FLOPs of this module with both branches given (``DiT.forward_flops``): the mouse
+        MLP, q/k/v and output per token and its attention along time (each token to its
+        position in the ``kv_tokens / tokens_per_frame`` frames the cache holds); the keyboard
+        embedding per video frame, its K/V per latent frame, its queries and output per token
+        and its attention (each token to one key per visible frame)."""
+        frames, kv_frames = q_tokens // tokens_per_frame, kv_tokens // tokens_per_frame
+        linear = linear_flops(frames * self.window_frames, self.keyboard_embed[0],
+                              self.keyboard_embed[2])  # fmt: skip
+        linear += linear_flops(frames, self.keyboard_attn_kv)
+        linear += linear_flops(q_tokens, self.mouse_attn_q, self.proj_keyboard)
+        attention = 4 * q_tokens * kv_frames * self.mouse_attn_q.out_features
+        if self.mouse_dim:
+            linear += linear_flops(q_tokens, self.mouse_mlp[0], self.mouse_mlp[2], self.t_qkv,
+                                   self.proj_mouse)  # fmt: skip
+            attention += 4 * q_tokens * kv_frames * self.t_qkv.in_features
+        return {"linear": linear, "attention": float(attention)}
 
     def mouse_qkv(self, x, mouse, cos, sin):
         """Mouse branch q (B*S, F, H, D) per latent position, k and v (B, F*S, H, D) in token

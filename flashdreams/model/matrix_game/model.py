@@ -25,7 +25,7 @@ import torch
 
 from flashdreams import ConfigError
 from flashdreams.model import fused_norms as fused
-from flashdreams.model.base import BranchLayout, CacheLayout, ConditionInput
+from flashdreams.model.base import BranchLayout, CacheLayout, ConditionInput, add_flops
 from flashdreams.model.layers import gated_residual, layer_norm_fp32, modulate
 from flashdreams.model.matrix_game.action import ActionModule
 from flashdreams.model.wan import ImageProjection, WanBlock, WanDiT
@@ -59,6 +59,11 @@ class MatrixGameBlock(WanBlock):
         self.action_model = action
         self.action_layer = layer  # index of this block in the cache branches
         self._step = step  # shared with the model (a plain object, not a submodule)
+
+    def flops(self, q_tokens, kv_tokens, tokens_per_frame, context_tokens):
+        """The Wan block's FLOPs plus its action module's."""
+        return add_flops(super().flops(q_tokens, kv_tokens, tokens_per_frame, context_tokens),
+                         self.action_model.flops(q_tokens, kv_tokens, tokens_per_frame))  # fmt: skip
 
     def mouse_qkv(self, x, mouse, cos, sin):
         return self.action_model.mouse_qkv(x, mouse, cos, sin)
@@ -194,6 +199,9 @@ class MatrixGameDiT(WanDiT):
                 "mouse", lambda b, f, hw: (b, f, w, self.mouse_dim),
                 doc=f"{w}-video-frame mouse windows per latent frame: control=keyboard_mouse")  # fmt: skip
         return out
+
+    def context_tokens(self) -> tuple[int, ...]:
+        return (self.image_tokens,)  # the image's CLIP tokens are the whole context
 
     def cache_layout(self) -> CacheLayout:
         n, heads, d = len(self.action_blocks), self.action_heads, self.action_head_dim

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from flashdreams import ConfigError
-from flashdreams.model.base import ConditionInput
+from flashdreams.model.base import ConditionInput, linear_flops
 from flashdreams.model.cosmos.dit import CosmosDiT, _linear
 from flashdreams.model.omnidreams.keymap import omnidreams_to_flashdreams
 
@@ -55,6 +55,11 @@ class OmniDreamsDiT(CosmosDiT):
             "hdmap", self.hdmap_channels,
             doc="VAE latents of the HDMap video: control=hdmap with control.video=...")  # fmt: skip
         return {**super().inputs(), "hdmap": hdmap}
+
+    def embed_flops(self, q_tokens: int, frames: int) -> float:
+        """``CosmosDiT``'s plus the HDMap patch embedding per token."""
+        extra = linear_flops(q_tokens, self.additional_patch_embedding)
+        return super().embed_flops(q_tokens, frames) + extra
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
