@@ -323,6 +323,7 @@ def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, graph=None,
             shared.conditioning.guidance, shared.conditioning.image_encoder,
             instantiate(cfg.conditioner).to(device), instantiate(cfg.control).to(device),
         )  # fmt: skip
+    conditioning.control.set_graph(instantiate(cfg.graph))  # its encoder's own policy
     vae = instantiate(cfg.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
     vae = feed_decoder(vae, conditioning.control, f"vae={_option(cfg, 'vae')}")
     r = cfg.rollout

@@ -6,6 +6,9 @@ floor / measured, then one JSON line with the same numbers per recipe (also ``OU
 
 GPU:  python scripts/bench_omnidreams.py --out results/omnidreams
       python scripts/bench_omnidreams.py --recipe omnidreams_single_view -- graph=cuda_graph
+      python scripts/bench_omnidreams.py --recipe omnidreams_single_view_fast -- precision=fp8
+(overrides after ``--`` reach every run; the HDMap encoder follows ``graph=``: compiled and
+captured per steady block under the recipes' ``compile_cuda_graph``, eager with ``graph=eager``)
 CPU smoke (tiny model, 64x64): python scripts/bench_omnidreams.py --tiny --out /tmp/od
 """
 

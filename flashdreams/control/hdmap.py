@@ -31,7 +31,6 @@ import torch
 from flashdreams import ConfigError
 from flashdreams.control.base import ControlEncoder
 from flashdreams.control.video_frames import VideoFrames, fit, probe_video, same_aspect
-from flashdreams.io.image import image_to_tensor
 from flashdreams.model.base import ConditionInput
 
 log = logging.getLogger(__name__)
@@ -71,6 +70,7 @@ class HDMapControl(ControlEncoder):
         self._latents: dict[int, torch.Tensor] = {}  # latent frame -> (1, C, 1, h, w)
         self._encoded = 0  # latent frames encoded so far (the causal cache holds their past)
         self._cache: list | None = None
+        self._staging: dict[tuple, tuple] = {}  # frames shape -> (pinned uint8, copy event)
         self._device: torch.device | str = "cpu"
 
     def provides(self) -> dict[str, ConditionInput]:
@@ -187,31 +187,62 @@ class HDMapControl(ControlEncoder):
         self._last = img
         return img
 
-    def _pixels(self, latent: int) -> torch.Tensor:
-        """(1, 3, T, H, W) in [-1, 1]: the video frames of latent frame ``latent`` (frame 0
-        alone, then ``temporal_factor`` frames each)."""
-        tf = self.temporal_factor
-        first, num = (0, 1) if latent == 0 else (1 + tf * (latent - 1), tf)
-        imgs = np.stack([self._frame(k) for k in range(first, first + num)])
-        return image_to_tensor(imgs).permute(1, 0, 2, 3).unsqueeze(0)
+    def _frames(self, first: int, num: int) -> torch.Tensor:
+        """(T, H, W, 3) uint8 video frames [first, first + num) on the run's device.
+
+        The frames travel as uint8 (a quarter of the bytes of float pixels) and become pixels
+        on the device (``_step``). On CUDA they are stacked into a pinned buffer per shape and
+        copied without a host sync; the buffer is refilled only once its last copy is done.
+        """
+        imgs = [self._frame(k) for k in range(first, first + num)]
+        device = torch.device(self._device)
+        if device.type != "cuda":
+            return torch.from_numpy(np.stack(imgs)).to(device)
+        shape = (num, *imgs[0].shape)
+        buf, copied = self._staging.get(shape, (None, None))
+        if buf is None:
+            buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        elif copied is not None:
+            copied.synchronize()  # the previous block's copy out of this buffer is done
+        np.stack(imgs, out=buf.numpy())
+        frames = buf.to(device, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self._staging[shape] = (buf, copied)
+        return frames
+
+    def _step(self, frames: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:
+        """uint8 frames (T, H, W, 3) + the causal cache -> normalized latents and the new cache
+        (a function of tensors: compiled and captured for the steady block). Pixels in [-1, 1]
+        as ``image_to_tensor`` gives them (x / 255 * 2 - 1 in float32), in the encoder's dtype."""
+        x = frames.permute(3, 0, 1, 2).unsqueeze(0).float() / 255.0
+        x = (2.0 * x - 1.0).to(self.encoder.quant_conv.weight.dtype)
+        return self.encoder.encode_step(x, cache)
 
     @torch.no_grad()
-    def _encode_next(self) -> None:
-        enc = self.encoder
-        x = self._pixels(self._encoded).to(self._device, enc.quant_conv.weight.dtype)
-        moments = enc.quant_conv(enc.encoder(x, feat_cache=self._cache, feat_idx=[0])).float()
-        mu = moments[:, : enc.mean.shape[1]]
-        self._latents[self._encoded] = (mu - enc.mean.float()) / enc.std.float()
-        self._encoded += 1
-        leaving = self._encoded - 1 - self.history  # keep [0, history) and the last history
-        if leaving >= self.history:
-            self._latents.pop(leaving, None)
+    def _encode_upto(self, end: int) -> None:
+        """Encode latent frames [encoded, end): frame 0 alone, then all the others asked for in
+        one causal step (4 video frames each). Once the cache has its steady shapes (from
+        latent frame 2 on), the step runs under the control's graph policy."""
+        tf = self.temporal_factor
+        while self._encoded < end:
+            count = 1 if self._encoded == 0 else end - self._encoded
+            first = 0 if self._encoded == 0 else 1 + tf * (self._encoded - 1)
+            frames = self._frames(first, 1 if self._encoded == 0 else tf * count)
+            steady = None if self._encoded < 2 else tuple(frames.shape)
+            latents, self._cache = self.run_graph("hdmap_encode", self._step, frames, self._cache,
+                                                  shape_key=steady)  # fmt: skip
+            for j in range(count):  # own copies: a captured step rewrites its output in place
+                self._latents[self._encoded] = latents[:, :, j : j + 1].clone()
+                self._encoded += 1
+                leaving = self._encoded - 1 - self.history  # keep [0, history), the last history
+                if leaving >= self.history:
+                    self._latents.pop(leaving, None)
 
     def encode_block(self, start: int, num: int) -> None:
         """Encode the HDMap latents of latent frames [start, start + num) now."""
         if self._size is not None:
-            while self._encoded < start + num:
-                self._encode_next()
+            self._encode_upto(start + num)
 
     def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
         """``hdmap`` (1, C, num, h, w) of latent frames [start, start + num), broadcast over

@@ -31,6 +31,12 @@ class GraphPolicy:
         """Return the model to run (possibly compiled); called once after loading."""
         return model
 
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` as this policy runs a network outside the DiT (a control's encoder step):
+        compiled (static shapes) when the policy compiles, else unchanged. Pass the result to
+        :meth:`run` with a ``shape_key`` to have it captured as well."""
+        return fn
+
     def run(self, fn: Callable[..., torch.Tensor], *args: Any, shape_key: Hashable | None) -> Any:
         """Execute ``fn(*args)`` under this policy."""
         raise NotImplementedError

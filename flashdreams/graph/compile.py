@@ -48,5 +48,8 @@ class CompilePolicy(EagerPolicy):
         self.mode, self.dynamic, self.fuse_gelu = mode, dynamic, fuse_gelu
         self.fuse_norms = fuse_norms
 
+    def wrap(self, fn):
+        return torch.compile(fn, mode=self.mode, dynamic=self.dynamic, fullgraph=True)
+
     def prepare(self, model: nn.Module) -> nn.Module:
         return compile_blocks(model, self.mode, self.dynamic, self.fuse_gelu, self.fuse_norms)

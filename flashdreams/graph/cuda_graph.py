@@ -67,10 +67,14 @@ class _Captured:
         static_args = _rebuild(args, self.inputs)
         self.graph, self.output = capture(lambda: fn(*static_args), warmup, pool, stream)
 
-    def replay(self, args):
+    def replay(self, args, replayed: set[int] = frozenset()):
+        """Copy changed inputs into the static buffers and replay. ``replayed``: ids of the
+        static outputs of graphs (a replay rewrites them without bumping their version, so
+        one fed back as an input, a control encoder's causal cache, is always copied)."""
         for i, (dst, src) in enumerate(zip(self.inputs, _flatten(args), strict=False)):
             last = self.sources[i]
-            if last is None or last[0] is not src or last[1] != src._version:
+            if (last is None or last[0] is not src or last[1] != src._version
+                    or id(src) in replayed):  # fmt: skip
                 dst.copy_(src, non_blocking=True)  # the prompt's K/V are copied once, not per call
                 self.sources[i] = (src, src._version)
         self.graph.replay()
@@ -106,11 +110,17 @@ class CudaGraphPolicy(GraphPolicy):
         self.name = "compile_cuda_graph" if compile else "cuda_graph"  # the option's name
         self.captures, self.compiles = True, bool(compile)
         self.graphs: dict[Hashable, _Captured] = {}
+        self._outputs: set[int] = set()  # ids of the graphs' static outputs (alive with them)
         self.pool = None
         self.stream: torch.cuda.Stream | None = None
 
     def wants_precapture(self, device: torch.device) -> bool:
         return self.precapture and device.type == "cuda"
+
+    def wrap(self, fn):
+        if not self.compile:
+            return fn
+        return torch.compile(fn, mode=self.mode, dynamic=False, fullgraph=True)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.compile:
@@ -129,10 +139,12 @@ class CudaGraphPolicy(GraphPolicy):
                 self.stream = torch.cuda.Stream()
             log.info("capturing a CUDA graph for shape key %s", shape_key)
             self.graphs[key] = _Captured(fn, args, self.pool, self.stream, self.warmup)
-        return self.graphs[key].replay(args)
+            self._outputs.update(id(t) for t in _flatten([self.graphs[key].output]))
+        return self.graphs[key].replay(args, self._outputs)
 
     def reset(self) -> None:
         """Graphs stay valid across clips (they read buffers, not values); nothing to drop."""
 
     def invalidate(self) -> None:
         self.graphs.clear()
+        self._outputs.clear()

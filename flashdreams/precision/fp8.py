@@ -189,21 +189,28 @@ class Fp8RowSlice(nn.Module):
 
 def _fuse_qkv_fp8(attn: nn.Module, backend: str, fast_accum: bool = True,
                   min_out_features: int = 0) -> bool:  # fmt: skip
-    """Install one fused e4m3 QKV projection on a self-attention with q/k/v ``nn.Linear``s."""
-    layers = [getattr(attn, name, None) for name in ("q", "k", "v")]
+    """Install one fused e4m3 QKV projection on a self-attention: a module with a ``qkv`` slot
+    and q/k/v ``nn.Linear``s named by its ``qkv_names`` (default ``q``, ``k``, ``v``), all with
+    biases or all without, of one input width."""
+    names = getattr(attn, "qkv_names", ("q", "k", "v"))
+    layers = [getattr(attn, name, None) for name in names]
     if not hasattr(attn, "qkv") or not all(isinstance(x, nn.Linear) for x in layers):
         return False
-    if not all(quantizable(x) for x in layers) or any(x.bias is None for x in layers):
+    if not all(quantizable(x) for x in layers) or len({x.in_features for x in layers}) != 1:
+        return False
+    biased = {x.bias is not None for x in layers}
+    if len(biased) != 1:
         return False
     if sum(x.out_features for x in layers) < min_out_features:
         return False
     weight = torch.cat([x.weight for x in layers])  # (3N, K): per-row scales fuse exactly
-    fused = Fp8Linear(weight, torch.cat([x.bias for x in layers]), backend, fast_accum)
+    bias = torch.cat([x.bias for x in layers]) if biased == {True} else None
+    fused = Fp8Linear(weight, bias, backend, fast_accum)
     del weight
     attn.qkv_weight = attn.qkv_bias = None  # a bf16 fusion (compile) is superseded
     attn.qkv = fused
     start = 0
-    for name, layer in zip(("q", "k", "v"), layers, strict=True):
+    for name, layer in zip(names, layers, strict=True):
         setattr(attn, name, Fp8RowSlice(fused, start, start + layer.out_features))
         start += layer.out_features
     return True

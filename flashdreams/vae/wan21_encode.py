@@ -112,6 +112,26 @@ class CausalChunkEncoder(nn.Module):
         self.to(as_dtype(dtype))
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in self.encoder.modules())
 
+    def encode_step(self, x: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:
+        """One causal step of a streamed encode, as a function of tensors only.
+
+        Args:
+            x: (B, C, T, H, W) encoder input: the clip's first frame alone (T = 1), then any
+                multiple of ``temporal_factor`` frames (one call for a block's 8 frames equals
+                two 4-frame chunks: every causal conv and temporal downsampling reads the same
+                past through the cache).
+            cache: the per-conv cache of the previous step (``[None] * _num_convs`` first); not
+                modified.
+
+        Returns:
+            (B, z_dim, T', h, w) float32 normalized latents and the new cache. Once every
+            entry holds a tensor the shapes repeat, so the step can be compiled and captured.
+        """
+        cache = list(cache)
+        moments = self.quant_conv(self.encoder(x, feat_cache=cache, feat_idx=[0])).float()
+        mu = moments[:, : self.mean.shape[1]]  # posterior mode
+        return (mu - self.mean.float()) / self.std.float(), cache
+
     def _encode_chunks(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) encoder input -> (B, z_dim, T', h, w) float32 normalized latents."""
         cache, tf = [None] * self._num_convs, self.temporal_factor

@@ -100,3 +100,43 @@ def test_bad_model_settings_are_one_line_config_errors():
         CosmosDiT(**TINY, use_crossattn_projection=False)
     with pytest.raises(ConfigError, match=r"^model.rope_scale=\[1.0, 3.0\] needs 3 ratios"):
         CosmosDiT(**TINY, rope_scale=(1.0, 3.0))
+
+
+def test_fp8_fuses_the_self_attention_qkv_not_the_cross_attention():
+    """precision=fp8 gives the Cosmos self-attention one e4m3 q/k/v GEMM (no biases, as
+    Wan's fused one) and the forward runs through it; the cross-attention's q stays its own."""
+    model = _model()
+    ref = _run(model)
+    quantize_blocks(model, "reference")
+    for b in model.blocks:
+        assert type(b.self_attn.qkv) is Fp8Linear and b.self_attn.qkv.out_features == 3 * 64
+        assert b.self_attn.qkv.bias is None and not hasattr(b.cross_attn, "qkv")
+        assert type(b.cross_attn.q_proj) is Fp8Linear
+    calls = []
+    model.blocks[0].self_attn.qkv.register_forward_hook(lambda *a: calls.append(1))
+    out = _run(model)
+    assert calls == [1]
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_fp8_on_the_omnidreams_2b_blocks_with_the_recipe_threshold():
+    """The 2B OmniDreams DiT (meta weights) under precision=fp8's min_out_features=3072: the
+    fused QKV (6144 wide) and FFN-up (8192) become e4m3, the 2048-wide GEMMs (o, cross-attention
+    q/o, FFN-down) and the HDMap patch embedding stay bf16; min_out_features=0 takes them all."""
+    from flashdreams.model.omnidreams import OmniDreamsDiT
+    from tests.unit.test_config import compose_run
+
+    cfg = compose_run(["recipe=omnidreams_single_view", "precision=fp8"])
+    kw = {k: v for k, v in cfg.model.items() if k not in ("_target_", "checkpoint")}
+    for threshold, want in ((cfg.precision.min_out_features, 4), (0, 10)):
+        with torch.device("meta"):
+            model = OmniDreamsDiT(**{**kw, "num_layers": 2}).to(torch.bfloat16)
+        count = quantize_blocks(model, "reference", min_out_features=threshold)
+        assert count == want * 2
+        b = model.blocks[0]
+        assert type(b.self_attn.qkv) is Fp8Linear and b.self_attn.qkv.out_features == 6144
+        assert type(b.mlp.layer1) is Fp8Linear
+        fp8_rest = [type(m) is Fp8Linear for m in (b.self_attn.output_proj, b.mlp.layer2,
+                                                   b.cross_attn.q_proj, b.cross_attn.output_proj)]  # fmt: skip
+        assert fp8_rest == [threshold == 0] * 4
+        assert type(model.additional_patch_embedding) is torch.nn.Linear

@@ -56,10 +56,19 @@ class HeadRMSNorm(nn.Module):
 
 
 class CosmosAttention(nn.Module):
-    """q/k/v/o projections without bias, per-head RMS norm on q and k (self or cross)."""
+    """q/k/v/o projections without bias, per-head RMS norm on q and k (self or cross).
 
-    def __init__(self, dim: int, context_dim: int, num_heads: int, eps: float) -> None:
+    A self-attention (``self_attention``) has a ``qkv`` slot: ``precision=fp8`` installs one
+    fused e4m3 q/k/v GEMM there (``qkv_names`` names the projections it fuses).
+    """
+
+    qkv_names = ("q_proj", "k_proj", "v_proj")
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, eps: float,
+                 self_attention: bool = False) -> None:  # fmt: skip
         super().__init__()
+        if self_attention:
+            self.qkv: nn.Module | None = None  # a fused q/k/v module (precision=fp8)
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.q_proj = nn.Linear(dim, dim, bias=False)
@@ -86,7 +95,9 @@ class CosmosAttention(nn.Module):
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention q, k, v (B, L, H, D) of (B, L, C) tokens, q and k normalized."""
         heads = (self.num_heads, -1)
-        if self.qkv_weight is not None:
+        if getattr(self, "qkv", None) is not None:
+            q, k, v = self.qkv(h.to(self.qkv.weight.dtype)).chunk(3, dim=-1)
+        elif self.qkv_weight is not None:
             q, k, v = F.linear(h.to(self.qkv_weight.dtype), self.qkv_weight).chunk(3, dim=-1)
         else:
             q, k, v = (_linear(x, h) for x in (self.q_proj, self.k_proj, self.v_proj))
@@ -140,7 +151,7 @@ class CosmosBlock(nn.Module):
         self.layer_norm_self_attn = nn.LayerNorm(dim, eps, elementwise_affine=False)
         self.layer_norm_cross_attn = nn.LayerNorm(dim, eps, elementwise_affine=False)
         self.layer_norm_mlp = nn.LayerNorm(dim, eps, elementwise_affine=False)
-        self.self_attn = CosmosAttention(dim, dim, num_heads, qk_eps)
+        self.self_attn = CosmosAttention(dim, dim, num_heads, qk_eps, self_attention=True)
         self.cross_attn = CosmosAttention(dim, context_dim, num_heads, qk_eps)
         self.mlp = nn.Module()
         self.mlp.layer1 = nn.Linear(dim, ffn_dim, bias=False)
