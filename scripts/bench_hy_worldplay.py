@@ -13,9 +13,25 @@ The DiT floor of a step: its FLOPs (memory forward over n frames attending to n,
 forwards over 4 frames attending to n + 4; both RoPE and PRoPE branches) at the measured bf16
 GEMM rate and the attention backend's rate (``flashdreams.bench.measure_throughput``).
 
+``--vendor PATH`` (a copy of the release's ``wan/`` + ``hyvideo/`` files, e.g. ``.vendor/hyworld``)
+then frees our model and runs the release's own pipeline in this process over the same clip
+(``scripts/hy_worldplay_vendor.py``: its ``WanPipeline`` chunk call with its memory selection,
+K/V lists, 4 Euler steps and ``MyVAE`` decode; its transformer and VAE classes with random
+weights; same prompt embeddings, poses and initial noise), timing ``dit_ms`` (call start to VAE
+decode start) and ``decode_ms`` per chunk after ``--vendor-warmup`` untimed passes (compiles).
+What the GPU machine lacks (sageattention -> SDPA on our backend, the sequence-parallel launcher,
+the text encoder, the pose parser) is substituted at import time and listed in the JSON
+(``vendor.substitutions``). ``speedup`` = the release's median / ours (DiT, DiT + decode).
+``--parity`` (default with ``--tiny``) saves the release's random transformer as its ``model.pt``
+envelope, loads it into ours through our checkpoint conversion and reports the largest
+difference of each chunk's latents (``vendor.parity``) and whether the memory frames agree.
+
 GPU:  python scripts/bench_hy_worldplay.py --out benchmarks/<date>_hy_worldplay/bench.json
       python scripts/bench_hy_worldplay.py --memory-fraction 0.17   (a 24 GB budget on an H200)
+      python scripts/bench_hy_worldplay.py --vendor .vendor/hyworld --out .../vendor.json
 CPU smoke (tiny sizes, no floor): python scripts/bench_hy_worldplay.py --tiny
+      python scripts/bench_hy_worldplay.py --tiny --blocks 2 --vendor .vendor/hyworld
+      (352x640 with the tiny 8x VAE: the release hard-codes a 44x80 latent, 880 tokens/frame)
 """
 
 from __future__ import annotations
@@ -176,6 +192,7 @@ def main() -> None:
         result["floor"] = {**rate, "steady_dit_floor_ms": floor,
                            "floor_over_measured": floor / result["steady"]["dit_ms"]}  # fmt: skip
     _print_rows("ours", rows)
+    _write(args.out, result)  # ours lands even if the release's run fails
     if args.vendor is not None:
         frames = rollout.run_frames(args.blocks)
         given = rollout.forwards.inputs(0, frames)
@@ -197,9 +214,13 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("steps", "config")}
                      | ({"vendor": {k: v for k, v in result["vendor"].items() if k != "steps"}}
                         if "vendor" in result else {}), indent=1))  # fmt: skip
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    _write(args.out, result)
+
+
+def _write(out: Path | None, result: dict) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
 
 
 def _dtype(name) -> torch.dtype:

@@ -146,8 +146,12 @@ def import_vendor(path: Path, backends: list | None, compile_dit: bool) -> types
     # what the release imports from transformers / diffusers, imported before the stand-ins
     # exist (their optional-dependency probes must not see a stand-in scipy)
     importlib.import_module("transformers").UMT5EncoderModel  # noqa: B018 (lazy import)
-    for name in ("diffusers.pipelines.wan.pipeline_output", "diffusers.loaders",
-                 "diffusers.models.autoencoders.autoencoder_kl_wan", "diffusers.video_processor"):
+    for name in (
+        "diffusers.pipelines.wan.pipeline_output",
+        "diffusers.loaders",
+        "diffusers.models.autoencoders.autoencoder_kl_wan",
+        "diffusers.video_processor",
+    ):
         importlib.import_module(name)  # fmt: skip
     dropped = install_stubs(backends)
     if not torch.cuda.is_available():  # CPU smoke run: the release syncs / marks CUDA freely
