@@ -344,6 +344,7 @@ def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, graph=None,
         guidance=conditioning.guidance, image_encoder=conditioning.image_encoder,
         conditioner=conditioning.conditioner, control=conditioning.control,
         negative_prompt=cfg.negative_prompt, overlap_decode=r.get("overlap_decode", False),
+        pipeline_decode=r.get("pipeline_decode", False),
         parallel=shared.parallel, precision=precision, offloader=shared.offloader,
     )  # fmt: skip
 

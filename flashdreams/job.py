@@ -62,8 +62,7 @@ class _StepSink:
             torch.cuda.synchronize(self.rollout.device)
         while self.pending:
             timer = self.pending[0]
-            last = list(timer.marks.values())[-1][1].event
-            if not force and last is not None and not last.query():
+            if not force and not timer.done():
                 return
             row = {"clip": self.clip, **timer.resolve()}
             self.stats.add(row)

@@ -86,7 +86,9 @@ class Postprocess:
     def finish(self) -> torch.Tensor | None:
         """The source ended: pad the stream and run the blocks left; their frames, or None."""
         self.control.end_stream()
-        return self._frames(self._run_ready())
+        frames = [self._frames(self._run_ready()), self.rollout.flush()]  # + a pipelined decode
+        frames = [f for f in frames if f is not None]
+        return torch.cat(frames, dim=1) if frames else None
 
     def take_rows(self) -> list[dict]:
         """Stage times of the steps run since the last call (waits for the device)."""

@@ -68,6 +68,12 @@ class StepTimer:
         first = next(iter(self.marks.values()))[0]
         self.marks["period"] = (first, Mark(self.device))
 
+    def done(self) -> bool:
+        """Whether every mark has been reached (``resolve`` will not wait): a stage on a side
+        stream (a pipelined decode) may end after the step's last mark on the current one."""
+        return all(m.event is None or m.event.query()
+                   for pair in self.marks.values() for m in pair)  # fmt: skip
+
     def resolve(self) -> dict[str, Any]:
         """Stage times of this step in ms, plus step latency and block period."""
         row: dict[str, Any] = {"step": self.step}

@@ -12,10 +12,24 @@ Per (scene, mode): median over chunks >= 2 of the chunk period (``period_ms``), 
 frames / period, and its stages: projector (the LR control's forwards, CUDA events), DiT
 (the diffuse stage minus the projector) and decode (TCDecoder + colour correction). A time
 budget (``--budget-s``) skips the (scene, mode) pairs left when it is used up (listed as
-skipped), so the run fits its slot whatever the compile times.
+skipped), so the run fits its slot whatever the compile times. ``--pipeline-decode both`` runs
+every (scene, mode) with ``rollout.pipeline_decode`` off and on (the TCDecoder of chunk n beside
+chunk n + 1's DiT, frames one chunk late); ``on`` only the pipelined one.
+
+Steps run without a device sync (the pipelined decode overlaps only so); CUDA-event stage times
+are resolved once the scene's chunks are done, and ``wall_fps`` is the output frames handed out
+by chunks >= 2 over the host's wall time from the end of chunk 1 to the device done after the last.
+
+``--chained``: the issue's chained stream instead, Self-Forcing Wan2.1-T2V-1.3B at 480x832
+(``self_forcing_wan21_t2v_1_3b_taehv``, random weights) for ``--steps`` AR steps, each step's
+frames upscaled as they come by ``postprocess=flashvsr_v1_1_tiny`` at 2x (dense attention;
+``--size-multiple 16`` keeps 960x1664, the release's 128 crops it to 896x1664). Reported: the
+sustained FPS (upscaled frames handed out by source steps >= 2 over their wall time, the
+device synchronised at both ends), the generator's step and period and the VSR chunk's stages.
 
 GPU:  python scripts/bench_flashvsr.py --out benchmarks/<date>_flashvsr/flashvsr.json
-CPU smoke (tiny sizes): python scripts/bench_flashvsr.py --tiny
+      python scripts/bench_flashvsr.py --chained --out benchmarks/<date>_flashvsr/chained.json
+CPU smoke (tiny sizes): python scripts/bench_flashvsr.py --tiny [--chained]
 """
 
 from __future__ import annotations
@@ -37,6 +51,21 @@ TINY = ["model.dim=64", "model.num_heads=2", "model.num_layers=2", "model.ffn_di
         "vae.decoder.channels=[8,8,4,4]", "device=cpu", "dtype=float32", "graph=eager",
         "vsr.size_multiple=16"]  # fmt: skip
 TINY_SCENES = [(128, 128, 4), (64, 96, 2)]
+PIPELINE = {"off": (False,), "on": (True,), "both": (False, True)}
+# the chained stream: Self-Forcing at 480x832 (random weights), upscaled 2x by the VSR
+CHAINED = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", "postprocess=flashvsr_v1_1_tiny",
+           "model.checkpoint=null", "text_encoder=random", "vae.checkpoint=null"]  # fmt: skip
+CHAINED_VSR = ["model.checkpoint=null", "vae.decoder.checkpoint=null", "control.checkpoint=null",
+               "text_encoder=random", "vsr.scale=2"]  # fmt: skip
+TINY_GEN = ["rollout.height=32", "rollout.width=48", "model.dim=64", "model.num_heads=2",
+            "model.num_layers=2", "model.ffn_dim=128", "model.text_dim=16",
+            "vae.channels=[8,8,8,8]", "device=cpu", "dtype=float32", "graph=eager",
+            "vae.compile=false"]  # fmt: skip
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def overrides(args, height: int, width: int, scale: int) -> list[str]:
@@ -55,6 +84,7 @@ def run_scene(shared, cfg, chunks: int, sparse: float | None) -> dict:
 
     shared.model._step.sparse_ratio = sparse  # the same weights, dense or sparse attention
     rollout = assemble_rollout(cfg, shared)
+    pipelined = rollout.pipeline_decode
     control, dev = rollout.control, rollout.device
     h0, w0 = control.stream_size
     rollout.start([cfg.prompt])
@@ -63,13 +93,21 @@ def run_scene(shared, cfg, chunks: int, sparse: float | None) -> dict:
     lr = torch.randint(0, 256, (1, 4 * latents + 1, h0, w0, 3), generator=g, device=dev,
                        dtype=torch.uint8)  # fmt: skip
     control.push_frames(lr[0])
-    rows = []
-    for _ in range(chunks):
-        out = rollout.step(sync=True)
+    timers, wall_start, wall_frames = [], None, 0
+    for i in range(chunks):
+        out = rollout.step()  # no sync: a pipelined decode overlaps the next chunk's DiT
         out.timer.add_parts(control.take_parts())  # the projector's forwards: projector_ms
-        row = out.timer.resolve()
+        timers.append(out.timer)
+        if i == 1:
+            sync(dev)
+            wall_start = time.perf_counter()
+        elif i > 1:
+            wall_frames += out.timer.num_frames
+    sync(dev)
+    wall_s = time.perf_counter() - wall_start if wall_start is not None else None
+    rows = [t.resolve() for t in timers]
+    for row in rows:
         row["dit_ms"] = row["diffuse_ms"] - row["projector_ms"]
-        rows.append(row)
     steady = rows[2:] if len(rows) > 2 else rows
 
     def med(key: str) -> float:
@@ -79,9 +117,84 @@ def run_scene(shared, cfg, chunks: int, sparse: float | None) -> dict:
     frames = 4 * rollout.frames_per_block
     return {"ms_per_chunk": period, "fps": round(frames * 1e3 / period, 2),
             "projector_ms": med("projector_ms"), "dit_ms": med("dit_ms"),
-            "decode_ms": med("decode_ms"), "chunks": len(rows),
+            "decode_ms": med("decode_ms"), "chunks": len(rows), "pipeline_decode": pipelined,
+            "wall_fps": round(wall_frames / wall_s, 2) if wall_s else None,
             "peak_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
             if dev.type == "cuda" else None}  # fmt: skip
+
+
+def chained(args) -> dict:
+    """The chained stream (``--chained``): a generator run with each step upscaled as it comes."""
+    from flashdreams.build import build_rollout
+    from flashdreams.postprocess import build_postprocess, compose_run
+
+    pipe = str(args.pipeline_decode == "on").lower()
+    vsr = [*CHAINED_VSR, f"vsr.size_multiple={args.size_multiple}", f"seed={args.seed}",
+           f"rollout.pipeline_decode={pipe}"]  # fmt: skip
+    gen = [*CHAINED, f"rollout.total_blocks={args.steps}", f"seed={args.seed}",
+           f"rollout.pipeline_decode={pipe}"]  # fmt: skip
+    if args.tiny:
+        gen += TINY_GEN
+        vsr += [o for o in TINY if not o.startswith(("device=", "dtype="))]
+    else:
+        gen += [f"graph={args.graph}"]
+        vsr += [f"graph={args.graph}", f"vae.decoder.compile={str(args.graph != 'eager').lower()}"]
+    quoted = ",".join(f'"{o}"' for o in vsr)
+    t0 = time.perf_counter()
+    cfg = compose_run([*gen, f"postprocess.overrides=[{quoted}]"])
+    source = build_rollout(cfg)
+    post = build_postprocess(cfg, source)
+    dev, vsr_run = source.device, post.rollout
+    build_s = time.perf_counter() - t0
+    source.start([cfg.prompt])
+    source.precapture()
+    post.start()
+    timers, wall_start, out_frames, src_frames, first = [], None, 0, 0, None
+    for i in range(args.steps):
+        out = source.step()
+        timers.append(out.timer)
+        up = post.push(out.frames)
+        if wall_start is not None:
+            out_frames += 0 if up is None else up.shape[1]
+            src_frames += out.timer.num_frames
+        elif i >= 1 and up is not None and i + 2 < args.steps:
+            # the window opens once the upscaler streams (its backlog of the first chunk out)
+            sync(dev)
+            wall_start, first = time.perf_counter(), i + 1
+        if i + 1 == args.steps:
+            sync(dev)
+            wall_s = time.perf_counter() - wall_start if wall_start is not None else None
+            tail = post.finish()  # the padded end of the stream, outside the timed window
+            sync(dev)
+    gen_rows = [t.resolve() for t in timers][2:] or [t.resolve() for t in timers]
+    vsr_rows = post.take_rows()
+    for row in vsr_rows:
+        row["dit_ms"] = row["diffuse_ms"] - row.get("projector_ms", 0.0)
+    vsr_steady = vsr_rows[2:] if len(vsr_rows) > 2 else vsr_rows
+
+    def med(rows, key: str) -> float:
+        return round(statistics.median(r[key] for r in rows), 2)
+
+    return {
+        "workload": "self_forcing_wan21_t2v_1_3b_taehv -> flashvsr_v1_1_tiny x2",
+        "weights": "random", "graph": "eager" if args.tiny else args.graph, "pipeline_decode": args.pipeline_decode == "on",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "build_s": round(build_s, 1), "steps": args.steps,
+        "source_size": f"{source.height}x{source.width}",
+        "output_size": f"{vsr_run.height}x{vsr_run.width}",
+        "sustained_fps": round(out_frames / wall_s, 2) if wall_s else None,
+        "source_fps": round(src_frames / wall_s, 2) if wall_s else None,
+        "timed_window": f"source steps {first}..{args.steps - 1}: {out_frames} upscaled "
+                        f"frames in {wall_s or 0:.2f} s" if wall_s else "none (too few --steps)",
+        "tail_frames": 0 if tail is None else tail.shape[1],
+        "generator": {k: med(gen_rows, f"{k}_ms") for k in ("step", "period", "diffuse",
+                                                             "decode", "commit")},
+        "vsr_chunks": len(vsr_rows),
+        "vsr_chunk": {k: med(vsr_steady, f"{k}_ms") for k in ("period", "projector", "dit",
+                                                              "decode")},
+        "peak_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+        if dev.type == "cuda" else None,
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -94,7 +207,25 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default="dense,sparse", help="attention modes to run, in order")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test at tiny sizes")
+    ap.add_argument("--pipeline-decode", choices=sorted(PIPELINE), default="off",
+                    help="rollout.pipeline_decode per (scene, mode): off, on or both")  # fmt: skip
+    ap.add_argument("--chained", action="store_true",
+                    help="the chained Self-Forcing 480x832 -> FlashVSR x2 stream instead")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=24, help="--chained: source AR steps")
+    ap.add_argument("--size-multiple", type=int, default=16,
+                    help="--chained: vsr.size_multiple (16: 960x1664; 128: 896x1664)")  # fmt: skip
     args = ap.parse_args()
+    if args.chained:
+        if args.pipeline_decode == "both":
+            ap.error("--chained measures one --pipeline-decode setting per run (off or on)")
+        if args.steps < 4:
+            ap.error(f"--steps={args.steps} must be >= 4 (2 warm-up steps, then timed ones)")
+        text = json.dumps(chained(args), indent=2)
+        print(text)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text + "\n")
+        return
 
     from flashdreams.build import build_shared
     from flashdreams.config.options import scope_options
@@ -113,15 +244,18 @@ def main() -> None:
     for height, width, scale in scenes:
         entry = {"scene": f"{height}x{width}", "scale": scale}
         ratios = {"dense": None, "sparse": args.sparse_ratio}
-        for mode in args.modes.split(","):
-            ratio = ratios[mode]
+        modes = [(f"{attn}{'+pipeline' if pipe else ''}", ratios[attn], pipe)
+                 for attn in args.modes.split(",")
+                 for pipe in PIPELINE[args.pipeline_decode]]  # fmt: skip
+        for mode, ratio, pipe in modes:
             if ratio is not None and (height % 128 or width % 128):
                 entry[mode] = "n/a (needs multiples of 128)"
                 continue
             if time.perf_counter() - t0 > args.budget_s:
                 entry[mode] = "skipped (time budget)"
                 continue
-            cfg = compose_run(overrides(args, height, width, scale))
+            extra = [f"rollout.pipeline_decode={str(pipe).lower()}"]
+            cfg = compose_run(overrides(args, height, width, scale) + extra)
             scope_options(cfg)
             start = time.perf_counter()
             try:

@@ -22,6 +22,7 @@ class RolloutConfig:
     context_noise: float = 0.0  # timestep of the commit forward
     batch_size: int = 1  # videos generated together
     overlap_decode: bool = False  # CUDA: decode on a side stream, concurrent with the commit
+    pipeline_decode: bool = False  # CUDA: decode block n beside block n + 1; frames 1 step late
 
 
 @dataclass

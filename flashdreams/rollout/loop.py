@@ -82,6 +82,8 @@ class Rollout:
         control: live / scripted control giving named inputs (None: no control).
         negative_prompt: prompt of the unconditional prediction when ``guidance`` needs one.
         overlap_decode: decode on a side stream while the commit runs (CUDA).
+        pipeline_decode: decode block n on a side stream while block n + 1 is diffused
+            (CUDA); step n returns block n - 1's frames (``rollout/decode.py``).
         parallel: the run's parallel layout (rank bookkeeping for the job).
         precision: the precision policy applied to the model (reported by the job).
         offloader: the block offloader holding the weights (``offload=blocks``), or None.
@@ -97,6 +99,7 @@ class Rollout:
         control: ControlEncoder | None = None, negative_prompt: str = "",
         overlap_decode: bool = False, parallel: ParallelPolicy | None = None,
         precision: Precision | None = None, offloader=None, first_block_frames: int | None = None,
+        pipeline_decode: bool = False,
     ) -> None:  # fmt: skip
         self.model, self.scheduler = model, scheduler
         self.vae, self.text_encoder = vae, text_encoder
@@ -122,7 +125,7 @@ class Rollout:
         self.latent_hw = self._latent_size(height, width)
         if total_blocks is not None and total_blocks < 1:
             raise ConfigError(f"rollout.total_blocks={total_blocks} must be >= 1 (or null)")
-        self.decoder = BlockDecoder(vae, dtype, self.device, overlap_decode)
+        self.decoder = BlockDecoder(vae, dtype, self.device, overlap_decode, pipeline_decode)
         self.forwards = Forwards(model, graph, self.guidance, self.conditioner, self.control,
                                  batch_size=batch_size, dtype=dtype, device=self.device)  # fmt: skip
         self.cache: KVCache | None = None
@@ -167,6 +170,16 @@ class Rollout:
         """Whether the decode really overlaps the commit (asked for, and on CUDA)."""
         return self.decoder.overlap
 
+    @property
+    def pipeline_decode(self) -> bool:
+        """Whether step n hands out block n - 1's frames (block n decoded beside step n + 1)."""
+        return self.decoder.pipeline
+
+    def flush(self) -> torch.Tensor | None:
+        """Frames decoded but not handed out yet (``pipeline_decode``: the last block of an
+        endless stream that stops), (B, T, 3, H, W), or None."""
+        return self.decoder.flush()
+
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         multiple = self.model.spatial_multiple()
         factor = self.vae.spatial_factor * multiple
@@ -201,6 +214,7 @@ class Rollout:
         if self.cache is not None:
             self.cache.reset()
         self.vae.reset()
+        self.decoder.reset()
         self.graph.reset()
         self.step_index = 0
         if self.history is not None:
@@ -317,7 +331,7 @@ class Rollout:
             out, out_start = torch.cat([prefix.to(x0.dtype), x0], dim=2), 0
         if self.history is not None:
             self.history.record(out_start, out)
-        frames = self.decoder(out, timer, commit)
+        frames = self.decoder(out, timer, commit, last=is_last)
         timer.num_frames = 0 if frames is None else frames.shape[1]
         if sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

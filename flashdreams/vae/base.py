@@ -61,6 +61,12 @@ class StreamingDecoder(nn.Module):
         """
         raise NotImplementedError
 
+    def gather_inputs(self, num: int) -> dict[str, torch.Tensor]:
+        """The named inputs of the next ``num`` latent frames, gathered now (on the current
+        stream) for a ``decode_step(latents, **gathered)`` run later, e.g. on a side stream
+        (``rollout.pipeline_decode``). Empty for a decoder that gathers nothing itself."""
+        return {}
+
 
 InputSource = Callable[[int, int], dict[str, torch.Tensor]]
 
@@ -95,11 +101,17 @@ class FedDecoder(StreamingDecoder):
         self.decoder.reset()
         self._next = 0
 
-    def decode_step(self, latents: torch.Tensor) -> torch.Tensor | None:
-        num = latents.shape[2]
+    def gather_inputs(self, num: int) -> dict[str, torch.Tensor]:
         given = self._source(self._next, num)
         self._next += num
-        return self.decoder.decode_step(latents, **{k: given[k] for k in self._names})
+        return {k: given[k] for k in self._names}
+
+    def decode_step(self, latents: torch.Tensor, **gathered: torch.Tensor) -> torch.Tensor | None:
+        """Decode ``latents`` with the inputs ``gather_inputs`` gave for them (gathered here
+        when none are passed)."""
+        if not gathered:
+            gathered = self.gather_inputs(latents.shape[2])
+        return self.decoder.decode_step(latents, **gathered)
 
 
 def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:

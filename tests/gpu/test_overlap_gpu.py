@@ -89,3 +89,27 @@ def test_taehv_compiled_matches_eager():
         rel = ((a - b).norm() / b.norm()).item()
         assert err <= 5e-2 and rel <= 1e-2, f"compiled TAEHV max abs {err:.3g}, rel L2 {rel:.3g}"
     assert compiled._compiled is not None
+
+
+@pytest.mark.parametrize("graph", ["eager", "compile_cuda_graph"])
+def test_pipelined_decode_matches_sequential_and_overlaps_the_next_diffuse(graph):
+    """``rollout.pipeline_decode``: the same frames one step late; block n's slow decode runs
+    beside block n + 1's diffuse, so a steady period is shorter than diffuse + decode."""
+    _, ref = _run([f"graph={graph}"])
+    rollout = build_rollout(
+        compose_run(OVERLAP + [f"graph={graph}", "rollout.pipeline_decode=true"])
+    )
+    _slow_decode(rollout)
+    rollout.start(["a prompt"])
+    rollout.precapture()
+    outs = [rollout.step() for _ in range(BLOCKS)]  # no sync between steps
+    torch.cuda.synchronize()
+    assert outs[0].frames is None
+    got = torch.cat([o.frames.float() for o in outs[1:]], dim=1)
+    assert rel_l2(got, torch.cat([f for _, f, _ in ref], dim=1)) <= 2e-2
+    for block, out in enumerate(outs):
+        assert rel_l2(out.latents.float(), ref[block][0]) <= 2e-2, f"block {block} latents"
+        row = out.timer.resolve()
+        assert row["decode_ms"] > 5.0, row  # the block's own decode, on the side stream
+        if 1 < block < BLOCKS - 1:  # steady: the previous decode hid behind this diffuse
+            assert row["period_ms"] < row["diffuse_ms"] + row["decode_ms"], f"block {block}: {row}"
