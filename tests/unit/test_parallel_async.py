@@ -3,9 +3,9 @@
 Four CPU processes (gloo, whose async collectives really run on background threads while the
 caller packs, picks rows and attends), the tiny Wan with 6 heads and 9 tokens per frame (heads
 padded: 8 over 4 ranks -> 2 per rank, two head chunks of one; 6 over 2 -> 3, chunks of 1 and 2;
-tokens padded). Each case runs an AR rollout with a rolling KV cache and a bidirectional
-forward, with and without ``async_qkv``, for ulysses (degree 4) and usp (2 x ring 2), and
-both again with ``fp8_all_to_all``.
+tokens padded). Ulysses (degree 4) and usp (2 x ring 2) each run an AR rollout with a rolling
+KV cache, and with ``fp8_all_to_all`` a bidirectional forward, with and without
+``async_qkv``.
 
 Tolerance: ulysses bit-equal (the async path changes only when bytes move, and the fp8 scales
 are per head, so splitting by tensor or head changes none). usp: the ring attends each head
@@ -26,20 +26,23 @@ import torch.multiprocessing as mp
 from tests.unit.test_parallel import AR, BIDIRECTIONAL, TINY, free_port, join_gloo, rollout_latents
 
 SIX_HEADS = ["model.dim=48", "model.num_heads=6", "rollout.height=48", "rollout.width=48"]
-CASES = {
-    "ulysses": ["parallel=ulysses"],
-    "usp": ["parallel=usp", "parallel.ulysses_degree=2"],
-    "ulysses-fp8": ["parallel=ulysses", "parallel.fp8_all_to_all=true"],
-    "usp-fp8": ["parallel=usp", "parallel.ulysses_degree=2", "parallel.fp8_all_to_all=true"],
+ULYSSES, USP = ["parallel=ulysses"], ["parallel=usp", "parallel.ulysses_degree=2"]
+FP8 = ["parallel.fp8_all_to_all=true"]
+CASES = {  # name: (overrides, modes)
+    "ulysses": (ULYSSES, ("ar",)),
+    "usp": (USP, ("ar",)),
+    "ulysses-fp8": ([*ULYSSES, *FP8], ("bidirectional",)),
+    "usp-fp8": ([*USP, *FP8], ("bidirectional",)),
 }
+MODES = {"ar": AR, "bidirectional": BIDIRECTIONAL}
 
 
 def _worker(rank: int, world: int, port: int, out_path: str) -> None:
     join_gloo(rank, world, port)
     results = {}
-    for name, strategy in CASES.items():
-        for mode, mod in (("ar", AR), ("bidirectional", BIDIRECTIONAL)):
-            base = [*TINY, *SIX_HEADS, *mod, *strategy]
+    for name, (strategy, modes) in CASES.items():
+        for mode in modes:
+            base = [*TINY, *SIX_HEADS, *MODES[mode], *strategy]
             sync = rollout_latents(base)
             overlapped = rollout_latents([*base, "parallel.async_qkv=true"])
             results[f"{name}-{mode}"] = {
@@ -58,7 +61,7 @@ def test_async_exchange_equals_the_synchronous_exchange(tmp_path):
     out = tmp_path / "results.json"
     mp.spawn(_worker, args=(4, free_port(), str(out)), nprocs=4, join=True)
     results = json.loads(out.read_text())
-    assert len(results) == 2 * len(CASES)
+    assert len(results) == sum(len(modes) for _, modes in CASES.values())
     for name, r in results.items():
         assert r["scale"] > 0, name
         detail = f"{name}: max abs difference {r['err']:.2e}, relative L2 {r['rel']:.2e}"
