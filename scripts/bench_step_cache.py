@@ -247,8 +247,11 @@ def main() -> None:
         if peer is not None:
             row.update(peer.run(kwargs, out, args.repeats))
         rows.append(row)
+        peer_cols = "" if peer is None else (
+            f"  | cache-dit {row['cache_dit_clip_ms']:.1f} ms  hit {row['cache_dit_hit_rate']:.2f}"
+            f"  cos vs ours {row['cosine_vs_cache_dit']:.5f}")  # fmt: skip
         print(f"{name:18s} {ms:10.1f} ms  x{row['speedup']:.2f}  hit {row['hit_rate']:.2f}  "
-              f"cos {cos:.5f}  psnr {row['latent_psnr_db']:.1f} dB", flush=True)  # fmt: skip
+              f"cos {cos:.5f}  psnr {row['latent_psnr_db']:.1f} dB{peer_cols}", flush=True)  # fmt: skip
         if args.out is not None:  # after every row: a time limit keeps what was measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
