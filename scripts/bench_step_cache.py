@@ -17,8 +17,15 @@ With ``--cache-dit`` (needs ``cache_dit`` importable, e.g. ``pip install --no-de
 cache-dit's DBCache / TaylorSeer at the same settings: its time, hit rate and latents' cosine
 against ours are added to the row (the same reuse pattern is the like-for-like comparison).
 
+Wan 2.2 A14B T2V (``--recipe wan22_t2v_a14b_480p``: 40 steps, two experts, CFG 4 / 3) runs the
+same rows; ``--frames N`` (latent frames, 4 N - 3 video frames) shortens the clip so random-weight
+A14B rows fit in minutes (its cache-dit peer is diffusers' WanPipeline with ``transformer_2`` and
+the model's boundary; the peer's DiTs share our weight tensors, so no second copy is held).
+
 GPU:  python scripts/bench_step_cache.py --out benchmarks/<date>_step_cache/wan21_1_3b.json
       python scripts/bench_step_cache.py --graph eager --repeats 1
+      python scripts/bench_step_cache.py --recipe wan22_t2v_a14b_480p --frames 5 --graph eager \
+          --repeats 1 --only mask_50pct,dbcache_0.24
 CPU smoke (tiny sizes): python scripts/bench_step_cache.py --tiny
 """
 
