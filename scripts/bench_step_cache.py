@@ -17,8 +17,15 @@ With ``--cache-dit`` (needs ``cache_dit`` importable, e.g. ``pip install --no-de
 cache-dit's DBCache / TaylorSeer at the same settings: its time, hit rate and latents' cosine
 against ours are added to the row (the same reuse pattern is the like-for-like comparison).
 
+Wan 2.2 A14B T2V (``--recipe wan22_t2v_a14b_480p``: 40 steps, two experts, CFG 4 / 3) runs the
+same rows; ``--frames N`` (latent frames, 4 N - 3 video frames) shortens the clip so random-weight
+A14B rows fit in minutes (its cache-dit peer is diffusers' WanPipeline with ``transformer_2`` and
+the model's boundary; the peer's DiTs share our weight tensors, so no second copy is held).
+
 GPU:  python scripts/bench_step_cache.py --out benchmarks/<date>_step_cache/wan21_1_3b.json
       python scripts/bench_step_cache.py --graph eager --repeats 1
+      python scripts/bench_step_cache.py --recipe wan22_t2v_a14b_480p --frames 5 --graph eager \
+          --repeats 1 --only mask_50pct,dbcache_0.24
 CPU smoke (tiny sizes): python scripts/bench_step_cache.py --tiny
 """
 
@@ -58,35 +65,63 @@ def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     return 100.0 if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
-class _Peer:
-    """diffusers' ``WanPipeline`` around our DiT's weights, cached by cache-dit."""
+def _diffusers_dit(expert, device, dtype):
+    """diffusers' ``WanTransformer3DModel`` on one of our Wan DiTs' weights (the same tensors
+    where the dtype agrees, not a copy: built on the meta device and assigned our parameters;
+    RoPE tables rebuilt), its ``_keep_in_fp32_modules`` in float32 as ``from_pretrained`` keeps
+    them, the rest in ``dtype``."""
+    from diffusers import WanTransformer3DModel as Dit
 
-    def __init__(self, rollout, cfg, steps: int) -> None:
-        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-        from diffusers import WanTransformer3DModel as Dit
+    from flashdreams.io.keymap import wan_to_diffusers
 
-        from flashdreams.io.keymap import wan_to_diffusers
-
-        m = rollout.model
+    m = expert
+    with torch.device("meta"):
         dit = Dit(patch_size=m.patch_size, num_attention_heads=m.num_heads,
                   attention_head_dim=m.head_dim, in_channels=m.in_dim, out_channels=m.out_dim,
                   text_dim=m.text_dim, freq_dim=m.freq_dim, ffn_dim=m.blocks[0].ffn[0].weight.shape[0],
                   num_layers=m.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                   eps=1e-6)  # fmt: skip
-        missing, _ = dit.load_state_dict(wan_to_diffusers(m.state_dict()), strict=False)
-        if missing:
-            raise RuntimeError(f"diffusers' DiT lacks {len(missing)} weights, e.g. {missing[0]}")
-        dit = dit.to(rollout.device, rollout.dtype).eval().requires_grad_(False)
+    missing, _ = dit.load_state_dict(wan_to_diffusers(m.state_dict()), strict=False, assign=True)
+    if missing:
+        raise RuntimeError(f"diffusers' DiT lacks {len(missing)} weights, e.g. {missing[0]}")
+    rope = dit.rope  # its tables are non-persistent buffers: computed, not loaded
+    dit.rope = type(rope)(m.head_dim, m.patch_size, rope.max_seq_len)
+    keep = set(getattr(dit, "_keep_in_fp32_modules", None) or ())  # as from_pretrained(torch_dtype)
+    for name, t in [*dit.named_parameters(), *dit.named_buffers()]:
+        fp32 = t.is_floating_point() and keep.intersection(name.split("."))
+        t.data = t.data.to(device, torch.float32 if fp32 else dtype)
+    return dit.eval().requires_grad_(False)
+
+
+class _Peer:
+    """diffusers' ``WanPipeline`` around our DiT's weights, cached by cache-dit, in this process.
+
+    Wan 2.2 A14B (``WanMoE``): ``transformer`` / ``transformer_2`` are the high- / low-noise
+    experts with the model's ``boundary`` and the guidance's ``low_noise_scale``.
+    """
+
+    def __init__(self, rollout, cfg, steps: int) -> None:
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+        m = rollout.model
+        experts = [_diffusers_dit(e, rollout.device, rollout.dtype)
+                   for e in getattr(m, "experts", [m])]  # fmt: skip
         shift = float(cfg.scheduler.get("shift", 5.0))
         sched = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
                                         use_flow_sigmas=True, flow_shift=shift)  # fmt: skip
+        moe = len(experts) == 2
         self.pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=AutoencoderKLWan(),
-                                scheduler=sched, transformer=dit)  # fmt: skip
+                                scheduler=sched, transformer=experts[0],
+                                transformer_2=experts[1] if moe else None,
+                                boundary_ratio=m.boundary if moe else None)  # fmt: skip
         self.pipe.set_progress_bar_config(disable=True)
         emb = rollout.text_encoder.encode([cfg.prompt, cfg.negative_prompt], rollout.device,
                                           rollout.dtype)  # fmt: skip
         self.pos, self.neg = emb[:1], emb[1:]
         self.rollout, self.steps, self.scale = rollout, steps, float(cfg.guidance.scale)
+        low = cfg.guidance.get("low_noise_scale") if moe else None
+        self.scale_2 = None if low is None else float(low)
+        self.transformers = len(experts)
         self.cuda = rollout.device.type == "cuda"
 
     def _clip(self) -> torch.Tensor:
@@ -98,7 +133,7 @@ class _Peer:
         out = self.pipe(prompt_embeds=self.pos, negative_prompt_embeds=self.neg,
                         height=r.height, width=r.width, num_frames=frames,
                         num_inference_steps=self.steps, guidance_scale=self.scale,
-                        latents=noise, output_type="latent", return_dict=False)[0]  # fmt: skip
+                        guidance_scale_2=self.scale_2, latents=noise, output_type="latent", return_dict=False)[0]  # fmt: skip
         if self.cuda:
             torch.cuda.synchronize()
         return out.float()
@@ -128,8 +163,9 @@ class _Peer:
                 times.append((time.perf_counter() - start) * 1e3)
             hits = None
             if kwargs is not None:
-                stats = cache_dit.summary(self.pipe)[0]
-                hits = (len(stats.cached_steps) + len(stats.cfg_cached_steps)) / (2 * self.steps)
+                stats = cache_dit.summary(self.pipe, logging=False)[: self.transformers]
+                cached = sum(len(st.cached_steps) + len(st.cfg_cached_steps) for st in stats)
+                hits = cached / (2 * self.steps)  # each step runs one expert, two CFG branches
         finally:
             if kwargs is not None:
                 cache_dit.disable_cache(self.pipe)
@@ -146,6 +182,9 @@ def main() -> None:
     parser.add_argument("--front", type=int, default=8, help="DBCache front_blocks (F)")
     parser.add_argument("--thresholds", default="0.08,0.24", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=None,
+                        help="latent frames of the clip (video frames 4 N - 3); default: the "
+                             "recipe's (21 = 81 video frames)")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test at tiny sizes")
     parser.add_argument("--cache-dit", action="store_true", help="also cache-dit on diffusers")
     parser.add_argument(
@@ -166,7 +205,9 @@ def main() -> None:
 
     overrides = [f"recipe={args.recipe}", "model.checkpoint=null", "text_encoder=random",
                  "vae=none", "~vae.checkpoint", "~vae.chunk_frames", f"graph={args.graph}",
-                 f"attention={args.attention}", *(TINY if args.tiny else []), *args.overrides]  # fmt: skip
+                 f"attention={args.attention}", *(TINY if args.tiny else []),
+                 *([] if args.frames is None else [f"rollout.frames_per_block={args.frames}"]),
+                 *args.overrides]  # fmt: skip
     with initialize_config_module("flashdreams.conf", version_base="1.3"):
         cfg = compose("run", overrides=overrides)
     rollout = build_rollout(cfg)
@@ -190,7 +231,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--only: unknown setting(s) {sorted(unknown)}")
     meta = {"recipe": args.recipe, "graph": args.graph, "attention": args.attention,
-            "steps": steps, "device": torch.cuda.get_device_name(rollout.device) if cuda else "cpu",
+            "steps": steps, "latent_frames": rollout.frames_per_block, "device": torch.cuda.get_device_name(rollout.device) if cuda else "cpu",
             "overrides": args.overrides}  # fmt: skip
     for name, kwargs in settings.items():
         cache = StepCache() if kwargs is None else DBCache(**kwargs)
@@ -213,8 +254,11 @@ def main() -> None:
         if peer is not None:
             row.update(peer.run(kwargs, out, args.repeats))
         rows.append(row)
+        peer_cols = "" if peer is None else (
+            f"  | cache-dit {row['cache_dit_clip_ms']:.1f} ms  hit {row['cache_dit_hit_rate']:.2f}"
+            f"  cos vs ours {row['cosine_vs_cache_dit']:.5f}")  # fmt: skip
         print(f"{name:18s} {ms:10.1f} ms  x{row['speedup']:.2f}  hit {row['hit_rate']:.2f}  "
-              f"cos {cos:.5f}  psnr {row['latent_psnr_db']:.1f} dB", flush=True)  # fmt: skip
+              f"cos {cos:.5f}  psnr {row['latent_psnr_db']:.1f} dB{peer_cols}", flush=True)  # fmt: skip
         if args.out is not None:  # after every row: a time limit keeps what was measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({**meta, "rows": rows}, indent=1))

@@ -29,6 +29,7 @@ from flashdreams.parallel.all_to_all import (
     heads_to_sequence,
     keys_to_heads,
     local_heads,
+    overlapped_attention,
     queries_to_heads,
 )
 from flashdreams.parallel.base import ParallelPolicy, SequenceParallel
@@ -60,15 +61,20 @@ class ContextParallel(ParallelPolicy):
             itself, and the launcher ends the job.
         fp8_all_to_all: Ulysses exchanges (Q, K/V, O) as float8 e4m3 with per-head scales
             (half the bytes of bf16; needs ulysses_degree > 1).
+        async_qkv: Ulysses exchanges issued asynchronously and overlapped with the compute
+            around them (``all_to_all.py``: K with V's packing, V with K's row pick, each head
+            chunk's Q/O with another chunk's attention); same values; needs ulysses_degree > 1.
     """
 
     name = "context"
 
     def __init__(self, ulysses_degree: int | None = None, ring_degree: int | None = None,
-                 timeout_s: float = 600.0, fp8_all_to_all: bool = False) -> None:  # fmt: skip
+                 timeout_s: float = 600.0, fp8_all_to_all: bool = False,
+                 async_qkv: bool = False) -> None:  # fmt: skip
         self.ulysses_degree, self.ring_degree = ulysses_degree, ring_degree
         self.timeout_s = timeout_s
         self.fp8_all_to_all = bool(fp8_all_to_all)
+        self.async_qkv = bool(async_qkv)
         self.ulysses = self.ring = 1
         self.ulysses_group = self.ring_group = None
         self.ring_ranks: list[int] = [0]
@@ -84,9 +90,10 @@ class ContextParallel(ParallelPolicy):
         if not self.is_main:
             logging.getLogger().setLevel(logging.ERROR)  # only rank 0 logs (errors: all)
         self.ulysses, self.ring = self._degrees()
-        if self.fp8_all_to_all and self.world_size > 1 and self.ulysses == 1:
-            raise ConfigError(f"parallel.fp8_all_to_all=true needs an all-to-all: "
-                              f"parallel={self.name} runs ulysses_degree 1 (use ulysses or usp)")  # fmt: skip
+        for key in ("fp8_all_to_all", "async_qkv"):
+            if getattr(self, key) and self.world_size > 1 and self.ulysses == 1:
+                raise ConfigError(f"parallel.{key}=true needs an all-to-all: parallel="
+                                  f"{self.name} runs ulysses_degree 1 (use ulysses or usp)")  # fmt: skip
         if self.world_size > 1:
             self._make_groups()
             log.info("%s: rank %d of %d, ulysses %d x ring %d, %s", self.name, self.rank,
@@ -209,7 +216,8 @@ class ShardedSequence(SequenceParallel):
         """This rank's K/V (B, Ls, H, D) -> the keys it stores and attends with."""
         lay, p = self.layout, self.policy
         if p.ulysses > 1:
-            return keys_to_heads(k, v, lay, self.frames, p.ulysses_group, p.fp8_all_to_all)
+            return keys_to_heads(k, v, lay, self.frames, p.ulysses_group, p.fp8_all_to_all,
+                                 overlap=p.async_qkv)  # fmt: skip
         if lay.has_pad:
             idx = lay.local_select(self.frames, k.device)
             return k.index_select(1, idx), v.index_select(1, idx)
@@ -219,18 +227,26 @@ class ShardedSequence(SequenceParallel):
         """Sequence-sharded queries (B, Ls, H, D) against the keys from ``keys``."""
         p, lay = self.policy, self.layout
         num_heads = q.shape[2]
-        if p.ulysses > 1:
-            q = queries_to_heads(q, p.ulysses, p.ulysses_group, p.fp8_all_to_all)
         if mask is not None:
             mask = self._mask(mask)
-        if p.ring > 1:
+
+        def attend(q, k, v):
+            if p.ring == 1:
+                return inner(q, k, v, mask)
             frames = k.shape[1] // lay.group_tokens()
             lengths = [frames * lay.group_tokens(g) for g in range(p.ring)]
-            out = ring_attention(q, k, v, ranks=p.ring_ranks, index=lay.group,
-                                 chunk_lengths=lengths, group=p.ring_group,
-                                 kernel=getattr(inner, "backend", "auto"))  # fmt: skip
-        else:
-            out = inner(q, k, v, mask)
+            return ring_attention(q, k, v, ranks=p.ring_ranks, index=lay.group,
+                                  chunk_lengths=lengths, group=p.ring_group,
+                                  kernel=getattr(inner, "backend", "auto"))  # fmt: skip
+
+        if p.ulysses > 1 and p.async_qkv:
+            return overlapped_attention(
+                q, lambda qc, a, z: attend(qc, k[:, :, a:z], v[:, :, a:z]),
+                p.ulysses, p.ulysses_group, p.fp8_all_to_all,
+            )  # fmt: skip
+        if p.ulysses > 1:
+            q = queries_to_heads(q, p.ulysses, p.ulysses_group, p.fp8_all_to_all)
+        out = attend(q, k, v)
         if p.ulysses > 1:
             out = heads_to_sequence(out, num_heads, p.ulysses, p.ulysses_group, p.fp8_all_to_all)
         return out

@@ -17,11 +17,14 @@ class UlyssesParallel(ContextParallel):
         ring_degree: ranks per ring; 1 for pure Ulysses (>1 makes it ``usp``).
         timeout_s: seconds a collective may wait for a peer before the job fails.
         fp8_all_to_all: exchange Q/K/V/O as float8 e4m3 with per-head scales.
+        async_qkv: the Ulysses exchanges issued asynchronously, overlapped with compute.
     """
 
     name = "ulysses"
 
     def __init__(self, ulysses_degree: int | None = None, ring_degree: int | None = 1,
-                 timeout_s: float = 600.0, fp8_all_to_all: bool = False) -> None:  # fmt: skip
+                 timeout_s: float = 600.0, fp8_all_to_all: bool = False,
+                 async_qkv: bool = False) -> None:  # fmt: skip
         super().__init__(ulysses_degree=ulysses_degree, ring_degree=ring_degree,
-                         timeout_s=timeout_s, fp8_all_to_all=fp8_all_to_all)  # fmt: skip
+                         timeout_s=timeout_s, fp8_all_to_all=fp8_all_to_all,
+                         async_qkv=async_qkv)  # fmt: skip
