@@ -54,9 +54,9 @@ def test_fp8_quantizes_block_linears_not_modulation():
 
 
 def test_bench_floor_counts_the_cosmos_block_gemms():
-    """flashdreams-bench's FLOP count from the model config (``forward_flops``) equals the
-    2B model's block GEMMs per token (cross-attention K/V are per prompt, not per forward)."""
-    from flashdreams.bench import forward_flops
+    """The model's FLOP count (``DiT.forward_flops``, what flashdreams-bench's floor charges)
+    equals the 2B model's block GEMMs: per token, plus the AdaLN-LoRA modulation per latent
+    frame (cross-attention K/V are per prompt, not per forward)."""
     from tests.unit.test_config import compose_run
 
     cfg = compose_run(["model=cosmos_predict2_5_2b"])
@@ -64,13 +64,19 @@ def test_bench_floor_counts_the_cosmos_block_gemms():
         model = CosmosDiT(
             **{k: v for k, v in cfg.model.items() if k not in ("_target_", "checkpoint")}
         )
-    per_token = sum(
-        2 * m.in_features * m.out_features
-        for name, m in model.blocks.named_modules()
-        if type(m) is torch.nn.Linear
-        and not name.endswith(("cross_attn.k_proj", "cross_attn.v_proj"))
-    )
-    assert forward_flops(cfg.model, 1000, 1000)["linear"] == 1000 * per_token
+    per_token = per_frame = 0
+    for name, m in model.blocks.named_modules():
+        if not isinstance(m, torch.nn.Linear) or name.endswith(
+            ("cross_attn.k_proj", "cross_attn.v_proj")
+        ):
+            continue
+        if "adaln" in name:
+            per_frame += 2 * m.in_features * m.out_features
+        else:
+            per_token += 2 * m.in_features * m.out_features
+    assert per_frame > 0
+    flops = model.forward_flops(2000, 2000, tokens_per_frame=1000)  # two latent frames
+    assert flops["linear"] == 2000 * per_token + 2 * per_frame
 
 
 def test_offload_blocks_equals_resident():
