@@ -344,18 +344,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="flashdreams-serve overrides (after --)")
     args = parser.parse_args(argv)
     backends = ["local", "ray"] if args.backend == "both" else [args.backend]
-    results = {
-        b: bench(args, [*args.overrides, *(["serve.backend=ray"] if b == "ray" else [])])
-        for b in backends
-    }  # fmt: skip
-    result = results[backends[0]] if len(backends) == 1 else {
-        **results, "ray_over_local": compare(results["local"], results["ray"])}  # fmt: skip
+    results, failed = {}, {}
+    for b in backends:
+        try:
+            results[b] = bench(
+                args, [*args.overrides, *(["serve.backend=ray"] if b == "ray" else [])]
+            )
+        except SystemExit as exc:  # its server failed (start, error): keep the other run
+            if len(backends) == 1:
+                raise
+            failed[b] = str(exc)
+    if len(backends) == 1:
+        result = results[backends[0]]
+    elif failed:
+        result = {**results, **{b: {"backend": b, "error": e} for b, e in failed.items()}}
+    else:
+        result = {**results, "ray_over_local": compare(results["local"], results["ray"])}
     text = json.dumps(result, indent=1)
     print(text)
     print(table(results, result.get("ray_over_local")), file=sys.stderr)
+    for b, e in failed.items():
+        print(f"{b} backend failed: {e[-2000:]}", file=sys.stderr)
     if args.out:
         args.out.write_text(text + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -84,3 +84,24 @@ def test_bench_serve_pools_serialized_streams_against_what_the_device_made():
     assert out["delivered_fps_per_session"] == pytest.approx(60.0)
     assert out["delivered_over_generated"] == pytest.approx(1.0)
     assert (out["sessions"], out["frames_dropped"], out["median_step_ms"]) == (2, 2, 90.0)
+
+
+def test_bench_serve_keeps_the_local_run_when_the_ray_server_fails(tmp_path, capsys):
+    bench = load_bench()
+    local = {"median_step_ms": 300.0, "delivered_fps": 40.0, "delivered_over_generated": 1.0,
+             "median_time_to_first_frame_s": 0.5, "frames_dropped": 0}  # fmt: skip
+
+    def fake(args, overrides):
+        if "serve.backend=ray" in overrides:
+            raise SystemExit("server did not start:\nModuleNotFoundError: No module named 'ray'")
+        return local
+
+    bench.bench = fake
+    out = tmp_path / "both.json"
+    assert bench.main(["--backend", "both", "--out", str(out), "device=cpu"]) == 1
+    result = json.loads(out.read_text())
+    assert result["local"] == local and "ray_over_local" not in result
+    assert "No module named 'ray'" in result["ray"]["error"]
+    err = capsys.readouterr().err
+    assert "| local | 1 | 300.0 | 40.0 | 40.0 | 1.000 | 0 |" in err
+    assert "ray backend failed: server did not start" in err
