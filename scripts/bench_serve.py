@@ -9,7 +9,7 @@ so it generates as fast as it can), connects one WebSocket client, and runs:
 3. one endless stream for ``--seconds``, reading every frame as it arrives.
 
 4. with ``--sessions 1,2,4``: that many concurrent endless streams on one replica for
-   ``--seconds`` each (throughput with several sessions per replica).
+   ``--seconds`` each (throughput with several sessions per replica; count 1 is stream 3).
 
 Generated frames/s is the step's frames over its block period (the ``step`` messages'
 ``period_ms``, device time: what the model makes); delivered frames/s is what the client
@@ -18,7 +18,15 @@ receives per second of wall clock over the steady part of the stream. The JSON (
 server dropped for this client. ``--backend ray`` measures the same through Ray Serve (one
 generator replica, ``serve.backend=ray``); ``--backend both`` runs local then ray and adds
 ``ray_over_local``: the ratios of step latency and delivered frames/s and the overhead per
-frame in ms (the Ray backend's per-frame delivery period minus the local one's).
+frame in ms (the Ray backend's per-frame delivery period minus the local one's), for the one
+stream and per session count. A Markdown table of the same numbers goes to stderr.
+
+Issue 27's measurement on one GPU (both backends, 1 / 2 / 4 sessions, ~5 min on an H200)::
+
+    python scripts/bench_serve.py --backend both --sessions 1,2,4 --seconds 15 --starts 2 \\
+        --warmup-blocks 2 --out serve_local_vs_ray.json -- \\
+        recipe=self_forcing_wan21_t2v_1_3b_taehv model.checkpoint=null text_encoder=random \\
+        vae.checkpoint=null device=cuda
 
 Examples::
 
@@ -126,19 +134,29 @@ def endless(ws, seconds: float) -> dict:
             t_end = float("inf")
 
 
-def summarize(run: dict, hello: dict, ttff: list[float]) -> dict:
+def rates(run: dict) -> tuple[float | None, float | None]:
+    """Generated and delivered frames/s of one stream's steady part (from its step 2 / its
+    second block on): the steps' frames over their periods, the client's arrivals over wall
+    clock."""
     arrivals, periods, frames = run["arrivals"], run["periods"], run["frames"]
     steady_p = periods[2:] or periods  # steps 0-1 warm the stream's own buffers
     steady_f = frames[2:] or frames
-    generated = sum(steady_f) / (sum(steady_p) / 1000.0) if steady_p else None
+    generated = sum(steady_f) / (sum(steady_p) / 1000.0) if steady_p and sum(steady_p) else None
     skip = min(len(arrivals) - 2, frames[0] if frames else 0)  # from the second block on
     span = arrivals[-1] - arrivals[skip] if len(arrivals) > skip + 1 else 0.0
     delivered = (len(arrivals) - 1 - skip) / span if span > 0 else None
+    return generated, delivered
+
+
+def summarize(run: dict, hello: dict, ttff: list[float]) -> dict:
+    periods = run["periods"]
+    steady_p = periods[2:] or periods
+    generated, delivered = rates(run)
     return {
         "run_name": hello["run_name"], "height": hello["height"], "width": hello["width"],
         "fps": hello["fps"], "frames_per_block": hello["frames_per_block"],
         "batch_size": hello["batch_size"], "steps": len(periods),
-        "frames_received": len(arrivals), "frames_dropped": run["dropped"],
+        "frames_received": len(run["arrivals"]), "frames_dropped": run["dropped"],
         "median_period_ms": statistics.median(steady_p) if steady_p else None,
         "median_step_ms": statistics.median(run["steps_ms"][2:] or run["steps_ms"] or [0.0]),
         "generated_fps": generated, "delivered_fps": delivered,
@@ -157,18 +175,25 @@ def concurrent(port: int, sessions: int, seconds: float) -> dict:
             return endless(ws, seconds)
 
     with ThreadPoolExecutor(sessions) as pool:
-        runs = list(pool.map(one, range(sessions)))
-    rates, periods, steps = [], [], []
+        return pooled(list(pool.map(one, range(sessions))))
+
+
+def pooled(runs: list[dict]) -> dict:
+    """Streams that ran at once: delivered frames/s summed and per stream, medians over all
+    their steady steps. The server steps one stream at a time (one device thread), so what it
+    generates is all steady frames over all steady periods; delivered / generated compares the
+    summed delivery with that."""
+    delivered, frames, periods, steps = [], 0, [], []
     for run in runs:
-        arrivals, frames = run["arrivals"], run["frames"]
-        skip = min(len(arrivals) - 2, frames[0] if frames else 0)
-        span = arrivals[-1] - arrivals[skip] if len(arrivals) > skip + 1 else 0.0
-        rates.append((len(arrivals) - 1 - skip) / span if span > 0 else 0.0)
-        periods += run["periods"][2:]
+        delivered.append(rates(run)[1] or 0.0)
+        frames += sum(run["frames"][2:] or run["frames"])
+        periods += run["periods"][2:] or run["periods"]
         steps += run["steps_ms"][2:]
+    generated = frames / (sum(periods) / 1000.0) if sum(periods) else None
     return {
-        "sessions": sessions, "delivered_fps_total": sum(rates),
-        "delivered_fps_per_session": statistics.mean(rates),
+        "sessions": len(runs), "delivered_fps_total": sum(delivered),
+        "delivered_fps_per_session": statistics.mean(delivered), "generated_fps": generated,
+        "delivered_over_generated": sum(delivered) / generated if generated else None,
         "median_period_ms": statistics.median(periods) if periods else None,
         "median_step_ms": statistics.median(steps) if steps else None,
         "frames_dropped": sum(run["dropped"] for run in runs),
@@ -176,7 +201,8 @@ def concurrent(port: int, sessions: int, seconds: float) -> dict:
 
 
 def bench(args, overrides: list[str]) -> dict:
-    """One server (its backend named in ``overrides``): warm-up, starts, one stream, sessions."""
+    """One server (its backend named in ``overrides``): warm-up, starts, one stream, sessions.
+    The one stream also stands for ``--sessions``' count 1 (the same stream on a warm server)."""
     ray = "serve.backend=ray" in overrides
     sessions = args.sessions or [1]
     extra = [f"serve.max_sessions={max(sessions)}"]
@@ -189,9 +215,13 @@ def bench(args, overrides: list[str]) -> dict:
                 hello = json.loads(ws.recv(timeout=60))
                 time_to_first_frame(ws, args.warmup_blocks)  # warm the server
                 ttff = [time_to_first_frame(ws) for _ in range(args.starts)]
-                result = summarize(endless(ws, args.seconds), hello, ttff)
+                one = endless(ws, args.seconds)
+                result = summarize(one, hello, ttff)
             if args.sessions:
-                result["concurrent"] = [concurrent(port, n, args.seconds) for n in sessions]
+                result["concurrent"] = [
+                    pooled([one]) if n == 1 else concurrent(port, n, args.seconds)
+                    for n in sessions
+                ]  # fmt: skip
         finally:
             proc.terminate()
             proc.wait(timeout=120)
@@ -200,22 +230,96 @@ def bench(args, overrides: list[str]) -> dict:
     return result
 
 
+def per_frame_ms(local_fps: float | None, ray_fps: float | None) -> float | None:
+    """Ray's delivery period per frame minus the local one's (ms)."""
+    return 1000.0 / ray_fps - 1000.0 / local_fps if local_fps and ray_fps else None
+
+
 def compare(local: dict, ray: dict) -> dict:
-    """Ray over local: step latency and delivery ratios, the overhead per frame (ms)."""
+    """Ray over local: step latency and delivery ratios, the overhead per frame (ms), for the
+    one stream and for each count of concurrent sessions both ran."""
 
-    def ratio(key: str):
-        a, b = local.get(key), ray.get(key)
-        return b / a if a and b else None
+    def ratio(a: dict, b: dict, key: str):
+        return b[key] / a[key] if a.get(key) and b.get(key) else None
 
-    per_frame = None
-    if local.get("delivered_fps") and ray.get("delivered_fps"):
-        per_frame = 1000.0 / ray["delivered_fps"] - 1000.0 / local["delivered_fps"]
-    return {
-        "median_step_ms": ratio("median_step_ms"), "median_period_ms": ratio("median_period_ms"),
-        "delivered_fps": ratio("delivered_fps"),
-        "median_time_to_first_frame_s": ratio("median_time_to_first_frame_s"),
-        "overhead_per_frame_ms": per_frame,
+    out = {
+        "median_step_ms": ratio(local, ray, "median_step_ms"),
+        "median_period_ms": ratio(local, ray, "median_period_ms"),
+        "delivered_fps": ratio(local, ray, "delivered_fps"),
+        "median_time_to_first_frame_s": ratio(local, ray, "median_time_to_first_frame_s"),
+        "overhead_per_frame_ms": per_frame_ms(local.get("delivered_fps"), ray.get("delivered_fps")),
     }  # fmt: skip
+    by_count = {c["sessions"]: c for c in local.get("concurrent", [])}
+    sessions = []
+    for r in ray.get("concurrent", []):
+        lo = by_count.get(r["sessions"])
+        if lo is not None:
+            sessions.append({
+                "sessions": r["sessions"], "median_step_ms": ratio(lo, r, "median_step_ms"),
+                "delivered_fps_per_session": ratio(lo, r, "delivered_fps_per_session"),
+                "delivered_fps_total": ratio(lo, r, "delivered_fps_total"),
+                "overhead_per_frame_ms": per_frame_ms(lo["delivered_fps_per_session"],
+                                                      r["delivered_fps_per_session"]),
+            })  # fmt: skip
+    if sessions:
+        out["concurrent"] = sessions
+    return out
+
+
+def _cell(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(results: dict[str, dict], ratios: dict | None) -> str:
+    """The JSON's numbers as Markdown: per backend and session count, per-stream step latency,
+    delivered frames/s, delivered (all streams) / generated; with both backends, Ray over
+    local."""
+    header = ("| backend | sessions | step ms (median, per stream) | delivered fps per stream "
+              "| delivered fps total | delivered total / generated | dropped |")  # fmt: skip
+    lines = [header, "|---" * 7 + "|"]
+    for name, res in results.items():
+        rows = res.get("concurrent") or [pooled_row(res)]
+        for c in rows:
+            lines.append(
+                f"| {name} | {c['sessions']} | {_cell(c['median_step_ms'])} | "
+                f"{_cell(c['delivered_fps_per_session'])} | {_cell(c['delivered_fps_total'])} | "
+                f"{_cell(c['delivered_over_generated'], 3)} | {c['frames_dropped']} |"
+            )
+    lines.append("")
+    for name, res in results.items():
+        ttff = _cell(res["median_time_to_first_frame_s"], 3)
+        lines.append(f"{name}: median time to first frame (warm server) {ttff} s")
+    if ratios:
+        lines += ["", "| sessions | step ms, ray / local | delivered fps per stream, ray / local "
+                  "| overhead per frame (ms, ray - local) |", "|---" * 4 + "|"]  # fmt: skip
+        one = {"sessions": 1, "delivered_fps_per_session": ratios["delivered_fps"], **ratios}
+        for c in ratios.get("concurrent") or [one]:
+            lines.append(f"| {c['sessions']} | {_cell(c['median_step_ms'], 3)} | "
+                         f"{_cell(c['delivered_fps_per_session'], 3)} | "
+                         f"{_cell(c['overhead_per_frame_ms'], 2)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def pooled_row(res: dict) -> dict:
+    """The one-stream summary in the shape of a ``concurrent`` row."""
+    return {"sessions": 1, "median_step_ms": res["median_step_ms"],
+            "delivered_fps_per_session": res["delivered_fps"],
+            "delivered_fps_total": res["delivered_fps"],
+            "delivered_over_generated": res["delivered_over_generated"],
+            "frames_dropped": res["frames_dropped"]}  # fmt: skip
+
+
+def session_counts(text: str) -> list[int]:
+    """``--sessions 1,2,4``: distinct counts >= 1."""
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(
+            f"--sessions={text} must be distinct counts >= 1, e.g. 1,2,4"
+        )
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,24 +337,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--sessions",
-        type=lambda v: [int(n) for n in v.split(",")],
+        type=session_counts,
         default=None,
         help="concurrent sessions per replica, e.g. 1,2,4",
     )
     parser.add_argument("overrides", nargs="*", help="flashdreams-serve overrides (after --)")
     args = parser.parse_args(argv)
     backends = ["local", "ray"] if args.backend == "both" else [args.backend]
-    results = {
-        b: bench(args, [*args.overrides, *(["serve.backend=ray"] if b == "ray" else [])])
-        for b in backends
-    }  # fmt: skip
-    result = results[backends[0]] if len(backends) == 1 else {
-        **results, "ray_over_local": compare(results["local"], results["ray"])}  # fmt: skip
+    results, failed = {}, {}
+    for b in backends:
+        try:
+            results[b] = bench(
+                args, [*args.overrides, *(["serve.backend=ray"] if b == "ray" else [])]
+            )
+        except SystemExit as exc:  # its server failed (start, error): keep the other run
+            if len(backends) == 1:
+                raise
+            failed[b] = str(exc)
+    if len(backends) == 1:
+        result = results[backends[0]]
+    elif failed:
+        result = {**results, **{b: {"backend": b, "error": e} for b, e in failed.items()}}
+    else:
+        result = {**results, "ray_over_local": compare(results["local"], results["ray"])}
     text = json.dumps(result, indent=1)
     print(text)
+    print(table(results, result.get("ray_over_local")), file=sys.stderr)
+    for b, e in failed.items():
+        print(f"{b} backend failed: {e[-2000:]}", file=sys.stderr)
     if args.out:
         args.out.write_text(text + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
