@@ -215,9 +215,6 @@ def main() -> None:
     ap.add_argument("--size-multiple", type=int, default=16,
                     help="--chained: vsr.size_multiple (16: 960x1664; 128: 896x1664)")  # fmt: skip
     args = ap.parse_args()
-    # every scene is a new shape of the same compiled blocks: past dynamo's default of 8
-    # recompiles a fullgraph compile fails (seen on the H200 at the third scene)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if args.chained:
         if args.pipeline_decode == "both":
             ap.error("--chained measures one --pipeline-decode setting per run (off or on)")

@@ -7,6 +7,21 @@ from torch import nn
 
 from flashdreams.graph.eager import EagerPolicy
 
+# One compiled function serves every static shape a process runs: a rollout's block sizes and
+# key lengths, a reconstituted context's history sizes, each scene of a super-resolution sweep,
+# every recipe a server or a test session builds (dynamo keys its cache on the code object, so
+# all models share one count). Dynamo's default of 8 entries fails a fullgraph compile at the
+# ninth shape (seen on the H200: HY-WorldPlay's GPU tests, FlashVSR's third scene).
+RECOMPILE_LIMIT = 128
+
+
+def compile_static(fn, mode: str = "default", dynamic: bool | None = False, **kwargs):
+    """``torch.compile(fn, fullgraph=True)`` for static shapes, with dynamo's per-code-object
+    recompile limit raised to ``RECOMPILE_LIMIT`` (never lowered)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(fn, mode=mode, dynamic=dynamic, fullgraph=True, **kwargs)
+
 
 def compile_blocks(model: nn.Module, mode: str, dynamic: bool | None,
                    fuse_gelu: bool = True, fuse_norms: bool = True) -> nn.Module:  # fmt: skip
@@ -26,7 +41,7 @@ def compile_blocks(model: nn.Module, mode: str, dynamic: bool | None,
             block.fuse_norms()
         for name in getattr(block, "_compile_regions", ()):
             region = getattr(block, name)
-            setattr(block, name, torch.compile(region, mode=mode, dynamic=dynamic, fullgraph=True))
+            setattr(block, name, compile_static(region, mode, dynamic))
     return model
 
 
@@ -49,7 +64,7 @@ class CompilePolicy(EagerPolicy):
         self.fuse_norms = fuse_norms
 
     def wrap(self, fn):
-        return torch.compile(fn, mode=self.mode, dynamic=self.dynamic, fullgraph=True)
+        return compile_static(fn, self.mode, self.dynamic)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return compile_blocks(model, self.mode, self.dynamic, self.fuse_gelu, self.fuse_norms)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flashdreams.graph.base import GraphPolicy
-from flashdreams.graph.compile import compile_blocks
+from flashdreams.graph.compile import compile_blocks, compile_static
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class CudaGraphPolicy(GraphPolicy):
     def wrap(self, fn):
         if not self.compile:
             return fn
-        return torch.compile(fn, mode=self.mode, dynamic=False, fullgraph=True)
+        return compile_static(fn, self.mode)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.compile:

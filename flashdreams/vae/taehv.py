@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashdreams import ConfigError
+from flashdreams.graph.compile import compile_static
 from flashdreams.io.checkpoint import check_state_dict, resolve_path
 from flashdreams.vae.base import StreamingDecoder, read_tensor_file
 
@@ -257,7 +258,7 @@ class TAEHVDecoder(StreamingDecoder):
                          "only)", x.device.type)  # fmt: skip
             return self._stack
         if self._compiled is None:
-            self._compiled = torch.compile(self._stack, dynamic=False, fullgraph=True)
+            self._compiled = compile_static(self._stack)
         return self._compiled
 
     def _as_frames(self, latents: torch.Tensor) -> torch.Tensor:
