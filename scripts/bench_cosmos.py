@@ -17,6 +17,9 @@ distilled clip (ours only: diffusers has no 4-step Cosmos sampler).
 GPU:  python scripts/bench_cosmos.py --out benchmarks/<date>_cosmos/step.json
       python scripts/bench_cosmos.py --graph compile --attention cudnn --clip 35
 CPU smoke (tiny sizes, no floor): python scripts/bench_cosmos.py --tiny --clip 2
+Error of FP8 attention per self-attention call (kernel vs bf16 SDPA vs the fp32 emulation):
+      python scripts/bench_cosmos.py --attention-config cudnn_fp8 --attention-error 1024
+      (CPU: ``--tiny`` runs the emulation as the backend)
 """
 
 from __future__ import annotations
@@ -97,6 +100,10 @@ def main() -> None:
     p.add_argument("--clip", type=int, default=0, help="also time a clip of this many steps")
     p.add_argument("--recipe", default="cosmos_predict2_5_2b_t2v", help="recipe of --clip")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--attention-error", type=int, default=0, metavar="QUERIES",
+                   help="per self-attention call of one forward: the backend against bf16 SDPA "
+                   "on the same inputs, and against the fp32 emulation of the e4m3 scheme on "
+                   "this many queries")  # fmt: skip
     args = p.parse_args()
 
     _torchvision_resize_shim()
@@ -110,8 +117,11 @@ def main() -> None:
     with torch.device("meta"):
         ours = CosmosDiT(**size)
     ours = materialize(ours, None, device, dtype, seed=0).eval().requires_grad_(False)
-    if args.attention_config and cuda:
+    if args.attention_config:
         ours.attention = instantiate_attention(args.attention_config)
+        backend = ours.attention.backend
+        if not cuda and hasattr(backend, "emulate"):  # CPU: the e4m3 scheme in fp32 torch ops,
+            backend.emulate, backend.min_kv_tokens = True, 0  # at the toy sizes' few keys too
     else:
         ours.attention = SdpaAttention(args.attention if cuda else "auto")
     heads, head_dim = ours.num_heads, ours.head_dim
@@ -148,6 +158,9 @@ def main() -> None:
 
         a, b = ours_step()[0].float(), peer_step()[0].float()
         rel = ((a - b).norm() / b.norm()).item()
+        if args.attention_error:
+            calls = attention_error(ours, lambda: ours(x, sigma * 1000, ctx[0]),
+                                    args.attention_error, "cudnn" if cuda else "math")  # fmt: skip
         ours_ms = _time(ours_step, args.repeats, 2, cuda)
         peer_ms = _time(peer_step, args.repeats, 2, cuda)
 
@@ -166,6 +179,12 @@ def main() -> None:
                            "floor_ms": floor, "floor_over_measured": floor / ours_ms}  # fmt: skip
     print(f"step (2 forwards, {tokens} tokens): ours {ours_ms:.1f} ms, diffusers {peer_ms:.1f} ms "
           f"({peer_ms / ours_ms:.2f}x); outputs rel L2 {rel:.1e}")  # fmt: skip
+    if args.attention_error:
+        result["attention_error"] = calls
+        for i, c in enumerate(calls):
+            print(f"self-attention {i}: rel L2 vs bf16 SDPA {c['backend_vs_sdpa']:.3f}; on "
+                  f"{c['queries']} queries: emulation vs SDPA {c['emulation_vs_sdpa']:.3f}, "
+                  f"backend vs emulation {c['backend_vs_emulation']:.3f}")  # fmt: skip
     if "floor" in result:
         r = result["floor"]
         print(f"floor {r['floor_ms']:.1f} ms (GEMM {r['linear_tflops']:.0f}, attention "
@@ -182,6 +201,40 @@ def main() -> None:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
+
+
+def attention_error(model, forward, queries: int, kernel: str) -> list[dict]:
+    """Each self-attention call of ``forward()`` (one forward of ``model``) on its own inputs:
+    relative L2 of the installed backend against SDPA (``kernel``) and, on the first
+    ``queries`` queries, of the fp32 emulation of the e4m3 scheme against SDPA and of the
+    backend against the emulation. The forward continues on the backend's outputs. The
+    emulation quantizes Q with the scale of its query slice (the kernel: of all queries)."""
+    from flashdreams.attention.base import Attention
+    from flashdreams.attention.cudnn_fp8 import reference_fp8_attention
+    from flashdreams.attention.sdpa import SdpaAttention
+
+    def rel(x, y):
+        return ((x.float() - y.float()).norm() / y.float().norm()).item()
+
+    installed, sdpa, calls = model.attention, SdpaAttention(kernel), []
+
+    class Probe(Attention):
+        def self_attention(self, q, k, v, mask=None, kv_amax=None):
+            out = installed.self_attention(q, k, v, mask, kv_amax)
+            ref, sub = sdpa(q, k, v, mask), slice(0, queries)
+            emu = reference_fp8_attention(q[:, sub], k, v)
+            calls.append({"keys": k.shape[1], "queries": emu.shape[1],
+                          "backend_vs_sdpa": rel(out, ref),
+                          "emulation_vs_sdpa": rel(emu, ref[:, sub]),
+                          "backend_vs_emulation": rel(out[:, sub], emu)})  # fmt: skip
+            return out
+
+    model.attention = Probe(installed.backend, installed.sequence)
+    try:
+        forward()
+    finally:
+        model.attention = installed
+    return calls
 
 
 def time_clip(args, ours, peer, cuda: bool) -> dict:

@@ -185,3 +185,75 @@ def test_fast_attention_composes_in_the_streaming_recipes():
         assert isinstance(attn, FlashAttnAttention) and attn.sdpa.backend == "cudnn"
         q, k, v = _qkv(lq=30, lk=60)  # CPU: SDPA, unsplit
         assert torch.equal(attn(q, k, v), SdpaAttention()(q, k, v))
+
+
+def _cosmos_128(dtype=torch.bfloat16):
+    """A small Cosmos DiT at the 2B's head size (128) in the run's dtype, and its inputs."""
+    from flashdreams.io.checkpoint import materialize
+    from flashdreams.model.cosmos import CosmosDiT
+
+    with torch.device("meta"):
+        model = CosmosDiT(dim=256, num_heads=2, num_layers=2, ffn_dim=512, text_dim=48,
+                          context_dim=64, adaln_lora_dim=16, text_len=16)  # fmt: skip
+    model = materialize(model, None, "cpu", dtype, seed=0).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 2, 8, 8, generator=gen)  # 2 x 4 x 4 = 32 tokens
+    return model, x, torch.randn(1, 16, 48, generator=gen, dtype=dtype)
+
+
+@pytest.mark.parametrize("min_keys, cross_to_package", [(0, True), (32, False)])
+def test_cosmos_self_attention_takes_flash_attn_4_and_short_calls_fall_back(
+    min_keys, cross_to_package
+):
+    """attention=fast on the Cosmos DiT (issue 24): every self-attention call reaches the
+    flash-attn 4 kernel unmasked, bf16, (B, L, H, 128) with the last dim packed; the text
+    cross-attention (16 keys) reaches it only from ``min_keys`` keys on (32 here: the self-attention
+    has 32), else SDPA runs it."""
+    from hydra.utils import instantiate
+
+    from tests.unit.test_config import compose_run
+
+    cfg = compose_run(["recipe=cosmos_predict2_5_2b_t2v", "attention=fast",
+                       f"attention.min_keys={min_keys}"])  # fmt: skip
+    attn = instantiate(cfg.attention)
+    calls = []
+
+    def kernel(q, k, v, **kw):  # stands in for flash_attn.cute.flash_attn_func
+        calls.append((tuple(q.shape), tuple(k.shape), q.dtype, k.dtype, v.dtype,
+                      q.stride(-1), k.stride(-1), v.stride(-1)))  # fmt: skip
+        return SdpaAttention("math")(q, k, v), None
+
+    attn.package, attn._func, attn.kv_splits = "flash-attn 4", kernel, 1
+    attn._kernel_takes = lambda q, mask: mask is None  # as on a CUDA device
+    model, x, text = _cosmos_128()
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        ctx = model.prepare_context(text)
+        ref = model(x, t, ctx)  # the model's default SDPA
+        model.attention = attn
+        out = model(x, t, ctx)
+    bf16 = torch.bfloat16
+    self_call = ((1, 32, 2, 128), (1, 32, 2, 128), bf16, bf16, bf16, 1, 1, 1)
+    cross_call = ((1, 32, 2, 128), (1, 16, 2, 128), bf16, bf16, bf16, 1, 1, 1)
+    assert calls == ([self_call, cross_call] * 2 if cross_to_package else [self_call] * 2)
+    assert (out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+
+
+def test_cosmos_without_flash_attn_4_runs_sdpa_logged_once(caplog):
+    """FA4 absent (this CPU image): attention=fast on the Cosmos DiT logs one line and equals
+    SDPA exactly."""
+    attn = FlashAttnAttention("4", kv_splits="auto")
+    if attn.package is not None:
+        pytest.skip(f"{attn.package} is installed here")
+    model, x, text = _cosmos_128(torch.float32)
+    t = torch.tensor([500.0])
+    with torch.no_grad(), caplog.at_level(logging.INFO, "flashdreams.attention.flash_attn"):
+        ctx = model.prepare_context(text.float())
+        model.attention = SdpaAttention("cudnn")
+        ref = model(x, t, ctx)
+        model.attention = FlashAttnAttention("4", kv_splits="auto")
+        out = model(x, t, ctx)
+        model(x, t, ctx)
+    assert torch.equal(out, ref)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "no flash-attn package (version 4)" in lines[0]
