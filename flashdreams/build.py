@@ -345,6 +345,7 @@ def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, graph=None,
         conditioner=conditioning.conditioner, control=conditioning.control,
         negative_prompt=cfg.negative_prompt, overlap_decode=r.get("overlap_decode", False),
         pipeline_decode=r.get("pipeline_decode", False),
+        prefetch_control=r.get("prefetch_control", False),
         parallel=shared.parallel, precision=precision, offloader=shared.offloader,
     )  # fmt: skip
 

@@ -184,7 +184,6 @@ def run_job(cfg: DictConfig) -> int:
 
             def on_step(out: StepOutput, sink=sink, bar=bar, clip=clip,
                         post_writers=post_writers) -> None:  # fmt: skip
-                out.timer.add_parts(rollout.control.take_parts())  # e.g. projector_ms
                 if quality is not None:
                     quality.compare(out, clip)
                 cache_steps.extend({"clip": clip, "ar_step": out.step, **r}

@@ -69,7 +69,6 @@ class Postprocess:
         outs = []
         while self.control.available >= self.control.frames_needed(self._block_end()):
             out = self.rollout.step()
-            out.timer.add_parts(self.control.take_parts())  # projector_ms
             self.timers.append(out.timer)
             outs.append(out)
         return outs

@@ -7,6 +7,9 @@ floor / measured, then one JSON line with the same numbers per recipe (also ``OU
 GPU:  python scripts/bench_omnidreams.py --out results/omnidreams
       python scripts/bench_omnidreams.py --recipe omnidreams_single_view -- graph=cuda_graph
       python scripts/bench_omnidreams.py --recipe omnidreams_single_view_fast -- precision=fp8
+      ... -- precision=fp8 rollout.prefetch_control=true rollout.overlap_decode=true
+(``prefetch_control``: the next block's HDMap encode on a side stream beside the DiT; the
+summary's ``hdmap_ahead`` is that hidden work, ``hdmap_encode`` what is left on the critical path)
 (overrides after ``--`` reach every run; the HDMap encoder follows ``graph=``: compiled and
 captured per steady block under the recipes' ``compile_cuda_graph``, eager with ``graph=eager``)
 CPU smoke (tiny model, 64x64): python scripts/bench_omnidreams.py --tiny --out /tmp/od
@@ -66,6 +69,13 @@ def make_inputs(root: Path, frames: int, width: int, height: int) -> tuple[Path,
     return video, image
 
 
+def _ahead_ms(steps: list[dict]) -> float:
+    """Median ms of the HDMap encodes queued ahead (``rollout.prefetch_control``) over the
+    steps >= 2 that queued one (the last block has no next one); 0 without the option."""
+    ahead = [s["control_ahead_ms"] for s in steps if s["step"] >= 2 and "control_ahead_ms" in s]
+    return float(np.median(ahead)) if ahead else 0.0
+
+
 def run(recipe: str, out: Path, video: Path, image: Path, blocks: int, size: tuple[int, int],
         extra: list[str]) -> dict:  # fmt: skip
     """One ``flashdreams-bench`` process; returns its per-block summary."""
@@ -84,7 +94,8 @@ def run(recipe: str, out: Path, video: Path, image: Path, blocks: int, size: tup
                             "decode": bench["stages_ms"]["decode"],
                             "commit": bench["stages_ms"]["commit"],
                             "total": bench["stages_ms"]["period"],
-                            "step_latency": bench["stages_ms"]["step"]},
+                            "step_latency": bench["stages_ms"]["step"],
+                            "hdmap_ahead": _ahead_ms(bench["stats"]["steps"])},
            "fps": 8 * 1000.0 / bench["stages_ms"]["period"],  # 8 video frames per block
            "warmup_s": summary["warmup_s"], "peak_gib": summary["peak_memory_bytes"] / 2**30}  # fmt: skip
     if "floor" in bench:

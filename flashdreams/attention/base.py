@@ -88,6 +88,13 @@ class Attention:
     def exact(self) -> contextlib.AbstractContextManager:
         return self.backend.exact()
 
+    @property
+    def kv_written_at_update(self) -> bool:
+        """Whether a layer's K/V are in the cache once ``cache.update`` returned, so a forward
+        that only writes K/V (``DiT.forward_kv``) may skip the last layer's attention; False
+        where the self-attention call completes an exchange (context parallelism)."""
+        return True
+
     def self_attention(self, q, k, v, mask=None, kv_amax=None) -> torch.Tensor:
         """(B, Lq, H, D) queries against the cache's (B, Lk, H, D) keys and values."""
         return self.backend(q, k, v, mask, kv_amax)

@@ -23,6 +23,7 @@ class RolloutConfig:
     batch_size: int = 1  # videos generated together
     overlap_decode: bool = False  # CUDA: decode on a side stream, concurrent with the commit
     pipeline_decode: bool = False  # CUDA: decode block n beside block n + 1; frames 1 step late
+    prefetch_control: bool = False  # the control encodes block n + 1 beside block n's DiT
 
 
 @dataclass

@@ -122,6 +122,15 @@ class ControlEncoder(nn.Module):
         """Do the costly part of ``inputs(start, num)`` now (an encode), before the block's
         forwards: the rollout times it as the step's ``control`` stage. Nothing by default."""
 
+    def encode_ahead(self, start: int, num: int) -> None:
+        """Start the costly part of ``inputs(start, num)`` for a later block now, off the
+        critical path (``rollout.prefetch_control``: the loop calls it once the current block's
+        denoising is queued, for the next block): on CUDA a control queues it on a side stream
+        so it runs beside the DiT, and the block's ``encode_block`` then only waits for it.
+        The result must equal the in-step encode's; a control whose input for those frames may
+        still change (streamed frames not arrived) encodes nothing ahead, or drops what it
+        encoded when the input changes. Nothing by default."""
+
     def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
         """Named tensors of latent frames [start, start + num)."""
         return {}

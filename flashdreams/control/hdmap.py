@@ -19,11 +19,22 @@ pushed, the file's frame is used (if the file has it), else the last frame used 
 Memory is bounded: pushed frames at most ``max_ahead_frames`` ahead of the encoded ones, and
 the latents of the first and last ``history_frames`` latent frames (a prompt switch replays
 the commits of the frames still in the KV cache, which read their HDMap latents again).
+
+Encode ahead (``rollout.prefetch_control=true``): while block n is denoised, the loop asks for
+block n + 1's latents (``encode_ahead``); its frames are read (ffmpeg) and encoded then, on a
+side CUDA stream beside the DiT, and block n + 1's ``control`` stage only waits for that work.
+Only frames already known are encoded ahead (pushed, or in the file): a live stream whose next
+frames have not arrived encodes them in the step, as without the option. A push that lands in
+frames encoded ahead drops that work (the causal cache, the counters and the frames read are
+restored) and the step encodes them again with the pushed frames, so the latents are always
+those of the in-step encode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,8 +43,21 @@ from flashdreams import ConfigError
 from flashdreams.control.base import ControlEncoder
 from flashdreams.control.video_frames import VideoFrames, fit, probe_video, same_aspect
 from flashdreams.model.base import ConditionInput
+from flashdreams.stats import Mark
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Ahead:
+    """An encode queued ahead of its block (``encode_ahead``) that no step has taken yet: what
+    dropping it restores."""
+
+    encoded: int  # latent frames encoded before it
+    cache: list  # the causal cache before it (copies where a captured replay rewrites it)
+    last: np.ndarray | None  # the last frame used before it
+    frames: dict[int, np.ndarray] = field(default_factory=dict)  # video frame -> frame read
+    done: torch.cuda.Event | None = None  # its side-stream work is done (CUDA)
 
 
 class HDMapControl(ControlEncoder):
@@ -72,6 +96,12 @@ class HDMapControl(ControlEncoder):
         self._cache: list | None = None
         self._staging: dict[tuple, tuple] = {}  # frames shape -> (pinned uint8, copy event)
         self._device: torch.device | str = "cpu"
+        self._ahead: _Ahead | None = None  # an encode ahead of its block, not taken yet
+        self._reread: dict[int, np.ndarray] = {}  # frames read by a dropped encode ahead
+        self._side: torch.cuda.Stream | None = None  # the encode-ahead stream (CUDA)
+        self._main_done: torch.cuda.Event | None = None  # the last in-step encode is done
+        self._parts: dict[str, list] = {}  # control_ahead: (begin, end) marks of encodes ahead
+        self._reading: dict[int, np.ndarray] | None = None  # frames read by an encode ahead
 
     def provides(self) -> dict[str, ConditionInput]:
         return {"hdmap": ConditionInput.per_latent_pixel("hdmap", self.channels)}
@@ -107,6 +137,7 @@ class HDMapControl(ControlEncoder):
         if self._file is not None:
             self._file.close()
         self._latents, self._encoded, self._device = {}, 0, device
+        self._ahead, self._reread, self._main_done, self._parts = None, {}, None, {}
         self._cache = [None] * self.encoder._num_convs
         self._size, self._file, self._pushed, self._next_push, self._last = (
             (width, height), None, {}, 0, None)  # fmt: skip
@@ -156,8 +187,10 @@ class HDMapControl(ControlEncoder):
         if not same_aspect(arr.shape[2], arr.shape[1], width, height):
             raise ValueError(f"HDMap frames are {arr.shape[2]}x{arr.shape[1]}, the run is "
                              f"{width}x{height}: the aspect ratio must match")  # fmt: skip
-        done = self._consumed()
+        done = self._settled()
         first = max(self._next_push, done) if first is None else int(first)
+        if self._ahead is not None and first + len(arr) > done and first < self._consumed():
+            self._drop_ahead()  # the frames change: the step encodes them again
         if first < done:
             raise ValueError(f"HDMap frame {first} comes too late: frames up to {done - 1} are "
                              f"encoded (next: {done})")  # fmt: skip
@@ -170,14 +203,21 @@ class HDMapControl(ControlEncoder):
         self._next_push = max(self._next_push, first + len(arr))
         return first
 
-    def _consumed(self) -> int:
+    def _consumed(self, encoded: int | None = None) -> int:
         """Video frames the encoded latent frames cover (1 + tf (n - 1); 0 before any)."""
-        return 0 if self._encoded == 0 else self._video_frames(self._encoded)
+        encoded = self._encoded if encoded is None else encoded
+        return 0 if encoded == 0 else self._video_frames(encoded)
+
+    def _settled(self) -> int:
+        """Video frames encoded for good: those encoded ahead may still be dropped."""
+        return self._consumed(self._encoded if self._ahead is None else self._ahead.encoded)
 
     # ---------------------------------------------------------------- streamed encode
     def _frame(self, k: int) -> np.ndarray:
         """Video frame ``k``: pushed, else the file's, else the last one used again."""
         img = self._pushed.pop(k, None)
+        if img is None:
+            img = self._reread.pop(k, None)
         if img is None and self._file is not None:
             img = self._file.get(k)
         img = self._last if img is None else img
@@ -185,6 +225,8 @@ class HDMapControl(ControlEncoder):
             raise ConfigError("control.video=null and no HDMap frame was pushed: a live "
                               "HDMap clip needs its first frame before the first step")  # fmt: skip
         self._last = img
+        if self._reading is not None:  # being encoded ahead: kept in case it is dropped
+            self._reading[k] = img
         return img
 
     def _frames(self, first: int, num: int) -> torch.Tensor:
@@ -240,9 +282,94 @@ class HDMapControl(ControlEncoder):
                     self._latents.pop(leaving, None)
 
     def encode_block(self, start: int, num: int) -> None:
-        """Encode the HDMap latents of latent frames [start, start + num) now."""
-        if self._size is not None:
+        """Encode the HDMap latents of latent frames [start, start + num) now (after waiting
+        for an encode ahead that reached into them)."""
+        if self._size is None:
+            return
+        if self._ahead is not None and start + num > self._ahead.encoded:
+            self._take_ahead()
+        if self._encoded < start + num:
             self._encode_upto(start + num)
+            if self._cuda():
+                self._main_done = torch.cuda.Event()
+                self._main_done.record()
+
+    # ---------------------------------------------------------------- encode ahead
+    def _cuda(self) -> bool:
+        return torch.device(self._device).type == "cuda"
+
+    def _known(self, k: int) -> bool:
+        """Whether video frame ``k`` is known now (pushed, read before, or in the file)."""
+        return (k in self._pushed or k in self._reread
+                or (self._file is not None and k < self._file.total))  # fmt: skip
+
+    def encode_ahead(self, start: int, num: int) -> None:
+        """Encode latent frames [start, start + num) ahead (on a side stream on CUDA) if every
+        video frame they need is known; else leave them to the step (streamed frames late)."""
+        end = start + num
+        if self._size is None or self._ahead is not None or self._encoded >= end:
+            return
+        if not all(self._known(k) for k in range(self._consumed(), self._video_frames(end))):
+            return
+        ahead = _Ahead(self._encoded, [], self._last)
+        device = torch.device(self._device)
+        stream = contextlib.nullcontext()
+        if self._cuda():
+            if self._side is None:
+                self._side = torch.cuda.Stream(device)
+            if self._main_done is not None:  # after the last in-step encode, not the DiT
+                self._side.wait_event(self._main_done)
+            stream = torch.cuda.stream(self._side)
+        copy = self._graph.captures  # a replay rewrites its static output: keep the cache
+        self._reading = ahead.frames
+        try:
+            with stream:
+                begin = Mark(device)
+                for c in self._cache if self._cuda() else ():
+                    if isinstance(c, torch.Tensor):
+                        c.record_stream(self._side)
+                ahead.cache = [c.clone() if copy and isinstance(c, torch.Tensor) else c
+                               for c in self._cache]  # fmt: skip
+                self._encode_upto(end)
+                if self._cuda():
+                    ahead.done = torch.cuda.Event()
+                    ahead.done.record()
+                self._parts.setdefault("control_ahead", []).append((begin, Mark(device)))
+        finally:
+            self._reading = None
+        self._ahead = ahead
+
+    def _handover(self, ahead: _Ahead, tensors) -> None:
+        """The current stream waits for ``ahead``'s side-stream work and owns ``tensors``."""
+        if ahead.done is None:
+            return
+        current = torch.cuda.current_stream(torch.device(self._device))
+        current.wait_event(ahead.done)
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                t.record_stream(current)
+
+    def _take_ahead(self) -> None:
+        """The encode ahead is the block's: the current stream waits for it."""
+        ahead, self._ahead = self._ahead, None
+        made = [self._latents[i] for i in range(ahead.encoded, self._encoded) if i in self._latents]
+        self._handover(ahead, [*made, *self._cache])
+
+    def _drop_ahead(self) -> None:
+        """Undo the encode ahead (its frames changed): restore the cache, the counters and the
+        last frame; the frames it read are read again from ``_reread``."""
+        ahead, self._ahead = self._ahead, None
+        self._handover(ahead, ahead.cache)
+        for i in range(ahead.encoded, self._encoded):
+            self._latents.pop(i, None)
+        self._cache, self._encoded, self._last = ahead.cache, ahead.encoded, ahead.last
+        for k, img in ahead.frames.items():
+            self._reread.setdefault(k, img)
+
+    def take_parts(self) -> dict[str, list]:
+        """``control_ahead``: the encodes ahead queued since the last call (side stream)."""
+        parts, self._parts = self._parts, {}
+        return parts
 
     def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
         """``hdmap`` (1, C, num, h, w) of latent frames [start, start + num), broadcast over
@@ -259,4 +386,5 @@ class HDMapControl(ControlEncoder):
     def state(self) -> dict | None:
         if self._size is None:
             return None
-        return {"hdmap_latent_frames": self._encoded, "hdmap_next_frame": self._consumed()}
+        encoded = self._encoded if self._ahead is None else self._ahead.encoded
+        return {"hdmap_latent_frames": encoded, "hdmap_next_frame": self._settled()}

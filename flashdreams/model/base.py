@@ -19,7 +19,9 @@ here. What a model must say about itself:
   passes through (all of them: each expert keeps its own K/V). One expert by default.
 * **Commit** (``commit_mode``): ``"forward"`` runs a separate forward of the clean block at the
   commit timestep (Self-Forcing and friends); ``"none"`` keeps the K/V the last denoising
-  forward wrote (one-step models that commit as they denoise).
+  forward wrote (one-step models that commit as they denoise). Commits (and reconstituted
+  context) call ``forward_kv``: only the K/V the forward writes are read, so a model may skip
+  what none of them depends on (``kv_only_commit``: the last block after its K/V, the head).
 * **Step cache** (``run_blocks``): a model whose forward runs its blocks through
   ``run_blocks(tokens, segment)`` lets the recipe's step cache (``step_cache`` group, set once
   by ``set_step_cache``) skip the middle blocks of a denoising step and reuse their residual
@@ -183,6 +185,8 @@ class DiT(nn.Module):
 
     num_experts: int = 1
     commit_mode: str = "forward"  # "forward" | "none" (see the module doc)
+    #: whether ``forward_kv`` skips work of ``forward`` (commits then have graphs of their own)
+    kv_only_commit: bool = False
     #: renames a checkpoint's state dict to this model's names (a static function), or None for
     #: the Wan key maps of ``flashdreams.io.keymap`` (Wan original, diffusers, Self-Forcing)
     convert_checkpoint: Callable[[dict], dict] | None = None
@@ -345,6 +349,13 @@ class DiT(nn.Module):
         whole sequence under context parallelism: ``SequenceParallel.total``)."""
         total = self.attention.sequence.total
         return self.step_cache.run(tokens, segment, self.num_layers, total)
+
+    def forward_kv(self, x, timestep, context, frame_positions=None, cache=None, mask=None,
+                   inputs=None, expert: int = 0) -> None:  # fmt: skip
+        """A forward whose only effect is the K/V it writes into ``cache`` (a commit, a
+        reconstituted context): the same K/V as ``forward``'s, no output. The default runs
+        ``forward``; a model that skips work sets ``kv_only_commit``."""
+        self.forward(x, timestep, context, frame_positions, cache, mask, inputs, expert)
 
     # ------------------------------------------------------------------ conditioning / forward
     def prepare_context(self, text: torch.Tensor, image: torch.Tensor | None = None):

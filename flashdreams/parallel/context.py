@@ -296,5 +296,9 @@ class ContextParallelAttention(Attention):
     def name(self) -> str:
         return f"{self.sequence.policy.name}+{self.backend.name}"
 
+    @property
+    def kv_written_at_update(self) -> bool:
+        return False  # the self-attention call may complete the K/V exchange (async_qkv)
+
     def self_attention(self, q, k, v, mask=None, kv_amax=None):
         return self.sequence.self_attention(q, k, v, mask, self.backend)

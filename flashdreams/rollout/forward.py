@@ -51,8 +51,13 @@ class Forwards:
 
     @property
     def exact_commit(self) -> bool:
-        """Whether commits compute differently from denoising forwards (own captured graphs)."""
+        """Whether commits attend differently from denoising forwards (the exact kernel)."""
         return self.model.attention.has_exact_mode
+
+    @property
+    def separate_commit(self) -> bool:
+        """Whether commits compute differently from denoising forwards (own captured graphs)."""
+        return self.exact_commit or self.model.kv_only_commit
 
     # ------------------------------------------------------------------ inputs
     def inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
@@ -68,13 +73,17 @@ class Forwards:
     def _call(self, x, t, ctx, positions, inputs, expert, cache):
         return self.model(x.to(self.dtype), t, ctx, positions, cache, None, inputs, expert)
 
+    def _call_kv(self, x, t, ctx, positions, inputs, expert, cache):
+        self.model.forward_kv(x.to(self.dtype), t, ctx, positions, cache, None, inputs, expert)
+
     def run(self, x, t, ctx, positions, inputs: dict, expert: int = 0, *, commit: bool = False,
             cache=None, capture: bool = True) -> torch.Tensor:  # fmt: skip
         """One forward under the graph policy with the named expert's context.
 
         Args:
             commit: the forward writes the block's clean K/V for later blocks: it runs inside
-                the attention's ``exact()`` (a reduced-precision backend's fallback kernel).
+                the attention's ``exact()`` (a reduced-precision backend's fallback kernel) as
+                the model's ``forward_kv`` (nothing is returned).
             cache: a stand-in for the rollout's cache (a recache replay), else the cache.
             capture: False runs it uncaptured and uncompiled (shapes met once: a replay).
         """
@@ -82,13 +91,15 @@ class Forwards:
         ctx = self.model.expert_context(ctx, expert)
         exact = commit and self.exact_commit
         key: Hashable | None = self.model.graph_key(cache, expert, exact) if capture else None
+        if key is not None and commit and self.model.kv_only_commit:
+            key = (key, "kv")  # forward_kv: a graph of its own
+        fn = self._call_kv if commit else self._call
         with contextlib.ExitStack() as stack:
             if exact:
                 stack.enter_context(self.model.attention.exact())
             if not capture:
                 stack.enter_context(_eager())
-            return self.graph.run(self._call, x, t, ctx, positions, inputs, expert, cache,
-                                  shape_key=key)  # fmt: skip
+            return self.graph.run(fn, x, t, ctx, positions, inputs, expert, cache, shape_key=key)
 
     # ------------------------------------------------------------------ a block
     def denoise(self, x: torch.Tensor, timesteps: torch.Tensor, plan: list[int], guided,
@@ -187,7 +198,7 @@ class Forwards:
             for e in self.model.commit_order():
                 if not prefix_commit:
                     self.run(x, t, ctx, positions, inputs, e)
-                if prefix_commit or (commits and self.exact_commit):
+                if prefix_commit or (commits and self.separate_commit):
                     self.run(x, t, ctx, positions, inputs, e, commit=True)
 
         if prefix and commits:

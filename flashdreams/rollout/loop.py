@@ -84,6 +84,8 @@ class Rollout:
         overlap_decode: decode on a side stream while the commit runs (CUDA).
         pipeline_decode: decode block n on a side stream while block n + 1 is diffused
             (CUDA); step n returns block n - 1's frames (``rollout/decode.py``).
+        prefetch_control: once block n's denoising is queued, have the control encode block
+            n + 1's input ahead (``ControlEncoder.encode_ahead``; a side stream on CUDA).
         parallel: the run's parallel layout (rank bookkeeping for the job).
         precision: the precision policy applied to the model (reported by the job).
         offloader: the block offloader holding the weights (``offload=blocks``), or None.
@@ -99,7 +101,7 @@ class Rollout:
         control: ControlEncoder | None = None, negative_prompt: str = "",
         overlap_decode: bool = False, parallel: ParallelPolicy | None = None,
         precision: Precision | None = None, offloader=None, first_block_frames: int | None = None,
-        pipeline_decode: bool = False,
+        pipeline_decode: bool = False, prefetch_control: bool = False,
     ) -> None:  # fmt: skip
         self.model, self.scheduler = model, scheduler
         self.vae, self.text_encoder = vae, text_encoder
@@ -125,6 +127,10 @@ class Rollout:
         self.latent_hw = self._latent_size(height, width)
         if total_blocks is not None and total_blocks < 1:
             raise ConfigError(f"rollout.total_blocks={total_blocks} must be >= 1 (or null)")
+        if not isinstance(prefetch_control, bool):
+            raise ConfigError(f"rollout.prefetch_control={prefetch_control!r} must be true or "
+                              "false")  # fmt: skip
+        self.prefetch_control = prefetch_control
         self.decoder = BlockDecoder(vae, dtype, self.device, overlap_decode, pipeline_decode)
         self.forwards = Forwards(model, graph, self.guidance, self.conditioner, self.control,
                                  batch_size=batch_size, dtype=dtype, device=self.device)  # fmt: skip
@@ -319,6 +325,8 @@ class Rollout:
         timer.stop()
 
         is_last = self.total_blocks is not None and i + 1 >= self.total_blocks
+        if self.prefetch_control and not is_last:  # beside the queued DiT: the next block's
+            self.control.encode_ahead(self._start_frame(i + 1), self.schedule.frames(i + 1))
         commit = None
         if self.cache is not None and not is_last:
 
@@ -332,6 +340,7 @@ class Rollout:
         if self.history is not None:
             self.history.record(out_start, out)
         frames = self.decoder(out, timer, commit, last=is_last)
+        timer.add_parts(self.control.take_parts())  # projector_ms, control_ahead_ms
         timer.num_frames = 0 if frames is None else frames.shape[1]
         if sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -223,6 +223,16 @@ class CosmosBlock(nn.Module):
         x, q = self.self_attn_out(x, attn.self_attention(q, k, v, mask, amax), mod)
         return self.cross_out_mlp(x, attn.cross_attention(q, *cross_kv), mod)
 
+    def write_kv(self, x, emb, temb, cos, sin, attn: Attention, cache, layer: int,
+                 mask=None) -> None:  # fmt: skip
+        """The block's K/V into ``cache`` and nothing after them (the last block of a
+        ``forward_kv``); the self-attention still runs where the K/V need it to land."""
+        mod = self.modulation(emb, temb)
+        q, k, v = self.self_attn_in(x, mod, cos, sin)
+        kv = cache.update(layer, k, v)
+        if not attn.kv_written_at_update:
+            attn.self_attention(q, kv[0], kv[1], mask, kv_amax(kv))
+
 
 class CosmosFinalLayer(nn.Module):
     """Modulated non-affine LayerNorm + bias-free projection to patch pixels."""
@@ -276,6 +286,9 @@ class CosmosDiT(DiT):
 
     _keep_fp32 = ("norm", "adaln_modulation", "t_embedder")
     supports_step_cache = True
+    kv_only_commit = True  # forward_kv stops at the last block's K/V
+    #: ``write_kv`` reads a block's weights outside its forward (``offload=blocks``)
+    block_context_methods = ("cross_attn.context_kv", "write_kv")
     #: the loader's renaming of checkpoint tensors (native ``net.*`` or diffusers names)
     convert_checkpoint = staticmethod(cosmos_to_flashdreams)
 
@@ -450,6 +463,19 @@ class CosmosDiT(DiT):
         Returns:
             (B, out_dim, F, H, W) flow prediction in fp32.
         """
+        return self._forward(x, timestep, context, frame_positions, cache, mask, inputs)
+
+    def forward_kv(self, x, timestep, context, frame_positions=None, cache=None, mask=None,
+                   inputs=None, expert: int = 0) -> None:  # fmt: skip
+        """``forward``'s K/V writes only (a commit): every block but the last runs whole, the
+        last one stops at its K/V (no attention output, cross-attention, MLP or final layer:
+        no K/V depends on them), 1 / num_layers of the attention and GEMMs saved."""
+        if cache is None:
+            raise ValueError("CosmosDiT.forward_kv writes K/V: it needs a cache")
+        self._forward(x, timestep, context, frame_positions, cache, mask, inputs, kv_only=True)
+
+    def _forward(self, x, timestep, context, frame_positions, cache, mask, inputs,
+                 kv_only: bool = False) -> torch.Tensor | None:  # fmt: skip
         inputs = inputs or {}
         if x.shape[1] != self.in_dim:
             raise ValueError(f"x has {x.shape[1]} channels, need in_dim={self.in_dim}")
@@ -478,6 +504,11 @@ class CosmosDiT(DiT):
                                         cache, i, mask)  # fmt: skip
             return tokens
 
+        if kv_only:  # a commit: all blocks (no step cache), the last one up to its K/V
+            last = self.num_layers - 1
+            self.blocks[last].write_kv(segment(tokens, 0, last), emb, temb, cos, sin,
+                                       self.attention, cache, last, mask)  # fmt: skip
+            return None
         tokens = self.run_blocks(tokens, segment)  # all blocks, or what the step cache runs
 
         # 3. final layer, gather, unpatchify: each token's features are ordered (ph, pw, pt, C)
