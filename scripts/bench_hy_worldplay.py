@@ -335,20 +335,24 @@ class _OverBudget(Exception):
 
 @contextlib.contextmanager
 def _time_box(seconds: float | None):
-    """Raise ``_OverBudget`` in the main thread after ``seconds`` (None: no limit)."""
+    """Raise ``_OverBudget`` in the main thread after ``seconds`` (None: no limit); yields a
+    dict whose ``fired`` says whether it did (dynamo re-raises it wrapped in its own error)."""
+    state = {"fired": False}
     if seconds is None:
-        yield
+        yield state
         return
     if seconds <= 0:
+        state["fired"] = True
         raise _OverBudget
 
     def alarm(signum, frame):
+        state["fired"] = True
         raise _OverBudget
 
     previous = signal.signal(signal.SIGALRM, alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
+        yield state
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -406,9 +410,9 @@ def _vendor_row(vendor, ns, args, dit, vae, peer, ours, our_rows, mode, cuda, bo
     run = vendor.VendorRun(ns, dit, vae, peer["embeds"], peer["inputs"], peer["noise"],
                            compile_vae=mode == "all")  # fmt: skip
     num_frames = (peer["noise"].shape[2] - 1) * 4 + 1
-    diffs = []
+    diffs, box_state = [], {"fired": False}
     try:
-        with _time_box(box):
+        with _time_box(box) as box_state:
             for _ in range(passes):
                 for i in range(args.blocks):
                     run.chunk(i, num_frames)
@@ -430,7 +434,9 @@ def _vendor_row(vendor, ns, args, dit, vae, peer, ours, our_rows, mode, cuda, bo
                 row["elapsed_s"] = time.perf_counter() - t0
                 _write(args.out, result)  # partial: the chunks timed so far
         row["status"] = "ok"
-    except _OverBudget:
+    except Exception as err:  # noqa: BLE001 (the time box, possibly wrapped by dynamo)
+        if not (isinstance(err, _OverBudget) or box_state["fired"]):
+            raise
         row["status"] = "over_budget"
     finally:
         row["elapsed_s"] = time.perf_counter() - t0
