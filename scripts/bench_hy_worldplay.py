@@ -350,7 +350,9 @@ def _time_box(seconds: float | None):
         raise _OverBudget
 
     previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # repeating: an alarm raised where the exception is swallowed (a callback, a __del__)
+    # is followed by another every second until the row leaves the box
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield state
     finally:
