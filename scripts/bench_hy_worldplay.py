@@ -23,6 +23,15 @@ decode start) and ``decode_ms`` per chunk after ``--vendor-warmup`` untimed pass
 What the GPU machine lacks (sageattention -> SDPA on our backend, the sequence-parallel launcher,
 the text encoder, the pose parser) is substituted at import time and listed in the JSON
 (``vendor.substitutions``). ``speedup`` = the release's median / ours (DiT, DiT + decode).
+``--vendor-only`` skips our timed run (ours builds only to give the clip's prompt embeddings,
+poses and noise). The release's ``generate.py`` compiles by default (``@torch.compile`` on its
+transformer block, torch's default arguments, so shapes turn dynamic after the first recompile:
+minutes of symbolic-shape work on an H200; and its ``DistWrapper`` compiles the VAE decoder), so
+the first row is that (``--vendor-compile all``) within ``--vendor-compile-budget-s``; a row cut
+there is followed by a ``--vendor-compile none`` row in what is left of ``--vendor-budget-s``
+(default 300 s on CUDA: the whole release pass). Every row lands in ``vendor_rows`` (status ok /
+over_budget, the chunks timed so far) and the JSON is rewritten after each chunk; ``vendor`` is
+the first complete row.
 ``--parity`` (default with ``--tiny``) saves the release's random transformer as its ``model.pt``
 envelope, loads it into ours through our checkpoint conversion and reports the largest
 difference of each chunk's latents (``vendor.parity``) and whether the memory frames agree.
@@ -30,16 +39,21 @@ difference of each chunk's latents (``vendor.parity``) and whether the memory fr
 GPU:  python scripts/bench_hy_worldplay.py --out benchmarks/<date>_hy_worldplay/bench.json
       python scripts/bench_hy_worldplay.py --memory-fraction 0.17   (a 24 GB budget on an H200)
       python scripts/bench_hy_worldplay.py --vendor .vendor/hyworld --out .../vendor.json
+      python scripts/bench_hy_worldplay.py --vendor .vendor/hyworld --vendor-only --out .../vendor.json
 CPU smoke (tiny sizes, no floor): python scripts/bench_hy_worldplay.py --tiny
       python scripts/bench_hy_worldplay.py --tiny --blocks 2 --vendor .vendor/hyworld
+      python scripts/bench_hy_worldplay.py --tiny --blocks 2 --vendor .vendor/hyworld --vendor-only \
+          --vendor-compile dit --vendor-budget-s 120 --vendor-compile-budget-s 3   (cut, then eager)
       (352x640 with the tiny 8x VAE: the release hard-codes a 44x80 latent, 880 tokens/frame)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -80,6 +94,26 @@ def main() -> None:
         "+ the VAE decoder, as its DistWrapper); default all on CUDA",
     )
     parser.add_argument(
+        "--vendor-only",
+        action="store_true",
+        help="skip our timed run (ours measured already): build ours only for the clip's "
+        "prompt embeddings, poses and noise, then run the release",
+    )
+    parser.add_argument(
+        "--vendor-budget-s",
+        type=float,
+        default=None,
+        help="wall seconds of the whole release pass, warm-up and compiles included "
+        "(default 300 on CUDA, none on the CPU)",
+    )
+    parser.add_argument(
+        "--vendor-compile-budget-s",
+        type=float,
+        default=None,
+        help="seconds the first (compiled) release row may take before it is cut and a "
+        "--vendor-compile none row runs in what is left (default: budget - 100)",
+    )
+    parser.add_argument(
         "--vendor-warmup",
         type=int,
         default=None,
@@ -102,10 +136,15 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not args.tiny
     if cuda and args.memory_fraction:
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
+    if args.vendor_only and args.vendor is None:
+        raise SystemExit("--vendor-only runs the release alone: give --vendor PATH")
+    if args.vendor_only and args.parity:
+        raise SystemExit("--parity compares our chunks with the release's: not with --vendor-only")
     if args.vendor is not None and args.blocks > 8:
         raise SystemExit(f"--blocks={args.blocks} with --vendor: at most 8 (the release's "
                          "memory selection wants 32 posed frames or fewer here)")  # fmt: skip
-    parity = args.vendor is not None and (args.tiny if args.parity is None else args.parity)
+    parity = (args.vendor is not None and not args.vendor_only
+              and (args.tiny if args.parity is None else args.parity))  # fmt: skip
     size = []
     if args.tiny:  # the release hard-codes 880 tokens per frame: a 44x80 latent (8x tiny VAE)
         size = ["rollout.height=352", "rollout.width=640"] if args.vendor else []
@@ -140,6 +179,16 @@ def main() -> None:
                          "release hard-codes 44x80 (880 tokens per frame)")  # fmt: skip
     prompts = ["a walk through a marble city"]
     rollout.start(prompts)
+    if args.vendor_only:
+        result = {"config": overrides, "vendor_only": True}
+        noise = [rollout.noise((rollout.batch_size, rollout.model.out_dim,
+                                rollout.schedule.frames(i), *rollout.latent_hw))
+                 for i in range(args.blocks)]  # fmt: skip
+        latents, rows, box = [(n, None) for n in noise], [], [rollout]
+        del rollout
+        _run_vendor(args, cfg, box, prompts, latents, rows, result, vendor, ns, vendor_dit,
+                    compile_mode, cuda)  # fmt: skip
+        return
     t0 = time.perf_counter()
     rollout.precapture()
     warmup_s = time.perf_counter() - t0
@@ -180,28 +229,49 @@ def main() -> None:
                            "floor_over_measured": floor / result["steady"]["dit_ms"]}  # fmt: skip
     _print_rows("ours", rows)
     _write(args.out, result)  # ours lands even if the release's run fails
+    del out
     if args.vendor is not None:
-        frames = rollout.run_frames(args.blocks)
-        given = rollout.forwards.inputs(0, frames)
-        peer = {"embeds": rollout.text_encoder.encode(prompts, rollout.device, rollout.dtype),
-                "inputs": {k: given[k].to(rollout.device) for k in ("viewmats", "intrinsics",
-                                                                    "action")},
-                "noise": torch.cat([n for n, _ in latents], dim=2).to(rollout.device)}  # fmt: skip
-        vae_cfg, device, dtype = cfg.vae, rollout.device, rollout.dtype
-        del rollout, out  # free ours before the release's run
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-        result["vendor"] = run_vendor(vendor, ns, args, cfg, vae_cfg, vendor_dit, peer,
-                                      [ours for _, ours in latents], rows, device, dtype,
-                                      compile_mode, cuda)  # fmt: skip
-        _compare(result)
+        box = [rollout]
+        del rollout
+        _run_vendor(args, cfg, box, prompts, latents, rows, result, vendor, ns, vendor_dit,
+                    compile_mode, cuda)  # fmt: skip
         if tmp is not None:
             tmp.cleanup()
-    print(json.dumps({k: v for k, v in result.items() if k not in ("steps", "config")}
-                     | ({"vendor": {k: v for k, v in result["vendor"].items() if k != "steps"}}
-                        if "vendor" in result else {}), indent=1))  # fmt: skip
+        return
+    _summary(result)
     _write(args.out, result)
+
+
+def _run_vendor(args, cfg, box: list, prompts, latents, rows, result, vendor, ns, vendor_dit,
+                compile_mode, cuda) -> None:  # fmt: skip
+    """Free ours (the rollout handed over in ``box``), then the release's rows over the same
+    clip (written as they go)."""
+    rollout = box.pop()
+    frames = rollout.run_frames(args.blocks)
+    given = rollout.forwards.inputs(0, frames)
+    peer = {"embeds": rollout.text_encoder.encode(prompts, rollout.device, rollout.dtype),
+            "inputs": {k: given[k].to(rollout.device) for k in ("viewmats", "intrinsics",
+                                                                "action")},
+            "noise": torch.cat([n for n, _ in latents], dim=2).to(rollout.device)}  # fmt: skip
+    vae_cfg, device, dtype = cfg.vae, rollout.device, rollout.dtype
+    del rollout  # free ours before the release's run
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    run_vendor(vendor, ns, args, cfg, vae_cfg, vendor_dit, peer, [ours for _, ours in latents],
+               rows, device, dtype, compile_mode, cuda, result)  # fmt: skip
+    if "steps" in result and "vendor" in result:
+        _compare(result)
+    _summary(result)
+    _write(args.out, result)
+
+
+def _summary(result: dict) -> None:
+    skip = ("steps", "config", "vendor_rows")
+    brief = {k: v for k, v in result.items() if k not in skip}
+    if "vendor" in result:
+        brief["vendor"] = {k: v for k, v in result["vendor"].items() if k != "steps"}
+    print(json.dumps(brief, indent=1))
 
 
 def _write(out: Path | None, result: dict) -> None:
@@ -259,44 +329,127 @@ def _print_rows(name: str, rows: list[dict]) -> None:
               f"{row['decode_ms']:>9.1f} {row['step_ms']:>9.1f}")  # fmt: skip
 
 
+class _OverBudget(Exception):
+    """A release row ran past its time box (raised from SIGALRM between bytecodes)."""
+
+
+@contextlib.contextmanager
+def _time_box(seconds: float | None):
+    """Raise ``_OverBudget`` in the main thread after ``seconds`` (None: no limit); yields a
+    dict whose ``fired`` says whether it did (dynamo re-raises it wrapped in its own error)."""
+    state = {"fired": False}
+    if seconds is None:
+        yield state
+        return
+    if seconds <= 0:
+        state["fired"] = True
+        raise _OverBudget
+
+    def alarm(signum, frame):
+        state["fired"] = True
+        raise _OverBudget
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    # repeating: an alarm raised where the exception is swallowed (a callback, a __del__)
+    # is followed by another every second until the row leaves the box
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    try:
+        yield state
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def run_vendor(vendor, ns, args, cfg, vae_cfg, dit, peer, ours, our_rows, device, dtype,
-               compile_mode, cuda) -> dict:  # fmt: skip
-    """The release's pipeline over the same clip: same prompt embeddings, poses and noise."""
+               compile_mode, cuda, result) -> None:  # fmt: skip
+    """The release's pipeline over the same clip: same prompt embeddings, poses and noise.
+
+    Rows, each time-boxed: the release as it ships (``compile_mode``; its ``generate.py``
+    compiles by default: ``@torch.compile`` on every transformer block, the VAE decoder
+    compiled by its ``DistWrapper``) within ``--vendor-compile-budget-s``; if that row is cut,
+    a ``--vendor-compile none`` row in what is left of ``--vendor-budget-s``. Each row lands in
+    ``result["vendor_rows"]`` (``status`` ok / over_budget, the chunks timed so far) and the
+    JSON is rewritten after every chunk; ``result["vendor"]`` is the first complete row."""
     t0 = time.perf_counter()
+    total = args.vendor_budget_s if args.vendor_budget_s is not None else (300.0 if cuda else None)
+    first = args.vendor_compile_budget_s
+    if first is None and total is not None:
+        first = max(total - 100.0, total / 2) if compile_mode != "none" else total
     if dit is None:
         dit = vendor.build_transformer(ns, cfg.model, device, dtype)
     dit = dit.to(device, dtype)
     vae = vendor.build_vae(ns, vae_cfg, args.tiny, device, dtype)
-    run = vendor.VendorRun(ns, dit, vae, peer["embeds"], peer["inputs"], peer["noise"],
-                           compile_vae=compile_mode == "all")  # fmt: skip
-    num_frames = (peer["noise"].shape[2] - 1) * 4 + 1
+    setup_s = time.perf_counter() - t0
+    modes = [compile_mode] + (["none"] if compile_mode != "none" and total is not None else [])
+    result["vendor_rows"] = []
+    for k, mode in enumerate(modes):
+        left = None if total is None else total - (time.perf_counter() - t0)
+        box = left if k or first is None else min(first, left)
+        row = _vendor_row(vendor, ns, args, dit, vae, peer, ours, our_rows, mode, cuda, box,
+                          result)  # fmt: skip
+        row["setup_s"] = setup_s
+        _write(args.out, result)
+        if row["status"] == "ok":
+            result["vendor"] = row
+            _print_rows(f"vendor (HY-WorldPlay's pipeline, compile={mode})", row["steps"])
+            break
+        print(f"vendor compile={mode}: over its {box:.0f} s box after {row['elapsed_s']:.0f} s "
+              f"({len(row['steps'])} chunks timed)")  # fmt: skip
+
+
+def _vendor_row(vendor, ns, args, dit, vae, peer, ours, our_rows, mode, cuda, box,
+                result) -> dict:  # fmt: skip
+    """One time-boxed release row; the row dict is in ``result["vendor_rows"]`` from the start."""
     passes = args.vendor_warmup if args.vendor_warmup is not None else (1 if cuda else 0)
-    for _ in range(passes):
-        for i in range(args.blocks):
-            run.chunk(i, num_frames)
-    warmup_s = time.perf_counter() - t0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    rows, diffs = [], []
-    for i in range(args.blocks):
-        dit_ms, decode_ms, latents, selected, _ = run.chunk(i, num_frames)
-        rows.append({"step": i, "dit_ms": dit_ms, "decode_ms": decode_ms,
-                     "step_ms": dit_ms + decode_ms, "memory_frames": list(selected or [])})  # fmt: skip
-        if ours[i] is not None:
-            ref = ours[i]
-            diffs.append({"step": i, "max_abs_diff": (latents.cpu() - ref).abs().max().item(),
-                          "ref_max_abs": ref.abs().max().item(),
-                          "same_memory": rows[-1]["memory_frames"] == our_rows[i]["memory_frames"]})  # fmt: skip
-    out = {"path": str(args.vendor), "compile": compile_mode, "warmup_passes": passes,
-           "warmup_s": warmup_s, "substitutions": vendor.SUBSTITUTIONS,
+    row = {"path": str(args.vendor), "compile": mode, "status": "running", "time_box_s": box,
+           "warmup_passes": passes, "substitutions": vendor.SUBSTITUTIONS,
            "attention_backends": [str(b) for b in _sdpa_backends(args.attention) or []]
-           if cuda else [], "steps": rows,
-           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0}  # fmt: skip
-    _medians(out, rows)
+           if cuda else [], "steps": []}  # fmt: skip
+    result["vendor_rows"].append(row)
+    t0 = time.perf_counter()
+    vendor.set_dit_compile(ns, mode != "none")
+    torch._dynamo.reset()  # a row cut mid-compile leaves no half-built state behind
+    run = vendor.VendorRun(ns, dit, vae, peer["embeds"], peer["inputs"], peer["noise"],
+                           compile_vae=mode == "all")  # fmt: skip
+    num_frames = (peer["noise"].shape[2] - 1) * 4 + 1
+    diffs, box_state = [], {"fired": False}
+    try:
+        with _time_box(box) as box_state:
+            for _ in range(passes):
+                for i in range(args.blocks):
+                    run.chunk(i, num_frames)
+            row["warmup_s"] = time.perf_counter() - t0
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            for i in range(args.blocks):
+                dit_ms, decode_ms, latents, selected, _ = run.chunk(i, num_frames)
+                row["steps"].append({"step": i, "dit_ms": dit_ms, "decode_ms": decode_ms,
+                                     "step_ms": dit_ms + decode_ms,
+                                     "memory_frames": list(selected or [])})  # fmt: skip
+                if ours[i] is not None:
+                    ref = ours[i]
+                    diffs.append({"step": i,
+                                  "max_abs_diff": (latents.cpu() - ref).abs().max().item(),
+                                  "ref_max_abs": ref.abs().max().item(),
+                                  "same_memory": row["steps"][-1]["memory_frames"]
+                                  == our_rows[i]["memory_frames"]})  # fmt: skip
+                row["elapsed_s"] = time.perf_counter() - t0
+                _write(args.out, result)  # partial: the chunks timed so far
+        row["status"] = "ok"
+    except Exception as err:  # noqa: BLE001 (the time box, possibly wrapped by dynamo)
+        if not (isinstance(err, _OverBudget) or box_state["fired"]):
+            raise
+        row["status"] = "over_budget"
+    finally:
+        row["elapsed_s"] = time.perf_counter() - t0
+        del run
+        gc.collect()
+    row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0
+    if row["steps"]:
+        _medians(row, row["steps"])
     if diffs:
-        out["parity"] = diffs
-    _print_rows("vendor (HY-WorldPlay's pipeline)", rows)
-    return out
+        row["parity"] = diffs
+    return row
 
 
 def _compare(result: dict) -> None:

@@ -166,11 +166,20 @@ def import_vendor(path: Path, backends: list | None, compile_dit: bool) -> types
     dit_mod = importlib.import_module("models.dits.arwan_w_action_w_mem_relative_rope")
     for name in dropped:
         del sys.modules[name]
-    block = dit_mod.WanTransformerBlock
-    if not compile_dit:  # the release decorates the block's forward with @torch.compile
-        block.forward = getattr(block.forward, "_torchdynamo_orig_callable", block.forward)
-    return types.SimpleNamespace(WanPipeline=pipe_mod.WanPipeline, MyVAE=helper.MyVAE,
-                                 Transformer=dit_mod.WanTransformer3DModel)  # fmt: skip
+    ns = types.SimpleNamespace(WanPipeline=pipe_mod.WanPipeline, MyVAE=helper.MyVAE,
+                               Transformer=dit_mod.WanTransformer3DModel,
+                               Block=dit_mod.WanTransformerBlock,
+                               compiled_forward=dit_mod.WanTransformerBlock.forward)  # fmt: skip
+    set_dit_compile(ns, compile_dit)
+    return ns
+
+
+def set_dit_compile(ns, compiled: bool) -> None:
+    """The release's block forward as it ships (``@torch.compile``, torch's default arguments:
+    shapes turn dynamic after the first recompile) or the undecorated function (eager)."""
+    forward = ns.compiled_forward
+    ns.Block.forward = forward if compiled else getattr(forward, "_torchdynamo_orig_callable",
+                                                        forward)  # fmt: skip
 
 
 def build_transformer(ns, m, device, dtype, seed: int = 0):

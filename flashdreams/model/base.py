@@ -310,6 +310,11 @@ class DiT(nn.Module):
         """Every history length a ``ContextPlan`` may have (graph pre-capture runs each)."""
         return [0]
 
+    def warm_up(self, device: torch.device, frames_per_block: int) -> None:
+        """One-time work outside the forwards that would otherwise land in the first step that
+        needs it (lazily drawn constants, a library loaded on its first call), done by
+        ``Rollout.precapture`` under every graph policy before any step. Nothing by default."""
+
     # ------------------------------------------------------------------ graphs
     def graph_key(self, cache, expert: int = 0, exact: bool = False) -> Hashable:
         """What besides tensor shapes changes a forward's work: the valid KV length, the

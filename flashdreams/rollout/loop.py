@@ -143,6 +143,7 @@ class Rollout:
         if self.cache is None and self.frame_offset:
             raise ConfigError("conditioner=first_frame needs a KV cache (an AR recipe)")
         self.step_index = 0
+        self._warm = False  # DiT.warm_up ran (Rollout.precapture)
         # clean latents of the clip, for models that re-run history before each block
         self.history = LatentHistory() if model.context_frames > 0 else None
 
@@ -373,9 +374,15 @@ class Rollout:
         return prefix
 
     def precapture(self) -> None:
-        """Run every forward shape of the rollout once (graph capture during warm-up): a
-        prefix's commit, then the blocks of the schedule in order until their shapes repeat
-        (one per KV length while the cache fills, then the steady one: ``Forwards.precapture``)."""
+        """Warm-up before the first step: the model's one-time work outside its forwards
+        (``DiT.warm_up``, once per rollout, under every graph policy), then, for graph
+        policies that capture, every forward shape of the rollout once: a prefix's commit,
+        then the blocks of the schedule in order until their shapes repeat (one per KV length
+        while the cache fills, then the steady one: ``Forwards.precapture``)."""
+        if not self._warm:
+            with torch.no_grad():
+                self.model.warm_up(self.device, self.schedule.max_frames)
+            self._warm = True
         if not self.graph.wants_precapture(self.device):
             return
         blocks = range(self.total_blocks) if self.total_blocks is not None else count()

@@ -83,3 +83,38 @@ def test_ties_keep_the_earlier_clip():
     # every historical clip is far away: all score 1, the first one is taken
     w2c = torch.stack([camera(x=100.0 * (i < 20)) for i in range(24)])
     assert select_memory(w2c, 20, CFG, POINTS) == list(range(4)) + list(range(8, 20))
+
+
+def test_warm_up_pays_the_first_selection_so_no_step_does(monkeypatch):
+    """``Rollout.precapture`` runs the model's ``warm_up`` (every graph policy, once per
+    rollout): the points are drawn and one selection scores clips before the first step (on
+    CUDA that loads the linear-algebra library block 5 used to pay for); the steps draw no
+    points, and the first real selection (block 5: 20 frames of history) is the warm-up's
+    shape, not a first call."""
+    from flashdreams import Session
+    from flashdreams.model.hy_worldplay import memory
+    from flashdreams.model.hy_worldplay import model as hy
+    from tests.unit.test_config import compose_run
+    from tests.unit.test_hy_worldplay_recipe import TINY
+
+    draws, scored = [], []
+    draw, overlap = hy.sphere_points, memory.fov_overlap
+
+    def counted_draw(*args):
+        draws.append(args)
+        return draw(*args)
+
+    def counted_overlap(w2c_query, *args, **kw):
+        scored.append(w2c_query.shape[0])
+        return overlap(w2c_query, *args, **kw)
+
+    monkeypatch.setattr(hy, "sphere_points", counted_draw)
+    monkeypatch.setattr(memory, "fov_overlap", counted_overlap)
+    session = Session(compose_run([*TINY, "pose=w-23"]), total_blocks=6)
+    assert len(draws) == 1 and scored == [16]  # 2 clips x frames 0, 2 x 4 block cameras
+    session.rollout.precapture()  # a later clip's warm-up: nothing again
+    assert len(draws) == 1 and scored == [16]
+    for _ in range(6):
+        session.step()
+    assert len(draws) == 1  # no lazy draw inside a step
+    assert scored == [16, 16]  # block 5 (frames 20-23): the warm-up's shape

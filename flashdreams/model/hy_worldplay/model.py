@@ -201,14 +201,34 @@ class HYWorldPlayDiT(WanDiT):
             return ContextPlan((), (), self.memory_timestep, {}, 0)
         given = inputs(0, start + num)
         w2c = given["viewmats"][0].detach().float()  # batch element 0 (the release's), on device
-        if self._points is None or self._points.device != w2c.device:
-            m = self.memory
-            self._points = sphere_points(m.points, m.radius, m.seed).to(w2c.device)
-        frames = tuple(select_memory(w2c, start, self.memory, self._points))
+        frames = tuple(select_memory(w2c, start, self.memory, self._memory_points(w2c.device)))
         index = torch.tensor(frames, device=given["viewmats"].device)
         picked = {n: given[n].index_select(1, index) for n in INPUTS}
         return ContextPlan(frames, tuple(range(len(frames))), self.memory_timestep, picked,
                            len(frames))  # fmt: skip
+
+    def _memory_points(self, device: torch.device) -> torch.Tensor:
+        """The Monte-Carlo points on ``device`` (drawn once; ``warm_up`` draws them early)."""
+        if self._points is None or self._points.device != torch.device(device):
+            m = self.memory
+            self._points = sphere_points(m.points, m.radius, m.seed).to(device)
+        return self._points
+
+    def warm_up(self, device: torch.device, frames_per_block: int) -> None:
+        """The memory's one-time costs, paid before the first step: the Monte-Carlo points
+        (drawn on the CPU, copied to ``device``) and one selection past the memory over
+        stand-in cameras (a straight walk), so the first real selection (block 5 of the
+        release's 4-frame blocks) runs only kernels already loaded. On CUDA the selection's
+        ``torch.linalg.inv`` is the process's first linear-algebra call, which loads PyTorch's
+        lazily loaded CUDA linear-algebra library (cuSOLVER, MAGMA): about 200 ms that block 5
+        paid on an H200 before."""
+        m, device = self.memory, torch.device(device)
+        points = self._memory_points(device)
+        start = m.context + m.block  # past the memory: clips are scored
+        frames = start + max(frames_per_block, 1)
+        w2c = torch.eye(4, device=device).repeat(frames, 1, 1)
+        w2c[:, 2, 3] = -0.25 * torch.arange(frames, device=device)  # walking down +z
+        select_memory(w2c, start, m, points)
 
     def embed_flops(self, q_tokens: int, frames: int) -> float:
         """``WanDiT``'s plus the action label's embedding per frame."""
