@@ -71,10 +71,11 @@ class FrameRope:
 
 def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Softmax attention of each token along frames, as explicit fp32 products and a softmax
-    over the few keys (6 in the release's AR window), which Inductor fuses into a few kernels
-    reading the cache's layout in place (SDPA would need a transposed copy of every tensor and
-    one tiny attention per token and head).
+    """Softmax attention of each token along frames in fp32. Compiled: explicit products and a
+    softmax over the few keys (6 in the release's AR window), which Inductor fuses into a few
+    kernels reading the cache's layout in place (SDPA would need a transposed copy of every
+    tensor and one tiny attention per token and head). Eager: the same math as batched matmuls
+    (the products would be a (B, F, G, S, H, D) tensor).
 
     Args:
         q: (B, F, S, H, D) queries of F frames of S positions (one per token).
@@ -88,11 +89,17 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         (B, F, S, H, D) fp32.
     """
     scale = q.shape[-1] ** -0.5
-    scores = (q.float().unsqueeze(2) * k.float().unsqueeze(1)).sum(-1) * scale  # (B, F, G, S, H)
+    q, k, v = q.float(), k.float(), v.float()
+    if not torch.compiler.is_compiling():  # eager: batched matmuls, no (.., G, .., D) product
+        scores = q.permute(0, 2, 3, 1, 4) @ k.permute(0, 2, 3, 4, 1) * scale  # (B, S, H, F, G)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(dim=-1) @ v.permute(0, 2, 3, 1, 4)).permute(0, 3, 1, 2, 4)
+    scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * scale  # (B, F, G, S, H)
     if mask is not None:
         scores = scores.masked_fill(~mask[None, :, :, None, None], float("-inf"))
     weights = scores.softmax(dim=2).unsqueeze(-1)
-    return (weights * v.float().unsqueeze(1)).sum(2)
+    return (weights * v.unsqueeze(1)).sum(2)
 
 
 class ActionModule(nn.Module):
