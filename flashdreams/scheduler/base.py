@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -24,8 +24,19 @@ class Scheduler:
     num_steps: int
 
     def begin_block(self, device: torch.device) -> torch.Tensor:
-        """Reset per-block state; return the (num_steps,) model timesteps in [0, 1000]."""
+        """Reset per-block state; return the (num_steps,) model timesteps in [0, 1000] (read
+        only: a fixed list is one tensor per device, returned to every block)."""
         raise NotImplementedError
+
+    def on_device(self, values: Sequence[float], device: torch.device | str) -> torch.Tensor:
+        """``values`` as a float32 tensor on ``device``, made on the first call and returned
+        by every later one: a host list copied to the GPU per block would be a blocking copy,
+        which waits for the work already queued (read only)."""
+        made = self.__dict__.setdefault("_on_device", {})
+        key = (tuple(float(v) for v in values), torch.device(device))
+        if key not in made:
+            made[key] = torch.tensor(key[0], dtype=torch.float32, device=device)
+        return made[key]
 
     def host_timesteps(self) -> list[float] | None:
         """The block's model timesteps as host floats when the schedule knows them without a

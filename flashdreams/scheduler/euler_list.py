@@ -37,7 +37,7 @@ class EulerListScheduler(Scheduler):
         self.num_steps = len(self.timesteps)
 
     def begin_block(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.timesteps, dtype=torch.float32, device=device)
+        return self.on_device(self.timesteps, device)
 
     def host_timesteps(self) -> list[float]:
         return list(self.timesteps)

@@ -173,10 +173,9 @@ class FewStepFlowScheduler(Scheduler):
                 None if boundary is None else float(g.sigmas[g.nearest(boundary * 1000.0)])
             )
         self.num_steps = len(self.timesteps)
-        self._levels: torch.Tensor | None = None  # grid levels on the run's device
 
     def begin_block(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.timesteps, dtype=torch.float32, device=device)
+        return self.on_device(self.timesteps, device)
 
     def host_timesteps(self) -> list[float]:
         return list(self.timesteps)
@@ -222,10 +221,7 @@ class FewStepFlowScheduler(Scheduler):
     def _device_levels(self, device: torch.device) -> torch.Tensor:
         """float32 re-noising levels of every step, then the boundary's, on ``device`` (made
         once per device: no host-to-device copy per step)."""
-        if self._levels is None or self._levels.device != torch.device(device):
-            values = [*self.renoise_sigmas, self.boundary_sigma or 0.0]
-            self._levels = torch.tensor(values, dtype=torch.float32, device=device)
-        return self._levels
+        return self.on_device([*self.renoise_sigmas, self.boundary_sigma or 0.0], device)
 
     def _grid_step(self, flow, x, index, noise_fn: NoiseFn):
         """One step with the vendor's grid levels: x0 (or x at the boundary) in float64, the

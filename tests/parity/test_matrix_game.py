@@ -6,6 +6,7 @@ The masked reference runs the clean and noisy copies of every block in one seque
 max abs error <= 1e-4 (observed ~1e-6).
 """
 
+import copy
 from functools import partial
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from flashdreams.cache.full import FullKVCache
 from flashdreams.cache.rolling import RollingKVCache
+from flashdreams.graph.compile import compile_blocks
 from flashdreams.model.matrix_game import MatrixGameDiT
 from flashdreams.model.wan import WanDiT
 
@@ -136,3 +138,44 @@ def test_fused_blocks_equal_unfused():
         block.fuse_ffn_gelu()
         block.fuse_norms()
     torch.testing.assert_close(model(x, t, ctx, inputs=inputs), plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mouse_dim", [2, 0])
+def test_compiled_action_blocks_equal_eager(mouse_dim, monkeypatch):
+    """What graph=compile runs (``compile_blocks``: fused q/k/v, GELU and norms, every region
+    compiled with ``fullgraph``; an action block's are its self-attention's two, ``action_in``
+    and ``action_out``, with only the action caches' writes between) equals eager over AR
+    blocks that fill, then wrap, the 6-frame window of the DiT's and both action caches: the
+    outputs and the action caches' contents. The backend is aot_eager (Dynamo's whole graph
+    and AOT's functionalization, where a region could break or lose a write; Inductor's
+    kernels are checked on CUDA by tests/gpu/test_matrix_game_gpu.py), which keeps it quick."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, mode=None, **kw: compile_(fn, backend="aot_eager", **kw))  # fmt: skip
+    torch._dynamo.reset()
+    model = tiny_matrix_game(mouse_dim=mouse_dim)
+    compiled = compile_blocks(copy.deepcopy(model), "default", False)
+    ctx = model.prepare_context(None, torch.randn(1, 257, 32))
+    factory = partial(RollingKVCache, window_frames=6, sink_frames=0)
+    caches = [model.build_cache(factory, tokens_per_frame=TPF, frames_per_block=F,
+                                total_frames=None, batch_size=1, device="cpu",
+                                dtype=torch.float32) for _ in range(2)]  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    for b in range(3):
+        inputs = {"image_latents": torch.randn(1, 20, F, H, W, generator=gen),
+                  "keyboard": torch.randint(0, 2, (1, F, 12, 4), generator=gen).float()}  # fmt: skip
+        if mouse_dim:
+            inputs["mouse"] = torch.randn(1, F, 12, 2, generator=gen) * 0.1
+        x, t = torch.randn(1, 16, F, H, W, generator=gen), torch.full((1, F), 700.0 - 200 * b)
+        positions = torch.arange(b * F, (b + 1) * F)
+        outs = []
+        for net, cache in zip((model, compiled), caches, strict=True):
+            cache.begin_block(b * F, F)
+            outs.append(net(x, t, ctx, positions, cache, inputs=inputs))
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    assert {"action_in", "action_out"} <= set(vars(compiled.blocks[0]))  # compiled in place
+    for name in caches[0].branches:
+        want, got = caches[0].branch(name), caches[1].branch(name)
+        for layer in range(len(model.action_blocks)):
+            torch.testing.assert_close(got.k[layer], want.k[layer], rtol=0, atol=1e-5)
+            torch.testing.assert_close(got.v[layer], want.v[layer], rtol=0, atol=1e-5)

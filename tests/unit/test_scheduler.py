@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flashdreams import ConfigError
+from flashdreams.scheduler.euler_list import EulerListScheduler
 from flashdreams.scheduler.flow import FewStepFlowScheduler, warp_timesteps
 from flashdreams.scheduler.solver import DiffusersFlowScheduler
 
@@ -26,6 +27,22 @@ def test_one_step_x0_recovery_is_exact_and_renoise_uses_fresh_noise():
     torch.testing.assert_close(out, (1 - s2) * x0 + s2 * fresh, rtol=0, atol=1e-6)
     last = sched.step(eps - x0, (1 - 0.625) * x0 + 0.625 * eps, 3, None)  # final: pure x0
     torch.testing.assert_close(last, x0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: FewStepFlowScheduler([1000, 750, 500], shift=5.0),
+                                  lambda: EulerListScheduler([1000, 750, 500], shift=8.0,
+                                                             warp=True)])  # fmt: skip
+def test_fixed_timesteps_reach_the_device_once(make, monkeypatch):
+    """A fixed list is copied to the device on the first block only: a host list copied per
+    block is a blocking copy that waits for the GPU's queue (the step could not run ahead)."""
+    sched = make()
+    first = sched.begin_block(torch.device("cpu"))
+    made = []
+    tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or tensor(*a, **k))
+    again = sched.begin_block(torch.device("cpu"))
+    assert again is first and not made
+    assert again.dtype == torch.float32 and again.tolist() == pytest.approx(sched.timesteps)
 
 
 def test_bad_timesteps_are_clear_errors():

@@ -69,14 +69,37 @@ class FrameRope:
         return torch.cos(ang).float(), torch.sin(ang).float()
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Softmax attention of (B, Lq, H, D) queries to (B, Lk, H, D) keys; mask (Lq, Lk), True =
-    may attend. The action attentions are tiny (3 queries x 6 keys per token for the mouse),
-    so they run on PyTorch's SDPA whatever the recipe's attention backend."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask)  # fmt: skip
-    return out.transpose(1, 2)
+def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Softmax attention of each token along frames in fp32. Compiled: explicit products and a
+    softmax over the few keys (6 in the release's AR window), which Inductor fuses into a few
+    kernels reading the cache's layout in place (SDPA would need a transposed copy of every
+    tensor and one tiny attention per token and head). Eager: the same math as batched matmuls
+    (the products would be a (B, F, G, S, H, D) tensor).
+
+    Args:
+        q: (B, F, S, H, D) queries of F frames of S positions (one per token).
+        k: (B, G, S, H, D) keys of G frames: one per position (the mouse: each token attends
+            to its own position in every frame) or S = 1, one per frame, shared by all the
+            frame's positions (the keyboard).
+        v: like ``k``.
+        mask: (F, G) boolean frame mask (True = may attend), or None.
+
+    Returns:
+        (B, F, S, H, D) fp32.
+    """
+    scale = q.shape[-1] ** -0.5
+    q, k, v = q.float(), k.float(), v.float()
+    if not torch.compiler.is_compiling():  # eager: batched matmuls, no (.., G, .., D) product
+        scores = q.permute(0, 2, 3, 1, 4) @ k.permute(0, 2, 3, 4, 1) * scale  # (B, S, H, F, G)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(dim=-1) @ v.permute(0, 2, 3, 1, 4)).permute(0, 3, 1, 2, 4)
+    scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * scale  # (B, F, G, S, H)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[None, :, :, None, None], float("-inf"))
+    weights = scores.softmax(dim=2).unsqueeze(-1)
+    return (weights * v.unsqueeze(1)).sum(2)
 
 
 class ActionModule(nn.Module):
@@ -133,12 +156,10 @@ class ActionModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *, keyboard: torch.Tensor | None,
                 mouse: torch.Tensor | None, positions: torch.Tensor, cache=None, layer: int = 0,
-                frame_mask: torch.Tensor | None = None, rope=None, ops=None) -> torch.Tensor:  # fmt: skip
-        """Add the action branches to the residual stream.
-
-        The static-shape parts (projections, norms, RoPE, output residuals) are the methods
-        ``mouse_qkv``, ``mouse_out``, ``keyboard_kv``, ``keyboard_q`` and ``keyboard_out``; the
-        cache writes and the attentions, whose key length grows, run between them.
+                frame_mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:  # fmt: skip
+        """Add the action branches to the residual stream: ``project``, the cache writes
+        (``cached``), ``attend``. A block runs the same three steps with its neighbours' work
+        around the first and the last, as two compile regions with the cache writes between.
 
         Args:
             x: (B, L, dim) fp32 tokens of F latent frames in (frame, h, w) order.
@@ -152,28 +173,58 @@ class ActionModule(nn.Module):
                 (True = may attend), else None.
             rope: ``self.rope.cos_sin(positions)`` when the caller computed it once for all
                 the action modules of a forward, else None.
-            ops: what runs the static-shape methods (the block, whose graph policy may have
-                compiled its copies of them); None: this module.
 
         Returns:
             (B, L, dim) fp32 tokens.
         """
-        ops = self if ops is None else ops
-        b, f = x.shape[0], positions.shape[0]
-        s = x.shape[1] // f  # tokens per frame
         cos, sin = self.rope.cos_sin(positions) if rope is None else rope
+        mouse_q, mouse_kv, keyboard_kv = self.project(x, keyboard, mouse, cos, sin)
+        mouse_kv, keyboard_kv = self.cached(cache, layer, mouse_kv, keyboard_kv)
+        return self.attend(x, mouse_q, mouse_kv, keyboard_kv, cos, sin, frame_mask)
+
+    def project(self, x, keyboard, mouse, cos, sin):
+        """What the branches write to their caches, and the mouse queries: static shapes.
+
+        Returns:
+            mouse q (B, L, H, D), or None without the mouse branch; mouse (k, v) (B, L, H, D)
+            in token order (the ``mouse`` branch cache's layout: one key per token), or None;
+            keyboard (k, v) (B, F, H, D) (one key per frame), or None.
+        """
+        mouse_q = mouse_kv = keyboard_kv = None
         if self.mouse_dim and mouse is not None:
-            q, k, v = ops.mouse_qkv(x, mouse, cos, sin)
-            if cache is not None:  # one key per token: (B, F * S, H, D)
-                k, v = cache.branch("mouse").update(layer, k, v)[:2]
-            k, v = _to_positions(k, b, s), _to_positions(v, b, s)
-            x = ops.mouse_out(x, attend(q, k, v, frame_mask))
+            mouse_q, k, v = self.mouse_qkv(x, mouse, cos, sin)
+            mouse_kv = (k, v)
         if keyboard is not None:
-            k, v = ops.keyboard_kv(keyboard, cos, sin)
-            if cache is not None:  # one key per frame: (B, F, H, D)
-                k, v = cache.branch("keyboard").update(layer, k, v)[:2]
-            mask = None if frame_mask is None else frame_mask.repeat_interleave(s, 0)
-            x = ops.keyboard_out(x, attend(ops.keyboard_q(x, cos, sin), k, v, mask))
+            keyboard_kv = self.keyboard_kv(keyboard, cos, sin)
+        return mouse_q, mouse_kv, keyboard_kv
+
+    @staticmethod
+    def cached(cache, layer: int, mouse_kv, keyboard_kv):
+        """Write the block's K/V into the branch caches (AR mode) and return what the block's
+        queries attend to (the window's K/V); without a cache the block's own."""
+        if cache is not None and mouse_kv is not None:
+            mouse_kv = cache.branch("mouse").update(layer, *mouse_kv)[:2]
+        if cache is not None and keyboard_kv is not None:
+            keyboard_kv = cache.branch("keyboard").update(layer, *keyboard_kv)[:2]
+        return mouse_kv, keyboard_kv
+
+    def attend(self, x, mouse_q, mouse_kv, keyboard_kv, cos, sin, frame_mask=None):
+        """Both attentions along frames and their output residuals: ``x`` (B, L, dim) plus
+        the mouse branch (queries ``mouse_q``, keys ``mouse_kv`` (B, G * S, H, D) of G frames),
+        then the keyboard branch (its queries from the result, keys ``keyboard_kv``
+        (B, G, H, D)); a branch whose K/V are None is skipped. ``frame_mask``: (F, G)."""
+        f = cos.shape[0]
+        s = x.shape[1] // f  # tokens per frame
+        if mouse_kv is not None:
+            q = mouse_q.unflatten(1, (f, s))
+            k, v = (t.unflatten(1, (-1, s)) for t in mouse_kv)  # (B, G, S, H, D)
+            attn = frame_attention(q, k, v, frame_mask).flatten(1, 2).flatten(2)
+            x = x + self.proj_mouse(attn.to(self.proj_mouse.weight.dtype)).float()
+        if keyboard_kv is not None:
+            q = self.keyboard_q(x, cos, sin).unflatten(1, (f, s))
+            k, v = (t.unsqueeze(2) for t in keyboard_kv)  # (B, G, 1, H, D): one per frame
+            attn = frame_attention(q, k, v, frame_mask).flatten(1, 2).flatten(2)
+            x = x + self.proj_keyboard(attn.to(self.proj_keyboard.weight.dtype)).float()
         return x
 
     def flops(self, q_tokens: int, kv_tokens: int, tokens_per_frame: int) -> dict[str, float]:
@@ -195,24 +246,16 @@ class ActionModule(nn.Module):
         return {"linear": linear, "attention": float(attention)}
 
     def mouse_qkv(self, x, mouse, cos, sin):
-        """Mouse branch q (B*S, F, H, D) per latent position, k and v (B, F*S, H, D) in token
-        order (the cache's layout), from an MLP of [token | the frame's mouse window]."""
+        """Mouse q, k, v (B, L, H, D) in token order, from an MLP of [token | the frame's mouse
+        window]; q and k RMS-normed and rotated to their frame's angle."""
         b, f, dt = x.shape[0], mouse.shape[1], self.t_qkv.weight.dtype
         s = x.shape[1] // f
-        tokens = x.view(b, f, s, -1).transpose(1, 2).to(dt)  # (B, S, F, dim)
-        window = mouse.to(dt).reshape(b, 1, f, -1).expand(b, s, f, -1)  # (B, S, F, 12 * 2)
-        h = self.mouse_mlp(torch.cat([tokens, window], dim=-1))
+        window = mouse.to(dt).reshape(b, f, 1, -1).expand(b, f, s, -1)  # (B, F, S, 12 * 2)
+        h = self.mouse_mlp(torch.cat([x.view(b, f, s, -1).to(dt), window], dim=-1))
         heads = (self.num_heads, self.head_dim)
-        q, k, v = self.t_qkv(h).reshape(b * s, f, 3, *heads).unbind(2)  # (B*S, F, H, D)
-        q = apply_rope(self.img_attn_q_norm(q), cos, sin)
-        k = apply_rope(self.img_attn_k_norm(k), cos, sin)
-        return q, _to_frames(k, b, s), _to_frames(v, b, s)
-
-    def mouse_out(self, x, attn):
-        """``x`` plus the projected mouse attention (B*S, F, H, D): (B, L, dim) fp32."""
-        b, f = x.shape[0], attn.shape[1]
-        out = attn.reshape(b, -1, f, attn.shape[2] * attn.shape[3]).transpose(1, 2)
-        return x + self.proj_mouse(out.reshape(b, x.shape[1], -1)).float()
+        q, k, v = self.t_qkv(h).view(b, x.shape[1], 3, *heads).unbind(2)
+        return self._rotate(self.img_attn_q_norm(q), cos, sin), \
+            self._rotate(self.img_attn_k_norm(k), cos, sin), v  # fmt: skip
 
     def keyboard_kv(self, keyboard, cos, sin):
         """One key and value per latent frame (B, F, H, D) of embedded keyboard windows."""
@@ -224,21 +267,13 @@ class ActionModule(nn.Module):
 
     def keyboard_q(self, x, cos, sin):
         """Keyboard queries (B, L, H, D) of every token, rotated to its frame's angle."""
-        b, f = x.shape[0], cos.shape[0]
         q = self.mouse_attn_q(x.to(self.mouse_attn_q.weight.dtype))
-        q = self.key_attn_q_norm(q.view(b, f, -1, self.head_dim))  # (B, F, S * H, D)
-        return apply_rope(q, cos, sin).view(b, x.shape[1], self.num_heads, self.head_dim)
+        q = q.view(*x.shape[:2], self.num_heads, self.head_dim)
+        return self._rotate(self.key_attn_q_norm(q), cos, sin)
 
-    def keyboard_out(self, x, attn):
-        """``x`` plus the projected keyboard attention (B, L, H, D): (B, L, dim) fp32."""
-        return x + self.proj_keyboard(attn.flatten(2)).float()
-
-
-def _to_frames(t: torch.Tensor, b: int, s: int) -> torch.Tensor:
-    """(B*S, F, H, D) per-position sequences -> (B, F*S, H, D) tokens in (frame, position)."""
-    return t.unflatten(0, (b, s)).transpose(1, 2).flatten(1, 2)
-
-
-def _to_positions(t: torch.Tensor, b: int, s: int) -> torch.Tensor:
-    """(B, F*S, H, D) tokens -> (B*S, F, H, D) per-position sequences."""
-    return t.unflatten(1, (-1, s)).transpose(1, 2).flatten(0, 1)
+    @staticmethod
+    def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE of (B, L, H, D) tokens of F frames at their frame's angle (cos, sin: (F, D/2))."""
+        b, length, h, d = t.shape
+        f = cos.shape[0]
+        return apply_rope(t.view(b, f, length // f * h, d), cos, sin).view(b, length, h, d)

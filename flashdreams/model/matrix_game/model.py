@@ -46,13 +46,13 @@ class ActionStep:
 class MatrixGameBlock(WanBlock):
     """A Wan block whose cross-attention residual is followed by an ``ActionModule``
     (``x = x + cross(x); x = action(x); x = x + ffn(x)``, as the release's
-    ``CausalWanAttentionBlock``). Its compile regions leave the cache writes and attentions of
-    the action module outside: the cross-attention output, the FFN and the action module's
-    static-shape parts (``ActionModule.mouse_qkv``, ...; run through this block's copies, which
-    a graph policy may compile) are regions of their own."""
+    ``CausalWanAttentionBlock``). After the cross-attention the block runs two compile
+    regions: ``action_in`` (the cross-attention output and residual, the action module's
+    projections: what its caches store) and ``action_out`` (both action attentions, their
+    residuals and the FFN); between them only the action caches' writes, as the
+    self-attention's cache write sits between ``self_attn_in`` and the attention."""
 
-    _action_regions = ("mouse_qkv", "mouse_out", "keyboard_kv", "keyboard_q", "keyboard_out")
-    _compile_regions = ("self_attn_in", "self_attn_out", "cross_out", "ffn_out", *_action_regions)
+    _compile_regions = ("self_attn_in", "self_attn_out", "action_in", "action_out")
 
     def __init__(self, *args, action: ActionModule, layer: int, step: ActionStep, **kw) -> None:
         super().__init__(*args, **kw)
@@ -65,20 +65,18 @@ class MatrixGameBlock(WanBlock):
         return add_flops(super().flops(q_tokens, kv_tokens, tokens_per_frame, context_tokens),
                          self.action_model.flops(q_tokens, kv_tokens, tokens_per_frame))  # fmt: skip
 
-    def mouse_qkv(self, x, mouse, cos, sin):
-        return self.action_model.mouse_qkv(x, mouse, cos, sin)
+    def action_in(self, x, y, keyboard, mouse, cos, sin):
+        """Region 3: cross-attention output + residual, the action projections
+        (``ActionModule.project``): ``(x, mouse q, mouse (k, v), keyboard (k, v))``."""
+        x = self.cross_out(x, y)
+        return x, *self.action_model.project(x, keyboard, mouse, cos, sin)
 
-    def mouse_out(self, x, attn):
-        return self.action_model.mouse_out(x, attn)
-
-    def keyboard_kv(self, keyboard, cos, sin):
-        return self.action_model.keyboard_kv(keyboard, cos, sin)
-
-    def keyboard_q(self, x, cos, sin):
-        return self.action_model.keyboard_q(x, cos, sin)
-
-    def keyboard_out(self, x, attn):
-        return self.action_model.keyboard_out(x, attn)
+    def action_out(self, x, mouse_q, mouse_kv, keyboard_kv, cos, sin, e0, frame_mask=None,
+                   next_table=None):  # fmt: skip
+        """Region 4: the action attentions and residuals (``ActionModule.attend``), then the
+        FFN (``ffn_out``; with ``next_table`` also the next block's norm1)."""
+        x = self.action_model.attend(x, mouse_q, mouse_kv, keyboard_kv, cos, sin, frame_mask)
+        return self.ffn_out(x, e0, next_table)
 
     def cross_out(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-attention output projection + residual (fp32)."""
@@ -99,13 +97,15 @@ class MatrixGameBlock(WanBlock):
         return gated_residual(x, self.ffn(h.flatten(1, 2).to(self.ffn[0].weight.dtype)), gate)
 
     def cross_out_ffn(self, x, y, e0, next_table=None):
+        """``action_in``, the action caches' writes (AR mode), ``action_out``."""
         step = self._step
-        x = self.cross_out(x, y)
-        x = self.action_model(x, keyboard=step.keyboard, mouse=step.mouse,
-                              positions=step.positions, cache=step.cache,
-                              layer=self.action_layer, frame_mask=step.frame_mask,
-                              rope=step.rope, ops=self)  # fmt: skip
-        return self.ffn_out(x, e0, next_table)
+        cos, sin = step.rope
+        x, mouse_q, mouse_kv, keyboard_kv = self.action_in(x, y, step.keyboard, step.mouse,
+                                                           cos, sin)  # fmt: skip
+        mouse_kv, keyboard_kv = self.action_model.cached(step.cache, self.action_layer,
+                                                         mouse_kv, keyboard_kv)  # fmt: skip
+        return self.action_out(x, mouse_q, mouse_kv, keyboard_kv, cos, sin, e0, step.frame_mask,
+                               next_table)  # fmt: skip
 
 
 class MatrixGameDiT(WanDiT):
