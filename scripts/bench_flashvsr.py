@@ -10,7 +10,8 @@ sizes in multiples of 128; other scenes report it as n/a.
 
 Per (scene, mode): median over chunks >= 2 of the chunk period (``period_ms``), FPS = 8 output
 frames / period, and its stages: projector (the LR control's forwards, CUDA events), DiT
-(the diffuse stage minus the projector) and decode (TCDecoder + colour correction). A time
+(the diffuse stage minus the projector) and decode (TCDecoder + colour correction); on CUDA
+also the DiT floor of a steady chunk (``chunk_floor``) and floor / DiT. A time
 budget (``--budget-s``) skips the (scene, mode) pairs left when it is used up (listed as
 skipped), so the run fits its slot whatever the compile times. ``--pipeline-decode both`` runs
 every (scene, mode) with ``rollout.pipeline_decode`` off and on (the TCDecoder of chunk n beside
@@ -79,6 +80,23 @@ def overrides(args, height: int, width: int, scale: int) -> list[str]:
     return base + (TINY if args.tiny else [])
 
 
+def chunk_floor(model, cfg, block_frames: int) -> dict:
+    """The DiT floor of a steady chunk: one forward of its latent frames over the KV window
+    (``cache.window_frames``), the model's own FLOP count (``DiT.forward_flops``: with the
+    sparse ratio set, the kept window blocks only) at the GEMM rate and the run's attention
+    backend's dense rate, both measured here at the chunk's shape."""
+    from flashdreams.bench import flops_ms, measure_throughput
+
+    _, ph, pw = model.patch_size
+    tpf = (cfg.rollout.height // 8 // ph) * (cfg.rollout.width // 8 // pw)
+    kv = cfg.cache.window_frames + cfg.cache.get("sink_frames", 0)
+    flops = model.forward_flops(block_frames * tpf, kv * tpf, tpf)
+    rate = measure_throughput(model.attention.backend, model.num_heads, model.head_dim,
+                              block_frames * tpf, kv * tpf)  # fmt: skip
+    return {"dit_floor_ms": round(flops_ms(flops, rate), 2),
+            "attention_tflops": round(rate["attention_tflops"], 1)}  # fmt: skip
+
+
 def run_scene(shared, cfg, chunks: int, sparse: float | None) -> dict:
     from flashdreams.build import assemble_rollout
 
@@ -115,7 +133,14 @@ def run_scene(shared, cfg, chunks: int, sparse: float | None) -> dict:
 
     period = med("period_ms")
     frames = 4 * rollout.frames_per_block
-    return {"ms_per_chunk": period, "fps": round(frames * 1e3 / period, 2),
+    floor = {}
+    if dev.type == "cuda":
+        try:  # the measured chunk stands whatever the floor's micro-benchmarks do
+            floor = chunk_floor(shared.model, cfg, rollout.frames_per_block)
+            floor["floor_over_dit"] = round(floor["dit_floor_ms"] / med("dit_ms"), 3)
+        except Exception as err:  # noqa: BLE001
+            floor = {"floor": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    return {**floor, "ms_per_chunk": period, "fps": round(frames * 1e3 / period, 2),
             "projector_ms": med("projector_ms"), "dit_ms": med("dit_ms"),
             "decode_ms": med("decode_ms"), "chunks": len(rows), "pipeline_decode": pipelined,
             "wall_fps": round(wall_frames / wall_s, 2) if wall_s else None,
