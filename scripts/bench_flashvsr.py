@@ -28,17 +28,33 @@ frames upscaled as they come by ``postprocess=flashvsr_v1_1_tiny`` at 2x (dense 
 sustained FPS (upscaled frames handed out by source steps >= 2 over their wall time, the
 device synchronised at both ends), the generator's step and period and the VSR chunk's stages.
 
+``--official PATH``: after ours, in the same process, the official runner (a copy of
+OpenImagingLab/FlashVSR at PATH: ``diffsynth/`` and ``examples/WanVSR/utils/``) built as its
+``infer_flashvsr_tiny.py`` builds it, with random weights at the same config (no downloads: their
+classes, random init; the prompt tensor a random one of the same shape), run on the same scenes and
+chunk count: a warm-up call, then one timed ``pipe(...)`` call per scene. Its DiT loop streams chunk by
+chunk and decodes all latents at the end, so per chunk = the median over chunks >= 2 of the stream
+period (projector + DiT, CUDA events around their own functions) plus the end-of-call decode and colour
+fix amortised over the output frames (8 per chunk). Their attention is always block-sparse
+(mit-han-lab ``block_sparse_attn``, .vendor/bsa/build.py; ``--official-sparse-ratio``, local_range 11,
+kv_ratio 3 as their script). Every substitution is listed in the JSON (``official.substitutions``).
+With ``--tiny`` only, ``block_sparse_attn`` is replaced by a labelled CPU stand-in (masked SDPA).
+
 GPU:  python scripts/bench_flashvsr.py --out benchmarks/<date>_flashvsr/flashvsr.json
       python scripts/bench_flashvsr.py --chained --out benchmarks/<date>_flashvsr/chained.json
-CPU smoke (tiny sizes): python scripts/bench_flashvsr.py --tiny [--chained]
+      PYTHONPATH=<bsa build>:$PWD python scripts/bench_flashvsr.py --official .vendor/flashvsr
+CPU smoke (tiny sizes): python scripts/bench_flashvsr.py --tiny [--chained] [--official PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
+import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -148,6 +164,247 @@ def run_scene(shared, cfg, chunks: int, sparse: float | None) -> dict:
             if dev.type == "cuda" else None}  # fmt: skip
 
 
+# --- the official runner (--official PATH) ---------------------------------------------------------
+OFFICIAL_COMMIT = "OpenImagingLab/FlashVSR ccac0ac (2025-10-18, v1 tiny pipeline)"
+OFFICIAL_PIPELINE = "diffsynth/pipelines/flashvsr_tiny.py"
+
+
+def _bsa_standin() -> types.ModuleType:
+    """``block_sparse_attn`` for the ``--tiny`` CPU smoke only: the block mask as masked SDPA."""
+    import torch.nn.functional as F
+
+    def block_sparse_attn_func(q, k, v, cu_q, cu_k, head_mask_type, streaming_info, base_blockmask,
+                               max_q, max_k, p_dropout, deterministic=False, softmax_scale=None,
+                               is_causal=False, exact_streaming=False, return_attn_probs=False):  # fmt: skip
+        mask = base_blockmask[0].repeat_interleave(128, 1).repeat_interleave(128, 2)
+        mask = mask[:, : q.shape[0], : k.shape[0]]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                             v.transpose(0, 1), attn_mask=mask)  # fmt: skip
+        return out.transpose(0, 1)
+
+    mod = types.ModuleType("block_sparse_attn")
+    mod.block_sparse_attn_func = block_sparse_attn_func
+    mod.__file__ = "<CPU stand-in: masked SDPA (--tiny smoke only, never timed on a GPU)>"
+    return mod
+
+
+def _load_official(root: Path, tiny: bool) -> tuple[dict, list[str]]:
+    """Their modules, imported without running ``diffsynth/__init__`` (it imports every model)."""
+    subs = []
+    if tiny:
+        sys.modules["block_sparse_attn"] = _bsa_standin()
+        subs.append("block_sparse_attn: CPU stand-in (masked SDPA), --tiny smoke only")
+    try:
+        import torchvision.transforms  # noqa: F401  (their base.py imports GaussianBlur, unused here)
+    except ImportError:
+        tv, tvt = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
+        tvt.GaussianBlur = None
+        tv.transforms = tvt
+        sys.modules.update({"torchvision": tv, "torchvision.transforms": tvt})
+        subs.append("torchvision absent: GaussianBlur (imported by their base.py, unused) = None")
+    for name in ("diffsynth", "diffsynth.models", "diffsynth.pipelines", "diffsynth.schedulers"):
+        mod = types.ModuleType(name)
+        mod.__path__ = [str(root.joinpath(*name.split(".")))]
+        sys.modules[name] = mod
+    sys.modules["diffsynth.models"].ModelManager = None  # no weights: their classes built directly
+    subs.append(
+        "diffsynth package __init__s not run (they import every model); ModelManager unused"
+    )
+    mods = {}
+    for name, rel in (("flashvsr_official_utils", "examples/WanVSR/utils/utils.py"),
+                      ("flashvsr_official_tcdecoder", "examples/WanVSR/utils/TCDecoder.py")):  # fmt: skip
+        spec = importlib.util.spec_from_file_location(name, root / rel)
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
+    import diffsynth.models.wan_video_dit as dit_mod
+    import diffsynth.pipelines.flashvsr_tiny as pipe_mod
+
+    mods.update(dit=dit_mod, pipe=pipe_mod)
+    return mods, subs
+
+
+def _build_official(mods: dict, cfg, device, dtype, subs: list[str]):
+    """Their init_pipeline() with random weights at our config's sizes."""
+    import torch
+
+    m, c = cfg.model, cfg.control
+    with torch.device(device):
+        dit = mods["dit"].WanModel(dim=m.dim, in_dim=m.in_dim, ffn_dim=m.ffn_dim, out_dim=m.out_dim,
+                                   text_dim=m.text_dim, freq_dim=m.freq_dim, eps=m.eps,
+                                   patch_size=tuple(m.patch_size), num_heads=m.num_heads,
+                                   num_layers=m.num_layers, has_image_input=False)  # fmt: skip
+    dit.freqs = tuple(f.cpu() for f in dit.freqs)  # as their constructor leaves them
+    dit = dit.to(dtype=dtype)
+    pipe = mods["pipe"].FlashVSRTinyPipeline(device=str(device), torch_dtype=dtype)
+    pipe.dit, pipe.vae = dit, None
+    proj_cls = mods["flashvsr_official_utils"].Buffer_LQ4x_Proj
+    if (c.hidden_dim1, c.hidden_dim2) == (2048, 3072):
+        proj = proj_cls(in_dim=3, out_dim=m.dim, layer_num=m.lr_layers)
+    else:  # --tiny: their class hard-codes 2048 / 3072; the same layers, narrower
+        u = mods["flashvsr_official_utils"]
+        with torch.device("meta"):
+            proj = proj_cls(in_dim=3, out_dim=m.dim, layer_num=m.lr_layers)
+        proj.hidden_dim1, proj.hidden_dim2 = c.hidden_dim1, c.hidden_dim2
+        proj.conv1 = u.CausalConv3d(3 * 256, c.hidden_dim1, (4, 3, 3), stride=(2, 1, 1), padding=1)
+        proj.norm1 = u.RMS_norm(c.hidden_dim1, images=False)
+        proj.conv2 = u.CausalConv3d(c.hidden_dim1, c.hidden_dim2, (4, 3, 3), stride=(2, 1, 1),
+                                    padding=1)  # fmt: skip
+        proj.norm2 = u.RMS_norm(c.hidden_dim2, images=False)
+        proj.linear_layers = torch.nn.ModuleList(
+            [torch.nn.Linear(c.hidden_dim2, m.dim) for _ in range(m.lr_layers)])  # fmt: skip
+        subs.append(f"--tiny: their LR projector at hidden {c.hidden_dim1}/{c.hidden_dim2}")
+    pipe.dit.LQ_proj_in = proj.to(device, dtype=dtype)
+    channels = list(cfg.vae.decoder.channels)
+    pipe.TCDecoder = mods["flashvsr_official_tcdecoder"].build_tcdecoder(
+        new_channels=channels, device=device, dtype=dtype, new_latent_channels=16 + 768
+    )
+    pipe.to(device)
+    pipe.enable_vram_management(num_persistent_param_in_dit=None)  # as their script (all on GPU)
+    g = torch.Generator("cpu").manual_seed(0)
+    ctx = torch.randn(1, m.text_len, m.text_dim, generator=g)
+    subs.append(f"prompt tensor posi_prompt.pth: random {list(ctx.shape)} (not in the snapshot)")
+    pipe.init_cross_kv(context_tensor=ctx)
+    pipe.load_models_to_device(["dit", "vae"])
+    return pipe
+
+
+def _run_official_scene(mods, pipe, height, width, scale, chunks, ratio, seed, device, dtype):
+    import torch
+    import torch.nn.functional as F
+
+    cuda = device.type == "cuda"
+    frames = 8 * (chunks + 2) + 1  # their pipe: (num_frames - 1) // 8 - 2 chunks
+    g = torch.Generator(device).manual_seed(seed)
+    lr = torch.randint(0, 256, (frames, 3, height // scale, width // scale), generator=g,
+                       device=device, dtype=torch.uint8)  # fmt: skip
+    lq = F.interpolate(lr.float() / 127.5 - 1, size=(height, width), mode="bicubic")
+    lq = lq.clamp(-1, 1).to(dtype).permute(1, 0, 2, 3).unsqueeze(0)  # 1 C F H W, as their script
+    marks = []  # (kind, start event, end event) in call order
+
+    def event():
+        if not cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def timed(kind, fn):
+        def wrapper(*a, **kw):
+            start = event()
+            out = fn(*a, **kw)
+            marks.append((kind, start, event()))
+            return out
+
+        return wrapper
+
+    def ms(a, b) -> float:
+        return a.elapsed_time(b) if cuda else (b - a) * 1e3
+
+    proj = pipe.dit.LQ_proj_in
+    model_fn = mods["pipe"].model_fn_wan_video
+    proj.stream_forward = timed("projector", type(proj).stream_forward.__get__(proj))
+    mods["pipe"].model_fn_wan_video = timed("dit", model_fn)
+    kwargs = dict(prompt="", negative_prompt="", cfg_scale=1.0, num_inference_steps=1, seed=seed,
+                  height=height, width=width, is_full_block=False, if_buffer=True,
+                  topk_ratio=ratio * 768 * 1280 / (height * width), kv_ratio=3.0,
+                  local_range=11, color_fix=True)  # fmt: skip
+    try:
+        pipe(LQ_video=lq[:, :, :33], num_frames=33, **kwargs)  # warm-up: 2 chunks
+        marks.clear()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = event()
+        video = pipe(LQ_video=lq, num_frames=frames, **kwargs)
+        end = event()
+        if cuda:
+            torch.cuda.synchronize(device)
+    finally:
+        del proj.stream_forward
+        mods["pipe"].model_fn_wan_video = model_fn
+    starts, dit_ms, proj_ms, chunk = [], [], [], []  # per chunk: first event, DiT, projector
+    for kind, a, b in marks:
+        if not chunk:
+            starts.append(a)
+            chunk = [0.0]
+        if kind == "projector":
+            chunk[0] += ms(a, b)
+        else:
+            proj_ms.append(chunk[0])
+            dit_ms.append(ms(a, b))
+            last_dit_end, chunk = b, []
+    periods = [ms(starts[i], starts[i + 1]) for i in range(len(starts) - 1)]
+    periods.append(ms(starts[-1], last_dit_end))
+    out_frames = video.shape[1]
+    decode_ms = ms(last_dit_end, end)  # their TCDecoder over all latents + colour fix, at the end
+    call_ms = ms(start, end)
+    steady = slice(2, None) if len(periods) > 2 else slice(None)
+
+    def med(xs) -> float:
+        return statistics.median(xs[steady])
+
+    stream = med(periods)
+    per_chunk = stream + decode_ms * 8 / out_frames
+    return {"ms_per_chunk": round(per_chunk, 2), "fps": round(8e3 / per_chunk, 2),
+            "stream_ms": round(stream, 2), "projector_ms": round(med(proj_ms), 2),
+            "dit_ms": round(med(dit_ms), 2), "decode_ms_total": round(decode_ms, 2),
+            "decode_ms_per_chunk": round(decode_ms * 8 / out_frames, 2),
+            "call_ms": round(call_ms, 2), "call_fps": round(out_frames * 1e3 / call_ms, 2),
+            "chunks": len(periods), "output_frames": out_frames,
+            "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            if cuda else None}  # fmt: skip
+
+
+def official(args, results: dict, shared, scenes, t0: float) -> dict:
+    """The official runner on the scenes ours ran (``--official PATH``)."""
+    import torch
+
+    from flashdreams.postprocess import compose_run
+
+    mods, subs = _load_official(args.official, args.tiny)
+    cfg = compose_run(overrides(args, *scenes[0]))
+    device, dtype = shared.device, (torch.float32 if args.tiny else torch.bfloat16)
+    start = time.perf_counter()
+    pipe = _build_official(mods, cfg, device, dtype, subs)
+    dit_mod = mods["dit"]
+    cross = next(n for n, ok in (("flash_attn_3", dit_mod.FLASH_ATTN_3_AVAILABLE),
+                                 ("flash_attn_2", dit_mod.FLASH_ATTN_2_AVAILABLE),
+                                 ("sageattention", dit_mod.SAGE_ATTN_AVAILABLE), ("sdpa", True))
+                 if ok)  # fmt: skip
+    bsa = sys.modules["block_sparse_attn"]
+    out = {"code": OFFICIAL_COMMIT, "weights": "random", "dtype": str(dtype).split(".")[-1],
+           "block_sparse_attn": getattr(bsa, "__file__", None),
+           "cross_attention": cross, "sparse_ratio": args.official_sparse_ratio,
+           "local_range": 11, "kv_ratio": 3.0, "input": "random LR frames, bicubic upscaled on "
+           "the device before the call (their script: PIL on the host, also before the call)",
+           "substitutions": subs, "build_s": round(time.perf_counter() - start, 1), "scenes": []}  # fmt: skip
+    for height, width, scale in scenes:
+        entry = {"scene": f"{height}x{width}", "scale": scale}
+        if height % 128 or width % 128:
+            entry["official"] = "n/a (their window partition needs multiples of 128)"
+        elif time.perf_counter() - t0 > args.budget_s + args.official_budget_s:
+            entry["official"] = "skipped (time budget)"
+        else:
+            try:
+                entry["official"] = _run_official_scene(mods, pipe, height, width, scale,
+                                                        args.chunks, args.official_sparse_ratio,
+                                                        args.seed, device, dtype)  # fmt: skip
+            except Exception as err:  # noqa: BLE001  (record it, measure the others)
+                entry["official"] = (
+                    f"failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                )
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+        ours = next((e for e in results["scenes"] if e["scene"] == entry["scene"]), {})
+        for mode in ("dense", "sparse"):
+            if isinstance(ours.get(mode), dict) and isinstance(entry["official"], dict):
+                entry[f"speedup_{mode}"] = round(
+                    entry["official"]["ms_per_chunk"] / ours[mode]["ms_per_chunk"], 2
+                )
+        print(f"{entry['scene']:>10} x{scale} official: {entry}", flush=True)
+        out["scenes"].append(entry)
+    return out
+
+
 def chained(args) -> dict:
     """The chained stream (``--chained``): a generator run with each step upscaled as it comes."""
     from flashdreams.build import build_rollout
@@ -239,7 +496,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24, help="--chained: source AR steps")
     ap.add_argument("--size-multiple", type=int, default=16,
                     help="--chained: vsr.size_multiple (16: 960x1664; 128: 896x1664)")  # fmt: skip
+    ap.add_argument("--official", type=Path, default=None,
+                    help="after ours: the official runner from this FlashVSR copy")  # fmt: skip
+    ap.add_argument("--official-sparse-ratio", type=float, default=2.0,
+                    help="--official: their sparse_ratio (the script's 2.0; 1.5 faster)")  # fmt: skip
+    ap.add_argument("--official-budget-s", type=float, default=150.0,
+                    help="--official: seconds past --budget-s before skipping its scenes")  # fmt: skip
     args = ap.parse_args()
+    if args.official is not None and args.chained:
+        ap.error("--official compares the per-scene run; leave out --chained")
+    if args.official is not None and not (args.official / OFFICIAL_PIPELINE).is_file():
+        ap.error(f"--official={args.official}: no {OFFICIAL_PIPELINE} there (a FlashVSR copy)")
     if args.chained:
         if args.pipeline_decode == "both":
             ap.error("--chained measures one --pipeline-decode setting per run (off or on)")
@@ -294,6 +561,8 @@ def main() -> None:
         if args.out is not None:  # written as it goes: a run cut short keeps its scenes
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.official is not None:
+        results["official"] = official(args, results, shared, scenes, t0)
     results["total_s"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(results, indent=2)
     print(text)
