@@ -325,6 +325,7 @@ def assemble_rollout(cfg: DictConfig, shared: SharedParts, *, graph=None,
         )  # fmt: skip
     conditioning.control.set_graph(instantiate(cfg.graph))  # its encoder's own policy
     vae = instantiate(cfg.vae).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae.set_graph(instantiate(cfg.graph))  # the decoder's own policy (vae.graph=eager: ignored)
     vae = feed_decoder(vae, conditioning.control, f"vae={_option(cfg, 'vae')}")
     r = cfg.rollout
     cache = instantiate(cfg.cache)

@@ -5,15 +5,13 @@ The base class is also the no-op control of recipes without one (``control=none`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from flashdreams.graph.base import GraphPolicy
-from flashdreams.graph.eager import EagerPolicy
+from flashdreams.graph.runner import GraphRunner
 from flashdreams.model.base import ConditionInput
 
 
@@ -26,7 +24,7 @@ class RunSize:
     latent_frames: int | None = None  # latent frames the input fills (None: unknown / endless)
 
 
-class ControlEncoder(nn.Module):
+class ControlEncoder(GraphRunner, nn.Module):
     """Turns a clip's control (a file, then each step's live control) into named tensors.
 
     Per clip the loop calls ``prepare(batch, ...)`` once; before each AR step the session hands
@@ -39,11 +37,9 @@ class ControlEncoder(nn.Module):
 
     Subclasses declare the inputs they give in ``provides()`` with the shapes the model expects.
     A control with a network of its own (an encoder) runs its forwards under the run's graph
-    policy: the build hands it a fresh instance (``set_graph``) and ``run_graph`` compiles and,
-    for a ``shape_key``, captures them as the policy does the DiT's.
+    policy (``GraphRunner``): the build hands it a fresh instance (``set_graph``) and
+    ``run_graph`` compiles and, for a ``shape_key``, captures them as the policy does the DiT's.
     """
-
-    _graph: GraphPolicy = EagerPolicy()  # replaced per control by ``set_graph``
 
     def provides(self) -> dict[str, ConditionInput]:
         """Named inputs this control gives (none here)."""
@@ -100,23 +96,6 @@ class ControlEncoder(nn.Module):
     def waiting(self) -> bool:
         """True while the next step cannot run until frames are pushed."""
         return False
-
-    def set_graph(self, policy: GraphPolicy) -> None:
-        """The graph policy of this control's own forwards (the build passes a fresh instance
-        of the run's ``graph``, so capturing the DiT and the control never share graphs)."""
-        self._graph = policy
-        self._wrapped: dict[str, Callable] = {}
-
-    def run_graph(self, name: str, fn: Callable, *args, shape_key: Hashable | None):
-        """``fn(*args)`` under the control's graph policy: with a ``shape_key`` (a static shape
-        that repeats: the steady block) compiled once as ``name`` when the policy compiles and
-        captured when it captures; without one (shapes met once) eager."""
-        if shape_key is None:
-            return fn(*args)
-        wrapped = self.__dict__.setdefault("_wrapped", {})
-        if name not in wrapped:
-            wrapped[name] = self._graph.wrap(fn)
-        return self._graph.run(wrapped[name], *args, shape_key=(name, shape_key))
 
     def encode_block(self, start: int, num: int) -> None:
         """Do the costly part of ``inputs(start, num)`` now (an encode), before the block's

@@ -17,11 +17,19 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from flashdreams.graph.base import GraphPolicy
+from flashdreams.graph.runner import GraphRunner
 from flashdreams.io.checkpoint import CheckpointError, load_torch_file
 
 
-class StreamingDecoder(nn.Module):
+class StreamingDecoder(GraphRunner, nn.Module):
     """Decodes latents block by block, carrying its causal state across AR steps.
+
+    A decoder with a network runs its steady-shape decode under the run's graph policy
+    (``GraphRunner``): the build hands each decoder a fresh instance of ``graph``
+    (``set_graph``; wrappers pass it to the decoder they wrap) and the decoder routes the calls
+    whose shapes repeat through ``run_graph`` (compiled, and captured per shape). Decoders that
+    ignore it decode eagerly.
 
     Frame convention (Wan 2.1 family): T latent frames decode to ``1 + 4 * (T - 1)`` video
     frames over the whole clip; the first call yields ``1 + 4 * (T0 - 1)`` frames and every
@@ -100,6 +108,9 @@ class FedDecoder(StreamingDecoder):
     def reset(self) -> None:
         self.decoder.reset()
         self._next = 0
+
+    def set_graph(self, policy: GraphPolicy) -> None:
+        self.decoder.set_graph(policy)
 
     def gather_inputs(self, num: int) -> dict[str, torch.Tensor]:
         given = self._source(self._next, num)

@@ -100,6 +100,9 @@ class ColorFixedDecoder(StreamingDecoder):
     def reset(self) -> None:
         self.decoder.reset()
 
+    def set_graph(self, policy) -> None:
+        self.decoder.set_graph(policy)
+
     @torch.no_grad()
     def decode_step(self, latents: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         own = {k: inputs[k] for k in self.decoder.inputs()}

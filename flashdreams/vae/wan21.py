@@ -17,8 +17,11 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanDecoder3d
 
 from flashdreams import ConfigError
+from flashdreams.graph.base import GraphPolicy
 from flashdreams.io.checkpoint import CheckpointError, check_state_dict, resolve_path
 from flashdreams.vae.base import StreamingDecoder, read_tensor_file
+
+GRAPH_MODES = ("follow", "eager")  # vae.graph: the run's graph policy, or always eager
 
 # Per-channel statistics of Wan 2.1 latents; the DiT works on (z - mean) / std.
 WAN21_LATENTS_MEAN = (
@@ -123,6 +126,13 @@ class Wan21StreamingDecoder(StreamingDecoder):
     normalized ones; they are mapped back with Wan 2.1's per-channel statistics
     (``z = x * std + mean``, in fp32) before ``post_quant_conv``.
 
+    Each decoder call is :meth:`decode_chunk`, a function of tensors (latents and the per-conv
+    cache in, frames and the new cache out). From the third call of a clip on, every cache
+    entry holds two frames, so the shapes repeat: those calls run under the decoder's graph
+    policy (``set_graph``; ``graph=follow``): compiled under ``compile`` policies and captured
+    per chunk shape under capturing ones (the cache, a graph's static output, is fed back as
+    its next input). The first two calls (frame 0 alone, then a cache still filling) run eager.
+
     Args:
         checkpoint: Wan's original ``Wan2.1_VAE.pth`` (or the same keys in ``.safetensors``), a
             diffusers-named file, or a diffusers folder (``config.json`` + safetensors, whose
@@ -134,6 +144,8 @@ class Wan21StreamingDecoder(StreamingDecoder):
         temperal_downsample: per encoder level, whether it halves time (the decoder mirrors it).
         seed: seed of the random weights when ``checkpoint`` is None.
         chunk_frames: latent frames per decoder call after the first frame; 0 = whole block.
+            Each chunk shape is its own capture (one per shape, in one pool per decoder).
+        graph: ``follow`` (the run's graph policy) or ``eager`` (never compiled or captured).
     """
 
     def __init__(
@@ -146,8 +158,10 @@ class Wan21StreamingDecoder(StreamingDecoder):
         temperal_downsample: Sequence[bool] = (False, True, True),
         seed: int = 0,
         chunk_frames: int = 0,
+        graph: str = "follow",
     ) -> None:
         super().__init__()
+        self._set_graph_mode(graph)
         arch = dict(
             base_dim=base_dim,
             z_dim=z_dim,
@@ -171,6 +185,16 @@ class Wan21StreamingDecoder(StreamingDecoder):
         self._set_latent_stats(mean, std, int(arch["z_dim"]), "Wan 2.1: 16")
         self._build(state, source, seed, **arch)
         self.reset()
+
+    def _set_graph_mode(self, graph: str) -> None:
+        if graph not in GRAPH_MODES:
+            raise ConfigError(f"vae.graph={graph!r} must be one of {', '.join(GRAPH_MODES)}")
+        self.graph = graph
+
+    def set_graph(self, policy: GraphPolicy) -> None:
+        """Run the steady decode calls under ``policy`` (ignored with ``graph=eager``)."""
+        if self.graph != "eager":
+            super().set_graph(policy)
 
     def _set_latent_stats(self, mean, std, z_dim: int, expected: str) -> None:
         """Per-channel latent mean/std of the DiT's latent space (checked against ``z_dim``)."""
@@ -217,6 +241,7 @@ class Wan21StreamingDecoder(StreamingDecoder):
     def reset(self) -> None:
         """Drop the causal-conv cache; the next ``decode_step`` starts a new clip."""
         self._feat_cache: list | None = None
+        self._calls = 0  # decoder calls of this clip
 
     def _unnormalize(self, latents: torch.Tensor) -> torch.Tensor:
         """DiT latent space -> VAE latent space: ``z = x * std + mean`` in fp32."""
@@ -230,8 +255,28 @@ class Wan21StreamingDecoder(StreamingDecoder):
         dtype = self.post_quant_conv.weight.dtype
         return torch.addcmul(mean, latents.float(), std).to(dtype)  # (B, C, T, h, w)
 
-    def _run(self, x: torch.Tensor, first: bool = False) -> torch.Tensor:
-        return self.decoder(x, feat_cache=self._feat_cache, feat_idx=[0], first_chunk=first)
+    def decode_chunk(self, latents: torch.Tensor, cache: list,
+                     first: bool = False) -> tuple[torch.Tensor, list]:  # fmt: skip
+        """One causal decoder call, as a function of tensors.
+
+        Args:
+            latents: (B, C, t, h, w) normalized (DiT-space) latents: a clip's first frame alone
+                (``first=True``), then any number of frames (one call for t frames equals t
+                calls of one: every causal conv reads the same past through the cache).
+            cache: the per-conv cache of the previous call (``[None] * _num_convs`` first);
+                not modified.
+            first: the clip's first call (its first latent frame yields one video frame).
+
+        Returns:
+            (B, T_out, 3, H, W) frames in [0, 1] (T_out = 1 first, else ``temporal_factor`` t)
+            and the new cache: from the third call of a clip on every entry is a two-frame
+            tensor, so the call's shapes repeat and it can be compiled and captured.
+        """
+        cache = list(cache)
+        x = self.post_quant_conv(self._unnormalize(latents))  # (B, C, t, h, w)
+        video = self.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first)
+        video = video.clamp(-1.0, 1.0).add(1.0).mul(0.5)  # (B, 3, T_out, H, W)
+        return video.permute(0, 2, 1, 3, 4), cache
 
     @torch.no_grad()
     def decode_step(self, latents: torch.Tensor) -> torch.Tensor:
@@ -244,14 +289,20 @@ class Wan21StreamingDecoder(StreamingDecoder):
             (B, T_out, 3, H, W) frames in [0, 1]; T_out = 1 + 4 (T - 1) on the first call of a
             clip, 4 T after.
         """
-        x = self.post_quant_conv(self._unnormalize(latents))  # (B, C, T, h, w)
         outs = []
         if self._feat_cache is None:
-            self._feat_cache = [None] * self._num_convs
-            outs.append(self._run(x[:, :, :1], first=True))  # (B, 3, 1, H, W)
-            x = x[:, :, 1:]
-        if x.shape[2] > 0:
-            step = self.chunk_frames if self.chunk_frames > 0 else x.shape[2]
-            outs.extend(self._run(part) for part in x.split(step, dim=2))
-        video = torch.cat(outs, dim=2).clamp(-1.0, 1.0)  # (B, 3, T_out, H, W)
-        return video.add(1.0).mul(0.5).permute(0, 2, 1, 3, 4)  # (B, T_out, 3, H, W)
+            frames, self._feat_cache = self.decode_chunk(
+                latents[:, :, :1], [None] * self._num_convs, first=True
+            )
+            outs.append(frames)
+            latents, self._calls = latents[:, :, 1:], 1
+        if latents.shape[2] > 0:
+            step = self.chunk_frames if self.chunk_frames > 0 else latents.shape[2]
+            for part in latents.split(step, dim=2):
+                steady = tuple(part.shape) if self._calls >= 2 else None  # the capture key
+                frames, self._feat_cache = self.run_graph(
+                    "wan_vae_decode", self.decode_chunk, part, self._feat_cache, shape_key=steady
+                )
+                outs.append(frames)
+                self._calls += 1
+        return torch.cat(outs, dim=1)  # own copy: a captured call rewrites its output

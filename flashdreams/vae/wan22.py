@@ -207,15 +207,17 @@ class Wan22StreamingDecoder(Wan21StreamingDecoder):
         patch_size: pixel patch folded into channels around the convolutional VAE (2).
         seed: seed of the random weights when ``checkpoint`` is None.
         chunk_frames: latent frames per decoder call after the first; 0 = whole block.
+        graph: ``follow`` (steady decoder calls under the run's graph policy) or ``eager``.
     """
 
     def __init__(
         self, checkpoint: str | None = None, base_dim: int = 256, z_dim: int = 48,
         dim_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
         temperal_downsample: Sequence[bool] = (False, True, True), patch_size: int = 2,
-        seed: int = 0, chunk_frames: int = 0,
+        seed: int = 0, chunk_frames: int = 0, graph: str = "follow",
     ) -> None:  # fmt: skip
         nn.Module.__init__(self)
+        self._set_graph_mode(graph)
         arch = dict(base_dim=base_dim, z_dim=z_dim, dim_mult=list(dim_mult),
                     num_res_blocks=num_res_blocks, temperal_downsample=list(temperal_downsample),
                     patch_size=patch_size)  # fmt: skip

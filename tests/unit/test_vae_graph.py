@@ -1,0 +1,150 @@
+"""The Wan 2.1 / 2.2 streaming VAE decoders run under the run's graph policy (CPU, tiny VAEs):
+
+* the steady decoder calls (from a clip's third call on: every causal-conv cache entry then
+  holds two frames) go through the policy's ``wrap`` once and ``run`` with the chunk's shape as
+  key, the cache fed back as an input; the first two calls run eager;
+* the policy-run decode equals the eager streaming decode and a whole-clip decode, block after
+  block and across a ``reset`` (eager wrap path, and a real ``torch.compile`` with the
+  ``aot_eager`` backend, full graph);
+* ``vae.graph=eager`` ignores the policy; a bad ``vae.graph`` is a one-line error;
+* the build hands the decoder its own policy instance (not the DiT's, not the control's).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from flashdreams import ConfigError
+from flashdreams.graph.compile import CompilePolicy, compile_static
+from flashdreams.graph.cuda_graph import CudaGraphPolicy, _flatten
+from flashdreams.graph.eager import EagerPolicy
+from flashdreams.vae.base import FedDecoder
+from flashdreams.vae.color_fix import ColorFixedDecoder
+from flashdreams.vae.wan21 import Wan21StreamingDecoder
+from flashdreams.vae.wan22 import Wan22StreamingDecoder
+
+SMALL = dict(base_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True])
+DECODERS = {"wan21": (Wan21StreamingDecoder, 16), "wan22": (Wan22StreamingDecoder, 48)}
+VAE_OVERRIDES = [
+    "vae.base_dim=8",
+    "vae.dim_mult=[1,2,2]",
+    "vae.num_res_blocks=1",
+    "vae.temperal_downsample=[true,true]",
+]  # SMALL, as overrides
+BLOCKS = [3, 2, 2, 2]  # the first block (frame 0 alone, then 2 frames), then steady blocks
+
+
+class Recording(EagerPolicy):
+    """Eager, recording what the decoder asked of it and checking what capture relies on: one
+    key always sees the same argument shapes, and every cache entry is a two-frame tensor (or
+    ``None`` for a conv that keeps none, the 1x1 shortcuts), never the first call's ``"Rep"``."""
+
+    def __init__(self) -> None:
+        self.wrapped, self.keys, self.shapes = [], [], {}
+
+    def wrap(self, fn):
+        self.wrapped.append(fn)
+        return fn
+
+    def run(self, fn, *args, shape_key):
+        latents, cache = args
+        assert all(c.shape[2] == 2 if isinstance(c, torch.Tensor) else c is None for c in cache)
+        shapes = [tuple(t.shape) for t in _flatten(args)]
+        assert self.shapes.setdefault(shape_key, shapes) == shapes
+        self.keys.append(shape_key)
+        return fn(*args)
+
+
+class AotEager(CompilePolicy):
+    """A real ``torch.compile`` (full graph, static shapes) with the fast ``aot_eager`` backend."""
+
+    def wrap(self, fn):
+        return compile_static(fn, backend="aot_eager")
+
+
+def _decoder(kind: str, **kw):
+    cls, z = DECODERS[kind]
+    return cls(z_dim=z, **SMALL, **kw).eval(), z
+
+
+def _latents(z: int) -> torch.Tensor:
+    return torch.randn(1, z, sum(BLOCKS), 2, 3, generator=torch.Generator().manual_seed(1))
+
+
+def _stream(decoder, latents, blocks=BLOCKS) -> torch.Tensor:
+    decoder.reset()
+    outs = [decoder.decode_step(b) for b in latents.split(blocks, dim=2)]
+    assert [o.shape[1] for o in outs] == [1 + 4 * (blocks[0] - 1)] + [4 * n for n in blocks[1:]]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("chunk_frames", [0, 1])
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_steady_calls_run_under_the_policy_and_equal_eager(kind, chunk_frames):
+    decoder, z = _decoder(kind, chunk_frames=chunk_frames)
+    latents = _latents(z)
+    eager = _stream(decoder, latents)
+    whole = _stream(decoder, latents, [sum(BLOCKS)])  # the whole clip in one call
+    torch.testing.assert_close(eager, whole, rtol=0, atol=1e-5)
+    policy = Recording()
+    decoder.set_graph(policy)
+    for _ in range(2):  # a second clip after reset starts afresh, same keys
+        graphed = _stream(decoder, latents)
+        torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    assert len(policy.wrapped) == 1  # compiled once, every steady call reuses it
+    if chunk_frames == 0:  # calls: frame 0, frames 1-2 (eager), then one per steady block
+        steady = [("wan_vae_decode", (1, z, 2, 2, 3))] * (len(BLOCKS) - 1)
+    else:  # one call per latent frame: the first two eager
+        steady = [("wan_vae_decode", (1, z, 1, 2, 3))] * (sum(BLOCKS) - 2)
+    assert policy.keys == steady * 2
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_compiled_decode_equals_eager(kind):
+    decoder, z = _decoder(kind)
+    latents = _latents(z)
+    eager = _stream(decoder, latents)
+    decoder.set_graph(AotEager())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _stream(decoder, latents)
+    assert counters["stats"]["unique_graphs"] == 1  # one steady shape, one full graph
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_wrappers_pass_the_policy_to_the_decoder():
+    decoder, _ = _decoder("wan21")
+    policy = Recording()
+    FedDecoder(ColorFixedDecoder(decoder), lambda start, num: {}).set_graph(policy)
+    assert decoder._graph is policy
+
+
+def test_graph_eager_ignores_the_policy_and_bad_values_fail():
+    decoder, z = _decoder("wan21", graph="eager")
+    policy = Recording()
+    decoder.set_graph(policy)
+    _stream(decoder, _latents(z))
+    assert policy.keys == [] and policy.wrapped == []
+    with pytest.raises(ConfigError, match=r"^vae.graph='capture' must be one of follow, eager$"):
+        _decoder("wan22", graph="capture")
+
+
+def test_build_gives_the_decoder_its_own_graph_policy():
+    from flashdreams.build import build_rollout
+    from tests.unit.test_config import compose_run
+
+    cfg = compose_run(["recipe=hy_worldplay_wan_i2v_5b", "model.checkpoint=null",
+                       "text_encoder=random", "vae.checkpoint=null",
+                       "conditioner.encoder.checkpoint=null", "rollout.total_blocks=2",
+                       "pose=w-7", "model.dim=64", "model.num_heads=2", "model.num_layers=2",
+                       "model.ffn_dim=128", "model.text_dim=32", "model.text_len=8",
+                       "model.memory_points=2000", *VAE_OVERRIDES,
+                       "rollout.height=32", "rollout.width=32", "device=cpu", "dtype=float32",
+                       "graph=compile_cuda_graph", "attention=sdpa"])  # fmt: skip
+    rollout = build_rollout(cfg)
+    policy = rollout.vae._graph
+    assert isinstance(rollout.vae, Wan22StreamingDecoder)
+    assert isinstance(policy, CudaGraphPolicy) and policy.compiles
+    assert policy is not rollout.graph and policy is not rollout.control._graph
