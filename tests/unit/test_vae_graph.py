@@ -142,7 +142,7 @@ def test_build_gives_the_decoder_its_own_graph_policy():
                        "model.ffn_dim=128", "model.text_dim=32", "model.text_len=8",
                        "model.memory_points=2000", *VAE_OVERRIDES,
                        "rollout.height=32", "rollout.width=32", "device=cpu", "dtype=float32",
-                       "graph=compile_cuda_graph", "attention=sdpa"])  # fmt: skip
+                       "graph=compile_cuda_graph", "attention=sdpa", "vae.graph=follow"])  # fmt: skip
     rollout = build_rollout(cfg)
     policy = rollout.vae._graph
     assert isinstance(rollout.vae, Wan22StreamingDecoder)
