@@ -5,7 +5,8 @@ embeddings; no downloads) for 8 blocks of 4 latent frames along ``pose='w-31'``:
 re-run 4, 8, 12 history frames, blocks 4-7 run with the full 16-frame memory (the fixed-shape
 steady state: every one replays the same two captured graphs, the memory's and the block's).
 The graphs are captured during warm-up (``Rollout.precapture``); the script counts captures
-made during the timed steps (``captures_in_steps``: 0 means every step replayed graphs).
+made during the timed steps by any of its graph policies, the DiT's, the decoder's and the
+control's (``captures_in_steps``: 0 means every step replayed graphs).
 
 Per step: ``dit_ms`` (the diffuse stage: the memory re-run + 4 Euler steps), ``decode_ms``
 (Wan 2.2 VAE, streaming), ``step_ms``; medians over steps >= 2 and over the steady steps >= 4.
@@ -65,6 +66,15 @@ TINY = ["model.dim=64", "model.num_heads=2", "model.num_layers=2", "model.ffn_di
         "vae.base_dim=8", "vae.dim_mult=[1,2,2]", "vae.num_res_blocks=1",
         "vae.temperal_downsample=[true,true]", "rollout.height=32", "rollout.width=32",
         "device=cpu", "dtype=float32", "graph=eager", "attention=sdpa"]  # fmt: skip
+
+
+def count_graphs(rollout) -> int:
+    """CUDA graphs captured so far by the rollout's policies: the DiT's, and the decoder's and
+    the control's (each has its own instance: ``vae.graph=follow``, a captured HDMap encode)."""
+    owners = (rollout, rollout.vae, rollout.control)
+    policies = {id(p): p for p in (getattr(o, n, None) for o in owners for n in ("graph", "_graph"))
+                if p is not None}  # fmt: skip
+    return sum(len(getattr(p, "graphs", {})) for p in policies.values())
 
 
 def main() -> None:
@@ -192,8 +202,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rollout.precapture()
     warmup_s = time.perf_counter() - t0
-    graphs = getattr(rollout.graph, "graphs", {})
-    captured = len(graphs)
+    captured = count_graphs(rollout)
     noise, memory = _record(rollout)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -210,7 +219,7 @@ def main() -> None:
             latents.append((noise[0].cpu(), out.latents.float().cpu() if parity else None))
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     result = {"config": overrides, "warmup_s": warmup_s, "graphs_precaptured": captured,
-              "captures_in_steps": len(getattr(rollout.graph, "graphs", {})) - captured,
+              "captures_in_steps": count_graphs(rollout) - captured,
               "steps": rows, "peak_memory_gib": peak / 2**30}  # fmt: skip
     _medians(result, rows)
     if cuda:
