@@ -392,3 +392,8 @@ class Rollout:
         with torch.no_grad():
             self.forwards.precapture(self.context(), plan, self.latent_hw, self._begin_block,
                                      prefix=self.frame_offset if self.cache is not None else 0)  # fmt: skip
+        # the decoder's steady calls (its own policy: ``vae.graph=follow``): three blocks reach
+        # the steady shape (frame 0 alone and the first block's rest run eager)
+        first = min(3, self.total_blocks) if self.total_blocks is not None else 3
+        frames = [self.schedule.frames(i) for i in range(first if self.cache is not None else 0)]
+        self.vae.warm_up(frames, self.batch_size, self.latent_hw, self.device, self.decoder.dtype)

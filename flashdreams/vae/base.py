@@ -10,7 +10,7 @@ new run of frames (``ControlEncoder.decoder_inputs(start, num)``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -69,6 +69,13 @@ class StreamingDecoder(GraphRunner, nn.Module):
         """
         raise NotImplementedError
 
+    def warm_up(self, frames: Sequence[int], batch: int, latent_hw: tuple[int, int],
+                device: torch.device, dtype: torch.dtype) -> None:  # fmt: skip
+        """Before the first step (``Rollout.precapture``): make what the decoder compiles or
+        captures for its steady calls, decoding stand-in latents of blocks of ``frames`` latent
+        frames each, then forget them (the next ``decode_step`` starts a clip). Nothing by
+        default."""
+
     def gather_inputs(self, num: int) -> dict[str, torch.Tensor]:
         """The named inputs of the next ``num`` latent frames, gathered now (on the current
         stream) for a ``decode_step(latents, **gathered)`` run later, e.g. on a side stream
@@ -111,6 +118,9 @@ class FedDecoder(StreamingDecoder):
 
     def set_graph(self, policy: GraphPolicy) -> None:
         self.decoder.set_graph(policy)
+
+    def warm_up(self, frames, batch, latent_hw, device, dtype) -> None:
+        self.decoder.warm_up(frames, batch, latent_hw, device, dtype)
 
     def gather_inputs(self, num: int) -> dict[str, torch.Tensor]:
         given = self._source(self._next, num)

@@ -103,6 +103,9 @@ class ColorFixedDecoder(StreamingDecoder):
     def set_graph(self, policy) -> None:
         self.decoder.set_graph(policy)
 
+    def warm_up(self, frames, batch, latent_hw, device, dtype) -> None:
+        self.decoder.warm_up(frames, batch, latent_hw, device, dtype)
+
     @torch.no_grad()
     def decode_step(self, latents: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         own = {k: inputs[k] for k in self.decoder.inputs()}

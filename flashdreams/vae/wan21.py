@@ -238,6 +238,8 @@ class Wan21StreamingDecoder(StreamingDecoder):
             self.load_state_dict(state, assign=True)
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in self.decoder.modules())
 
+    _warmed: set = frozenset()  # plans ``warm_up`` ran (a set of this decoder's once it ran)
+
     def reset(self) -> None:
         """Drop the causal-conv cache; the next ``decode_step`` starts a new clip."""
         self._feat_cache: list | None = None
@@ -277,6 +279,25 @@ class Wan21StreamingDecoder(StreamingDecoder):
         video = self.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first)
         video = video.clamp(-1.0, 1.0).add(1.0).mul(0.5)  # (B, 3, T_out, H, W)
         return video.permute(0, 2, 1, 3, 4), cache
+
+    @torch.no_grad()
+    def warm_up(self, frames, batch, latent_hw, device, dtype) -> None:
+        """Under ``graph=follow`` with a compiling or capturing policy: decode zeros of the
+        blocks of ``frames`` (the schedule's first blocks) so that the steady calls' compile
+        and capture happen here, then ``reset``."""
+        if self.graph == "eager" or not (self._graph.captures or self._graph.compiles):
+            return
+        plan = (tuple(frames), batch, tuple(latent_hw), str(device), dtype, id(self._graph))
+        if plan in self._warmed:  # a later session start: its graphs exist already
+            return
+        self._warmed = {*self._warmed, plan}
+        self.reset()
+        for n in frames:
+            self.decode_step(torch.zeros(batch, self.latent_channels, n, *latent_hw,
+                                         device=device, dtype=dtype))  # fmt: skip
+            if self._calls > 2:  # a steady call ran: its graph exists
+                break
+        self.reset()
 
     @torch.no_grad()
     def decode_step(self, latents: torch.Tensor) -> torch.Tensor:

@@ -148,3 +148,40 @@ def test_build_gives_the_decoder_its_own_graph_policy():
     assert isinstance(rollout.vae, Wan22StreamingDecoder)
     assert isinstance(policy, CudaGraphPolicy) and policy.compiles
     assert policy is not rollout.graph and policy is not rollout.control._graph
+
+
+class RecordingCapture(Recording):
+    """A ``Recording`` that says it captures: what ``warm_up`` asks of a capturing policy."""
+
+    captures = True
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_warm_up_makes_the_steady_call_before_the_clip_and_leaves_no_state(kind):
+    """``warm_up`` (``Rollout.precapture``) runs the steady call once on stand-in latents, so a
+    capturing policy captures it before the first step; the clip then decodes exactly as
+    without it, and a later session start (same plan) decodes nothing more."""
+    decoder, z = _decoder(kind)
+    latents = _latents(z)
+    eager = _stream(decoder, latents)
+    policy = RecordingCapture()
+    decoder.set_graph(policy)
+    decoder.warm_up(BLOCKS[:3], 1, (2, 3), torch.device("cpu"), torch.float32)
+    assert policy.keys == [("wan_vae_decode", (1, z, 2, 2, 3))]  # the steady block, once
+    assert decoder._feat_cache is None  # reset: the next decode_step starts a clip
+    torch.testing.assert_close(_stream(decoder, latents), eager, rtol=0, atol=0)
+    keys = len(policy.keys)
+    decoder.warm_up(BLOCKS[:3], 1, (2, 3), torch.device("cpu"), torch.float32)
+    assert len(policy.keys) == keys  # warmed already
+
+
+def test_warm_up_does_nothing_without_a_policy_that_compiles_or_captures():
+    decoder, _ = _decoder("wan21")
+    policy = Recording()  # eager: nothing to make ahead
+    decoder.set_graph(policy)
+    decoder.warm_up(BLOCKS[:3], 1, (2, 3), torch.device("cpu"), torch.float32)
+    eager_mode, _ = _decoder("wan21", graph="eager")
+    capturing = RecordingCapture()
+    eager_mode.set_graph(capturing)  # vae.graph=eager: ignored
+    eager_mode.warm_up(BLOCKS[:3], 1, (2, 3), torch.device("cpu"), torch.float32)
+    assert policy.keys == [] and capturing.keys == []
