@@ -79,7 +79,11 @@ def count_graphs(rollout) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--graph", default="cuda_graph", help="graph policy")
+    parser.add_argument(
+        "--graph",
+        default="compile_cuda_graph",
+        help="graph policy (the H200 measured compile_cuda_graph a 23 percent faster DiT than cuda_graph)",
+    )
     parser.add_argument("--attention", default="sdpa_cudnn", help="attention backend")
     parser.add_argument("--blocks", type=int, default=8, help="AR blocks (memory from block 4)")
     parser.add_argument(
