@@ -4,6 +4,12 @@ import torch
 
 from flashdreams.graph.cuda_graph import capture
 
+# the small Wan DiT of the stepped GPU tests (real kernels, seconds per run)
+SMALL_WAN = [
+    "rollout.height=256", "rollout.width=256", "model.dim=512", "model.num_heads=4",
+    "model.num_layers=4", "model.ffn_dim=1024", "device=cuda", "dtype=bfloat16",
+]  # fmt: skip
+
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error of ``a`` against ``b``, in fp32."""

@@ -11,16 +11,12 @@ import pytest
 import torch
 
 from flashdreams.build import build_rollout
-from tests.gpu.helpers import pre_captured_latents, rel_l2
+from tests.gpu.helpers import SMALL_WAN, pre_captured_latents, rel_l2
 from tests.unit.test_config import compose_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-BASE = [
-    "rollout.height=256", "rollout.width=256", "rollout.total_blocks=6",
-    "model.dim=512", "model.num_heads=4", "model.num_layers=4", "model.ffn_dim=1024",
-    "cache.window_frames=8", "device=cuda", "dtype=bfloat16", "attention=sdpa",
-]  # fmt: skip
+BASE = [*SMALL_WAN, "rollout.total_blocks=6", "cache.window_frames=8", "attention=sdpa"]
 SCHEDULES = {
     "1-then-3": ["rollout.first_block_frames=1", "rollout.frames_per_block=3"],
     "6-then-2": ["rollout.first_block_frames=6", "rollout.frames_per_block=2"],

@@ -8,15 +8,11 @@ would fail this test if a capture had recorded stale cache contents.
 import pytest
 import torch
 
-from tests.gpu.helpers import pre_captured_latents
+from tests.gpu.helpers import SMALL_WAN, pre_captured_latents
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-BASE = [
-    "rollout.height=256", "rollout.width=256", "rollout.total_blocks=5",
-    "model.dim=512", "model.num_heads=4", "model.num_layers=4", "model.ffn_dim=1024",
-    "cache.window_frames=6", "cache.sink_frames=3", "device=cuda", "dtype=bfloat16",
-]  # fmt: skip
+BASE = [*SMALL_WAN, "rollout.total_blocks=5", "cache.window_frames=6", "cache.sink_frames=3"]
 
 
 def _latents(overrides):

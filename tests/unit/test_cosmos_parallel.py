@@ -4,14 +4,7 @@ of one process, for the bidirectional CFG recipe under Ulysses and a block-causa
 
 from __future__ import annotations
 
-import json
-import os
-
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from tests.unit.test_parallel import free_port, rollout_latents
+from tests.unit.test_parallel import join_gloo, leave_gloo, rollout_latents, run_ranks
 
 TINY = ["model=cosmos_tiny", "model.checkpoint=null", "device=cpu", "dtype=float32",
         "text_encoder=random", "vae=none", "~vae.checkpoint", "~vae.chunk_frames", "rollout.height=32",
@@ -27,25 +20,18 @@ CASES = {
 
 
 def _worker(rank: int, world: int, port: int, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    join_gloo(rank, world, port)
     errors = {}
     for name, overrides in CASES.items():
         got = rollout_latents(overrides)
         if rank == 0:
             ref = rollout_latents([o for o in overrides if not o.startswith("parallel=")])
             errors[name] = (got - ref).abs().max().item() if got.shape == ref.shape else 1e9
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(errors, f)
-    dist.destroy_process_group()
+    leave_gloo(rank, out_path, errors)
 
 
 def test_context_parallel_cosmos_matches_single_process(tmp_path):
-    out = tmp_path / "errors.json"
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    errors = json.loads(out.read_text())
+    errors = run_ranks(_worker, 2, tmp_path)
     assert set(errors) == set(CASES)
     for name, err in errors.items():
         assert err <= 1e-4, f"{name}: max abs error {err:.2e}"

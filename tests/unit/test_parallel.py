@@ -93,6 +93,22 @@ def join_gloo(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def leave_gloo(rank: int, out_path: str, results: dict) -> None:
+    """Rank 0 hands its ``results`` to the test (JSON at ``out_path``); every rank leaves."""
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def run_ranks(worker, world: int, tmp_path) -> dict:
+    """``worker(rank, world, port, out_path)`` on ``world`` spawned ranks (a free loopback
+    port); returns the results rank 0 left with ``leave_gloo``."""
+    out = tmp_path / "results.json"
+    mp.spawn(worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    return json.loads(out.read_text())
+
+
 def _worker(rank: int, world: int, port: int, out_path: str) -> None:
     join_gloo(rank, world, port)
     results, refs = {}, {}
@@ -109,16 +125,12 @@ def _worker(rank: int, world: int, port: int, out_path: str) -> None:
     masked = _masked_forward_error(world)
     if rank == 0:
         results["ulysses-masked"] = {"shape": [], "ref_shape": [], "err": masked, "scale": 0}
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    leave_gloo(rank, out_path, results)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_matches_single_process(world, tmp_path):
-    out = tmp_path / "results.json"
-    mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
-    results = json.loads(out.read_text())
+    results = run_ranks(_worker, world, tmp_path)
     assert len(results) == len(_cases(world)) + 1
     for name, r in results.items():
         assert r["shape"] == r["ref_shape"], name

@@ -17,13 +17,17 @@ a twentieth of the fp8 exchange's own bound.
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.unit.test_parallel import AR, BIDIRECTIONAL, TINY, free_port, join_gloo, rollout_latents
+from tests.unit.test_parallel import (
+    AR,
+    BIDIRECTIONAL,
+    TINY,
+    join_gloo,
+    leave_gloo,
+    rollout_latents,
+    run_ranks,
+)
 
 SIX_HEADS = ["model.dim=48", "model.num_heads=6", "rollout.height=48", "rollout.width=48"]
 ULYSSES, USP = ["parallel=ulysses"], ["parallel=usp", "parallel.ulysses_degree=2"]
@@ -51,16 +55,11 @@ def _worker(rank: int, world: int, port: int, out_path: str) -> None:
                 "rel": ((overlapped - sync).norm() / sync.norm()).item(),
                 "scale": sync.abs().max().item(),
             }
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    leave_gloo(rank, out_path, results)
 
 
 def test_async_exchange_equals_the_synchronous_exchange(tmp_path):
-    out = tmp_path / "results.json"
-    mp.spawn(_worker, args=(4, free_port(), str(out)), nprocs=4, join=True)
-    results = json.loads(out.read_text())
+    results = run_ranks(_worker, 4, tmp_path)
     assert len(results) == sum(len(modes) for _, modes in CASES.values())
     for name, r in results.items():
         assert r["scale"] > 0, name

@@ -11,21 +11,18 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tests.unit.test_parallel import (
     AR,
     BIDIRECTIONAL,
     ODD,
     TINY,
-    free_port,
     join_gloo,
+    leave_gloo,
     rollout_latents,
+    run_ranks,
 )
 
 REL_L2 = 2e-2
@@ -55,16 +52,11 @@ def _worker(rank: int, world: int, port: int, out_path: str) -> None:
         exact = rollout_latents(base)
         fp8 = rollout_latents([*base, "parallel.fp8_all_to_all=true"])
         errors[name] = float((fp8 - exact).norm() / exact.norm())
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(errors, f)
-    dist.destroy_process_group()
+    leave_gloo(rank, out_path, errors)
 
 
 def test_fp8_exchange_matches_the_unquantized_exchange(tmp_path):
-    out = tmp_path / "errors.json"
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    errors = json.loads(out.read_text())
+    errors = run_ranks(_worker, 2, tmp_path)
     assert set(errors) == {"ar", "bidirectional"}
     for name, err in errors.items():
         assert 0.0 < err <= REL_L2, f"{name}: relative L2 error {err:.2e}"
