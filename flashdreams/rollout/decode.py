@@ -31,34 +31,32 @@ from flashdreams.stats import StepTimer
 from flashdreams.vae.base import StreamingDecoder
 
 log = logging.getLogger(__name__)
-_logged_cpu_overlap = False  # the CPU fallback of ``overlap_decode`` is logged once per process
-_logged_cpu_pipeline = False  # as for ``pipeline_decode``
+_logged_cpu: set[str] = set()  # stream options whose CPU fallback was logged (once per process)
+
+
+def _stream_option(name: str, value, device: torch.device, on_cpu: str) -> bool:
+    """``rollout.<name>`` checked (a bool); logs once per process what CPU does instead."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"rollout.{name}={value!r} must be true or false")
+    if value and device.type != "cuda" and name not in _logged_cpu:
+        _logged_cpu.add(name)
+        log.info("rollout.%s=true: %s on %s (the overlap needs CUDA streams)", name, on_cpu,
+                 device.type)  # fmt: skip
+    return value
 
 
 def check_overlap(overlap_decode, device: torch.device) -> bool:
     """Whether the decode really overlaps the commit: asked for, and on CUDA."""
-    global _logged_cpu_overlap
-    if not isinstance(overlap_decode, bool):
-        raise ConfigError(f"rollout.overlap_decode={overlap_decode!r} must be true or false")
-    if overlap_decode and device.type != "cuda":
-        if not _logged_cpu_overlap:
-            _logged_cpu_overlap = True
-            log.info("rollout.overlap_decode=true: decode and commit run one after the "
-                     "other on %s (overlap needs CUDA streams)", device.type)  # fmt: skip
-        return False
-    return overlap_decode
+    on_cpu = "decode and commit run one after the other"
+    return _stream_option("overlap_decode", overlap_decode, device, on_cpu) and (
+        device.type == "cuda"
+    )
 
 
 def check_pipeline(pipeline_decode, device: torch.device) -> bool:
-    """``rollout.pipeline_decode`` checked (a bool); logs once that CPU decodes in place."""
-    global _logged_cpu_pipeline
-    if not isinstance(pipeline_decode, bool):
-        raise ConfigError(f"rollout.pipeline_decode={pipeline_decode!r} must be true or false")
-    if pipeline_decode and device.type != "cuda" and not _logged_cpu_pipeline:
-        _logged_cpu_pipeline = True
-        log.info("rollout.pipeline_decode=true: frames come one step late; on %s the decode "
-                 "runs in place (the overlap needs CUDA streams)", device.type)  # fmt: skip
-    return pipeline_decode
+    """``rollout.pipeline_decode`` checked; on CPU the frames still come one step late."""
+    on_cpu = "frames come one step late; the decode runs in place"
+    return _stream_option("pipeline_decode", pipeline_decode, device, on_cpu)
 
 
 class Lagged:

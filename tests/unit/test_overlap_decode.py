@@ -39,7 +39,7 @@ def test_config_composes_with_both_knobs():
 
 
 def test_overlap_on_cpu_is_sequential_and_bit_identical(monkeypatch, caplog):
-    monkeypatch.setattr(flashdreams.rollout.decode, "_logged_cpu_overlap", False)
+    monkeypatch.setattr(flashdreams.rollout.decode, "_logged_cpu", set())
     _, ref = _run([])
     with caplog.at_level(logging.INFO, logger="flashdreams.rollout.decode"):
         rollout, got = _run(["rollout.overlap_decode=true"])
