@@ -164,15 +164,16 @@ def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame:
     return rows
 
 
-def check_peer(cfg: DictConfig) -> None:
+def check_peer(cfg: DictConfig, model: DiT | None = None) -> None:
     """``bench.peer=true`` times diffusers' ``WanTransformer3DModel``: only a plain Wan T2V DiT
-    has that peer (one-line ``ConfigError`` otherwise, before the run)."""
+    has that peer (one-line ``ConfigError`` otherwise, before the run). ``model``: the run's
+    DiT if built already (else built on the meta device)."""
     from flashdreams.build import construct_model
     from flashdreams.model.wan import WanDiT
 
     if not (cfg.get("bench") or {}).get("peer", False):
         return
-    model = construct_model(cfg.model)
+    model = construct_model(cfg.model) if model is None else model
     if type(model) is not WanDiT or model.image_dim is not None or model.camera_channels:
         raise ConfigError(f"bench.peer=true times diffusers' WanTransformer3DModel, a plain Wan "
                           f"text-to-video DiT; the model ({type(model).__name__}) has no such "
@@ -253,8 +254,8 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         from flashdreams.build import construct_model
 
         m, r = cfg.model, cfg.rollout
-        check_peer(cfg)
         flops_model = construct_model(m)  # on the meta device: its shapes, no weights
+        check_peer(cfg, flops_model)
         hw = (r.height // 8, r.width // 8)  # the diffusers peer: Wan 2.1 VAE geometry
         tpf = stats.get("tokens_per_frame") or (
             (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2])
