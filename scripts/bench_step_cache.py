@@ -100,7 +100,7 @@ class _Peer:
     experts with the model's ``boundary`` and the guidance's ``low_noise_scale``.
     """
 
-    def __init__(self, rollout, cfg, steps: int) -> None:
+    def __init__(self, rollout, cfg, steps: int, compile_blocks: bool = False) -> None:
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 
         m = rollout.model
@@ -123,6 +123,21 @@ class _Peer:
         self.scale_2 = None if low is None else float(low)
         self.transformers = len(experts)
         self.cuda = rollout.device.type == "cuda"
+        self.compile_blocks, self.compiled = compile_blocks, False
+
+    def _compile(self) -> None:
+        """cache-dit's own recipe for a compiled pipeline: its global compile settings, then
+        diffusers' regional compilation (``compile_repeated_blocks``), after the cache is on."""
+        if not self.compile_blocks or self.compiled:
+            return
+        import cache_dit
+
+        cache_dit.set_compile_configs()
+        torch._dynamo.config.recompile_limit = 128  # one entry per cache setting and shape
+        for dit in [self.pipe.transformer, self.pipe.transformer_2]:
+            if dit is not None:
+                dit.compile_repeated_blocks()
+        self.compiled = True
 
     def _clip(self) -> torch.Tensor:
         r = self.rollout
@@ -154,6 +169,7 @@ class _Peer:
             order = kwargs.get("taylorseer_order", 0)
             calibrator = TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None
             cache_dit.enable_cache(self.pipe, cache_config=config, calibrator_config=calibrator)
+        self._compile()
         try:
             self._clip()  # warm-up
             times = []
@@ -187,6 +203,9 @@ def main() -> None:
                              "recipe's (21 = 81 video frames)")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test at tiny sizes")
     parser.add_argument("--cache-dit", action="store_true", help="also cache-dit on diffusers")
+    parser.add_argument("--peer-compile", action="store_true",
+                        help="compile the peer as cache-dit recommends (set_compile_configs + "
+                             "diffusers' compile_repeated_blocks)")  # fmt: skip
     parser.add_argument(
         "--only", default="", help="comma-separated setting names (uncached always)"
     )
@@ -221,7 +240,7 @@ def main() -> None:
             torch.cuda.synchronize()
         return rollout.step().latents.float()
 
-    peer = _Peer(rollout, cfg, steps) if args.cache_dit else None
+    peer = _Peer(rollout, cfg, steps, args.peer_compile) if args.cache_dit else None
     rows, ref, ref_ms = [], None, None
     thresholds = [float(t) for t in args.thresholds.split(",")]
     only = {n for n in args.only.split(",") if n}
@@ -232,7 +251,8 @@ def main() -> None:
         raise SystemExit(f"--only: unknown setting(s) {sorted(unknown)}")
     meta = {"recipe": args.recipe, "graph": args.graph, "attention": args.attention,
             "steps": steps, "latent_frames": rollout.frames_per_block, "device": torch.cuda.get_device_name(rollout.device) if cuda else "cpu",
-            "overrides": args.overrides}  # fmt: skip
+            "overrides": args.overrides, "front_blocks": front,
+            "peer": None if peer is None else ("cache-dit on diffusers, " + ("compiled blocks" if args.peer_compile else "eager"))}  # fmt: skip
     for name, kwargs in settings.items():
         cache = StepCache() if kwargs is None else DBCache(**kwargs)
         rollout.model.set_step_cache(cache)
@@ -248,8 +268,10 @@ def main() -> None:
         if ref is None:
             ref, ref_ms = out, ms
         cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+        diffs = [r["diff"] for r in cache.records() if r.get("diff") is not None]
         row = {"name": name, "settings": kwargs, "clip_ms": ms, "speedup": ref_ms / ms,
                "hit_rate": hit_rate(cache.records()) or 0.0, "latent_cosine": cos,
+               "residual_diff_median": statistics.median(diffs) if diffs else None,
                "latent_psnr_db": psnr(out, ref)}  # fmt: skip
         if peer is not None:
             row.update(peer.run(kwargs, out, args.repeats))
