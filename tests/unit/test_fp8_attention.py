@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from flashdreams import ConfigError
-from flashdreams.attention.cudnn_fp8 import CudnnFp8Attention, reference_fp8_attention
+from flashdreams.attention.cudnn_fp8 import (
+    CudnnFp8Attention,
+    query_rows,
+    reference_fp8_attention,
+)
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.full import FullKVCache
 from flashdreams.precision.fp8_tensor import (
@@ -109,6 +113,51 @@ def test_missing_frontend_falls_back_with_one_line(caplog):
 def test_bad_min_kv_tokens_is_one_line():
     with pytest.raises(ConfigError, match="attention.min_kv_tokens"):
         CudnnFp8Attention(min_kv_tokens=-1)
+    with pytest.raises(ConfigError, match="attention.max_scores"):
+        CudnnFp8Attention(max_scores=-1)
+
+
+def test_query_rows_keep_each_call_under_the_score_budget():
+    cosmos = (1, 84480, 16, 128)  # 704x1280x93 frames: 1.1e11 scores in one call
+    rows = query_rows(cosmos, 84480, 2**31 - 1)
+    assert rows % 128 == 0 and 1 * 16 * rows * 84480 <= 2**31 - 1
+    assert 1 * 16 * (rows + 128) * 84480 > 2**31 - 1  # the largest such tile multiple
+    assert query_rows((1, 4680, 12, 128), 32760, 2**31 - 1) == 4680  # Self-Forcing: one call
+    assert query_rows(cosmos, 84480, 0) == 84480  # 0: never split
+    assert query_rows(cosmos, 84480, 10) == 128  # at least one query tile
+
+
+class _FakePlan:
+    """Stands in for a cuDNN FP8 plan on CPU: the e4m3 scheme from the quantized operands."""
+
+    calls: list[int] = []
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def run(self, q8, dq, k8, dk, v8, dv):
+        assert q8.shape[1] == self.rows and q8.is_contiguous()
+        _FakePlan.calls.append(q8.shape[1])
+        q, k, v = (x.float() * d for x, d in ((q8, dq), (k8, dk), (v8, dv)))
+        o = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / 8.0, -1)
+        o = torch.einsum("bhqk,bkhd->bqhd", o, v)
+        return (o / dv).to(FP8)
+
+
+def test_long_query_ranges_run_as_row_chunks_with_one_q_scale(monkeypatch):
+    q, k, v = _qkv(lq=300, lk=2500)
+    outs = {}
+    for budget in (0, 4 * 128 * 2500):  # one call; 128-row chunks (300 = 128 + 128 + 44)
+        attn = CudnnFp8Attention(min_kv_tokens=0, max_scores=budget)
+        monkeypatch.setattr(attn, "_kernel_ready", lambda q: True)
+        monkeypatch.setattr(attn, "_plan", lambda q, k: _FakePlan(q.shape[1]))
+        _FakePlan.calls = []
+        outs[budget] = attn(q, k, v)
+        assert _FakePlan.calls == ([300] if budget == 0 else [128, 128, 44])
+    one, chunked = outs.values()
+    torch.testing.assert_close(chunked, one, rtol=0, atol=0)  # same rows, same Q scale
+    ref = SdpaAttention()(q, k, v)
+    assert ((one - ref).norm() / ref.norm()).item() < 0.15
 
 
 def test_cache_tracks_a_bound_on_the_valid_keys_and_values():
