@@ -153,6 +153,7 @@ class SolverConfig:
     num_train_timesteps: int = 1000
     exact_timesteps: bool = False  # model timesteps sigma * 1000 unrounded (Cosmos pipelines)
     karras_sigmas: list[float] | None = None  # UniPC: [sigma_min, sigma_max] EDM karras schedule
+    device_steps: bool = True  # UniPC: steps from a precomputed coefficient table (no host syncs)
 
 
 @dataclass

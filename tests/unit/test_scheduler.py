@@ -200,3 +200,53 @@ def test_causal_wan22_steps_round_to_bf16_like_fastvideo():
         assert torch.equal(out, out.bfloat16().float())
         unrounded = FewStepFlowScheduler(DMD_STEPS, shift=5.0, boundary=0.875, grid="self_forcing")
         assert not torch.equal(unrounded.step(flow, x, i, lambda shape: fresh), out)
+
+
+# ------------------------------------------------ UniPC from its coefficient table (issue 26)
+def _integrate(sched, x, flow_fn):
+    sched.begin_block(torch.device("cpu"))
+    out = []
+    for i in range(sched.num_steps):
+        x = sched.step(flow_fn(x, i), x, i, None)
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize(
+    "steps, kwargs",
+    [(50, {"shift": 5.0}), (35, {"karras_sigmas": [0.01, 200], "exact_timesteps": True}),
+     (40, {"shift": 12.0}), (1, {}), (2, {}), (3, {"shift": 3.0})],
+)  # fmt: skip
+def test_unipc_table_steps_equal_diffusers_step(steps, kwargs):
+    """The table (``device_steps=true``, the default) against diffusers' own ``step`` on a flow
+    that depends on the latent (so the corrector and the multistep history matter): every
+    intermediate latent equal to float32 rounding, on Wan's 50-step, Cosmos' Karras 35-step and
+    the one- to three-step schedules (the lower-order start and end)."""
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 3, 8, 8, generator=gen), torch.randn(2, 4, 3, 8, 8, generator=gen)
+
+    def flow(x, i):  # a latent-dependent "model": pulls toward x0 with a step-dependent twist
+        return (noise - x0) + 0.3 * torch.tanh(x) * (1 + 0.05 * i)
+
+    ours = _integrate(DiffusersFlowScheduler("unipc", steps, **kwargs), noise.clone(), flow)
+    ref = _integrate(DiffusersFlowScheduler("unipc", steps, device_steps=False, **kwargs),
+                     noise.clone(), flow)  # fmt: skip
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {i}")
+
+
+def test_unipc_table_steps_make_no_device_copies(monkeypatch):
+    """A step is elementwise math on the latents with host floats: it never copies a tensor
+    between devices (on a GPU each such copy waits for the queued forwards)."""
+    sched = DiffusersFlowScheduler("unipc", 6)
+    x = torch.randn(1, 4, 1, 4, 4)
+    sched.begin_block(torch.device("cpu"))
+    moved = []
+    to = torch.Tensor.to
+    monkeypatch.setattr(
+        torch.Tensor, "to", lambda self, *a, **k: moved.append(a) or to(self, *a, **k)
+    )
+    for i in range(6):
+        x = sched.step(x * 0.1, x, i, None)
+    assert not moved
+    assert sched.device_steps and not DiffusersFlowScheduler("euler", 6).device_steps
