@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             if len(backends) == 1:
                 raise
             failed[b] = str(exc)
+        if args.out and b != backends[-1]:  # a time limit keeps the finished backend's run
+            args.out.write_text(json.dumps({**results, "partial": True}, indent=1) + "\n")
     if len(backends) == 1:
         result = results[backends[0]]
     elif failed:
