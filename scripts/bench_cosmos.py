@@ -68,13 +68,15 @@ def _torchvision_resize_shim() -> None:
     )
 
 
-def instantiate_attention(group: str):
-    """The attention of ``conf/attention/<group>.yaml`` as a run composes it."""
+def instantiate_attention(group: str, options: list[str] = ()):
+    """The attention of ``conf/attention/<group>.yaml`` as a run composes it, with ``options``
+    (``key=value`` dotlist, e.g. ``max_scores=0``) merged in."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     conf = Path(__file__).resolve().parents[1] / "flashdreams" / "conf" / "attention"
-    return instantiate(OmegaConf.load(conf / f"{group}.yaml"))
+    node = OmegaConf.load(conf / f"{group}.yaml")
+    return instantiate(OmegaConf.merge(node, OmegaConf.from_dotlist(list(options))))
 
 
 def main() -> None:
@@ -94,6 +96,8 @@ def main() -> None:
     p.add_argument("--attention", default="cudnn", help="SdpaAttention backend")
     p.add_argument("--attention-config", default=None,
                    help="an attention config group (fast, flash_attn, cudnn_fp8) instead")  # fmt: skip
+    p.add_argument("--attention-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of --attention-config's group (repeatable), e.g. max_scores=0")  # fmt: skip
     p.add_argument("--graph", default="eager", choices=["eager", "compile"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test at toy sizes")
@@ -118,7 +122,7 @@ def main() -> None:
         ours = CosmosDiT(**size)
     ours = materialize(ours, None, device, dtype, seed=0).eval().requires_grad_(False)
     if args.attention_config:
-        ours.attention = instantiate_attention(args.attention_config)
+        ours.attention = instantiate_attention(args.attention_config, args.attention_option)
         backend = ours.attention.backend
         if not cuda and hasattr(backend, "emulate"):  # CPU: the e4m3 scheme in fp32 torch ops,
             backend.emulate, backend.min_kv_tokens = True, 0  # at the toy sizes' few keys too
