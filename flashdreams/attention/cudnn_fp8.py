@@ -29,6 +29,7 @@ import torch
 from flashdreams import ConfigError
 from flashdreams.attention.base import AttentionBackend
 from flashdreams.attention.sdpa import SdpaAttention
+from flashdreams.parallel.ring_attention import merge as merge_lse
 from flashdreams.precision.fp8_tensor import (
     FP8,
     FP8_MAX,
@@ -88,7 +89,7 @@ class _Fp8Plan:
     """One built cuDNN FP8 SDPA graph for a (B, H, Lq, Lk, D) shape on one device."""
 
     def __init__(self, cudnn, handle, shape_q, shape_k, scale: float, device,
-                 out_dtype: torch.dtype) -> None:  # fmt: skip
+                 out_dtype: torch.dtype, stats: bool = False) -> None:  # fmt: skip
         b, lq, h, d = shape_q
         lk = shape_k[1]
         e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
@@ -104,11 +105,15 @@ class _Fp8Plan:
         self.dq, self.dk, self.dv, self.ds, self.ss, self.so = (
             graph.tensor(name=n, **scalar) for n in ("dq", "dk", "dv", "ds", "ss", "so")
         )
-        o, _, amax_s, amax_o = graph.sdpa_fp8(
+        o, lse, amax_s, amax_o = graph.sdpa_fp8(
             q=self.q, k=self.k, v=self.v, descale_q=self.dq, descale_k=self.dk,
             descale_v=self.dv, descale_s=self.ds, scale_s=self.ss, scale_o=self.so,
-            attn_scale=scale, use_causal_mask=False, generate_stats=False, name="sdpa_fp8",
+            attn_scale=scale, use_causal_mask=False, generate_stats=stats, name="sdpa_fp8",
         )  # fmt: skip
+        if stats:  # per-row log-sum-exp of the scaled scores: merges key chunks
+            lse.set_output(True).set_dim([b, h, lq, 1]).set_stride([h * lq, lq, 1, 1])
+            lse.set_data_type(fp32)
+        self.lse = lse if stats else None
         o.set_output(True).set_dim([b, h, lq, d]).set_stride([lq * h * d, d, h * d, 1])
         self.out_dtype = out_dtype  # e4m3 (dequantized by the caller) or the compute dtype
         o.set_data_type(e4m3 if out_dtype == FP8 else _CUDNN_DTYPES[out_dtype](cudnn))
@@ -129,7 +134,8 @@ class _Fp8Plan:
         self.out_shape = (b, lq, h, d)
 
     def run(self, q8, dq, k8, dk, v8, dv) -> torch.Tensor:
-        """O (B, Lq, H, D): e4m3 scaled by ``dv`` (V's descale), or already in ``out_dtype``."""
+        """O (B, Lq, H, D): e4m3 scaled by ``dv`` (V's descale), or already in ``out_dtype``;
+        a plan built with ``stats`` returns (O, log-sum-exp (B, H, Lq, 1) fp32)."""
         o8 = torch.empty(self.out_shape, device=q8.device, dtype=self.out_dtype)
         scale_o = 1.0 / dv if self.out_dtype == FP8 else self.s_one  # e4m3 O takes V's scale
         self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream().cuda_stream)
@@ -138,8 +144,13 @@ class _Fp8Plan:
             self.ds: self.s_descale, self.ss: self.s_scale, self.so: scale_o, self.o: o8,
             self.amax_s: self.amax_buf[0], self.amax_o: self.amax_buf[1],
         }  # fmt: skip
+        lse = None
+        if self.lse is not None:
+            b, lq, h, _ = self.out_shape
+            lse = torch.empty((b, h, lq, 1), device=q8.device, dtype=torch.float32)
+            pack[self.lse] = lse
         self.graph.execute(pack, self.workspace, handle=self.handle)
-        return o8
+        return o8 if lse is None else (o8, lse)
 
 
 class CudnnFp8Attention(AttentionBackend):
@@ -152,6 +163,9 @@ class CudnnFp8Attention(AttentionBackend):
             attends with the fallback kernel, so FP8 error does not accumulate through the
             cache; the denoising forwards, the step latency, stay FP8.
         emulate: without the cuDNN path, run the e4m3 scheme as fp32 torch ops instead of SDPA.
+        max_keys: the most keys one kernel call attends to; more run as near-equal key chunks
+            whose outputs are merged by their log-sum-exp (cuDNN's softmax stats), for the
+            case that the failure at 84480 tokens is a limit on the key length (0: never).
         max_scores: the most attention scores (B * H * Lq * Lk) one kernel call computes; a
             longer query range is split into row chunks of one plan each (exact: queries are
             independent). Measured on the H200: at Cosmos' 84480 x 84480 tokens x 16 heads
@@ -164,12 +178,15 @@ class CudnnFp8Attention(AttentionBackend):
 
     def __init__(self, fallback: str = "cudnn", min_kv_tokens: int = 2048,
                  exact_commit: bool = True, emulate: bool = False,
-                 max_scores: int = 2**31 - 1) -> None:  # fmt: skip
+                 max_scores: int = 2**31 - 1, max_keys: int = 65536) -> None:  # fmt: skip
         if int(min_kv_tokens) < 0:
             raise ConfigError(f"attention.min_kv_tokens={min_kv_tokens} must be >= 0")
         if int(max_scores) < 0:
             raise ConfigError(f"attention.max_scores={max_scores} must be >= 0 (0: never split)")
         self.max_scores = int(max_scores)
+        if int(max_keys) < 0:
+            raise ConfigError(f"attention.max_keys={max_keys} must be >= 0 (0: never split)")
+        self.max_keys = int(max_keys)
         self.sdpa = SdpaAttention(fallback)
         self.min_kv_tokens = int(min_kv_tokens)
         self.has_exact_mode = bool(exact_commit)
@@ -210,8 +227,8 @@ class CudnnFp8Attention(AttentionBackend):
             return False
         return q.shape[-1] % 16 == 0
 
-    def _plan(self, q: torch.Tensor, k: torch.Tensor) -> _Fp8Plan | None:
-        key = (q.device.index, tuple(q.shape), k.shape[1])
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, stats: bool = False) -> _Fp8Plan | None:
+        key = (q.device.index, tuple(q.shape), k.shape[1], stats)
         if key not in self._plans:
             dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
             if dev not in self._handles:
@@ -226,7 +243,7 @@ class CudnnFp8Attention(AttentionBackend):
                     with torch.cuda.device(dev):
                         self._plans[key] = _Fp8Plan(
                             self._cudnn, self._handles[dev], q.shape, k.shape,
-                            1.0 / math.sqrt(q.shape[-1]), q.device, out_dtype,
+                            1.0 / math.sqrt(q.shape[-1]), q.device, out_dtype, stats,
                         )  # fmt: skip
                     break
                 except Exception as err:  # cuDNN raises its own types for unsupported graphs
@@ -247,19 +264,39 @@ class CudnnFp8Attention(AttentionBackend):
             if self.emulate:
                 return reference_fp8_attention(q, k, v)
             return self.sdpa(q, k, v, mask)
-        rows = query_rows(q.shape, k.shape[1], self.max_scores)
-        plans = [self._plan(q[:, i : i + rows], k) for i in range(0, q.shape[1], rows)]
-        if any(plan is None for plan in plans):
+        lk = k.shape[1]
+        keys = math.ceil(lk / math.ceil(lk / self.max_keys)) if self.max_keys else lk
+        spans = [(j, min(j + keys, lk)) for j in range(0, lk, keys)]  # near-equal key chunks
+        rows = query_rows(q.shape, keys, self.max_scores)
+        split = len(spans) > 1
+        plans = {(i, j): self._plan(q[:, i : i + rows], k[:, j:stop], split)
+                 for i in range(0, q.shape[1], rows) for j, stop in spans}  # fmt: skip
+        if any(plan is None for plan in plans.values()):
             return self.sdpa(q, k, v, mask)
         # a KV cache with track_amax hands over a bound on |K|, |V|: one pass over them, not two
         bounds = (None, None, None) if kv_amax is None else (None, *kv_amax)
         (q8, dq), (k8, dk), (v8, dv) = (quantize_tensor_device(x, bound)
                                         for x, bound in zip((q, k, v), bounds, strict=True))  # fmt: skip
         if len(plans) == 1:
-            o = plans[0].run(q8, dq, k8, dk, v8, dv)
-        else:  # one Q scale for every chunk: the chunks are one call's rows
-            o = torch.cat([plan.run(q8[:, i * rows : (i + 1) * rows].contiguous(), dq, k8, dk,
-                                    v8, dv) for i, plan in enumerate(plans)], dim=1)  # fmt: skip
+            o = plans[0, 0].run(q8, dq, k8, dk, v8, dv)
+            return dequantize_tensor(o, dv, q.dtype) if o.dtype == FP8 else o
+        outs = []  # one Q, K, V scale for every chunk: the chunks are one call's rows and keys
+        for i in range(0, q.shape[1], rows):
+            qi, acc, acc_lse = q8[:, i : i + rows].contiguous(), None, None
+            for j, stop in spans:
+                kj, vj = (k8, v8) if not split else (k8[:, j:stop].contiguous(),
+                                                     v8[:, j:stop].contiguous())  # fmt: skip
+                part = plans[i, j].run(qi, dq, kj, dk, vj, dv)
+                if not split:
+                    acc = part
+                    break
+                o, lse = part  # (B, rows, H, D), (B, H, rows, 1) -> fold by log-sum-exp
+                o = dequantize_tensor(o, dv, torch.float32) if o.dtype == FP8 else o.float()
+                acc, acc_lse = merge_lse(acc, acc_lse, o, lse[..., 0].transpose(1, 2))
+            outs.append(acc)
+        o = torch.cat(outs, dim=1)
+        if split:
+            return o.to(q.dtype)
         return dequantize_tensor(o, dv, q.dtype) if o.dtype == FP8 else o
 
 

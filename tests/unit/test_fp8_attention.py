@@ -128,20 +128,23 @@ def test_query_rows_keep_each_call_under_the_score_budget():
 
 
 class _FakePlan:
-    """Stands in for a cuDNN FP8 plan on CPU: the e4m3 scheme from the quantized operands."""
+    """Stands in for a cuDNN FP8 plan on CPU: the e4m3 scheme from the quantized operands; with
+    ``stats`` also the rows' log-sum-exp (B, H, Lq, 1), as cuDNN's softmax stats."""
 
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
 
-    def __init__(self, rows):
-        self.rows = rows
+    def __init__(self, rows, keys=None, stats=False):
+        self.rows, self.keys, self.stats = rows, keys, stats
 
     def run(self, q8, dq, k8, dk, v8, dv):
         assert q8.shape[1] == self.rows and q8.is_contiguous()
-        _FakePlan.calls.append(q8.shape[1])
+        assert self.keys in (None, k8.shape[1]) and k8.is_contiguous() and v8.is_contiguous()
+        _FakePlan.calls.append((q8.shape[1], k8.shape[1]))
         q, k, v = (x.float() * d for x, d in ((q8, dq), (k8, dk), (v8, dv)))
-        o = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / 8.0, -1)
-        o = torch.einsum("bhqk,bkhd->bqhd", o, v)
-        return (o / dv).to(FP8)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8.0
+        o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v)
+        o = (o / dv).to(FP8)
+        return (o, torch.logsumexp(s, -1, keepdim=True)) if self.stats else o
 
 
 def test_long_query_ranges_run_as_row_chunks_with_one_q_scale(monkeypatch):
@@ -150,14 +153,35 @@ def test_long_query_ranges_run_as_row_chunks_with_one_q_scale(monkeypatch):
     for budget in (0, 4 * 128 * 2500):  # one call; 128-row chunks (300 = 128 + 128 + 44)
         attn = CudnnFp8Attention(min_kv_tokens=0, max_scores=budget)
         monkeypatch.setattr(attn, "_kernel_ready", lambda q: True)
-        monkeypatch.setattr(attn, "_plan", lambda q, k: _FakePlan(q.shape[1]))
+        monkeypatch.setattr(attn, "_plan", lambda q, k, stats=False: _FakePlan(q.shape[1]))
         _FakePlan.calls = []
         outs[budget] = attn(q, k, v)
-        assert _FakePlan.calls == ([300] if budget == 0 else [128, 128, 44])
+        rows = [300] if budget == 0 else [128, 128, 44]
+        assert _FakePlan.calls == [(r, 2500) for r in rows]
     one, chunked = outs.values()
     torch.testing.assert_close(chunked, one, rtol=0, atol=0)  # same rows, same Q scale
     ref = SdpaAttention()(q, k, v)
     assert ((one - ref).norm() / ref.norm()).item() < 0.15
+
+
+def test_long_key_ranges_run_as_chunks_merged_by_their_log_sum_exp(monkeypatch):
+    """``max_keys``: 2500 keys in chunks of at most 1000 (three near-equal ones: 834, 834, 832),
+    128-row query chunks (``max_scores``),
+    each query chunk against each key chunk, merged by the chunks' log-sum-exp: the result is the
+    whole call's within the e4m3 scheme's own error of bf16 SDPA."""
+    q, k, v = _qkv(lq=300, lk=2500)
+    attn = CudnnFp8Attention(min_kv_tokens=0, max_keys=1000, max_scores=4 * 200 * 1000)
+    monkeypatch.setattr(attn, "_kernel_ready", lambda q: True)
+    monkeypatch.setattr(attn, "_plan", lambda q, k, stats=False: _FakePlan(q.shape[1], k.shape[1],
+                                                                           stats))  # fmt: skip
+    _FakePlan.calls = []
+    out = attn(q, k, v)
+    assert _FakePlan.calls == [(r, n) for r in (128, 128, 44) for n in (834, 834, 832)]
+    ref = SdpaAttention()(q, k, v)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert ((out - ref).norm() / ref.norm()).item() < 0.15 and cosine(out, ref) > 0.99
+    with pytest.raises(ConfigError, match="attention.max_keys"):
+        CudnnFp8Attention(max_keys=-1)
 
 
 def test_cache_tracks_a_bound_on_the_valid_keys_and_values():
