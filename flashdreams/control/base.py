@@ -79,6 +79,11 @@ class ControlEncoder(GraphRunner, nn.Module):
     def set_control(self, control: dict[str, Any] | None) -> None:
         """The live control of the next step (validated by the session), or None."""
 
+    def validate(self, control: dict[str, Any]) -> None:
+        """One-line ``ConfigError`` unless ``control`` is a live control this encoder takes (a
+        server checks every message with it, before the step that would use it); anything
+        goes by default."""
+
     def frames_ahead(self) -> int:
         """Streamed frames (``push_frames``) this control holds at most beyond the ones it
         used; 0: it takes none (the server refuses binary frame messages)."""

@@ -221,15 +221,21 @@ class PoseControl(ControlEncoder):
     def live_control(self) -> dict[str, Any]:
         return {"keys": list(LIVE_KEYS), "mouse": True}
 
+    def validate(self, control: dict[str, Any]) -> None:
+        keys = control.get("keys", [])
+        if not isinstance(keys, list):
+            raise ConfigError("control.keys must be a list of key names")
+        bad = [k for k in (str(k).lower() for k in keys) if k not in LIVE_KEYS]
+        if bad:
+            raise ConfigError(f"control.keys: {bad[0]!r} is not a key of the pose control "
+                              f"(keys: {', '.join(LIVE_KEYS)})")  # fmt: skip
+
     def set_control(self, control: dict[str, Any] | None) -> None:
         """Keys held and pointer movement for the frames generated next (``{"keys": [...],
         "mouse": [dx, dy]}``); one-line ``ConfigError`` for an unknown key."""
         control = control or {}
+        self.validate(control)
         keys = [str(k).lower() for k in control.get("keys", [])]
-        bad = [k for k in keys if k not in LIVE_KEYS]
-        if bad:
-            raise ConfigError(f"control.keys: {bad[0]!r} is not a key of the pose control "
-                              f"(keys: {', '.join(LIVE_KEYS)})")  # fmt: skip
         turn = math.radians(self.turn_deg)
         motion = {"forward": self.move * (("w" in keys) - ("s" in keys)),
                   "right": self.move * (("d" in keys) - ("a" in keys)),

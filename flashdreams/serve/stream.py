@@ -183,10 +183,12 @@ class Stream:
                 self.reply("prompt", text=msg["text"], applies="next step")
             elif kind == "control":
                 control = {k: v for k, v in msg.items() if k != "type"}
-                try:
-                    self.control = validate_control(control)
-                except ValueError as err:
+                try:  # its form, then what this recipe's control takes (keys of the variant)
+                    control = validate_control(control)
+                    self.engine.shared.conditioning.control.validate(control)
+                except ValueError as err:  # ConfigError is a ValueError
                     raise ProtocolError("bad_message", f"control: {err}") from None
+                self.control = control
             elif kind in ("pause", "resume"):
                 self.paused = kind == "pause"
                 if self.pacer is not None:
