@@ -103,19 +103,21 @@ class Postprocess:
         return torch.cat(frames, dim=1) if frames else None
 
 
-def build_postprocess(cfg: DictConfig, source: Rollout) -> Postprocess | None:
-    """The ``postprocess`` of ``cfg`` fed by ``source``, or None (``postprocess=none``)."""
+def postprocess_config(cfg: DictConfig, height: int, width: int, batch_size: int,
+                       device) -> DictConfig | None:  # fmt: skip
+    """The composed run config of ``cfg``'s post-processing recipe fed a ``height`` x ``width``
+    stream of ``batch_size`` videos (its device: ``postprocess.device``, else ``device``), or
+    None (``postprocess=none``)."""
     pp = cfg.get("postprocess")
     if pp is None or not pp.get("recipe"):
         return None
-    from flashdreams.build import build_rollout
     from flashdreams.config.options import scope_options
     from flashdreams.config.validate import check_run_config
 
     overrides = [f"recipe={pp.recipe}", *[str(o) for o in pp.get("overrides") or []],
-                 "control.stream=true", f"control.stream_size=[{source.height},{source.width}]",
-                 f"device={pp.get('device') or source.device}", f"dtype={cfg.dtype}",
-                 f"rollout.batch_size={source.batch_size}", f"seed={cfg.seed}",
+                 "control.stream=true", f"control.stream_size=[{height},{width}]",
+                 f"device={pp.get('device') or device}", f"dtype={cfg.dtype}",
+                 f"rollout.batch_size={batch_size}", f"seed={cfg.seed}",
                  f"vsr.resize={pp.get('resize', 'torch')}", "rollout.total_blocks=null"]  # fmt: skip
     try:
         sub = compose_run(overrides)
@@ -124,9 +126,51 @@ def build_postprocess(cfg: DictConfig, source: Rollout) -> Postprocess | None:
         raise ConfigError(f"postprocess={pp.recipe}: {first}") from None
     scope_options(sub)
     check_run_config(sub)
-    rollout = build_rollout(sub)
+    return sub
+
+
+def _checked(rollout: Rollout, sub: DictConfig, recipe: str) -> Postprocess:
     if rollout.cache is not None and not rollout.cache.rolls:
-        raise ConfigError(f"postprocess={pp.recipe}: its cache must roll (an endless stream)")
-    log.info("postprocess %s: %dx%d on %s", pp.recipe, rollout.height, rollout.width,
-             rollout.device)  # fmt: skip
+        raise ConfigError(f"postprocess={recipe}: its cache must roll (an endless stream)")
     return Postprocess(rollout, sub)
+
+
+def build_postprocess(cfg: DictConfig, source: Rollout) -> Postprocess | None:
+    """The ``postprocess`` of ``cfg`` fed by ``source``, or None (``postprocess=none``)."""
+    from flashdreams.build import build_rollout
+
+    sub = postprocess_config(cfg, source.height, source.width, source.batch_size, source.device)
+    if sub is None:
+        return None
+    post = _checked(build_rollout(sub), sub, cfg.postprocess.recipe)
+    r = post.rollout
+    log.info("postprocess %s: %dx%d on %s", cfg.postprocess.recipe, r.height, r.width, r.device)
+    return post
+
+
+class PostprocessFactory:
+    """The post-processing recipe's weights, loaded once, and a ``Postprocess`` around them for
+    every stream (a server's sessions: each its own rollout, cache and decoder state).
+
+    Args:
+        cfg: the source run's config (``postprocess`` set).
+        height, width, batch_size, device: the source stream's frames and device.
+    """
+
+    def __init__(self, cfg: DictConfig, height: int, width: int, batch_size: int,
+                 device) -> None:  # fmt: skip
+        from flashdreams.build import build_shared
+
+        self.cfg = postprocess_config(cfg, height, width, batch_size, device)
+        self.recipe = str(cfg.postprocess.recipe) if self.cfg is not None else None
+        if self.cfg is None:
+            raise ValueError("PostprocessFactory needs a config with postprocess set")
+        self.shared = build_shared(self.cfg)
+        self.frame_size: tuple[int, int] | None = None  # (H, W) of its frames, once built
+
+    def __call__(self) -> Postprocess:
+        from flashdreams.build import assemble_rollout
+
+        post = _checked(assemble_rollout(self.cfg, self.shared), self.cfg, self.recipe)
+        self.frame_size = (post.rollout.height, post.rollout.width)
+        return post

@@ -165,12 +165,6 @@ def create_app(cfg: DictConfig, engine: Engine | None = None, backend=None) -> S
     from flashdreams.serve.realtime import realtime_endpoint
 
     check_serve(cfg.serve)
-    post = cfg.get("postprocess")
-    if post is not None and post.get("recipe"):
-        from flashdreams import ConfigError
-
-        raise ConfigError(f"postprocess={post.recipe}: flashdreams-serve does not chain a "
-                          "post-processing recipe yet (flashdreams-run and Session do)")  # fmt: skip
     s = cfg.serve
     app = Starlette(
         routes=[

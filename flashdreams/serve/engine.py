@@ -51,6 +51,13 @@ class Engine:
         self.max_sessions = int(cfg.serve.max_sessions)
         self.shared = build_shared(cfg)  # weights and encoders; every session owns the rest
         self.device = self.shared.device
+        self.post = None  # postprocess=...: its weights once, a Postprocess per session
+        if cfg.get("postprocess") is not None and cfg.postprocess.get("recipe"):
+            from flashdreams.postprocess import PostprocessFactory
+
+            r = cfg.rollout
+            self.post = PostprocessFactory(cfg, int(r.height), int(r.width), int(r.batch_size),
+                                           self.device)  # fmt: skip
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="flashdreams-device")
         self._lock = threading.Lock()
         self._active = 0
@@ -83,6 +90,14 @@ class Engine:
             self.executor.submit(self._refill_if_idle)
 
     @property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of the frames a stream delivers (upscaled when a postprocess is
+        chained: known once the warm-up built one)."""
+        if self.post is not None and self.post.frame_size is not None:
+            return self.post.frame_size
+        return int(self.cfg.rollout.height), int(self.cfg.rollout.width)
+
+    @property
     def active(self) -> int:
         """Sessions holding a slot."""
         return self._active
@@ -95,7 +110,7 @@ class Engine:
             return spare
         rollout = spawn_rollout(self.shared, self.cfg, total_blocks)
         session = Session(rollout=rollout, prompt=prompt, seed=seed, total_blocks=total_blocks,
-                          images=self.images)  # fmt: skip
+                          images=self.images, postprocess=self.post and self.post())  # fmt: skip
         self._live.add(session)
         return session
 

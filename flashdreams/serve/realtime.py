@@ -74,7 +74,11 @@ def parse_start(msg: dict, cfg) -> dict:
             width, height = (int(v) for v in str(msg["size"]).lower().split("x"))
         except ValueError:
             raise RequestError("session.start: size must be 'WIDTHxHEIGHT'") from None
-    if (width, height) not in ((None, None), (r.width, r.height)):
+    post = cfg.get("postprocess")
+    if post is not None and post.get("recipe") and (width, height) != (None, None):
+        raise RequestError(f"session.start: this server upscales its stream (postprocess="
+                           f"{post.recipe}); leave size unset")  # fmt: skip
+    if (width, height) not in ((None, None), (r.width, r.height)) and not (post and post.get("recipe")):
         raise RequestError(f"session.start: {width}x{height} is not served; this server "
                            f"streams {r.width}x{r.height} (rollout.width/height)")  # fmt: skip
     fps = msg.get("fps", cfg.fps)
@@ -223,6 +227,8 @@ class Realtime:
         msg = json.loads(item)
         kind = msg["type"]
         if kind == "started":
+            if "width" in msg:  # the delivered frames' size (upscaled when chained)
+                self.config["width"], self.config["height"] = msg["width"], msg["height"]
             self.send("video.start", request_id=self.request_id, format="m4s",
                       config=self.config)  # fmt: skip
         elif kind == "error":

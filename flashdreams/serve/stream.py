@@ -140,9 +140,10 @@ class Stream:
     def hello(self) -> dict:
         """Fields of the ``hello`` message sent on connect."""
         r, s = self.cfg.rollout, self.cfg.serve
+        height, width = self.engine.frame_size
         return {
             "version": protocol.PROTOCOL_VERSION, "run_name": self.cfg.run_name,
-            "height": r.height, "width": r.width, "fps": self.cfg.fps,
+            "height": height, "width": width, "fps": self.cfg.fps,
             "frames_per_block": r.frames_per_block, "batch_size": r.batch_size,
             "first_block_frames": r.get("first_block_frames") or r.frames_per_block,
             "max_sessions": s.max_sessions, "max_message_bytes": s.max_message_bytes,
@@ -245,7 +246,9 @@ class Stream:
         if self.pacer is not None:
             self.pacer.restart()
         self.playout = _Playout(self.out, self.cfg.fps if self.pacer is not None else None)
-        self.reply("started", prompt=prompt, seed=seed, total_blocks=self.session.total_blocks)
+        height, width = self.session.frame_size  # upscaled when a postprocess is chained
+        self.reply("started", prompt=prompt, seed=seed, total_blocks=self.session.total_blocks,
+                   width=width, height=height)  # fmt: skip
         self.task = asyncio.create_task(self._generate())
 
     async def end(self, reason: str) -> None:

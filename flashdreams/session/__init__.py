@@ -93,10 +93,13 @@ class Session:
             Default: endless when the cache rolls (unless an input video sets the length), else
             the config's ``rollout.total_blocks``.
         images: one PIL image per video for image-conditioned recipes (kept across resets).
+        postprocess: a ``flashdreams.postprocess.Postprocess`` fed this stream's frames (a
+            server's, around shared weights); None: the one ``cfg``'s ``postprocess`` names.
     """
 
     def __init__(self, cfg=None, *, rollout: Rollout | None = None, prompt=None, seed=None,
-                 total_blocks: Any = _CONFIG, images: list | None = None) -> None:  # fmt: skip
+                 total_blocks: Any = _CONFIG, images: list | None = None,
+                 postprocess=None) -> None:  # fmt: skip
         if rollout is None:
             if cfg is None:
                 raise ValueError("Session needs a composed config or a rollout")
@@ -107,8 +110,11 @@ class Session:
             rollout = build_rollout(cfg)
         from flashdreams.postprocess import build_postprocess
 
-        # postprocess=...: steps return the post-processed (upscaled) frames as they come
-        self.postprocess = build_postprocess(cfg, rollout) if cfg is not None else None
+        # postprocess=...: steps return the post-processed (upscaled) frames as they come; a
+        # server hands in one built around weights its sessions share
+        if postprocess is None and cfg is not None:
+            postprocess = build_postprocess(cfg, rollout)
+        self.postprocess = postprocess
         self._lock = threading.Lock()
         self.rollout = rollout
         self._default_total = rollout.total_blocks
@@ -213,6 +219,12 @@ class Session:
     def prompts(self) -> list[str]:
         """The prompts of the next step (a pending switch included)."""
         return list(self._pending_prompts or self.rollout.prompts)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of the frames ``step`` returns (post-processed ones when chained)."""
+        r = self.rollout if self.postprocess is None else self.postprocess.rollout
+        return r.height, r.width
 
     @property
     def step_index(self) -> int:

@@ -15,7 +15,6 @@ import sys
 
 import imageio_ffmpeg
 import numpy as np
-import pytest
 import torch
 
 from flashdreams.io.video import read_video
@@ -91,16 +90,36 @@ def test_chained_run_through_the_cli(tmp_path):
     assert 0 < row["projector_ms"] <= row["diffuse_ms"]  # the projector runs inside the diffuse
 
 
-def test_the_server_refuses_to_chain_in_one_line():
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+def test_the_server_streams_the_chained_frames(tmp_path):
+    """``flashdreams-serve`` with ``postprocess=``: ``hello`` and ``started`` give the upscaled
+    size and the stream delivers the chained session's frames (the same JPEG bytes),
+    the post-processing weights loaded once by the server, a fresh stream state per session."""
+    import io
 
-    from flashdreams import ConfigError
-    from flashdreams.serve.app import create_app
+    from PIL import Image
 
-    GlobalHydra.instance().clear()
-    with initialize_config_module("flashdreams.conf", version_base="1.3"):
-        cfg = compose("serve", overrides=["postprocess=flashvsr_v1_1_tiny"])
-    with pytest.raises(ConfigError) as err:
-        create_app(cfg)
-    assert "\n" not in str(err.value) and "postprocess=flashvsr_v1_1_tiny" in str(err.value)
+    from flashdreams.serve.protocol import encode_jpeg
+    from tests.unit.test_serve_protocol import ServerProcess, recv_frames, recv_json, send
+
+    prompt = tmp_path / "posi_prompt.pth"
+    torch.save(torch.randn(1, 4, 16), prompt)
+    quoted = ",".join(f'"{o}"' for o in _vsr(prompt))
+    chain = [*GEN, "postprocess=flashvsr_v1_1_tiny", f"postprocess.overrides=[{quoted}]"]
+    want = _frames(list(Session.from_overrides(chain, total_blocks=2)))[0]  # (21, 3, 64, 64)
+    server = ServerProcess(tmp_path, *chain, "serve.realtime=false", timeout=180)
+    try:
+        for _ in range(2):  # a second session: the spare's postprocess restarted, same frames
+            with server.ws() as ws:
+                hello = recv_json(ws, "hello", timeout=60)
+                assert (hello["height"], hello["width"]) == (64, 64)
+                send(ws, type="start", prompt=hello["prompt"], seed=3, total_blocks=2)
+                started = recv_json(ws, "started", timeout=60)
+                assert (started["height"], started["width"]) == (64, 64)
+                frames = recv_frames(ws, want.shape[0], timeout=120)
+                assert recv_json(ws, "stopped", timeout=60)["reason"] == "finished"
+            got = np.stack([np.asarray(Image.open(io.BytesIO(jpeg))) for _, jpeg in frames])
+            assert got.shape == (21, 64, 64, 3)
+            ref = (want.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            assert [jpeg for _, jpeg in frames] == [encode_jpeg(f, 85) for f in ref]  # same bytes
+    finally:
+        server.close()
