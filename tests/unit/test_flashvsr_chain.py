@@ -100,6 +100,7 @@ def test_the_server_streams_the_chained_frames(tmp_path):
 
     from flashdreams.serve.protocol import encode_jpeg
     from tests.unit.test_serve_protocol import ServerProcess, recv_frames, recv_json, send
+    from tests.unit.test_serve_realtime import check_stream, decode, realtime_session
 
     prompt = tmp_path / "posi_prompt.pth"
     torch.save(torch.randn(1, 4, 16), prompt)
@@ -121,5 +122,16 @@ def test_the_server_streams_the_chained_frames(tmp_path):
             assert got.shape == (21, 64, 64, 3)
             ref = (want.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
             assert [jpeg for _, jpeg in frames] == [encode_jpeg(f, 85) for f in ref]  # same bytes
+        # vLLM-Omni's protocol on the same server: the upscaled frames, an explicit size refused
+        run = realtime_session(server.port, {"model": hello["run_name"], "prompt": hello["prompt"],
+                                             "seed": 3, "num_frames": 21})  # fmt: skip
+        check_stream(run, 21, tmp_path)
+        assert (run["events"][0]["config"]["width"], run["events"][0]["config"]["height"]) == (
+            64,
+            64,
+        )
+        assert decode(b"".join(run["chunks"]), tmp_path)[0].shape == (64, 64, 3)
+        bad = realtime_session(server.port, {"prompt": "x", "size": "64x64"})
+        assert bad["events"][-1]["type"] == "error" and "leave size unset" in str(bad["events"][-1])
     finally:
         server.close()
