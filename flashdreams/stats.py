@@ -86,6 +86,8 @@ class StepTimer:
             row["period_ms"] = self.marks["period"][0].ms_until(self.marks["period"][1])
         for name, pairs in self.parts.items():
             row[f"{name}_ms"] = sum(a.ms_until(b) for a, b in pairs)
+        if "projector" in self.parts:  # FlashVSR: its LR projector runs inside the diffuse stage
+            row["dit_ms"] = max(0.0, row["diffuse_ms"] - row["projector_ms"])
         row["num_frames"] = self.num_frames
         row["latent_frames"] = self.latent_frames
         return row

@@ -78,7 +78,9 @@ def parse_start(msg: dict, cfg) -> dict:
     if post is not None and post.get("recipe") and (width, height) != (None, None):
         raise RequestError(f"session.start: this server upscales its stream (postprocess="
                            f"{post.recipe}); leave size unset")  # fmt: skip
-    if (width, height) not in ((None, None), (r.width, r.height)) and not (post and post.get("recipe")):
+    if (width, height) not in ((None, None), (r.width, r.height)) and not (
+        post and post.get("recipe")
+    ):
         raise RequestError(f"session.start: {width}x{height} is not served; this server "
                            f"streams {r.width}x{r.height} (rollout.width/height)")  # fmt: skip
     fps = msg.get("fps", cfg.fps)

@@ -15,6 +15,7 @@ import sys
 
 import imageio_ffmpeg
 import numpy as np
+import pytest
 import torch
 
 from flashdreams.io.video import read_video
@@ -86,8 +87,9 @@ def test_chained_run_through_the_cli(tmp_path):
     stats = json.loads((run / "stats.json").read_text())
     assert len(stats["steps"]) == 2 and len(stats["postprocess"]) == 1  # one chunk of 6 latents
     row = stats["postprocess"][0]
-    assert {"diffuse_ms", "decode_ms", "step_ms", "projector_ms"} <= set(row)
+    assert {"diffuse_ms", "decode_ms", "step_ms", "projector_ms", "dit_ms"} <= set(row)
     assert 0 < row["projector_ms"] <= row["diffuse_ms"]  # the projector runs inside the diffuse
+    assert row["dit_ms"] == pytest.approx(row["diffuse_ms"] - row["projector_ms"])  # the DiT alone
 
 
 def test_the_server_streams_the_chained_frames(tmp_path):
