@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from flashdreams import ConfigError
 from flashdreams.build import build_conditioning
 from flashdreams.control.lr_video import LRVideoControl
+from flashdreams.io.video import read_video
 from flashdreams.model.flashvsr import FlashVSRDiT, LRProjector
 from flashdreams.text_encoder.prompt_tensor import PromptTensorTextEncoder
 from tests.unit.test_config import compose_run
@@ -142,3 +143,34 @@ def test_checkpoints_in_the_release_formats_load(tmp_path):
     enc = PromptTensorTextEncoder(str(prompt))
     assert (enc.text_len, enc.text_dim) == (512, 16)
     assert enc.encode(["a", "b"], torch.device("cpu"), torch.float32).shape == (2, 512, 16)
+
+
+def test_full_recipe_runs_through_the_cli_with_the_wan_vae_and_colour_fix(tmp_path):
+    """``flashvsr_v1_1_full`` end to end on CPU (tiny DiT and projector; the Wan 2.1 VAE decoder
+    at its real width, random weights): 29 LR frames at 16x16 become 29 frames at 64x64, each
+    chunk's stats split the diffuse stage into projector and DiT, and the AdaIN colour fix
+    holds every output frame's channel means to the LR frame's (random decoder weights give
+    arbitrary colours otherwise; 4 / 255 covers the two H.264 round trips)."""
+    video = _mp4(tmp_path / "lr.mp4", 29, w=16, h=16)
+    prompt = tmp_path / "posi_prompt.pth"
+    torch.save(torch.randn(1, 4, 16), prompt)
+    args = ["recipe=flashvsr_v1_1_full", "model.checkpoint=null", "model.dim=64", "model.num_heads=2",
+            "model.num_layers=2", "model.ffn_dim=128", "model.text_dim=16", "model.text_len=4",
+            f"text_encoder.path={prompt}", "control.checkpoint=null", "control.hidden_dim1=8",
+            "control.hidden_dim2=8", "control.dtype=float32", f"input={video}",
+            "vae.decoder.checkpoint=null", "graph=eager", "attention=sdpa", "vsr.size_multiple=16",
+            "rollout.total_blocks=2", "device=cpu", "dtype=float32", f"paths.root={tmp_path / 'out'}"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "flashdreams.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = (tmp_path / "out" / "runs").glob("*/*")
+    out, lr = read_video(run / "video.mp4")[0], read_video(video)[0]
+    assert out.shape == (29, 64, 64, 3) and lr.shape == (29, 16, 16, 3)
+    means = [x.reshape(29, -1, 3).astype(np.float64).mean(1) for x in (out, lr)]
+    assert np.abs(means[0] - means[1]).max() <= 4.0
+    steps = json.loads((run / "stats.json").read_text())["steps"]
+    assert [s["latent_frames"] for s in steps] == [6, 2]
+    for s in steps:
+        assert s["projector_ms"] > 0 and s["dit_ms"] > 0 and s["decode_ms"] > 0
+        assert s["dit_ms"] == pytest.approx(s["diffuse_ms"] - s["projector_ms"])
