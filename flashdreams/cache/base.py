@@ -114,6 +114,24 @@ class KVCache:
         """Frames the buffers hold."""
         raise NotImplementedError
 
+    def capacity_for(self, total_frames: int | None) -> int:
+        """Frames a cache of this policy and settings holds for a run of ``total_frames``
+        (None: an endless stream), without building it (a server sizes sessions with it)."""
+        own = self.total_frames
+        self.total_frames = total_frames
+        try:
+            return self._capacity()
+        finally:
+            self.total_frames = own
+
+    def sizer(self) -> KVCache:
+        """A copy of this cache's settings without its buffers, for ``capacity_for`` after the
+        cache itself is freed."""
+        twin = object.__new__(type(self))
+        plain = (int, float, bool, str, type(None))
+        twin.__dict__.update({k: v for k, v in vars(self).items() if isinstance(v, plain)})
+        return twin
+
     def frame_slot(self, frame: int) -> int:
         """Buffer slot of absolute latent frame ``frame``."""
         raise NotImplementedError

@@ -46,6 +46,12 @@ class ExpertKVCaches:
     def capacity_frames(self) -> int:
         return self.experts[0].capacity_frames
 
+    def capacity_for(self, total_frames: int | None) -> int:
+        return self.experts[0].capacity_for(total_frames)
+
+    def sizer(self):
+        return self.experts[0].sizer()
+
     @property
     def rolls(self) -> bool:
         return self.experts[0].rolls

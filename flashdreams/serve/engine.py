@@ -198,6 +198,7 @@ class Engine:
         cache_bytes = tensor_bytes(cache)
         self.frame_bytes = cache_bytes / frames if frames else 0.0
         self.cache_rolls = bool(cache is not None and cache.rolls)
+        self.cache_sizer = cache.sizer() if cache is not None else None  # holds no buffers
         self.prefix_frames = int(getattr(r, "frame_offset", 0))  # an I2V image frame
         self.schedule = r.schedule  # latent frames of each block
         after = self.memory_bytes()
@@ -213,10 +214,8 @@ class Engine:
         frames = (
             None if total_blocks is None else self.prefix_frames + self.schedule.total(total_blocks)
         )
-        if self.cache_rolls:
-            c = self.cfg.cache
-            window = int(c.window_frames) + int(c.get("sink_frames", 0) or 0)
-            return window if frames is None else min(window, frames)
+        if self.cache_rolls:  # the policy's own capacity (a window, a reconstituted context)
+            return self.cache_sizer.capacity_for(frames)
         return frames or 0  # a full cache cannot stream endlessly (the session refuses)
 
     def session_bytes(self, total_blocks: int | None) -> int:

@@ -119,3 +119,20 @@ def test_a_session_going_endless_gets_the_whole_window():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     for _ in range(9):  # past the window: old frames are evicted, the stream goes on
         finite.step()
+
+
+def test_capacity_for_a_stream_of_any_length_from_a_buffer_free_sizer():
+    """A server sizes a session before building it from the warm-up session's cache: each
+    policy's own capacity (a rolling window and sink, a reconstituted context of fixed size, a
+    full cache of every frame), from a settings-only copy that holds none of the buffers."""
+    from flashdreams.cache.context import ContextKVCache
+
+    rolling = RollingKVCache(window_frames=4, sink_frames=2, total_frames=2, **DIMS).sizer()
+    assert not any(isinstance(v, torch.Tensor | list) for v in vars(rolling).values())
+    assert rolling.capacity_for(None) == 6 and rolling.capacity_for(3) == 3
+    context = ContextKVCache(context_frames=16, total_frames=2, **DIMS).sizer()
+    assert context.capacity_for(None) == context.capacity_for(4) == 16 + 2
+    full = FullKVCache(total_frames=2, **DIMS).sizer()
+    assert full.capacity_for(10) == 10
+    with pytest.raises(ConfigError, match="cache=full holds a finite run"):
+        full.capacity_for(None)
