@@ -36,6 +36,7 @@ class RunConfig:
     image: str | None = None
     text_recipe: str | None = None  # image-conditioned recipes: the text-only recipe to suggest
     input: str | None = None  # a video to process (super-resolution recipes)
+    hdmap: str | None = None  # the rendered HD-map video of HDMap-driven recipes (OmniDreams)
     poses: str | None = None
     pose: str | None = None
     intrinsics: str | None = None

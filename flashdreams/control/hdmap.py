@@ -114,7 +114,7 @@ class HDMapControl(ControlEncoder):
     def _probe(self) -> tuple[int, int, float, int]:
         if not self.video:
             raise ConfigError("control.video=null: OmniDreams is driven by an HDMap video; "
-                              "pass control.video=path/to/clip_hdmap.mp4 (or control.live=true "
+                              "pass hdmap=path/to/clip_hdmap.mp4 (control.video=) (or control.live=true "
                               "to stream the frames in)")  # fmt: skip
         return probe_video(str(self.video), "control.video")
 

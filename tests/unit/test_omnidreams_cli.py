@@ -77,3 +77,18 @@ def test_first_frame_keeps_the_block_timestep():
     t = torch.full((1, 2), 937.5)
     assert torch.equal(conditioner.timesteps(t, 0), t)
     assert conditioner.inputs(0, 2)["condition_mask"][0, 0, :, 0, 0].tolist() == [1.0, 0.0]
+
+
+def test_hdmap_input_name_sets_the_control_video(tmp_path):
+    """``hdmap=clip_hdmap.mp4`` (the issue's input name) is the recipe's ``control.video``; an
+    explicit ``control.video=`` still wins, and a run without either names both in one line."""
+    clip = str(tmp_path / "clip_hdmap.mp4")
+    assert compose_run([*TINY, f"hdmap={clip}"]).control.video == clip
+    assert (
+        compose_run([*TINY, f"hdmap={clip}", "control.video=other.mp4"]).control.video
+        == "other.mp4"
+    )
+    cfg = compose_run([*TINY, f"image={tmp_path / 'first.png'}"])
+    with pytest.raises(ConfigError, match=r"hdmap=path/to/clip_hdmap.mp4 \(control.video=\)"):
+        build_conditioning(cfg, "cpu").control.prepare(1, height=SIZE, width=SIZE, num_frames=4,
+                                                       device="cpu")  # fmt: skip
