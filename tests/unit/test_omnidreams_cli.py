@@ -92,3 +92,24 @@ def test_hdmap_input_name_sets_the_control_video(tmp_path):
     with pytest.raises(ConfigError, match=r"hdmap=path/to/clip_hdmap.mp4 \(control.video=\)"):
         build_conditioning(cfg, "cpu").control.prepare(1, height=SIZE, width=SIZE, num_frames=4,
                                                        device="cpu")  # fmt: skip
+
+
+def test_hdmap_at_another_rate_and_size_is_resampled_with_a_log_line(tmp_path, caplog):
+    """A 15 fps HDMap at twice the run's size drives the 30 fps run: one log line says so, every
+    output frame is the nearest-in-time source frame fitted to the run's size (output frame i
+    shows source frame i / 2, rounded)."""
+    import logging
+
+    from flashdreams.control.video_frames import fit
+    from flashdreams.io.video import read_video
+
+    clip = _hdmap(tmp_path / "half_rate.mp4", 8, fps=15, size=(2 * SIZE, 2 * SIZE), seed=4)
+    cfg = compose_run([*TINY, f"image={_image(tmp_path / 'first.png')}", f"hdmap={clip}"])
+    control = build_conditioning(cfg, "cpu").control
+    with caplog.at_level(logging.INFO, logger="flashdreams.control.hdmap"):
+        control.prepare(1, height=SIZE, width=SIZE, num_frames=4, device="cpu")
+    (line,) = [r.getMessage() for r in caplog.records if "resampled" in r.getMessage()]
+    assert f"{2 * SIZE}x{2 * SIZE} at 15 fps resampled to {SIZE}x{SIZE} at 30 fps" in line
+    src = read_video(clip)[0]  # (8, 64, 64, 3)
+    for i in range(13):  # 4 latent frames = 13 video frames; a tie goes to the even source frame
+        np.testing.assert_array_equal(control._file.get(i), fit(src[round(i / 2)], SIZE, SIZE))
