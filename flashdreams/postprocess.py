@@ -103,14 +103,20 @@ class Postprocess:
         return torch.cat(frames, dim=1) if frames else None
 
 
+def chained(cfg: DictConfig) -> str | None:
+    """The post-processing recipe ``cfg`` chains after its stream, or None (``postprocess=none``)."""
+    pp = cfg.get("postprocess")
+    return None if pp is None or not pp.get("recipe") else str(pp.recipe)
+
+
 def postprocess_config(cfg: DictConfig, height: int, width: int, batch_size: int,
                        device) -> DictConfig | None:  # fmt: skip
     """The composed run config of ``cfg``'s post-processing recipe fed a ``height`` x ``width``
     stream of ``batch_size`` videos (its device: ``postprocess.device``, else ``device``), or
     None (``postprocess=none``)."""
-    pp = cfg.get("postprocess")
-    if pp is None or not pp.get("recipe"):
+    if chained(cfg) is None:
         return None
+    pp = cfg.postprocess
     from flashdreams.config.options import scope_options
     from flashdreams.config.validate import check_run_config
 
@@ -162,9 +168,9 @@ class PostprocessFactory:
         from flashdreams.build import build_shared
 
         self.cfg = postprocess_config(cfg, height, width, batch_size, device)
-        self.recipe = str(cfg.postprocess.recipe) if self.cfg is not None else None
         if self.cfg is None:
             raise ValueError("PostprocessFactory needs a config with postprocess set")
+        self.recipe = chained(cfg)
         self.shared = build_shared(self.cfg)
         self.frame_size: tuple[int, int] | None = None  # (H, W) of its frames, once built
 

@@ -277,27 +277,23 @@ class CudnnFp8Attention(AttentionBackend):
         bounds = (None, None, None) if kv_amax is None else (None, *kv_amax)
         (q8, dq), (k8, dk), (v8, dv) = (quantize_tensor_device(x, bound)
                                         for x, bound in zip((q, k, v), bounds, strict=True))  # fmt: skip
-        if len(plans) == 1:
-            o = plans[0, 0].run(q8, dq, k8, dk, v8, dv)
+        # one Q, K, V scale for every chunk: the chunks are one call's rows and keys
+        starts = range(0, q.shape[1], rows)
+        if not split:  # query-row chunks (or the whole call) over all keys
+            parts = [plans[i, 0].run(q8[:, i : i + rows].contiguous() if len(starts) > 1 else q8,
+                                     dq, k8, dk, v8, dv) for i in starts]  # fmt: skip
+            o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             return dequantize_tensor(o, dv, q.dtype) if o.dtype == FP8 else o
-        outs = []  # one Q, K, V scale for every chunk: the chunks are one call's rows and keys
-        for i in range(0, q.shape[1], rows):
+        keys8 = [(k8[:, j:stop].contiguous(), v8[:, j:stop].contiguous()) for j, stop in spans]
+        outs = []
+        for i in starts:
             qi, acc, acc_lse = q8[:, i : i + rows].contiguous(), None, None
-            for j, stop in spans:
-                kj, vj = (k8, v8) if not split else (k8[:, j:stop].contiguous(),
-                                                     v8[:, j:stop].contiguous())  # fmt: skip
-                part = plans[i, j].run(qi, dq, kj, dk, vj, dv)
-                if not split:
-                    acc = part
-                    break
-                o, lse = part  # (B, rows, H, D), (B, H, rows, 1) -> fold by log-sum-exp
+            for (j, _), (kj, vj) in zip(spans, keys8, strict=True):
+                o, lse = plans[i, j].run(qi, dq, kj, dk, vj, dv)  # (B, rows, H, D), (B, H, rows, 1)
                 o = dequantize_tensor(o, dv, torch.float32) if o.dtype == FP8 else o.float()
                 acc, acc_lse = merge_lse(acc, acc_lse, o, lse[..., 0].transpose(1, 2))
             outs.append(acc)
-        o = torch.cat(outs, dim=1)
-        if split:
-            return o.to(q.dtype)
-        return dequantize_tensor(o, dv, q.dtype) if o.dtype == FP8 else o
+        return torch.cat(outs, dim=1).to(q.dtype)
 
 
 def query_rows(shape_q, keys: int, max_scores: int, multiple: int = 128) -> int:

@@ -65,9 +65,6 @@ class BranchedKVCache:
     def capacity_frames(self) -> int:
         return self.main.capacity_frames
 
-    def capacity_for(self, total_frames: int | None) -> int:
-        return self.main.capacity_for(total_frames)
-
     def sizer(self):
         return self.main.sizer()
 

@@ -46,9 +46,6 @@ class ExpertKVCaches:
     def capacity_frames(self) -> int:
         return self.experts[0].capacity_frames
 
-    def capacity_for(self, total_frames: int | None) -> int:
-        return self.experts[0].capacity_for(total_frames)
-
     def sizer(self):
         return self.experts[0].sizer()
 

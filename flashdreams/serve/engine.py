@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from flashdreams import ConfigError
 from flashdreams.build import SharedParts, assemble_rollout, build_shared
+from flashdreams.postprocess import PostprocessFactory, chained
 from flashdreams.rollout import Rollout
 from flashdreams.serve.protocol import ProtocolError
 from flashdreams.session import Session
@@ -52,9 +53,7 @@ class Engine:
         self.shared = build_shared(cfg)  # weights and encoders; every session owns the rest
         self.device = self.shared.device
         self.post = None  # postprocess=...: its weights once, a Postprocess per session
-        if cfg.get("postprocess") is not None and cfg.postprocess.get("recipe"):
-            from flashdreams.postprocess import PostprocessFactory
-
+        if chained(cfg) is not None:
             r = cfg.rollout
             self.post = PostprocessFactory(cfg, int(r.height), int(r.width), int(r.batch_size),
                                            self.device)  # fmt: skip

@@ -23,6 +23,7 @@ import uuid
 
 from starlette.websockets import WebSocket
 
+from flashdreams.postprocess import chained
 from flashdreams.rollout.schedule import BlockSchedule
 from flashdreams.serve import protocol
 from flashdreams.serve.app import _GONE, OutQueue, _send_loop
@@ -74,13 +75,11 @@ def parse_start(msg: dict, cfg) -> dict:
             width, height = (int(v) for v in str(msg["size"]).lower().split("x"))
         except ValueError:
             raise RequestError("session.start: size must be 'WIDTHxHEIGHT'") from None
-    post = cfg.get("postprocess")
-    if post is not None and post.get("recipe") and (width, height) != (None, None):
+    post = chained(cfg)
+    if post is not None and (width, height) != (None, None):
         raise RequestError(f"session.start: this server upscales its stream (postprocess="
-                           f"{post.recipe}); leave size unset")  # fmt: skip
-    if (width, height) not in ((None, None), (r.width, r.height)) and not (
-        post and post.get("recipe")
-    ):
+                           f"{post}); leave size unset")  # fmt: skip
+    if post is None and (width, height) not in ((None, None), (r.width, r.height)):
         raise RequestError(f"session.start: {width}x{height} is not served; this server "
                            f"streams {r.width}x{r.height} (rollout.width/height)")  # fmt: skip
     fps = msg.get("fps", cfg.fps)

@@ -59,23 +59,34 @@ def test_recipe_composes_with_the_release_settings():
                                                                              "clip.mp4")  # fmt: skip
 
 
-@pytest.mark.parametrize("size,sparse", [(64, []), (128, ["model.sparse_ratio=2.0",
-                                                             "model.local_range=11"])])  # fmt: skip
-def test_tiny_4x_run_through_the_cli(tmp_path, size, sparse):
-    video = _mp4(tmp_path / "lr.mp4", 29, w=size // 4, h=size // 4)  # 33 LR frames: 8 latents
+def _tiny_vsr(tmp_path: Path) -> list[str]:
+    """Overrides of a tiny FlashVSR run on CPU: a 2-layer DiT and a small LR projector with random
+    weights, and a random prompt tensor (written under ``tmp_path``)."""
     prompt = tmp_path / "posi_prompt.pth"
     torch.save(torch.randn(1, 4, 16), prompt)
-    args = ["recipe=flashvsr_v1_1_x4", "model.checkpoint=null", "model.dim=64", "model.num_heads=2",
-            "model.num_layers=2", "model.ffn_dim=128", "model.text_dim=16", "model.text_len=4",
+    return ["model.checkpoint=null", "model.dim=64", "model.num_heads=2", "model.num_layers=2",
+            "model.ffn_dim=128", "model.text_dim=16", "model.text_len=4",
             f"text_encoder.path={prompt}", "control.checkpoint=null", "control.hidden_dim1=8",
-            "control.hidden_dim2=8", "control.dtype=float32", f"control.video={video}",
-            "vae=preview", "graph=eager", "attention=sdpa",
-            f"rollout.height={size}", f"rollout.width={size}", "rollout.total_blocks=2",
-            "device=cpu", "dtype=float32", *sparse, f"paths.root={tmp_path / 'out'}"]  # fmt: skip
+            "control.hidden_dim2=8", "control.dtype=float32", "graph=eager", "attention=sdpa",
+            "device=cpu", "dtype=float32"]  # fmt: skip
+
+
+def _run_cli(args: list[str]) -> None:
+    """``flashdreams-run args`` in a subprocess (offline); it must succeed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "-m", "flashdreams.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("size,sparse", [(64, []), (128, ["model.sparse_ratio=2.0",
+                                                             "model.local_range=11"])])  # fmt: skip
+def test_tiny_4x_run_through_the_cli(tmp_path, size, sparse):
+    video = _mp4(tmp_path / "lr.mp4", 29, w=size // 4, h=size // 4)  # 33 LR frames: 8 latents
+    args = ["recipe=flashvsr_v1_1_x4", *_tiny_vsr(tmp_path), f"control.video={video}",
+            "vae=preview", f"rollout.height={size}", f"rollout.width={size}",
+            "rollout.total_blocks=2", *sparse, f"paths.root={tmp_path / 'out'}"]  # fmt: skip
+    _run_cli(args)
     (run,) = (tmp_path / "out" / "runs").glob("*/*")
     steps = json.loads((run / "stats.json").read_text())["steps"]
     assert [s["latent_frames"] for s in steps] == [6, 2]  # the release's 6, then 2
@@ -152,18 +163,10 @@ def test_full_recipe_runs_through_the_cli_with_the_wan_vae_and_colour_fix(tmp_pa
     holds every output frame's channel means to the LR frame's (random decoder weights give
     arbitrary colours otherwise; 4 / 255 covers the two H.264 round trips)."""
     video = _mp4(tmp_path / "lr.mp4", 29, w=16, h=16)
-    prompt = tmp_path / "posi_prompt.pth"
-    torch.save(torch.randn(1, 4, 16), prompt)
-    args = ["recipe=flashvsr_v1_1_full", "model.checkpoint=null", "model.dim=64", "model.num_heads=2",
-            "model.num_layers=2", "model.ffn_dim=128", "model.text_dim=16", "model.text_len=4",
-            f"text_encoder.path={prompt}", "control.checkpoint=null", "control.hidden_dim1=8",
-            "control.hidden_dim2=8", "control.dtype=float32", f"input={video}",
-            "vae.decoder.checkpoint=null", "graph=eager", "attention=sdpa", "vsr.size_multiple=16",
-            "rollout.total_blocks=2", "device=cpu", "dtype=float32", f"paths.root={tmp_path / 'out'}"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "flashdreams.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = ["recipe=flashvsr_v1_1_full", *_tiny_vsr(tmp_path), f"input={video}",
+            "vae.decoder.checkpoint=null", "vsr.size_multiple=16", "rollout.total_blocks=2",
+            f"paths.root={tmp_path / 'out'}"]  # fmt: skip
+    _run_cli(args)
     (run,) = (tmp_path / "out" / "runs").glob("*/*")
     out, lr = read_video(run / "video.mp4")[0], read_video(video)[0]
     assert out.shape == (29, 64, 64, 3) and lr.shape == (29, 16, 16, 3)
