@@ -94,6 +94,11 @@ def main() -> int:
         help="time single calls with events (host launch cost included) instead of CUDA-graph "
         "replays of 20 back-to-back calls",
     )  # fmt: skip
+    ap.add_argument(
+        "--fp8-max-keys", default="",
+        help="also run attention=cudnn_fp8 with these attention.max_keys (key chunks merged by "
+        "log-sum-exp), e.g. 8192,16384: error against bf16 SDPA per key chunk size",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -104,6 +109,8 @@ def main() -> int:
     fp8 = CudnnFp8Attention(min_kv_tokens=0)
     backends = {"sdpa_cudnn": SdpaAttention("cudnn"), "sdpa_flash": SdpaAttention("flash"),
                 "cudnn_fp8": fp8}  # fmt: skip
+    for keys in filter(None, args.fp8_max_keys.split(",")):
+        backends[f"cudnn_fp8_keys{keys}"] = CudnnFp8Attention(min_kv_tokens=0, max_keys=int(keys))
     for splits in (*range(2, args.max_splits + 1), "auto"):  # one launch over key chunks
         backends[f"sdpa_cudnn_split{splits}"] = SdpaAttention("cudnn", kv_splits=splits)
     for version in ("4", "3"):  # optional FlashAttention packages, when installed
