@@ -187,8 +187,11 @@ def main() -> None:
         result["attention_error"] = calls
         for i, c in enumerate(calls):
             print(f"self-attention {i}: rel L2 vs bf16 SDPA {c['backend_vs_sdpa']:.3f}; on "
-                  f"{c['queries']} queries: emulation vs SDPA {c['emulation_vs_sdpa']:.3f}, "
-                  f"backend vs emulation {c['backend_vs_emulation']:.3f}")  # fmt: skip
+                  f"{c['queries']} queries: emulation vs SDPA {c['emulation_vs_sdpa']:.3f} "
+                  f"(slice scale {c['emulation_slice_scale_vs_sdpa']:.3f}), backend vs emulation "
+                  f"{c['backend_vs_emulation']:.3f}; contiguous copies vs SDPA "
+                  f"{c['contiguous_copies_vs_sdpa']:.3f}; amax/rms q {c['q']['amax'] / c['q']['rms']:.0f} "
+                  f"k {c['k']['amax'] / c['k']['rms']:.0f} v {c['v']['amax'] / c['v']['rms']:.0f}")  # fmt: skip
     if "floor" in result:
         r = result["floor"]
         print(f"floor {r['floor_ms']:.1f} ms (GEMM {r['linear_tflops']:.0f}, attention "
@@ -210,9 +213,11 @@ def main() -> None:
 def attention_error(model, forward, queries: int, kernel: str) -> list[dict]:
     """Each self-attention call of ``forward()`` (one forward of ``model``) on its own inputs:
     relative L2 of the installed backend against SDPA (``kernel``) and, on the first
-    ``queries`` queries, of the fp32 emulation of the e4m3 scheme against SDPA and of the
-    backend against the emulation. The forward continues on the backend's outputs. The
-    emulation quantizes Q with the scale of its query slice (the kernel: of all queries)."""
+    ``queries`` queries spread over the sequence, of the fp32 emulation of the e4m3 scheme
+    (Q at the scale of all queries, as the kernel; and at its slice's own scale) against SDPA
+    and of the backend against the emulation; the backend again on contiguous copies of
+    q, k, v; each tensor's amax, RMS and median per-token amax. The forward continues on the
+    backend's outputs."""
     from flashdreams.attention.base import Attention
     from flashdreams.attention.cudnn_fp8 import reference_fp8_attention
     from flashdreams.attention.sdpa import SdpaAttention
@@ -222,15 +227,30 @@ def attention_error(model, forward, queries: int, kernel: str) -> list[dict]:
 
     installed, sdpa, calls = model.attention, SdpaAttention(kernel), []
 
+    def stats(x):  # per-tensor bound against the typical entry: what a per-tensor scale meets
+        a = x.float().abs()
+        return {"amax": a.amax().item(), "rms": a.square().mean().sqrt().item(),
+                "token_amax_median": a.flatten(2).amax(-1).median().item()}  # fmt: skip
+
     class Probe(Attention):
         def self_attention(self, q, k, v, mask=None, kv_amax=None):
             out = installed.self_attention(q, k, v, mask, kv_amax)
-            ref, sub = sdpa(q, k, v, mask), slice(0, queries)
-            emu = reference_fp8_attention(q[:, sub], k, v)
+            ref = sdpa(q, k, v, mask)
+            # queries spread over the whole sequence, quantized with the scale of all of them
+            sub = torch.linspace(0, q.shape[1] - 1, min(queries, q.shape[1]), device=q.device)
+            sub = sub.long()
+            q_amax = q.abs().amax().float()
+            emu = reference_fp8_attention(q[:, sub], k, v, q_amax=q_amax)
+            packed = installed.backend(*(x.contiguous().clone() for x in (q, k, v)))
             calls.append({"keys": k.shape[1], "queries": emu.shape[1],
                           "backend_vs_sdpa": rel(out, ref),
                           "emulation_vs_sdpa": rel(emu, ref[:, sub]),
-                          "backend_vs_emulation": rel(out[:, sub], emu)})  # fmt: skip
+                          "backend_vs_emulation": rel(out[:, sub], emu),
+                          "contiguous_copies_vs_sdpa": rel(packed, ref),
+                          "emulation_slice_scale_vs_sdpa": rel(
+                              reference_fp8_attention(q[:, sub], k, v), ref[:, sub]),
+                          "q": stats(q), "k": stats(k), "v": stats(v),
+                          "layout": {n: list(x.stride()) for n, x in zip("qkv", (q, k, v), strict=True)}})  # fmt: skip
             return out
 
     model.attention = Probe(installed.backend, installed.sequence)

@@ -48,15 +48,21 @@ def reference_fp8_attention(
     v: torch.Tensor,
     scale: float | None = None,
     o_fp8: bool = True,
+    q_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The FP8 scheme in fp32 torch ops on (B, L, H, D): e4m3 Q/K/V and P, per-tensor scales.
 
     ``o_fp8``: O rounded to e4m3 with V's scale (Hopper's kernel writes e4m3 O), else kept.
+    ``q_amax``: Q's bound when ``q`` is a slice of the queries one call quantizes together.
     Returns (B, Lq, H, D) in q's dtype. What the cuDNN kernel computes up to accumulation order;
     the emulation path and the GPU parity test use it.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    (qq, dq), (kq, dk), (vq, dv) = quantize_tensor(q), quantize_tensor(k), quantize_tensor(v)
+    (qq, dq), (kq, dk), (vq, dv) = (
+        quantize_tensor(q, q_amax),
+        quantize_tensor(k),
+        quantize_tensor(v),
+    )
     qf = qq.float().transpose(1, 2) * dq  # (B, H, Lq, D)
     kf = kq.float().transpose(1, 2) * dk
     vf = vq.float().transpose(1, 2) * dv
