@@ -226,6 +226,7 @@ def attention_error(model, forward, queries: int, kernel: str) -> list[dict]:
         return ((x.float() - y.float()).norm() / y.float().norm()).item()
 
     installed, sdpa, calls = model.attention, SdpaAttention(kernel), []
+    smooth = getattr(installed.backend, "smooth", False)  # the scheme the backend runs
 
     def stats(x):  # per-tensor bound against the typical entry: what a per-tensor scale meets
         a = x.float().abs()
@@ -240,7 +241,7 @@ def attention_error(model, forward, queries: int, kernel: str) -> list[dict]:
             sub = torch.linspace(0, q.shape[1] - 1, min(queries, q.shape[1]), device=q.device)
             sub = sub.long()
             q_amax = q.abs().amax().float()
-            emu = reference_fp8_attention(q[:, sub], k, v, q_amax=q_amax)
+            emu = reference_fp8_attention(q[:, sub], k, v, q_amax=q_amax, smooth=smooth)
             packed = installed.backend(*(x.contiguous().clone() for x in (q, k, v)))
             calls.append({"keys": k.shape[1], "queries": emu.shape[1],
                           "backend_vs_sdpa": rel(out, ref),
@@ -248,7 +249,7 @@ def attention_error(model, forward, queries: int, kernel: str) -> list[dict]:
                           "backend_vs_emulation": rel(out[:, sub], emu),
                           "contiguous_copies_vs_sdpa": rel(packed, ref),
                           "emulation_slice_scale_vs_sdpa": rel(
-                              reference_fp8_attention(q[:, sub], k, v), ref[:, sub]),
+                              reference_fp8_attention(q[:, sub], k, v, smooth=smooth), ref[:, sub]),
                           "q": stats(q), "k": stats(k), "v": stats(v),
                           "layout": {n: list(x.stride()) for n, x in zip("qkv", (q, k, v), strict=True)}})  # fmt: skip
             return out

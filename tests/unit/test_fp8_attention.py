@@ -17,6 +17,7 @@ from flashdreams.attention.cudnn_fp8 import (
     CudnnFp8Attention,
     query_rows,
     reference_fp8_attention,
+    smooth_kv,
 )
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.full import FullKVCache
@@ -75,12 +76,41 @@ def test_emulation_is_close_to_sdpa_and_routes_short_and_masked_calls():
     assert out.shape == ref.shape and not torch.equal(out, ref)
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 0.15 and cosine(out, ref) > 0.99
-    assert torch.equal(out, reference_fp8_attention(q, k, v))
+    assert torch.equal(out, reference_fp8_attention(q, k, v, smooth=True))
     short = _qkv(lk=500)
     assert torch.equal(attn(*short), SdpaAttention()(*short))  # < min_kv_tokens: bf16 kernel
     mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool)
     mask[:, 1000:] = False
     assert torch.equal(attn(q, k, v, mask), SdpaAttention()(q, k, v, mask))
+
+
+def test_smoothing_k_and_v_is_an_identity_of_attention():
+    """softmax(q.(k - m)) = softmax(q.k) and P (V - mean V) + mean V = P V: without quantization
+    the smoothed call is the plain one to float rounding."""
+    q, k, v = _qkv()
+    k, v = k + torch.linspace(-3, 5, 64), v + 4.0  # activations share a large common part
+    ks, vs, k_mean, v_mean = smooth_kv(k, v)
+    assert k_mean.shape == v_mean.shape == (1, 1, 4, 64)
+    assert ks.mean(1).abs().max() < 1e-5 and vs.mean(1).abs().max() < 1e-5
+    ref = SdpaAttention()(q, k, v)
+    torch.testing.assert_close(SdpaAttention()(q, ks, vs) + v_mean, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_smoothing_keeps_the_scale_for_what_differs_between_tokens():
+    """With a large common offset on V the per-tensor e4m3 scale is spent on the offset: the
+    part of O that differs between queries loses most of its precision unless V is smoothed."""
+    q, k, v = _qkv()
+    v = v * 0.3 + 6.0
+    ref = SdpaAttention()(q, k, v)
+    centred = ref - ref.mean(1, keepdim=True)
+
+    def err(out):
+        return ((out - out.mean(1, keepdim=True) - centred).norm() / centred.norm()).item()
+
+    plain, smooth = (reference_fp8_attention(q, k, v, smooth=s) for s in (False, True))
+    assert err(smooth) < 0.15 < err(plain)
+    off = CudnnFp8Attention(emulate=True, min_kv_tokens=0, smooth=False)
+    assert torch.equal(off(q, k, v), plain)
 
 
 def test_exact_mode_runs_the_fallback_and_nests():
