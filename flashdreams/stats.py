@@ -42,6 +42,7 @@ class StepTimer:
         self.device = device
         self.marks: dict[str, tuple[Mark, Mark]] = {}
         self.parts: dict[str, list[tuple[Mark, Mark]]] = {}  # sub-stages, e.g. a projector
+        self.inside: dict[str, str] = {}  # part -> the stage it runs inside
         self._open: tuple[str, Mark] | None = None
         self.num_frames = 0  # video frames the step decoded
         self.latent_frames = 0  # latent frames of the step's block (the block schedule's)
@@ -54,11 +55,19 @@ class StepTimer:
         self.marks[stage] = (begin, Mark(self.device))
         self._open = None
 
-    def add_parts(self, parts: dict[str, list[tuple[Mark, Mark]]]) -> None:
-        """Sub-stage intervals recorded by a part of the step (a control's projector inside
-        the diffuse stage); each becomes ``<name>_ms``, the sum of its intervals."""
+    def add_parts(self, parts: dict[str, list[tuple[Mark, Mark]]],
+                  inside: dict[str, str] | None = None) -> None:  # fmt: skip
+        """Sub-stage intervals recorded by a part of the step; each becomes ``<name>_ms``, the
+        sum of its intervals. ``inside`` names the stage a part runs within (a control's LR
+        projector inside ``diffuse``); parts not named there run beside the stages (an encode
+        ahead on a side stream). A stage with parts inside also gets its own time without
+        them: ``dit_ms`` for ``diffuse`` (the DiT alone), ``<stage>_own_ms`` for the others."""
         for name, pairs in parts.items():
             self.parts.setdefault(name, []).extend(pairs)
+        for name, stage in (inside or {}).items():
+            if stage not in STAGES:
+                raise ValueError(f"part {name!r} inside unknown stage {stage!r} ({STAGES})")
+            self.inside[name] = stage
 
     def close_period(self) -> None:
         """Mark the end of the block period on the current stream, for stages that overlap
@@ -86,8 +95,12 @@ class StepTimer:
             row["period_ms"] = self.marks["period"][0].ms_until(self.marks["period"][1])
         for name, pairs in self.parts.items():
             row[f"{name}_ms"] = sum(a.ms_until(b) for a, b in pairs)
-        if "projector" in self.parts:  # FlashVSR: its LR projector runs inside the diffuse stage
-            row["dit_ms"] = max(0.0, row["diffuse_ms"] - row["projector_ms"])
+        for stage in dict.fromkeys(self.inside.values()):  # stages with parts inside them
+            within = sum(
+                row[f"{n}_ms"] for n, s in self.inside.items() if s == stage and n in self.parts
+            )
+            own = "dit_ms" if stage == "diffuse" else f"{stage}_own_ms"
+            row[own] = max(0.0, row[f"{stage}_ms"] - within)
         row["num_frames"] = self.num_frames
         row["latent_frames"] = self.latent_frames
         return row

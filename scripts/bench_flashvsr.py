@@ -130,7 +130,7 @@ def run_scene(shared, cfg, chunks: int, sparse: float | None) -> dict:
     timers, wall_start, wall_frames = [], None, 0
     for i in range(chunks):
         out = rollout.step()  # no sync: a pipelined decode overlaps the next chunk's DiT
-        out.timer.add_parts(control.take_parts())  # the projector's forwards: projector_ms
+        out.timer.add_parts(control.take_parts(), control.parts_inside())  # projector_ms, dit_ms
         timers.append(out.timer)
         if i == 1:
             sync(dev)

@@ -63,6 +63,12 @@ class ControlEncoder(GraphRunner, nn.Module):
         pairs, e.g. the LR projector's forwards), added to the step's ``StepTimer``; none here."""
         return {}
 
+    def parts_inside(self) -> dict[str, str]:
+        """The stage each of ``take_parts``'s parts runs inside (``{"projector": "diffuse"}``:
+        the step's stats then also give the stage without it, ``dit_ms``); parts not named run
+        beside the stages. None here."""
+        return {}
+
     def check_frames(self, num_frames: int) -> None:
         """Fail in one line, before any model loads, if a clip of ``num_frames`` latent frames
         cannot be controlled (a control file too short); nothing to check by default."""

@@ -278,6 +278,9 @@ class LRVideoControl(ControlEncoder):
         marks, self._marks = self._marks, []
         return {"projector": marks} if marks else {}
 
+    def parts_inside(self) -> dict[str, str]:
+        return {"projector": "diffuse"}  # the DiT's inputs are projected inside its stage
+
     def decoder_inputs(self, start: int, num: int) -> dict[str, torch.Tensor]:
         idx = [max(0, FRAMES_PER_LATENT * j - 3 + i) for j in range(start, start + num)
                for i in range(FRAMES_PER_LATENT)]  # fmt: skip

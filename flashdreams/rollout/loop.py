@@ -341,7 +341,7 @@ class Rollout:
         if self.history is not None:
             self.history.record(out_start, out)
         frames = self.decoder(out, timer, commit, last=is_last)
-        timer.add_parts(self.control.take_parts())  # projector_ms, control_ahead_ms
+        timer.add_parts(self.control.take_parts(), self.control.parts_inside())
         timer.num_frames = 0 if frames is None else frames.shape[1]
         if sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

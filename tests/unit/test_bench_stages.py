@@ -4,7 +4,13 @@ decode, commit, total)."""
 
 from __future__ import annotations
 
+import time
+
+import pytest
+import torch
+
 from flashdreams.bench import _print, stage_medians
+from flashdreams.stats import Mark, StepTimer
 
 
 def _steps():
@@ -33,3 +39,29 @@ def test_bench_prints_the_per_block_stages(capsys):
     _print(result)
     line = [ln for ln in capsys.readouterr().out.splitlines() if "per block" in ln][0]
     assert "control (HDMap encode) 22.0 | DiT 83.0 | decode 6.0 | commit 30.0 | total 142.0" in line
+
+
+def test_parts_inside_a_stage_give_its_own_time_and_parts_beside_do_not():
+    """A control's parts: one inside ``diffuse`` (an LR projector) gives ``dit_ms`` = diffuse
+    without it; one beside the stages (an encode ahead on a side stream) subtracts nothing."""
+    cpu = torch.device("cpu")
+    timer = StepTimer(3, cpu)
+    timer.start("diffuse")
+    begin = Mark(cpu)
+    time.sleep(0.02)
+    projector = (begin, Mark(cpu))
+    time.sleep(0.03)
+    timer.stop()
+    ahead = (Mark(cpu), Mark(cpu))
+    timer.add_parts({"projector": [projector], "control_ahead": [ahead]}, {"projector": "diffuse"})
+    row = timer.resolve()
+    assert row["projector_ms"] >= 20 and row["diffuse_ms"] >= 50
+    assert row["dit_ms"] == pytest.approx(row["diffuse_ms"] - row["projector_ms"])
+    assert "control_ahead_ms" in row and not any(k.endswith("_own_ms") for k in row)
+    beside = StepTimer(3, cpu)
+    beside.start("diffuse")
+    beside.stop()
+    beside.add_parts({"control_ahead": [ahead]})
+    assert "dit_ms" not in beside.resolve()
+    with pytest.raises(ValueError, match="unknown stage"):
+        beside.add_parts({}, {"projector": "denoise"})
