@@ -18,12 +18,16 @@ _ROWS, _COLS = 16, 256  # tile of the strided kernels
 
 
 def quantize_tensor(
-    x: torch.Tensor, amax: torch.Tensor | None = None
+    x: torch.Tensor, amax: torch.Tensor | None = None, offset: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, descale)``: q e4m3 contiguous with ``q * descale ~= x``, descale fp32 (1, 1, 1, 1).
 
     ``amax``: a bound on ``|x|`` to scale by (values past it saturate); default the exact amax.
+    ``offset``: a per-channel vector (broadcast over x's last dims, e.g. (1, 1, H, D)) taken
+    off before quantizing: ``q * descale ~= x - offset`` (the amax is then of ``x - offset``).
     """
+    if offset is not None:
+        x = x.float() - offset.float()
     if amax is None:
         amax = x.detach().abs().amax()
     descale = amax.float().reshape(()).clamp(min=_EPS) / FP8_MAX
@@ -42,14 +46,17 @@ def kernels(triton, tl) -> dict:
         tl.atomic_max(out_ptr, tl.max(tl.abs(x), 0))
 
     @triton.jit
-    def amax_rows(x_ptr, out_ptr, rows, cols, row_stride,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    def amax_rows(x_ptr, out_ptr, rows, cols, row_stride, off_ptr,
+                  HAS_OFF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
         acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         for c0 in range(0, cols, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)[None, :]
-            x = tl.load(x_ptr + r * row_stride + c, mask=(r < rows) & (c < cols), other=0.0)
-            acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+            m = (r < rows) & (c < cols)
+            x = tl.load(x_ptr + r * row_stride + c, mask=m, other=0.0).to(tl.float32)
+            if HAS_OFF:  # x - offset[c] (masked rows stay 0)
+                x = tl.where(m, x - tl.load(off_ptr + c, mask=c < cols, other=0.0), 0.0)
+            acc = tl.maximum(acc, tl.abs(x))
         tl.atomic_max(out_ptr, tl.max(tl.max(acc, 1), 0))
 
     @triton.jit
@@ -63,8 +70,8 @@ def kernels(triton, tl) -> dict:
         tl.store(y_ptr + i, y.to(tl.float8e4nv), mask=i < n)
 
     @triton.jit
-    def quant_rows(x_ptr, amax_ptr, y_ptr, descale_ptr, rows, cols, row_stride,
-                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    def quant_rows(x_ptr, amax_ptr, y_ptr, descale_ptr, rows, cols, row_stride, off_ptr,
+                   HAS_OFF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         amax = tl.maximum(tl.load(amax_ptr), 1e-12)
         if tl.program_id(0) == 0:
             tl.store(descale_ptr, amax / 448.0)
@@ -73,6 +80,8 @@ def kernels(triton, tl) -> dict:
             c = c0 + tl.arange(0, BLOCK_C)[None, :]
             m = (r < rows) & (c < cols)
             x = tl.load(x_ptr + r * row_stride + c, mask=m, other=0.0).to(tl.float32)
+            if HAS_OFF:
+                x = x - tl.load(off_ptr + c, mask=c < cols, other=0.0)
             y = tl.minimum(tl.maximum(x * (448.0 / amax), -448.0), 448.0)
             tl.store(y_ptr + r * cols + c, y.to(tl.float8e4nv), mask=m)
 
@@ -91,41 +100,60 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def running_amax(amax: torch.Tensor, x: torch.Tensor) -> None:
-    """``amax = max(amax, max |x|)`` in place on the device (amax: (1,) fp32)."""
+def _offset_row(offset: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """An offset broadcast over x's (H, D) (or (C,)) as one contiguous fp32 row of H*D."""
+    if offset is None:
+        return None
+    width = x.shape[-2] * x.shape[-1] if x.dim() == 4 else x.shape[-1]
+    row = offset.detach().float().reshape(-1)
+    if row.numel() != width:
+        raise ValueError(f"offset of {row.numel()} values for rows of {width}")
+    return row.contiguous()
+
+
+def running_amax(amax: torch.Tensor, x: torch.Tensor, offset: torch.Tensor | None = None) -> None:
+    """``amax = max(amax, max |x - offset|)`` in place on the device (amax: (1,) fp32;
+    ``offset`` per channel, as ``quantize_tensor``'s, or None)."""
     k = cuda_kernels(kernels, x)
     if k is None:
-        amax.copy_(torch.maximum(amax, x.detach().abs().amax().float().reshape(1)))
+        y = x.detach().float() - offset.float() if offset is not None else x.detach()
+        amax.copy_(torch.maximum(amax, y.abs().amax().float().reshape(1)))
         return
-    if x.is_contiguous():
+    off = _offset_row(offset, x)
+    if off is None and x.is_contiguous():
         n = x.numel()
         k["amax_flat"][(_cdiv(n, _FLAT_BLOCK),)](x, amax, n, BLOCK=_FLAT_BLOCK)
         return
     rows = as_rows(x)
     k["amax_rows"][(_cdiv(rows.shape[0], _ROWS),)](rows, amax, rows.shape[0], rows.shape[1],
-                                                   rows.stride(0), BLOCK_R=_ROWS,
+                                                   rows.stride(0), amax if off is None else off,
+                                                   HAS_OFF=off is not None, BLOCK_R=_ROWS,
                                                    BLOCK_C=_COLS)  # fmt: skip
 
 
 def quantize_tensor_device(
-    x: torch.Tensor, amax: torch.Tensor | None = None
+    x: torch.Tensor, amax: torch.Tensor | None = None, offset: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_tensor`` as Triton passes on CUDA (amax, unless given, then scale + cast)."""
+    """``quantize_tensor`` as Triton passes on CUDA (amax, unless given, then scale + cast);
+    an ``offset`` is taken off inside both passes (``x - offset`` is never written out)."""
     k = cuda_kernels(kernels, x)
     if k is None:
-        return quantize_tensor(x, amax)
+        return quantize_tensor(x, amax, offset)
     if amax is None:
         amax = torch.zeros(1, device=x.device, dtype=torch.float32)
-        running_amax(amax, x)
+        running_amax(amax, x, offset)
     out = torch.empty(x.shape, device=x.device, dtype=FP8)
     descale = torch.empty(1, 1, 1, 1, device=x.device, dtype=torch.float32)
-    if x.is_contiguous():
+    off = _offset_row(offset, x)
+    if off is None and x.is_contiguous():
         n = x.numel()
         k["quant_flat"][(_cdiv(n, _FLAT_BLOCK),)](x, amax, out, descale, n, BLOCK=_FLAT_BLOCK)
         return out, descale
     rows = as_rows(x)
     k["quant_rows"][(_cdiv(rows.shape[0], _ROWS),)](rows, amax, out, descale, rows.shape[0],
-                                                    rows.shape[1], rows.stride(0), BLOCK_R=_ROWS,
+                                                    rows.shape[1], rows.stride(0),
+                                                    amax if off is None else off,
+                                                    HAS_OFF=off is not None, BLOCK_R=_ROWS,
                                                     BLOCK_C=_COLS)  # fmt: skip
     return out, descale
 

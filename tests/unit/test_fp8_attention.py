@@ -15,9 +15,9 @@ import torch
 from flashdreams import ConfigError
 from flashdreams.attention.cudnn_fp8 import (
     CudnnFp8Attention,
+    kv_means,
     query_rows,
     reference_fp8_attention,
-    smooth_kv,
 )
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.full import FullKVCache
@@ -85,15 +85,29 @@ def test_emulation_is_close_to_sdpa_and_routes_short_and_masked_calls():
 
 
 def test_smoothing_k_and_v_is_an_identity_of_attention():
-    """softmax(q.(k - m)) = softmax(q.k) and P (V - mean V) + mean V = P V: without quantization
-    the smoothed call is the plain one to float rounding."""
+    """softmax(q.(k - m)) = softmax(q.k) and P (V - m) + m = P V for any m: without quantization
+    the smoothed call is the plain one to float rounding; the means come from a strided sample
+    of the keys, close to the full means."""
     q, k, v = _qkv()
     k, v = k + torch.linspace(-3, 5, 64), v + 4.0  # activations share a large common part
-    ks, vs, k_mean, v_mean = smooth_kv(k, v)
-    assert k_mean.shape == v_mean.shape == (1, 1, 4, 64)
-    assert ks.mean(1).abs().max() < 1e-5 and vs.mean(1).abs().max() < 1e-5
+    k_mean, v_mean = kv_means(k, v, sample=256)
+    assert k_mean.shape == v_mean.shape == (1, 1, 4, 64) and k_mean.dtype == torch.float32
+    torch.testing.assert_close(k_mean, k.mean(1, keepdim=True), atol=0.6, rtol=0)  # 5 sigma
+    torch.testing.assert_close(v_mean, v.mean(1, keepdim=True), atol=0.3, rtol=0)
     ref = SdpaAttention()(q, k, v)
-    torch.testing.assert_close(SdpaAttention()(q, ks, vs) + v_mean, ref, atol=2e-5, rtol=1e-5)
+    smoothed = SdpaAttention()(q, k - k_mean, v - v_mean) + v_mean
+    torch.testing.assert_close(smoothed, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_an_offset_is_taken_off_inside_the_quantizer():
+    x = torch.randn(2, 30, 4, 16) + torch.linspace(-6, 6, 64).reshape(4, 16)
+    m = x.mean(dim=(0, 1), keepdim=True)
+    q, d = quantize_tensor(x, offset=m)
+    q_ref, d_ref = quantize_tensor(x - m)
+    assert torch.equal(q, q_ref) and torch.equal(d, d_ref)
+    amax = torch.zeros(1)
+    running_amax(amax, x, m)
+    assert amax.item() == pytest.approx((x - m).abs().max().item())
 
 
 def test_smoothing_keeps_the_scale_for_what_differs_between_tokens():

@@ -34,10 +34,13 @@ NORM_CASES = [f"{kind}-{width}-{chunk}" for kind in ("norm1", "norm3", "norm2", 
 QK_CASES = ["qk-3", "qk-4"]  # heads; 3 pads the head axis to tiles of 4
 # split-KV merge over 2 / 3 chunks; K/V row scatter into the cache (a strided V view);
 # FP8 e4m3 per-tensor quantization of contiguous / strided tensors and the dequantization
-OTHER_CASES = ["merge-2", "merge-3", "scatter", "fp8-contiguous", "fp8-strided", "fp8-dequant"]
+OTHER_CASES = ["merge-2", "merge-3", "scatter", "fp8-contiguous", "fp8-strided", "fp8-dequant",
+               "fp8-offset-contiguous", "fp8-offset-strided"]  # fmt: skip
+# (the offset cases: a per-channel mean taken off inside the amax and quantize passes)
 # per-output tolerances where not TOL: the FP8 scale exactly; the interpreter casts to e4m3 by
 # truncation, so quantized values agree to about one e4m3 step (a wrong scale or row: ~1)
-TOLS = {"fp8-contiguous": (1e-6, 0.15), "fp8-strided": (1e-6, 0.15)}
+TOLS = {"fp8-contiguous": (1e-6, 0.15), "fp8-strided": (1e-6, 0.15),
+        "fp8-offset-contiguous": (1e-6, 0.15), "fp8-offset-strided": (1e-6, 0.15)}  # fmt: skip
 
 
 def _run_all() -> dict[str, list[float]]:
@@ -104,6 +107,15 @@ def _fp8_cases(fp8_tensor) -> dict[str, list[float]]:
     for name, t in (("fp8-contiguous", x), ("fp8-strided", strided)):
         q, descale = fp8_tensor.quantize_tensor_device(t)
         q_ref, descale_ref = fp8_tensor.quantize_tensor(t)
+        scale_err = abs(float(descale.reshape(())) / float(descale_ref.reshape(())) - 1)
+        out[name] = [
+            scale_err,
+            rel_l2(q.float() * descale.reshape(()), q_ref.float() * descale_ref),
+        ]
+    for name, t in (("fp8-offset-contiguous", x + 7), ("fp8-offset-strided", strided - 3)):
+        m = t.mean(dim=(0, 1), keepdim=True)  # (1, 1, H, D), as the FP8 attention's K/V means
+        q, descale = fp8_tensor.quantize_tensor_device(t, offset=m)
+        q_ref, descale_ref = fp8_tensor.quantize_tensor(t, offset=m)
         scale_err = abs(float(descale.reshape(())) / float(descale_ref.reshape(())) - 1)
         out[name] = [
             scale_err,
