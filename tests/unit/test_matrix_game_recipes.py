@@ -16,6 +16,7 @@ from PIL import Image
 
 from flashdreams import ConfigError, Session
 from flashdreams.build import build_conditioning
+from flashdreams.control.keyboard_mouse import KeyboardMouseControl
 from tests.unit.test_config import compose_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,6 +134,10 @@ def test_live_keys_equal_the_release_file_with_the_same_actions(tmp_path, varian
         release = {"keyboard_condition": table[:, :2], "mouse_condition": table[:, 2:]}
     actions = tmp_path / "actions.pt"
     torch.save({k: v.float() for k, v in release.items()}, actions)
+    # a JSON file of the same keys holds the same rows
+    js = tmp_path / "actions.json"
+    js.write_text(json.dumps([{**s, "frames": n} for s, n in zip(steps, frames, strict=True)]))
+    torch.testing.assert_close(KeyboardMouseControl(variant, actions=str(js)).file, table.float())
     recipe, image = f"recipe=matrix_game2_{variant}", f"image={_image(tmp_path)}"
     from_file = Session(compose_run([recipe, *TINY, image, f"control.actions={actions}"]),
                         total_blocks=3)  # fmt: skip
