@@ -79,7 +79,9 @@ class ControlEncoder(GraphRunner, nn.Module):
 
     def live_control(self) -> dict[str, Any] | None:
         """What a live client may send (``{"keys": [...], "mouse": bool}``: the browser page
-        sends only these), or None when the control takes no keys."""
+        sends only these), or None when the control takes no keys. Optional ``mouse_per_px``:
+        the protocol's ``mouse`` units per pointer pixel per video frame (the page sends pixels x
+        it; absent: pixels), ``mouse_max``: the per-axis bound the control clamps to."""
         return None
 
     def set_control(self, control: dict[str, Any] | None) -> None:

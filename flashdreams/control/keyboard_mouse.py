@@ -14,10 +14,19 @@ streaming inference writes them. A step without live control keeps the file's ac
 (no key, no mouse; Temple Run: its ``nomove`` key) past the file or without one.
 
 Live control: ``{"keys": ["w", "a"], "mouse": [dx, dy]}``; ``keys`` are the variant's keys
-(``KEYMAPS``), ``mouse`` is the pointer movement per video frame in the model's units times
-``mouse_scale``: dx > 0 turns right, dy > 0 looks down (screen axes, as pointer-lock
-``movementX/Y``); camera keys (``i/j/k/l``, arrows; GTA drive: ``a/d`` steer) add their fixed
-deltas.
+(``KEYMAPS``); ``mouse`` is the camera delta of each video frame in **camera units**, the
+release's: 0.1 (``CAM``, its ``CAM_VALUE``) is one camera step, the turn a camera key makes per
+frame, and every action the release feeds the model (its benchmark generators, its interactive
+and web demos) moves each axis by -0.1, 0 or +0.1 per frame. dx > 0 turns right (yaw +), dy > 0
+looks down (pitch -): screen axes, as pointer-lock ``movementX/Y``. Camera keys (``i/j/k/l``,
+arrows; GTA drive: ``a/d`` steer) add their fixed +-0.1. A frame's camera delta (keys + mouse) is
+clamped per axis to ``mouse_max_steps`` camera steps (default 2: +-0.2, twice the release's
+range), so a flick or a hostile value never reaches the model unbounded; NaN / inf is a one-line
+``ConfigError``.
+
+Pointer pixels are the page's business: the server's ``hello`` announces ``mouse_per_px`` (camera
+units per pointer pixel per video frame, 0.1 / ``mouse_pixels_per_step``: 20 px of movement per
+video frame turn one camera step by default), and the page sends ``mouse`` = pixels x that.
 
 Action files (per video frame; a clip of T latent frames reads frames up to 4 (T - 1)):
 
@@ -26,13 +35,17 @@ Action files (per video frame; a clip of T latent frames reads frames up to 4 (T
   (N, 2) (a leading batch dim of 1 is accepted);
 * ``.npy``: (N, keyboard_dim + mouse dims) floats, keyboard columns first;
 * ``.json``: ``{"actions": [{"keys": ["w"], "mouse": [dx, dy], "frames": 12}, ...]}`` (or the
-  bare list): each entry holds its keys / pointer movement (live-control units) for ``frames``
-  video frames (default 4).
+  bare list): each entry holds its keys / camera delta (the live control's camera units,
+  clamped the same way) for ``frames`` video frames (default 4).
+
+The release's tensors and ``.npy`` are the model's inputs as they are: a mouse value beyond
+``mouse_max_steps`` camera steps is a one-line ``ConfigError`` (the release's own are +-0.1).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,13 +108,17 @@ class KeyboardMouseControl(ControlEncoder):
         variant: ``universal``, ``gta_drive`` or ``templerun`` (``KEYMAPS``); must match the
             model's keyboard / mouse dims.
         actions: an action file (see the module doc), or None (live control, else idle).
-        mouse_scale: factor on live / JSON pointer movement before it reaches the model.
+        mouse_pixels_per_step: pointer pixels per video frame that make one camera step (0.1);
+            the page converts pointer movement with the ``mouse_per_px`` the server announces.
+        mouse_max_steps: a video frame's camera delta (keys + mouse) is clamped per axis to this
+            many camera steps (>= 1, a camera key's step).
         temporal_factor: video frames per latent frame (4).
         window: latent frames of actions per window (3: 12 video frames).
     """
 
     def __init__(self, variant: str = "universal", actions: str | None = None,
-                 mouse_scale: float = 1.0, temporal_factor: int = 4, window: int = 3) -> None:  # fmt: skip
+                 mouse_pixels_per_step: float = 20.0, mouse_max_steps: float = 2.0,
+                 temporal_factor: int = 4, window: int = 3) -> None:  # fmt: skip
         super().__init__()
         if variant not in KEYMAPS:
             raise ConfigError(f"control.variant={variant!r} is not one of "
@@ -109,8 +126,16 @@ class KeyboardMouseControl(ControlEncoder):
         if temporal_factor < 1 or window < 1:
             raise ConfigError(f"control.temporal_factor={temporal_factor} and "
                               f"control.window={window} must be >= 1")  # fmt: skip
+        if not (math.isfinite(mouse_pixels_per_step) and mouse_pixels_per_step > 0):
+            raise ConfigError(f"control.mouse_pixels_per_step={mouse_pixels_per_step} must be a "
+                              "positive number (pointer pixels per video frame per camera step)")  # fmt: skip
+        if not (math.isfinite(mouse_max_steps) and mouse_max_steps >= 1):
+            raise ConfigError(f"control.mouse_max_steps={mouse_max_steps} must be a number >= 1 "
+                              "(camera steps of 0.1 per video frame; a camera key moves 1)")  # fmt: skip
         self.variant, self.keymap = variant, KEYMAPS[variant]
-        self.mouse_scale, self.tf = float(mouse_scale), temporal_factor
+        self.mouse_per_px = CAM / float(mouse_pixels_per_step)
+        self.mouse_max = CAM * float(mouse_max_steps)  # per axis, camera units per video frame
+        self.tf = temporal_factor
         self.window_frames = window * temporal_factor
         self.actions_path = actions
         self.file = load_actions(actions, self) if actions else None  # (N, K + M) or None
@@ -159,8 +184,14 @@ class KeyboardMouseControl(ControlEncoder):
 
     # ------------------------------------------------------------------ live control
     def live_control(self) -> dict[str, Any]:
+        """The keys the page may send; with a mouse, ``mouse_per_px`` (camera units per pointer
+        pixel per video frame: the page sends pixels x this) and ``mouse_max`` (the per-axis
+        bound a frame's camera delta is clamped to)."""
         km = self.keymap
-        return {"keys": sorted({*km.keys, *km.camera_keys}), "mouse": bool(km.mouse)}
+        out: dict[str, Any] = {"keys": sorted({*km.keys, *km.camera_keys}), "mouse": km.mouse}
+        if km.mouse:
+            out.update(mouse_per_px=self.mouse_per_px, mouse_max=self.mouse_max)
+        return out
 
     def validate(self, control: dict[str, Any]) -> None:
         """One-line ``ConfigError`` unless ``control`` is a valid live control of the variant
@@ -209,10 +240,16 @@ class KeyboardMouseControl(ControlEncoder):
             if not ok or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                  for v in mouse):  # fmt: skip
                 raise ConfigError(f"{where}.mouse must be [dx, dy] numbers, got {mouse!r}")
-            dx, dy = (float(v) * self.mouse_scale for v in mouse)
+            try:
+                dx, dy = (float(v) for v in mouse)
+            except OverflowError:  # an int beyond float range
+                dx = dy = math.inf
+            if not (math.isfinite(dx) and math.isfinite(dy)):
+                raise ConfigError(f"{where}.mouse must be finite numbers, got {mouse!r}"[:200])
+            dx, dy = (max(-self.mouse_max, min(self.mouse_max, v)) for v in (dx, dy))
             look += torch.tensor([-dy, dx])  # screen dy down -> pitch up positive
         if km.mouse:
-            row[km.keyboard_dim :] = look
+            row[km.keyboard_dim :] = look.clamp(-self.mouse_max, self.mouse_max)
         elif look.abs().sum() > 0:  # camera keys only exist where there is a mouse
             raise ConfigError(f"{where}: the {self.variant} variant has no camera")
         return row
@@ -351,4 +388,13 @@ def load_actions(path: str, enc: KeyboardMouseControl) -> torch.Tensor:
         raise ConfigError(f"{where} holds no video frame of actions")
     if not torch.isfinite(rows).all():
         raise ConfigError(f"{where} holds NaN or inf")
+    k = enc.keymap.keyboard_dim
+    if enc.keymap.mouse and rows.shape[1] > k:
+        peak = rows[:, k:].abs().amax(dim=1)
+        if bool((peak > enc.mouse_max + 1e-6).any()):  # JSON entries are clamped when parsed
+            frame = int(torch.nonzero(peak > enc.mouse_max + 1e-6)[0, 0])
+            raise ConfigError(f"{where}: video frame {frame} moves the camera by "
+                              f"{float(peak[frame]):.3g} per frame, beyond control.mouse_max_steps "
+                              f"({enc.mouse_max:.3g}; the release's camera step is {CAM}); scale "
+                              "the mouse values or raise control.mouse_max_steps")  # fmt: skip
     return rows.float()

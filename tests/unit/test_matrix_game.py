@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from flashdreams import ConfigError
-from flashdreams.control.keyboard_mouse import KeyboardMouseControl
+from flashdreams.control.keyboard_mouse import CAM, KeyboardMouseControl
 from flashdreams.io.checkpoint import CheckpointError, materialize
 from flashdreams.model.matrix_game import MatrixGameDiT
 
@@ -235,6 +235,90 @@ def test_live_control_lists_what_the_page_may_send():
         assert "shift" not in live["keys"] and "q" not in live["keys"]
     assert KeyboardMouseControl(variant="templerun").live_control()["mouse"] is False
     assert CameraControl().live_control() == {"keys": list("adeikqsw"), "mouse": False}
+
+
+def _camera(enc, control):
+    """The [pitch, yaw] one video frame of ``control`` feeds the model."""
+    return enc.parse(control)[enc.keymap.keyboard_dim :].tolist()
+
+
+def test_mouse_is_in_camera_units_and_the_page_converts_pixels():
+    """The protocol's mouse is the release's camera units (0.1 = one camera step, a camera
+    key's); the hello tells the page how many units a pointer pixel is: 20 px per video frame
+    (the default) turn exactly as the camera key does."""
+    enc = KeyboardMouseControl("universal")
+    live = enc.live_control()
+    assert live["mouse_per_px"] == pytest.approx(CAM / 20)
+    assert live["mouse_max"] == pytest.approx(2 * CAM)
+    page = [20 * live["mouse_per_px"], 0.0]  # what the page sends for 20 px right per frame
+    assert _camera(enc, {"mouse": page}) == pytest.approx(_camera(enc, {"keys": ["l"]}))
+    assert _camera(enc, {"mouse": [0.0, 0.05]}) == pytest.approx([-0.05, 0.0])  # down: pitch -
+    slow = KeyboardMouseControl("gta_drive", mouse_pixels_per_step=40.0).live_control()
+    assert slow["mouse_per_px"] == pytest.approx(CAM / 40)
+    assert "mouse_per_px" not in KeyboardMouseControl("templerun").live_control()  # no mouse
+    # a normal hand movement (~20 px per frame) sent as raw pixels is clamped, not 200x the step
+    assert _camera(enc, {"mouse": [20.0, 0.0]}) == pytest.approx([0.0, 2 * CAM])
+
+
+@pytest.mark.parametrize("mouse,camera", [
+    ([5.0, -7.0], [0.2, 0.2]),  # per axis, pitch = -dy
+    ([1e300, -1e300], [0.2, 0.2]),
+    ([10**300, 0], [0.0, 0.2]),  # a big int that still fits a float
+    ([-0.15, 0.0], [0.0, -0.15]),  # within the bound: as sent
+])  # fmt: skip
+def test_a_frames_camera_delta_is_clamped(mouse, camera):
+    enc = KeyboardMouseControl("universal")
+    assert _camera(enc, {"mouse": mouse}) == pytest.approx(camera)
+    # keys + mouse together stay within the bound as well
+    assert _camera(enc, {"keys": ["l", "arrowright"], "mouse": [0.2, 0.0]})[1] == pytest.approx(0.2)
+    tight = KeyboardMouseControl("universal", mouse_max_steps=1.0)
+    assert _camera(tight, {"mouse": [1.0, 0.0]}) == pytest.approx([0.0, CAM])
+
+
+@pytest.mark.parametrize("mouse", [[float("nan"), 0.0], [0.0, float("inf")], [10**400, 0]])
+def test_a_non_finite_mouse_is_a_one_line_error(mouse):
+    enc = KeyboardMouseControl("gta_drive")
+    with pytest.raises(ConfigError, match=r"control.mouse must be finite numbers") as err:
+        enc.validate({"keys": ["w"], "mouse": mouse})
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+def test_files_share_the_units_and_the_bound(tmp_path):
+    """A JSON file's mouse is the live control's (clamped the same way); the release's tensors
+    and .npy feed the model as they are, so a value beyond the bound is a one-line error."""
+    js = tmp_path / "a.json"
+    js.write_text(json.dumps([{"keys": ["w"], "mouse": [50.0, -0.05], "frames": 9}]))
+    enc = _prepare(KeyboardMouseControl("universal", actions=str(js)), 3)
+    live = _prepare(KeyboardMouseControl("universal"), 3)
+    live.set_control({"keys": ["w"], "mouse": [50.0, -0.05]})
+    torch.testing.assert_close(enc.inputs(0, 3)["mouse"], live.inputs(0, 3)["mouse"])
+    assert enc.inputs(0, 3)["mouse"][0, -1, -1].tolist() == pytest.approx([0.05, 0.2])
+    npy = tmp_path / "big.npy"
+    rows = np.zeros((9, 6), np.float32)
+    rows[:, 5] = CAM  # the release's own step: fine
+    rows[4, 4] = 0.5
+    np.save(npy, rows)
+    with pytest.raises(ConfigError, match=r"video frame 4 moves the camera by 0.5 .*"
+                       r"control.mouse_max_steps") as err:  # fmt: skip
+        KeyboardMouseControl("universal", actions=str(npy))
+    assert "\n" not in str(err.value)
+    loaded = KeyboardMouseControl("universal", actions=str(npy), mouse_max_steps=5.0)
+    assert loaded.file[4, 4] == pytest.approx(0.5)  # raised bound: the file as it is
+    pt = tmp_path / "release.pt"
+    steer = torch.full((9, 2), -CAM)
+    torch.save({"keyboard_condition": torch.zeros(9, 2), "mouse_condition": steer}, pt)
+    release = KeyboardMouseControl("gta_drive", actions=str(pt))
+    assert release.file[:, 2:].min() == pytest.approx(-CAM)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mouse_pixels_per_step": 0.0}, r"control.mouse_pixels_per_step=0.0 must be a positive"),
+    ({"mouse_max_steps": 0.5}, r"control.mouse_max_steps=0.5 must be a number >= 1"),
+    ({"mouse_max_steps": float("inf")}, r"control.mouse_max_steps=inf"),
+])  # fmt: skip
+def test_bad_mouse_settings_are_one_line_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        KeyboardMouseControl("universal", **kwargs)
 
 
 def test_action_windows_reach_the_device_without_a_blocking_copy(monkeypatch):

@@ -1,5 +1,6 @@
 """Matrix-Game 2.0 recipes: the three compose with the release's settings; a tiny universal
-run goes through flashdreams-run; a live session driven by keys equals the file-driven run."""
+run goes through flashdreams-run; a live session driven by keys equals the file-driven run (all
+three variants)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from flashdreams import ConfigError, Session
 from flashdreams.build import build_conditioning
+from flashdreams.control.keyboard_mouse import KeyboardMouseControl
 from tests.unit.test_config import compose_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,6 +104,51 @@ def test_live_session_equals_the_file_driven_run(tmp_path):
         torch.testing.assert_close(live.step(control=control), from_file_frames[i], rtol=0,
                                    atol=1e-6)  # fmt: skip
     assert live.last.recache_ms > 0
+
+
+# The release's own per-frame rows for these keys (its interactive ``get_current_action``): GTA
+# W = throttle [1, 0], A / D steer through the mouse yaw -0.1 / +0.1; Temple Run one-hot
+# [nomove, jump, slide, turn left, turn right, left side, right side], idle = nomove.
+_RELEASE_ROWS = {
+    "gta_drive": {(): [0, 0, 0, 0], ("w",): [1, 0, 0, 0], ("a", "w"): [1, 0, 0, -0.1],
+                  ("d", "s"): [0, 1, 0, 0.1]},
+    "templerun": {(): [1, 0, 0, 0, 0, 0, 0], ("z",): [0, 0, 0, 1, 0, 0, 0],
+                  (" ",): [0, 1, 0, 0, 0, 0, 0]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant,steps", [
+    ("gta_drive", [{"keys": ["w"]}, {"keys": ["w", "a"]}, {"keys": ["s", "d"]}]),
+    ("templerun", [{"keys": ["z"]}, {"keys": []}, {"keys": [" "]}]),  # turn, nomove, jump
+])  # fmt: skip
+def test_live_keys_equal_the_release_file_with_the_same_actions(tmp_path, variant, steps):
+    """A live session driven by the variant's keys (GTA: throttle / brake + A/D steering;
+    Temple Run: one key at a time, none = its idle ``nomove``) equals the run driven by the
+    release's own per-frame tensors of the same actions."""
+    rows = _RELEASE_ROWS[variant]
+    per_frame = [rows[tuple(sorted(s["keys"]))] for s in steps]
+    frames = [9, 12, 12]  # video frames of blocks 0, 1, 2 (3 latent frames each)
+    table = torch.tensor([r for r, n in zip(per_frame, frames, strict=True) for _ in range(n)])
+    release = {"keyboard_condition": table}
+    if variant == "gta_drive":
+        release = {"keyboard_condition": table[:, :2], "mouse_condition": table[:, 2:]}
+    actions = tmp_path / "actions.pt"
+    torch.save({k: v.float() for k, v in release.items()}, actions)
+    # a JSON file of the same keys holds the same rows
+    js = tmp_path / "actions.json"
+    js.write_text(json.dumps([{**s, "frames": n} for s, n in zip(steps, frames, strict=True)]))
+    torch.testing.assert_close(KeyboardMouseControl(variant, actions=str(js)).file, table.float())
+    recipe, image = f"recipe=matrix_game2_{variant}", f"image={_image(tmp_path)}"
+    from_file = Session(compose_run([recipe, *TINY, image, f"control.actions={actions}"]),
+                        total_blocks=3)  # fmt: skip
+    live = Session(compose_run([recipe, *TINY, image]), total_blocks=3)
+    for control in steps:
+        torch.testing.assert_close(live.step(control=control), from_file.step(), rtol=0, atol=0)
+    live.reset(seed=0)
+    first = live.step(control={"keys": []})
+    live.reset(seed=0)
+    pressed = live.step(control=steps[0])
+    assert (first - pressed).abs().max() > 1e-4  # the keys reach the model
 
 
 def test_precapture_covers_every_forward_with_the_action_caches(tmp_path):

@@ -52,3 +52,18 @@ def test_a_key_the_variant_lacks_is_refused_and_the_stream_goes_on(server):
     assert "'space'" in errors[0]["message"] and "\n" not in errors[0]["message"]
     assert reason == "finished" and frames > 0  # the valid control after it streamed on
     assert "Traceback" not in (server.log.name and open(server.log.name).read())
+
+
+def test_the_pointer_units_are_announced_and_a_hostile_mouse_never_stops_the_stream(server):
+    """hello tells the page how many camera units a pointer pixel is (0.1 = one camera step =
+    20 px per video frame) and the per-frame bound; a huge mouse is clamped, a non-finite one is
+    one ``bad_message`` error, and the stream goes on to its end."""
+    hostile = [{"keys": ["w"], "mouse": [1e308, -1e308]}, {"mouse": [10**400, 0]},
+               {"mouse": [float("nan"), 0.0]}, {"keys": ["w"], "mouse": [0.1, 0.0]}]  # fmt: skip
+    hello, errors, frames, reason = _stream(server, hostile)
+    assert hello["control"]["mouse_per_px"] == pytest.approx(0.1 / 20)
+    assert hello["control"]["mouse_max"] == pytest.approx(0.2)
+    assert [e["code"] for e in errors] == ["bad_message", "bad_message"]
+    assert all("\n" not in e["message"] for e in errors)
+    assert reason == "finished" and frames > 0
+    assert "Traceback" not in open(server.log.name).read()

@@ -153,12 +153,16 @@ $("prompt").addEventListener("keydown", (ev) => {
 // Camera recipes (LingBot-World): W/S forward/back, A/D yaw, Q/E strafe, I/K pitch.
 // Matrix-Game: W/A/S/D (+ I/J/K/L or arrows to look, space, Z/C turn in Temple Run) and, once
 // the canvas holds the pointer (click it; Esc releases), mouse movement as `mouse: [dx, dy]`
-// per video frame; the recipe's control uses the keys and axes its variant has.
+// per video frame; the recipe's control uses the keys and axes its variant has. Units: the page
+// measures pointer-lock pixels per video frame and sends pixels x hello.control.mouse_per_px
+// (Matrix-Game: camera units, 0.1 = one camera step = mouse_pixels_per_step px; the server
+// clamps each frame's delta to hello.control.mouse_max); without mouse_per_px: pixels (pose).
 const CONTROL_KEYS = new Set(["w", "a", "s", "d", "q", "e", "i", "j", "k", "l", "z", "c", " ",
   "shift", "arrowup", "arrowdown", "arrowleft", "arrowright"]);
 let mouseAcc = [0, 0];
 let mouseMoving = false;
-let liveControl = null; // from hello: {keys: [...], mouse: bool}; null sends every key held
+// from hello: {keys: [...], mouse: bool, mouse_per_px?, mouse_max?}; null sends every key held
+let liveControl = null;
 
 function sendControl() {
   if (!running) return;
@@ -167,7 +171,10 @@ function sendControl() {
   const msg = { type: "control", keys };
   if (document.pointerLockElement === canvas && (!liveControl || liveControl.mouse)) {
     const frames = Math.max(fps, 1) * 0.1; // video frames in one 100 ms tick
-    msg.mouse = [mouseAcc[0] / frames, mouseAcc[1] / frames];
+    const perPx = liveControl?.mouse_per_px ?? 1; // protocol units per pointer pixel
+    const max = liveControl?.mouse_max ?? Infinity; // the server clamps to it as well
+    const axis = (px) => Math.max(-max, Math.min(max, (px / frames) * perPx));
+    msg.mouse = [axis(mouseAcc[0]), axis(mouseAcc[1])];
   }
   send(msg);
 }
