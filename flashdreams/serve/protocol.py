@@ -144,20 +144,23 @@ def is_control_frame(raw) -> bool:
     return isinstance(raw, bytes) and raw[:4] == CONTROL_FRAME_MAGIC
 
 
-def parse_control_frame(data: bytes, max_pixels: int = MAX_CONTROL_FRAME_PIXELS
+def parse_control_frame(data: bytes, max_pixels: int = MAX_CONTROL_FRAME_PIXELS,
+                        run_size: tuple[int, int] | None = None
                         ) -> tuple[int | None, np.ndarray]:  # fmt: skip
     """Decode a binary control frame message.
 
     The image's size is read from its header (PIL's ``Image.open`` decodes no pixels) and an
     image past ``max_pixels`` is refused before its pixels are decoded (a small PNG can
-    declare a huge image: a decompression bomb).
+    declare a huge image: a decompression bomb), and so is one whose aspect ratio is not
+    ``run_size``'s ((width, height) of the run, when given).
 
     Returns:
         (video frame index or None for "next", (H, W, 3) uint8 RGB frame).
 
     Raises:
         ProtocolError: ``bad_frame`` for a short header, another image format or one that does
-            not decode; ``too_large`` for an image past ``max_pixels`` (``serve.max_frame_pixels``).
+            not decode or of another aspect ratio than ``run_size``; ``too_large`` for an image
+            past ``max_pixels`` (``serve.max_frame_pixels``).
     """
     from PIL import Image
 
@@ -171,6 +174,13 @@ def parse_control_frame(data: bytes, max_pixels: int = MAX_CONTROL_FRAME_PIXELS
         if img.width * img.height > max_pixels:
             raise ProtocolError("too_large", f"control frame of {img.width}x{img.height} "
                                 f"pixels {too_large}")  # fmt: skip
+        if run_size is not None:
+            from flashdreams.control.video_frames import same_aspect
+
+            if not same_aspect(img.width, img.height, *run_size):
+                raise ProtocolError("bad_frame", f"control frame of {img.width}x{img.height} "
+                                    f"pixels: the run is {run_size[0]}x{run_size[1]}; send "
+                                    "frames of its aspect ratio")  # fmt: skip
         frame = np.asarray(img.convert("RGB"))
     except ProtocolError:
         raise

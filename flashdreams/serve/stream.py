@@ -370,16 +370,12 @@ class Stream:
 
 
 def _decode_control_frame(raw: bytes, max_pixels: int, width: int, height: int):
-    """On a worker: a control frame message decoded (``protocol.parse_control_frame``) and
-    fitted to the run's ``width`` x ``height``, so a pending frame holds the run's size, not
-    the client's; one of another aspect ratio is refused here, before it waits for a step."""
-    from flashdreams.control.video_frames import fit, same_aspect
+    """On a worker: a control frame message decoded (``protocol.parse_control_frame``: size and
+    aspect ratio checked from the image header first) and fitted to the run's ``width`` x
+    ``height``, so a pending frame holds the run's size, not the client's."""
+    from flashdreams.control.video_frames import fit
 
-    index, frame = protocol.parse_control_frame(raw, max_pixels)
-    h, w = frame.shape[:2]
-    if not same_aspect(w, h, width, height):
-        raise ProtocolError("bad_frame", f"control frame of {w}x{h} pixels: the run is "
-                            f"{width}x{height}; send frames of its aspect ratio")  # fmt: skip
+    index, frame = protocol.parse_control_frame(raw, max_pixels, (width, height))
     return index, fit(frame, width, height)
 
 

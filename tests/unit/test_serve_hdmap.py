@@ -181,7 +181,7 @@ def test_a_flood_of_frames_is_refused_past_the_window_and_nothing_is_lost(served
     extra = 8
     with server.ws() as ws:
         _paused_after_step0(ws)
-        wide = np.zeros((1024, 2048, 3), np.uint8)  # decoded, then refused: warms the decoders
+        wide = np.zeros((1024, 2048, 3), np.uint8)  # refused from its header, not decoded
         ws.send(pack_control_frame(png(wide)))
         frames: list = []  # step 0's, as they come
         _one_line_error(ws, "bad_frame", "2048x1024", frames=frames)

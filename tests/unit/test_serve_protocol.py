@@ -282,6 +282,9 @@ def test_control_frame_images_are_checked_from_their_header():
     Image.new("RGB", (8, 4), (1, 2, 3)).save(buf, format="PNG")
     index, frame = parse_control_frame(pack_control_frame(buf.getvalue()), 32)
     assert index is None and frame.shape == (4, 8, 3) and frame[0, 0].tolist() == [1, 2, 3]
+    with pytest.raises(ProtocolError, match="8x4 pixels: the run is 32x32") as err:
+        parse_control_frame(pack_control_frame(buf.getvalue()), 32, run_size=(32, 32))
+    assert err.value.code == "bad_frame"
     for fmt in ("BMP", "TIFF"):
         buf = io.BytesIO()
         Image.new("RGB", (8, 4)).save(buf, format=fmt)
