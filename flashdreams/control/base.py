@@ -106,6 +106,10 @@ class ControlEncoder(GraphRunner, nn.Module):
         """
         raise ValueError(f"{type(self).__name__} takes no streamed frames")
 
+    def pending_frames(self) -> int:
+        """Streamed frames pushed and held, not used yet (a server bounds its queue by them)."""
+        return 0
+
     def waiting(self) -> bool:
         """True while the next step cannot run until frames are pushed."""
         return False

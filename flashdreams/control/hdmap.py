@@ -163,6 +163,9 @@ class HDMapControl(ControlEncoder):
     def frames_ahead(self) -> int:
         return self.max_ahead
 
+    def pending_frames(self) -> int:
+        return len(self._pushed)
+
     def waiting(self) -> bool:
         """True while the stream cannot step: live, no file, and frame 0 not pushed yet."""
         return (self._size is not None and self._file is None and self._last is None

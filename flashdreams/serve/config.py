@@ -22,6 +22,9 @@ class ServeConfig:
     max_message_bytes: int = 65536  # largest accepted client message
     max_prompt_chars: int = 2000  # longest accepted prompt
     max_frame_bytes: int = 4194304  # largest binary control frame (HDMap PNG / JPEG + header)
+    max_frame_pixels: int = (
+        16777216  # largest control frame image (width x height, from its header)
+    )
     queue_frames: int = 64  # per-client outgoing frame queue; oldest frames dropped when full
     jpeg_quality: int = 85  # JPEG quality of streamed frames (1-95)
     realtime: bool = True  # pace generation at `fps` so the stream never runs far ahead
@@ -53,7 +56,8 @@ def check_serve(serve) -> None:
 
     bounds = {
         "port": (0, 65535), "max_sessions": (1, None), "max_message_bytes": (256, None),
-        "max_prompt_chars": (1, None), "max_frame_bytes": (256, None), "queue_frames": (1, None),
+        "max_prompt_chars": (1, None), "max_frame_bytes": (256, None), "max_frame_pixels": (1, 2**26),
+        "queue_frames": (1, None),
         "jpeg_quality": (1, 95), "send_buffer_bytes": (0, None), "lead_s": (0, None),
         "replicas": (1, None), "gpus_per_replica": (0, None),
     }  # fmt: skip

@@ -37,7 +37,7 @@ CONTROL_FRAME_MAGIC = b"FDM1"
 CONTROL_FRAME_HEADER = struct.Struct("<4sI")
 NEXT_FRAME = 0xFFFFFFFF
 CONTROL_FRAME_FORMATS = ("PNG", "JPEG")
-MAX_CONTROL_FRAME_PIXELS = 4096 * 4096  # decoded size limit (a small PNG can decode huge)
+MAX_CONTROL_FRAME_PIXELS = 4096 * 4096  # default decoded size limit (serve.max_frame_pixels)
 MESSAGE_TYPES = ("start", "prompt", "control", "pause", "resume", "stop")
 _FIELDS = {
     "start": {"type", "prompt", "seed", "total_blocks"},
@@ -144,32 +144,51 @@ def is_control_frame(raw) -> bool:
     return isinstance(raw, bytes) and raw[:4] == CONTROL_FRAME_MAGIC
 
 
-def parse_control_frame(data: bytes) -> tuple[int | None, np.ndarray]:
+def parse_control_frame(data: bytes, max_pixels: int = MAX_CONTROL_FRAME_PIXELS,
+                        run_size: tuple[int, int] | None = None
+                        ) -> tuple[int | None, np.ndarray]:  # fmt: skip
     """Decode a binary control frame message.
+
+    The image's size is read from its header (PIL's ``Image.open`` decodes no pixels) and an
+    image past ``max_pixels`` is refused before its pixels are decoded (a small PNG can
+    declare a huge image: a decompression bomb), and so is one whose aspect ratio is not
+    ``run_size``'s ((width, height) of the run, when given).
 
     Returns:
         (video frame index or None for "next", (H, W, 3) uint8 RGB frame).
 
     Raises:
-        ProtocolError: ``bad_frame`` for a short header, another image format, an image past
-            ``MAX_CONTROL_FRAME_PIXELS`` or one that does not decode.
+        ProtocolError: ``bad_frame`` for a short header, another image format or one that does
+            not decode or of another aspect ratio than ``run_size``; ``too_large`` for an image
+            past ``max_pixels`` (``serve.max_frame_pixels``).
     """
     from PIL import Image
 
     if len(data) <= CONTROL_FRAME_HEADER.size or data[:4] != CONTROL_FRAME_MAGIC:
         raise ProtocolError("bad_frame", "a control frame is the FDM1 header + a PNG or JPEG")
     _, index = CONTROL_FRAME_HEADER.unpack_from(data)
+    too_large = f"is too large (serve.max_frame_pixels={max_pixels}); it was not decoded"
     try:
-        img = Image.open(io.BytesIO(data[CONTROL_FRAME_HEADER.size :]))
-        if img.format not in CONTROL_FRAME_FORMATS:
-            raise ProtocolError("bad_frame", f"control frame: {img.format} image; send "
-                                f"{' or '.join(CONTROL_FRAME_FORMATS)}")  # fmt: skip
-        if img.width * img.height > MAX_CONTROL_FRAME_PIXELS:
-            raise ProtocolError("bad_frame", f"control frame of {img.width}x{img.height} "
-                                f"pixels is too large")  # fmt: skip
+        img = Image.open(io.BytesIO(data[CONTROL_FRAME_HEADER.size :]),
+                         formats=CONTROL_FRAME_FORMATS)  # fmt: skip
+        if img.width * img.height > max_pixels:
+            raise ProtocolError("too_large", f"control frame of {img.width}x{img.height} "
+                                f"pixels {too_large}")  # fmt: skip
+        if run_size is not None:
+            from flashdreams.control.video_frames import same_aspect
+
+            if not same_aspect(img.width, img.height, *run_size):
+                raise ProtocolError("bad_frame", f"control frame of {img.width}x{img.height} "
+                                    f"pixels: the run is {run_size[0]}x{run_size[1]}; send "
+                                    "frames of its aspect ratio")  # fmt: skip
         frame = np.asarray(img.convert("RGB"))
     except ProtocolError:
         raise
+    except Image.DecompressionBombError:  # past PIL's own limit, refused by Image.open
+        raise ProtocolError("too_large", f"control frame {too_large}") from None
+    except Image.UnidentifiedImageError:
+        raise ProtocolError("bad_frame", "control frame: not a PNG or JPEG image; send "
+                            f"{' or '.join(CONTROL_FRAME_FORMATS)}") from None  # fmt: skip
     except Exception as err:  # noqa: BLE001  (any decode failure is the client's)
         raise ProtocolError("bad_frame", f"control frame does not decode "
                             f"({type(err).__name__})") from None  # fmt: skip

@@ -133,6 +133,7 @@ class Stream:
         self.pending_prompt: str | None = None
         self.control: dict | None = None  # applies to every step until replaced
         self.frames: list[tuple[int | None, object]] = []  # control frames for the next step
+        self.control_pending = 0  # frames the session's control held after the last step
         self.frames_made = 0
         self.pacer = _Pacer(cfg.fps, cfg.serve.lead_s) if cfg.serve.realtime else None
         self.playout: _Playout | None = None
@@ -153,6 +154,7 @@ class Stream:
             "control": self.engine.shared.conditioning.control.live_control(),
             # binary control frames (HDMap) the recipe takes ahead of its steps (0: none)
             "control_frames": self._frames_ahead(), "max_frame_bytes": s.max_frame_bytes,
+            "max_frame_pixels": s.max_frame_pixels,
         }  # fmt: skip
 
     def _frames_ahead(self) -> int:
@@ -169,7 +171,11 @@ class Stream:
             if isinstance(raw, protocol.Oversize) and raw.binary and self._frames_ahead():
                 raise ProtocolError("too_large", f"binary message of {raw.size}+ bytes exceeds "
                                     f"serve.max_frame_bytes={s.max_frame_bytes}")  # fmt: skip
-            if protocol.is_control_frame(raw) and self._frames_ahead():
+            if protocol.is_control_frame(raw):
+                if not self._frames_ahead():
+                    raise ProtocolError("binary", f"control frame: recipe {self.cfg.run_name} "
+                                        "takes no streamed control frames (hello.control_frames"
+                                        "=0); send JSON text")  # fmt: skip
                 await self._control_frame(raw)
                 return
             msg = protocol.parse_message(raw, s.max_message_bytes, s.max_prompt_chars)
@@ -204,15 +210,26 @@ class Stream:
             self.out.put(protocol.error(err.code, str(err)), droppable=False)
 
     async def _control_frame(self, raw: bytes) -> None:
-        """A binary control frame: decoded on a worker, queued for the next step."""
+        """A binary control frame: decoded and fitted to the run's size on a worker, queued for
+        the next step.
+
+        At most ``control.max_ahead_frames`` frames wait per session, here and in the control
+        together (the control's count is the one after the last step): a frame past that is
+        refused before it is decoded, with one ``bad_frame`` error naming the limit, and the
+        frames queued before it stay (the newest is refused, none is dropped).
+        """
         if self.session is None:
             raise ProtocolError("no_session", "control frame: no stream is running; send start")
-        if len(self.frames) >= self._frames_ahead():
-            raise ProtocolError("bad_frame", f"control frame: {len(self.frames)} frames wait for "
-                                f"the next step already (control.max_ahead_frames)")  # fmt: skip
-        loop = asyncio.get_running_loop()
-        self.frames.append(await loop.run_in_executor(encoders(), protocol.parse_control_frame,
-                                                      raw))  # fmt: skip
+        limit = self._frames_ahead()
+        waiting = len(self.frames) + self.control_pending
+        if waiting >= limit:
+            raise ProtocolError("bad_frame", f"control frame refused: {waiting} frames wait for "
+                                f"the model already (control.max_ahead_frames={limit}); send "
+                                "them no faster than the stream plays")  # fmt: skip
+        r, loop = self.cfg.rollout, asyncio.get_running_loop()
+        self.frames.append(await loop.run_in_executor(
+            encoders(), _decode_control_frame, raw, self.cfg.serve.max_frame_pixels,
+            int(r.width), int(r.height)))  # fmt: skip
         self.wake.set()
 
     async def _start(self, msg: dict) -> None:
@@ -242,7 +259,7 @@ class Stream:
             raise ProtocolError("internal", f"start: {INTERNAL}") from None
         self.paused = self.stop_requested = False
         self.pending_prompt = self.control = None
-        self.frames_made, self.frames = 0, []
+        self.frames_made, self.frames, self.control_pending = 0, [], 0
         if self.pacer is not None:
             self.pacer.restart()
         self.playout = _Playout(self.out, self.cfg.fps if self.pacer is not None else None)
@@ -285,7 +302,7 @@ class Stream:
                     continue
                 prompt, self.pending_prompt = self.pending_prompt, None
                 frames, self.frames = self.frames, []
-                *job, refused = await loop.run_in_executor(
+                *job, refused, self.control_pending = await loop.run_in_executor(
                     self.engine.executor, _step_job, session, prompt, self.control, frames
                 )
                 for message in refused:
@@ -352,6 +369,16 @@ class Stream:
         return messages, frames_in_block
 
 
+def _decode_control_frame(raw: bytes, max_pixels: int, width: int, height: int):
+    """On a worker: a control frame message decoded (``protocol.parse_control_frame``: size and
+    aspect ratio checked from the image header first) and fitted to the run's ``width`` x
+    ``height``, so a pending frame holds the run's size, not the client's."""
+    from flashdreams.control.video_frames import fit
+
+    index, frame = protocol.parse_control_frame(raw, max_pixels, (width, height))
+    return index, fit(frame, width, height)
+
+
 def _raw_frame(frame, quality: int) -> bytes:
     """A frame's raw RGB bytes (``quality`` unused)."""
     return frame.tobytes()
@@ -363,7 +390,8 @@ def _step_job(session: Session, prompt: str | None, control: dict | None, frames
 
     The copy goes to pinned memory, so this thread returns while the GPU still runs the step
     and the next step's launches queue behind it; ``done`` marks when ``host`` may be read.
-    ``refused`` holds why control frames were refused (late, too far ahead, wrong shape).
+    ``refused`` holds why control frames were refused (late, too far ahead, wrong shape);
+    ``pending`` counts the frames the control holds after the step.
     """
     refused = []
     for index, frame in frames:
@@ -385,4 +413,4 @@ def _step_job(session: Session, prompt: str | None, control: dict | None, frames
             done.record()
         else:
             host = u8.numpy()
-    return step, host, done, refused
+    return step, host, done, refused, session.pending_frames

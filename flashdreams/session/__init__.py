@@ -271,6 +271,11 @@ class Session:
             return self.rollout.control.push_frames(frames, first)
 
     @property
+    def pending_frames(self) -> int:
+        """Streamed frames pushed and not used yet (at most the control's ``frames_ahead()``)."""
+        return 0 if self.rollout is None else self.rollout.control.pending_frames()
+
+    @property
     def waiting_for_frames(self) -> bool:
         """True while the next step needs streamed frames first (a live HDMap stream without a
         file, before its first frame)."""

@@ -97,8 +97,11 @@ def test_pushed_frames_replace_the_files_missing_ones_come_from_it(clip, filed, 
 
 def test_without_input_the_last_frame_repeats(clip, live):
     session = _fresh(live)
+    assert session.pending_frames == 0
     session.push_frames(np.stack(clip["frames"][:5]))
+    assert session.pending_frames == 5  # what a server counts against max_ahead_frames
     session.step()
+    assert session.pending_frames == 0
     skipped = session.step()  # frames 5..12: nobody pushed them, no file
     session = _fresh(live)
     session.push_frames(np.stack(clip["frames"][:5]))

@@ -41,6 +41,9 @@ def test_serve_block_is_typed_and_the_recipe_size_survives(composer):
     ("serve.backend=grpc", "serve.backend=grpc must be local or ray"),
     ("serve.replicas=0", "serve.replicas=0 must be >= 1"),
     ("serve.ray_num_cpus=0", "serve.ray_num_cpus=0 must be >= 1 or null"),
+    ("serve.max_frame_pixels=0", "serve.max_frame_pixels=0 must be in [1, 67108864]"),
+    ("serve.max_frame_pixels=100000000",
+     "serve.max_frame_pixels=100000000 must be in [1, 67108864]"),
 ])  # fmt: skip
 def test_ray_settings_are_checked_in_one_line(composer, override, message):
     from flashdreams import ConfigError

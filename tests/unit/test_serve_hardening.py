@@ -284,3 +284,27 @@ def test_a_warm_spare_serves_the_next_start_reset_to_its_seed(server):
     assert server.wait_idle()["spare_sessions"] == 1  # the ended session is the spare again
     assert first_frames(server, 21) == first  # the same stream: nothing of the last one left
     server.wait_idle()
+
+
+def test_a_control_frame_for_a_recipe_without_streamed_control_is_one_error(server):
+    """An ``FDM1`` frame (HDMap) to a recipe whose control takes none: one ``binary`` error
+    naming why, read no further than ``serve.max_message_bytes``; the stream goes on."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="PNG")
+    with started(server) as ws:
+        ws.send(protocol.pack_control_frame(buf.getvalue(), 0))
+        error = recv_json(ws, "error")
+        assert error["code"] == "binary" and "hello.control_frames=0" in error["message"]
+        assert "\n" not in error["message"]
+        ws.send(protocol.pack_control_frame(b"\0" * 100_000))  # past serve.max_message_bytes
+        error = recv_json(ws, "error")
+        assert error["code"] == "too_large" and "serve.max_message_bytes=65536" in error["message"]
+        before = recv_frames(ws, 1)[0][0].frame
+        assert recv_frames(ws, 3)[-1][0].frame > before
+        send(ws, type="stop")
+        assert recv_json(ws, "stopped")["reason"] == "client"
+    assert "Traceback" not in log_text(server)

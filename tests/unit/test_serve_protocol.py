@@ -252,3 +252,42 @@ def test_cli_help_and_one_line_config_errors(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "flashdreams: error: serve.max_sessions=0 must be >= 1"
     )
+
+
+def test_control_frame_images_are_checked_from_their_header():
+    """``parse_control_frame``: the pixel limit is read from the image header (a PNG declaring
+    20000 x 20000 is refused without decoding, past PIL's own bomb limit too); PNG and JPEG only."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from flashdreams.serve.protocol import ProtocolError, pack_control_frame, parse_control_frame
+
+    def declaring(width: int, height: int) -> bytes:
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            crc = struct.pack(">I", zlib.crc32(kind + data))
+            return struct.pack(">I", len(data)) + kind + data + crc
+
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))  # fmt: skip
+
+    for size, limit in (((20000, 20000), 2**24), ((300, 200), 50_000)):
+        with pytest.raises(ProtocolError) as err:
+            parse_control_frame(pack_control_frame(declaring(*size), 3), limit)
+        assert err.value.code == "too_large" and f"serve.max_frame_pixels={limit}" in str(err.value)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 4), (1, 2, 3)).save(buf, format="PNG")
+    index, frame = parse_control_frame(pack_control_frame(buf.getvalue()), 32)
+    assert index is None and frame.shape == (4, 8, 3) and frame[0, 0].tolist() == [1, 2, 3]
+    with pytest.raises(ProtocolError, match="8x4 pixels: the run is 32x32") as err:
+        parse_control_frame(pack_control_frame(buf.getvalue()), 32, run_size=(32, 32))
+    assert err.value.code == "bad_frame"
+    for fmt in ("BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 4)).save(buf, format=fmt)
+        with pytest.raises(ProtocolError, match="PNG or JPEG") as err:
+            parse_control_frame(pack_control_frame(buf.getvalue(), 0))
+        assert err.value.code == "bad_frame"
