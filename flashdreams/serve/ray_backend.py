@@ -106,7 +106,8 @@ class Generator:
         stream = self.streams.get(sid)
         if stream is None:
             return protocol.error("no_session", "no stream is running; send start")
-        start = json.loads(raw).get("type") == "start"  # (checked by the ingress)
+        # (checked by the ingress; a binary control frame is never a start)
+        start = isinstance(raw, str) and json.loads(raw).get("type") == "start"
         self.starting[sid] += start
         try:
             await stream.handle(raw)
@@ -146,12 +147,29 @@ class RayChannel:
 
     async def handle(self, raw) -> None:
         s = self.cfg.serve
+        takes_frames = bool(self.backend.hello.get("control_frames"))
         try:
-            msg = protocol.parse_message(raw, s.max_message_bytes, s.max_prompt_chars)
+            if isinstance(raw, protocol.Oversize) and raw.binary and takes_frames:
+                raise ProtocolError("too_large", f"binary message of {raw.size}+ bytes exceeds "
+                                    f"serve.max_frame_bytes={s.max_frame_bytes}")  # fmt: skip
+            if protocol.is_control_frame(raw):
+                if not takes_frames:
+                    raise ProtocolError("binary", f"control frame: recipe {self.cfg.run_name} "
+                                        "takes no streamed control frames (hello.control_frames"
+                                        "=0); send JSON text")  # fmt: skip
+                if len(raw) > s.max_frame_bytes:  # (Ray's proxy hands over whole messages)
+                    raise ProtocolError("too_large", f"binary message of {len(raw)} bytes "
+                                        f"exceeds serve.max_frame_bytes={s.max_frame_bytes}")  # fmt: skip
+                if self.relay is None or self.relay.done():
+                    raise ProtocolError("no_session", "control frame: no stream is running; "
+                                        "send start")  # fmt: skip
+                msg = None  # the replica's stream decodes it and applies the frame window
+            else:
+                msg = protocol.parse_message(raw, s.max_message_bytes, s.max_prompt_chars)
         except ProtocolError as err:
             self.out.put(protocol.error(err.code, str(err)), droppable=False)
             return
-        if self.relay is None or self.relay.done():
+        if msg is not None and (self.relay is None or self.relay.done()):
             if msg["type"] != "start":
                 self.out.put(protocol.error("no_session", f"{msg['type']}: no stream is "
                                             "running; send start"), droppable=False)  # fmt: skip

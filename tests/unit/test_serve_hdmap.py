@@ -272,3 +272,23 @@ def test_a_frame_of_another_aspect_ratio_is_refused_on_arrival(served):
         assert [f.frame for f, _ in got][-(FRAMES - 5) :] == list(range(5, FRAMES))
         with pytest.raises(TimeoutError):  # refused once, on arrival: no error after the step
             recv_json(ws, "error", timeout=0.5)
+
+
+def test_streamed_hdmap_frames_reach_the_model_through_the_ray_backend(served, tmp_path):
+    """``serve.backend=ray``: the ingress relays binary control frames to the replica that holds
+    the stream, so the closed loop gives the local server's video; a frame before ``start`` and
+    one past ``serve.max_frame_bytes`` get one error each on the ingress."""
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -e .[ray])")
+    local, frames = served
+    srv = ServerProcess(tmp_path, *local.overrides, "serve.backend=ray", "serve.replicas=1",
+                        "serve.ray_num_cpus=2", timeout=240, stop_s=60)  # fmt: skip
+    try:
+        with srv.ws() as ws:
+            recv_json(ws, "hello")
+            ws.send(pack_control_frame(png(frames[0]), 0))
+            assert recv_json(ws, "error")["code"] == "no_session"
+            ws.send(pack_control_frame(b"\0" * 300001, 0))
+            assert recv_json(ws, "error")["code"] == "too_large"
+        assert _run(srv, frames) == _run(local, frames)
+    finally:
+        srv.close()

@@ -25,7 +25,7 @@ class ServerProcess:
     """A `flashdreams-serve` subprocess on a free loopback port."""
 
     def __init__(self, tmp: Path, *overrides: str, timeout: float = 90, stop_s: float = 10) -> None:
-        self.stop_s = stop_s
+        self.stop_s, self.overrides = stop_s, overrides
         port_file = tmp / "port"
         args = [*TINY, "serve.port=0", f"serve.port_file={port_file}",
                 f"hydra.run.dir={tmp / 'run'}", *overrides]  # fmt: skip
