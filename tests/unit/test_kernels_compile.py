@@ -112,5 +112,7 @@ def test_rope_and_cache_kernels_compile(compiled, heads):
         fp8_tensor.quantize_tensor_device(v.unflatten(-1, (heads, 128)))  # amax + quant rows
         fp8_tensor.quantize_tensor_device(cache)  # amax + quant flat
         fp8_tensor.dequantize_tensor(cache.to(torch.float8_e4m3fn), torch.ones(1), BF16)
-        num += 5
+        mean = torch.zeros(1, 1, heads, 128)  # FP8 attention's smoothing: K/V means taken off
+        fp8_tensor.quantize_tensor_device(cache, offset=mean)  # amax + quant rows, with offset
+        num += 7
     assert len(compiled) == num and all(k.asm.get("cubin") for k in compiled)
