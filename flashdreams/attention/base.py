@@ -123,19 +123,19 @@ def route_lines(report: dict) -> list[str]:
         if route not in kernel and n:
             group, _, reason = route.partition(":")
             groups.setdefault(group, []).append((reason or group, n))
-    groups = dict(sorted(groups.items()))  # emulated, then fallback
-    for group, reasons in groups.items():
+    groups = {g: sorted(r, key=lambda x: -x[1]) for g, r in sorted(groups.items())}
+    for group, reasons in groups.items():  # emulated, then fallback; largest reason first
         text += f", {group} {sum(n for _, n in reasons)} ("
-        text += ", ".join(f"{r} {n}" for r, n in sorted(reasons, key=lambda x: -x[1])) + ")"
+        text += ", ".join(f"{r} {n}" for r, n in reasons) + ")"
     lines = [text]
     if report["kernel_calls"] == 0 and report["other_calls"] > 0:
-        why = report.get("kernel_unavailable")
+        why = [r for g in groups.values() for r, _ in g]
+        if report.get("kernel_unavailable"):
+            why.append(report["kernel_unavailable"])
         lines.append(
             f"WARNING: attention {report['backend']}: its kernel ({'/'.join(kernel)}) ran for no "
-            f"call, all {report['other_calls']} went to "
-            f"{' / '.join(groups)} ({', '.join(r for g in groups.values() for r, _ in g)})"
-            + (f"; {why}" if why else "")
-            + f": the numbers are the fallback's, not {report['backend']}'s"
+            f"call; all {report['other_calls']} calls took the {' / '.join(groups)} path "
+            f"({', '.join(why)}): the numbers are the fallback's, not {report['backend']}'s"
         )
     return lines
 

@@ -3,6 +3,12 @@ own kernel and how many its fallback, by reason; and the lines a benchmark print
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from flashdreams.attention.base import route_lines, route_report
@@ -158,3 +164,48 @@ def test_plain_backends_count_their_calls():
     flex(q, k, v, torch.ones(q.shape[1], k.shape[1], dtype=torch.bool))
     assert flex.routes() == {"flex": 1, "sdpa": 1}  # unmasked calls: SDPA by design
     assert route_lines(route_report(flex)) == ["attention: flex kernel 2 calls (flex 1, sdpa 1)"]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """``flashdreams-bench args`` on CPU in a subprocess (offline), output under ``tmp_path``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    code = "from flashdreams.cli import bench_main; bench_main()"
+    proc = subprocess.run([sys.executable, "-c", code, *args, f"paths.root={tmp_path}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_reports_the_routes_and_warns_when_cudnn_fp8_never_ran(tmp_path):
+    """``flashdreams-bench attention=cudnn_fp8`` on CPU: the kernel cannot run, so bench.json
+    records every call as a fallback and the summary says the numbers are SDPA's."""
+    proc = _bench_cli(["attention=cudnn_fp8", "rollout.total_blocks=2"], tmp_path)
+    (bench,) = tmp_path.glob("bench/*/*/bench.json")
+    routes = json.loads(bench.read_text())["attention_routes"]
+    assert routes["backend"] == "cudnn_fp8" and routes["kernel_routes"] == ["fp8"]
+    assert routes["routes"]["fp8"] == 0 == routes["kernel_calls"]
+    assert routes["other_calls"] > 0 and routes["routes"]["fallback:exact"] > 0  # the commits
+    assert (
+        sum(n for r, n in routes["routes"].items() if r.startswith("fallback:"))
+        == (routes["other_calls"])
+    )
+    stats = json.loads((bench.parent / "stats.json").read_text())
+    assert stats["attention_routes"] == routes  # flashdreams-run records them too
+    lines = proc.stdout.splitlines()
+    assert any(ln.strip().startswith("attention: cudnn_fp8 kernel 0 calls, fallback ")
+               for ln in lines)  # fmt: skip
+    (warning,) = [ln for ln in lines if "WARNING: attention cudnn_fp8" in ln]
+    assert "the numbers are the fallback's, not cudnn_fp8's" in warning
+
+
+def test_bench_of_plain_sdpa_prints_its_calls_without_a_warning(tmp_path):
+    proc = _bench_cli(["attention=sdpa", "rollout.total_blocks=2"], tmp_path)
+    (bench,) = tmp_path.glob("bench/*/*/bench.json")
+    routes = json.loads(bench.read_text())["attention_routes"]
+    assert routes["routes"] == {"sdpa": routes["kernel_calls"]} and routes["kernel_calls"] > 0
+    assert f"attention: sdpa_auto kernel {routes['kernel_calls']} calls" in proc.stdout
+    assert "WARNING: attention" not in proc.stdout
