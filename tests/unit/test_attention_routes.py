@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from flashdreams.attention.base import route_lines, route_report
@@ -209,3 +210,21 @@ def test_bench_of_plain_sdpa_prints_its_calls_without_a_warning(tmp_path):
     assert routes["routes"] == {"sdpa": routes["kernel_calls"]} and routes["kernel_calls"] > 0
     assert f"attention: sdpa_auto kernel {routes['kernel_calls']} calls" in proc.stdout
     assert "WARNING: attention" not in proc.stdout
+
+
+def test_bench_cosmos_reports_the_routes_of_its_timed_step(tmp_path):
+    """``scripts/bench_cosmos.py --tiny --attention-config cudnn_fp8`` (CPU: the e4m3 emulation
+    as the backend): bench JSON and output say the FP8 kernel ran for no call."""
+    pytest.importorskip("diffusers")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cosmos.py"), "--tiny",
+                           "--attention-config", "cudnn_fp8", "--repeats", "1", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    routes = json.loads(out.read_text())["attention_routes"]
+    assert routes["kernel_calls"] == 0 and routes["other_calls"] > 0
+    assert all(r.startswith("emulated:") for r, n in routes["routes"].items() if n)
+    assert "attention: cudnn_fp8 kernel 0 calls, emulated " in proc.stdout
+    assert "WARNING: attention cudnn_fp8: its kernel (fp8) ran for no call" in proc.stdout
