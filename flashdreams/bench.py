@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flashdreams import ConfigError
-from flashdreams.attention.base import Attention
+from flashdreams.attention.base import Attention, route_lines, route_report
 from flashdreams.graph.cuda_graph import capture
 from flashdreams.model.base import DiT, add_flops
 from flashdreams.rollout.schedule import BlockSchedule
@@ -247,6 +247,8 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
                               "attention": plain(cfg.attention)}}  # fmt: skip
     bench = cfg.get("bench") or {}
     result["stages_ms"] = stage_medians(stats["steps"])
+    if stats.get("attention_routes") is not None:  # the run's calls per kernel / fallback route
+        result["attention_routes"] = stats["attention_routes"]
     if "precision" in cfg:
         result["config"].update(precision=plain(cfg.precision), offload=cfg.get("offload"),
                                 memory_fraction=bench.get("memory_fraction"))  # fmt: skip
@@ -266,6 +268,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
         tp = measure_throughput(attention, flops_model.num_heads, flops_model.head_dim,
                                 r.frames_per_block * tpf, med_kv,
                                 fp8_linears=ran_fp8_linears(stats))  # fmt: skip
+        tp["attention_routes"] = route_report(attention)  # the floor's own timed calls
         floors = step_floor(cfg, stats, tp, tpf, flops_model)
         timed = [f for f in floors if f["step"] >= 2] or floors
         floor_ms = statistics.median(f["floor_ms"] for f in timed)
@@ -320,8 +323,14 @@ def _print(result: dict) -> None:
         print(f"  per block: control (HDMap encode) {st['control']:.1f} | DiT {st['diffuse']:.1f} | "
               f"decode {st['decode']:.1f} | commit {st['commit']:.1f} | total {st['period']:.1f}"
               f" ms (text {st['encode']:.1f})")  # fmt: skip
+    if "attention_routes" in result:  # which kernel the measured numbers are of
+        for line in route_lines(result["attention_routes"]):
+            print(f"  {line}")
     if "floor" in result:
         f = result["floor"]
+        floor_routes = f.get("attention_routes")
+        if floor_routes is not None and len(route_lines(floor_routes)) > 1:
+            print(f"  floor {route_lines(floor_routes)[1]}")
         gemm = f.get("linear_tflops", f["matmul_tflops"])
         print(f"  floor {f['median_floor_ms']:.1f} ms (GEMM {gemm:.0f} TFLOP/s, "
               f"attention {f['attention_tflops']:.0f} TFLOP/s) -> floor/measured "

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from flashdreams.attention.base import route_report
 from flashdreams.build import build_rollout, read_prompts
 from flashdreams.io.image import load_image
 from flashdreams.rollout import Rollout, StepOutput, run_rollout
@@ -220,6 +221,9 @@ def run_job(cfg: DictConfig) -> int:
             extra = quality.summary() if quality is not None else {}
             if step_cache.enabled:
                 extra["step_cache_hit_rate"] = hit_rate(cache_steps)
+            routes = attention_routes(rollout.model)
+            if routes is not None:  # calls per kernel / fallback route (flashdreams-bench prints)
+                stats.sections["attention_routes"] = routes
             stats.finish(status, warmup_s, peak, time.perf_counter() - t0, extra)
             if stats.steps:
                 try:
@@ -236,6 +240,13 @@ def run_job(cfg: DictConfig) -> int:
     if is_main:
         _print_summary(stats, run_dir)
     return 0
+
+
+def attention_routes(model) -> dict | None:
+    """The ``route_report`` of the attention backend installed in ``model`` (rank 0's calls):
+    how many ran its kernel and how many its fallback, by reason; None without a backend."""
+    backend = getattr(getattr(model, "attention", None), "backend", None)
+    return None if backend is None else route_report(backend)
 
 
 def _raise_on_ctrl_c() -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flashdreams.attention.base import route_lines, route_report
 from flashdreams.attention.cudnn_fp8 import CudnnFp8Attention, reference_fp8_attention
 from flashdreams.attention.flash_attn import FlashAttnAttention, find_flash_attn
 from flashdreams.attention.sdpa import SdpaAttention
@@ -151,11 +152,18 @@ def main() -> int:
     graph.replay()
     parity["cuda_graph_replay_vs_eager"] = error(captured, fp8(*static))
     print(json.dumps(parity), flush=True)
+    # which kernel each backend's numbers are of: its calls per route (a captured call once)
+    routes = {name: route_report(fn) for name, fn in backends.items()}
+    for name, report in routes.items():
+        if not name.startswith("sdpa"):  # the FP8 and flash-attn backends, which may fall back
+            for line in route_lines(report):
+                print(f"{name}: {line}", flush=True)
     result = {
         "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
         "cudnn_frontend": getattr(fp8._cudnn, "__version__", None),
         "command": " ".join(sys.argv), "rows": rows, "parity": parity,
+        "attention_routes": routes,
         "timing": "events, single calls" if args.eager_timing else "CUDA-graph replays of 20 calls",
     }  # fmt: skip
     if args.out:

@@ -82,6 +82,7 @@ def instantiate_attention(group: str, options: list[str] = ()):
 def main() -> None:
     from diffusers import CosmosTransformer3DModel
 
+    from flashdreams.attention.base import route_lines, route_report
     from flashdreams.attention.sdpa import SdpaAttention
     from flashdreams.bench import flops_ms, measure_throughput
     from flashdreams.graph.compile import compile_blocks
@@ -165,7 +166,10 @@ def main() -> None:
         if args.attention_error:
             calls = attention_error(ours, lambda: ours(x, sigma * 1000, ctx[0]),
                                     args.attention_error, "cudnn" if cuda else "math")  # fmt: skip
+        backend = ours.attention.backend
+        backend.reset_routes()  # the timed step's calls (its warm-up included), nothing before
         ours_ms = _time(ours_step, args.repeats, 2, cuda)
+        routes = route_report(backend)
         peer_ms = _time(peer_step, args.repeats, 2, cuda)
 
     tokens = f * (h // 2) * (w // 2)
@@ -174,15 +178,20 @@ def main() -> None:
         "attention": ours.attention.name, "graph": args.graph,
         "ours_step_ms": ours_ms, "diffusers_step_ms": peer_ms,
         "speedup": peer_ms / ours_ms, "output_rel_l2_vs_diffusers": rel,
+        "attention_routes": routes,  # which kernel ours_step_ms is of (fp8 or its fallback)
     }  # fmt: skip
     if cuda:
         fl = ours.forward_flops(tokens, tokens, tokens // f)
-        tp = measure_throughput(ours.attention.backend, heads, head_dim, tokens, tokens)
+        backend.reset_routes()
+        tp = measure_throughput(backend, heads, head_dim, tokens, tokens)
+        tp["attention_routes"] = route_report(backend)  # the floor's own timed calls
         floor = 2 * flops_ms(fl, tp)  # cond + uncond
         result["floor"] = {**tp, "step_tflop": 2 * sum(fl.values()) / 1e12,
                            "floor_ms": floor, "floor_over_measured": floor / ours_ms}  # fmt: skip
     print(f"step (2 forwards, {tokens} tokens): ours {ours_ms:.1f} ms, diffusers {peer_ms:.1f} ms "
           f"({peer_ms / ours_ms:.2f}x); outputs rel L2 {rel:.1e}")  # fmt: skip
+    for line in route_lines(routes):
+        print(line)
     if args.attention_error:
         result["attention_error"] = calls
         for i, c in enumerate(calls):
@@ -196,6 +205,8 @@ def main() -> None:
         r = result["floor"]
         print(f"floor {r['floor_ms']:.1f} ms (GEMM {r['linear_tflops']:.0f}, attention "
               f"{r['attention_tflops']:.0f} TFLOP/s) -> floor/measured {r['floor_over_measured']:.2f}")  # fmt: skip
+        for line in route_lines(r["attention_routes"])[1:]:
+            print(f"floor {line}")
     if args.clip:
         del x, texts, ctx
         result["clip"] = time_clip(args, ours, peer, cuda)
@@ -205,6 +216,8 @@ def main() -> None:
         print(
             f"clip ({c['steps']} steps, decode included): ours {c['ours_clip_s']:.2f} s{peer_txt}"
         )
+        for line in route_lines(c["attention_routes"]):
+            print(f"clip {line}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
@@ -270,6 +283,7 @@ def time_clip(args, ours, peer, cuda: bool) -> dict:
         Cosmos2_5_PredictBasePipeline,
     )
 
+    from flashdreams.attention.base import route_report
     from flashdreams.build import build_rollout
     from flashdreams.io.cosmos_keymap import flashdreams_to_diffusers
     from tests.unit.test_config import compose_run
@@ -296,8 +310,11 @@ def time_clip(args, ours, peer, cuda: bool) -> dict:
         return rollout.step().frames
 
     our_clip()  # warm-up (compilation, cuDNN plans)
+    backend = rollout.model.attention.backend
+    backend.reset_routes()
     out = {"steps": args.clip if not distilled else len(rollout.scheduler.timesteps),
-           "ours_clip_s": _time(our_clip, 1, 0, cuda) / 1e3}  # fmt: skip
+           "ours_clip_s": _time(our_clip, 1, 0, cuda) / 1e3,
+           "attention_routes": route_report(backend)}  # fmt: skip
     rollout = None  # free its cache and decoder before the pipeline runs
     gc.collect()
     if cuda:

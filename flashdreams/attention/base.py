@@ -21,6 +21,45 @@ class AttentionBackend:
     #: whether ``exact()`` changes what calls compute; a graph policy then captures the forwards
     #: run inside it (the KV-cache commit) apart from the others
     has_exact_mode: bool = False
+    #: the ``routes()`` keys of calls that ran the backend's own kernel(s); every other key is a
+    #: ``fallback:<reason>`` (pinned SDPA in its place) or an ``emulated:<reason>``
+    kernel_routes: tuple[str, ...] = ("sdpa",)
+    #: every route key this backend may count, reported as 0 until a call takes it
+    known_routes: tuple[str, ...] = ("sdpa",)
+    #: why the backend's own kernel cannot run in this process at all (a missing package), or
+    #: None; a benchmark prints it beside a run whose calls all fell back
+    kernel_unavailable: str | None = None
+    #: the name ``route_report`` prints (None: ``name``; a backend whose ``name`` becomes its
+    #: fallback's when the kernel is missing keeps its own here)
+    route_label: str | None = None
+
+    def _route(self, route: str) -> None:
+        """Count one call under ``route``: a dict increment on the host. Skipped while dynamo
+        traces (a compiled region holding the call would otherwise guard on the count)."""
+        if torch.compiler.is_compiling():
+            return
+        routes = self.__dict__.get("_routes")
+        if routes is None:
+            routes = self._routes = {}
+        routes[route] = routes.get(route, 0) + 1
+
+    def routes(self) -> dict[str, int]:
+        """Calls per route since construction (or ``reset_routes``): the kernel's key(s)
+        (``kernel_routes``) and each ``fallback:<reason>`` / ``emulated:<reason>``, every
+        ``known_routes`` key present (0 if never taken). A copy.
+
+        Counted on the host per Python call of the backend: CUDA-graph replays do not re-run
+        Python, so under a graph policy the counts are of the eager and captured calls (each
+        captured call once), not of the kernels replayed; calls traced by ``torch.compile`` are
+        not counted (the blocks' attention runs outside the compiled regions).
+        """
+        out = dict.fromkeys(self.known_routes, 0)
+        out.update(self.__dict__.get("_routes", {}))
+        return out
+
+    def reset_routes(self) -> None:
+        """Zero the counts of ``routes()``."""
+        self._routes = {}
 
     def exact(self) -> contextlib.AbstractContextManager:
         """Calls inside run at the model's own precision (a reduced-precision backend's
@@ -49,6 +88,56 @@ class AttentionBackend:
             (B, Lq, H, D) attention output in q's dtype.
         """
         raise NotImplementedError
+
+
+ROUTES_COUNTED = "host-side Python calls of the backend (CUDA-graph replays are not counted)"
+
+
+def route_report(backend: AttentionBackend) -> dict:
+    """``backend.routes()`` with what a benchmark records beside it (bench.json): the backend's
+    label, its kernel route(s), kernel and non-kernel totals, and why the kernel is missing."""
+    routes = backend.routes() if hasattr(backend, "routes") else {}
+    kernel = tuple(getattr(backend, "kernel_routes", ()))
+    return {
+        "backend": getattr(backend, "route_label", None) or getattr(backend, "name", "?"),
+        "kernel_routes": list(kernel),
+        "kernel_calls": sum(n for r, n in routes.items() if r in kernel),
+        "other_calls": sum(n for r, n in routes.items() if r not in kernel),
+        "routes": routes,
+        "kernel_unavailable": getattr(backend, "kernel_unavailable", None),
+        "counted": ROUTES_COUNTED,
+    }
+
+
+def route_lines(report: dict) -> list[str]:
+    """The summary line of a ``route_report`` (``attention: cudnn_fp8 kernel 120 calls, fallback
+    90 (short_keys 60, exact 30)``) and, where the kernel ran for no call while others ran, a
+    WARNING line: the numbers measured are the fallback's."""
+    kernel, routes = report["kernel_routes"], report["routes"]
+    own = [(r, routes.get(r, 0)) for r in kernel]
+    text = f"attention: {report['backend']} kernel {report['kernel_calls']} calls"
+    if len(own) > 1:
+        text += " (" + ", ".join(f"{r} {n}" for r, n in own) + ")"
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for route, n in routes.items():
+        if route not in kernel and n:
+            group, _, reason = route.partition(":")
+            groups.setdefault(group, []).append((reason or group, n))
+    groups = {g: sorted(r, key=lambda x: -x[1]) for g, r in sorted(groups.items())}
+    for group, reasons in groups.items():  # emulated, then fallback; largest reason first
+        text += f", {group} {sum(n for _, n in reasons)} ("
+        text += ", ".join(f"{r} {n}" for r, n in reasons) + ")"
+    lines = [text]
+    if report["kernel_calls"] == 0 and report["other_calls"] > 0:
+        why = [r for g in groups.values() for r, _ in g]
+        if report.get("kernel_unavailable"):
+            why.append(report["kernel_unavailable"])
+        lines.append(
+            f"WARNING: attention {report['backend']}: its kernel ({'/'.join(kernel)}) ran for no "
+            f"call; all {report['other_calls']} calls took the {' / '.join(groups)} path "
+            f"({', '.join(why)}): the numbers are the fallback's, not {report['backend']}'s"
+        )
+    return lines
 
 
 class Attention:

@@ -12,7 +12,8 @@ Scaling (what cuDNN's FP8 forward takes, one fp32 scale per tensor):
 The optional ``nvidia-cudnn-frontend`` package (``pip install nvidia-cudnn-frontend``, which uses
 the cuDNN that PyTorch ships) runs the kernel. Without it, on CPU, on GPUs below sm90, for masked
 calls and for short key ranges (cross-attention to text, where quantizing costs more than FP8
-saves) the call goes to pinned SDPA, the first fallback of each kind logged once. ``emulate``
+saves) the call goes to pinned SDPA, the first fallback of each kind logged once and every call
+counted by route (``routes()``: ``fp8``, ``fallback:<reason>``, ``emulated:<reason>``). ``emulate``
 runs the same e4m3 math in fp32 torch ops instead of SDPA (slow; for CPU tests and quality
 checks of the scheme).
 """
@@ -210,6 +211,15 @@ class CudnnFp8Attention(AttentionBackend):
     """
 
     wants_kv_amax = True  # a KV cache with track_amax saves the amax pass over K/V
+    #: ``routes()``: "fp8" (the cuDNN kernel); calls FP8 does not take by design (``exact``,
+    #: ``masked``, ``short_keys``: under ``min_kv_tokens``) and those the kernel cannot run
+    #: (``no_frontend``, ``not_cuda``, ``no_triton``: the quantize kernels, ``arch``: below
+    #: sm90, ``head_dim``: not a multiple of 16, ``no_plan``: cuDNN built no plan for the shape)
+    #: as ``fallback:<reason>`` (SDPA), or ``emulated:<reason>`` with ``emulate``
+    kernel_routes = ("fp8",)
+    _POLICY = ("exact", "masked", "short_keys")
+    _UNREADY = ("no_frontend", "not_cuda", "no_triton", "arch", "head_dim")
+    known_routes = ("fp8", *(f"fallback:{r}" for r in (*_POLICY, *_UNREADY, "no_plan")))
 
     def __init__(self, fallback: str = "cudnn", min_kv_tokens: int = 2048,
                  exact_commit: bool = True, emulate: bool = False,
@@ -233,7 +243,11 @@ class CudnnFp8Attention(AttentionBackend):
         self._plans: dict[tuple, _Fp8Plan | None] = {}
         self._logged: set[str] = set()
         self.name = "cudnn_fp8"
+        self._why_not: str | None = None  # why the last ``_kernel_ready`` said no
+        if self.emulate:
+            self.known_routes = (*self.known_routes, *(f"emulated:{r}" for r in self._UNREADY))
         if self._cudnn is None:
+            self.kernel_unavailable = "nvidia-cudnn-frontend is not installed"
             self._once("missing", "attention=cudnn_fp8: nvidia-cudnn-frontend is not installed "
                        "(pip install nvidia-cudnn-frontend); %s", self._fallback_words())  # fmt: skip
 
@@ -255,13 +269,22 @@ class CudnnFp8Attention(AttentionBackend):
             log.info(msg, *args)
 
     def _kernel_ready(self, q: torch.Tensor) -> bool:
-        if self._cudnn is None or q.device.type != "cuda" or kernels() is None:
-            return False
+        """Whether the cuDNN kernel can take ``q``'s call (the reason if not: ``_why_not``)."""
+        self._why_not = self._unready_reason(q)
+        return self._why_not is None
+
+    def _unready_reason(self, q: torch.Tensor) -> str | None:
+        if self._cudnn is None:
+            return "no_frontend"
+        if q.device.type != "cuda":
+            return "not_cuda"
+        if kernels() is None:
+            return "no_triton"
         if torch.cuda.get_device_capability(q.device) < (9, 0):
             self._once("arch", "attention=cudnn_fp8: cuDNN FP8 attention needs sm90+ (%s); %s",
                        torch.cuda.get_device_name(q.device), self._fallback_words())  # fmt: skip
-            return False
-        return q.shape[-1] % 16 == 0
+            return "arch"
+        return None if q.shape[-1] % 16 == 0 else "head_dim"
 
     def _plan(self, q: torch.Tensor, k: torch.Tensor, stats: bool = False) -> _Fp8Plan | None:
         key = (q.device.index, tuple(q.shape), k.shape[1], stats)
@@ -295,10 +318,14 @@ class CudnnFp8Attention(AttentionBackend):
 
     def __call__(self, q, k, v, mask=None, kv_amax=None):
         if self._exact or mask is not None or k.shape[1] < self.min_kv_tokens:
+            why = "exact" if self._exact else "masked" if mask is not None else "short_keys"
+            self._route(f"fallback:{why}")
             return self.sdpa(q, k, v, mask)
         if not self._kernel_ready(q):
             if self.emulate:
+                self._route(f"emulated:{self._why_not}")
                 return reference_fp8_attention(q, k, v, smooth=self.smooth)
+            self._route(f"fallback:{self._why_not}")
             return self.sdpa(q, k, v, mask)
         lk = k.shape[1]
         keys = math.ceil(lk / math.ceil(lk / self.max_keys)) if self.max_keys else lk
@@ -308,7 +335,9 @@ class CudnnFp8Attention(AttentionBackend):
         plans = {(i, j): self._plan(q[:, i : i + rows], k[:, j:stop], split)
                  for i in range(0, q.shape[1], rows) for j, stop in spans}  # fmt: skip
         if any(plan is None for plan in plans.values()):
+            self._route("fallback:no_plan")
             return self.sdpa(q, k, v, mask)
+        self._route("fp8")
         # a KV cache with track_amax hands over a bound on |K|, |V|: one pass over them, not two
         bounds = (None, None, None) if kv_amax is None else (None, *kv_amax)
         means = (None, None, None)

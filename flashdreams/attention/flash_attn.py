@@ -4,7 +4,8 @@ flash-attn-4 ``flash_attn.cute``) on (B, L, H, D) tensors, their native layout.
 None of them is a dependency: when the requested package is not importable, the device is not
 CUDA, a call carries a mask (these entry points take none), or the package raises on a shape
 (an unsupported GPU, head size or dtype: from then on that shape goes straight to SDPA), the call
-goes to pinned SDPA. The first fallback of each kind is logged once, never raised.
+goes to pinned SDPA. The first fallback of each kind is logged once, never raised, and every
+call is counted by route (``routes()``: ``flash_attn`` or ``fallback:<reason>``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ class FlashAttnAttention(AttentionBackend):
             the SDPA fallback kernel; 0 sends every unmasked call to the package.
     """
 
+    #: ``routes()``: "flash_attn" (the package's kernel, split or not) or the SDPA fallback's
+    #: ``fallback:<reason>``: ``no_package``, ``not_cuda``, ``masked``, ``short_keys`` (under
+    #: ``min_keys``), ``unsupported`` (the package raised on this shape, now or before)
+    kernel_routes = ("flash_attn",)
+    known_routes = ("flash_attn", *(f"fallback:{r}" for r in ("no_package", "not_cuda", "masked",
+                                                               "short_keys", "unsupported")))  # fmt: skip
+
     def __init__(self, version: str = "auto", fallback: str = "cudnn",
                  kv_splits: int | str = 1, tile: list[int] | None = None,
                  min_keys: int = 0) -> None:  # fmt: skip
@@ -74,12 +82,14 @@ class FlashAttnAttention(AttentionBackend):
             raise ConfigError(f"attention.version={version!r} is not one of auto, 4, 3, 2")
         self._logged: set[str] = set()
         self._failed: set[tuple] = set()  # shapes the package raised on: SDPA runs them
+        self._why_not: str | None = None  # why the last ``_kernel_takes`` said no
         self.splits_for = KvSplits(kv_splits, "attention")
         # the fallback splits the keys the same way (where its kernel returns a log-sum-exp)
         self.sdpa = SdpaAttention(fallback, kv_splits if fallback in ("cudnn", "flash") else 1)
         self.backend = self.sdpa.backend  # the SDPA kernel of log-sum-exp paths (ring attention)
         self.package, self._func = find_flash_attn(version)
         self.name = self.package.replace(" ", "") if self.package else self.sdpa.name
+        self.route_label = self.name if self.package else "flash_attn"
         self.kv_splits = kv_splits if self.package == "flash-attn 4" else 1
         if tile is not None and (len(tile) != 2 or any(int(t) % 16 for t in tile)):
             raise ConfigError(f"attention.tile={list(tile)!r} is not [tile_m, tile_n], multiples "
@@ -93,6 +103,7 @@ class FlashAttnAttention(AttentionBackend):
             self._once("splits", "attention.kv_splits is implemented for flash-attn 4 (and the "
                        "SDPA fallback) only; %s runs unsplit", self.package)  # fmt: skip
         if self._func is None:
+            self.kernel_unavailable = f"no flash-attn package (version {version}) is installed"
             self._once("missing", "attention: no flash-attn package (version %s) is installed; "
                        "using SDPA (%s)", version, fallback)  # fmt: skip
 
@@ -102,27 +113,37 @@ class FlashAttnAttention(AttentionBackend):
             log.info(msg, *args)
 
     def _kernel_takes(self, q, mask) -> bool:
-        """Whether the package's kernel is asked at all (installed, CUDA, no mask)."""
+        """Whether the package's kernel is asked at all (installed, CUDA, no mask); the reason
+        if not: ``_why_not``."""
+        self._why_not = self._declines(q, mask)
+        return self._why_not is None
+
+    def _declines(self, q, mask) -> str | None:
         if self._func is None:
-            return False
+            return "no_package"
         if q.device.type != "cuda" or mask is not None:
             self._once("call", "%s takes no mask and runs on CUDA only; such calls use SDPA",
                        self.package)  # fmt: skip
-            return False
-        return True
+            return "masked" if mask is not None else "not_cuda"
+        return None
 
     def __call__(self, q, k, v, mask=None, kv_amax=None):
         if not self._kernel_takes(q, mask):
+            self._route(f"fallback:{self._why_not}")
             return self.sdpa(q, k, v, mask)
         shape = (tuple(q.shape), k.shape[1], q.dtype)
         if shape in self._failed or k.shape[1] < self.min_keys:
+            self._route("fallback:unsupported" if shape in self._failed else "fallback:short_keys")
             return self.sdpa(q, k, v)
         try:
             if self.kv_splits != 1:
                 splits = self.splits_for(q, k)
                 if splits > 1:
-                    return split_kv_attention(q, k, v, splits, self._attend_lse)
+                    out = split_kv_attention(q, k, v, splits, self._attend_lse)
+                    self._route("flash_attn")
+                    return out
             out = self._func(q, k, v)
+            self._route("flash_attn")
             return out[0] if isinstance(out, tuple) else out
         except torch.OutOfMemoryError:
             raise
@@ -130,6 +151,7 @@ class FlashAttnAttention(AttentionBackend):
             if q.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise  # the first call of a shape runs eagerly (warm-up); never hide a capture
             self._failed.add(shape)
+            self._route("fallback:unsupported")
             self._once(f"failed {shape}", "%s cannot run q %s over %d keys (%s: %s); SDPA (%s) "
                        "takes these calls", self.package, list(q.shape), k.shape[1],
                        type(err).__name__, str(err).splitlines()[0] if str(err) else "",

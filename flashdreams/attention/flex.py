@@ -29,6 +29,7 @@ class FlexAttention(AttentionBackend):
     """
 
     name = "flex"
+    kernel_routes = known_routes = ("flex", "sdpa")  # unmasked calls: SDPA by design
 
     def __init__(self, unmasked: str = "cudnn", block_size: int = 128, compile: bool = True):
         self.sdpa = SdpaAttention(unmasked)
@@ -63,7 +64,9 @@ class FlexAttention(AttentionBackend):
 
     def __call__(self, q, k, v, mask=None, kv_amax=None):
         if mask is None:
+            self._route("sdpa")
             return self.sdpa(q, k, v)
+        self._route("flex")
         q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
         kernel = self._flex(q.device)
         with warnings.catch_warnings():  # the eager (CPU) path warns that it is unfused

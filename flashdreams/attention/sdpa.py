@@ -53,6 +53,7 @@ class SdpaAttention(AttentionBackend):
         return sdpa_kernel([kernel, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def __call__(self, q, k, v, mask=None, kv_amax=None):
+        self._route("sdpa")
         if mask is None and self.kv_splits != 1:
             splits = self.splits_for(q, k)
             if splits > 1:
