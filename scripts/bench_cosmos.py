@@ -285,8 +285,8 @@ def time_clip(args, ours, peer, cuda: bool) -> dict:
 
     from flashdreams.attention.base import route_report
     from flashdreams.build import build_rollout
+    from flashdreams.config import compose_run
     from flashdreams.io.cosmos_keymap import flashdreams_to_diffusers
-    from tests.unit.test_config import compose_run
 
     distilled = "distilled" in args.recipe
     h, w = (32, 32) if args.tiny else (args.height, args.width)
@@ -298,7 +298,10 @@ def time_clip(args, ours, peer, cuda: bool) -> dict:
                  f"graph={'compile' if args.graph == 'compile' else 'eager'}"]  # fmt: skip
     if not distilled:
         overrides.append(f"scheduler.num_steps={args.clip}")
-    if cuda:
+    if args.attention_config:  # the clip attends as the step did (its group and options)
+        overrides.append(f"attention={args.attention_config}")
+        overrides += [f"attention.{o}" for o in args.attention_option]
+    elif cuda:
         overrides.append(f"attention=sdpa_{args.attention}")
     if args.tiny:
         overrides += ["model=cosmos_tiny", "vae.base_dim=8"]

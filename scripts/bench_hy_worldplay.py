@@ -145,7 +145,7 @@ def main() -> None:
 
     from flashdreams.bench import block_flops, flops_ms, measure_throughput
     from flashdreams.build import build_rollout
-    from tests.unit.test_config import compose_run
+    from flashdreams.config import compose_run
 
     cuda = torch.cuda.is_available() and not args.tiny
     if cuda and args.memory_fraction:

@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flashdreams.build import build_rollout  # noqa: E402
+from flashdreams.config import compose_run  # noqa: E402
 from flashdreams.io.image import load_image  # noqa: E402
 from flashdreams.rollout import run_rollout  # noqa: E402
 from flashdreams.stats import summarize  # noqa: E402
-from tests.unit.test_config import compose_run  # noqa: E402
 
 
 def _run(overrides: list[str], prompt: str) -> tuple[dict, torch.Tensor]:

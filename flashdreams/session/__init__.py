@@ -136,13 +136,9 @@ class Session:
 
         Example: ``Session.from_overrides(["recipe=demo", "device=cpu"], prompt="a fox")``.
         """
-        from hydra import compose, initialize_config_module
-        from hydra.core.global_hydra import GlobalHydra
+        from flashdreams.config import compose_run
 
-        GlobalHydra.instance().clear()
-        with initialize_config_module("flashdreams.conf", version_base="1.3"):
-            cfg = compose("run", overrides=list(overrides))
-        return cls(cfg, **kwargs)
+        return cls(compose_run(overrides), **kwargs)
 
     # ------------------------------------------------------------------ state
     def reset(self, seed: int | None = None, prompt=None, total_blocks: Any = _CONFIG) -> None:

@@ -1,14 +1,13 @@
 """Composition: every recipe composes; every option of every group instantiates (tiny sizes)."""
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from flashdreams.build import build_rollout, construct_model
 from flashdreams.cli import group_options
+from flashdreams.config import compose_run
 
 # Per-option overrides that keep instantiation tiny and offline; options that need a file on
 # disk are covered by their own tests (named here).
@@ -23,12 +22,6 @@ NEEDS_FILES = {
     ("text_encoder", "reason1_7b"): "tests/unit/test_cosmos_text_encoder.py",
     ("text_encoder", "prompt_tensor"): "tests/unit/test_flashvsr_recipe.py",
 }
-
-
-def compose_run(overrides=()):
-    GlobalHydra.instance().clear()
-    with initialize_config_module("flashdreams.conf", version_base="1.3"):
-        return compose("run", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("recipe", group_options("recipe"))
