@@ -26,7 +26,13 @@ from flashdreams import ConfigError
 from flashdreams.serve import protocol
 from flashdreams.serve.config import check_serve
 from flashdreams.serve.engine import Engine
-from flashdreams.serve.limits import OVERSIZE, OVERSIZE_BINARY, Guard, size_limited_protocol
+from flashdreams.serve.limits import (
+    OVERSIZE,
+    OVERSIZE_BINARY,
+    Guard,
+    MessageRate,
+    size_limited_protocol,
+)
 from flashdreams.serve.stream import Stream
 
 log = logging.getLogger("flashdreams.serve")
@@ -47,7 +53,9 @@ class OutQueue:
         self.items: deque[tuple[str | bytes, bool]] = deque()
         self.num_droppable = 0
         self.dropped = 0  # frames dropped so far
+        self.closed = False  # the send loop ended (the client went away)
         self._ready = asyncio.Event()
+        self._taken = asyncio.Event()  # set when a message leaves (or the send loop ends)
 
     def put(self, item: str | bytes, droppable: bool) -> None:
         """Queue a message (``droppable``: a frame or per-step info)."""
@@ -67,12 +75,28 @@ class OutQueue:
         """Queued messages that cannot be dropped."""
         return len(self.items) - self.num_droppable
 
+    async def replies_below(self, limit: int, timeout: float) -> bool:
+        """Wait until fewer than ``limit`` replies are queued; False when the client has not
+        read them within ``timeout`` seconds or is gone."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.pending_replies >= limit:
+            if self.closed or loop.time() >= deadline:
+                return False
+            self._taken.clear()
+            try:
+                await asyncio.wait_for(self._taken.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                return False
+        return True
+
     async def get(self) -> str | bytes:
         """Next message, oldest first."""
         while not self.items:
             self._ready.clear()
             await self._ready.wait()
         item, droppable = self.items.popleft()
+        self._taken.set()
         self.num_droppable -= droppable
         if isinstance(item, bytes) and item[:4] == protocol.FRAME_MAGIC:  # drops at send time
             item = bytearray(item)
@@ -95,6 +119,36 @@ async def _send_loop(ws: WebSocket, out: OutQueue) -> None:
                 await ws.send_text(item)
     except _GONE:
         pass  # the client went away; the receive loop sees the disconnect and ends the stream
+    finally:
+        out.closed = True
+        out._taken.set()
+
+
+FLOOD_CLOSE = 1008  # close code (policy violation) of a client that keeps flooding
+REPLY_WAIT_S = 10.0  # a flooding client that reads none of its errors this long is cut off
+
+
+def message_rate(serve_cfg) -> MessageRate:
+    """A connection's message-rate limit (``serve.max_messages_per_s``, ``message_burst``)."""
+    return MessageRate(serve_cfg.max_messages_per_s, serve_cfg.message_burst)
+
+
+async def refuse_over_rate(out: OutQueue, rate: MessageRate, reply: str) -> dict | None:
+    """A message over the rate (dropped unread): queue its one ``error`` ``reply``.
+
+    Refusing is cheaper than sending the error, so a flood would pile errors up: past half of
+    ``MAX_PENDING_REPLIES`` queued replies this waits until the client reads them (the flood is
+    slowed to the client's reading pace, memory stays bounded). Returns the close (``code``,
+    ``reason``) of a client to disconnect: it keeps flooding far past the rate
+    (``rate.flooding``), or has read none of its replies for ``REPLY_WAIT_S``; else None.
+    """
+    limit = f"serve.max_messages_per_s={rate.per_s:g}"
+    if rate.flooding:
+        return {"code": FLOOD_CLOSE, "reason": f"flooding: far past {limit}"}
+    if not await out.replies_below(MAX_PENDING_REPLIES // 2, REPLY_WAIT_S):
+        return {"code": FLOOD_CLOSE, "reason": f"flooding past {limit}, replies unread"}
+    out.put(reply, droppable=False)
+    return None
 
 
 def _client(ws: WebSocket) -> str:
@@ -125,7 +179,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     stream = ws.app.state.backend.channel(out)
     sender = asyncio.create_task(_send_loop(ws, out))
     out.put(protocol.event("hello", **stream.hello()), droppable=False)
-    closed_by_client = False
+    closed_by_client, close = False, {}
+    rate = message_rate(cfg.serve)
     try:
         while True:
             msg = await ws.receive()
@@ -134,6 +189,14 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                 if msg.get("code", 1000) not in (1000, 1001):
                     log.info("%s disconnected (code %s)", _client(ws), msg.get("code"))
                 break
+            if not rate.admit():  # (on the ingress with serve.backend=ray too)
+                reply = protocol.error("rate_limited", rate.refusal())
+                close = await refuse_over_rate(out, rate, reply) or {}
+                if close or sender.done():
+                    log.warning("%s disconnected: %s (%d messages refused)", _client(ws),
+                                close.get("reason", "gone"), rate.refused)  # fmt: skip
+                    break
+                continue
             if OVERSIZE in msg:
                 raw = protocol.Oversize(msg[OVERSIZE], msg.get(OVERSIZE_BINARY, False))
             else:
@@ -146,7 +209,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         sender.cancel()
         if not closed_by_client:
             try:
-                await ws.close()
+                await ws.close(**close)
             except _GONE:
                 pass  # the client is gone already
 

@@ -25,6 +25,8 @@ class ServeConfig:
     max_frame_pixels: int = (
         16777216  # largest control frame image (width x height, from its header)
     )
+    max_messages_per_s: float = 100.0  # client messages per second per connection (0: no limit)
+    message_burst: int = 200  # messages a connection may send at once within the rate
     queue_frames: int = 64  # per-client outgoing frame queue; oldest frames dropped when full
     jpeg_quality: int = 85  # JPEG quality of streamed frames (1-95)
     realtime: bool = True  # pace generation at `fps` so the stream never runs far ahead
@@ -57,7 +59,7 @@ def check_serve(serve) -> None:
     bounds = {
         "port": (0, 65535), "max_sessions": (1, None), "max_message_bytes": (256, None),
         "max_prompt_chars": (1, None), "max_frame_bytes": (256, None), "max_frame_pixels": (1, 2**26),
-        "queue_frames": (1, None),
+        "queue_frames": (1, None), "max_messages_per_s": (0, None), "message_burst": (1, None),
         "jpeg_quality": (1, 95), "send_buffer_bytes": (0, None), "lead_s": (0, None),
         "replicas": (1, None), "gpus_per_replica": (0, None),
     }  # fmt: skip

@@ -4,6 +4,9 @@
 whose ``Host`` is not one of the server's names, or a WebSocket handshake whose ``Origin`` is
 another site's: a page from elsewhere, or a DNS-rebinding page, cannot drive the server.
 
+``MessageRate`` is one connection's message-rate limit (``serve.max_messages_per_s``, a token
+bucket of ``serve.message_burst``).
+
 ``size_limited_protocol`` returns uvicorn's WebSocket protocol with a frame filter in front of
 its parser: the payload of a message past ``max_bytes`` is read and dropped as it arrives (the
 parser sees an empty frame in its place), and the app receives an ``OVERSIZE`` marker instead
@@ -14,6 +17,7 @@ with memory bounded by the limit, not the message.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from urllib.parse import urlsplit
 
@@ -24,6 +28,53 @@ LOOPBACK = ("localhost", "127.0.0.1", "::1")
 ANY_ADDRESS = ("", "0.0.0.0", "::")
 OVERSIZE = "flashdreams.oversize"  # key of the marker message: the dropped message's size
 OVERSIZE_BINARY = "flashdreams.oversize_binary"  # and whether it was a binary message
+FLOOD_S = 10  # refusals beyond this many seconds' worth of messages disconnect the client
+
+
+class MessageRate:
+    """Per-connection token bucket over every client message (text, binary, oversize).
+
+    A message takes a token; tokens refill at ``per_s`` up to ``burst``. A message without a
+    token is refused (``admit`` is False: the caller sends one ``rate_limited`` error and drops
+    it unprocessed). Refusals fill a second bucket of ``FLOOD_S`` seconds' worth of messages
+    (``FLOOD_S * per_s``, at least ``burst``) that drains at ``per_s``: a client that keeps
+    sending well past the rate (more than twice it, for long enough) overflows it and
+    ``flooding`` turns True (the caller disconnects it). ``per_s <= 0`` disables the limit.
+    """
+
+    def __init__(self, per_s: float, burst: int, clock=time.monotonic) -> None:
+        self.per_s, self.burst, self.clock = float(per_s), max(1, int(burst)), clock
+        self.tokens = float(self.burst)
+        self.strikes = 0.0  # refusals not yet drained
+        self.max_strikes = max(FLOOD_S * self.per_s, self.burst)
+        self.refused = 0
+        self.t = clock()
+
+    def admit(self) -> bool:
+        """Take a token for one message; False: the message is over the rate."""
+        if self.per_s <= 0:
+            return True
+        now = self.clock()
+        refill, self.t = (now - self.t) * self.per_s, now
+        self.tokens = min(float(self.burst), self.tokens + refill)
+        self.strikes = max(0.0, self.strikes - refill)
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.strikes += 1
+        self.refused += 1
+        return False
+
+    @property
+    def flooding(self) -> bool:
+        """The client kept flooding far past the rate: disconnect it."""
+        return self.strikes > self.max_strikes
+
+    def refusal(self) -> str:
+        """The one-line message of a ``rate_limited`` error."""
+        return (f"message dropped: more than serve.max_messages_per_s={self.per_s:g} messages "
+                f"per second (bursts of serve.message_burst={self.burst}) on this connection; "
+                "send slower")  # fmt: skip
 
 
 def host_name(host: str) -> str:

@@ -195,7 +195,8 @@ class RayChannel:
                 kind = _kind(item)
                 if kind == "stopped":
                     msg = json.loads(item)
-                    msg["dropped"] = self.out.dropped
+                    # the replica's queue and this one's drop frames (slow reader)
+                    msg["dropped"] = (msg.get("dropped") or 0) + self.out.dropped
                     item, stopped = json.dumps(msg), True
                 self.out.put(item, droppable=isinstance(item, bytes) or kind == "step")
         except asyncio.CancelledError:

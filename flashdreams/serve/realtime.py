@@ -26,7 +26,7 @@ from starlette.websockets import WebSocket
 from flashdreams.postprocess import chained
 from flashdreams.rollout.schedule import BlockSchedule
 from flashdreams.serve import protocol
-from flashdreams.serve.app import _GONE, OutQueue, _send_loop
+from flashdreams.serve.app import _GONE, OutQueue, _send_loop, message_rate, refuse_over_rate
 from flashdreams.serve.fmp4 import FragmentedMP4Encoder
 from flashdreams.serve.limits import OVERSIZE
 from flashdreams.serve.stream import INTERNAL
@@ -280,12 +280,21 @@ async def realtime_endpoint(ws: WebSocket) -> None:
     out = OutQueue(cfg.serve.queue_frames)
     sender = asyncio.create_task(_send_loop(ws, out))
     rt = Realtime(ws.app.state.backend, cfg, out)
+    rate, close = message_rate(cfg.serve), {}
 
     async def receive() -> None:
         while True:
             msg = await ws.receive()
             if msg["type"] == "websocket.disconnect":
                 return
+            if not rate.admit():  # one error per message over the rate, which is dropped
+                fields = {"request_id": rt.request_id} if rt.config else {}
+                reply = json.dumps({"type": "error", "message": rate.refusal(),
+                                    "code": "rate_limited", **fields})  # fmt: skip
+                close.update(await refuse_over_rate(out, rate, reply) or {})
+                if close:
+                    return
+                continue
             if OVERSIZE in msg:
                 raw = msg[OVERSIZE]  # its size: dropped unread past the limit
             else:
@@ -308,10 +317,10 @@ async def realtime_endpoint(ws: WebSocket) -> None:
         receiver.cancel()
         done.cancel()
         await rt.close()
-        while out.items and not sender.done():  # let the last messages go out
+        while out.items and not sender.done() and not close:  # let the last messages go out
             await asyncio.sleep(0.01)
         sender.cancel()
         try:
-            await ws.close()
+            await ws.close(**close)
         except _GONE:
             pass

@@ -43,7 +43,7 @@ class _Playout:
 
     A frame is due ``index / fps`` after the stream's first frame; a late frame goes out at
     once and later frames are spaced from it (the clock restarts), so delivery never bursts
-    to catch up.
+    to catch up. A stop flushes: the frames still waiting for their turn go out at once.
     """
 
     def __init__(self, out, fps: float | None) -> None:
@@ -51,6 +51,7 @@ class _Playout:
         self.items: asyncio.Queue = asyncio.Queue()
         self.t0: float | None = None
         self.index = 0
+        self.hurry = asyncio.Event()  # set: the queued messages go out at once (a stop)
         self.task = asyncio.create_task(self._run())
 
     def put(self, item: str | bytes, paced: bool = False) -> None:
@@ -62,13 +63,16 @@ class _Playout:
             item, paced = await self.items.get()
             if item is None:
                 return
-            if paced and self.period:
+            if paced and self.period and not self.hurry.is_set():
                 now = time.monotonic()
                 if self.t0 is None:
                     self.t0 = now
                 due = self.t0 + self.index * self.period
-                if due > now:
-                    await asyncio.sleep(due - now)
+                if due > now:  # (a flush cuts the wait short)
+                    try:
+                        await asyncio.wait_for(self.hurry.wait(), due - now)
+                    except asyncio.TimeoutError:
+                        pass
                 elif now - due > self.period:  # late: restart the clock at this frame
                     self.t0 = now - self.index * self.period
                 self.index += 1
@@ -78,9 +82,13 @@ class _Playout:
         """After a pause: the next frame is due at once."""
         self.t0, self.index = None, 0
 
-    async def finish(self, drain: bool) -> None:
-        """Stop: after the queued messages (``drain``) or dropping them."""
-        if drain:
+    async def finish(self, how: str) -> None:
+        """Stop after handing over the queued messages at their pace (``"pace"``: the stream
+        finished) or at once (``"flush"``: a client stop, a restart, an error: every frame
+        already produced is delivered), or dropping them (``"discard"``: the client is gone)."""
+        if how in ("pace", "flush"):
+            if how == "flush":
+                self.hurry.set()
             self.items.put_nowait((None, False))
             await self.task
         else:
@@ -269,7 +277,12 @@ class Stream:
         self.task = asyncio.create_task(self._generate())
 
     async def end(self, reason: str) -> None:
-        """Stop the running stream (after its current step) and free its session."""
+        """Stop the running stream (after its current step) and free its session.
+
+        No step starts after this; the frames already produced (the current step's too) are
+        all handed to the client's queue at once, then ``stopped`` (whose ``frames`` counts
+        them), except for ``reason="disconnect"``, where they are dropped.
+        """
         if self.task is None:
             return
         self.stop_requested, self.stop_reason = True, reason
@@ -318,7 +331,12 @@ class Stream:
             if emitting is not None:
                 await emitting
             playout, self.playout = self.playout, None
-            await playout.finish(drain=reason is None and not self.stop_requested)
+            # a client's stop (or restart) still delivers every frame already produced, at
+            # once (the page paces what it received); a disconnect has no one to deliver to
+            if self.stop_requested and self.stop_reason == "disconnect":
+                await playout.finish("discard")
+            else:
+                await playout.finish("flush" if reason or self.stop_requested else "pace")
             steps = session.step_index
             self.session = None
             await loop.run_in_executor(self.engine.executor, self.engine.end_session, session)

@@ -44,6 +44,8 @@ def test_serve_block_is_typed_and_the_recipe_size_survives(composer):
     ("serve.max_frame_pixels=0", "serve.max_frame_pixels=0 must be in [1, 67108864]"),
     ("serve.max_frame_pixels=100000000",
      "serve.max_frame_pixels=100000000 must be in [1, 67108864]"),
+    ("serve.max_messages_per_s=-1", "serve.max_messages_per_s=-1.0 must be >= 0"),
+    ("serve.message_burst=0", "serve.message_burst=0 must be >= 1"),
 ])  # fmt: skip
 def test_ray_settings_are_checked_in_one_line(composer, override, message):
     from flashdreams import ConfigError

@@ -25,8 +25,10 @@ ERROR_CODES = {"bad_json", "bad_message", "unknown_type", "too_large", "binary"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    # the fuzz test's 300 request / reply round trips outrun the default message rate (100/s
+    # past a burst of 200): a burst of 1000 keeps them all parsed (rate limits: test_serve_protocol)
     srv = ServerProcess(tmp_path_factory.mktemp("harden"), "serve.realtime=false",
-                        "serve.queue_frames=64")  # fmt: skip
+                        "serve.queue_frames=64", "serve.message_burst=1000")  # fmt: skip
     yield srv
     srv.close()
 

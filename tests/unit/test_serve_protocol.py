@@ -1,5 +1,6 @@
 """The streaming protocol against a real `flashdreams-serve` process on loopback."""
 
+import contextlib
 import io
 import json
 import os
@@ -291,3 +292,124 @@ def test_control_frame_images_are_checked_from_their_header():
         with pytest.raises(ProtocolError, match="PNG or JPEG") as err:
             parse_control_frame(pack_control_frame(buf.getvalue(), 0))
         assert err.value.code == "bad_frame"
+
+
+def flood_controls(ws, count: int = 500) -> list[dict]:
+    """Send ``count`` control messages back to back on a running stream (a thread reads the
+    replies meanwhile), then a ``pause``; the JSON replies until ``paused``."""
+    import threading
+
+    replies: list = []
+
+    def read() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            msg = ws.recv(timeout=30)
+            if isinstance(msg, bytes):
+                continue
+            replies.append(msg)
+            if json.loads(msg)["type"] == "paused":
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    for i in range(count):
+        send(ws, type="control", keys=["w"] if i % 2 else [])
+    time.sleep(1.0)  # the bucket refills: the pause is taken
+    send(ws, type="pause")
+    reader.join(timeout=90)
+    assert not reader.is_alive() and replies and '"paused"' in replies[-1], replies[-3:]
+    for msg in replies:
+        assert "Traceback" not in msg and 'File "' not in msg, msg
+    return [json.loads(m) for m in replies[:-1]]
+
+
+def check_flood(ws, count: int = 500) -> list[dict]:
+    """A flood of controls: some ``rate_limited`` errors naming the setting (one per dropped
+    message, no other reply), the connection stays open and pause / resume work."""
+    replies = flood_controls(ws, count)
+    errors = [m for m in replies if m["type"] == "error"]
+    assert errors and len(errors) <= count - 200, len(errors)  # the burst (200) got through
+    for error in errors:
+        assert error["code"] == "rate_limited", error
+        assert "serve.max_messages_per_s=100" in error["message"] and "\n" not in error["message"]
+    assert all(m["type"] in ("error", "step") for m in replies), replies
+    send(ws, type="resume")
+    recv_json(ws, "resumed")
+    recv_frames(ws, 12)
+    return errors
+
+
+def test_a_flood_of_messages_is_rate_limited_and_the_server_stays_responsive(server):
+    from tests.unit.test_serve_hardening import rss_bytes
+
+    with server.ws() as ws:
+        send(ws, type="start", prompt="a fox")
+        recv_json(ws, "started")
+        recv_frames(ws, 3)
+        base = rss_bytes(server.proc.pid)
+        t0 = time.monotonic()
+        errors = check_flood(ws)
+        print(f"{len(errors)} rate_limited in {time.monotonic() - t0:.2f} s")
+        assert rss_bytes(server.proc.pid) - base < 64 * 2**20
+        time.sleep(1.0)  # the bucket refills: a normal pace is untouched
+        for _ in range(5):
+            send(ws, type="control", keys=["d"])
+            time.sleep(0.05)
+        send(ws, type="stop")
+        stopped = recv_json(ws, "stopped")
+        with pytest.raises(TimeoutError):
+            recv_json(ws, "error", timeout=0.5)
+    assert stopped["reason"] == "client"
+    server.wait_idle()
+
+
+def test_the_message_rate_is_a_token_bucket_and_a_long_flood_overflows_it():
+    from flashdreams.serve.limits import MessageRate
+
+    now = [0.0]
+    rate = MessageRate(10, 5, clock=lambda: now[0])
+    assert [rate.admit() for _ in range(7)] == [True] * 5 + [False] * 2  # the burst, then none
+    now[0] += 0.25  # 2.5 tokens
+    assert [rate.admit() for _ in range(3)] == [True, True, False]
+    assert rate.refused == 3 and not rate.flooding
+    for _ in range(100):  # 2x the rate for 10 s: refusals drain as fast as they come
+        now[0] += 0.05
+        rate.admit()
+    assert not rate.flooding
+    for _ in range(101):  # far past it: more than 10 s worth of refusals pile up
+        rate.admit()
+    assert rate.flooding
+    assert all(MessageRate(0, 1).admit() for _ in range(10_000))  # 0: no limit
+
+
+def test_a_client_that_keeps_flooding_is_disconnected_on_both_endpoints(tmp_path):
+    from websockets.exceptions import ConnectionClosed
+
+    server = ServerProcess(tmp_path, "serve.max_messages_per_s=5", "serve.message_burst=5")
+    try:
+        for path, message in (("ws", {"type": "pause"}), ("v1/realtime/video",
+                                                          {"type": "session.ping"})):  # fmt: skip
+            with connect(f"ws://127.0.0.1:{server.port}/{path}", open_timeout=10) as ws:
+                if path != "ws":  # (before its session.start, a ping ends the connection)
+                    ws.send(json.dumps({"type": "session.start", "prompt": "a fox"}))
+                    recv_json(ws, "video.start")
+                codes = []
+                with contextlib.suppress(ConnectionClosed):
+                    for _ in range(2000):
+                        ws.send(json.dumps(message))
+                with pytest.raises(ConnectionClosed) as closed:  # the replies sent before it
+                    while True:
+                        msg = ws.recv(timeout=20)
+                        if isinstance(msg, str) and '"error"' in msg:
+                            codes.append(json.loads(msg).get("code"))
+                assert closed.value.rcvd.code == 1008, closed.value
+                assert "serve.max_messages_per_s=5" in closed.value.rcvd.reason
+                # (the errors still queued when it is cut off may not reach it)
+                assert set(codes) <= {"rate_limited", "no_session"} and len(codes) < 2000
+        with server.ws() as ws:  # the server goes on
+            recv_json(ws, "hello")
+            send(ws, type="start", prompt="a fox", total_blocks=1)
+            assert recv_json(ws, "stopped")["reason"] == "finished"
+    finally:
+        server.close()

@@ -113,6 +113,46 @@ def test_limits_and_allow_lists_hold_on_the_ray_backend(server):
         assert recv_json(ws, "error")["code"] == "bad_message"
 
 
+def test_a_stop_delivers_every_frame_already_produced_on_the_ray_backend(server):
+    """As on the local backend (test_serve_pacing.py): the frames made before a stop, still
+    waiting for their turn on the replica, all arrive before ``stopped``, which counts them."""
+    from tests.unit.test_serve_pacing import frames_until_stopped
+
+    with server.ws(max_size=None) as ws:
+        send(ws, type="start", prompt="a fox", seed=1)  # endless
+        recv_json(ws, "started", timeout=60)
+        got = recv_frames(ws, 10, timeout=60)
+        send(ws, type="stop")
+        more, stopped = frames_until_stopped(ws, timeout=60)
+    got += more
+    assert stopped["reason"] == "client" and stopped["dropped"] == 0
+    assert stopped["frames"] == len(got) > 10, (stopped, len(got))
+    assert [info.frame for info, _ in got] == list(range(len(got)))
+    server.wait_idle(timeout=30)
+
+
+def test_a_flood_of_messages_is_rate_limited_on_the_ray_backend(server):
+    """The ingress applies serve.max_messages_per_s (defaults) as the local server does: a flood
+    of 500 messages gets one reply each (no_session from the ingress, or rate_limited past the
+    burst), and the connection goes on to stream."""
+    import json
+
+    with server.ws(max_size=None) as ws:
+        recv_json(ws, "hello")
+        for _ in range(500):
+            send(ws, type="pause")  # no stream: refused on the ingress, no replica call
+        codes = [json.loads(ws.recv(timeout=30))["code"] for _ in range(500)]
+        assert set(codes) == {"no_session", "rate_limited"}, set(codes)
+        assert 200 <= codes.count("no_session") < 300, codes.count("no_session")
+        time.sleep(1.0)  # the bucket refills
+        send(ws, type="start", prompt="a fox", seed=1)
+        recv_json(ws, "started", timeout=60)
+        recv_frames(ws, 3, timeout=60)
+        send(ws, type="stop")
+        assert recv_json(ws, "stopped", timeout=60)["reason"] == "client"
+    server.wait_idle(timeout=30)
+
+
 def test_vllm_omni_client_streams_through_the_ray_backend(server, tmp_path):
     from tests.unit.test_serve_realtime import check_stream, realtime_session
 
