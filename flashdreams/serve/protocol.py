@@ -144,6 +144,32 @@ def is_control_frame(raw) -> bool:
     return isinstance(raw, bytes) and raw[:4] == CONTROL_FRAME_MAGIC
 
 
+def check_control_frame(raw, frames_ahead: int, run_name: str, max_frame_bytes: int) -> bool:
+    """Whether ``raw`` is a control frame for the stream to decode (what both backends check
+    before handing one on); False for any other message (parsed as JSON text).
+
+    Raises:
+        ProtocolError: ``too_large`` for a binary message past ``max_frame_bytes`` (an
+            ``Oversize`` marker, or whole bytes where no filter dropped it) of a recipe that
+            takes frames; ``binary`` for a control frame to a recipe that takes none
+            (``frames_ahead`` = 0).
+    """
+    size = None
+    if frames_ahead and isinstance(raw, Oversize) and raw.binary:
+        size = f"{raw.size}+"
+    elif frames_ahead and is_control_frame(raw) and len(raw) > max_frame_bytes:
+        size = str(len(raw))
+    if size is not None:
+        raise ProtocolError("too_large", f"binary message of {size} bytes exceeds "
+                            f"serve.max_frame_bytes={max_frame_bytes}")  # fmt: skip
+    if not is_control_frame(raw):
+        return False
+    if not frames_ahead:
+        raise ProtocolError("binary", f"control frame: recipe {run_name} takes no streamed "
+                            "control frames (hello.control_frames=0); send JSON text")  # fmt: skip
+    return True
+
+
 def parse_control_frame(data: bytes, max_pixels: int = MAX_CONTROL_FRAME_PIXELS,
                         run_size: tuple[int, int] | None = None
                         ) -> tuple[int | None, np.ndarray]:  # fmt: skip

@@ -147,19 +147,9 @@ class RayChannel:
 
     async def handle(self, raw) -> None:
         s = self.cfg.serve
-        takes_frames = bool(self.backend.hello.get("control_frames"))
         try:
-            if isinstance(raw, protocol.Oversize) and raw.binary and takes_frames:
-                raise ProtocolError("too_large", f"binary message of {raw.size}+ bytes exceeds "
-                                    f"serve.max_frame_bytes={s.max_frame_bytes}")  # fmt: skip
-            if protocol.is_control_frame(raw):
-                if not takes_frames:
-                    raise ProtocolError("binary", f"control frame: recipe {self.cfg.run_name} "
-                                        "takes no streamed control frames (hello.control_frames"
-                                        "=0); send JSON text")  # fmt: skip
-                if len(raw) > s.max_frame_bytes:  # (Ray's proxy hands over whole messages)
-                    raise ProtocolError("too_large", f"binary message of {len(raw)} bytes "
-                                        f"exceeds serve.max_frame_bytes={s.max_frame_bytes}")  # fmt: skip
+            if protocol.check_control_frame(raw, self.backend.hello.get("control_frames") or 0,
+                                            self.cfg.run_name, s.max_frame_bytes):  # fmt: skip
                 if self.relay is None or self.relay.done():
                     raise ProtocolError("no_session", "control frame: no stream is running; "
                                         "send start")  # fmt: skip

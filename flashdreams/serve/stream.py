@@ -176,14 +176,9 @@ class Stream:
         """Act on one client message; a bad one gets an ``error`` reply and nothing else."""
         s = self.cfg.serve
         try:
-            if isinstance(raw, protocol.Oversize) and raw.binary and self._frames_ahead():
-                raise ProtocolError("too_large", f"binary message of {raw.size}+ bytes exceeds "
-                                    f"serve.max_frame_bytes={s.max_frame_bytes}")  # fmt: skip
-            if protocol.is_control_frame(raw):
-                if not self._frames_ahead():
-                    raise ProtocolError("binary", f"control frame: recipe {self.cfg.run_name} "
-                                        "takes no streamed control frames (hello.control_frames"
-                                        "=0); send JSON text")  # fmt: skip
+            binary = isinstance(raw, (bytes, protocol.Oversize))  # text: JSON below
+            if binary and protocol.check_control_frame(raw, self._frames_ahead(),
+                                                       self.cfg.run_name, s.max_frame_bytes):  # fmt: skip
                 await self._control_frame(raw)
                 return
             msg = protocol.parse_message(raw, s.max_message_bytes, s.max_prompt_chars)
