@@ -68,7 +68,7 @@ def _row(lq: int, lk: int, h: int, d: int, backends: dict, fp8, repeats: int, ma
             ks, vs = (x.reshape(s, lk // s, h, d).transpose(1, 2) for x in (k, v))
             ms = timed(lambda qs=qs, ks=ks, vs=vs: attention_lse(qs, ks, vs, "cudnn"), repeats)
             row[f"sdpa_cudnn_split{s}_kernel"] = {"ms": ms, "tflops": flops / ms / 1e9}
-    plan = fp8._plan(q, k) if fp8._kernel_ready(q) else None
+    plan = fp8._plan(q, k) if fp8._declines(q) is None else None
     if plan is not None:
         (q8, dq), (k8, dk), (v8, dv) = (quantize_tensor_device(x) for x in (q, k, v))
         ms = timed(lambda: plan.run(q8, dq, k8, dk, v8, dv), repeats)
@@ -138,7 +138,7 @@ def main() -> int:
     q = torch.randn(1, 1024, h, d, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, 2048, h, d, device=dev, dtype=torch.bfloat16) * 3
     v = torch.randn(1, 2048, h, d, device=dev, dtype=torch.bfloat16) * 0.5
-    plan = fp8._plan(q, k) if fp8._kernel_ready(q) else None
+    plan = fp8._plan(q, k) if fp8._declines(q) is None else None
     o_fp8 = plan is not None and plan.out_dtype == torch.float8_e4m3fn
     parity = {"shape": [1024, 2048, h, d], "o_dtype": str(plan and plan.out_dtype),
               "kernel_vs_emulation": error(fp8(q, k, v), reference_fp8_attention(q, k, v, None, o_fp8)),

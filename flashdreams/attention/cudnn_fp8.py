@@ -243,7 +243,6 @@ class CudnnFp8Attention(AttentionBackend):
         self._plans: dict[tuple, _Fp8Plan | None] = {}
         self._logged: set[str] = set()
         self.name = "cudnn_fp8"
-        self._why_not: str | None = None  # why the last ``_kernel_ready`` said no
         if self.emulate:
             self.known_routes = (*self.known_routes, *(f"emulated:{r}" for r in self._UNREADY))
         if self._cudnn is None:
@@ -268,12 +267,8 @@ class CudnnFp8Attention(AttentionBackend):
             self._logged.add(kind)
             log.info(msg, *args)
 
-    def _kernel_ready(self, q: torch.Tensor) -> bool:
-        """Whether the cuDNN kernel can take ``q``'s call (the reason if not: ``_why_not``)."""
-        self._why_not = self._unready_reason(q)
-        return self._why_not is None
-
-    def _unready_reason(self, q: torch.Tensor) -> str | None:
+    def _declines(self, q: torch.Tensor) -> str | None:
+        """Why the cuDNN kernel cannot take ``q``'s call (a ``routes()`` reason), or None."""
         if self._cudnn is None:
             return "no_frontend"
         if q.device.type != "cuda":
@@ -321,11 +316,12 @@ class CudnnFp8Attention(AttentionBackend):
             why = "exact" if self._exact else "masked" if mask is not None else "short_keys"
             self._route(f"fallback:{why}")
             return self.sdpa(q, k, v, mask)
-        if not self._kernel_ready(q):
+        why = self._declines(q)
+        if why is not None:
             if self.emulate:
-                self._route(f"emulated:{self._why_not}")
+                self._route(f"emulated:{why}")
                 return reference_fp8_attention(q, k, v, smooth=self.smooth)
-            self._route(f"fallback:{self._why_not}")
+            self._route(f"fallback:{why}")
             return self.sdpa(q, k, v, mask)
         lk = k.shape[1]
         keys = math.ceil(lk / math.ceil(lk / self.max_keys)) if self.max_keys else lk

@@ -82,7 +82,6 @@ class FlashAttnAttention(AttentionBackend):
             raise ConfigError(f"attention.version={version!r} is not one of auto, 4, 3, 2")
         self._logged: set[str] = set()
         self._failed: set[tuple] = set()  # shapes the package raised on: SDPA runs them
-        self._why_not: str | None = None  # why the last ``_kernel_takes`` said no
         self.splits_for = KvSplits(kv_splits, "attention")
         # the fallback splits the keys the same way (where its kernel returns a log-sum-exp)
         self.sdpa = SdpaAttention(fallback, kv_splits if fallback in ("cudnn", "flash") else 1)
@@ -112,13 +111,9 @@ class FlashAttnAttention(AttentionBackend):
             self._logged.add(kind)
             log.info(msg, *args)
 
-    def _kernel_takes(self, q, mask) -> bool:
-        """Whether the package's kernel is asked at all (installed, CUDA, no mask); the reason
-        if not: ``_why_not``."""
-        self._why_not = self._declines(q, mask)
-        return self._why_not is None
-
     def _declines(self, q, mask) -> str | None:
+        """Why the package's kernel is not asked at all (not installed, not CUDA, a mask: a
+        ``routes()`` reason), or None."""
         if self._func is None:
             return "no_package"
         if q.device.type != "cuda" or mask is not None:
@@ -128,8 +123,9 @@ class FlashAttnAttention(AttentionBackend):
         return None
 
     def __call__(self, q, k, v, mask=None, kv_amax=None):
-        if not self._kernel_takes(q, mask):
-            self._route(f"fallback:{self._why_not}")
+        why = self._declines(q, mask)
+        if why is not None:
+            self._route(f"fallback:{why}")
             return self.sdpa(q, k, v, mask)
         shape = (tuple(q.shape), k.shape[1], q.dtype)
         if shape in self._failed or k.shape[1] < self.min_keys:

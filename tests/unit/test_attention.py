@@ -146,7 +146,7 @@ def test_flash_attn_package_error_falls_back_per_shape_with_one_line(caplog):
         raise AssertionError("head_dim 48 is not supported on this GPU\nsecond line")
 
     attn.package, attn._func = "flash-attn 4", declines
-    attn._kernel_takes = lambda q, mask: True  # as on a GPU: the package is asked first
+    attn._declines = lambda q, mask: None  # as on a GPU: the package is asked first
     q, k, v = _qkv(lq=50, lk=80)
     with caplog.at_level(logging.INFO, logger="flashdreams.attention.flash_attn"):
         out = attn(q, k, v)
@@ -163,7 +163,7 @@ def test_flash_attn_min_keys_sends_short_calls_to_sdpa():
     attn = FlashAttnAttention("2", min_keys=64)
     calls = []
     attn.package, attn._func = "flash-attn 4", lambda q, k, v, **kw: calls.append(k.shape[1]) or q
-    attn._kernel_takes = lambda q, mask: True  # as on a GPU: the package is asked first
+    attn._declines = lambda q, mask: None  # as on a GPU: the package is asked first
     q, k, v = _qkv(lq=50, lk=40)
     assert torch.equal(attn(q, k, v), SdpaAttention("cudnn")(q, k, v)) and calls == []
     q, k, v = _qkv(lq=50, lk=80)
@@ -224,7 +224,7 @@ def test_cosmos_self_attention_takes_flash_attn_4_and_short_calls_fall_back(
         return SdpaAttention("math")(q, k, v), None
 
     attn.package, attn._func, attn.kv_splits = "flash-attn 4", kernel, 1
-    attn._kernel_takes = lambda q, mask: mask is None  # as on a CUDA device
+    attn._declines = lambda q, mask: None if mask is None else "masked"  # as on a CUDA device
     model, x, text = _cosmos_128()
     t = torch.tensor([500.0])
     with torch.no_grad():

@@ -84,7 +84,7 @@ def test_cudnn_fp8_kernel_calls_and_plan_failures_are_counted(monkeypatch):
     from tests.unit.test_fp8_attention import _FakePlan
 
     attn = CudnnFp8Attention(min_kv_tokens=32)
-    monkeypatch.setattr(attn, "_kernel_ready", lambda q: True)
+    monkeypatch.setattr(attn, "_declines", lambda q: None)
     plans = {"ok": True}
     monkeypatch.setattr(attn, "_plan", lambda q, k, stats=False:
                         _FakePlan(q.shape[1]) if plans["ok"] else None)  # fmt: skip
@@ -133,8 +133,7 @@ def test_flash_attn_counts_kernel_short_masked_and_unsupported_calls():
         return SdpaAttention("math")(q, k, v)
 
     attn.package, attn._func = "flash-attn 2", kernel
-    attn._kernel_takes = lambda q, mask: mask is None  # as on a CUDA device
-    attn._why_not = "masked"
+    attn._declines = lambda q, mask: None if mask is None else "masked"  # as on a CUDA device
     q, k, v = _qkv()
     attn(q, k, v)
     attn(q, k[:, :16], v[:, :16])  # under min_keys

@@ -196,7 +196,7 @@ def test_long_query_ranges_run_as_row_chunks_with_one_q_scale(monkeypatch):
     outs = {}
     for budget in (0, 4 * 128 * 2500):  # one call; 128-row chunks (300 = 128 + 128 + 44)
         attn = CudnnFp8Attention(min_kv_tokens=0, max_scores=budget)
-        monkeypatch.setattr(attn, "_kernel_ready", lambda q: True)
+        monkeypatch.setattr(attn, "_declines", lambda q: None)
         monkeypatch.setattr(attn, "_plan", lambda q, k, stats=False: _FakePlan(q.shape[1]))
         _FakePlan.calls = []
         outs[budget] = attn(q, k, v)
@@ -215,7 +215,7 @@ def test_long_key_ranges_run_as_chunks_merged_by_their_log_sum_exp(monkeypatch):
     whole call's within the e4m3 scheme's own error of bf16 SDPA."""
     q, k, v = _qkv(lq=300, lk=2500)
     attn = CudnnFp8Attention(min_kv_tokens=0, max_keys=1000, max_scores=4 * 200 * 1000)
-    monkeypatch.setattr(attn, "_kernel_ready", lambda q: True)
+    monkeypatch.setattr(attn, "_declines", lambda q: None)
     monkeypatch.setattr(attn, "_plan", lambda q, k, stats=False: _FakePlan(q.shape[1], k.shape[1],
                                                                            stats))  # fmt: skip
     _FakePlan.calls = []
