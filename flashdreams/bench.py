@@ -328,9 +328,8 @@ def _print(result: dict) -> None:
             print(f"  {line}")
     if "floor" in result:
         f = result["floor"]
-        floor_routes = f.get("attention_routes")
-        if floor_routes is not None and len(route_lines(floor_routes)) > 1:
-            print(f"  floor {route_lines(floor_routes)[1]}")
+        for line in route_lines(f["attention_routes"])[1:] if "attention_routes" in f else ():
+            print(f"  floor {line}")  # its WARNING: the floor's rate is the fallback's
         gemm = f.get("linear_tflops", f["matmul_tflops"])
         print(f"  floor {f['median_floor_ms']:.1f} ms (GEMM {gemm:.0f} TFLOP/s, "
               f"attention {f['attention_tflops']:.0f} TFLOP/s) -> floor/measured "

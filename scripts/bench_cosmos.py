@@ -225,8 +225,8 @@ def main() -> None:
 
 def attention_error(model, forward, queries: int, kernel: str) -> list[dict]:
     """Each self-attention call of ``forward()`` (one forward of ``model``) on its own inputs:
-    relative L2 of the installed backend against SDPA (``kernel``) and, on the first
-    ``queries`` queries spread over the sequence, of the fp32 emulation of the e4m3 scheme
+    relative L2 of the installed backend against SDPA (``kernel``) and, on ``queries``
+    queries spread over the sequence, of the fp32 emulation of the e4m3 scheme
     (Q at the scale of all queries, as the kernel; and at its slice's own scale) against SDPA
     and of the backend against the emulation; the backend again on contiguous copies of
     q, k, v; each tensor's amax, RMS and median per-token amax. The forward continues on the

@@ -391,8 +391,9 @@ def load_actions(path: str, enc: KeyboardMouseControl) -> torch.Tensor:
     k = enc.keymap.keyboard_dim
     if enc.keymap.mouse and rows.shape[1] > k:
         peak = rows[:, k:].abs().amax(dim=1)
-        if bool((peak > enc.mouse_max + 1e-6).any()):  # JSON entries are clamped when parsed
-            frame = int(torch.nonzero(peak > enc.mouse_max + 1e-6)[0, 0])
+        beyond = torch.nonzero(peak > enc.mouse_max + 1e-6)  # JSON entries are clamped when parsed
+        if len(beyond):
+            frame = int(beyond[0, 0])
             raise ConfigError(f"{where}: video frame {frame} moves the camera by "
                               f"{float(peak[frame]):.3g} per frame, beyond control.mouse_max_steps "
                               f"({enc.mouse_max:.3g}; the release's camera step is {CAM}); scale "
