@@ -166,6 +166,9 @@ def import_vendor(path: Path, backends: list | None, compile_dit: bool) -> types
     dit_mod = importlib.import_module("models.dits.arwan_w_action_w_mem_relative_rope")
     for name in dropped:
         del sys.modules[name]
+    # the release's hyvideo/__init__.py (imported for PRoPE) sets WORLD_SIZE=1 when it is unset,
+    # which sends its attention through the sequence-parallel all-to-all: unset it again
+    os.environ.pop("WORLD_SIZE", None)
     ns = types.SimpleNamespace(WanPipeline=pipe_mod.WanPipeline, MyVAE=helper.MyVAE,
                                Transformer=dit_mod.WanTransformer3DModel,
                                Block=dit_mod.WanTransformerBlock,
