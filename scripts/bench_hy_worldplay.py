@@ -140,6 +140,19 @@ def main() -> None:
         help="load the release's random weights into ours (via our checkpoint "
         "conversion) and compare the chunks (default: with --tiny)",
     )
+    parser.add_argument(
+        "--save-latents",
+        type=Path,
+        default=None,
+        help="save our clean latents per chunk here (torch .pt), to compare configurations",
+    )
+    parser.add_argument(
+        "--compare-latents",
+        type=Path,
+        default=None,
+        help="a --save-latents file of another configuration (same seed and weights): "
+        "report the relative L2 of our chunks against it",
+    )
     parser.add_argument("overrides", nargs="*", help="extra config overrides")
     args = parser.parse_args()
 
@@ -210,7 +223,7 @@ def main() -> None:
     noise, memory = _record(rollout)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rows, latents = [], []
+    rows, latents, clean = [], [], []
     for _ in range(args.blocks):
         noise.clear(), memory.clear()
         out = rollout.step(sync=True)
@@ -221,11 +234,18 @@ def main() -> None:
                      "memory_frames": list(memory[-1]) if memory else []})  # fmt: skip
         if args.vendor is not None:
             latents.append((noise[0].cpu(), out.latents.float().cpu() if parity else None))
+        if args.save_latents or args.compare_latents:
+            clean.append(out.latents.float().cpu())
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     result = {"config": overrides, "warmup_s": warmup_s, "graphs_precaptured": captured,
               "captures_in_steps": count_graphs(rollout) - captured,
               "steps": rows, "peak_memory_gib": peak / 2**30}  # fmt: skip
     _medians(result, rows)
+    if args.save_latents:
+        args.save_latents.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"config": overrides, "latents": clean}, args.save_latents)
+    if args.compare_latents:
+        result["latents_vs"] = _compare_latents(clean, args.compare_latents)
     if cuda:
         m, r = cfg.model, cfg.rollout
         tpf = rollout.cache_tokens_per_frame()
@@ -277,6 +297,22 @@ def _run_vendor(args, cfg, box: list, prompts, latents, rows, result, vendor, ns
         _compare(result)
     _summary(result)
     _write(args.out, result)
+
+
+def _compare_latents(clean: list[torch.Tensor], path: Path) -> dict:
+    """Relative L2 of each chunk's clean latents against another run's (``--save-latents``)."""
+    ref = torch.load(path)
+    if len(ref["latents"]) != len(clean):
+        raise SystemExit(f"--compare-latents {path}: {len(ref['latents'])} chunks, this run "
+                         f"{len(clean)}")  # fmt: skip
+    rel = [
+        float((a - b).norm() / b.norm().clamp_min(1e-12))
+        for a, b in zip(clean, ref["latents"], strict=True)
+    ]
+    print(
+        "clean latents vs " + str(path) + ": rel L2 per chunk " + ", ".join(f"{r:.4f}" for r in rel)
+    )
+    return {"path": str(path), "config": ref["config"], "rel_l2": rel}
 
 
 def _summary(result: dict) -> None:
