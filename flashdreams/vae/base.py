@@ -22,6 +22,22 @@ from flashdreams.graph.runner import GraphRunner
 from flashdreams.io.checkpoint import CheckpointError, load_torch_file
 
 
+def to_channels_last(module: nn.Module) -> None:
+    """Convolution weights in channels-last order (5-D NDHWC, 4-D NHWC), the layout cuDNN's
+    bf16 convolutions run natively; activations follow their input's layout through the
+    convolutions and elementwise ops, so the input goes through :func:`channels_last_input`."""
+    for p in module.parameters():
+        if p.dim() == 5:
+            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        elif p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
+def channels_last_input(x: torch.Tensor) -> torch.Tensor:
+    """A (B, C, T, H, W) tensor in NDHWC order (same values and shape)."""
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
 class StreamingDecoder(GraphRunner, nn.Module):
     """Decodes latents block by block, carrying its causal state across AR steps.
 

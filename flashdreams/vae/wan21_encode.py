@@ -26,6 +26,7 @@ from flashdreams.io.checkpoint import (
     load_torch_file,
     resolve_path,
 )
+from flashdreams.vae.base import channels_last_input, to_channels_last
 from flashdreams.vae.wan21 import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
 
 _ARCH_KEYS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
@@ -104,13 +105,22 @@ class CausalChunkEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1, 1), persistent=False)
 
-    def _load(self, state: dict | None, checkpoint, dtype: str) -> None:
-        """Assign checkpoint tensors (the modules were built on meta) and cast to ``dtype``."""
+    def _load(
+        self, state: dict | None, checkpoint, dtype: str, channels_last: bool = False
+    ) -> None:
+        """Assign checkpoint tensors (the modules were built on meta), cast to ``dtype`` and,
+        with ``channels_last``, put the convolution weights in NDHWC order."""
         if state is not None:
             check_state_dict(self, state, str(checkpoint))
             self.load_state_dict(state, assign=True)
         self.to(as_dtype(dtype))
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            to_channels_last(self)
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in self.encoder.modules())
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return channels_last_input(x) if self.channels_last else x
 
     def encode_step(self, x: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:
         """One causal step of a streamed encode, as a function of tensors only.
@@ -128,18 +138,19 @@ class CausalChunkEncoder(nn.Module):
             entry holds a tensor the shapes repeat, so the step can be compiled and captured.
         """
         cache = list(cache)
-        moments = self.quant_conv(self.encoder(x, feat_cache=cache, feat_idx=[0])).float()
-        mu = moments[:, : self.mean.shape[1]]  # posterior mode
-        return (mu - self.mean.float()) / self.std.float(), cache
+        moments = self.quant_conv(self.encoder(self._layout(x), feat_cache=cache, feat_idx=[0]))
+        mu = moments.float()[:, : self.mean.shape[1]]  # posterior mode
+        return ((mu - self.mean.float()) / self.std.float()).contiguous(), cache
 
     def _encode_chunks(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) encoder input -> (B, z_dim, T', h, w) float32 normalized latents."""
         cache, tf = [None] * self._num_convs, self.temporal_factor
+        x = self._layout(x)
         chunks = [x[:, :, :1]] + list(x[:, :, 1:].split(tf, dim=2))
         outs = [self.encoder(c, feat_cache=cache, feat_idx=[0]) for c in chunks if c.shape[2]]
         moments = self.quant_conv(torch.cat(outs, dim=2)).float()
         mu = moments[:, : self.mean.shape[1]]  # posterior mode
-        return (mu - self.mean.float()) / self.std.float()
+        return ((mu - self.mean.float()) / self.std.float()).contiguous()
 
 
 class Wan21Encoder(CausalChunkEncoder):
@@ -156,13 +167,14 @@ class Wan21Encoder(CausalChunkEncoder):
         temperal_downsample: per level, whether it halves time (4x overall).
         seed: seed of the random weights.
         dtype: weight and compute dtype (float32 is the reference; the encoder runs once per clip).
+        channels_last: run the convolutions on NDHWC activations (same values).
     """
 
     def __init__(
         self, checkpoint: str | None = None, base_dim: int = 96, z_dim: int = 16,
         dim_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
         temperal_downsample: Sequence[bool] = (False, True, True), seed: int = 0,
-        dtype: str = "float32",
+        dtype: str = "float32", channels_last: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         arch = dict(base_dim=base_dim, z_dim=z_dim, dim_mult=list(dim_mult),
@@ -187,7 +199,7 @@ class Wan21Encoder(CausalChunkEncoder):
                     temperal_downsample=[bool(v) for v in arch["temperal_downsample"]],
                 )  # fmt: skip
                 self.quant_conv = WanCausalConv3d(2 * z, 2 * z, 1)
-        self._load(state, checkpoint, dtype)
+        self._load(state, checkpoint, dtype, channels_last)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:

@@ -208,13 +208,14 @@ class Wan22StreamingDecoder(Wan21StreamingDecoder):
         seed: seed of the random weights when ``checkpoint`` is None.
         chunk_frames: latent frames per decoder call after the first; 0 = whole block.
         graph: ``follow`` (steady decoder calls under the run's graph policy) or ``eager``.
+        channels_last: run the convolutions on NDHWC activations (same values).
     """
 
     def __init__(
         self, checkpoint: str | None = None, base_dim: int = 256, z_dim: int = 48,
         dim_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
         temperal_downsample: Sequence[bool] = (False, True, True), patch_size: int = 2,
-        seed: int = 0, chunk_frames: int = 0, graph: str = "follow",
+        seed: int = 0, chunk_frames: int = 0, graph: str = "follow", channels_last: bool = False,
     ) -> None:  # fmt: skip
         nn.Module.__init__(self)
         self._set_graph_mode(graph)
@@ -231,6 +232,7 @@ class Wan22StreamingDecoder(Wan21StreamingDecoder):
         self.chunk_frames = int(chunk_frames)
         self._set_latent_stats(mean, std, int(arch["z_dim"]), "Wan 2.2: 48")
         self._build(state, source, seed, **arch)
+        self._set_channels_last(channels_last)
         self.reset()
 
     def _build(self, state, source, seed, base_dim, z_dim, dim_mult, num_res_blocks,

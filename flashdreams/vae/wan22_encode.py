@@ -100,13 +100,14 @@ class Wan22Encoder(CausalChunkEncoder):
         patch_size: pixel patch folded into channels before the convolutions (2).
         seed: seed of the random weights.
         dtype: weight and compute dtype (float32 is the reference; runs once per clip).
+        channels_last: run the convolutions on NDHWC activations (same values).
     """
 
     def __init__(
         self, checkpoint: str | None = None, base_dim: int = 160, z_dim: int = 48,
         dim_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
         temperal_downsample: Sequence[bool] = (False, True, True), patch_size: int = 2,
-        seed: int = 0, dtype: str = "float32",
+        seed: int = 0, dtype: str = "float32", channels_last: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         arch = dict(base_dim=base_dim, z_dim=z_dim, dim_mult=list(dim_mult),
@@ -135,7 +136,7 @@ class Wan22Encoder(CausalChunkEncoder):
                     self.patch_size,
                 )  # fmt: skip
                 self.quant_conv = WanCausalConv3d(2 * z, 2 * z, 1)
-        self._load(state, checkpoint, dtype)
+        self._load(state, checkpoint, dtype, channels_last)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:

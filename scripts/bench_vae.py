@@ -1,0 +1,147 @@
+"""Streaming VAE stages alone on the GPU: ms per AR block, NCDHW against channels-last, per
+graph policy.
+
+Cases (random weights at real size, bf16):
+- ``wan22_decode``: Wan 2.2 VAE decoder, 4 latent frames per block at 44x80 (HY-WorldPlay, 704x1280).
+- ``wan21_decode``: Wan 2.1 VAE decoder, 3 latent frames per block at 60x104 (Self-Forcing, 480x832).
+- ``lightvae_encode``: Wan 2.1 VAE encoder pruned to base_dim 24 (LightVAE), 8 frames per block at
+  704x1280 (OmniDreams' HDMap encode).
+- ``wan21_encode``: the full Wan 2.1 VAE encoder on the same blocks.
+
+Every case streams ``--blocks`` blocks through one causal cache (the first block's first frame
+alone, as a clip starts) and reports the median over blocks >= 2 (steady shapes: compiled and
+captured once under ``compile_cuda_graph``), and the largest difference of the channels-last
+output from the NCDHW one.
+
+GPU:  python scripts/bench_vae.py --out vae.json
+CPU smoke (tiny sizes): python scripts/bench_vae.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def policy(name: str):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    return instantiate(OmegaConf.load(ROOT / "flashdreams" / "conf" / "graph" / f"{name}.yaml"))
+
+
+def build(case: str, channels_last: bool, tiny: bool):
+    from flashdreams.vae.wan21 import Wan21StreamingDecoder
+    from flashdreams.vae.wan21_encode import Wan21Encoder
+    from flashdreams.vae.wan22 import Wan22StreamingDecoder
+
+    small = dict(base_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1) if tiny else {}
+    if case == "wan22_decode":
+        return Wan22StreamingDecoder(channels_last=channels_last, **small)
+    if case == "wan21_decode":
+        return Wan21StreamingDecoder(channels_last=channels_last, **small)
+    if case == "lightvae_encode":
+        return Wan21Encoder(base_dim=8 if tiny else 24, dtype="bfloat16",
+                            channels_last=channels_last)  # fmt: skip
+    return Wan21Encoder(dtype="bfloat16", channels_last=channels_last, **small)
+
+
+def shapes(case: str, tiny: bool) -> tuple:
+    """(channels, frames per block, h, w) of one block's input."""
+    if case == "wan22_decode":
+        return (48, 4, 44, 80) if not tiny else (48, 2, 8, 8)
+    if case == "wan21_decode":
+        return (16, 3, 60, 104) if not tiny else (16, 2, 8, 8)
+    return (3, 8, 704, 1280) if not tiny else (3, 4, 32, 32)
+
+
+def run_case(case, channels_last, graph, blocks, device, dtype, tiny):
+    from flashdreams.graph.runner import GraphRunner
+
+    module = build(case, channels_last, tiny).to(device, dtype).eval()
+    c, f, h, w = shapes(case, tiny)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    inputs = [torch.randn(1, c, f + (1 if i == 0 else 0), h, w, generator=gen).to(device, dtype)
+              for i in range(blocks)]  # fmt: skip
+    if case.endswith("decode"):
+        module.set_graph(policy(graph))
+        module.reset()
+
+        def step(x):
+            return module.decode_step(x)
+    else:
+        runner = GraphRunner()
+        runner.set_graph(policy(graph))
+        cache = [[None] * module._num_convs]
+
+        def step(x):
+            steady = tuple(x.shape) if cache[0][0] is not None and x.shape[2] == f else None
+            out, cache[0] = runner.run_graph("encode", module.encode_step, x, cache[0],
+                                             shape_key=steady)  # fmt: skip
+            return out
+
+    times, outs = [], []
+    with torch.no_grad():
+        for x in inputs:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = step(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+            outs.append(out.float().cpu())
+    return statistics.median(times[2:] or times), times, outs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="wan22_decode,wan21_decode,lightvae_encode,wan21_encode")
+    parser.add_argument("--graphs", default="eager,compile_cuda_graph")
+    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    rows = []
+    for case in args.cases.split(","):
+        for graph in args.graphs.split(","):
+            ref = None
+            for channels_last in (False, True):
+                try:
+                    ms, times, outs = run_case(case, channels_last, graph, args.blocks, device,
+                                               dtype, args.tiny)  # fmt: skip
+                except Exception as err:  # noqa: BLE001 (a row that fails is reported, not fatal)
+                    rows.append({"case": case, "graph": graph, "channels_last": channels_last,
+                                 "error": f"{type(err).__name__}: {err}"[:300]})  # fmt: skip
+                    print(rows[-1])
+                    continue
+                row = {"case": case, "graph": graph, "channels_last": channels_last,
+                       "median_ms": ms, "ms": times}  # fmt: skip
+                if ref is None:
+                    ref = outs
+                else:
+                    row["max_abs_diff_vs_ncdhw"] = max(float((a - b).abs().max())
+                                                       for a, b in zip(outs, ref, strict=True))  # fmt: skip
+                rows.append(row)
+                print(f"{case:16s} {graph:20s} channels_last={channels_last!s:5s} "
+                      f"{ms:8.2f} ms/block  {row.get('max_abs_diff_vs_ncdhw', '')}")  # fmt: skip
+                if cuda:
+                    torch.cuda.empty_cache()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
+                                        "rows": rows}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
