@@ -14,7 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanDecoder3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    WanCausalConv3d,
+    WanDecoder3d,
+    WanResample,
+)
 
 from flashdreams import ConfigError
 from flashdreams.graph.base import GraphPolicy
@@ -122,6 +126,38 @@ def _read_diffusers_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]
     return config, state
 
 
+class TraceableResample(WanResample):
+    """diffusers' ``WanResample`` whose temporal upsampling, once its cache holds frames, runs
+    without comparing the cached tensor to the ``"Rep"`` marker string (``tensor == "Rep"``,
+    which ``torch.compile`` cannot trace). The first call of a clip (no cache, or the marker)
+    takes diffusers' own code; the same weights, the same values."""
+
+    def forward(self, x, feat_cache=None, feat_idx=(0,)) -> torch.Tensor:
+        if self.mode != "upsample3d" or feat_cache is None:
+            return super().forward(x, feat_cache, feat_idx)
+        idx = feat_idx[0]
+        prev = feat_cache[idx]
+        if prev is None or isinstance(prev, str):
+            return super().forward(x, feat_cache, feat_idx)
+        b, c, t, h, w = x.shape
+        cache_x = x[:, :, -2:].clone()  # the two frames the next call's time conv reads
+        if cache_x.shape[2] < 2:
+            cache_x = torch.cat([prev[:, :, -1:].to(cache_x.device), cache_x], dim=2)
+        y = self.time_conv(x, prev).reshape(b, 2, c, t, h, w)
+        feat_cache[idx] = cache_x
+        feat_idx[0] += 1
+        y = torch.stack((y[:, 0], y[:, 1]), 3).reshape(b, c, 2 * t, h, w)  # frames interleaved
+        y = self.resample(y.permute(0, 2, 1, 3, 4).reshape(b * 2 * t, c, h, w))
+        return y.view(b, 2 * t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def traceable_resamples(module: torch.nn.Module) -> None:
+    """Make every ``WanResample`` under ``module`` a :class:`TraceableResample` (in place)."""
+    for m in module.modules():
+        if type(m) is WanResample:
+            m.__class__ = TraceableResample
+
+
 class Wan21StreamingDecoder(StreamingDecoder):
     """Full Wan 2.1 VAE decoder (diffusers' modules) driven as a streaming causal decoder.
 
@@ -192,11 +228,14 @@ class Wan21StreamingDecoder(StreamingDecoder):
         self.chunk_frames = int(chunk_frames)
         self._set_latent_stats(mean, std, int(arch["z_dim"]), "Wan 2.1: 16")
         self._build(state, source, seed, **arch)
-        self._set_channels_last(channels_last)
+        self._finish_build(channels_last)
         self.reset()
 
-    def _set_channels_last(self, enabled: bool) -> None:
-        self.channels_last = bool(enabled)
+    def _finish_build(self, channels_last: bool) -> None:
+        """After the modules exist: traceable resamples (steady calls compile under
+        ``graph=follow``) and, with ``channels_last``, NDHWC convolution weights."""
+        traceable_resamples(self)
+        self.channels_last = bool(channels_last)
         if self.channels_last:
             to_channels_last(self)
 

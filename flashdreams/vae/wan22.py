@@ -232,7 +232,7 @@ class Wan22StreamingDecoder(Wan21StreamingDecoder):
         self.chunk_frames = int(chunk_frames)
         self._set_latent_stats(mean, std, int(arch["z_dim"]), "Wan 2.2: 48")
         self._build(state, source, seed, **arch)
-        self._set_channels_last(channels_last)
+        self._finish_build(channels_last)
         self.reset()
 
     def _build(self, state, source, seed, base_dim, z_dim, dim_mult, num_res_blocks,

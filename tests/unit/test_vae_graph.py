@@ -185,3 +185,50 @@ def test_warm_up_does_nothing_without_a_policy_that_compiles_or_captures():
     eager_mode.set_graph(capturing)  # vae.graph=eager: ignored
     eager_mode.warm_up(BLOCKS[:3], 1, (2, 3), torch.device("cpu"), torch.float32)
     assert policy.keys == [] and capturing.keys == []
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_traceable_resample_decodes_as_diffusers_resample(kind):
+    """The decoders' temporal upsamplers are ``TraceableResample`` (no ``tensor == "Rep"`` in
+    the steady call, which torch 2.11's dynamo refuses); a stream equals diffusers' module."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
+
+    from flashdreams.vae.wan21 import TraceableResample
+
+    ours, z = _decoder(kind)
+    resamples = [m for m in ours.modules() if isinstance(m, WanResample)]
+    assert resamples and all(type(m) is TraceableResample for m in resamples)
+    theirs, _ = _decoder(kind)
+    for m in theirs.modules():
+        if isinstance(m, WanResample):
+            m.__class__ = WanResample
+    latents = _latents(z)
+    torch.testing.assert_close(_stream(ours, latents), _stream(theirs, latents), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_channels_last_decodes_the_same_frames(kind):
+    """``vae.channels_last=true`` (NDHWC convolutions) changes the layout, not the values; the
+    frames come back in the default layout."""
+    plain, z = _decoder(kind)
+    fast, _ = _decoder(kind, channels_last=True)
+    conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    latents = _latents(z)
+    out = _stream(fast, latents)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, _stream(plain, latents), rtol=0, atol=1e-5)
+
+
+def test_channels_last_encoder_encodes_the_same_latents():
+    from flashdreams.vae.wan21_encode import Wan21Encoder
+
+    video = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    plain, fast = (Wan21Encoder(**SMALL, channels_last=c) for c in (False, True))
+    out = fast.encode(video)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, plain.encode(video), rtol=0, atol=1e-5)
+    cache = [None] * fast._num_convs
+    first, cache = fast.encode_step(video[:, :, :1], cache)
+    rest, _ = fast.encode_step(video[:, :, 1:], cache)
+    torch.testing.assert_close(torch.cat([first, rest], dim=2), out, rtol=0, atol=1e-5)
