@@ -26,12 +26,13 @@ from torch.profiler import ProfilerActivity, profile
 
 # first match wins; names as CUDA / cuDNN / cuBLAS / Triton report their kernels
 CLASSES = [
-    ("attention", r"flash|fmha|attn|attention|sdpa|cudnn_generated_fort_native_sdpa|sm90_.*_fprop"),
-    ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|_mm_|splitk"),
-    ("convolution", r"conv|implicit|winograd|fft"),
-    ("copy", r"copy|memcpy|memset|cat|fill|index|scatter|gather"),
-    ("norm / fused (Triton)", r"triton|norm|rms|layer_norm|reduce|softmax"),
-    ("elementwise", r"elementwise|vectorized|unrolled|pointwise|add|mul"),
+    ("attention", r"flash|fmha|attn|attention|sdpa"),
+    ("convolution", r"fprop_implicit|conv|winograd|nchwtonhwc|nhwctonchw"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|matmul|_mm_|splitk"),
+    # Inductor's fused kernels (their names list the fused ops, "_to_copy" among them) and ours
+    ("fused (Triton) / norms", r"^triton_|norm|rms|_rows$|qk_rows|reduce|softmax"),
+    ("copy", r"copy|memcpy|memset|\bcat\b|cat_|fill|index|scatter|gather"),
+    ("elementwise", r"elementwise|vectorized|unrolled|pointwise"),
 ]
 
 
