@@ -12,8 +12,8 @@ Per step: ``dit_ms`` (the diffuse stage: the memory re-run + 4 Euler steps), ``d
 (Wan 2.2 VAE, streaming), ``step_ms``; medians over steps >= 2 and over the steady steps >= 4.
 The DiT floor of a step: its FLOPs (``flashdreams.bench.block_flops`` of the model: the memory
 forward over n frames attending to n, 4 block forwards over 4 frames attending to n + 4; both
-RoPE and PRoPE branches) at the measured bf16 GEMM rate and the attention backend's rate
-(``flashdreams.bench.measure_throughput``).
+RoPE and PRoPE branches) at the measured GEMM rate (e4m3 when ``precision=fp8`` made the block
+linears FP8, else bf16) and the attention backend's rate (``flashdreams.bench.measure_throughput``).
 
 ``--vendor PATH`` (a copy of the release's ``wan/`` + ``hyvideo/`` files, e.g. ``.vendor/hyworld``)
 then frees our model and runs the release's own pipeline in this process over the same clip
@@ -249,8 +249,12 @@ def main() -> None:
     if cuda:
         m, r = cfg.model, cfg.rollout
         tpf = rollout.cache_tokens_per_frame()
+        from flashdreams.precision.fp8 import Fp8Linear
+
+        # the linears' rate: e4m3 when the blocks' GEMMs ran in FP8 (precision=fp8 on this GPU)
+        fp8 = any(isinstance(mod, Fp8Linear) for mod in rollout.model.modules())
         rate = measure_throughput(rollout.model.attention, m.num_heads, m.dim // m.num_heads,
-                                  r.frames_per_block * tpf, 20 * tpf)  # fmt: skip
+                                  r.frames_per_block * tpf, 20 * tpf, fp8_linears=fp8)  # fmt: skip
         steps = len(cfg.scheduler.timesteps)
         for row in rows:
             hist, fpb = row["history_frames"], r.frames_per_block

@@ -8,17 +8,24 @@ stream lives inside its ``open`` call). Free slots are ``max_sessions`` minus th
 replica's own count (its routing stats, ``Generator.record_routing_stats``, refreshed every
 ``ROUTING_STATS_PERIOD_S``) and the opens this router has in flight to it (exact at once).
 Replicas that died leave the candidate list (Ray's health checks and restarts).
+A call of a session this router did not open (another router's, e.g. after an ingress
+restart) goes to the replica whose stats list it; when no replica's stats list it yet (they
+lag a just-started stream by up to ``ROUTING_STATS_PERIOD_S``), the call waits for them, with
+Ray's backoff, up to ``UNKNOWN_SESSION_WAIT_S``, and only then goes to any replica, which
+answers ``no_session``. A call whose own replica left the list fails that way at once.
 
 The stats the replicas report are also what ``/status`` shows (``replica_stats``).
 """
 
 from __future__ import annotations
 
+import time
 import weakref
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 ROUTING_STATS_PERIOD_S = 0.25  # how often the controller polls each replica's stats
+UNKNOWN_SESSION_WAIT_S = 2.0  # how long a call of a session no replica lists waits for the stats
 _ROUTERS: weakref.WeakSet = weakref.WeakSet()  # this process's routers (for /status)
 
 
@@ -29,6 +36,7 @@ class SessionRouter(RequestRouter):
         self.max_sessions = int(kwargs.get("max_sessions", 1))
         self.owner: dict[str, object] = {}  # session id -> replica id of its running open
         self.opens: dict[str, tuple[str, object]] = {}  # open's request id -> (session, rid)
+        self.waiting: dict[str, float] = {}  # request id -> when it first found no replica
         # Ray ships this class by value: register with the imported module, not a copy
         from flashdreams.serve import ray_router
 
@@ -48,14 +56,32 @@ class SessionRouter(RequestRouter):
         if meta is None or not meta.session_id:  # status, hello: any replica
             return [candidate_replicas]
         if meta.call_method != "open":
-            owner = self.owner.get(meta.session_id)
-            chosen = [r for r in candidate_replicas if r.replica_id == owner]
-            if not chosen:  # its replica is gone: the call fails fast instead of waiting
-                chosen = [r for r in candidate_replicas if meta.session_id in
-                          (r.routing_stats or {}).get("sessions", ())]  # fmt: skip
-            return [chosen] if chosen else [candidate_replicas]
+            return self._route_call(meta, candidate_replicas, pending_request)
         ranked = sorted(candidate_replicas, key=self._used)
         return [[r] for r in ranked]  # most free slots first; a full one answers busy
+
+    def _route_call(self, meta, candidates: list[RunningReplica],
+                    pending_request: PendingRequest) -> list[list[RunningReplica]]:  # fmt: skip
+        """A ``message`` / ``close`` of a session: its open's replica, else the one whose stats
+        list the session, else (briefly) nothing yet, else any (which answers ``no_session``)."""
+        owner = self.owner.get(meta.session_id)
+        chosen = [r for r in candidates if r.replica_id == owner]
+        if not chosen:
+            chosen = [r for r in candidates
+                      if meta.session_id in (r.routing_stats or {}).get("sessions", ())]  # fmt: skip
+        request = meta.internal_request_id
+        if chosen:
+            self.waiting.pop(request, None)
+            return [chosen]
+        now = time.monotonic()
+        for stale in [k for k, t in self.waiting.items() if now - t > 30 * UNKNOWN_SESSION_WAIT_S]:
+            del self.waiting[stale]  # requests cancelled while they waited
+        first = self.waiting.setdefault(request, now)
+        if owner is None and now - first < UNKNOWN_SESSION_WAIT_S:
+            pending_request.routing_context.should_backoff = True  # Ray sleeps, then asks again
+            return []
+        self.waiting.pop(request, None)  # its replica is gone, or no replica has it: fail fast
+        return [candidates]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
         meta = pending_request.metadata
