@@ -104,3 +104,21 @@ def test_live_keys_equal_the_same_moves_as_a_pose_string():
     assert (idle - b[0]).abs().max() > 1e-4  # the keys reach the model
     with pytest.raises(ConfigError, match="'space' is not a key of the pose control"):
         live.step(control={"keys": ["space"]})
+
+
+def test_fast_recipe_sets_the_measured_fast_form_and_runs_tiny_on_cpu():
+    """``hy_worldplay_wan_i2v_5b_fast``: the release's settings plus compiled and captured blocks,
+    FP8 linears and attention (the memory re-run too) and the compiled NDHWC decode; on a CPU
+    (no FP8 GEMMs, no cuDNN) it runs the fallbacks and gives the bf16 recipe's frames."""
+    cfg = compose_run(["recipe=hy_worldplay_wan_i2v_5b_fast"])
+    assert cfg.graph._target_.endswith("CudaGraphPolicy") and cfg.graph.compile
+    assert cfg.attention._target_.endswith("CudnnFp8Attention") and not cfg.attention.exact_commit
+    assert cfg.precision._target_.endswith("Fp8Precision")
+    assert cfg.vae.graph == "follow" and cfg.vae.channels_last
+    assert cfg.model.checkpoint == compose_run(["recipe=hy_worldplay_wan_i2v_5b"]).model.checkpoint
+    tiny = [o for o in TINY if o != "attention=sdpa"]  # keep the recipe's FP8 attention
+    fast = Session(compose_run([*tiny[1:], "recipe=hy_worldplay_wan_i2v_5b_fast", "pose='w-7'"]),
+                   total_blocks=2)  # fmt: skip
+    plain = Session(compose_run([*TINY, "pose='w-7'"]), total_blocks=2)
+    for _ in range(2):
+        torch.testing.assert_close(fast.step(), plain.step(), rtol=0, atol=1e-5)
