@@ -86,7 +86,8 @@ def test_precapture_covers_every_memory_engaged_forward():
     from tests.contract import recording
 
     search = f"hydra.searchpath=[file://{ROOT / 'tests' / 'contract' / 'conf'}]"
-    cfg = compose_run([*TINY, search, "graph=recording", "pose=null"])
+    # the DiT's forwards only: the recipe's decoder follows the policy too (vae.graph=follow)
+    cfg = compose_run([*TINY, search, "graph=recording", "pose=null", "vae.graph=eager"])
     recording.RECORDS.clear()
     session = Session(cfg, total_blocks=None)  # endless, live keys
     captured = {key for _, key in recording.RECORDS}
