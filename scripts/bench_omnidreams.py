@@ -12,13 +12,15 @@ GPU:  python scripts/bench_omnidreams.py --out results/omnidreams
 summary's ``hdmap_ahead`` is that hidden work, ``hdmap_encode`` what is left on the critical path)
 (overrides after ``--`` reach every run; the HDMap encoder follows ``graph=``: compiled and
 captured per steady block under the recipes' ``compile_cuda_graph``, eager with ``graph=eager``)
-CPU smoke (tiny model, 64x64): python scripts/bench_omnidreams.py --tiny --out /tmp/od
+      ... --profile   (then one steady block per recipe under the torch profiler: time per kernel class)
+CPU smoke (tiny model, 64x64): python scripts/bench_omnidreams.py --tiny --out /tmp/od [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -76,6 +78,21 @@ def _ahead_ms(steps: list[dict]) -> float:
     return float(np.median(ahead)) if ahead else 0.0
 
 
+def profile(recipe: str, out: Path, video: Path, image: Path, blocks: int,
+            size: tuple[int, int], extra: list[str]) -> None:  # fmt: skip
+    """One steady block of ``recipe`` under the torch profiler (``scripts/profile_step.py``),
+    the same inputs and overrides as its bench run."""
+    weights = [a for a in RANDOM if not (a.startswith("vae.") and "vae=preview" in extra)]
+    args = [f"--json={out / f'{recipe}_profile.json'}", f"--warm={max(1, min(4, blocks - 2))}",
+            f"recipe={recipe}", *weights, f"image={image}", f"control.video={video}",
+            f"rollout.total_blocks={blocks}", f"rollout.height={size[1]}",
+            f"rollout.width={size[0]}", *extra]  # fmt: skip
+    print(f"== {recipe}: profile_step.py {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), *args], check=True,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                       str(ROOT), os.environ.get("PYTHONPATH")]))})  # fmt: skip
+
+
 def run(recipe: str, out: Path, video: Path, image: Path, blocks: int, size: tuple[int, int],
         extra: list[str]) -> dict:  # fmt: skip
     """One ``flashdreams-bench`` process; returns its per-block summary."""
@@ -116,6 +133,12 @@ def main() -> None:
         "--out", type=Path, default=None, help="output folder (default: a temp dir)"
     )
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, 64x64")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each recipe's run, profile one steady block on the same inputs "
+        "(scripts/profile_step.py: GPU time per kernel class, OUT/<recipe>_profile.json)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra flashdreams-bench overrides after --")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_omnidreams_"))
@@ -124,7 +147,11 @@ def main() -> None:
     frames = 1 + 4 * (2 * args.blocks - 1)  # 2 latent frames per block
     video, image = make_inputs(out, frames, *size)
     extra = [*(TINY if args.tiny else ["device=cuda"]), *args.overrides]
-    rows = [run(r, out, video, image, args.blocks, size, extra) for r in args.recipe or RECIPES]
+    rows = []
+    for recipe in args.recipe or RECIPES:
+        rows.append(run(recipe, out, video, image, args.blocks, size, extra))
+        if args.profile:
+            profile(recipe, out, video, image, args.blocks, size, extra)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
     for row in rows:
         print(json.dumps(row))

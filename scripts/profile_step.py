@@ -62,7 +62,7 @@ def main() -> None:
 
     from flashdreams.session import Session
 
-    session = Session.from_overrides(list(args.overrides), total_blocks=args.warm + 2)
+    session = Session.from_overrides(list(args.overrides), total_blocks=args.warm + 1)
     for _ in range(args.warm):
         session.step()
     cuda = torch.cuda.is_available() and session.rollout.device.type == "cuda"
