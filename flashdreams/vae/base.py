@@ -25,7 +25,7 @@ from flashdreams.io.checkpoint import CheckpointError, load_torch_file
 def to_channels_last(module: nn.Module) -> None:
     """Convolution weights in channels-last order (5-D NDHWC, 4-D NHWC), the layout cuDNN's
     bf16 convolutions run natively; activations follow their input's layout through the
-    convolutions and elementwise ops, so the input goes through :func:`channels_last_input`."""
+    convolutions and elementwise ops, so the input goes through :func:`conv_input`."""
     for p in module.parameters():
         if p.dim() == 5:
             p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
@@ -33,9 +33,10 @@ def to_channels_last(module: nn.Module) -> None:
             p.data = p.data.contiguous(memory_format=torch.channels_last)
 
 
-def channels_last_input(x: torch.Tensor) -> torch.Tensor:
-    """A (B, C, T, H, W) tensor in NDHWC order (same values and shape)."""
-    return x.contiguous(memory_format=torch.channels_last_3d)
+def conv_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A (B, C, T, H, W) convolution input in the module's layout: NDHWC with ``channels_last``
+    (same values and shape), else as it is."""
+    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
 
 
 class StreamingDecoder(GraphRunner, nn.Module):

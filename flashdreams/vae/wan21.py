@@ -25,7 +25,7 @@ from flashdreams.graph.base import GraphPolicy
 from flashdreams.io.checkpoint import CheckpointError, check_state_dict, resolve_path
 from flashdreams.vae.base import (
     StreamingDecoder,
-    channels_last_input,
+    conv_input,
     read_tensor_file,
     to_channels_last,
 )
@@ -328,8 +328,7 @@ class Wan21StreamingDecoder(StreamingDecoder):
             tensor, so the call's shapes repeat and it can be compiled and captured.
         """
         cache = list(cache)
-        z = self._unnormalize(latents)
-        x = self.post_quant_conv(channels_last_input(z) if self.channels_last else z)
+        x = self.post_quant_conv(conv_input(self._unnormalize(latents), self.channels_last))
         video = self.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first)
         video = video.clamp(-1.0, 1.0).add(1.0).mul(0.5)  # (B, 3, T_out, H, W)
         return video.permute(0, 2, 1, 3, 4), cache

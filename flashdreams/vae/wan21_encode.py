@@ -26,7 +26,7 @@ from flashdreams.io.checkpoint import (
     load_torch_file,
     resolve_path,
 )
-from flashdreams.vae.base import channels_last_input, to_channels_last
+from flashdreams.vae.base import conv_input, to_channels_last
 from flashdreams.vae.wan21 import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
 
 _ARCH_KEYS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
@@ -119,8 +119,11 @@ class CausalChunkEncoder(nn.Module):
             to_channels_last(self)
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in self.encoder.modules())
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return channels_last_input(x) if self.channels_last else x
+    def _normalized(self, moments: torch.Tensor) -> torch.Tensor:
+        """Encoder moments -> the posterior mode in the DiT's latent space (float32, default
+        layout)."""
+        mu = moments.float()[:, : self.mean.shape[1]]
+        return ((mu - self.mean.float()) / self.std.float()).contiguous()
 
     def encode_step(self, x: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:
         """One causal step of a streamed encode, as a function of tensors only.
@@ -138,19 +141,17 @@ class CausalChunkEncoder(nn.Module):
             entry holds a tensor the shapes repeat, so the step can be compiled and captured.
         """
         cache = list(cache)
-        moments = self.quant_conv(self.encoder(self._layout(x), feat_cache=cache, feat_idx=[0]))
-        mu = moments.float()[:, : self.mean.shape[1]]  # posterior mode
-        return ((mu - self.mean.float()) / self.std.float()).contiguous(), cache
+        x = conv_input(x, self.channels_last)
+        moments = self.quant_conv(self.encoder(x, feat_cache=cache, feat_idx=[0]))
+        return self._normalized(moments), cache
 
     def _encode_chunks(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) encoder input -> (B, z_dim, T', h, w) float32 normalized latents."""
         cache, tf = [None] * self._num_convs, self.temporal_factor
-        x = self._layout(x)
+        x = conv_input(x, self.channels_last)
         chunks = [x[:, :, :1]] + list(x[:, :, 1:].split(tf, dim=2))
         outs = [self.encoder(c, feat_cache=cache, feat_idx=[0]) for c in chunks if c.shape[2]]
-        moments = self.quant_conv(torch.cat(outs, dim=2)).float()
-        mu = moments[:, : self.mean.shape[1]]  # posterior mode
-        return ((mu - self.mean.float()) / self.std.float()).contiguous()
+        return self._normalized(self.quant_conv(torch.cat(outs, dim=2)))
 
 
 class Wan21Encoder(CausalChunkEncoder):
