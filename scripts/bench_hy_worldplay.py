@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra config overrides")
     args = parser.parse_args()
 
-    from flashdreams.bench import block_flops, flops_ms, measure_throughput
+    from flashdreams.bench import block_flops, flops_ms, measure_throughput, ran_fp8_linears
     from flashdreams.build import build_rollout
     from flashdreams.config import compose_run
 
@@ -232,10 +232,12 @@ def main() -> None:
                      "decode_ms": row["decode_ms"], "step_ms": row["step_ms"],
                      "history_frames": rollout.cache.context,
                      "memory_frames": list(memory[-1]) if memory else []})  # fmt: skip
+        keep = parity or args.save_latents or args.compare_latents
+        got = out.latents.float().cpu() if keep else None
         if args.vendor is not None:
-            latents.append((noise[0].cpu(), out.latents.float().cpu() if parity else None))
+            latents.append((noise[0].cpu(), got if parity else None))
         if args.save_latents or args.compare_latents:
-            clean.append(out.latents.float().cpu())
+            clean.append(got)
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     result = {"config": overrides, "warmup_s": warmup_s, "graphs_precaptured": captured,
               "captures_in_steps": count_graphs(rollout) - captured,
@@ -249,10 +251,8 @@ def main() -> None:
     if cuda:
         m, r = cfg.model, cfg.rollout
         tpf = rollout.cache_tokens_per_frame()
-        from flashdreams.precision.fp8 import Fp8Linear
-
         # the linears' rate: e4m3 when the blocks' GEMMs ran in FP8 (precision=fp8 on this GPU)
-        fp8 = any(isinstance(mod, Fp8Linear) for mod in rollout.model.modules())
+        fp8 = ran_fp8_linears({"precision": rollout.precision.effective})
         rate = measure_throughput(rollout.model.attention, m.num_heads, m.dim // m.num_heads,
                                   r.frames_per_block * tpf, 20 * tpf, fp8_linears=fp8)  # fmt: skip
         steps = len(cfg.scheduler.timesteps)

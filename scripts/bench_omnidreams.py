@@ -78,15 +78,21 @@ def _ahead_ms(steps: list[dict]) -> float:
     return float(np.median(ahead)) if ahead else 0.0
 
 
+def _run_args(recipe: str, video: Path, image: Path, blocks: int, size: tuple[int, int],
+              extra: list[str]) -> list[str]:  # fmt: skip
+    """The overrides of one recipe's run on the bench's inputs (random weights, no downloads)."""
+    weights = [a for a in RANDOM if not (a.startswith("vae.") and "vae=preview" in extra)]
+    return [f"recipe={recipe}", *weights, f"image={image}", f"control.video={video}",
+            f"rollout.total_blocks={blocks}", f"rollout.height={size[1]}",
+            f"rollout.width={size[0]}", *extra]  # fmt: skip
+
+
 def profile(recipe: str, out: Path, video: Path, image: Path, blocks: int,
             size: tuple[int, int], extra: list[str]) -> None:  # fmt: skip
     """One steady block of ``recipe`` under the torch profiler (``scripts/profile_step.py``),
     the same inputs and overrides as its bench run."""
-    weights = [a for a in RANDOM if not (a.startswith("vae.") and "vae=preview" in extra)]
     args = [f"--json={out / f'{recipe}_profile.json'}", f"--warm={max(1, min(4, blocks - 2))}",
-            f"recipe={recipe}", *weights, f"image={image}", f"control.video={video}",
-            f"rollout.total_blocks={blocks}", f"rollout.height={size[1]}",
-            f"rollout.width={size[0]}", *extra]  # fmt: skip
+            *_run_args(recipe, video, image, blocks, size, extra)]  # fmt: skip
     print(f"== {recipe}: profile_step.py {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), *args], check=True,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
@@ -97,10 +103,8 @@ def run(recipe: str, out: Path, video: Path, image: Path, blocks: int, size: tup
         extra: list[str]) -> dict:  # fmt: skip
     """One ``flashdreams-bench`` process; returns its per-block summary."""
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from flashdreams.cli import bench_main; bench_main()"
-    weights = [a for a in RANDOM if not (a.startswith("vae.") and "vae=preview" in extra)]
-    args = [f"recipe={recipe}", *weights, f"image={image}", f"control.video={video}",
-            f"rollout.total_blocks={blocks}", f"rollout.height={size[1]}",
-            f"rollout.width={size[0]}", *extra, f"hydra.run.dir={out / recipe}"]  # fmt: skip
+    args = [*_run_args(recipe, video, image, blocks, size, extra),
+            f"hydra.run.dir={out / recipe}"]  # fmt: skip
     print(f"== {recipe}: flashdreams-bench {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, "-c", code, *args], check=True)
     bench = json.loads((out / recipe / "bench.json").read_text())

@@ -2,8 +2,9 @@
 
 The run is built as ``flashdreams-run`` builds it (``Session``: image, HDMap or action inputs
 of the recipe are loaded; graphs pre-captured), stepped ``--warm`` times, then one step is
-profiled. Prints the top kernels and the GPU time summed per kernel class (GEMM, attention,
-norm / elementwise Triton, copies, convolution, other), with each class's share of the step.
+profiled. Prints the top kernels and the GPU time summed per kernel class (``CLASSES``:
+attention, convolution, GEMM, fused Triton / norms, copies, elementwise, other), with each
+class's share of the step.
 
 Usage (GPU machine):
     python scripts/profile_step.py recipe=self_forcing_wan21_t2v_1_3b_taehv graph=eager \
@@ -80,8 +81,9 @@ def main() -> None:
     counts: dict[str, int] = defaultdict(int)
     for e in events:
         if e.device_type == torch.autograd.DeviceType.CUDA:  # kernels, not their CPU launchers
-            sums[kernel_class(e.key)] += device_time_us(e)
-            counts[kernel_class(e.key)] += e.count
+            label = kernel_class(e.key)
+            sums[label] += device_time_us(e)
+            counts[label] += e.count
     total = sum(sums.values())
     print(f"GPU kernel time of the step: {total / 1e3:.1f} ms")
     for label, us in sorted(sums.items(), key=lambda kv: -kv[1]):
