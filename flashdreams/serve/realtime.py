@@ -134,9 +134,15 @@ class Realtime:
     def send(self, type_: str, **fields) -> None:
         self.out.put(json.dumps({"type": type_, **fields}), droppable=False)
 
-    def error(self, message: str, code: str | None = None) -> None:
+    def error_message(self, message: str, code: str | None = None) -> str:
+        """An ``error`` event as sent (with the session's ``request_id`` once it has one)."""
         fields = {"message": message} | ({"code": code} if code else {})
-        self.send("error", **fields, **({"request_id": self.request_id} if self.config else {}))
+        if self.config:
+            fields["request_id"] = self.request_id
+        return json.dumps({"type": "error", **fields})
+
+    def error(self, message: str, code: str | None = None) -> None:
+        self.out.put(self.error_message(message, code), droppable=False)
 
     # ---------------------------------------------------------------- client messages
     async def handle(self, raw) -> None:
@@ -288,9 +294,7 @@ async def realtime_endpoint(ws: WebSocket) -> None:
             if msg["type"] == "websocket.disconnect":
                 return
             if not rate.admit():  # one error per message over the rate, which is dropped
-                fields = {"request_id": rt.request_id} if rt.config else {}
-                reply = json.dumps({"type": "error", "message": rate.refusal(),
-                                    "code": "rate_limited", **fields})  # fmt: skip
+                reply = rt.error_message(rate.refusal(), "rate_limited")
                 close.update(await refuse_over_rate(out, rate, reply) or {})
                 if close:
                     return
