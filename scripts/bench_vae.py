@@ -116,6 +116,14 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     rows = []
+
+    def record(row: dict) -> None:  # written after every row: a time-boxed run keeps its rows
+        rows.append(row)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda
+                                            else "cpu", "rows": rows}, indent=1))  # fmt: skip
+
     for case in args.cases.split(","):
         for graph in args.graphs.split(","):
             ref = None
@@ -124,8 +132,8 @@ def main() -> None:
                     ms, times, outs = run_case(case, channels_last, graph, args.blocks, device,
                                                dtype, args.tiny)  # fmt: skip
                 except Exception as err:  # noqa: BLE001 (a row that fails is reported, not fatal)
-                    rows.append({"case": case, "graph": graph, "channels_last": channels_last,
-                                 "error": f"{type(err).__name__}: {err}"[:300]})  # fmt: skip
+                    record({"case": case, "graph": graph, "channels_last": channels_last,
+                            "error": f"{type(err).__name__}: {err}"[:300]})  # fmt: skip
                     print(rows[-1])
                     continue
                 row = {"case": case, "graph": graph, "channels_last": channels_last,
@@ -135,15 +143,11 @@ def main() -> None:
                 else:
                     row["max_abs_diff_vs_ncdhw"] = max(float((a - b).abs().max())
                                                        for a, b in zip(outs, ref, strict=True))  # fmt: skip
-                rows.append(row)
+                record(row)
                 print(f"{case:16s} {graph:20s} channels_last={channels_last!s:5s} "
                       f"{ms:8.2f} ms/block  {row.get('max_abs_diff_vs_ncdhw', '')}")  # fmt: skip
                 if cuda:
                     torch.cuda.empty_cache()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
-                                        "rows": rows}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
