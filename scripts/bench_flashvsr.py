@@ -355,8 +355,15 @@ def _run_official_scene(mods, pipe, height, width, scale, chunks, ratio, seed, d
             if cuda else None}  # fmt: skip
 
 
+def write(args, results: dict) -> None:
+    """The JSON so far: a run cut short by its time box keeps what it measured."""
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def official(args, results: dict, shared, scenes, t0: float) -> dict:
-    """The official runner on the scenes ours ran (``--official PATH``)."""
+    """The official runner on the scenes ours ran (``--official PATH``), into ``results``."""
     import torch
 
     from flashdreams.postprocess import compose_run
@@ -378,6 +385,7 @@ def official(args, results: dict, shared, scenes, t0: float) -> dict:
            "local_range": 11, "kv_ratio": 3.0, "input": "random LR frames, bicubic upscaled on "
            "the device before the call (their script: PIL on the host, also before the call)",
            "substitutions": subs, "build_s": round(time.perf_counter() - start, 1), "scenes": []}  # fmt: skip
+    results["official"] = out
     for height, width, scale in scenes:
         entry = {"scene": f"{height}x{width}", "scale": scale}
         if height % 128 or width % 128:
@@ -402,6 +410,7 @@ def official(args, results: dict, shared, scenes, t0: float) -> dict:
                 )
         print(f"{entry['scene']:>10} x{scale} official: {entry}", flush=True)
         out["scenes"].append(entry)
+        write(args, results)
     return out
 
 
@@ -512,11 +521,9 @@ def main() -> None:
             ap.error("--chained measures one --pipeline-decode setting per run (off or on)")
         if args.steps < 4:
             ap.error(f"--steps={args.steps} must be >= 4 (2 warm-up steps, then timed ones)")
-        text = json.dumps(chained(args), indent=2)
-        print(text)
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text + "\n")
+        stream = chained(args)
+        print(json.dumps(stream, indent=2))
+        write(args, stream)
         return
 
     from flashdreams.build import build_shared
@@ -558,17 +565,12 @@ def main() -> None:
             torch.cuda.empty_cache() if device.startswith("cuda") else None
             print(f"{entry['scene']:>10} x{scale} {mode:>6}: {entry[mode]}", flush=True)
         results["scenes"].append(entry)
-        if args.out is not None:  # written as it goes: a run cut short keeps its scenes
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write(args, results)  # as it goes: a run cut short keeps its scenes
     if args.official is not None:
-        results["official"] = official(args, results, shared, scenes, t0)
+        official(args, results, shared, scenes, t0)
     results["total_s"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print(json.dumps(results, indent=2))
+    write(args, results)
 
 
 if __name__ == "__main__":
