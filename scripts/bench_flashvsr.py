@@ -497,6 +497,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=270.0, help="skip pairs after this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default="dense,sparse", help="attention modes to run, in order")
+    ap.add_argument("--scenes", default=None,
+                    help="only these output sizes, e.g. 768x1408,384x384 (default: all)")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test at tiny sizes")
     ap.add_argument("--pipeline-decode", choices=sorted(PIPELINE), default="off",
                     help="rollout.pipeline_decode per (scene, mode): off, on or both")  # fmt: skip
@@ -512,6 +514,10 @@ def main() -> None:
     ap.add_argument("--official-budget-s", type=float, default=150.0,
                     help="--official: seconds past --budget-s before skipping its scenes")  # fmt: skip
     args = ap.parse_args()
+    if args.scenes:
+        known = [f"{h}x{w}" for h, w, _ in (TINY_SCENES if args.tiny else SCENES)]
+        if unknown := sorted(set(args.scenes.split(",")) - set(known)):
+            ap.error(f"--scenes: {', '.join(unknown)} not among {', '.join(known)}")
     if args.official is not None and args.chained:
         ap.error("--official compares the per-scene run; leave out --chained")
     if args.official is not None and not (args.official / OFFICIAL_PIPELINE).is_file():
@@ -532,6 +538,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     scenes = TINY_SCENES if args.tiny else SCENES
+    if args.scenes:
+        scenes = [s for s in scenes if f"{s[0]}x{s[1]}" in args.scenes.split(",")]
     first = compose_run(overrides(args, *scenes[0]))
     scope_options(first)
     shared = build_shared(first)

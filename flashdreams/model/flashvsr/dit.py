@@ -102,11 +102,11 @@ class FlashVSRBlock(WanBlock):
         step = self._step
         hw = step.grid[0] * step.grid[1]
         blocks = block_mask(q, k, step.grid, step.sparse_ratio, step.local_range)
-        pq = window_order(q.shape[1] // hw, step.grid, q.device)
-        pk = window_order(k.shape[1] // hw, step.grid, q.device)
+        pq, back = window_order(q.shape[1] // hw, step.grid, q.device)
+        pk, _ = window_order(k.shape[1] // hw, step.grid, q.device)
         mask = flex_block_mask(blocks, q.shape[1], k.shape[1])
         y = attn.self_attention(q[:, pq], k[:, pk], v[:, pk], mask, amax)
-        return y[:, torch.argsort(pq)]
+        return y[:, back]
 
 
 class FlashVSRDiT(WanDiT):

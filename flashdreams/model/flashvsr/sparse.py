@@ -19,6 +19,8 @@ block (``attention=flex``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from flashdreams import ConfigError
@@ -26,9 +28,11 @@ from flashdreams import ConfigError
 WINDOW = (2, 8, 8)  # frames, token rows, token columns of one window (a 128-token block)
 
 
+@functools.lru_cache(maxsize=32)
 def local_mask(rows: int, cols: int, local_range: int, device=None) -> torch.Tensor:
     """(rows cols, rows cols) window-position neighbourhood: offsets in
-    [-r // 2, r - 1 - r // 2] along both axes (the release's ``normal_slide`` mask)."""
+    [-r // 2, r - 1 - r // 2] along both axes (the release's ``normal_slide`` mask). Cached per
+    shape: every layer of every chunk asks for the same one (read-only)."""
     r = torch.arange(rows, device=device)
     c = torch.arange(cols, device=device)
     rr, cc = (t.reshape(-1) for t in torch.meshgrid(r, c, indexing="ij"))
@@ -118,10 +122,16 @@ def token_mask(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int], spars
     return blocks[:, :, iq[:, None], ik[None, :]]
 
 
-def window_order(frames: int, grid_hw: tuple[int, int], device=None) -> torch.Tensor:
-    """(frames h w,) permutation putting tokens in window order: window i's 128 tokens are
-    positions [128 i, 128 i + 128) (the release's ``WindowPartition3D`` order)."""
-    return torch.argsort(token_windows(frames, grid_hw, device), stable=True)
+@functools.lru_cache(maxsize=32)
+def window_order(
+    frames: int, grid_hw: tuple[int, int], device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frames h w,) permutation putting tokens in window order (window i's 128 tokens are
+    positions [128 i, 128 i + 128): the release's ``WindowPartition3D`` order) and its inverse.
+    Cached per shape (read-only): the layers of a forward share them, so a forward's host work
+    is the mask, not index arithmetic, and a captured forward reads tensors made before capture."""
+    order = torch.argsort(token_windows(frames, grid_hw, device), stable=True)
+    return order, torch.argsort(order)
 
 
 def flex_block_mask(blocks: torch.Tensor, lq: int, lk: int):
