@@ -20,6 +20,7 @@ block (``attention=flex``).
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -41,6 +42,14 @@ def local_mask(rows: int, cols: int, local_range: int, device=None) -> torch.Ten
     dc = cc[None, :] - cc[:, None]
     ok = (dr >= -half) & (dr <= local_range - 1 - half)
     return ok & (dc >= -half) & (dc <= local_range - 1 - half)
+
+
+@functools.lru_cache(maxsize=32)
+def tiled_local_mask(rows: int, cols: int, local_range: int, tiles: tuple[int, int],
+                     device=None) -> torch.Tensor:  # fmt: skip
+    """``local_mask`` repeated over (query frame pairs, key frame pairs): the neighbourhood
+    holds whatever the frames (cached per shape, read-only)."""
+    return local_mask(rows, cols, local_range, device).repeat(*tiles)
 
 
 def pool(x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -92,8 +101,8 @@ def block_mask(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int], spars
     qw, kw = pool(q, grid_hw), pool(k, grid_hw)  # (B, nq, H, D), (B, nk, H, D)
     scores = torch.einsum("bqhd,bkhd->bhqk", qw, kw) / qw.shape[-1] ** 0.5
     per = (h // WINDOW[1]) * (w // WINDOW[2])  # windows per frame pair
-    local = local_mask(h // WINDOW[1], w // WINDOW[2], local_range, q.device)
-    local = local.repeat(qw.shape[1] // per, kw.shape[1] // per)
+    local = tiled_local_mask(h // WINDOW[1], w // WINDOW[2], local_range,
+                             (qw.shape[1] // per, kw.shape[1] // per), q.device)  # fmt: skip
     probs = scores.masked_fill(~local, float("-inf")).softmax(dim=-1)
     b, heads, nq, nk = probs.shape
     flat = probs.view(b, heads, nq // per, per * nk)  # per query frame pair
@@ -134,6 +143,14 @@ def window_order(
     return order, torch.argsort(order)
 
 
+@functools.cache
+def _skips_q_blocks() -> bool:
+    """Whether this torch's ``BlockMask.from_kv_blocks`` takes ``compute_q_blocks``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
 def flex_block_mask(blocks: torch.Tensor, lq: int, lk: int):
     """A FlexAttention ``BlockMask`` of 128-token window blocks (tokens in window order):
     every kept block full, so the compiled kernel evaluates no per-token mask; the mask_mod
@@ -147,5 +164,8 @@ def flex_block_mask(blocks: torch.Tensor, lq: int, lk: int):
     def mask_mod(b, h, q_idx, kv_idx):
         return blocks[b, h, q_idx // 128, kv_idx // 128]
 
+    # the transposed (query-block) tables serve only a backward pass: skipped where torch can
+    skip = {"compute_q_blocks": False} if _skips_q_blocks() else {}
     return BlockMask.from_kv_blocks(none, torch.zeros_like(order), counts, order,
-                                    BLOCK_SIZE=128, mask_mod=mask_mod, seq_lengths=(lq, lk))  # fmt: skip
+                                    BLOCK_SIZE=128, mask_mod=mask_mod, seq_lengths=(lq, lk),
+                                    **skip)  # fmt: skip
