@@ -42,3 +42,23 @@ def test_bsa_standin_matches_block_masked_attention():
     torch.testing.assert_close(out[128:], ref.transpose(0, 1))
     assert not torch.allclose(out[:128], func(q, k, v, None, None, None, None,
                                               torch.ones_like(mask), lq, lk, 0.0)[:128])  # fmt: skip
+
+
+def test_unknown_scene_is_one_line_error():
+    run = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--scenes", "128x128,999x1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+    assert run.returncode == 2
+    last = run.stderr.strip().splitlines()[-1]
+    assert "--scenes: 999x1 not among 128x128, 64x96" in last
+
+
+def test_bsa_build_without_sources_is_one_line_error(tmp_path):
+    """The kernel build kit names what is missing before it compiles anything."""
+    build = ROOT / "scripts" / "offline" / "bsa_build.py"
+    run = subprocess.run([sys.executable, str(build), "--src", str(tmp_path),
+                          "--build", str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        f"bsa_build: --src={tmp_path} has no csrc/block_sparse_attn/src/flash_fwd_kernel.h"
+    ]
