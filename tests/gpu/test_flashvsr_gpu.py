@@ -56,3 +56,35 @@ def test_recipes_stream_a_clip_on_cuda(tmp_path, recipe):
     frames = torch.cat([f for f in session if f is not None], dim=1)
     assert frames.shape == (1, 29, 3, 256, 384)
     assert torch.isfinite(frames).all() and frames.min() >= 0 and frames.max() <= 1
+
+
+# a narrow model at real head dim (128: the flex and SDPA kernels' real case), 2 blocks
+NARROW = ["model.dim=256", "model.num_heads=2", "model.num_layers=2", "model.ffn_dim=512",
+          "model.text_dim=64", "model.text_len=8", "control.hidden_dim1=64",
+          "control.hidden_dim2=64", "vae.decoder.channels=[32,32,16,16]"]  # fmt: skip
+
+
+def _upscaled(video, extra) -> torch.Tensor:
+    from flashdreams.session import Session
+
+    session = Session.from_overrides([
+        "recipe=flashvsr_v1_1_tiny", f"input={video}", "model.checkpoint=null",
+        "text_encoder=random", "control.checkpoint=null", "vae.decoder.checkpoint=null",
+        "device=cuda", "seed=0", *NARROW, *extra])  # fmt: skip
+    return torch.cat([f for f in session if f is not None], dim=1)
+
+
+@pytest.mark.parametrize("attention", [[], ["vsr.sparse_ratio=2.0", "attention=flex"]],
+                         ids=["dense", "sparse"])  # fmt: skip
+def test_captured_rollout_equals_eager(tmp_path, attention):
+    """``graph=compile_cuda_graph`` (the policy that takes the launches off small scenes) gives
+    the eager run's frames: 61 LR frames = chunks of 6, then 5 of 2 latent frames, so the rolling
+    cache (8 frames) wraps under replayed graphs. Bar: 2e-2 dense (the graph-policy bar); 5e-2
+    sparse, whose per-head top-k can swap near-tied window blocks between the two runs."""
+    from tests.unit.test_flashvsr_recipe import _mp4
+
+    video = _mp4(tmp_path / "lr.mp4", 61, w=96, h=64)  # 4x: 256x384, multiples of 128
+    ref = _upscaled(video, ["graph=eager", "vae.decoder.compile=false", *attention])
+    got = _upscaled(video, ["graph=compile_cuda_graph", *attention])
+    assert got.shape == ref.shape == (1, 61, 3, 256, 384)
+    assert rel_l2(got, ref) <= (5e-2 if attention else 2e-2)
