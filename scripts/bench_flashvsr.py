@@ -362,7 +362,7 @@ def write(args, results: dict) -> None:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
-def official(args, results: dict, shared, scenes, t0: float) -> dict:
+def official(args, results: dict, shared, scenes, t0: float) -> None:
     """The official runner on the scenes ours ran (``--official PATH``), into ``results``."""
     import torch
 
@@ -411,7 +411,6 @@ def official(args, results: dict, shared, scenes, t0: float) -> dict:
         print(f"{entry['scene']:>10} x{scale} official: {entry}", flush=True)
         out["scenes"].append(entry)
         write(args, results)
-    return out
 
 
 def chained(args) -> dict:
@@ -514,10 +513,13 @@ def main() -> None:
     ap.add_argument("--official-budget-s", type=float, default=150.0,
                     help="--official: seconds past --budget-s before skipping its scenes")  # fmt: skip
     args = ap.parse_args()
+    scenes = TINY_SCENES if args.tiny else SCENES
     if args.scenes:
-        known = [f"{h}x{w}" for h, w, _ in (TINY_SCENES if args.tiny else SCENES)]
-        if unknown := sorted(set(args.scenes.split(",")) - set(known)):
+        known = {f"{h}x{w}": (h, w, scale) for h, w, scale in scenes}
+        wanted = args.scenes.split(",")
+        if unknown := sorted(set(wanted) - set(known)):
             ap.error(f"--scenes: {', '.join(unknown)} not among {', '.join(known)}")
+        scenes = [known[name] for name in known if name in wanted]  # in the bench's order
     if args.official is not None and args.chained:
         ap.error("--official compares the per-scene run; leave out --chained")
     if args.official is not None and not (args.official / OFFICIAL_PIPELINE).is_file():
@@ -537,9 +539,6 @@ def main() -> None:
     from flashdreams.postprocess import compose_run
 
     t0 = time.perf_counter()
-    scenes = TINY_SCENES if args.tiny else SCENES
-    if args.scenes:
-        scenes = [s for s in scenes if f"{s[0]}x{s[1]}" in args.scenes.split(",")]
     first = compose_run(overrides(args, *scenes[0]))
     scope_options(first)
     shared = build_shared(first)
