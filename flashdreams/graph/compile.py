@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -15,23 +18,60 @@ from flashdreams.graph.eager import EagerPolicy
 RECOMPILE_LIMIT = 128
 
 
-def compile_static(fn, mode: str = "default", dynamic: bool | None = False, **kwargs):
+def inductor_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Extra Inductor options (the ``graph.inductor`` setting) as ``torch.compile`` takes them:
+    nested mappings flattened to dotted names (``{triton: {multi_kernel: 1}}`` ->
+    ``{"triton.multi_kernel": 1}``), each checked against Inductor's own option names.
+
+    Raises:
+        ValueError: an option Inductor does not have (one line, naming it).
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value
+
+    walk("", options or {})
+    known = torch._inductor.config.get_config_copy()
+    for name in flat:
+        if name not in known:
+            raise ValueError(f"graph.inductor.{name}: not an Inductor option "
+                             "(see torch._inductor.config)")  # fmt: skip
+    return flat
+
+
+def compile_static(fn, mode: str = "default", dynamic: bool | None = False,
+                   options: Mapping[str, Any] | None = None, **kwargs):  # fmt: skip
     """``torch.compile(fn, fullgraph=True)`` for static shapes, with dynamo's per-code-object
-    recompile limit raised to ``RECOMPILE_LIMIT`` (never lowered)."""
+    recompile limit raised to ``RECOMPILE_LIMIT`` (never lowered).
+
+    ``options``: extra Inductor options (``inductor_options``) on top of ``mode``'s own
+    (``torch.compile`` takes a mode or options, not both, so the mode is expanded into them).
+    """
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    extra = inductor_options(options)
+    if extra:
+        merged = {**torch._inductor.list_mode_options(mode, dynamic), **extra}
+        return torch.compile(fn, options=merged, dynamic=dynamic, fullgraph=True, **kwargs)
     return torch.compile(fn, mode=mode, dynamic=dynamic, fullgraph=True, **kwargs)
 
 
 def compile_blocks(model: nn.Module, mode: str, dynamic: bool | None,
-                   fuse_gelu: bool = True, fuse_norms: bool = True) -> nn.Module:  # fmt: skip
+                   fuse_gelu: bool = True, fuse_norms: bool = True,
+                   options: Mapping[str, Any] | None = None) -> nn.Module:  # fmt: skip
     """Compile the attention-free regions of every block in place.
 
     Blocks name their regions in ``_compile_regions`` (static shapes: the block's tokens);
     attention stays on its pinned kernel. All blocks share the compiled code (parameters are
     graph inputs), so compile time does not grow with depth. Before compiling, q/k/v become one
     projection, (``fuse_gelu``) the FFN's first linear takes its GELU as a GEMM epilogue and
-    (``fuse_norms``) each norm + modulation + residual runs as one Triton pass.
+    (``fuse_norms``) each norm + modulation + residual runs as one Triton pass. ``options``:
+    extra Inductor options (``compile_static``).
     """
     for block in model.blocks:
         block.self_attn.fuse_qkv()
@@ -41,7 +81,7 @@ def compile_blocks(model: nn.Module, mode: str, dynamic: bool | None,
             block.fuse_norms()
         for name in getattr(block, "_compile_regions", ()):
             region = getattr(block, name)
-            setattr(block, name, compile_static(region, mode, dynamic))
+            setattr(block, name, compile_static(region, mode, dynamic, options))
     return model
 
 
@@ -53,18 +93,24 @@ class CompilePolicy(EagerPolicy):
         dynamic: passed to ``torch.compile`` (the regions have static shapes; False is right).
         fuse_gelu: the FFN's first linear + GELU as one GEMM with a GELU epilogue.
         fuse_norms: norms, modulation, gated residuals and q/k norm + RoPE as one pass each.
+        inductor: extra Inductor options, e.g. ``{"triton.multi_kernel": 1}`` (persistent
+            reductions for rows up to 16k wide, the faster variant picked per kernel at the
+            first run).
     """
 
     name = "compile"
     compiles = True
 
     def __init__(self, mode: str = "default", dynamic: bool | None = False,
-                 fuse_gelu: bool = True, fuse_norms: bool = True):  # fmt: skip
+                 fuse_gelu: bool = True, fuse_norms: bool = True,
+                 inductor: Mapping[str, Any] | None = None):  # fmt: skip
         self.mode, self.dynamic, self.fuse_gelu = mode, dynamic, fuse_gelu
         self.fuse_norms = fuse_norms
+        self.inductor = inductor_options(inductor)  # checked when the recipe is built
 
     def wrap(self, fn):
-        return compile_static(fn, self.mode, self.dynamic)
+        return compile_static(fn, self.mode, self.dynamic, self.inductor)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        return compile_blocks(model, self.mode, self.dynamic, self.fuse_gelu, self.fuse_norms)
+        return compile_blocks(model, self.mode, self.dynamic, self.fuse_gelu, self.fuse_norms,
+                              self.inductor)  # fmt: skip

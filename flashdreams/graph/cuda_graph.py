@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from flashdreams.graph.base import GraphPolicy
-from flashdreams.graph.compile import compile_blocks, compile_static
+from flashdreams.graph.compile import compile_blocks, compile_static, inductor_options
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +99,17 @@ class CudaGraphPolicy(GraphPolicy):
         precapture: capture every future shape during warm-up.
         fuse_gelu: when compiling, the FFN's first linear + GELU as one GEMM (GELU epilogue).
         fuse_norms: when compiling, norms / modulation / residuals / q-k norm + RoPE fused.
+        inductor: when compiling, extra Inductor options (``CompilePolicy``).
     """
 
     name = "cuda_graph"
 
     def __init__(self, compile: bool = False, mode: str = "max-autotune-no-cudagraphs",
                  warmup: int = 2, precapture: bool = True, fuse_gelu: bool = True,
-                 fuse_norms: bool = True) -> None:  # fmt: skip
+                 fuse_norms: bool = True, inductor: Mapping[str, Any] | None = None) -> None:  # fmt: skip
         self.compile, self.mode, self.warmup, self.precapture = compile, mode, warmup, precapture
         self.fuse_gelu, self.fuse_norms = fuse_gelu, fuse_norms
+        self.inductor = inductor_options(inductor)
         self.name = "compile_cuda_graph" if compile else "cuda_graph"  # the option's name
         self.captures, self.compiles = True, bool(compile)
         self.graphs: dict[Hashable, _Captured] = {}
@@ -120,11 +123,11 @@ class CudaGraphPolicy(GraphPolicy):
     def wrap(self, fn):
         if not self.compile:
             return fn
-        return compile_static(fn, self.mode)
+        return compile_static(fn, self.mode, options=self.inductor)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.compile:
-            compile_blocks(model, self.mode, False, self.fuse_gelu, self.fuse_norms)
+            compile_blocks(model, self.mode, False, self.fuse_gelu, self.fuse_norms, self.inductor)
         return model
 
     def run(self, fn, *args, shape_key):

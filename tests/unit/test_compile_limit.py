@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from flashdreams.graph.compile import RECOMPILE_LIMIT, CompilePolicy
+from flashdreams.graph.compile import RECOMPILE_LIMIT, CompilePolicy, inductor_options
 
 
 def test_a_compiled_region_takes_more_shapes_than_dynamos_default_limit():
@@ -20,3 +21,23 @@ def test_a_compiled_region_takes_more_shapes_than_dynamos_default_limit():
         x = torch.randn(n, 3)
         torch.testing.assert_close(fn(x), region(x))
     assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
+
+
+def test_extra_inductor_options_are_flattened_checked_and_applied():
+    """``graph.inductor`` takes Inductor's own option names, nested as Hydra writes them; a
+    compile with them computes the eager result, and a misspelt name is a one-line error that
+    names it before anything compiles."""
+    assert inductor_options({"triton": {"multi_kernel": 1}, "max_autotune": False}) == {
+        "triton.multi_kernel": 1,
+        "max_autotune": False,
+    }
+    assert inductor_options(None) == {}
+
+    def region(x):
+        return torch.softmax(x * 3, dim=-1)
+
+    fn = CompilePolicy(inductor={"triton": {"persistent_reductions": False}}).wrap(region)
+    x = torch.randn(4, 300)
+    torch.testing.assert_close(fn(x), region(x))
+    with pytest.raises(ValueError, match=r"^graph\.inductor\.triton\.multi_kernal: not an Induct"):
+        CompilePolicy(inductor={"triton": {"multi_kernal": 1}})
