@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flashdreams import ConfigError
 from flashdreams.graph.eager import EagerPolicy
 
 # One compiled function serves every static shape a process runs: a rollout's block sizes and
@@ -24,7 +25,7 @@ def inductor_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     ``{"triton.multi_kernel": 1}``), each checked against Inductor's own option names.
 
     Raises:
-        ValueError: an option Inductor does not have (one line, naming it).
+        ConfigError: an option Inductor does not have (one line, naming it).
     """
     flat: dict[str, Any] = {}
 
@@ -39,7 +40,7 @@ def inductor_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     known = torch._inductor.config.get_config_copy()
     for name in flat:
         if name not in known:
-            raise ValueError(f"graph.inductor.{name}: not an Inductor option "
+            raise ConfigError(f"graph.inductor.{name}: not an Inductor option "
                              "(see torch._inductor.config)")  # fmt: skip
     return flat
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flashdreams import ConfigError
 from flashdreams.graph.compile import RECOMPILE_LIMIT, CompilePolicy, inductor_options
 
 
@@ -39,5 +40,5 @@ def test_extra_inductor_options_are_flattened_checked_and_applied():
     fn = CompilePolicy(inductor={"triton": {"persistent_reductions": False}}).wrap(region)
     x = torch.randn(4, 300)
     torch.testing.assert_close(fn(x), region(x))
-    with pytest.raises(ValueError, match=r"^graph\.inductor\.triton\.multi_kernal: not an Induct"):
+    with pytest.raises(ConfigError, match=r"^graph\.inductor\.triton\.multi_kernal: not an Induct"):
         CompilePolicy(inductor={"triton": {"multi_kernal": 1}})
