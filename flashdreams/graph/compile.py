@@ -58,8 +58,27 @@ def compile_static(fn, mode: str = "default", dynamic: bool | None = False,
     extra = inductor_options(options)
     if extra:
         merged = {**torch._inductor.list_mode_options(mode, dynamic), **extra}
-        return torch.compile(fn, options=merged, dynamic=dynamic, fullgraph=True, **kwargs)
+        compiled = torch.compile(fn, options=merged, dynamic=dynamic, fullgraph=True, **kwargs)
+        return _naming_failures(compiled, extra)
     return torch.compile(fn, mode=mode, dynamic=dynamic, fullgraph=True, **kwargs)
+
+
+def _naming_failures(compiled, extra: dict[str, Any]):
+    """``compiled`` whose compile failures become one ``ConfigError`` line naming the extra
+    Inductor options it ran with (an option can break Inductor where its default does not:
+    torch 2.11's ``triton.multi_kernel`` on Matrix-Game's regions)."""
+    names = ", ".join(f"{name}={value}" for name, value in extra.items())
+
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            cause = getattr(err, "inner_exception", None) or err
+            said = (str(cause).strip().splitlines() or [""])[0]
+            raise ConfigError(f"graph.inductor ({names}): Inductor failed to compile with it "
+                              f"({type(cause).__name__}: {said}); run without it") from err  # fmt: skip
+
+    return call
 
 
 def compile_blocks(model: nn.Module, mode: str, dynamic: bool | None,

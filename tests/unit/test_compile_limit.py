@@ -42,3 +42,27 @@ def test_extra_inductor_options_are_flattened_checked_and_applied():
     torch.testing.assert_close(fn(x), region(x))
     with pytest.raises(ConfigError, match=r"^graph\.inductor\.triton\.multi_kernal: not an Induct"):
         CompilePolicy(inductor={"triton": {"multi_kernal": 1}})
+
+
+def test_a_compile_that_fails_with_extra_options_is_one_line_naming_them(monkeypatch):
+    """An option can break Inductor where its default compiles (torch 2.11's multi-kernel on
+    Matrix-Game): the first call then fails with one ConfigError line that names the options
+    and Inductor's own reason, not a compiler traceback."""
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            failed = torch._dynamo.exc.BackendCompilerFailed  # its __init__ varies by version
+            err = failed.__new__(failed)
+            Exception.__init__(err, "backend='inductor' raised: TypeError")
+            err.inner_exception = TypeError(
+                "'NoneType' object does not support the context manager protocol"
+            )
+            raise err
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fn = CompilePolicy(inductor={"triton": {"multi_kernel": 1}}).wrap(lambda x: x + 1)
+    with pytest.raises(ConfigError, match=r"^graph\.inductor \(triton\.multi_kernel=1\): Inductor "
+                       r"failed to compile with it \(TypeError: 'NoneType' object"):  # fmt: skip
+        fn(torch.ones(2))
