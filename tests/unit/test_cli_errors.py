@@ -49,6 +49,7 @@ def test_misspelled_key_is_one_line_naming_the_closest_keys(tmp_path, args, expe
         (["prompt_file=/does/not/exist"], "prompt_file='/does/not/exist' does not exist"),
         (["model.checkpoint=/no/dit.pt"], "model.checkpoint='/no/dit.pt': no such file or directory"),
         (["cache.window_frames=1"], "cache.window_frames=1 is smaller than one block (3 latent frames); use cache.window_frames>=3"),
+        (["graph=compile", "++graph.inductor.triton.multi_kernal=1"], "graph.inductor.triton.multi_kernal: not an Inductor option (see torch._inductor.config)"),
     ],
 )  # fmt: skip
 def test_bad_values_are_one_line_and_leave_no_run_dir(tmp_path, args, expected):

@@ -7,6 +7,7 @@ import torch
 
 from flashdreams import ConfigError
 from flashdreams.graph.compile import RECOMPILE_LIMIT, CompilePolicy, inductor_options
+from flashdreams.graph.cuda_graph import CudaGraphPolicy
 
 
 def test_a_compiled_region_takes_more_shapes_than_dynamos_default_limit():
@@ -40,8 +41,9 @@ def test_extra_inductor_options_are_flattened_checked_and_applied():
     fn = CompilePolicy(inductor={"triton": {"persistent_reductions": False}}).wrap(region)
     x = torch.randn(4, 300)
     torch.testing.assert_close(fn(x), region(x))
-    with pytest.raises(ConfigError, match=r"^graph\.inductor\.triton\.multi_kernal: not an Induct"):
-        CompilePolicy(inductor={"triton": {"multi_kernal": 1}})
+    for policy in (CompilePolicy, lambda **kw: CudaGraphPolicy(compile=True, **kw)):
+        with pytest.raises(ConfigError, match=r"^graph\.inductor\.triton\.multi_kernal: not an"):
+            policy(inductor={"triton": {"multi_kernal": 1}})
 
 
 def test_a_compile_that_fails_with_extra_options_is_one_line_naming_them(monkeypatch):
