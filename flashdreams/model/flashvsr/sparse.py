@@ -29,11 +29,9 @@ from flashdreams import ConfigError
 WINDOW = (2, 8, 8)  # frames, token rows, token columns of one window (a 128-token block)
 
 
-@functools.lru_cache(maxsize=32)
 def local_mask(rows: int, cols: int, local_range: int, device=None) -> torch.Tensor:
     """(rows cols, rows cols) window-position neighbourhood: offsets in
-    [-r // 2, r - 1 - r // 2] along both axes (the release's ``normal_slide`` mask). Cached per
-    shape: every layer of every chunk asks for the same one (read-only)."""
+    [-r // 2, r - 1 - r // 2] along both axes (the release's ``normal_slide`` mask)."""
     r = torch.arange(rows, device=device)
     c = torch.arange(cols, device=device)
     rr, cc = (t.reshape(-1) for t in torch.meshgrid(r, c, indexing="ij"))
@@ -48,7 +46,8 @@ def local_mask(rows: int, cols: int, local_range: int, device=None) -> torch.Ten
 def tiled_local_mask(rows: int, cols: int, local_range: int, tiles: tuple[int, int],
                      device=None) -> torch.Tensor:  # fmt: skip
     """``local_mask`` repeated over (query frame pairs, key frame pairs): the neighbourhood
-    holds whatever the frames (cached per shape, read-only)."""
+    holds whatever the frames. Cached per shape: every layer of every chunk asks for the same
+    one (read-only)."""
     return local_mask(rows, cols, local_range, device).repeat(*tiles)
 
 
