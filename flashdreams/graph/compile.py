@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,12 @@ from flashdreams.graph.eager import EagerPolicy
 # all models share one count). Dynamo's default of 8 entries fails a fullgraph compile at the
 # ninth shape (seen on the H200: HY-WorldPlay's GPU tests, FlashVSR's third scene).
 RECOMPILE_LIMIT = 128
+
+
+@functools.cache
+def _inductor_names() -> frozenset[str]:
+    """Inductor's option names (read once: each compiled region checks its options)."""
+    return frozenset(torch._inductor.config.get_config_copy())
 
 
 def inductor_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -37,9 +44,8 @@ def inductor_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
             flat[prefix] = value
 
     walk("", options or {})
-    known = torch._inductor.config.get_config_copy()
     for name in flat:
-        if name not in known:
+        if name not in _inductor_names():
             raise ConfigError(f"graph.inductor.{name}: not an Inductor option "
                              "(see torch._inductor.config)")  # fmt: skip
     return flat
