@@ -124,7 +124,7 @@ class _Fp8Plan:
     """One built cuDNN FP8 SDPA graph for a (B, H, Lq, Lk, D) shape on one device."""
 
     def __init__(self, cudnn, handle, shape_q, shape_k, scale: float, device,
-                 out_dtype: torch.dtype, stats: bool = False, autotune: bool = False) -> None:  # fmt: skip
+                 out_dtype: torch.dtype, stats: bool = False) -> None:  # fmt: skip
         b, lq, h, d = shape_q
         lk = shape_k[1]
         e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
@@ -157,31 +157,11 @@ class _Fp8Plan:
         self.o, self.amax_s, self.amax_o = o, amax_s, amax_o
         graph.validate()
         graph.build_operation_graph()
-        modes = [cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK]
-        if autotune and hasattr(cudnn.heur_mode, "B"):  # the learned ranking too: more candidates
-            modes.insert(1, cudnn.heur_mode.B)
-        graph.create_execution_plans(modes)
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         graph.check_support()
-        if autotune:
-            try:
-                graph.build_plans(cudnn.build_plan_policy.ALL)
-            except Exception as err:  # noqa: BLE001 (cuDNN raises its own types)
-                log.info("attention.autotune: cuDNN built not every plan for q=%s (%s); the "
-                         "heuristic's plan runs", tuple(shape_q), str(err).split("\n")[0])  # fmt: skip
-                autotune = False
-        if not autotune:
-            graph.build_plans()
+        graph.build_plans()
         self.graph, self.handle, self.cudnn = graph, handle, cudnn
-        size, self.candidates = graph.get_workspace_size(), []
-        for index in range(graph.get_execution_plan_count() if autotune else 0):
-            try:  # a plan that did not build (or is barred) has no workspace size: skip it
-                size = max(size, graph.get_workspace_size_plan_at_index(index, handle=handle))
-                self.candidates.append(index)
-            except Exception:  # noqa: BLE001 (cuDNN raises its own types)
-                continue
-        self.tuning = autotune  # the plan is chosen at the first call outside a capture
-        self.index: int | None = None  # the chosen plan (None: the heuristic's own)
-        self.workspace = torch.empty(size, device=device, dtype=torch.uint8)
+        self.workspace = torch.empty(graph.get_workspace_size(), device=device, dtype=torch.uint8)
         self.amax_buf = torch.empty(2, 1, 1, 1, 1, device=device, dtype=torch.float32)
         self.s_scale = torch.full((1, 1, 1, 1), FP8_MAX, device=device)
         self.s_descale = torch.full((1, 1, 1, 1), 1.0 / FP8_MAX, device=device)
@@ -204,45 +184,8 @@ class _Fp8Plan:
             b, lq, h, _ = self.out_shape
             lse = torch.empty((b, h, lq, 1), device=q8.device, dtype=torch.float32)
             pack[self.lse] = lse
-        if self.tuning and not torch.cuda.is_current_stream_capturing():
-            self.tuning = False
-            self.index = self._tune(pack)
-        if self.index is None:
-            self.graph.execute(pack, self.workspace, handle=self.handle)
-        else:
-            self.graph.execute_plan_at_index(pack, self.workspace, self.index, handle=self.handle)
+        self.graph.execute(pack, self.workspace, handle=self.handle)
         return o8 if lse is None else (o8, lse)
-
-    def _time(self, launch, repeats: int = 5) -> float:
-        """Mean ms of ``repeats`` launches after two warm ones (one sync at the end)."""
-        for _ in range(2):
-            launch()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            launch()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / repeats
-
-    def _tune(self, pack) -> int | None:
-        """The fastest built plan on this call's own tensors, or None when none beats the
-        heuristic's choice by 3 % (``attention.autotune``; one line per shape)."""
-        ws, handle = self.workspace, self.handle
-        base = self._time(lambda: self.graph.execute(pack, ws, handle=handle))
-        times = {}
-        for index in self.candidates:
-            try:
-                times[index] = self._time(lambda i=index: self.graph.execute_plan_at_index(
-                    pack, ws, i, handle=handle))  # fmt: skip
-            except Exception:  # noqa: BLE001 (a plan that declines this call)
-                continue
-        best = min(times, key=times.get) if times else None
-        chosen = best if best is not None and times[best] < 0.97 * base else None
-        log.info("attention=cudnn_fp8 autotune q=%s: heuristic %.3f ms; %s -> %s",
-                 self.out_shape, base, ", ".join(f"plan {i} {t:.3f}" for i, t in times.items())
-                 or "no other plan", "heuristic" if chosen is None else f"plan {chosen}")  # fmt: skip
-        return chosen
 
 
 class CudnnFp8Attention(AttentionBackend):
@@ -265,10 +208,6 @@ class CudnnFp8Attention(AttentionBackend):
         smooth: K and V minus their means over the keys before quantizing, V's mean added back
             to O (exact identities, ``kv_means``): the kernel's P.V accumulation otherwise
             loses precision as the keys grow on real activations.
-        autotune: build every plan cuDNN's heuristics (modes A, B, fallback) rank for a shape
-            and, at the shape's first call outside a CUDA-graph capture (the warm-up), time each
-            on that call's tensors; the fastest runs from then on when it beats the heuristic's
-            choice by 3 %. Same math, another kernel configuration.
     """
 
     wants_kv_amax = True  # a KV cache with track_amax saves the amax pass over K/V
@@ -284,8 +223,7 @@ class CudnnFp8Attention(AttentionBackend):
 
     def __init__(self, fallback: str = "cudnn", min_kv_tokens: int = 2048,
                  exact_commit: bool = True, emulate: bool = False,
-                 max_scores: int = 0, max_keys: int = 0, smooth: bool = True,
-                 autotune: bool = False) -> None:  # fmt: skip
+                 max_scores: int = 0, max_keys: int = 0, smooth: bool = True) -> None:  # fmt: skip
         if int(min_kv_tokens) < 0:
             raise ConfigError(f"attention.min_kv_tokens={min_kv_tokens} must be >= 0")
         if int(max_scores) < 0:
@@ -295,7 +233,6 @@ class CudnnFp8Attention(AttentionBackend):
             raise ConfigError(f"attention.max_keys={max_keys} must be >= 0 (0: never split)")
         self.max_keys = int(max_keys)
         self.smooth = bool(smooth)
-        self.autotune = bool(autotune)
         self.sdpa = SdpaAttention(fallback)
         self.min_kv_tokens = int(min_kv_tokens)
         self.has_exact_mode = bool(exact_commit)
@@ -361,7 +298,6 @@ class CudnnFp8Attention(AttentionBackend):
                         self._plans[key] = _Fp8Plan(
                             self._cudnn, self._handles[dev], q.shape, k.shape,
                             1.0 / math.sqrt(q.shape[-1]), q.device, out_dtype, stats,
-                            self.autotune,
                         )  # fmt: skip
                     break
                 except Exception as err:  # cuDNN raises its own types for unsupported graphs

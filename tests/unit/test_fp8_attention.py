@@ -15,7 +15,6 @@ import torch
 from flashdreams import ConfigError
 from flashdreams.attention.cudnn_fp8 import (
     CudnnFp8Attention,
-    _Fp8Plan,
     kv_means,
     query_rows,
     reference_fp8_attention,
@@ -290,34 +289,3 @@ def test_quality_reference_uses_the_bf16_fallback_kernel():
     assert ref.attention._target_ == "flashdreams.attention.sdpa.SdpaAttention"
     assert ref.attention.backend == "flash"
     assert cfg.attention._target_.endswith("CudnnFp8Attention")
-
-
-def test_autotune_keeps_the_heuristics_plan_unless_another_is_3_percent_faster():
-    """``attention.autotune``'s choice, with the cuDNN graph and the timing stood in: the
-    fastest plan that runs wins when it beats the heuristic's own by 3 %; a plan that declines
-    the call is skipped; a near tie keeps the heuristic's (None)."""
-    launched = []
-
-    class Graph:  # what _tune calls on a cuDNN graph
-        def execute(self, pack, workspace, handle=None):
-            launched.append("heuristic")
-
-        def execute_plan_at_index(self, pack, workspace, index, handle=None):
-            if index == 2:
-                raise RuntimeError("this plan does not support the call")
-            launched.append(index)
-
-    plan = _Fp8Plan.__new__(_Fp8Plan)
-    plan.graph, plan.workspace, plan.handle, plan.out_shape = Graph(), None, None, (1, 8, 2, 16)
-    plan.candidates = [0, 1, 2]
-    ms = {"heuristic": 1.0, 0: 0.99, 1: 0.9}
-
-    def timed(launch):
-        launched.clear()
-        launch()
-        return ms[launched[0]]
-
-    plan._time = timed
-    assert plan._tune({}) == 1
-    ms[1] = 0.98
-    assert plan._tune({}) is None
