@@ -11,7 +11,9 @@ Cases (random weights at real size, bf16):
 Every case streams ``--blocks`` blocks through one causal cache (the first block's first frame
 alone, as a clip starts) and reports the median over blocks >= 2 (steady shapes: compiled and
 captured once under ``compile_cuda_graph``), and the largest difference of the channels-last
-output from the NCDHW one.
+output from the NCDHW one. ``--cudnn-benchmark false,true`` repeats every row with cuDNN's timed
+algorithm choice (``torch.backends.cudnn.benchmark``, the runs' ``precision.cudnn_benchmark``)
+and reports the largest difference from the heuristics' row.
 
 GPU:  python scripts/bench_vae.py --out vae.json
 CPU smoke (tiny sizes): python scripts/bench_vae.py --tiny
@@ -109,6 +111,9 @@ def main() -> None:
     parser.add_argument("--cases", default="wan22_decode,wan21_decode,lightvae_encode,wan21_encode")
     parser.add_argument("--graphs", default="eager,compile_cuda_graph")
     parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--layouts", default="ncdhw,channels_last")
+    parser.add_argument("--cudnn-benchmark", default="false",
+                        help="false,true: each row with cuDNN's heuristics, then timed algorithms")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -124,31 +129,35 @@ def main() -> None:
             args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda
                                             else "cpu", "rows": rows}, indent=1))  # fmt: skip
 
+    layouts = [{"ncdhw": False, "channels_last": True}[x] for x in args.layouts.split(",")]
     for case in args.cases.split(","):
         for graph in args.graphs.split(","):
             ref = None
-            for channels_last in (False, True):
-                try:
-                    ms, times, outs = run_case(case, channels_last, graph, args.blocks, device,
-                                               dtype, args.tiny)  # fmt: skip
-                except Exception as err:  # noqa: BLE001 (a row that fails is reported, not fatal)
-                    record({"case": case, "graph": graph, "channels_last": channels_last,
-                            "error": f"{type(err).__name__}: {err}"[:300]})  # fmt: skip
-                    print(rows[-1])
-                    continue
-                row = {"case": case, "graph": graph, "channels_last": channels_last,
-                       "median_ms": ms, "ms": times}  # fmt: skip
-                if ref is None:
-                    ref = outs
-                else:
-                    row["max_abs_diff_vs_ncdhw"] = max(float((a - b).abs().max())
-                                                       for a, b in zip(outs, ref, strict=True))  # fmt: skip
-                record(row)
-                print(f"{case:16s} {graph:20s} channels_last={channels_last!s:5s} "
-                      f"{ms:8.2f} ms/block  {row.get('max_abs_diff_vs_ncdhw', '')}")  # fmt: skip
-                if cuda:
-                    torch.cuda.empty_cache()
-
+            for channels_last in layouts:
+                for bench in (x == "true" for x in args.cudnn_benchmark.split(",")):
+                    torch.backends.cudnn.benchmark = bench
+                    key = {"case": case, "graph": graph, "channels_last": channels_last,
+                           "cudnn_benchmark": bench}  # fmt: skip
+                    try:
+                        ms, times, outs = run_case(case, channels_last, graph, args.blocks,
+                                                   device, dtype, args.tiny)  # fmt: skip
+                    except Exception as err:  # noqa: BLE001 (a failed row is reported, not fatal)
+                        record({**key, "error": f"{type(err).__name__}: {err}"[:300]})
+                        print(rows[-1])
+                        continue
+                    row = {**key, "median_ms": ms, "ms": times}
+                    if ref is None:
+                        ref = outs
+                    else:  # against the first row of the case (NCDHW / heuristics where run)
+                        row["max_abs_diff_vs_first"] = max(float((a - b).abs().max())
+                                                           for a, b in zip(outs, ref, strict=True))  # fmt: skip
+                    record(row)
+                    print(f"{case:16s} {graph:20s} channels_last={channels_last!s:5s} "
+                          f"cudnn_benchmark={bench!s:5s} {ms:8.2f} ms/block  "
+                          f"{row.get('max_abs_diff_vs_first', '')}")  # fmt: skip
+                    if cuda:
+                        torch.cuda.empty_cache()
+    torch.backends.cudnn.benchmark = False
 
 if __name__ == "__main__":
     main()
