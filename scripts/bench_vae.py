@@ -112,8 +112,11 @@ def main() -> None:
     parser.add_argument("--graphs", default="eager,compile_cuda_graph")
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--layouts", default="ncdhw,channels_last")
-    parser.add_argument("--cudnn-benchmark", default="false",
-                        help="false,true: each row with cuDNN's heuristics, then timed algorithms")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        default="false",
+        help="false,true: each row with cuDNN's heuristics, then timed algorithms",
+    )
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -158,6 +161,7 @@ def main() -> None:
                     if cuda:
                         torch.cuda.empty_cache()
     torch.backends.cudnn.benchmark = False
+
 
 if __name__ == "__main__":
     main()
