@@ -7,6 +7,9 @@ Cases (random weights at real size, bf16):
 - ``lightvae_encode``: Wan 2.1 VAE encoder pruned to base_dim 24 (LightVAE), 8 frames per block at
   704x1280 (OmniDreams' HDMap encode).
 - ``wan21_encode``: the full Wan 2.1 VAE encoder on the same blocks.
+- ``taehv_decode``: TAEHV (taew2_1 widths), 3 latent frames per block at 44x80 (Matrix-Game, 352x640).
+- ``lighttae_decode``: the same network, 2 latent frames at 88x160 (OmniDreams fast, 704x1280).
+  TAEHV compiles with its own ``vae.compile`` (any ``--graphs`` row other than eager).
 
 Every case streams ``--blocks`` blocks through one causal cache (the first block's first frame
 alone, as a clip starts) and reports the median over blocks >= 2 (steady shapes: compiled and
@@ -39,12 +42,17 @@ def policy(name: str):
     return instantiate(OmegaConf.load(ROOT / "flashdreams" / "conf" / "graph" / f"{name}.yaml"))
 
 
-def build(case: str, channels_last: bool, tiny: bool):
+def build(case: str, channels_last: bool, tiny: bool, graph: str = "eager"):
+    from flashdreams.vae.taehv import TAEHVDecoder
     from flashdreams.vae.wan21 import Wan21StreamingDecoder
     from flashdreams.vae.wan21_encode import Wan21Encoder
     from flashdreams.vae.wan22 import Wan22StreamingDecoder
 
     small = dict(base_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1) if tiny else {}
+    if case in ("taehv_decode", "lighttae_decode"):
+        widths = (16, 8, 8, 4) if tiny else (256, 128, 64, 64)
+        return TAEHVDecoder(channels=widths, channels_last=channels_last,
+                            compile=graph != "eager")  # fmt: skip
     if case == "wan22_decode":
         return Wan22StreamingDecoder(channels_last=channels_last, **small)
     if case == "wan21_decode":
@@ -61,19 +69,24 @@ def shapes(case: str, tiny: bool) -> tuple:
         return (48, 4, 44, 80) if not tiny else (48, 2, 8, 8)
     if case == "wan21_decode":
         return (16, 3, 60, 104) if not tiny else (16, 2, 8, 8)
+    if case == "taehv_decode":
+        return (16, 3, 44, 80) if not tiny else (16, 2, 8, 8)
+    if case == "lighttae_decode":
+        return (16, 2, 88, 160) if not tiny else (16, 2, 8, 8)
     return (3, 8, 704, 1280) if not tiny else (3, 4, 32, 32)
 
 
 def run_case(case, channels_last, graph, blocks, device, dtype, tiny):
     from flashdreams.graph.runner import GraphRunner
 
-    module = build(case, channels_last, tiny).to(device, dtype).eval()
+    module = build(case, channels_last, tiny, graph).to(device, dtype).eval()
     c, f, h, w = shapes(case, tiny)
     gen = torch.Generator(device="cpu").manual_seed(0)
     inputs = [torch.randn(1, c, f + (1 if i == 0 else 0), h, w, generator=gen).to(device, dtype)
               for i in range(blocks)]  # fmt: skip
     if case.endswith("decode"):
-        module.set_graph(policy(graph))
+        if not case.startswith(("taehv", "lighttae")):
+            module.set_graph(policy(graph))
         module.reset()
 
         def step(x):

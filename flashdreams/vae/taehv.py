@@ -27,7 +27,7 @@ from torch import nn
 from flashdreams import ConfigError
 from flashdreams.graph.compile import compile_static
 from flashdreams.io.checkpoint import check_state_dict, resolve_path
-from flashdreams.vae.base import StreamingDecoder, read_tensor_file
+from flashdreams.vae.base import StreamingDecoder, read_tensor_file, to_channels_last
 
 log = logging.getLogger(__name__)
 _logged_cpu_fallback = False  # the CPU fallback of ``compile=True`` is logged once per process
@@ -111,6 +111,10 @@ class TAEHVDecoder(StreamingDecoder):
         raw_latents: the checkpoint decodes Wan's raw latents (LightX2V's LightTAE,
             ``lighttaew2_1``): the DiT's normalized latents are mapped back with Wan 2.1's
             latent mean / std first (``z * std + mean``); ``taew2_1`` takes them as they are.
+        channels_last: run the convolutions on NHWC activations and weights, cuDNN's native
+            bf16 layout (same values and shapes; without it cuDNN transposes every convolution's
+            input and output between NCHW and NHWC). The MemBlock memories and the returned
+            frames stay in the default layout.
     """
 
     spatial_factor = 8
@@ -125,9 +129,11 @@ class TAEHVDecoder(StreamingDecoder):
         seed: int = 0,
         compile: bool = False,
         raw_latents: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
-        for key, value in (("compile", compile), ("raw_latents", raw_latents)):
+        for key, value in (("compile", compile), ("raw_latents", raw_latents),
+                           ("channels_last", channels_last)):  # fmt: skip
             if not isinstance(value, bool):
                 raise ConfigError(f"vae.{key}={value!r} must be true or false")
         self.compile = compile
@@ -144,6 +150,9 @@ class TAEHVDecoder(StreamingDecoder):
             state = self._decoder_state(read_tensor_file(resolve_path(checkpoint)))
             check_state_dict(self, state, str(checkpoint))
             self.load_state_dict(state, assign=True)
+        self.channels_last = channels_last
+        if channels_last:
+            to_channels_last(self.decoder)
         self.raw_latents = raw_latents
         if raw_latents:
             from flashdreams.vae.wan21 import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
@@ -199,19 +208,22 @@ class TAEHVDecoder(StreamingDecoder):
             (N, 4 T, 3, H, W) untrimmed frames in [0, 1], and per MemBlock its last input frame.
         """
         n = x.shape[0]
-        h = x.flatten(0, 1)  # (N*T, C, h, w)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        h = x.flatten(0, 1).contiguous(memory_format=layout)  # (N*T, C, h, w)
         lasts: list[torch.Tensor] = []
         for layer in self.decoder:
             if not isinstance(layer, MemBlock):
-                h = layer(h)
+                # TGrow's frame split is a reshape, which hands back the default layout
+                h = layer(h).contiguous(memory_format=layout)
                 continue
             frames = h.unflatten(0, (n, -1))  # (N, T', C, H, W)
             prev = pasts[len(lasts)].unsqueeze(1)  # (N, 1, C, H, W)
             past = torch.cat([prev, frames[:, :-1]], dim=1).flatten(0, 1)  # (N*T', C, H, W)
             # (N, C, H, W), contiguous as the clip start's zeros: one compiled graph for both
             lasts.append(frames[:, -1].clone(memory_format=torch.contiguous_format))
-            h = layer(h, past)
-        return h.unflatten(0, (n, -1)).clamp(0.0, 1.0), lasts  # (N, 4T, 3, H, W)
+            h = layer(h, past.contiguous(memory_format=layout))
+        frames = h.unflatten(0, (n, -1)).clamp(0.0, 1.0)  # (N, 4T, 3, H, W)
+        return frames.contiguous(), lasts
 
     def _memory_shapes(self, n: int, height: int, width: int) -> list[tuple[int, ...]]:
         """(N, C, H, W) of each MemBlock's input for latents of size ``height`` x ``width``."""

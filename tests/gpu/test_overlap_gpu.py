@@ -73,11 +73,13 @@ def test_overlap_matches_sequential(graph, extra):
             assert row["period_ms"] < row["step_ms"] + row["commit_ms"], f"block {block}: {row}"
 
 
-def test_taehv_compiled_matches_eager():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_taehv_compiled_matches_eager(channels_last):
     torch._dynamo.reset()
     kwargs = dict(seed=0)
     eager = TAEHVDecoder(**kwargs).cuda().to(torch.bfloat16).eval()
-    compiled = TAEHVDecoder(**kwargs, compile=True).cuda().to(torch.bfloat16).eval()
+    compiled = TAEHVDecoder(**kwargs, compile=True, channels_last=channels_last)
+    compiled = compiled.cuda().to(torch.bfloat16).eval()
     g = torch.Generator(device="cuda").manual_seed(0)
     latents = torch.randn(1, 16, 9, 32, 48, generator=g, device="cuda", dtype=torch.bfloat16)
     for block in latents.split(3, dim=2):

@@ -75,6 +75,27 @@ def test_stream_equals_full_clip(decoder, blocks):
     assert torch.equal(torch.cat(stream(decoder, latents, blocks), dim=1), frames)
 
 
+@pytest.mark.parametrize("blocks", [[1, 3, 3], [2, 1, 4]])
+def test_channels_last_streams_the_same_frames(decoder, blocks):
+    """``channels_last=true`` (NHWC convolutions): the same frames and MemBlock memories as
+    the default layout over a clip start and steady blocks, frames in the default's strides."""
+    nhwc = TAEHVDecoder(channels=TINY, seed=0, channels_last=True).eval()
+    assert nhwc.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
+    latents = latents_of(sum(blocks))
+    got, ref = stream(nhwc, latents, blocks), stream(decoder, latents, blocks)
+    for a, b in zip(got, ref, strict=True):
+        assert a.shape == b.shape and a.stride() == b.stride()
+        assert (a - b).abs().max().item() <= ATOL
+    assert nhwc._memory.keys() == decoder._memory.keys()
+    assert all(m.is_contiguous() for m in nhwc._memory.values())
+    assert all((nhwc._memory[k] - decoder._memory[k]).abs().max() <= ATOL for k in nhwc._memory)
+
+
+def test_channels_last_is_checked():
+    with pytest.raises(flashdreams.ConfigError, match="vae.channels_last"):
+        TAEHVDecoder(channels=TINY, channels_last="yes")
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_checkpoint_round_trip(decoder, tmp_path, suffix):
     state = {k: v.clone() for k, v in decoder.state_dict().items()}
