@@ -15,8 +15,8 @@ Every case streams ``--blocks`` blocks through one causal cache (the first block
 alone, as a clip starts) and reports the median over blocks >= 2 (steady shapes: compiled and
 captured once under ``compile_cuda_graph``), and the largest difference of the channels-last
 output from the NCDHW one. ``--cudnn-benchmark false,true`` repeats every row with cuDNN's timed
-algorithm choice (``torch.backends.cudnn.benchmark``, the runs' ``precision.cudnn_benchmark``)
-and reports the largest difference from the heuristics' row.
+algorithm choice (``torch.backends.cudnn.benchmark``: no gain on the H200 at the Wan 2.2 decode
+and LightVAE encode shapes, seventeenth session) and reports the largest difference from the heuristics' row.
 
 GPU:  python scripts/bench_vae.py --out vae.json
 CPU smoke (tiny sizes): python scripts/bench_vae.py --tiny

@@ -25,24 +25,15 @@ class Precision:
             the process when the model is prepared: the fp32 matmuls (the DiT's output head,
             ``dtype=float32`` runs) get faster and lose ~3 decimal digits. False leaves the
             process's setting alone (PyTorch's default is full fp32, as the reference code).
-        cudnn_benchmark: True sets ``torch.backends.cudnn.benchmark`` for the process when the
-            model is prepared: cuDNN times its algorithms for each new convolution shape (the
-            VAE decoder, the control and image encoders; the DiT has no convolutions besides
-            its patch embedding) on the first call and keeps the fastest. The first call of a
-            shape pays the timing, which the warm-up absorbs; a streamed rollout's shapes are
-            steady after its first blocks. Values change only by the algorithms' rounding.
-            False leaves the process's setting alone (PyTorch's default: cuDNN's heuristics).
     """
 
     name = "bf16"
 
-    def __init__(self, kv_cache: str | None = None, tf32: bool = False,
-                 cudnn_benchmark: bool = False) -> None:  # fmt: skip
+    def __init__(self, kv_cache: str | None = None, tf32: bool = False) -> None:
         if kv_cache not in KV_CACHE_DTYPES:
             raise ConfigError(f"precision.kv_cache={kv_cache!r} is not one of: null, fp8")
         self.kv_cache = kv_cache
         self.tf32 = bool(tf32)
-        self.cudnn_benchmark = bool(cudnn_benchmark)
         self.effective = self.name  # what the model runs after ``apply`` (stats.json header)
 
     @property
@@ -52,13 +43,10 @@ class Precision:
 
     def apply(self, model: nn.Module, device: torch.device) -> nn.Module:
         """Convert a loaded model for its target ``device`` (it may still be on the CPU)."""
-        self.set_backends()
+        self.set_matmul_precision()
         return model
 
-    def set_backends(self) -> None:
-        """The process-wide settings asked for: ``tf32=true`` (fp32 matmuls on TF32 tensor
-        cores), ``cudnn_benchmark=true`` (timed convolution algorithms)."""
+    def set_matmul_precision(self) -> None:
+        """``tf32=true``: fp32 matmuls on TF32 tensor cores (process-wide, asked for)."""
         if self.tf32:
             torch.set_float32_matmul_precision("high")
-        if self.cudnn_benchmark:
-            torch.backends.cudnn.benchmark = True

@@ -254,7 +254,6 @@ class Fp8Precision(Precision):
     Args:
         kv_cache: ``null`` or ``fp8`` (see :class:`flashdreams.precision.base.Precision`).
         tf32: fp32 matmuls on TF32 tensor cores (see the base class).
-        cudnn_benchmark: timed cuDNN convolution algorithms (see the base class).
         emulate: quantize even without FP8 GEMMs, computing with ``reference_scaled_mm``.
         fast_accum: ``use_fast_accum`` of the FP8 GEMMs (see :class:`Fp8Linear`).
         min_out_features: block linears with fewer outputs stay bf16 (``quantize_blocks``).
@@ -264,14 +263,14 @@ class Fp8Precision(Precision):
 
     def __init__(self, kv_cache: str | None = None, emulate: bool = False,
                  fast_accum: bool = True, min_out_features: int = 0,
-                 tf32: bool = False, cudnn_benchmark: bool = False) -> None:  # fmt: skip
-        super().__init__(kv_cache, tf32, cudnn_benchmark)
+                 tf32: bool = False) -> None:  # fmt: skip
+        super().__init__(kv_cache, tf32)
         self.emulate = emulate
         self.fast_accum = bool(fast_accum)
         self.min_out_features = int(min_out_features)
 
     def apply(self, model: nn.Module, device: torch.device) -> nn.Module:
-        self.set_backends()
+        self.set_matmul_precision()
         if fp8_supported(device):
             backend = "scaled_mm"
         elif self.emulate:

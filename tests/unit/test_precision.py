@@ -213,18 +213,3 @@ def test_fp32_matmul_precision_changes_only_when_asked(overrides, expected):
         assert torch.get_float32_matmul_precision() == (expected or "highest")
     finally:
         torch.set_float32_matmul_precision(before)
-
-
-@pytest.mark.parametrize("overrides, expected", [
-    (["graph=compile"], False),  # untouched unless asked
-    (["precision.cudnn_benchmark=true"], True),  # asked for: timed convolution algorithms
-    (["precision=fp8", "precision.cudnn_benchmark=true"], True),
-])  # fmt: skip
-def test_cudnn_benchmark_changes_only_when_asked(overrides, expected):
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        build_rollout(compose_run(overrides))
-        assert torch.backends.cudnn.benchmark is expected
-    finally:
-        torch.backends.cudnn.benchmark = before
