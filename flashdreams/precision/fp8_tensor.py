@@ -14,7 +14,9 @@ from flashdreams.kernels import as_rows, cuda_kernels, triton_kernels
 from flashdreams.precision.fp8 import _EPS, FP8, FP8_MAX, dequantize
 
 _FLAT_BLOCK = 8192  # elements per program of the flat (contiguous) kernels
-_ROWS, _COLS = 16, 256  # tile of the strided kernels
+# tile of the strided kernels: an H200 sweep at the K/V shapes of HY-WorldPlay, OmniDreams and
+# Self-Forcing put 4 x 1024 at 0-11 % faster than 16 x 256 (benchmarks/2026-12-03_h200_s17)
+_ROWS, _COLS = 4, 1024
 
 
 def quantize_tensor(
