@@ -352,7 +352,8 @@ class CudnnFp8Attention(AttentionBackend):
             parts = [plans[i, 0].run(q8[:, i : i + rows].contiguous() if len(starts) > 1 else q8,
                                      dq, k8, dk, v8, dv) for i in starts]  # fmt: skip
             o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-            o = dequantize_tensor(o, dv, q.dtype) if o.dtype == FP8 else o
+            if o.dtype == FP8:  # V's mean added back in the dequantizing pass
+                return dequantize_tensor(o, dv, q.dtype, v_mean)
             return o if v_mean is None else o + v_mean.to(o.dtype)
         keys8 = [(k8[:, j:stop].contiguous(), v8[:, j:stop].contiguous()) for j, stop in spans]
         outs = []

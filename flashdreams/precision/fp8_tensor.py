@@ -88,11 +88,14 @@ def kernels(triton, tl) -> dict:
             tl.store(y_ptr + r * cols + c, y.to(tl.float8e4nv), mask=m)
 
     @triton.jit
-    def dequant_flat(y_ptr, descale_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def dequant_flat(y_ptr, descale_ptr, out_ptr, n, off_ptr, cols,
+                     HAS_OFF: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         y = tl.load(y_ptr + i, mask=i < n, other=0.0).to(tl.float32)
-        out = (y * tl.load(descale_ptr)).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + i, out, mask=i < n)
+        out = y * tl.load(descale_ptr)
+        if HAS_OFF:  # + offset[channel]: rows of ``cols`` channels
+            out += tl.load(off_ptr + i % cols, mask=i < n, other=0.0)
+        tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=i < n)
 
     return {"amax_flat": amax_flat, "amax_rows": amax_rows, "quant_flat": quant_flat,
             "quant_rows": quant_rows, "dequant_flat": dequant_flat}  # fmt: skip
@@ -160,12 +163,21 @@ def quantize_tensor_device(
     return out, descale
 
 
-def dequantize_tensor(y: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``y * descale`` in ``dtype`` (y e4m3 contiguous, descale a one-element fp32 tensor)."""
+def dequantize_tensor(y: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype,
+                      offset: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``y * descale`` in ``dtype`` (y e4m3 contiguous, descale a one-element fp32 tensor).
+
+    ``offset``: a per-channel vector as ``quantize_tensor``'s, added back in fp32 before the
+    cast, in the same pass (the FP8 attention's V mean, added to O)."""
     k = cuda_kernels(kernels, y)
     if k is None:
-        return dequantize(y, descale.reshape(()), dtype)
+        if offset is None:
+            return dequantize(y, descale.reshape(()), dtype)
+        return (y.float() * descale.reshape(()) + offset.float()).to(dtype)
     out = torch.empty(y.shape, device=y.device, dtype=dtype)
-    n = y.numel()
-    k["dequant_flat"][(_cdiv(n, _FLAT_BLOCK),)](y, descale, out, n, BLOCK=_FLAT_BLOCK)
+    n, off = y.numel(), _offset_row(offset, y)
+    k["dequant_flat"][(_cdiv(n, _FLAT_BLOCK),)](y, descale, out, n,
+                                                descale if off is None else off,
+                                                1 if off is None else off.numel(),
+                                                HAS_OFF=off is not None, BLOCK=_FLAT_BLOCK)  # fmt: skip
     return out

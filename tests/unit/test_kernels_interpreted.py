@@ -35,7 +35,7 @@ QK_CASES = ["qk-3", "qk-4"]  # heads; 3 pads the head axis to tiles of 4
 # split-KV merge over 2 / 3 chunks; K/V row scatter into the cache (a strided V view);
 # FP8 e4m3 per-tensor quantization of contiguous / strided tensors and the dequantization
 OTHER_CASES = ["merge-2", "merge-3", "scatter", "fp8-contiguous", "fp8-strided", "fp8-dequant",
-               "fp8-offset-contiguous", "fp8-offset-strided"]  # fmt: skip
+               "fp8-dequant-offset", "fp8-offset-contiguous", "fp8-offset-strided"]  # fmt: skip
 # (the offset cases: a per-channel mean taken off inside the amax and quantize passes)
 # per-output tolerances where not TOL: the FP8 scale exactly; the interpreter casts to e4m3 by
 # truncation, so quantized values agree to about one e4m3 step (a wrong scale or row: ~1)
@@ -124,6 +124,9 @@ def _fp8_cases(fp8_tensor) -> dict[str, list[float]]:
     q, descale = fp8_tensor.quantize_tensor(x)
     got = fp8_tensor.dequantize_tensor(q, descale, torch.bfloat16)
     out["fp8-dequant"] = [rel_l2(got, (q.float() * descale).to(torch.bfloat16))]
+    m = torch.randn(1, 1, *x.shape[-2:], generator=torch.Generator().manual_seed(5))  # V's mean
+    got = fp8_tensor.dequantize_tensor(q, descale, torch.bfloat16, offset=m)
+    out["fp8-dequant-offset"] = [rel_l2(got, (q.float() * descale + m).to(torch.bfloat16))]
     return out
 
 
