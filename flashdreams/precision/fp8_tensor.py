@@ -48,14 +48,15 @@ def kernels(triton, tl) -> dict:
         tl.atomic_max(out_ptr, tl.max(tl.abs(x), 0))
 
     @triton.jit
-    def amax_rows(x_ptr, out_ptr, rows, cols, row_stride, off_ptr,
+    def amax_rows(x_ptr, out_ptr, rows, cols, row_stride, seq, batch_stride, off_ptr,
                   HAS_OFF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        base = (r // seq) * batch_stride + (r % seq) * row_stride  # row r of batch r // seq
         acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         for c0 in range(0, cols, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)[None, :]
             m = (r < rows) & (c < cols)
-            x = tl.load(x_ptr + r * row_stride + c, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + base + c, mask=m, other=0.0).to(tl.float32)
             if HAS_OFF:  # x - offset[c] (masked rows stay 0)
                 x = tl.where(m, x - tl.load(off_ptr + c, mask=c < cols, other=0.0), 0.0)
             acc = tl.maximum(acc, tl.abs(x))
@@ -72,16 +73,18 @@ def kernels(triton, tl) -> dict:
         tl.store(y_ptr + i, y.to(tl.float8e4nv), mask=i < n)
 
     @triton.jit
-    def quant_rows(x_ptr, amax_ptr, y_ptr, descale_ptr, rows, cols, row_stride, off_ptr,
-                   HAS_OFF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    def quant_rows(x_ptr, amax_ptr, y_ptr, descale_ptr, rows, cols, row_stride, seq,
+                   batch_stride, off_ptr, HAS_OFF: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_C: tl.constexpr):  # fmt: skip
         amax = tl.maximum(tl.load(amax_ptr), 1e-12)
         if tl.program_id(0) == 0:
             tl.store(descale_ptr, amax / 448.0)
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        base = (r // seq) * batch_stride + (r % seq) * row_stride  # row r of batch r // seq
         for c0 in range(0, cols, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)[None, :]
             m = (r < rows) & (c < cols)
-            x = tl.load(x_ptr + r * row_stride + c, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + base + c, mask=m, other=0.0).to(tl.float32)
             if HAS_OFF:
                 x = x - tl.load(off_ptr + c, mask=c < cols, other=0.0)
             y = tl.minimum(tl.maximum(x * (448.0 / amax), -448.0), 448.0)
@@ -103,6 +106,22 @@ def kernels(triton, tl) -> dict:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
+    """(tensor, rows, cols, row_stride, seq, batch_stride) of (B, L, H, D) / (B, L, C) read as
+    B * L rows of H * D: row r at ``(r // seq) * batch_stride + (r % seq) * row_stride``.
+
+    Without a copy where the channels of a token are packed, whatever the batch stride: the
+    valid range ``buffer[:, :n]`` of a cache holding several batch rows (HY-WorldPlay's two
+    attention branches) reads in place instead of going through ``x.contiguous()``."""
+    if x.dim() in (3, 4) and x.stride(-1) == 1:
+        b, seq = x.shape[:2]
+        h, d = x.shape[2:] if x.dim() == 4 else (1, x.shape[2])
+        if h == 1 or x.stride(2) == d:
+            return x, b * seq, h * d, x.stride(1), seq, x.stride(0)
+    rows = as_rows(x)
+    return rows, rows.shape[0], rows.shape[1], rows.stride(0), rows.shape[0], 0
 
 
 def _offset_row(offset: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -129,11 +148,10 @@ def running_amax(amax: torch.Tensor, x: torch.Tensor, offset: torch.Tensor | Non
         n = x.numel()
         k["amax_flat"][(_cdiv(n, _FLAT_BLOCK),)](x, amax, n, BLOCK=_FLAT_BLOCK)
         return
-    rows = as_rows(x)
-    k["amax_rows"][(_cdiv(rows.shape[0], _ROWS),)](rows, amax, rows.shape[0], rows.shape[1],
-                                                   rows.stride(0), amax if off is None else off,
-                                                   HAS_OFF=off is not None, BLOCK_R=_ROWS,
-                                                   BLOCK_C=_COLS)  # fmt: skip
+    t, rows, cols, row_stride, seq, batch_stride = _rows(x)
+    k["amax_rows"][(_cdiv(rows, _ROWS),)](t, amax, rows, cols, row_stride, seq, batch_stride,
+                                          amax if off is None else off, HAS_OFF=off is not None,
+                                          BLOCK_R=_ROWS, BLOCK_C=_COLS)  # fmt: skip
 
 
 def quantize_tensor_device(
@@ -154,12 +172,11 @@ def quantize_tensor_device(
         n = x.numel()
         k["quant_flat"][(_cdiv(n, _FLAT_BLOCK),)](x, amax, out, descale, n, BLOCK=_FLAT_BLOCK)
         return out, descale
-    rows = as_rows(x)
-    k["quant_rows"][(_cdiv(rows.shape[0], _ROWS),)](rows, amax, out, descale, rows.shape[0],
-                                                    rows.shape[1], rows.stride(0),
-                                                    amax if off is None else off,
-                                                    HAS_OFF=off is not None, BLOCK_R=_ROWS,
-                                                    BLOCK_C=_COLS)  # fmt: skip
+    t, rows, cols, row_stride, seq, batch_stride = _rows(x)
+    k["quant_rows"][(_cdiv(rows, _ROWS),)](t, amax, out, descale, rows, cols, row_stride, seq,
+                                           batch_stride, amax if off is None else off,
+                                           HAS_OFF=off is not None, BLOCK_R=_ROWS,
+                                           BLOCK_C=_COLS)  # fmt: skip
     return out, descale
 
 

@@ -289,3 +289,17 @@ def test_quality_reference_uses_the_bf16_fallback_kernel():
     assert ref.attention._target_ == "flashdreams.attention.sdpa.SdpaAttention"
     assert ref.attention.backend == "flash"
     assert cfg.attention._target_.endswith("CudnnFp8Attention")
+
+
+def test_quantize_reads_a_batch_strided_cache_range_in_place():
+    """``buffer[:, :n]`` of a cache with two batch rows (HY-WorldPlay's branches) is handed to
+    the quantize kernels as it is (a batch stride), not copied by ``x.contiguous()``."""
+    from flashdreams.precision.fp8_tensor import _rows
+
+    buffer = torch.randn(2, 70, 4, 32)
+    t, rows, cols, row_stride, seq, batch_stride = _rows(buffer[:, :50])
+    assert t.data_ptr() == buffer.data_ptr()
+    assert (rows, cols, row_stride, seq, batch_stride) == (100, 128, 128, 50, 70 * 128)
+    # heads not packed (a (B, L, D, H) transpose): one copy, read as plain rows
+    t, rows, cols, row_stride, seq, batch_stride = _rows(buffer.transpose(2, 3))
+    assert t.is_contiguous() and (rows, cols, seq, batch_stride) == (140, 128, 140, 0)

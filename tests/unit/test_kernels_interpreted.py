@@ -35,12 +35,14 @@ QK_CASES = ["qk-3", "qk-4"]  # heads; 3 pads the head axis to tiles of 4
 # split-KV merge over 2 / 3 chunks; K/V row scatter into the cache (a strided V view);
 # FP8 e4m3 per-tensor quantization of contiguous / strided tensors and the dequantization
 OTHER_CASES = ["merge-2", "merge-3", "scatter", "fp8-contiguous", "fp8-strided", "fp8-dequant",
-               "fp8-dequant-offset", "fp8-offset-contiguous", "fp8-offset-strided"]  # fmt: skip
+               "fp8-dequant-offset", "fp8-offset-contiguous", "fp8-offset-strided",
+               "fp8-batch-strided", "fp8-offset-batch-strided"]  # fmt: skip
 # (the offset cases: a per-channel mean taken off inside the amax and quantize passes)
 # per-output tolerances where not TOL: the FP8 scale exactly; the interpreter casts to e4m3 by
 # truncation, so quantized values agree to about one e4m3 step (a wrong scale or row: ~1)
-TOLS = {"fp8-contiguous": (1e-6, 0.15), "fp8-strided": (1e-6, 0.15),
-        "fp8-offset-contiguous": (1e-6, 0.15), "fp8-offset-strided": (1e-6, 0.15)}  # fmt: skip
+TOLS = {f"fp8-{kind}": (1e-6, 0.15) for kind in ("contiguous", "strided", "batch-strided",
+                                                 "offset-contiguous", "offset-strided",
+                                                 "offset-batch-strided")}  # fmt: skip
 
 
 def _run_all() -> dict[str, list[float]]:
@@ -103,8 +105,12 @@ def _fp8_cases(fp8_tensor) -> dict[str, list[float]]:
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 50, 4, 32, generator=g) * 5
     strided = torch.randn(3, 50, 3 * 128, generator=g)[..., 128:256].unflatten(-1, (4, 32))
+    # a cache's valid range over several batch rows: rows packed, the batch stride larger
+    batched = (torch.randn(3, 70, 4, 32, generator=g) * 2)[:, :50]
+    shifted = (torch.randn(3, 70, 4, 32, generator=g) + 2)[:, :50]  # the same, mean off 0
     out = {}
-    for name, t in (("fp8-contiguous", x), ("fp8-strided", strided)):
+    for name, t in (("fp8-contiguous", x), ("fp8-strided", strided),
+                    ("fp8-batch-strided", batched)):  # fmt: skip
         q, descale = fp8_tensor.quantize_tensor_device(t)
         q_ref, descale_ref = fp8_tensor.quantize_tensor(t)
         scale_err = abs(float(descale.reshape(())) / float(descale_ref.reshape(())) - 1)
@@ -112,7 +118,8 @@ def _fp8_cases(fp8_tensor) -> dict[str, list[float]]:
             scale_err,
             rel_l2(q.float() * descale.reshape(()), q_ref.float() * descale_ref),
         ]
-    for name, t in (("fp8-offset-contiguous", x + 7), ("fp8-offset-strided", strided - 3)):
+    for name, t in (("fp8-offset-contiguous", x + 7), ("fp8-offset-strided", strided - 3),
+                    ("fp8-offset-batch-strided", shifted)):  # fmt: skip
         m = t.mean(dim=(0, 1), keepdim=True)  # (1, 1, H, D), as the FP8 attention's K/V means
         q, descale = fp8_tensor.quantize_tensor_device(t, offset=m)
         q_ref, descale_ref = fp8_tensor.quantize_tensor(t, offset=m)
