@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+TAEHV_CASES = ("taehv_decode", "lighttae_decode")  # TAEHV: its own compile flag, no graph policy
 
 
 def policy(name: str):
@@ -49,7 +50,7 @@ def build(case: str, channels_last: bool, tiny: bool, graph: str = "eager"):
     from flashdreams.vae.wan22 import Wan22StreamingDecoder
 
     small = dict(base_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1) if tiny else {}
-    if case in ("taehv_decode", "lighttae_decode"):
+    if case in TAEHV_CASES:
         widths = (16, 8, 8, 4) if tiny else (256, 128, 64, 64)
         return TAEHVDecoder(channels=widths, channels_last=channels_last,
                             compile=graph != "eager")  # fmt: skip
@@ -85,7 +86,7 @@ def run_case(case, channels_last, graph, blocks, device, dtype, tiny):
     inputs = [torch.randn(1, c, f + (1 if i == 0 else 0), h, w, generator=gen).to(device, dtype)
               for i in range(blocks)]  # fmt: skip
     if case.endswith("decode"):
-        if not case.startswith(("taehv", "lighttae")):
+        if case not in TAEHV_CASES:
             module.set_graph(policy(graph))
         module.reset()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flashdreams.kernels import as_rows, cuda_kernels, triton_kernels
+from flashdreams.kernels import batched_rows, cuda_kernels, triton_kernels
 from flashdreams.precision.fp8 import _EPS, FP8, FP8_MAX, dequantize
 
 _FLAT_BLOCK = 8192  # elements per program of the flat (contiguous) kernels
@@ -108,22 +108,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
-    """(tensor, rows, cols, row_stride, seq, batch_stride) of (B, L, H, D) / (B, L, C) read as
-    B * L rows of H * D: row r at ``(r // seq) * batch_stride + (r % seq) * row_stride``.
-
-    Without a copy where the channels of a token are packed, whatever the batch stride: the
-    valid range ``buffer[:, :n]`` of a cache holding several batch rows (HY-WorldPlay's two
-    attention branches) reads in place instead of going through ``x.contiguous()``."""
-    if x.dim() in (3, 4) and x.stride(-1) == 1:
-        b, seq = x.shape[:2]
-        h, d = x.shape[2:] if x.dim() == 4 else (1, x.shape[2])
-        if h == 1 or x.stride(2) == d:
-            return x, b * seq, h * d, x.stride(1), seq, x.stride(0)
-    rows = as_rows(x)
-    return rows, rows.shape[0], rows.shape[1], rows.stride(0), rows.shape[0], 0
-
-
 def _offset_row(offset: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     """An offset broadcast over x's (H, D) (or (C,)) as one contiguous fp32 row of H*D."""
     if offset is None:
@@ -148,7 +132,7 @@ def running_amax(amax: torch.Tensor, x: torch.Tensor, offset: torch.Tensor | Non
         n = x.numel()
         k["amax_flat"][(_cdiv(n, _FLAT_BLOCK),)](x, amax, n, BLOCK=_FLAT_BLOCK)
         return
-    t, rows, cols, row_stride, seq, batch_stride = _rows(x)
+    t, rows, cols, row_stride, seq, batch_stride = batched_rows(x)
     k["amax_rows"][(_cdiv(rows, _ROWS),)](t, amax, rows, cols, row_stride, seq, batch_stride,
                                           amax if off is None else off, HAS_OFF=off is not None,
                                           BLOCK_R=_ROWS, BLOCK_C=_COLS)  # fmt: skip
@@ -172,7 +156,7 @@ def quantize_tensor_device(
         n = x.numel()
         k["quant_flat"][(_cdiv(n, _FLAT_BLOCK),)](x, amax, out, descale, n, BLOCK=_FLAT_BLOCK)
         return out, descale
-    t, rows, cols, row_stride, seq, batch_stride = _rows(x)
+    t, rows, cols, row_stride, seq, batch_stride = batched_rows(x)
     k["quant_rows"][(_cdiv(rows, _ROWS),)](t, amax, out, descale, rows, cols, row_stride, seq,
                                            batch_stride, amax if off is None else off,
                                            HAS_OFF=off is not None, BLOCK_R=_ROWS,

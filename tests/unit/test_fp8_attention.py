@@ -21,10 +21,10 @@ from flashdreams.attention.cudnn_fp8 import (
 )
 from flashdreams.attention.sdpa import SdpaAttention
 from flashdreams.cache.full import FullKVCache
+from flashdreams.kernels import as_rows, batched_rows
 from flashdreams.precision.fp8_tensor import (
     FP8,
     FP8_MAX,
-    as_rows,
     dequantize_tensor,
     quantize_tensor,
     running_amax,
@@ -294,12 +294,10 @@ def test_quality_reference_uses_the_bf16_fallback_kernel():
 def test_quantize_reads_a_batch_strided_cache_range_in_place():
     """``buffer[:, :n]`` of a cache with two batch rows (HY-WorldPlay's branches) is handed to
     the quantize kernels as it is (a batch stride), not copied by ``x.contiguous()``."""
-    from flashdreams.precision.fp8_tensor import _rows
-
     buffer = torch.randn(2, 70, 4, 32)
-    t, rows, cols, row_stride, seq, batch_stride = _rows(buffer[:, :50])
+    t, rows, cols, row_stride, seq, batch_stride = batched_rows(buffer[:, :50])
     assert t.data_ptr() == buffer.data_ptr()
     assert (rows, cols, row_stride, seq, batch_stride) == (100, 128, 128, 50, 70 * 128)
     # heads not packed (a (B, L, D, H) transpose): one copy, read as plain rows
-    t, rows, cols, row_stride, seq, batch_stride = _rows(buffer.transpose(2, 3))
+    t, rows, cols, row_stride, seq, batch_stride = batched_rows(buffer.transpose(2, 3))
     assert t.is_contiguous() and (rows, cols, seq, batch_stride) == (140, 128, 140, 0)
