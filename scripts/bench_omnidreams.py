@@ -30,12 +30,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ("omnidreams_single_view_fast", "omnidreams_single_view")
+RECIPES = ("omnidreams_single_view_fast", "omnidreams_single_view", "omnidreams_single_view_taehv")
+DEFAULT = RECIPES[:2]  # the faithful recipes; the TAEHV-encoder one on request
 RANDOM = ["model.checkpoint=null", "text_encoder=random", "vae.checkpoint=null",
           "control.encoder.checkpoint=null", "conditioner.encoder.checkpoint=null"]  # fmt: skip
 TINY = ["model=omnidreams_tiny", "device=cpu", "dtype=float32", "graph=eager", "attention=sdpa",
-        "vae=preview", "control.encoder.base_dim=8", "conditioner.encoder.base_dim=8",
-        "control.encoder.dtype=float32"]  # fmt: skip
+        "vae=preview", "conditioner.encoder.base_dim=8", "control.encoder.dtype=float32"]  # fmt: skip
+
+
+def tiny_encoder(recipe: str) -> str:
+    """The tiny HDMap encoder's width override (TAEHV's ``width``, the Wan encoders' ``base_dim``)."""
+    return "control.encoder.width=8" if recipe.endswith("_taehv") else "control.encoder.base_dim=8"
 
 
 def hdmap_frame(k: int, width: int, height: int) -> np.ndarray:
@@ -129,7 +134,8 @@ def run(recipe: str, out: Path, video: Path, image: Path, blocks: int, size: tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", action="append", choices=RECIPES,
-                        help="recipe(s) to run (default: both, the fast one first)")  # fmt: skip
+                        help="recipe(s) to run (default: the fast one, then the release's; "
+                        "omnidreams_single_view_taehv on request)")  # fmt: skip
     parser.add_argument(
         "--blocks", type=int, default=8, help="AR blocks per run (medians over >= 2)"
     )
@@ -150,9 +156,10 @@ def main() -> None:
     size = (64, 64) if args.tiny else (1280, 704)
     frames = 1 + 4 * (2 * args.blocks - 1)  # 2 latent frames per block
     video, image = make_inputs(out, frames, *size)
-    extra = [*(TINY if args.tiny else ["device=cuda"]), *args.overrides]
     rows = []
-    for recipe in args.recipe or RECIPES:
+    for recipe in args.recipe or DEFAULT:
+        tiny = [*TINY, tiny_encoder(recipe)] if args.tiny else ["device=cuda"]
+        extra = [*tiny, *args.overrides]
         rows.append(run(recipe, out, video, image, args.blocks, size, extra))
         if args.profile:
             profile(recipe, out, video, image, args.blocks, size, extra)

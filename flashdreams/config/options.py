@@ -43,6 +43,7 @@ def option_spec(group: str, option: str) -> tuple[str | None, frozenset[str]]:
         )
         return node.get("_target_"), frozenset(keys)
     target, keys = data.get("_target_"), set(data) - {"defaults"}
+    keys |= set(nested_groups(group, option))
     for entry in data.get("defaults") or []:
         if entry == "_self_" or not isinstance(entry, str):
             continue
@@ -50,6 +51,23 @@ def option_spec(group: str, option: str) -> tuple[str | None, frozenset[str]]:
         keys |= base_keys
         target = target or base_target
     return target, frozenset(keys)
+
+
+@cache
+def nested_groups(group: str, option: str) -> tuple[str, ...]:
+    """The sub-groups ``group/option`` composes under its own keys (a defaults entry
+    ``encoder: wan21`` in ``control/hdmap.yaml`` is the key ``encoder`` from ``control/encoder``)."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        return ()
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    subs = []
+    for entry in data.get("defaults") or []:
+        if isinstance(entry, dict):
+            subs += [k for k in entry if (CONF_DIR / group / k).is_dir()]
+        elif isinstance(entry, str) and entry != "_self_":
+            subs += nested_groups(group, entry)
+    return tuple(subs)
 
 
 def options(group: str) -> list[str]:
@@ -81,29 +99,38 @@ def scope_options(cfg: DictConfig, choices: dict | None = None) -> list[str]:
         cfg: a composed run config (changed in place).
         choices: Hydra's ``runtime.choices`` when known (``group -> option``).
     """
-    dropped = []
+    dropped: list[str] = []
     for group in SCOPED_GROUPS:
-        node = cfg.get(group) if group in cfg else None
-        if not isinstance(node, DictConfig):
-            continue
-        option = chosen_option(group, node, (choices or {}).get(group))
-        if option is None:
-            continue
-        _, declared = option_spec(group, option)
-        extra = [k for k in node if k not in declared and k not in _SPECIAL]
-        if not extra:
-            continue
+        _scope(cfg, group, group, choices or {}, dropped)
+    return dropped
+
+
+def _scope(parent: DictConfig, key: str, group: str, choices: dict, dropped: list[str]) -> None:
+    """``scope_options`` of the node ``parent[key]`` composed from ``group``, then of the
+    sub-groups its option composes (``control/encoder`` under ``control.encoder``)."""
+    node = parent.get(key) if key in parent else None
+    if not isinstance(node, DictConfig):
+        return
+    option = chosen_option(group, node, choices.get(group))
+    if option is None:
+        return
+    _, declared = option_spec(group, option)
+    extra = [k for k in node if k not in declared and k not in _SPECIAL]
+    path = group.replace("/", ".")
+    if extra:
         kept = {k: v for k, v in OmegaConf.to_container(node, resolve=False).items()
                 if k not in extra}  # fmt: skip
-        was_struct = OmegaConf.is_struct(cfg)
-        OmegaConf.set_struct(cfg, False)
-        cfg[group] = kept
-        OmegaConf.set_struct(cfg, was_struct)
-        for key in extra:
+        root = parent._get_root()
+        was_struct = OmegaConf.is_struct(root)
+        OmegaConf.set_struct(root, False)
+        parent[key] = kept
+        OmegaConf.set_struct(root, was_struct)
+        for k in extra:
             log.info("%s.%s is not a setting of %s=%s (the recipe set it for another option): "
-                     "ignored", group, key, group, option)  # fmt: skip
-            dropped.append(f"{group}.{key}")
-    return dropped
+                     "ignored", path, k, group, option)  # fmt: skip
+            dropped.append(f"{path}.{k}")
+    for sub in nested_groups(group, option):
+        _scope(parent[key], sub, f"{group}/{sub}", choices, dropped)
 
 
 def hydra_choices() -> dict | None:

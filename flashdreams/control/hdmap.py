@@ -85,6 +85,7 @@ class HDMapControl(ControlEncoder):
         self.encoder, self.video, self.fps, self.channels = encoder, video, float(fps), channels
         self.live, self.max_ahead, self.history = live, max_ahead_frames, history_frames
         self.temporal_factor = int(encoder.temporal_factor)
+        self.lead_frames = int(getattr(encoder, "lead_frames", 1))  # video frames of latent 0
         self.spatial_factor = int(encoder.spatial_factor)
         self._size: tuple[int, int] | None = None  # (width, height) of the run; None: no clip
         self._file: VideoFrames | None = None
@@ -108,8 +109,10 @@ class HDMapControl(ControlEncoder):
 
     # ---------------------------------------------------------------- checks
     def _video_frames(self, num_frames: int) -> int:
-        """Video frames a clip of ``num_frames`` latent frames covers (1 + 4 (n - 1))."""
-        return 1 + self.temporal_factor * (num_frames - 1)
+        """Video frames the encode of ``num_frames`` latent frames reads: ``lead + 4 (n - 1)``
+        (the Wan encoders: frame 0 alone, 1 + 4 (n - 1), the clip's length; TAEHV: 4 n, the
+        clip's last frame repeated past its end)."""
+        return self.lead_frames + self.temporal_factor * (num_frames - 1)
 
     def _probe(self) -> tuple[int, int, float, int]:
         if not self.video:
@@ -126,7 +129,8 @@ class HDMapControl(ControlEncoder):
         if self.live and not self.video:
             return  # frames come from the client
         _, _, src_fps, count = self._probe()
-        need, have = self._video_frames(num_frames), self._resampled(src_fps, count)
+        need = 1 + self.temporal_factor * (num_frames - 1)  # the clip's own video frames
+        have = self._resampled(src_fps, count)
         if have < need:
             raise ConfigError(f"control.video={self.video!r} is too short: {count} frames at "
                               f"{src_fps:g} fps give {have} at {self.fps:g} fps, the clip of "
@@ -138,7 +142,7 @@ class HDMapControl(ControlEncoder):
             self._file.close()
         self._latents, self._encoded, self._device = {}, 0, device
         self._ahead, self._reread, self._main_done, self._parts = None, {}, None, {}
-        self._cache = [None] * self.encoder._num_convs
+        self._cache = self.encoder.new_cache()
         self._size, self._file, self._pushed, self._next_push, self._last = (
             (width, height), None, {}, 0, None)  # fmt: skip
         if self.live and not self.video:
@@ -261,19 +265,19 @@ class HDMapControl(ControlEncoder):
         (a function of tensors: compiled and captured for the steady block). Pixels in [-1, 1]
         as ``image_to_tensor`` gives them (x / 255 * 2 - 1 in float32), in the encoder's dtype."""
         x = frames.permute(3, 0, 1, 2).unsqueeze(0).float() / 255.0
-        x = (2.0 * x - 1.0).to(self.encoder.quant_conv.weight.dtype)
+        x = (2.0 * x - 1.0).to(self.encoder.input_dtype)
         return self.encoder.encode_step(x, cache)
 
     @torch.no_grad()
     def _encode_upto(self, end: int) -> None:
-        """Encode latent frames [encoded, end): frame 0 alone, then all the others asked for in
-        one causal step (4 video frames each). Once the cache has its steady shapes (from
+        """Encode latent frames [encoded, end): latent frame 0 alone (``lead_frames`` video
+        frames), then all the others asked for in one causal step (4 video frames each). Once the cache has its steady shapes (from
         latent frame 2 on), the step runs under the control's graph policy."""
         tf = self.temporal_factor
         while self._encoded < end:
             count = 1 if self._encoded == 0 else end - self._encoded
-            first = 0 if self._encoded == 0 else 1 + tf * (self._encoded - 1)
-            frames = self._frames(first, 1 if self._encoded == 0 else tf * count)
+            first = 0 if self._encoded == 0 else self._video_frames(self._encoded)
+            frames = self._frames(first, self.lead_frames if self._encoded == 0 else tf * count)
             steady = None if self._encoded < 2 else tuple(frames.shape)
             latents, self._cache = self.run_graph("hdmap_encode", self._step, frames, self._cache,
                                                   shape_key=steady)  # fmt: skip
@@ -303,8 +307,8 @@ class HDMapControl(ControlEncoder):
 
     def _known(self, k: int) -> bool:
         """Whether video frame ``k`` is known now (pushed, read before, or in the file)."""
-        return (k in self._pushed or k in self._reread
-                or (self._file is not None and k < self._file.total))  # fmt: skip
+        in_file = self._file is not None and (k < self._file.total or not self.live)
+        return k in self._pushed or k in self._reread or in_file  # past a file's end: its last
 
     def encode_ahead(self, start: int, num: int) -> None:
         """Encode latent frames [start, start + num) ahead (on a side stream on CUDA) if every

@@ -100,6 +100,16 @@ class CausalChunkEncoder(nn.Module):
     cache (as ``AutoencoderKLWan._encode``), and returns normalized posterior means.
     """
 
+    lead_frames = 1  # video frames of latent frame 0 (then temporal_factor per latent frame)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return self.quant_conv.weight.dtype
+
+    def new_cache(self) -> list:
+        """The empty per-conv cache of a new stream (``encode_step``'s first ``cache``)."""
+        return [None] * self._num_convs
+
     def _set_stats(self, mean, std, temperal_downsample) -> None:
         self.temporal_factor = 2 ** sum(bool(v) for v in temperal_downsample)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1, 1), persistent=False)
@@ -133,7 +143,7 @@ class CausalChunkEncoder(nn.Module):
                 multiple of ``temporal_factor`` frames (one call for a block's 8 frames equals
                 two 4-frame chunks: every causal conv and temporal downsampling reads the same
                 past through the cache).
-            cache: the per-conv cache of the previous step (``[None] * _num_convs`` first); not
+            cache: the per-conv cache of the previous step (``new_cache()`` first); not
                 modified.
 
         Returns:
