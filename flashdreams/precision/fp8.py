@@ -19,6 +19,7 @@ import logging
 import torch
 from torch import nn
 
+from flashdreams import ConfigError
 from flashdreams.precision.base import Precision
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,18 @@ class Fp8Linear(nn.Module):
         fast_accum: ``_scaled_mm``'s ``use_fast_accum`` (Hopper: accumulate in the tensor
             cores' own precision instead of promoting partial sums to fp32 every few K-steps;
             faster, slightly less exact; what torchao's float8 inference uses).
+
+    Attributes set after construction (``quantize_blocks``): ``act_kernel`` quantizes the input
+    with the one-pass kernel ``flashdreams.precision.fp8_act.quant_act_rows`` instead of the
+    torch ops Inductor fuses into the producer; ``act`` (``none``, ``gelu``, ``gelu_tanh``) is
+    the activation folded into that pass (the GELU module before this linear is then gone).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str,
                  fast_accum: bool = True) -> None:  # fmt: skip
         super().__init__()
         self.fast_accum = bool(fast_accum)
+        self.act_kernel, self.act = False, "none"
         if backend not in ("scaled_mm", "reference"):
             raise ValueError(f"Fp8Linear backend {backend!r} is not scaled_mm | reference")
         self.backend = backend
@@ -130,7 +137,12 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        xq, x_scale = quantize_rowwise(x.reshape(-1, self.in_features))  # (M, K), (M, 1)
+        if self.act_kernel:
+            from flashdreams.precision.fp8_act import quant_act_rows
+
+            xq, x_scale = quant_act_rows(x.reshape(-1, self.in_features), self.act)
+        else:
+            xq, x_scale = quantize_rowwise(x.reshape(-1, self.in_features))  # (M, K), (M, 1)
         out_dtype = self.compute_dtype
         if self.backend == "reference":
             out = reference_scaled_mm(xq, self.qweight.t(), x_scale, self.weight_scale,
@@ -148,7 +160,9 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         accum = ", fast_accum" if self.fast_accum and self.backend == "scaled_mm" else ""
-        return f"in={self.in_features}, out={self.out_features}, backend={self.backend}{accum}"
+        quant = f", act_kernel({self.act})" if self.act_kernel else ""
+        return (f"in={self.in_features}, out={self.out_features}, backend={self.backend}"
+                f"{accum}{quant}")  # fmt: skip
 
 
 def quantizable(layer: nn.Linear) -> bool:
@@ -216,6 +230,36 @@ def _fuse_qkv_fp8(attn: nn.Module, backend: str, fast_accum: bool = True,
     return True
 
 
+def _act_chains(module: nn.Module) -> list[tuple[str, str, str]]:
+    """(linear, activation, linear) child names that ``module`` applies in that order: the
+    consecutive children of an ``nn.Sequential``, or what a module declares as ``act_chain``."""
+    if isinstance(module, nn.Sequential):
+        names = [n for n, _ in module.named_children()]
+        return [tuple(names[i : i + 3]) for i in range(len(names) - 2)]
+    chain = getattr(module, "act_chain", None)
+    return [tuple(chain)] if chain else []
+
+
+def fold_activations(model: nn.Module) -> int:
+    """Every ``Fp8Linear`` inside ``blocks`` quantizes its input with the one-pass kernel, and a
+    GELU between two linears (an FFN) moves into the second one's quantization pass (the GELU
+    module becomes ``nn.Identity``). Returns how many GELUs moved."""
+    folded = 0
+    owners = [m for m in model.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
+    for block in (b for owner in owners for b in owner.blocks):
+        for module in block.modules():
+            if isinstance(module, Fp8Linear):
+                module.act_kernel = True
+            for first, act, second in _act_chains(module):
+                a, g, b = (getattr(module, n, None) for n in (first, act, second))
+                if isinstance(g, nn.GELU) and isinstance(b, Fp8Linear) and b.act == "none" \
+                        and isinstance(a, (nn.Linear, Fp8Linear)):  # fmt: skip
+                    b.act = "gelu_tanh" if g.approximate == "tanh" else "gelu"
+                    setattr(module, act, nn.Identity())
+                    folded += 1
+    return folded
+
+
 def quantize_blocks(model: nn.Module, backend: str, fast_accum: bool = True,
                     min_out_features: int = 0) -> int:  # fmt: skip
     """Swap every ``nn.Linear`` inside ``blocks`` (of ``model`` or its sub-DiTs) for e4m3 ones.
@@ -257,14 +301,20 @@ class Fp8Precision(Precision):
         emulate: quantize even without FP8 GEMMs, computing with ``reference_scaled_mm``.
         fast_accum: ``use_fast_accum`` of the FP8 GEMMs (see :class:`Fp8Linear`).
         min_out_features: block linears with fewer outputs stay bf16 (``quantize_blocks``).
+        act_quant: ``inductor`` (the per-token quantization as torch ops, fused by Inductor
+            into the op producing the input) or ``kernel`` (one Triton pass per input, the
+            FFN's GELU folded in: ``fold_activations``; the torch ops off CUDA).
     """
 
     name = "fp8"
 
     def __init__(self, kv_cache: str | None = None, emulate: bool = False,
                  fast_accum: bool = True, min_out_features: int = 0,
-                 tf32: bool = False) -> None:  # fmt: skip
+                 tf32: bool = False, act_quant: str = "inductor") -> None:  # fmt: skip
         super().__init__(kv_cache, tf32)
+        if act_quant not in ("inductor", "kernel"):
+            raise ConfigError(f"precision.act_quant={act_quant!r} must be inductor or kernel")
+        self.act_quant = act_quant
         self.emulate = emulate
         self.fast_accum = bool(fast_accum)
         self.min_out_features = int(min_out_features)
@@ -283,8 +333,11 @@ class Fp8Precision(Precision):
             self.effective = f"{str(dtype).removeprefix('torch.')} (fp8 unavailable)"
             return model
         count = quantize_blocks(model, backend, self.fast_accum, self.min_out_features)
-        log.info("precision=fp8: %d block linears in e4m3 (%s%s)", count, backend,
-                 ", fast accumulation" if self.fast_accum and backend == "scaled_mm" else "")  # fmt: skip
+        folded = fold_activations(model) if self.act_quant == "kernel" else 0
+        log.info("precision=fp8: %d block linears in e4m3 (%s%s%s)", count, backend,
+                 ", fast accumulation" if self.fast_accum and backend == "scaled_mm" else "",
+                 f", inputs quantized by one kernel pass, {folded} GELUs folded in"
+                 if self.act_quant == "kernel" else "")  # fmt: skip
         self.effective = f"fp8 ({backend})"
         return model
 

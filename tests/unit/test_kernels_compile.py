@@ -54,7 +54,7 @@ def compiled(request, monkeypatch) -> _Compiled:
     from flashdreams.attention import split_kv
     from flashdreams.cache import scatter
     from flashdreams.model import fused_norms, fused_rope
-    from flashdreams.precision import fp8_tensor
+    from flashdreams.precision import fp8_act, fp8_tensor
 
     done = _Compiled()
     done.arch = request.param
@@ -67,7 +67,7 @@ def compiled(request, monkeypatch) -> _Compiled:
 
     monkeypatch.setattr(JITFunction, "__getitem__", compile_only)
     monkeypatch.setattr(driver, "_active", _Target(request.param))
-    for module in (fused_norms, fused_rope, split_kv, scatter, fp8_tensor):
+    for module in (fused_norms, fused_rope, split_kv, scatter, fp8_tensor, fp8_act):
         monkeypatch.setattr(module, "cuda_kernels", lambda kernels, *tensors: kernels())
     return done
 
@@ -116,3 +116,15 @@ def test_rope_and_cache_kernels_compile(compiled, heads):
         fp8_tensor.quantize_tensor_device(cache, offset=mean)  # amax + quant rows, with offset
         num += 7
     assert len(compiled) == num and all(k.asm.get("cubin") for k in compiled)
+
+
+@pytest.mark.parametrize("width", [2048, 14336])  # a QKV input; HY-WorldPlay's FFN-down input
+def test_fp8_input_quantization_compiles(compiled, width):
+    from flashdreams.precision.fp8_act import quant_act_rows
+
+    if compiled.arch < 89:
+        pytest.skip("e4m3 casts need sm89+")
+    x = torch.randn(24, width, dtype=BF16)
+    for act in ("none", "gelu", "gelu_tanh"):
+        quant_act_rows(x, act)
+    assert len(compiled) == 3 and all(k.asm.get("cubin") for k in compiled)

@@ -36,13 +36,17 @@ QK_CASES = ["qk-3", "qk-4"]  # heads; 3 pads the head axis to tiles of 4
 # FP8 e4m3 per-tensor quantization of contiguous / strided tensors and the dequantization
 OTHER_CASES = ["merge-2", "merge-3", "scatter", "fp8-contiguous", "fp8-strided", "fp8-dequant",
                "fp8-dequant-offset", "fp8-offset-contiguous", "fp8-offset-strided",
-               "fp8-batch-strided", "fp8-offset-batch-strided"]  # fmt: skip
+               "fp8-batch-strided", "fp8-offset-batch-strided", "act-none", "act-gelu",
+               "act-gelu_tanh"]  # fmt: skip
 # (the offset cases: a per-channel mean taken off inside the amax and quantize passes)
 # per-output tolerances where not TOL: the FP8 scale exactly; the interpreter casts to e4m3 by
 # truncation, so quantized values agree to about one e4m3 step (a wrong scale or row: ~1)
 TOLS = {f"fp8-{kind}": (1e-6, 0.15) for kind in ("contiguous", "strided", "batch-strided",
                                                  "offset-contiguous", "offset-strided",
                                                  "offset-batch-strided")}  # fmt: skip
+# the per-row FP8 input quantization (with the GELU before an FFN's second linear): the row
+# scales to 1e-5 (the activation's bf16 rounding in the interpreter), values to an e4m3 step
+TOLS |= {f"act-{act}": (1e-5, 0.15) for act in ("none", "gelu", "gelu_tanh")}
 
 
 def _run_all() -> dict[str, list[float]]:
@@ -51,10 +55,10 @@ def _run_all() -> dict[str, list[float]]:
     from flashdreams.cache import scatter
     from flashdreams.model import fused_norms as fused
     from flashdreams.model import fused_rope
-    from flashdreams.precision import fp8_tensor
+    from flashdreams.precision import fp8_act, fp8_tensor
 
     builders = {fused: "_kernels", fused_rope: "_kernels", split_kv: "_merge_kernel",
-                scatter: "_kernel", fp8_tensor: "kernels"}  # fmt: skip
+                scatter: "_kernel", fp8_tensor: "kernels", fp8_act: "kernels"}  # fmt: skip
     for module, builder in builders.items():  # CPU tensors go to the (interpreted) kernels
         module.cuda_kernels = lambda kernels, *tensors: kernels()
         # the interpreter looks helper kernels up in the module's globals, not in the closure
@@ -77,6 +81,21 @@ def _run_all() -> dict[str, list[float]]:
         out[f"merge-{splits}"] = _merge_case(split_kv, splits)
     out["scatter"] = _scatter_case(scatter)
     out.update(_fp8_cases(fp8_tensor))
+    out.update(_act_cases(fp8_act))
+    return out
+
+
+def _act_cases(fp8_act) -> dict[str, list[float]]:
+    """``quant_act_rows`` on (rows, 200) bf16 rows (2 rows per program, a masked tail) against
+    ``quantize_rowwise(gelu(x))`` in torch: relative error of the scales and of the values."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(37, 400, generator=g) * 3)[:, 100:300].to(torch.bfloat16)  # a row stride
+    out = {}
+    for act in ("none", "gelu", "gelu_tanh"):
+        q, scale = fp8_act.quant_act_rows(x, act)  # the interpreted kernel
+        q_ref, scale_ref = fp8_act._reference(x, act)
+        out[f"act-{act}"] = [float(((scale / scale_ref) - 1).abs().max()),
+                             rel_l2(q.float() * scale, q_ref.float() * scale_ref)]  # fmt: skip
     return out
 
 

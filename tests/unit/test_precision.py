@@ -11,7 +11,7 @@ from flashdreams import ConfigError
 from flashdreams.build import build_rollout
 from flashdreams.cache.rolling import RollingKVCache
 from flashdreams.precision.base import Precision
-from flashdreams.precision.fp8 import FP8, Fp8Linear, Fp8RowSlice, quantize_rowwise
+from flashdreams.precision.fp8 import FP8, Fp8Linear, Fp8Precision, Fp8RowSlice, quantize_rowwise
 from tests.unit.test_config import compose_run
 
 E4M3_REL = 2.0**-4  # half-ulp of a 3-bit mantissa
@@ -213,3 +213,36 @@ def test_fp32_matmul_precision_changes_only_when_asked(overrides, expected):
         assert torch.get_float32_matmul_precision() == (expected or "highest")
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_kernel_act_quant_folds_the_ffn_gelu_and_keeps_the_output():
+    """``precision.act_quant=kernel``: every block FP8 linear quantizes its input in one pass and
+    the FFN's GELU(tanh) moves into ffn.2's pass; off CUDA that pass is the same torch ops, so
+    the latents equal the ``inductor`` setting's exactly."""
+    base = ["precision=fp8", "precision.emulate=true", "precision.min_out_features=0"]
+    want, _ = _latents(base)
+    got, rollout = _latents([*base, "precision.act_quant=kernel"])
+    for block in rollout.model.blocks:
+        assert isinstance(block.ffn[1], nn.Identity) and block.ffn[2].act == "gelu_tanh"
+        assert block.ffn[0].act == "none" and block.ffn[0].act_kernel
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    with pytest.raises(
+        ConfigError, match=r"^precision.act_quant='fused' must be inductor or kernel$"
+    ):
+        Fp8Precision(act_quant="fused")
+
+
+def test_cosmos_mlp_gelu_folds_through_its_act_chain():
+    """The Cosmos block's MLP declares (layer1, act, layer2): its exact GELU folds into layer2."""
+    from flashdreams.model.cosmos.dit import CosmosBlock
+    from flashdreams.precision.fp8 import fold_activations, quantize_blocks
+
+    owner = nn.Module()
+    owner.blocks = nn.ModuleList([CosmosBlock(64, 32, 4, 256, 16, 1e-6, 1e-6)])
+    mlp = owner.blocks[0].mlp
+    h = torch.randn(2, 5, 64)
+    quantize_blocks(owner, "reference")
+    want = mlp.layer2(mlp.act(mlp.layer1(h)))
+    assert fold_activations(owner) == 1
+    assert isinstance(mlp.act, nn.Identity) and mlp.layer2.act == "gelu"
+    torch.testing.assert_close(mlp.layer2(mlp.act(mlp.layer1(h))), want, rtol=0, atol=0)

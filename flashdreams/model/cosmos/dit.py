@@ -155,7 +155,9 @@ class CosmosBlock(nn.Module):
         self.cross_attn = CosmosAttention(dim, context_dim, num_heads, qk_eps)
         self.mlp = nn.Module()
         self.mlp.layer1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.mlp.act = nn.GELU()  # no parameters; FP8 may fold it into layer2 (act_chain)
         self.mlp.layer2 = nn.Linear(ffn_dim, dim, bias=False)
+        self.mlp.act_chain = ("layer1", "act", "layer2")
         self.adaln_modulation_self_attn = adaln_lora(dim, lora_dim, 3)
         self.adaln_modulation_cross_attn = adaln_lora(dim, lora_dim, 3)
         self.adaln_modulation_mlp = adaln_lora(dim, lora_dim, 3)
@@ -191,7 +193,7 @@ class CosmosBlock(nn.Module):
         """Region 3: cross output + gated residual, norm + modulation, GELU MLP, residual."""
         x = gated_residual(x, _linear(self.cross_attn.output_proj, y.flatten(2)), mod[:, :, 5])
         h = self._norm(x, self.layer_norm_mlp, mod[:, :, 6], mod[:, :, 7])
-        y = _linear(self.mlp.layer2, F.gelu(_linear(self.mlp.layer1, h)))
+        y = _linear(self.mlp.layer2, self.mlp.act(_linear(self.mlp.layer1, h)))
         return gated_residual(x, y, mod[:, :, 8])
 
     def flops(self, q_tokens: int, kv_tokens: int, tokens_per_frame: int,
