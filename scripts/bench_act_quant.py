@@ -1,8 +1,9 @@
 """The FP8 input quantization of a linear, with the GELU before it, at the models' shapes: the
 torch ops compiled by Inductor (as ``precision.act_quant=inductor`` runs them inside the compiled
 regions; also with ``triton.multi_kernel=1``) against the one-pass kernel
-(``precision.act_quant=kernel``). Prints median microseconds per call, the bytes' floor at
-the H200's 4.8 TB/s, and one JSON line per shape.
+(``precision.act_quant=kernel``). Prints median microseconds per call (calls replayed from a
+CUDA graph, as the models run them), the bytes' floor at the H200's 4.8 TB/s, and one JSON line
+per shape.
 
 GPU:  python scripts/bench_act_quant.py [--out act_quant.json]
 """
@@ -31,17 +32,27 @@ SHAPES = [
 ]
 
 
-def _median_us(fn, x, reps: int = 50) -> float:
-    for _ in range(5):
-        fn(x)
+def _median_us(fn, x, reps: int = 30, calls: int = 20) -> float:
+    """Median GPU time of one call, from ``calls`` calls captured in one CUDA graph (as the
+    models run them: no launch overhead in the number)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn(x)
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn(x)
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
+        times.append(a.elapsed_time(b) * 1e3 / calls)
     return sorted(times)[len(times) // 2]
 
 

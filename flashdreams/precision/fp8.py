@@ -240,21 +240,23 @@ def _act_chains(module: nn.Module) -> list[tuple[str, str, str]]:
     return [tuple(chain)] if chain else []
 
 
-def fold_activations(model: nn.Module) -> int:
-    """Every ``Fp8Linear`` inside ``blocks`` quantizes its input with the one-pass kernel, and a
-    GELU between two linears (an FFN) moves into the second one's quantization pass (the GELU
-    module becomes ``nn.Identity``). Returns how many GELUs moved."""
+def fold_activations(model: nn.Module, every: bool = True) -> int:
+    """A GELU between two linears inside ``blocks`` (an FFN) moves into the second one's input
+    quantization, a one-pass kernel (the GELU module becomes ``nn.Identity``); with ``every``,
+    every other ``Fp8Linear`` of the blocks quantizes its input with that kernel too. Returns
+    how many GELUs moved."""
     folded = 0
     owners = [m for m in model.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
     for block in (b for owner in owners for b in owner.blocks):
         for module in block.modules():
-            if isinstance(module, Fp8Linear):
+            if isinstance(module, Fp8Linear) and every:
                 module.act_kernel = True
             for first, act, second in _act_chains(module):
                 a, g, b = (getattr(module, n, None) for n in (first, act, second))
                 if isinstance(g, nn.GELU) and isinstance(b, Fp8Linear) and b.act == "none" \
                         and isinstance(a, (nn.Linear, Fp8Linear)):  # fmt: skip
                     b.act = "gelu_tanh" if g.approximate == "tanh" else "gelu"
+                    b.act_kernel = True
                     setattr(module, act, nn.Identity())
                     folded += 1
     return folded
@@ -302,8 +304,10 @@ class Fp8Precision(Precision):
         fast_accum: ``use_fast_accum`` of the FP8 GEMMs (see :class:`Fp8Linear`).
         min_out_features: block linears with fewer outputs stay bf16 (``quantize_blocks``).
         act_quant: ``inductor`` (the per-token quantization as torch ops, fused by Inductor
-            into the op producing the input) or ``kernel`` (one Triton pass per input, the
-            FFN's GELU folded in: ``fold_activations``; the torch ops off CUDA).
+            into the op producing the input), ``ffn`` (the FFN's GELU and the second linear's
+            quantization as one Triton pass: ``fold_activations``; the others as ``inductor``)
+            or ``kernel`` (every block linear's input through that pass). Off CUDA the pass
+            runs the same torch ops.
     """
 
     name = "fp8"
@@ -312,8 +316,8 @@ class Fp8Precision(Precision):
                  fast_accum: bool = True, min_out_features: int = 0,
                  tf32: bool = False, act_quant: str = "inductor") -> None:  # fmt: skip
         super().__init__(kv_cache, tf32)
-        if act_quant not in ("inductor", "kernel"):
-            raise ConfigError(f"precision.act_quant={act_quant!r} must be inductor or kernel")
+        if act_quant not in ("inductor", "ffn", "kernel"):
+            raise ConfigError(f"precision.act_quant={act_quant!r} must be inductor, ffn or kernel")
         self.act_quant = act_quant
         self.emulate = emulate
         self.fast_accum = bool(fast_accum)
@@ -333,11 +337,13 @@ class Fp8Precision(Precision):
             self.effective = f"{str(dtype).removeprefix('torch.')} (fp8 unavailable)"
             return model
         count = quantize_blocks(model, backend, self.fast_accum, self.min_out_features)
-        folded = fold_activations(model) if self.act_quant == "kernel" else 0
+        folded = 0
+        if self.act_quant != "inductor":
+            folded = fold_activations(model, every=self.act_quant == "kernel")
         log.info("precision=fp8: %d block linears in e4m3 (%s%s%s)", count, backend,
                  ", fast accumulation" if self.fast_accum and backend == "scaled_mm" else "",
-                 f", inputs quantized by one kernel pass, {folded} GELUs folded in"
-                 if self.act_quant == "kernel" else "")  # fmt: skip
+                 f", act_quant={self.act_quant}: {folded} GELUs folded into the quantize pass"
+                 if self.act_quant != "inductor" else "")  # fmt: skip
         self.effective = f"fp8 ({backend})"
         return model
 

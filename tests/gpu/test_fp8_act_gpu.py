@@ -37,9 +37,14 @@ def test_folded_ffn_compiled_equals_the_unfolded_one():
     ffn = nn.Sequential(*(Fp8Linear(m.weight, m.bias, "scaled_mm") if isinstance(m, nn.Linear)
                           else m for m in dense))  # fmt: skip
     x = torch.randn(3, 700, 1024, device="cuda", dtype=torch.bfloat16)
-    want = torch.compile(ffn)(x)
+    exact = dense(x)
+    unfolded = torch.compile(ffn)(x)
     owner = nn.Module()
     owner.blocks = nn.ModuleList([ffn])
     assert fold_activations(owner) == 1 and isinstance(ffn[1], nn.Identity)
-    got = torch.compile(ffn)(x)
-    assert rel_l2(got, want) < 1e-2
+    folded = torch.compile(ffn)(x)
+    # two e4m3 quantizations of one FFN: ~3 % of bf16 either way (H200: 1.4 % apart, the
+    # fused Inductor pass keeps the GELU in fp32 where the kernel rounds it to bf16 as the
+    # module does); folding must not cost accuracy
+    err, base = rel_l2(folded, exact), rel_l2(unfolded, exact)
+    assert err < 5e-2 and err < 1.2 * base, (err, base)

@@ -226,8 +226,16 @@ def test_kernel_act_quant_folds_the_ffn_gelu_and_keeps_the_output():
         assert isinstance(block.ffn[1], nn.Identity) and block.ffn[2].act == "gelu_tanh"
         assert block.ffn[0].act == "none" and block.ffn[0].act_kernel
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    got, rollout = _latents([*base, "precision.act_quant=ffn"])  # only the FFN's GELU pass
+    block = rollout.model.blocks[0]
+    assert (
+        block.ffn[2].act_kernel
+        and not block.ffn[0].act_kernel
+        and not block.self_attn.qkv.act_kernel
+    )
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     with pytest.raises(
-        ConfigError, match=r"^precision.act_quant='fused' must be inductor or kernel$"
+        ConfigError, match=r"^precision.act_quant='fused' must be inductor, ffn or kernel$"
     ):
         Fp8Precision(act_quant="fused")
 
