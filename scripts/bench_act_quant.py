@@ -68,7 +68,11 @@ def _torch_ops(act: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--sweep", default="", help="kernel configs to time as well, "
+                        "rows x warps, e.g. 1x8,1x16,1x32,2x16 (fp8_act.TUNE)")  # fmt: skip
     args = parser.parse_args()
+    from flashdreams.precision import fp8_act
+
     rows = []
     for name, m, k, act in SHAPES:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 3
@@ -81,6 +85,10 @@ def main() -> None:
             torch._dynamo.reset()
             row[f"{label}_us"] = _median_us(torch.compile(_torch_ops(act), options=opts), x)
         row["kernel_us"] = _median_us(lambda t, a=act: quant_act_rows(t, a), x)
+        for cfg in filter(None, args.sweep.split(",")):
+            fp8_act.TUNE[k] = tuple(int(v) for v in cfg.split("x"))
+            row[f"kernel_{cfg}_us"] = _median_us(lambda t, a=act: quant_act_rows(t, a), x)
+            fp8_act.TUNE.pop(k)
         rows.append(row)
         print(f"{name:22s} {m}x{k} {act:9s} inductor {row['inductor_us']:7.1f} us | multi_kernel "
               f"{row['inductor_multi_kernel_us']:7.1f} | kernel {row['kernel_us']:7.1f} | floor "

@@ -52,9 +52,16 @@ def kernels(triton, tl):
     return act_quant_rows
 
 
+# row width -> (rows per program, warps), where a sweep (scripts/bench_act_quant.py --sweep)
+# found better than the built-in choice
+TUNE: dict[int, tuple[int, int]] = {}
+
+
 def config(cols: int) -> tuple[int, int, int]:
     """(rows per program, columns per tile, warps): about 32 fp32 values per thread."""
     block_c = next_pow2(cols)
+    if cols in TUNE:
+        return TUNE[cols][0], block_c, TUNE[cols][1]
     block_r = max(1, 2048 // block_c)
     return block_r, block_c, min(16, max(4, block_r * block_c // 1024))
 
