@@ -77,6 +77,18 @@ class TGrow(nn.Module):
         return self.conv(x).reshape(-1, *x.shape[1:])
 
 
+def register_wan21_stats(module: nn.Module, latent_channels: int, setting: str) -> None:
+    """Wan 2.1's latent mean / std as (1, C, 1, 1, 1) buffers ``latent_mean`` / ``latent_std`` of
+    a TAEHV file trained on raw Wan latents (LightTAE); ``setting`` names the option in errors."""
+    from flashdreams.vae.wan21 import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
+
+    if latent_channels != len(WAN21_LATENTS_MEAN):
+        raise ConfigError(f"{setting}=true needs Wan 2.1's {len(WAN21_LATENTS_MEAN)} latent "
+                          f"channels")  # fmt: skip
+    for name, stats in (("latent_mean", WAN21_LATENTS_MEAN), ("latent_std", WAN21_LATENTS_STD)):
+        module.register_buffer(name, torch.tensor(stats).reshape(1, -1, 1, 1, 1), persistent=False)
+
+
 def build_taehv_decoder(latent_channels: int, channels: Sequence[int]) -> nn.Sequential:
     """The TAEHV decoder stack, indexed as the reference checkpoints expect.
 
@@ -155,15 +167,7 @@ class TAEHVDecoder(StreamingDecoder):
             to_channels_last(self.decoder)
         self.raw_latents = raw_latents
         if raw_latents:
-            from flashdreams.vae.wan21 import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
-
-            if self.latent_channels != len(WAN21_LATENTS_MEAN):
-                raise ConfigError(f"vae.raw_latents=true needs Wan 2.1's "
-                                  f"{len(WAN21_LATENTS_MEAN)} latent channels")  # fmt: skip
-            shape = (1, -1, 1, 1, 1)
-            for name, stats in (("latent_mean", WAN21_LATENTS_MEAN),
-                                ("latent_std", WAN21_LATENTS_STD)):  # fmt: skip
-                self.register_buffer(name, torch.tensor(stats).reshape(shape), persistent=False)
+            register_wan21_stats(self, self.latent_channels, "vae.raw_latents")
         self.reset()
 
     def _build(self, latent_channels: int, channels: Sequence[int]) -> nn.Sequential:

@@ -26,7 +26,7 @@ from torch import nn
 from flashdreams import ConfigError
 from flashdreams.io.checkpoint import as_dtype, check_state_dict, resolve_path
 from flashdreams.vae.base import read_tensor_file, to_channels_last
-from flashdreams.vae.taehv import MemBlock, _conv
+from flashdreams.vae.taehv import MemBlock, _conv, register_wan21_stats
 
 POOL_STRIDES = (2, 2, 1)  # TPool stride per level for Wan 2.1: 4 frames -> 1 latent frame
 
@@ -108,14 +108,7 @@ class TAEHVEncoder(nn.Module):
             to_channels_last(self.encoder)
         self.raw_latents = raw_latents
         if raw_latents:
-            from flashdreams.vae.wan21 import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
-
-            if self.latent_channels != len(WAN21_LATENTS_MEAN):
-                raise ConfigError(f"control.encoder.raw_latents=true needs Wan 2.1's "
-                                  f"{len(WAN21_LATENTS_MEAN)} latent channels")  # fmt: skip
-            for name, stats in (("mean", WAN21_LATENTS_MEAN), ("std", WAN21_LATENTS_STD)):
-                t = torch.tensor(stats).reshape(1, -1, 1, 1, 1)
-                self.register_buffer(name, t, persistent=False)
+            register_wan21_stats(self, self.latent_channels, "control.encoder.raw_latents")
         self._memblocks = sum(isinstance(m, MemBlock) for m in self.encoder)
 
     @property
@@ -149,7 +142,7 @@ class TAEHVEncoder(nn.Module):
         """(N, T', C, h, w) -> (N, C, T', h, w) float32 latents in the DiT's space."""
         z = z.transpose(1, 2).float()
         if self.raw_latents:
-            z = (z - self.mean.float()) / self.std.float()
+            z = (z - self.latent_mean.float()) / self.latent_std.float()
         return z.contiguous()
 
     def encode_step(self, x: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:

@@ -108,7 +108,7 @@ def test_raw_latent_files_are_normalized():
     raw = TAEHVEncoder(width=WIDTH, raw_latents=True).eval()
     plain = TAEHVEncoder(width=WIDTH).eval()
     video = _video(8)
-    torch.testing.assert_close(raw.encode(video) * raw.std + raw.mean, plain.encode(video),
+    torch.testing.assert_close(raw.encode(video) * raw.latent_std + raw.latent_mean, plain.encode(video),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
