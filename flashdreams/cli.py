@@ -68,7 +68,8 @@ def check_choices(argv: list[str]) -> None:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~").removeprefix("override ")
-        if key in GROUPS:
+        nested = "/" in key and key.split("/", 1)[0] in GROUPS and (CONF_DIR / key).is_dir()
+        if key in GROUPS or nested:  # nested: a group inside an option (control/encoder)
             allowed = group_options(key, extra)
             for choice in value.split(","):
                 if choice and choice not in allowed and not choice.startswith(("choice(", "glob(")):

@@ -71,6 +71,10 @@ def test_help_lists_groups():
         (["rollout.total_blocks=0"], "rollout.total_blocks=0"),
         (["cache.window_frames=1"], "cache.window_frames=1"),
         (["cache=nope"], "cache=nope: unknown option; allowed: context, full, none, rolling"),
+        (
+            ["recipe=omnidreams_single_view_fast", "control/encoder=nope"],
+            "control/encoder=nope: unknown option; allowed: lightvae, taehv, wan21",
+        ),  # nested group
         (["prompt_file=/does/not/exist"], "prompt_file="),
     ],
 )
