@@ -54,7 +54,8 @@ def extra_config_dirs(argv: list[str]) -> list[Path]:
 
 def groups_help() -> str:
     """``group: options`` lines of ``--help`` (YAML options only, not the ``base_*`` schemas)."""
-    return "\n".join(f"{g}: {', '.join(group_options(g))}" for g in sorted(GROUPS))
+    nested = [f"{g}/{d.name}" for g in GROUPS for d in (CONF_DIR / g).glob("*") if d.is_dir()]
+    return "\n".join(f"{g}: {', '.join(group_options(g))}" for g in sorted([*GROUPS, *nested]))
 
 
 OmegaConf.register_new_resolver("fd_groups_help", groups_help, replace=True)

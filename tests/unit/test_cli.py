@@ -61,6 +61,7 @@ def test_help_lists_groups():
     for group in ("cache", "model", "recipe", "scheduler", "vae"):
         assert group in proc.stdout
     assert "cache: context, full, none, rolling\n" in proc.stdout  # options, not the base_* schemas
+    assert "control/encoder: lightvae, taehv, wan21\n" in proc.stdout  # a group inside an option
     assert "base_" not in proc.stdout.split("== Config ==")[0]
 
 
