@@ -52,10 +52,16 @@ def extra_config_dirs(argv: list[str]) -> list[Path]:
     return dirs
 
 
+def nested_groups() -> list[str]:
+    """Groups inside a group's options (``control/encoder``): sub-folders of a group's folder."""
+    return [f"{g}/{d.name}" for g in GROUPS for d in (CONF_DIR / g).glob("*") if d.is_dir()]
+
+
 def groups_help() -> str:
     """``group: options`` lines of ``--help`` (YAML options only, not the ``base_*`` schemas)."""
-    nested = [f"{g}/{d.name}" for g in GROUPS for d in (CONF_DIR / g).glob("*") if d.is_dir()]
-    return "\n".join(f"{g}: {', '.join(group_options(g))}" for g in sorted([*GROUPS, *nested]))
+    return "\n".join(
+        f"{g}: {', '.join(group_options(g))}" for g in sorted([*GROUPS, *nested_groups()])
+    )
 
 
 OmegaConf.register_new_resolver("fd_groups_help", groups_help, replace=True)
@@ -63,14 +69,13 @@ OmegaConf.register_new_resolver("fd_groups_help", groups_help, replace=True)
 
 def check_choices(argv: list[str]) -> None:
     """One-line error for ``group=unknown`` before Hydra composes anything."""
-    extra = extra_config_dirs(argv)
+    extra, nested = extra_config_dirs(argv), nested_groups()
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~").removeprefix("override ")
-        nested = "/" in key and key.split("/", 1)[0] in GROUPS and (CONF_DIR / key).is_dir()
-        if key in GROUPS or nested:  # nested: a group inside an option (control/encoder)
+        if key in GROUPS or key in nested:
             allowed = group_options(key, extra)
             for choice in value.split(","):
                 if choice and choice not in allowed and not choice.startswith(("choice(", "glob(")):

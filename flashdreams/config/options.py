@@ -30,10 +30,8 @@ def option_spec(group: str, option: str) -> tuple[str | None, frozenset[str]]:
     """(``_target_``, declared keys) of ``group/option``, following its defaults list."""
     from hydra.core.config_store import ConfigStore
 
-    path = CONF_DIR / group / f"{option}.yaml"
-    if path.is_file():
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-    else:  # a structured schema (base_*) in Hydra's ConfigStore
+    data = _option_yaml(group, option)
+    if data is None:  # a structured schema (base_*) in Hydra's ConfigStore
         node = ConfigStore.instance().load(f"{group}/{option}.yaml").node
         schema = OmegaConf.get_type(node)
         keys = (
@@ -54,13 +52,21 @@ def option_spec(group: str, option: str) -> tuple[str | None, frozenset[str]]:
 
 
 @cache
+def _option_yaml(group: str, option: str) -> dict | None:
+    """``conf/<group>/<option>.yaml`` as a plain dict (read once), None where it is no file."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+
+
+@cache
 def nested_groups(group: str, option: str) -> tuple[str, ...]:
     """The sub-groups ``group/option`` composes under its own keys (a defaults entry
     ``encoder: wan21`` in ``control/hdmap.yaml`` is the key ``encoder`` from ``control/encoder``)."""
-    path = CONF_DIR / group / f"{option}.yaml"
-    if not path.is_file():
+    data = _option_yaml(group, option)
+    if data is None:
         return ()
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
     subs = []
     for entry in data.get("defaults") or []:
         if isinstance(entry, dict):

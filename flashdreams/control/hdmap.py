@@ -85,7 +85,7 @@ class HDMapControl(ControlEncoder):
         self.encoder, self.video, self.fps, self.channels = encoder, video, float(fps), channels
         self.live, self.max_ahead, self.history = live, max_ahead_frames, history_frames
         self.temporal_factor = int(encoder.temporal_factor)
-        self.lead_frames = int(getattr(encoder, "lead_frames", 1))  # video frames of latent 0
+        self.lead_frames = int(encoder.lead_frames)  # video frames of latent frame 0
         self.spatial_factor = int(encoder.spatial_factor)
         self._size: tuple[int, int] | None = None  # (width, height) of the run; None: no clip
         self._file: VideoFrames | None = None
@@ -211,7 +211,7 @@ class HDMapControl(ControlEncoder):
         return first
 
     def _consumed(self, encoded: int | None = None) -> int:
-        """Video frames the encoded latent frames cover (1 + tf (n - 1); 0 before any)."""
+        """Video frames the encoded latent frames read (``_video_frames``; 0 before any)."""
         encoded = self._encoded if encoded is None else encoded
         return 0 if encoded == 0 else self._video_frames(encoded)
 
@@ -271,13 +271,15 @@ class HDMapControl(ControlEncoder):
     @torch.no_grad()
     def _encode_upto(self, end: int) -> None:
         """Encode latent frames [encoded, end): latent frame 0 alone (``lead_frames`` video
-        frames), then all the others asked for in one causal step (4 video frames each). Once the cache has its steady shapes (from
-        latent frame 2 on), the step runs under the control's graph policy."""
+        frames), then all the others asked for in one causal step (4 video frames each). Once
+        the cache has its steady shapes (from latent frame 2 on), the step runs under the
+        control's graph policy."""
         tf = self.temporal_factor
         while self._encoded < end:
             count = 1 if self._encoded == 0 else end - self._encoded
-            first = 0 if self._encoded == 0 else self._video_frames(self._encoded)
-            frames = self._frames(first, self.lead_frames if self._encoded == 0 else tf * count)
+            frames = self._frames(
+                self._consumed(), self.lead_frames if self._encoded == 0 else tf * count
+            )
             steady = None if self._encoded < 2 else tuple(frames.shape)
             latents, self._cache = self.run_graph("hdmap_encode", self._step, frames, self._cache,
                                                   shape_key=steady)  # fmt: skip

@@ -230,6 +230,13 @@ def _fuse_qkv_fp8(attn: nn.Module, backend: str, fast_accum: bool = True,
     return True
 
 
+def _blocks(model: nn.Module):
+    """The transformer blocks of ``model`` and of its sub-DiTs (experts): every ``blocks``
+    ``nn.ModuleList`` inside it."""
+    owners = [m for m in model.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
+    return (b for owner in owners for b in owner.blocks)
+
+
 def _act_chains(module: nn.Module) -> list[tuple[str, str, str]]:
     """(linear, activation, linear) child names that ``module`` applies in that order: the
     consecutive children of an ``nn.Sequential``, or what a module declares as ``act_chain``."""
@@ -246,8 +253,7 @@ def fold_activations(model: nn.Module, every: bool = True) -> int:
     every other ``Fp8Linear`` of the blocks quantizes its input with that kernel too. Returns
     how many GELUs moved."""
     folded = 0
-    owners = [m for m in model.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
-    for block in (b for owner in owners for b in owner.blocks):
+    for block in _blocks(model):
         for module in block.modules():
             if isinstance(module, Fp8Linear) and every:
                 module.act_kernel = True
@@ -277,8 +283,7 @@ def quantize_blocks(model: nn.Module, backend: str, fast_accum: bool = True,
         How many linears were swapped (the fused QKV counts as three).
     """
     count = 0
-    owners = [m for m in model.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)]
-    for block in (b for owner in owners for b in owner.blocks):  # several DiTs (experts) too
+    for block in _blocks(model):  # several DiTs (experts) too
         for _, module in list(block.named_modules()):
             if _fuse_qkv_fp8(module, backend, fast_accum, min_out_features):
                 count += 3
