@@ -10,6 +10,10 @@ Cases (random weights at real size, bf16):
 - ``taehv_decode``: TAEHV (taew2_1 widths), 3 latent frames per block at 44x80 (Matrix-Game, 352x640).
 - ``lighttae_decode``: the same network, 2 latent frames at 88x160 (OmniDreams fast, 704x1280).
   TAEHV compiles with its own ``vae.compile`` (any ``--graphs`` row other than eager).
+- ``taehv_encode``: TAEHV's encoder (taew2_1: width 64), 8 frames per block at 704x1280 (OmniDreams'
+  HDMap encode in ``omnidreams_single_view_taehv``), under the graph policy as the control runs it.
+
+``--profile N`` adds, per row, the N kernels of one more steady block that take the most GPU time.
 
 Every case streams ``--blocks`` blocks through one causal cache (the first block's first frame
 alone, as a clip starts) and reports the median over blocks >= 2 (steady shapes: compiled and
@@ -34,6 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TAEHV_CASES = ("taehv_decode", "lighttae_decode")  # TAEHV: its own compile flag, no graph policy
+STREAM_CACHE_CASES = ("taehv_encode",)  # encoders with a new_cache() and no first-frame step
 
 
 def policy(name: str):
@@ -45,6 +50,7 @@ def policy(name: str):
 
 def build(case: str, channels_last: bool, tiny: bool, graph: str = "eager"):
     from flashdreams.vae.taehv import TAEHVDecoder
+    from flashdreams.vae.taehv_encode import TAEHVEncoder
     from flashdreams.vae.wan21 import Wan21StreamingDecoder
     from flashdreams.vae.wan21_encode import Wan21Encoder
     from flashdreams.vae.wan22 import Wan22StreamingDecoder
@@ -54,6 +60,8 @@ def build(case: str, channels_last: bool, tiny: bool, graph: str = "eager"):
         widths = (16, 8, 8, 4) if tiny else (256, 128, 64, 64)
         return TAEHVDecoder(channels=widths, channels_last=channels_last,
                             compile=graph != "eager")  # fmt: skip
+    if case == "taehv_encode":
+        return TAEHVEncoder(width=8 if tiny else 64, dtype="bfloat16", channels_last=channels_last)
     if case == "wan22_decode":
         return Wan22StreamingDecoder(channels_last=channels_last, **small)
     if case == "wan21_decode":
@@ -77,13 +85,31 @@ def shapes(case: str, tiny: bool) -> tuple:
     return (3, 8, 704, 1280) if not tiny else (3, 4, 32, 32)
 
 
-def run_case(case, channels_last, graph, blocks, device, dtype, tiny):
+def top_kernels(step, x, count: int) -> list:
+    """The ``count`` kernels of one ``step(x)`` with the most GPU time: [name, ms, calls]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(x)
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
+        if us > 0:
+            rows.append([event.key[:120], us / 1e3, event.count])
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    return [["(all kernels)", total, sum(r[2] for r in rows)]] + rows[:count]
+
+
+def run_case(case, channels_last, graph, blocks, device, dtype, tiny, profile_rows=0):
     from flashdreams.graph.runner import GraphRunner
 
     module = build(case, channels_last, tiny, graph).to(device, dtype).eval()
     c, f, h, w = shapes(case, tiny)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    inputs = [torch.randn(1, c, f + (1 if i == 0 else 0), h, w, generator=gen).to(device, dtype)
+    lead = 1 if case not in STREAM_CACHE_CASES and not case.endswith("decode") else 0
+    inputs = [torch.randn(1, c, f + (lead if i == 0 else 0), h, w, generator=gen).to(device, dtype)
               for i in range(blocks)]  # fmt: skip
     if case.endswith("decode"):
         if case not in TAEHV_CASES:
@@ -92,6 +118,16 @@ def run_case(case, channels_last, graph, blocks, device, dtype, tiny):
 
         def step(x):
             return module.decode_step(x)
+    elif case in STREAM_CACHE_CASES:
+        runner = GraphRunner()
+        runner.set_graph(policy(graph))
+        cache = [module.new_cache()]
+
+        def step(x):  # steady shapes from the second block on (the first has no past frames)
+            steady = tuple(x.shape) if cache[0][0] is not None else None
+            out, cache[0] = runner.run_graph("encode", module.encode_step, x, cache[0],
+                                             shape_key=steady)  # fmt: skip
+            return out
     else:
         runner = GraphRunner()
         runner.set_graph(policy(graph))
@@ -117,7 +153,12 @@ def run_case(case, channels_last, graph, blocks, device, dtype, tiny):
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
             outs.append(out.float().cpu())
-    return statistics.median(times[2:] or times), times, outs
+        kernels = (
+            top_kernels(step, inputs[-1], profile_rows)
+            if profile_rows and device.type == "cuda"
+            else None
+        )
+    return statistics.median(times[2:] or times), times, outs, kernels
 
 
 def main() -> None:
@@ -131,6 +172,7 @@ def main() -> None:
         default="false",
         help="false,true: each row with cuDNN's heuristics, then timed algorithms",
     )
+    parser.add_argument("--profile", type=int, default=0, help="top kernels per row (CUDA)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -156,13 +198,15 @@ def main() -> None:
                     key = {"case": case, "graph": graph, "channels_last": channels_last,
                            "cudnn_benchmark": bench}  # fmt: skip
                     try:
-                        ms, times, outs = run_case(case, channels_last, graph, args.blocks,
-                                                   device, dtype, args.tiny)  # fmt: skip
+                        ms, times, outs, kernels = run_case(case, channels_last, graph, args.blocks,
+                                                            device, dtype, args.tiny, args.profile)  # fmt: skip
                     except Exception as err:  # noqa: BLE001 (a failed row is reported, not fatal)
                         record({**key, "error": f"{type(err).__name__}: {err}"[:300]})
                         print(rows[-1])
                         continue
                     row = {**key, "median_ms": ms, "ms": times}
+                    if kernels:
+                        row["top_kernels"] = kernels
                     if ref is None:
                         ref = outs
                     else:  # against the first row of the case (NCDHW / heuristics where run)
@@ -172,6 +216,8 @@ def main() -> None:
                     print(f"{case:16s} {graph:20s} channels_last={channels_last!s:5s} "
                           f"cudnn_benchmark={bench!s:5s} {ms:8.2f} ms/block  "
                           f"{row.get('max_abs_diff_vs_first', '')}")  # fmt: skip
+                    for name, kms, calls in kernels or []:
+                        print(f"    {kms:8.3f} ms {calls:5d}x  {name}")
                     if cuda:
                         torch.cuda.empty_cache()
     torch.backends.cudnn.benchmark = False

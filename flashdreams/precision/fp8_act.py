@@ -28,13 +28,8 @@ ACTS = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # the activation before the linea
 @triton_kernels
 def kernels(triton, tl):
     @triton.jit
-    def act_quant_rows(x_ptr, q_ptr, s_ptr, rows, cols, x_row, eps, qmax, ACT: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.arange(0, BLOCK_C)
-        live = r < rows
-        m = live[:, None] & (c < cols)[None, :]
-        x = tl.load(x_ptr + r[:, None] * x_row + c[None, :], mask=m, other=0.0)
+    def _act(x, ACT: tl.constexpr):
+        """The activation in fp32, rounded to the input dtype (the module's output), as fp32."""
         if ACT != 0:
             f = x.to(tl.float32)
             if ACT == 1:  # exact GELU
@@ -42,12 +37,43 @@ def kernels(triton, tl):
             else:  # tanh GELU; tanh(u) = 2 sigmoid(2 u) - 1
                 u = 0.7978845608028654 * (f + 0.044715 * f * f * f)
                 f = f * tl.sigmoid(2.0 * u)  # 0.5 f (1 + tanh(u))
-            x = f.to(x_ptr.dtype.element_ty)  # the activation module's rounding
-        x = x.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), 1), eps) / qmax
-        q = tl.clamp(x / scale[:, None], -qmax, qmax)
-        tl.store(q_ptr + r[:, None] * cols + c[None, :], q.to(q_ptr.dtype.element_ty), mask=m)
-        tl.store(s_ptr + r, scale, mask=live)
+            x = f.to(x.dtype)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def act_quant_rows(x_ptr, q_ptr, s_ptr, rows, cols, x_row, eps, qmax, ACT: tl.constexpr,
+                       BLOCK_R: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+                       C2: tl.constexpr):  # fmt: skip
+        # a row is held as up to three power-of-two pieces [0, C0), [C0, C0 + C1), [C0 + C1, ...)
+        # (C1, C2 = 0: absent), so a width such as 8960 or 14336 fills its lanes
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        live = r < rows
+        c0 = tl.arange(0, C0)
+        m0 = live[:, None] & (c0 < cols)[None, :]
+        x0 = _act(tl.load(x_ptr + r[:, None] * x_row + c0[None, :], mask=m0, other=0.0), ACT)
+        amax = tl.max(tl.abs(x0), 1)
+        if C1 > 0:
+            c1 = C0 + tl.arange(0, C1)
+            m1 = live[:, None] & (c1 < cols)[None, :]
+            x1 = _act(tl.load(x_ptr + r[:, None] * x_row + c1[None, :], mask=m1, other=0.0), ACT)
+            amax = tl.maximum(amax, tl.max(tl.abs(x1), 1))
+        if C2 > 0:
+            c2 = C0 + C1 + tl.arange(0, C2)
+            m2 = live[:, None] & (c2 < cols)[None, :]
+            x2 = _act(tl.load(x_ptr + r[:, None] * x_row + c2[None, :], mask=m2, other=0.0), ACT)
+            amax = tl.maximum(amax, tl.max(tl.abs(x2), 1))
+        amax = tl.maximum(amax, eps)
+        inv = (qmax / amax)[:, None]  # one division per row, a multiply per value
+        out = q_ptr.dtype.element_ty
+        tl.store(q_ptr + r[:, None] * cols + c0[None, :],
+                 tl.clamp(x0 * inv, -qmax, qmax).to(out), mask=m0)  # fmt: skip
+        if C1 > 0:
+            tl.store(q_ptr + r[:, None] * cols + c1[None, :],
+                     tl.clamp(x1 * inv, -qmax, qmax).to(out), mask=m1)  # fmt: skip
+        if C2 > 0:
+            tl.store(q_ptr + r[:, None] * cols + c2[None, :],
+                     tl.clamp(x2 * inv, -qmax, qmax).to(out), mask=m2)  # fmt: skip
+        tl.store(s_ptr + r, amax / qmax, mask=live)
 
     return act_quant_rows
 
@@ -55,15 +81,31 @@ def kernels(triton, tl):
 # row width -> (rows per program, warps), where a sweep (scripts/bench_act_quant.py --sweep)
 # found better than the built-in choice
 TUNE: dict[int, tuple[int, int]] = {}
+SPLIT_ROWS = True  # a row as up to three power-of-two pieces (False: one padded tile; benchmarks)
 
 
-def config(cols: int) -> tuple[int, int, int]:
-    """(rows per program, columns per tile, warps): about 32 fp32 values per thread."""
-    block_c = next_pow2(cols)
+def pieces(cols: int) -> tuple[int, int, int]:
+    """A row's widths as three powers of two (or 0) covering ``cols`` with the fewest idle
+    lanes: 8960 -> (8192, 512, 256), 3072 -> (2048, 1024, 0), 8192 -> (8192, 0, 0)."""
+    if not SPLIT_ROWS:
+        return next_pow2(cols), 0, 0
+    c0 = 1 << (cols.bit_length() - 1)
+    rest = cols - c0
+    if rest == 0:
+        return c0, 0, 0
+    c1 = 1 << (rest.bit_length() - 1)
+    rest -= c1
+    return c0, c1, next_pow2(rest) if rest else 0
+
+
+def config(cols: int) -> tuple[int, tuple[int, int, int], int]:
+    """(rows per program, row pieces, warps): about 32 fp32 values per thread."""
+    split = pieces(cols)
+    lanes = sum(split)
     if cols in TUNE:
-        return TUNE[cols][0], block_c, TUNE[cols][1]
-    block_r = max(1, 2048 // block_c)
-    return block_r, block_c, min(16, max(4, block_r * block_c // 1024))
+        return TUNE[cols][0], split, TUNE[cols][1]
+    block_r = max(1, 2048 // split[0])
+    return block_r, split, min(16, max(4, next_pow2(block_r * lanes // 1024)))
 
 
 def _reference(x: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +128,9 @@ def quant_act_rows(x: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tenso
     rows, cols = x.shape
     q = torch.empty(rows, cols, device=x.device, dtype=FP8)
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
-    block_r, block_c, warps = config(cols)
+    block_r, (c0, c1, c2), warps = config(cols)
     k[(-(-rows // block_r),)](x, q, scale, rows, cols, x.stride(0), _EPS, FP8_MAX, ACT=ACTS[act],
-                              BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)  # fmt: skip
+                              BLOCK_R=block_r, C0=c0, C1=c1, C2=c2, num_warps=warps)  # fmt: skip
     return q, scale
 
 

@@ -118,7 +118,7 @@ def test_rope_and_cache_kernels_compile(compiled, heads):
     assert len(compiled) == num and all(k.asm.get("cubin") for k in compiled)
 
 
-@pytest.mark.parametrize("width", [2048, 14336])  # a QKV input; HY-WorldPlay's FFN-down input
+@pytest.mark.parametrize("width", [2048, 8960, 14336])  # QKV in; Matrix-Game, HY FFN-down in
 def test_fp8_input_quantization_compiles(compiled, width):
     from flashdreams.precision.fp8_act import quant_act_rows
 
