@@ -21,8 +21,9 @@ the latents of the first and last ``history_frames`` latent frames (a prompt swi
 the commits of the frames still in the KV cache, which read their HDMap latents again).
 
 Encode ahead (``rollout.prefetch_control=true``): while block n is denoised, the loop asks for
-block n + 1's latents (``encode_ahead``); its frames are read (ffmpeg) and encoded then, on a
-side CUDA stream beside the DiT, and block n + 1's ``control`` stage only waits for that work.
+block n + 1's latents (``encode_ahead``); its frames are read (ffmpeg) while the GPU denoises and
+encoded on a side CUDA stream beside block n's decode and commit (``control.ahead_overlap=commit``;
+``denoise``: beside the denoising), and block n + 1's ``control`` stage only waits for that work.
 Only frames already known are encoded ahead (pushed, or in the file): a live stream whose next
 frames have not arrived encodes them in the step, as without the option. A push that lands in
 frames encoded ahead drops that work (the causal cache, the counters and the frames read are
@@ -72,12 +73,19 @@ class HDMapControl(ControlEncoder):
         max_ahead_frames: pushed frames held at most beyond the last encoded one.
         history_frames: latent frames whose latents are kept at each end of the stream (must
             cover the KV cache's window and sink frames for a prompt switch's recache).
+        ahead_overlap: what an encode ahead's GPU work runs beside: ``commit`` (it waits for
+            the work queued on the step's stream when it is asked for, the block's denoising,
+            and so runs beside the decode and the commit: the denoising, the step's latency,
+            has the GPU alone) or ``denoise`` (it starts at once, beside the denoising).
     """
 
     def __init__(self, encoder, video: str | None = None, fps: float = 30.0,
                  channels: int = 16, live: bool = False, max_ahead_frames: int = 32,
-                 history_frames: int = 32) -> None:  # fmt: skip
+                 history_frames: int = 32, ahead_overlap: str = "commit") -> None:  # fmt: skip
         super().__init__()
+        if ahead_overlap not in ("commit", "denoise"):
+            raise ConfigError(f"control.ahead_overlap={ahead_overlap!r} must be commit or denoise")
+        self.ahead_overlap = ahead_overlap
         for key, value in (("max_ahead_frames", max_ahead_frames),
                            ("history_frames", history_frames)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -326,7 +334,9 @@ class HDMapControl(ControlEncoder):
         if self._cuda():
             if self._side is None:
                 self._side = torch.cuda.Stream(device)
-            if self._main_done is not None:  # after the last in-step encode, not the DiT
+            if self.ahead_overlap == "commit":  # after the denoising queued so far
+                self._side.wait_stream(torch.cuda.current_stream(device))
+            elif self._main_done is not None:  # after the last in-step encode, not the DiT
                 self._side.wait_event(self._main_done)
             stream = torch.cuda.stream(self._side)
         copy = self._graph.captures  # a replay rewrites its static output: keep the cache

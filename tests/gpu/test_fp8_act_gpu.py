@@ -13,7 +13,7 @@ from tests.gpu.helpers import rel_l2
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.parametrize("cols", [2048, 3072, 8192, 14336])
+@pytest.mark.parametrize("cols", [2048, 3072, 8192, 8960, 14336])  # 8960: split rows
 @pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh"])
 def test_kernel_matches_the_torch_ops(cols, act):
     g = torch.Generator(device="cuda").manual_seed(cols)

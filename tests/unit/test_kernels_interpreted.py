@@ -37,7 +37,7 @@ QK_CASES = ["qk-3", "qk-4"]  # heads; 3 pads the head axis to tiles of 4
 OTHER_CASES = ["merge-2", "merge-3", "scatter", "fp8-contiguous", "fp8-strided", "fp8-dequant",
                "fp8-dequant-offset", "fp8-offset-contiguous", "fp8-offset-strided",
                "fp8-batch-strided", "fp8-offset-batch-strided", "act-none", "act-gelu",
-               "act-gelu_tanh"]  # fmt: skip
+               "act-gelu_tanh", "act-none-split", "act-gelu-split", "act-gelu_tanh-split"]  # fmt: skip
 # (the offset cases: a per-channel mean taken off inside the amax and quantize passes)
 # per-output tolerances where not TOL: the FP8 scale exactly; the interpreter casts to e4m3 by
 # truncation, so quantized values agree to about one e4m3 step (a wrong scale or row: ~1)
@@ -46,7 +46,8 @@ TOLS = {f"fp8-{kind}": (1e-6, 0.15) for kind in ("contiguous", "strided", "batch
                                                  "offset-batch-strided")}  # fmt: skip
 # the per-row FP8 input quantization (with the GELU before an FFN's second linear): the row
 # scales to 1e-5 (the activation's bf16 rounding in the interpreter), values to an e4m3 step
-TOLS |= {f"act-{act}": (1e-5, 0.15) for act in ("none", "gelu", "gelu_tanh")}
+TOLS |= {f"act-{act}{split}": (1e-5, 0.15) for act in ("none", "gelu", "gelu_tanh")
+         for split in ("", "-split")}  # fmt: skip
 
 
 def _run_all() -> dict[str, list[float]]:
@@ -86,16 +87,19 @@ def _run_all() -> dict[str, list[float]]:
 
 
 def _act_cases(fp8_act) -> dict[str, list[float]]:
-    """``quant_act_rows`` on (rows, 200) bf16 rows (2 rows per program, a masked tail) against
+    """``quant_act_rows`` on (rows, 200) bf16 rows (one 256-lane tile, 8 rows per program, a
+    masked tail) and (rows, 140) rows (split as 128 + 8 + 4 lanes) against
     ``quantize_rowwise(gelu(x))`` in torch: relative error of the scales and of the values."""
     g = torch.Generator().manual_seed(6)
-    x = (torch.randn(37, 400, generator=g) * 3)[:, 100:300].to(torch.bfloat16)  # a row stride
+    base = (torch.randn(37, 400, generator=g) * 3).to(torch.bfloat16)
     out = {}
-    for act in ("none", "gelu", "gelu_tanh"):
-        q, scale = fp8_act.quant_act_rows(x, act)  # the interpreted kernel
-        q_ref, scale_ref = fp8_act._reference(x, act)
-        out[f"act-{act}"] = [float(((scale / scale_ref) - 1).abs().max()),
-                             rel_l2(q.float() * scale, q_ref.float() * scale_ref)]  # fmt: skip
+    for split, x in (("", base[:, 100:300]), ("-split", base[:, 50:190])):  # row strides
+        assert (fp8_act.pieces(x.shape[1])[1] > 0) == (split == "-split")
+        for act in ("none", "gelu", "gelu_tanh"):
+            q, scale = fp8_act.quant_act_rows(x, act)  # the interpreted kernel
+            q_ref, scale_ref = fp8_act._reference(x, act)
+            out[f"act-{act}{split}"] = [float(((scale / scale_ref) - 1).abs().max()),
+                                        rel_l2(q.float() * scale, q_ref.float() * scale_ref)]  # fmt: skip
     return out
 
 
