@@ -118,11 +118,22 @@ class ControlEncoder(GraphRunner, nn.Module):
         """Do the costly part of ``inputs(start, num)`` now (an encode), before the block's
         forwards: the rollout times it as the step's ``control`` stage. Nothing by default."""
 
+    #: where the loop calls ``encode_ahead`` (``rollout.prefetch_control``): ``denoise``, once
+    #: the block's denoising is queued (its GPU work runs beside the denoising), or ``commit``,
+    #: once the block's decode is queued too, right before its commit (beside the commit: the
+    #: denoising and decode, the step's latency, keep the GPU to themselves)
+    ahead_beside = "denoise"
+
+    def read_ahead(self, start: int, num: int) -> None:
+        """The host part of a later block's ``encode_ahead`` (reading its input), called once
+        the current block's denoising is queued, whatever ``ahead_beside``: the host works
+        while the GPU denoises. Nothing by default."""
+
     def encode_ahead(self, start: int, num: int) -> None:
         """Start the costly part of ``inputs(start, num)`` for a later block now, off the
-        critical path (``rollout.prefetch_control``: the loop calls it once the current block's
-        denoising is queued, for the next block): on CUDA a control queues it on a side stream
-        so it runs beside the DiT, and the block's ``encode_block`` then only waits for it.
+        critical path (``rollout.prefetch_control``: the loop calls it for the next block at
+        ``ahead_beside``): on CUDA a control queues it on a side stream, and the block's
+        ``encode_block`` then only waits for it.
         The result must equal the in-step encode's; a control whose input for those frames may
         still change (streamed frames not arrived) encodes nothing ahead, or drops what it
         encoded when the input changes. Nothing by default."""

@@ -73,10 +73,10 @@ class HDMapControl(ControlEncoder):
         max_ahead_frames: pushed frames held at most beyond the last encoded one.
         history_frames: latent frames whose latents are kept at each end of the stream (must
             cover the KV cache's window and sink frames for a prompt switch's recache).
-        ahead_overlap: what an encode ahead's GPU work runs beside: ``commit`` (it waits for
-            the work queued on the step's stream when it is asked for, the block's denoising,
-            and so runs beside the decode and the commit: the denoising, the step's latency,
-            has the GPU alone) or ``denoise`` (it starts at once, beside the denoising).
+        ahead_overlap: what an encode ahead's GPU work runs beside (``ahead_beside``): the
+            block's ``commit`` (its frames are read while the GPU denoises, encoded once the
+            decode is queued: the denoising and decode, the step's latency, have the GPU alone)
+            or its ``denoise`` (read and encoded once the denoising is queued).
     """
 
     def __init__(self, encoder, video: str | None = None, fps: float = 30.0,
@@ -85,7 +85,7 @@ class HDMapControl(ControlEncoder):
         super().__init__()
         if ahead_overlap not in ("commit", "denoise"):
             raise ConfigError(f"control.ahead_overlap={ahead_overlap!r} must be commit or denoise")
-        self.ahead_overlap = ahead_overlap
+        self.ahead_beside = ahead_overlap
         for key, value in (("max_ahead_frames", max_ahead_frames),
                            ("history_frames", history_frames)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -106,7 +106,8 @@ class HDMapControl(ControlEncoder):
         self._staging: dict[tuple, tuple] = {}  # frames shape -> (pinned uint8, copy event)
         self._device: torch.device | str = "cpu"
         self._ahead: _Ahead | None = None  # an encode ahead of its block, not taken yet
-        self._reread: dict[int, np.ndarray] = {}  # frames read by a dropped encode ahead
+        # frames read and not encoded yet: read ahead of their encode, or by a dropped one
+        self._reread: dict[int, np.ndarray] = {}
         self._side: torch.cuda.Stream | None = None  # the encode-ahead stream (CUDA)
         self._main_done: torch.cuda.Event | None = None  # the last in-step encode is done
         self._parts: dict[str, list] = {}  # control_ahead: (begin, end) marks of encodes ahead
@@ -230,9 +231,8 @@ class HDMapControl(ControlEncoder):
     # ---------------------------------------------------------------- streamed encode
     def _frame(self, k: int) -> np.ndarray:
         """Video frame ``k``: pushed, else the file's, else the last one used again."""
-        img = self._pushed.pop(k, None)
-        if img is None:
-            img = self._reread.pop(k, None)
+        img, read = self._pushed.pop(k, None), self._reread.pop(k, None)
+        img = read if img is None else img  # a push wins over a frame read before it came
         if img is None and self._file is not None:
             img = self._file.get(k)
         img = self._last if img is None else img
@@ -320,6 +320,22 @@ class HDMapControl(ControlEncoder):
         in_file = self._file is not None and (k < self._file.total or not self.live)
         return k in self._pushed or k in self._reread or in_file  # past a file's end: its last
 
+    def read_ahead(self, start: int, num: int) -> None:
+        """With ``ahead_overlap=commit``: read the file's frames of latent frames [start,
+        start + num) now (ffmpeg, while the GPU denoises), for ``encode_ahead`` to take; pushed
+        frames still win (``_frame``)."""
+        end = start + num
+        if self.ahead_beside != "commit" or self._file is None or self._ahead is not None:
+            return
+        if self._size is None or self._encoded >= end:
+            return
+        for k in range(self._consumed(), self._video_frames(end)):
+            if k not in self._pushed and k not in self._reread:
+                img = self._file.get(k)
+                if img is None:  # past the file's end
+                    break
+                self._reread[k] = img
+
     def encode_ahead(self, start: int, num: int) -> None:
         """Encode latent frames [start, start + num) ahead (on a side stream on CUDA) if every
         video frame they need is known; else leave them to the step (streamed frames late)."""
@@ -334,7 +350,7 @@ class HDMapControl(ControlEncoder):
         if self._cuda():
             if self._side is None:
                 self._side = torch.cuda.Stream(device)
-            if self.ahead_overlap == "commit":  # after the denoising queued so far
+            if self.ahead_beside == "commit":  # after the denoising and decode queued
                 self._side.wait_stream(torch.cuda.current_stream(device))
             elif self._main_done is not None:  # after the last in-step encode, not the DiT
                 self._side.wait_event(self._main_done)

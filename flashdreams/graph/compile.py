@@ -51,6 +51,24 @@ def inductor_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return flat
 
 
+def uncached_multi_kernel(extra: dict[str, Any], version: str) -> dict[str, Any]:
+    """``extra`` plus ``fx_graph_cache=False`` where ``triton.multi_kernel`` is on and
+    torch is older than 2.13 (unless the option is set): torch 2.11 loads a multi-kernel
+    region from its compile caches with its Triton kernels' hash lock dropped, so the second
+    process compiling the same region fails (``TypeError: 'NoneType' object does not support
+    the context manager protocol``; H200, OmniDreams, nineteenth session); 2.13 restores the
+    lock on load. Such regions are compiled afresh in every process (the FX graph cache off
+    also bypasses the AOTAutograd cache)."""
+    major, minor = (int(x) for x in version.split("+")[0].split(".")[:2])
+    if (
+        not extra.get("triton.multi_kernel")
+        or "fx_graph_cache" in extra
+        or (major, minor) >= (2, 13)
+    ):
+        return extra
+    return {"fx_graph_cache": False, **extra}
+
+
 def compile_static(fn, mode: str = "default", dynamic: bool | None = False,
                    options: Mapping[str, Any] | None = None, **kwargs):  # fmt: skip
     """``torch.compile(fn, fullgraph=True)`` for static shapes, with dynamo's per-code-object
@@ -61,7 +79,7 @@ def compile_static(fn, mode: str = "default", dynamic: bool | None = False,
     """
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-    extra = inductor_options(options)
+    extra = uncached_multi_kernel(inductor_options(options), torch.__version__)
     if extra:
         merged = {**torch._inductor.list_mode_options(mode, dynamic), **extra}
         compiled = torch.compile(fn, options=merged, dynamic=dynamic, fullgraph=True, **kwargs)

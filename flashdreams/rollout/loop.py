@@ -84,8 +84,10 @@ class Rollout:
         overlap_decode: decode on a side stream while the commit runs (CUDA).
         pipeline_decode: decode block n on a side stream while block n + 1 is diffused
             (CUDA); step n returns block n - 1's frames (``rollout/decode.py``).
-        prefetch_control: once block n's denoising is queued, have the control encode block
-            n + 1's input ahead (``ControlEncoder.encode_ahead``; a side stream on CUDA).
+        prefetch_control: once block n's denoising is queued, have the control read block
+            n + 1's input and encode it ahead (``ControlEncoder.read_ahead``, ``encode_ahead``;
+            a side stream on CUDA), its GPU work beside the denoising or beside the commit
+            (``ControlEncoder.ahead_beside``).
         parallel: the run's parallel layout (rank bookkeeping for the job).
         precision: the precision policy applied to the model (reported by the job).
         offloader: the block offloader holding the weights (``offload=blocks``), or None.
@@ -326,12 +328,20 @@ class Rollout:
         timer.stop()
 
         is_last = self.total_blocks is not None and i + 1 >= self.total_blocks
-        if self.prefetch_control and not is_last:  # beside the queued DiT: the next block's
-            self.control.encode_ahead(self._start_frame(i + 1), self.schedule.frames(i + 1))
+        ahead = None
+        if self.prefetch_control and not is_last:  # the next block's control input, ahead
+            ahead = (self._start_frame(i + 1), self.schedule.frames(i + 1))
+            self.control.read_ahead(*ahead)  # host work while the GPU denoises
+            beside_commit = self.control.ahead_beside == "commit" and self.cache is not None
+            if not beside_commit:
+                self.control.encode_ahead(*ahead)
+                ahead = None
         commit = None
         if self.cache is not None and not is_last:
 
             def commit():
+                if ahead is not None:  # its GPU work beside the commit
+                    self.control.encode_ahead(*ahead)
                 self._begin_block(start, fpb)
                 fw.commit(x0, ctx, positions, start, self.context_noise, self.noise)
 

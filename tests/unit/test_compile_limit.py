@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from flashdreams import ConfigError
-from flashdreams.graph.compile import RECOMPILE_LIMIT, CompilePolicy, inductor_options
+from flashdreams.graph.compile import (
+    RECOMPILE_LIMIT,
+    CompilePolicy,
+    inductor_options,
+    uncached_multi_kernel,
+)
 from flashdreams.graph.cuda_graph import CudaGraphPolicy
 
 
@@ -44,6 +49,20 @@ def test_extra_inductor_options_are_flattened_checked_and_applied():
     for policy in (CompilePolicy, lambda **kw: CudaGraphPolicy(compile=True, **kw)):
         with pytest.raises(ConfigError, match=r"^graph\.inductor\.triton\.multi_kernal: not an"):
             policy(inductor={"triton": {"multi_kernal": 1}})
+
+
+def test_multi_kernel_regions_skip_the_compile_caches_on_torch_2_11():
+    """torch 2.11 fails the second process that loads a multi-kernel region from its caches:
+    there such regions compile uncached; other options, and newer torch, keep the caches."""
+    mk = {"triton.multi_kernel": 1}
+    assert uncached_multi_kernel(mk, "2.11.0+cu130") == {"fx_graph_cache": False, **mk}
+    assert uncached_multi_kernel({**mk, "fx_graph_cache": True}, "2.11.0") == {
+        **mk,
+        "fx_graph_cache": True,
+    }
+    assert uncached_multi_kernel(mk, "2.13.0+cpu") == mk
+    assert uncached_multi_kernel({"triton.multi_kernel": 0}, "2.11.0") == {"triton.multi_kernel": 0}
+    assert inductor_options({"fx_graph_cache": False}) == {"fx_graph_cache": False}
 
 
 def test_a_compile_that_fails_with_extra_options_is_one_line_naming_them(monkeypatch):

@@ -90,3 +90,30 @@ def test_a_push_into_frames_encoded_ahead_is_used(clip, filed, ahead):  # noqa: 
     got, _, _ = _run(ahead, push=push)
     _same(got, want)
     assert (got[1] - _run(filed)[0][1]).abs().max() > 1e-3  # the push steered block 1
+
+
+def test_the_encode_ahead_beside_the_denoising_gives_the_same_video(clip, reference):  # noqa: F811
+    session = _session(clip, f"control.video={clip['path']}", "rollout.prefetch_control=true",
+                       "control.ahead_overlap=denoise")  # fmt: skip
+    assert session.rollout.control.ahead_beside == "denoise"
+    frames, rows, read = _run(session)
+    _same(frames, reference[0])
+    assert read[:2] == [_block_range(1)[1] - 1, _block_range(2)[1] - 1]
+    assert all(row["control_ahead_ms"] > 0 for row in rows[:2])
+
+
+def test_a_frame_pushed_after_it_was_read_ahead_wins(clip, filed, ahead):  # noqa: F811
+    """``ahead_overlap=commit`` reads the next block's file frames while the GPU denoises and
+    encodes them at the commit: a push in between replaces the frame read (none is kept)."""
+    assert ahead.rollout.control.ahead_beside == "commit"
+    other = np.stack(clip["other"][0:4])
+    ahead.reset(seed=0, prompt="a road", total_blocks=BLOCKS)
+    control = ahead.rollout.control
+    control.read_ahead(0, 2)  # block 0's frames, read from the file
+    assert set(control._reread) == set(range(_block_range(0)[1]))
+    ahead.push_frames(other, 0)
+    got = ahead.step()
+    assert not control._reread.keys() & set(range(4))  # used or replaced, not kept
+    filed.reset(seed=0, prompt="a road", total_blocks=BLOCKS)
+    filed.push_frames(other, 0)
+    torch.testing.assert_close(got, filed.step(), rtol=0, atol=0)
