@@ -94,7 +94,10 @@ def _print_summary(stats: RunStats, run_dir: Path) -> None:
         (f"median block period ({over})", _ms(s["median_period_ms"])),
         ("warm-up (steps 0-1)", warmup),
         ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"),
-        ("frames / throughput", f"{s['num_frames']} / {s['fps'] or 0:.1f} fps"),
+        (
+            "frames / wall-clock rate (warm-up included)",
+            f"{s['num_frames']} / {s['fps'] or 0:.1f} fps",
+        ),
         *_quality_rows(s),
         ("output", str(run_dir)),
     ]
