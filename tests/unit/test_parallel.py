@@ -86,10 +86,12 @@ def _masked_forward_error(world: int) -> float:
 
 
 def join_gloo(rank: int, world: int, port: int) -> None:
-    """A spawned test rank joins the loopback gloo group (60 s per collective, one thread)."""
+    """A spawned test rank joins the loopback gloo group (300 s per collective, one thread:
+    rank 1 waits in a collective while rank 0 computes its single-process references, which
+    took over 60 s on a loaded 2-core machine and aborted rank 1)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=60))  # fmt: skip
+                            timeout=__import__("datetime").timedelta(seconds=300))  # fmt: skip
     torch.set_num_threads(1)
 
 
