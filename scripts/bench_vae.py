@@ -87,6 +87,7 @@ def shapes(case: str, tiny: bool) -> tuple:
 
 def top_kernels(step, x, count: int) -> list:
     """The ``count`` kernels of one ``step(x)`` with the most GPU time: [name, ms, calls]."""
+    from profile_step import device_time_us  # scripts/ (this script's folder)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -94,7 +95,7 @@ def top_kernels(step, x, count: int) -> list:
         torch.cuda.synchronize()
     rows = []
     for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
+        us = device_time_us(event)
         if us > 0:
             rows.append([event.key[:120], us / 1e3, event.count])
     rows.sort(key=lambda r: -r[1])
