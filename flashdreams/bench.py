@@ -37,12 +37,12 @@ def block_flops(model: DiT, tokens_per_frame: int, block_frames: int, kv_frames:
                 forwards: int, history_frames: int = 0) -> dict[str, float]:  # fmt: skip
     """FLOPs of one AR block's diffuse stage: ``forwards`` forwards of the block's frames over
     ``kv_frames`` key frames (the block's included), after, for a model that re-runs its
-    history (``context_frames``), one forward of the ``history_frames`` attending to each
+    history (``context_frames``), one ``forward_kv`` of the ``history_frames`` attending to each
     other."""
     tpf = tokens_per_frame
     parts = [model.forward_flops(block_frames * tpf, kv_frames * tpf, tpf)] * forwards
     if history_frames:
-        parts.append(model.forward_flops(history_frames * tpf, history_frames * tpf, tpf))
+        parts.append(model.forward_kv_flops(history_frames * tpf, history_frames * tpf, tpf))
     return add_flops(*parts)
 
 

@@ -234,6 +234,12 @@ class DiT(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not count its FLOPs "
                                   "(DiT.forward_flops)")  # fmt: skip
 
+    def forward_kv_flops(self, q_tokens: int, kv_tokens: int,
+                         tokens_per_frame: int) -> dict[str, float]:  # fmt: skip
+        """``forward_flops`` of a ``forward_kv`` (a history re-run's floor): the whole forward
+        unless the model skips work there (``kv_only_commit``) and counts what it skips."""
+        return self.forward_flops(q_tokens, kv_tokens, tokens_per_frame)
+
     # ------------------------------------------------------------------ inputs
     def inputs(self) -> dict[str, ConditionInput]:
         """Named conditioning inputs a forward accepts (none by default)."""

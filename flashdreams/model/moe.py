@@ -96,6 +96,10 @@ class WanMoE(DiT):
         """One expert's (a forward runs one; both have the same shape)."""
         return self.experts[HIGH_NOISE].forward_flops(q_tokens, kv_tokens, tokens_per_frame)
 
+    def forward_kv_flops(self, q_tokens: int, kv_tokens: int,
+                         tokens_per_frame: int) -> dict[str, float]:  # fmt: skip
+        return self.experts[HIGH_NOISE].forward_kv_flops(q_tokens, kv_tokens, tokens_per_frame)
+
     supports_step_cache = True  # each expert's forward runs its blocks through run_blocks
 
     def set_step_cache(self, step_cache) -> None:
@@ -211,3 +215,15 @@ class WanMoE(DiT):
         if isinstance(cache, ExpertKVCaches):
             cache = cache.experts[expert]
         return self._activate(expert)(x, timestep, ctx, frame_positions, cache, mask, inputs)
+
+    kv_only_commit = True  # each expert's forward_kv stops at its last block's cache writes
+
+    def forward_kv(self, x, timestep, context, frame_positions=None, cache=None, mask=None,
+                   inputs=None, expert: int | None = None) -> None:  # fmt: skip
+        """The named expert's ``WanDiT.forward_kv`` (its context and cache, as ``forward``)."""
+        if expert is None:
+            expert = self.expert_index(float(timestep.max()))
+        ctx = self.expert_context(context, expert)
+        if isinstance(cache, ExpertKVCaches):
+            cache = cache.experts[expert]
+        self._activate(expert).forward_kv(x, timestep, ctx, frame_positions, cache, mask, inputs)

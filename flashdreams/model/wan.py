@@ -235,6 +235,23 @@ class WanBlock(nn.Module):
         # 2. cross-attention to the cached context K/V, then 3. the feed-forward
         return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0, next_table)
 
+    def write_kv(self, x, e0, cross_kv, cos, sin, attn, cache, layer=0, mask=None, cam=None,
+                 h=None) -> None:  # fmt: skip
+        """``forward``'s cache writes and nothing after them (the last block of a
+        ``WanDiT.forward_kv``): norm1, q/k/v, the cache update, and the self-attention only
+        where the K/V land with it (``Attention.kv_written_at_update`` False). A block whose
+        forward writes other caches, or writes K/V differently, overrides this."""
+        q, k, v = self.self_attn_in(x, e0, cos, sin, h)
+        kv = cache.update(layer, k, v)
+        if not attn.kv_written_at_update:
+            attn.self_attention(q, kv[0], kv[1], mask, kv_amax(kv))
+
+    def kv_flops(self, q_tokens: int, kv_tokens: int, tokens_per_frame: int,
+                 context_tokens: Sequence[int]) -> dict[str, float]:  # fmt: skip
+        """FLOPs of ``write_kv`` (one GPU: no attention): the q/k/v projections."""
+        sa = self.self_attn
+        return {"linear": linear_flops(q_tokens, sa.q, sa.k, sa.v), "attention": 0.0}
+
     def flops(self, q_tokens: int, kv_tokens: int, tokens_per_frame: int,
               context_tokens: Sequence[int]) -> dict[str, float]:  # fmt: skip
         """FLOPs of this block for ``q_tokens`` queries over ``kv_tokens`` self-attention keys
@@ -286,6 +303,8 @@ class WanDiT(DiT):
     #: context tokens of an image (I2V): CLIP ViT-H/14's 257 (``ImageProjection``'s input)
     image_tokens = 257
     supports_step_cache = True
+    kv_only_commit = True  # forward_kv stops at the last block's cache writes (no head)
+    _kv_only = False  # set by forward_kv around its forward (through subclasses' wrappers)
 
     def __init__(
         self,
@@ -360,6 +379,18 @@ class WanDiT(DiT):
         context = self.context_tokens()
         blocks = [b.flops(q_tokens, kv_tokens, tokens_per_frame, context) for b in self.blocks]
         return add_flops(*blocks, {"embed": self.embed_flops(q_tokens, frames)})
+
+    def forward_kv_flops(self, q_tokens: int, kv_tokens: int,
+                         tokens_per_frame: int) -> dict[str, float]:  # fmt: skip
+        """``forward_kv``: every block but the last whole, the last one's ``kv_flops``, no
+        head."""
+        frames = q_tokens // tokens_per_frame
+        context = self.context_tokens()
+        *whole, last = self.blocks
+        blocks = [b.flops(q_tokens, kv_tokens, tokens_per_frame, context) for b in whole]
+        blocks.append(last.kv_flops(q_tokens, kv_tokens, tokens_per_frame, context))
+        embed = self.embed_flops(q_tokens, frames) - linear_flops(q_tokens, self.head.head)
+        return add_flops(*blocks, {"embed": embed})
 
     def embed_flops(self, q_tokens: int, frames: int) -> float:
         """GEMMs outside the blocks: the patch embedding and the head per token, the time
@@ -518,6 +549,11 @@ class WanDiT(DiT):
                 tokens, h = out if chain is not None else (out, None)
             return tokens
 
+        if self._kv_only:  # a commit / history re-run: all blocks, the last up to its writes
+            last = self.num_layers - 1
+            self.blocks[last].write_kv(segment(tokens, 0, last), e0, context[last], cos, sin,
+                                       self.attention, cache, last, mask, cam)  # fmt: skip
+            return None
         tokens = self.run_blocks(tokens, segment)  # all blocks, or what the step cache runs
 
         # 4. head, gather the ranks' tokens, unpatchify
@@ -526,6 +562,20 @@ class WanDiT(DiT):
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(
             b, self.out_dim, num_frames, height, width
         )
+
+    def forward_kv(self, x, timestep, context, frame_positions=None, cache=None, mask=None,
+                   inputs=None, expert: int = 0) -> None:  # fmt: skip
+        """``forward``'s cache writes only (a commit, a history re-run): every block but the
+        last runs whole, the last one only up to its writes (``WanBlock.write_kv``), no head:
+        1 / num_layers of the GEMMs and attention saved. Runs through ``self.forward`` so a
+        subclass's input handling applies as in a denoising forward."""
+        if cache is None:
+            raise ValueError(f"{type(self).__name__}.forward_kv writes K/V: it needs a cache")
+        self._kv_only = True
+        try:
+            self.forward(x, timestep, context, frame_positions, cache, mask, inputs, expert)
+        finally:
+            self._kv_only = False
 
 
 class WanHead(nn.Module):

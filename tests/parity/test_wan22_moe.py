@@ -292,11 +292,15 @@ def test_graph_shape_key_names_the_expert(tmp_path):
     rollout.start([PROMPT], images=[image])
     rollout.step()
     rollout.step()
-    # a captured graph replays one expert: equal keys never mix experts
-    assert all(key[1] == expert for key, expert in policy.calls)
+    # a captured graph replays one expert: equal keys never mix experts (a commit's key is
+    # the forward's key with "kv": the experts' forward_kv, graphs of their own)
+    kinds = ["kv" if key[-1] == "kv" else "step" for key, _ in policy.calls]
+    assert all((key[0] if kind == "kv" else key)[1] == expert
+               for (key, expert), kind in zip(policy.calls, kinds, strict=True))  # fmt: skip
     experts = [expert for _, expert in policy.calls]
     # image commit (both experts), 3 high + 5 low steps, commit (both), 3 high + 5 low steps
     assert experts == [0, 1] + [0] * 3 + [1] * 5 + [0, 1] + [0] * 3 + [1] * 5
+    assert kinds == (["kv"] * 2 + ["step"] * 8) * 2
 
 
 def test_offload_idle_expert_keeps_results_and_swaps(tmp_path):

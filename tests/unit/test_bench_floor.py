@@ -94,8 +94,9 @@ def test_the_floor_counts_the_models_own_flops():
 
 
 def test_the_floor_of_a_rerun_history_counts_the_memory_forward():
-    """HY-WorldPlay re-runs up to ``context_frames`` history frames before each block, then the
-    block attends to them and itself."""
+    """HY-WorldPlay re-runs up to ``context_frames`` history frames before each block (a
+    ``forward_kv``: its last block stops at the K/V, no head), then the block attends to them
+    and itself."""
     cfg = compose_run(["recipe=hy_worldplay_wan_i2v_5b", *TINY, "model.memory_points=100"])
     model = construct_model(cfg.model)
     fpb, ctx = cfg.rollout.frames_per_block, model.context_frames
@@ -104,9 +105,11 @@ def test_the_floor_of_a_rerun_history_counts_the_memory_forward():
     steps = len(cfg.scheduler.timesteps)
     assert first["kv_tokens"] == fpb * 10  # no history before the first block
     assert late["kv_tokens"] == (ctx + fpb) * 10
-    memory = flops_ms(model.forward_flops(ctx * 10, ctx * 10, 10), THROUGHPUT)
+    memory = flops_ms(model.forward_kv_flops(ctx * 10, ctx * 10, 10), THROUGHPUT)
     block = flops_ms(model.forward_flops(fpb * 10, (ctx + fpb) * 10, 10), THROUGHPUT)
     assert late["floor_ms"] == pytest.approx(memory + steps * block)
+    whole = flops_ms(model.forward_flops(ctx * 10, ctx * 10, 10), THROUGHPUT)
+    assert memory < whole * (1 - 0.5 / model.num_layers)  # the last block's tail is not counted
 
 
 def test_peer_only_for_a_plain_wan():

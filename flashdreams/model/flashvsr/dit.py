@@ -81,6 +81,15 @@ class FlashVSRBlock(WanBlock):
         x, q = self.self_attn_out(x, y, e0, cam)
         return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0, next_table)
 
+    def write_kv(self, x, e0, cross_kv, cos, sin, attn, cache, layer=0, mask=None, cam=None,
+                 h=None) -> None:  # fmt: skip
+        """The LR features added as in ``forward``, then ``WanBlock.write_kv`` (the sparse mask
+        selects keys for the attention only, not what the cache stores)."""
+        feats = self._step.features
+        if feats is not None and 0 < layer < feats.shape[1]:
+            x, h = x + feats[:, layer].float(), None
+        super().write_kv(x, e0, cross_kv, cos, sin, attn, cache, layer, mask, cam, h)
+
     def flops(self, q_tokens, kv_tokens, tokens_per_frame, context_tokens):
         """The Wan block's FLOPs (the LR features are an addition); with a ``sparse_ratio``
         (the cached forwards the rollout runs), the self-attention over the kept window blocks

@@ -72,6 +72,12 @@ class HYWorldPlayBlock(WanBlock):
         out["attention"] += 4 * q_tokens * kv_tokens * width
         return out
 
+    def kv_flops(self, q_tokens, kv_tokens, tokens_per_frame, context_tokens):
+        """``write_kv``: q/k/v and the PRoPE transforms of q, k, v."""
+        out = super().kv_flops(q_tokens, kv_tokens, tokens_per_frame, context_tokens)
+        out["linear"] += 3 * 8 * q_tokens * self.self_attn.q.out_features
+        return out
+
     def chain_norm1(self, following, x):
         return None  # norm1 is not handed between blocks (the self-attention region is own)
 
@@ -112,6 +118,15 @@ class HYWorldPlayBlock(WanBlock):
             k_all, v_all, amax = kv[0], kv[1], getattr(kv, "amax", None)
         x, qc = self.attn_out(x, attn.self_attention(q_all, k_all, v_all, mask, amax), e0, mats.o)
         return self.cross_out_ffn(x, self.cross_attn.attend(qc, cross_kv, attn), e0, None)
+
+    def write_kv(self, x, e0, cross_kv, cos, sin, attn, cache, layer=0, mask=None, cam=None,
+                 h=None) -> None:  # fmt: skip
+        """Both branches' K/V into the cache (``WanBlock.write_kv``)."""
+        mats = self._step.mats
+        q_all, k_all, v_all = self.branches(*self.qkv(x, e0), cos, sin, mats.q, mats.kv)
+        kv = cache.update(layer, k_all, v_all)
+        if not attn.kv_written_at_update:
+            attn.self_attention(q_all, kv[0], kv[1], mask, getattr(kv, "amax", None))
 
 
 class HYWorldPlayDiT(WanDiT):

@@ -65,6 +65,15 @@ class MatrixGameBlock(WanBlock):
         return add_flops(super().flops(q_tokens, kv_tokens, tokens_per_frame, context_tokens),
                          self.action_model.flops(q_tokens, kv_tokens, tokens_per_frame))  # fmt: skip
 
+    def write_kv(self, x, e0, cross_kv, cos, sin, attn, cache, layer=0, mask=None, cam=None,
+                 h=None) -> None:  # fmt: skip
+        """The whole forward: the action caches store projections of the residual stream after
+        the self- and cross-attention, so nothing before them can be skipped."""
+        self.forward(x, e0, cross_kv, cos, sin, attn, cache, layer, mask, cam, h)
+
+    def kv_flops(self, q_tokens, kv_tokens, tokens_per_frame, context_tokens):
+        return self.flops(q_tokens, kv_tokens, tokens_per_frame, context_tokens)
+
     def action_in(self, x, y, keyboard, mouse, cos, sin):
         """Region 3: cross-attention output + residual, the action projections
         (``ActionModule.project``): ``(x, mouse q, mouse (k, v), keyboard (k, v))``."""
