@@ -278,7 +278,11 @@ def test_rollout_commits_at_full_precision_under_its_own_graph_key(monkeypatch):
     assert [c for c, _ in seen] == [False] * 4 + [True]  # 4 denoising forwards, then the commit
     assert seen[-1][1] == (seen[0][1], "exact")
     layers = rollout.model.num_layers
-    assert calls[-2 * layers :] == [True] * (2 * layers) and not any(calls[: 8 * layers])
+    # the commit (forward_kv): self- and cross-attention of every block but the last, which
+    # stops at its K/V writes
+    commit = 2 * (layers - 1)
+    assert len(calls) == 8 * layers + commit
+    assert calls[-commit:] == [True] * commit and not any(calls[: 8 * layers])
 
 
 def test_quality_reference_uses_the_bf16_fallback_kernel():

@@ -95,7 +95,8 @@ def test_precapture_covers_every_memory_engaged_forward():
     for i in range(6):
         session.step(control={"keys": ["w", "arrowright"] if i % 2 else ["a"]})
     used = {key for _, key in recording.RECORDS}
-    # blocks after 0, 4, 8, 12, 16 history frames; histories of 8, 12, 16 (one of 4 has block
-    # 0's shapes and key)
-    assert len(used) == 8
+    # blocks after 0, 4, 8, 12, 16 history frames; histories of 4, 8, 12, 16 (forward_kv: keys
+    # of their own, so the 4-frame history no longer shares block 0's)
+    assert len(used) == 9
+    assert sum(isinstance(k[0], tuple) and k[0][-1] == "kv" for k in used) == 4
     assert used <= captured

@@ -105,13 +105,20 @@ def leave_gloo(rank: int, out_path: str, results: dict) -> None:
 
 def _entry(rank: int, worker, world: int, port: int, out_path: str) -> None:
     """A spawned rank: Python's fault handler writes where the rank was if it dies of a signal
-    (an abort inside gloo leaves nothing else behind), then ``worker`` runs."""
+    (an abort inside gloo leaves nothing else behind), then ``worker`` runs, and the rank ends
+    with ``os._exit(0)`` once it left the group: in fresh-clone CI runs a rank whose work was
+    done (empty fault log) still aborted at interpreter exit ("terminate called without an
+    active exception": a gloo thread met by static destructors), which skipping them avoids."""
     import faulthandler
+    import sys
 
     with open(f"{out_path}.rank{rank}.fault", "w") as log:
         faulthandler.enable(log)
         worker(rank, world, port, out_path)
         faulthandler.disable()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(worker, world: int, tmp_path) -> dict:
