@@ -31,9 +31,9 @@ minutes of symbolic-shape work on an H200; and its ``DistWrapper`` compiles the 
 the first row is that (``--vendor-compile all``) within ``--vendor-compile-budget-s``; a row cut
 there is followed by a ``--vendor-compile none`` row in what is left of ``--vendor-budget-s``
 (default 420 s on CUDA: the whole release pass; compiled as it ships, the release needed 267 s
-on a fresh H200, warm-up pass included, and a 200 s box cut it). Every row lands in ``vendor_rows`` (status ok /
-over_budget, the chunks timed so far) and the JSON is rewritten after each chunk; ``vendor`` is
-the first complete row.
+on a fresh H200, warm-up pass included, and a 200 s box cut it). Every row lands in
+``vendor_rows`` (status ok / over_budget, the chunks timed so far) and the JSON is rewritten
+after each chunk; ``vendor`` is the first complete row.
 ``--parity`` (default with ``--tiny``) saves the release's random transformer as its ``model.pt``
 envelope, loads it into ours through our checkpoint conversion and reports the largest
 difference of each chunk's latents (``vendor.parity``) and whether the memory frames agree.
