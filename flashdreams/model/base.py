@@ -34,7 +34,8 @@ here. What a model must say about itself:
   whose self-attention reads ``kv_tokens`` keys, from the model's own modules and shapes (every
   block's GEMMs, every softmax attention, action or camera branches included), split into
   ``linear`` / ``attention`` / ``embed``. ``flashdreams.bench`` divides it by the measured GEMM
-  and attention rates: the floor of every model's step.
+  and attention rates: the floor of every model's step (``forward_kv_flops`` for a history
+  re-run, which skips what ``forward_kv`` skips).
 * **Graph shape key** (``graph_key``): what changes a forward's work besides its tensor shapes
   (the valid KV length; an expert; an exact commit). A captured graph is replayed only for an
   equal key.
