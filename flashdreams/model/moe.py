@@ -209,21 +209,22 @@ class WanMoE(DiT):
                 cache (a recache replay names the expert), or None.
             inputs: named conditioning inputs, passed to the expert.
         """
-        if expert is None:
-            expert = self.expert_index(float(timestep.max()))
-        ctx = self.expert_context(context, expert)
-        if isinstance(cache, ExpertKVCaches):
-            cache = cache.experts[expert]
-        return self._activate(expert)(x, timestep, ctx, frame_positions, cache, mask, inputs)
+        model, ctx, cache = self._route(timestep, context, cache, expert)
+        return model(x, timestep, ctx, frame_positions, cache, mask, inputs)
 
     kv_only_commit = True  # each expert's forward_kv stops at its last block's cache writes
 
     def forward_kv(self, x, timestep, context, frame_positions=None, cache=None, mask=None,
                    inputs=None, expert: int | None = None) -> None:  # fmt: skip
         """The named expert's ``WanDiT.forward_kv`` (its context and cache, as ``forward``)."""
+        model, ctx, cache = self._route(timestep, context, cache, expert)
+        model.forward_kv(x, timestep, ctx, frame_positions, cache, mask, inputs)
+
+    def _route(self, timestep, context: list, cache, expert: int | None):
+        """The expert a forward runs (named, or picked from the largest timestep: a host read),
+        made resident, with its context and its own cache."""
         if expert is None:
             expert = self.expert_index(float(timestep.max()))
-        ctx = self.expert_context(context, expert)
         if isinstance(cache, ExpertKVCaches):
             cache = cache.experts[expert]
-        self._activate(expert).forward_kv(x, timestep, ctx, frame_positions, cache, mask, inputs)
+        return self._activate(expert), self.expert_context(context, expert), cache

@@ -226,25 +226,30 @@ class WanBlock(nn.Module):
         # h / next_table: norm1 handed over between fused blocks (see chain_norm1), in which
         # case the block returns (x, the next block's h)
         # 1. self-attention over (KV cache +) this block's tokens
-        q, k, v = self.self_attn_in(x, e0, cos, sin, h)
-        amax = None
-        if cache is not None:
-            kv = cache.update(layer, k, v)  # (B, Lk, H, D): sink + window + this block
-            k, v, amax = kv[0], kv[1], kv_amax(kv)
+        q, k, v, amax = self.self_kv(x, e0, cos, sin, cache, layer, h)
         x, q = self.self_attn_out(x, attn.self_attention(q, k, v, mask, amax), e0, cam)
         # 2. cross-attention to the cached context K/V, then 3. the feed-forward
         return self.cross_out_ffn(x, self.cross_attn.attend(q, cross_kv, attn), e0, next_table)
 
+    def self_kv(self, x, e0, cos, sin, cache=None, layer=0, h=None):
+        """The self-attention's inputs: this block's q and, after the cache update (AR mode),
+        the K/V it attends to with their bounds: ``(q, k, v, amax)`` (amax None without a
+        cache or bounds). ``forward`` and ``write_kv`` both start here."""
+        q, k, v = self.self_attn_in(x, e0, cos, sin, h)
+        if cache is None:
+            return q, k, v, None
+        kv = cache.update(layer, k, v)  # (B, Lk, H, D): sink + window + this block
+        return q, kv[0], kv[1], kv_amax(kv)
+
     def write_kv(self, x, e0, cross_kv, cos, sin, attn, cache, layer=0, mask=None, cam=None,
                  h=None) -> None:  # fmt: skip
         """``forward``'s cache writes and nothing after them (the last block of a
-        ``WanDiT.forward_kv``): norm1, q/k/v, the cache update, and the self-attention only
-        where the K/V land with it (``Attention.kv_written_at_update`` False). A block whose
-        forward writes other caches, or writes K/V differently, overrides this."""
-        q, k, v = self.self_attn_in(x, e0, cos, sin, h)
-        kv = cache.update(layer, k, v)
+        ``WanDiT.forward_kv``): ``self_kv``, and the self-attention only where the K/V land
+        with it (``Attention.kv_written_at_update`` False). A block whose forward writes other
+        caches overrides this."""
+        q, k, v, amax = self.self_kv(x, e0, cos, sin, cache, layer, h)
         if not attn.kv_written_at_update:
-            attn.self_attention(q, kv[0], kv[1], mask, kv_amax(kv))
+            attn.self_attention(q, k, v, mask, amax)
 
     def kv_flops(self, q_tokens: int, kv_tokens: int, tokens_per_frame: int,
                  context_tokens: Sequence[int]) -> dict[str, float]:  # fmt: skip

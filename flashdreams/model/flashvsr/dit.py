@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 from flashdreams import ConfigError
-from flashdreams.cache.base import kv_amax
 from flashdreams.model.base import ConditionInput
 from flashdreams.model.flashvsr.sparse import (
     block_mask,
@@ -62,20 +61,16 @@ class FlashVSRBlock(WanBlock):
     def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None, cam=None,
                 h=None, next_table=None):  # fmt: skip
         step = self._step
-        feats = step.features
-        if feats is not None and 0 < layer < feats.shape[1]:
-            x, h = x + feats[:, layer].float(), None  # the previous block's norm1 is stale
+        x, h = self._with_features(x, h, layer)
         if step.sparse_ratio is None or cache is None:
             return super().forward(x, e0, cross_kv, cos, sin, attn, cache, layer, mask, cam, h,
                                    next_table)  # fmt: skip
-        q, k, v = self.self_attn_in(x, e0, cos, sin, h)
-        kv = cache.update(layer, k, v)
-        k, v = kv[0], kv[1]
+        q, k, v, amax = self.self_kv(x, e0, cos, sin, cache, layer, h)
         if step.block_sparse:
-            y = self._block_sparse(q, k, v, attn, kv_amax(kv))
+            y = self._block_sparse(q, k, v, attn, amax)
         else:
             allowed = token_mask(q, k, step.grid, step.sparse_ratio, step.local_range)
-            y = attn.self_attention(q, k, v, allowed, kv_amax(kv))
+            y = attn.self_attention(q, k, v, allowed, amax)
             # a query block with no kept key block gives zeros (no softmax over nothing)
             y = torch.where(allowed.any(-1).transpose(1, 2)[..., None], y, 0)
         x, q = self.self_attn_out(x, y, e0, cam)
@@ -85,10 +80,16 @@ class FlashVSRBlock(WanBlock):
                  h=None) -> None:  # fmt: skip
         """The LR features added as in ``forward``, then ``WanBlock.write_kv`` (the sparse mask
         selects keys for the attention only, not what the cache stores)."""
+        x, h = self._with_features(x, h, layer)
+        super().write_kv(x, e0, cross_kv, cos, sin, attn, cache, layer, mask, cam, h)
+
+    def _with_features(self, x, h, layer: int):
+        """``x`` plus this layer's LR features (layers >= 1 that have them), and norm1's
+        handed-over output ``h``, which is then stale (None)."""
         feats = self._step.features
         if feats is not None and 0 < layer < feats.shape[1]:
-            x, h = x + feats[:, layer].float(), None
-        super().write_kv(x, e0, cross_kv, cos, sin, attn, cache, layer, mask, cam, h)
+            return x + feats[:, layer].float(), None
+        return x, h
 
     def flops(self, q_tokens, kv_tokens, tokens_per_frame, context_tokens):
         """The Wan block's FLOPs (the LR features are an addition); with a ``sparse_ratio``

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from flashdreams import ConfigError
+from flashdreams.cache.base import kv_amax
 from flashdreams.io.keymap import diffusers_to_wan, looks_like_diffusers
 from flashdreams.model.base import ConditionInput, ContextPlan, linear_flops
 from flashdreams.model.hy_worldplay.memory import MemoryConfig, select_memory, sphere_points
@@ -110,23 +111,20 @@ class HYWorldPlayBlock(WanBlock):
 
     def forward(self, x, e0, cross_kv, cos, sin, attn, cache=None, layer=0, mask=None, cam=None,
                 h=None, next_table=None):  # fmt: skip
-        mats = self._step.mats
-        q_all, k_all, v_all = self.branches(*self.qkv(x, e0), cos, sin, mats.q, mats.kv)
-        amax = None
-        if cache is not None:
-            kv = cache.update(layer, k_all, v_all)  # (2B, Lk, H, D): RoPE rows, then PRoPE rows
-            k_all, v_all, amax = kv[0], kv[1], getattr(kv, "amax", None)
-        x, qc = self.attn_out(x, attn.self_attention(q_all, k_all, v_all, mask, amax), e0, mats.o)
+        q_all, k_all, v_all, amax = self.self_kv(x, e0, cos, sin, cache, layer)
+        y = attn.self_attention(q_all, k_all, v_all, mask, amax)
+        x, qc = self.attn_out(x, y, e0, self._step.mats.o)
         return self.cross_out_ffn(x, self.cross_attn.attend(qc, cross_kv, attn), e0, None)
 
-    def write_kv(self, x, e0, cross_kv, cos, sin, attn, cache, layer=0, mask=None, cam=None,
-                 h=None) -> None:  # fmt: skip
-        """Both branches' K/V into the cache (``WanBlock.write_kv``)."""
+    def self_kv(self, x, e0, cos, sin, cache=None, layer=0, h=None):
+        """Both branches stacked on the batch axis (``branches``); the cache holds (2B, Lk, H,
+        D): RoPE rows, then PRoPE rows (``WanBlock.self_kv``, so ``write_kv`` is Wan's)."""
         mats = self._step.mats
         q_all, k_all, v_all = self.branches(*self.qkv(x, e0), cos, sin, mats.q, mats.kv)
+        if cache is None:
+            return q_all, k_all, v_all, None
         kv = cache.update(layer, k_all, v_all)
-        if not attn.kv_written_at_update:
-            attn.self_attention(q_all, kv[0], kv[1], mask, getattr(kv, "amax", None))
+        return q_all, kv[0], kv[1], kv_amax(kv)
 
 
 class HYWorldPlayDiT(WanDiT):
