@@ -131,22 +131,14 @@ def measure_throughput(attention, heads: int, head_dim: int, q_tokens: int, kv_t
     }
 
 
-def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame: int,
-               model: DiT | None = None) -> list[dict]:  # fmt: skip
-    """Per-step floor (ms) of the diffuse stage: num_steps forwards of ``model`` (the run's,
-    built on the meta device when not given) at that step's KV length (two per step under
-    classifier-free guidance, ``forwards_per_step`` in the stats header), plus the history
-    re-run of a model with a reconstituted context."""
-    from flashdreams.build import construct_model
-
-    model = construct_model(cfg.model) if model is None else model
+def step_shapes(cfg: DictConfig, stats: dict, model: DiT) -> list[dict]:
+    """Per AR step of the run: its block's latent frames, the key frames it attends to (the
+    cache window and sink applied; a reconstituted context's history plus the block) and the
+    history frames re-run before it."""
     r = cfg.rollout
     schedule = BlockSchedule(r.frames_per_block, r.get("first_block_frames"))
     window = cfg.cache.get("window_frames") if "window_frames" in cfg.cache else None
     sink = cfg.cache.get("sink_frames", 0) if window else 0
-    num_steps = (
-        len(cfg.scheduler.timesteps) if "timesteps" in cfg.scheduler else cfg.scheduler.num_steps
-    ) * stats.get("forwards_per_step", 1)
     rows = []
     for s in stats["steps"]:
         block = schedule.frames(s["step"])
@@ -158,8 +150,34 @@ def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame:
             frames = schedule.total(s["step"] + 1)  # the KV length the step's block attends to
             if window:
                 frames = min(frames, window + sink)
-        f = block_flops(model, tokens_per_frame, block, frames, num_steps, history)
-        rows.append({"step": s["step"], "kv_tokens": frames * tokens_per_frame,
+        rows.append({"step": s["step"], "block": block, "kv_frames": frames, "history": history})
+    return rows
+
+
+def timed_kv_frames(shapes: list[dict]) -> int:
+    """The key frames of the median timed step (steps >= 2, as the medians): the shape the
+    floor's attention rate is measured at."""
+    timed = [s for s in shapes if s["step"] >= 2] or shapes
+    return sorted(s["kv_frames"] for s in timed)[len(timed) // 2]
+
+
+def step_floor(cfg: DictConfig, stats: dict, throughput: dict, tokens_per_frame: int,
+               model: DiT | None = None) -> list[dict]:  # fmt: skip
+    """Per-step floor (ms) of the diffuse stage: num_steps forwards of ``model`` (the run's,
+    built on the meta device when not given) at that step's KV length (two per step under
+    classifier-free guidance, ``forwards_per_step`` in the stats header), plus the history
+    re-run of a model with a reconstituted context."""
+    from flashdreams.build import construct_model
+
+    model = construct_model(cfg.model) if model is None else model
+    num_steps = (
+        len(cfg.scheduler.timesteps) if "timesteps" in cfg.scheduler else cfg.scheduler.num_steps
+    ) * stats.get("forwards_per_step", 1)
+    rows = []
+    for s in step_shapes(cfg, stats, model):
+        f = block_flops(model, tokens_per_frame, s["block"], s["kv_frames"], num_steps,
+                        s["history"])  # fmt: skip
+        rows.append({"step": s["step"], "kv_tokens": s["kv_frames"] * tokens_per_frame,
                      "floor_ms": flops_ms(f, throughput), "tflop": sum(f.values()) / 1e12})  # fmt: skip
     return rows
 
@@ -263,8 +281,8 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict:
             (hw[0] // m.patch_size[1]) * (hw[1] // m.patch_size[2])
         )  # stats from before the header had it
         attention = instantiate(cfg.attention)
-        schedule = BlockSchedule(r.frames_per_block, r.get("first_block_frames"))
-        med_kv = min(schedule.total((2 + len(stats["steps"])) // 2), 21) * tpf
+        # the attention rate at the median timed step's own shape (its cache window applied)
+        med_kv = timed_kv_frames(step_shapes(cfg, stats, flops_model)) * tpf
         tp = measure_throughput(attention, flops_model.num_heads, flops_model.head_dim,
                                 r.frames_per_block * tpf, med_kv,
                                 fp8_linears=ran_fp8_linears(stats))  # fmt: skip

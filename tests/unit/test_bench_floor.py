@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from flashdreams import ConfigError
-from flashdreams.bench import check_peer, flops_ms, ran_fp8_linears, step_floor
+from flashdreams.bench import (
+    check_peer,
+    flops_ms,
+    ran_fp8_linears,
+    step_floor,
+    step_shapes,
+    timed_kv_frames,
+)
 from flashdreams.build import construct_model
 from tests.unit.test_config import compose_run
 
@@ -110,6 +117,22 @@ def test_the_floor_of_a_rerun_history_counts_the_memory_forward():
     assert late["floor_ms"] == pytest.approx(memory + steps * block)
     whole = flops_ms(model.forward_flops(ctx * 10, ctx * 10, 10), THROUGHPUT)
     assert memory < whole * (1 - 0.5 / model.num_layers)  # the last block's tail is not counted
+
+
+def test_the_attention_rate_is_measured_at_the_windowed_steps_shape():
+    """Matrix-Game attends to a window of 6 latent frames: the floor's attention rate is
+    measured at the timed steps' 6 frames of keys (not at the frames generated so far), and
+    each step's floor counts that many."""
+    cfg = compose_run(["recipe=matrix_game2_universal", *TINY, "model.action_blocks=1"])
+    model = construct_model(cfg.model)
+    stats = {"steps": [{"step": i} for i in range(12)]}
+    shapes = step_shapes(cfg, stats, model)
+    assert [s["kv_frames"] for s in shapes] == [3] + [6] * 11
+    assert timed_kv_frames(shapes) == cfg.cache.window_frames == 6
+    grown = compose_run(["recipe=self_forcing_wan21_t2v_1_3b", *TINY])  # no window: 3 .. 21
+    shapes = step_shapes(grown, {"steps": [{"step": i} for i in range(7)]}, model)
+    assert [s["kv_frames"] for s in shapes] == [3, 6, 9, 12, 15, 18, 21]
+    assert timed_kv_frames(shapes) == 15  # the median of steps 2..6
 
 
 def test_peer_only_for_a_plain_wan():
