@@ -12,6 +12,11 @@ reach on this GPU), and the largest error of the kernel against the eager refere
 
     python scripts/bench_fusions.py --out benchmarks/<dir>/fusions.json
     python scripts/bench_fusions.py --width 5120 --heads 40   # the 14B blocks
+    python scripts/bench_fusions.py --action --configs auto,2x4,4x4,8x4,4x8  # Matrix-Game's
+        action kernels (``flashdreams.model.matrix_game.fused``) at the released shape: 3 frames
+        of 880 tokens, 16 heads of 64 dims, a 6-frame window; the reference is the math the
+        compiled modules ran before (products, softmax and sums along frames as Inductor fuses
+        them)
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from flashdreams.bench import time_graph
 from flashdreams.model import fused_norms as fused
 from flashdreams.model import fused_rope
 from flashdreams.model.layers import Rope3D, gated_residual
+from flashdreams.model.matrix_game import fused as action_fused
 
 
 def graph_time(fn, repeats: int) -> float:
@@ -110,20 +116,78 @@ def cases(seq: int, frames: int, width: int, heads: int):
     return [
         ("norm_modulate (norm1)",
          lambda: fused.norm_modulate(x, None, None, e0, table, 0, 1, 1e-6, bf16),
-         ref_norm, copy_norm, (x,), row32 + row16),
+         ref_norm, copy_norm, (x,), row32 + row16, fused.TUNE, "norm"),
         ("add_norm gate+affine (norm3)",
          lambda: fused.add_norm(x, y, e0, table, 2, w, b, -1, -1, 1e-6, bf16),
-         ref_add_affine, copy_add, (x, y), 2 * row32 + 2 * row16),
+         ref_add_affine, copy_add, (x, y), 2 * row32 + 2 * row16, fused.TUNE, "norm"),
         ("add_norm +modulate (norm2)",
          lambda: fused.add_norm(x, y, e0, table, -1, None, None, 3, 4, 1e-6, bf16),
-         ref_add_mod, copy_add, (x, y), 2 * row32 + 2 * row16),
+         ref_add_mod, copy_add, (x, y), 2 * row32 + 2 * row16, fused.TUNE, "norm"),
         ("gated_add (FFN out)", lambda: fused.gated_add(x, y, e0, table, 5), ref_gated,
-         copy_gated, (x, y), 2 * row32 + row16),
+         copy_gated, (x, y), 2 * row32 + row16, fused.TUNE, "norm"),
         ("add_norm gate+next norm1 (chain)",
          lambda: fused.add_norm(x, y, e0, table, 5, None, None, 0, 1, 1e-6, bf16, following),
-         ref_next, copy_add, (x, y), 2 * row32 + 2 * row16),
+         ref_next, copy_add, (x, y), 2 * row32 + 2 * row16, fused.TUNE, "norm"),
         ("qk_norm_rope", lambda: fused_rope.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6),
-         ref_qk, copy_qk, (q, k), 4 * row16),
+         ref_qk, copy_qk, (q, k), 4 * row16, fused_rope.TUNE, "qk"),
+    ]  # fmt: skip
+
+
+def action_cases(frames: int = 3, per_frame: int = 880, heads: int = 16, head_dim: int = 64,
+                 window: int = 6):  # fmt: skip
+    """``cases`` for Matrix-Game's action kernels: the mouse q/k norm + RoPE (from the fused
+    projection's slices) and the keyboard q's; the mouse attention over a cache window (one
+    key per position) and the keyboard's (one key per frame). References: the unfused math
+    as the compiled modules ran it (Inductor)."""
+    from flashdreams.model.matrix_game.action import FrameRope
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    length, width = frames * per_frame, heads * head_dim
+    qkv = torch.randn(1, length, 3, heads, head_dim, device=dev, generator=g).to(bf16)
+    q, k, _ = qkv.unbind(2)
+    cos, sin = FrameRope(head_dim).cos_sin(torch.arange(frames, device=dev))
+    buffer = torch.randn(2, 1, (window + 3) * per_frame, heads, head_dim, device=dev,
+                         generator=g).to(bf16)  # fmt: skip
+    kc, vc = (t[:, : window * per_frame].unflatten(1, (window, per_frame)) for t in buffer)
+    kk, vk = (torch.randn(1, window, 1, heads, head_dim, device=dev, generator=g).to(bf16)
+              for _ in range(2))  # fmt: skip
+    qf = q.contiguous().unflatten(1, (frames, per_frame))
+    row16 = length * width * 2
+
+    def ref_head_qk(q, k):
+        return tuple(action_fused.head_norm_rope_reference(t, cos, sin, 1e-6) for t in (q, k))
+
+    def ref_head_q(q):
+        return action_fused.head_norm_rope_reference(q, cos, sin, 1e-6)
+
+    def ref_frames(q, k, v):  # the compiled modules' math: products, softmax, sums
+        scores = (q.float().unsqueeze(2) * k.float().unsqueeze(1)).sum(-1) * head_dim**-0.5
+        w = scores.softmax(dim=2).unsqueeze(-1)
+        return (w * v.float().unsqueeze(1)).sum(2).to(q.dtype)
+
+    def copy_two(q, k):
+        return q * 2, k * 2
+
+    def copy_one(q):
+        return q * 2
+
+    def copy_frames(q, k, v):  # reads q, k and v once and writes q's size
+        return q * 2, k * v
+
+    tune = action_fused.TUNE
+    return [
+        ("action head_norm_rope q+k",
+         lambda: tuple(action_fused.head_norm_rope(q, k, cos, sin, 1e-6)), ref_head_qk,
+         copy_two, (q, k), 4 * row16, tune, "head"),
+        ("action head_norm_rope q",
+         lambda: action_fused.head_norm_rope(q, None, cos, sin, 1e-6)[0], ref_head_q,
+         copy_one, (q,), 2 * row16, tune, "head"),
+        ("action frame_attention mouse", lambda: action_fused.frame_attention(qf, kc, vc),
+         ref_frames, copy_frames, (qf, kc, vc), 2 * row16 + 2 * window * per_frame * width * 2,
+         tune, "frames"),
+        ("action frame_attention keyboard", lambda: action_fused.frame_attention(qf, kk, vk),
+         ref_frames, copy_one, (qf, kk, vk), 2 * row16, tune, "frames"),
     ]  # fmt: skip
 
 
@@ -137,6 +201,8 @@ def main() -> None:
                     help="rows per tile x warps [x tiles per program] [c<columns per chunk>: "
                          "the chunked kernel, c0: whole rows] to sweep (auto: the built-in "
                          "choice)")  # fmt: skip
+    ap.add_argument("--action", action="store_true",
+                    help="Matrix-Game's action kernels instead of the Wan block's")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -145,16 +211,15 @@ def main() -> None:
     rows = []
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     with torch.no_grad():
-        for name, call, ref, copy, inputs, nbytes in cases(args.seq, args.frames, args.width,
-                                                           args.heads):  # fmt: skip
+        todo = action_cases() if args.action else cases(args.seq, args.frames, args.width,
+                                                          args.heads)  # fmt: skip
+        for name, call, ref, copy, inputs, nbytes, tune, kind in todo:
             compiled = torch.compile(ref, fullgraph=True)
             row = {"op": name, "bytes": nbytes}
             row["inductor_us"] = graph_time(lambda c=compiled, i=inputs: c(*i), args.repeats)
             ceiling = torch.compile(copy, fullgraph=True)
             row["ceiling_us"] = graph_time(lambda c=ceiling, i=inputs: c(*i), args.repeats)
             expect = ref(*inputs)
-            kind = "qk" if name.startswith("qk") else "norm"
-            tune = fused_rope.TUNE if kind == "qk" else fused.TUNE
             best = None
             for cfg in configs:
                 shape, _, chunk = cfg.partition("c")  # "c<N>": the chunked kernel, N columns
@@ -162,7 +227,8 @@ def main() -> None:
                 if shape in ("auto", ""):
                     tune[kind] = None
                 else:  # rows x warps [x tiles per program]
-                    tune[kind] = (*map(int, shape.split("x")), 1)[:3]
+                    sizes = (*map(int, shape.split("x")), 1)
+                    tune[kind] = sizes[:3] if kind == "norm" else sizes[:2]
                 try:
                     us = graph_time(call, args.repeats)
                     err = max_err(call(), expect)
@@ -187,7 +253,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "shape": {"seq": args.seq, "frames": args.frames, "width": args.width, "heads": args.heads},
+        "shape": "matrix-game action (3 x 880 tokens, 16 x 64, window 6)"
+        if args.action
+        else {"seq": args.seq, "frames": args.frames, "width": args.width, "heads": args.heads},
         "rows": rows,
     }
     if args.out:

@@ -47,3 +47,33 @@ def test_policy_matches_eager(eager, overrides, tmp_path):
     for block, (a, b) in enumerate(zip(got, eager, strict=True)):
         rel = ((a - b).norm() / b.norm()).item()
         assert rel <= 2e-2, f"block {block}: relative error {rel:.3g} for {overrides}"
+
+
+@torch.no_grad()
+def test_action_kernels_match_their_torch_math():
+    """The action modules' Triton kernels at the released shape (16 heads of 64 dims, 880
+    tokens per frame, a 3-frame block over a 6-frame window of a 9-frame cache buffer) against
+    the unfused torch math: the per-head norm + RoPE rounds as the modules do (<= 1e-3
+    relative L2: an odd last-bit difference from the fp32 sum's order), the attention along
+    frames to one bf16 rounding of an online softmax (<= 4e-3; a wrong key frame gives ~1)."""
+    from flashdreams.model.matrix_game import fused
+    from flashdreams.model.matrix_game.action import FrameRope
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    heads, d, tpf, bf16 = 16, 64, 880, torch.bfloat16
+    qkv = torch.randn(2, 3 * tpf, 3, heads, d, device="cuda", generator=g).mul(3).to(bf16)
+    q, k, _ = qkv.unbind(2)
+    cos, sin = FrameRope(d).cos_sin(torch.arange(7, 10, device="cuda"))
+    got = fused.head_norm_rope(q, k, cos, sin, 1e-6)
+    for a, t in zip(got, (q, k), strict=True):
+        want = fused.head_norm_rope_reference(t, cos, sin, 1e-6)
+        assert ((a.float() - want.float()).norm() / want.float().norm()).item() <= 1e-3
+    qf = got[0].unflatten(1, (3, tpf))
+    buffer = torch.randn(2, 2, 9 * tpf, heads, d, device="cuda", generator=g).to(bf16)
+    kc, vc = (t[:, : 6 * tpf].unflatten(1, (6, tpf)) for t in buffer)
+    keys = torch.randn(2, 2, 6, 1, heads, d, device="cuda", generator=g).to(bf16)
+    mask = torch.ones(3, 6, dtype=torch.bool, device="cuda").triu(diagonal=4).logical_not()
+    for args in ((qf, kc, vc), (qf, *keys), (qf, kc, vc, mask)):
+        a = fused.frame_attention(*args).float()
+        want = fused.frame_attention_reference(*args).to(bf16).float()
+        assert ((a - want).norm() / want.norm()).item() <= 4e-3

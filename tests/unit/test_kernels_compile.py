@@ -54,6 +54,7 @@ def compiled(request, monkeypatch) -> _Compiled:
     from flashdreams.attention import split_kv
     from flashdreams.cache import scatter
     from flashdreams.model import fused_norms, fused_rope
+    from flashdreams.model.matrix_game import fused as action_fused
     from flashdreams.precision import fp8_act, fp8_tensor
 
     done = _Compiled()
@@ -67,7 +68,7 @@ def compiled(request, monkeypatch) -> _Compiled:
 
     monkeypatch.setattr(JITFunction, "__getitem__", compile_only)
     monkeypatch.setattr(driver, "_active", _Target(request.param))
-    for module in (fused_norms, fused_rope, split_kv, scatter, fp8_tensor, fp8_act):
+    for module in (fused_norms, fused_rope, split_kv, scatter, fp8_tensor, fp8_act, action_fused):
         monkeypatch.setattr(module, "cuda_kernels", lambda kernels, *tensors: kernels())
     return done
 
@@ -128,3 +129,23 @@ def test_fp8_input_quantization_compiles(compiled, width):
     for act in ("none", "gelu", "gelu_tanh"):
         quant_act_rows(x, act)
     assert len(compiled) == 3 and all(k.asm.get("cubin") for k in compiled)
+
+
+def test_action_kernels_compile(compiled):
+    """Matrix-Game's action kernels at the released shape (16 heads of 64 dims, 880 tokens per
+    frame): q/k norm + RoPE from the fused projection, q alone, the mouse attention over a
+    cache window, the keyboard attention under a frame mask."""
+    from flashdreams.model.matrix_game import fused
+    from flashdreams.model.matrix_game.action import FrameRope
+
+    heads, d, tpf = 16, 64, 880
+    q, k, v = torch.randn(1, 3 * tpf, 3, heads, d, dtype=BF16).unbind(2)
+    cos, sin = FrameRope(d).cos_sin(torch.arange(3))
+    fused.head_norm_rope(q, k, cos, sin, 1e-6)
+    fused.head_norm_rope(q, None, cos, sin, 1e-6)
+    cache = torch.zeros(1, 6 * tpf, heads, d, dtype=BF16)
+    qf, kc = q.unflatten(1, (3, tpf)), cache.unflatten(1, (6, tpf))
+    fused.frame_attention(qf, kc, kc)
+    keys = torch.zeros(1, 6, 1, heads, d, dtype=BF16)
+    fused.frame_attention(qf, keys, keys, torch.ones(3, 6, dtype=torch.bool))
+    assert len(compiled) == 4 and all(kernel.asm.get("cubin") for kernel in compiled)

@@ -32,6 +32,11 @@ NORM_CASES = [f"{kind}-{width}-{chunk}" for kind in ("norm1", "norm3", "norm2", 
               for width, chunk in ((192, None), (192, 128))]  # fmt: skip
 # 192 columns: whole rows in 256-lane tiles, or the chunked kernel with chunks of 128 and 64
 QK_CASES = ["qk-3", "qk-4"]  # heads; 3 pads the head axis to tiles of 4
+# Matrix-Game's action modules: per-head q/k norm + frame RoPE (q and k from a fused q/k/v
+# projection's slices, 3 heads padded to 4; q alone), attention along frames (the mouse: one
+# key per position, read from a cache buffer's window; the keyboard: one key per frame; a
+# frame mask)
+ACTION_CASES = ["head-qk", "head-q", "frames-mouse", "frames-keyboard", "frames-mask"]
 # split-KV merge over 2 / 3 chunks; K/V row scatter into the cache (a strided V view);
 # FP8 e4m3 per-tensor quantization of contiguous / strided tensors and the dequantization
 OTHER_CASES = ["merge-2", "merge-3", "scatter", "fp8-contiguous", "fp8-strided", "fp8-dequant",
@@ -56,10 +61,12 @@ def _run_all() -> dict[str, list[float]]:
     from flashdreams.cache import scatter
     from flashdreams.model import fused_norms as fused
     from flashdreams.model import fused_rope
+    from flashdreams.model.matrix_game import fused as action_fused
     from flashdreams.precision import fp8_act, fp8_tensor
 
     builders = {fused: "_kernels", fused_rope: "_kernels", split_kv: "_merge_kernel",
-                scatter: "_kernel", fp8_tensor: "kernels", fp8_act: "kernels"}  # fmt: skip
+                scatter: "_kernel", fp8_tensor: "kernels", fp8_act: "kernels",
+                action_fused: "_kernels"}  # fmt: skip
     for module, builder in builders.items():  # CPU tensors go to the (interpreted) kernels
         module.cuda_kernels = lambda kernels, *tensors: kernels()
         # the interpreter looks helper kernels up in the module's globals, not in the closure
@@ -83,6 +90,39 @@ def _run_all() -> dict[str, list[float]]:
     out["scatter"] = _scatter_case(scatter)
     out.update(_fp8_cases(fp8_tensor))
     out.update(_act_cases(fp8_act))
+    out.update(_action_cases(action_fused))
+    return out
+
+
+def _action_cases(fused, frames: int = 3, per_frame: int = 6) -> dict[str, list[float]]:
+    """The action modules' kernels against their torch math, on 2 batch rows of ``frames``
+    frames of ``per_frame`` tokens, 3 heads of 16 dims."""
+    from flashdreams.model.matrix_game.action import FrameRope
+
+    bf16, heads, d = torch.bfloat16, 3, 16
+    g = torch.Generator().manual_seed(7)
+    length = frames * per_frame
+    qkv = (torch.randn(2, length, 3, heads, d, generator=g) * 2).to(bf16)
+    q, k, v = qkv.unbind(2)  # the fused projection's slices: rows 3x as far apart
+    cos, sin = FrameRope(d, (4, 6, 6)).cos_sin(torch.arange(5, 5 + frames))
+    out = {}
+    got = fused.head_norm_rope(q, k, cos, sin, 1e-6)
+    want = [fused.head_norm_rope_reference(t, cos, sin, 1e-6) for t in (q, k)]
+    out["head-qk"] = [rel_l2(a, r) for a, r in zip(got, want, strict=True)]
+    (got,) = fused.head_norm_rope(q, None, cos, sin, 1e-6)
+    out["head-q"] = [rel_l2(got, want[0])]
+    qf = q.unflatten(1, (frames, per_frame))
+    window = 5  # key frames in the cache's valid range, a buffer of 7 frames
+    buffer = torch.randn(2, 2, 7 * per_frame, heads, d, generator=g).to(bf16)
+    kc, vc = (t[:, : window * per_frame].unflatten(1, (window, per_frame)) for t in buffer)
+    kk, vk = (torch.randn(2, window, 1, heads, d, generator=g).to(bf16) for _ in range(2))
+    mask = torch.rand(frames, window, generator=g) > 0.4
+    mask[:, 0] = True  # every frame sees one
+    for name, args in (("mouse", (qf, kc, vc)), ("keyboard", (qf, kk, vk)),
+                       ("mask", (qf, kc, vc, mask))):  # fmt: skip
+        got = fused.frame_attention(*args)
+        want = fused.frame_attention_reference(*args).to(bf16)
+        out[f"frames-{name}"] = [rel_l2(got, want) if got.shape == want.shape else float("inf")]
     return out
 
 
@@ -213,7 +253,7 @@ def interpreted() -> dict[str, list[float]]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", NORM_CASES + QK_CASES + OTHER_CASES)
+@pytest.mark.parametrize("case", NORM_CASES + QK_CASES + OTHER_CASES + ACTION_CASES)
 def test_kernel_matches_the_torch_path(interpreted, case):
     errors = interpreted[case]
     tols = TOLS.get(case, (TOL,) * len(errors))

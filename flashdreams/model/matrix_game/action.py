@@ -32,6 +32,7 @@ from torch import nn
 
 from flashdreams.model.base import linear_flops
 from flashdreams.model.layers import apply_rope
+from flashdreams.model.matrix_game.fused import frame_attention, head_norm_rope
 
 
 class HeadRMSNorm(nn.Module):
@@ -67,39 +68,6 @@ class FrameRope:
         rest = self.head_dim // 2 - ang.shape[1]
         ang = torch.cat([ang, ang.new_zeros(ang.shape[0], rest)], dim=1)
         return torch.cos(ang).float(), torch.sin(ang).float()
-
-
-def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Softmax attention of each token along frames in fp32. Compiled: explicit products and a
-    softmax over the few keys (6 in the release's AR window), which Inductor fuses into a few
-    kernels reading the cache's layout in place (SDPA would need a transposed copy of every
-    tensor and one tiny attention per token and head). Eager: the same math as batched matmuls
-    (the products would be a (B, F, G, S, H, D) tensor).
-
-    Args:
-        q: (B, F, S, H, D) queries of F frames of S positions (one per token).
-        k: (B, G, S, H, D) keys of G frames: one per position (the mouse: each token attends
-            to its own position in every frame) or S = 1, one per frame, shared by all the
-            frame's positions (the keyboard).
-        v: like ``k``.
-        mask: (F, G) boolean frame mask (True = may attend), or None.
-
-    Returns:
-        (B, F, S, H, D) fp32.
-    """
-    scale = q.shape[-1] ** -0.5
-    q, k, v = q.float(), k.float(), v.float()
-    if not torch.compiler.is_compiling():  # eager: batched matmuls, no (.., G, .., D) product
-        scores = q.permute(0, 2, 3, 1, 4) @ k.permute(0, 2, 3, 4, 1) * scale  # (B, S, H, F, G)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return (scores.softmax(dim=-1) @ v.permute(0, 2, 3, 1, 4)).permute(0, 3, 1, 2, 4)
-    scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * scale  # (B, F, G, S, H)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[None, :, :, None, None], float("-inf"))
-    weights = scores.softmax(dim=2).unsqueeze(-1)
-    return (weights * v.unsqueeze(1)).sum(2)
 
 
 class ActionModule(nn.Module):
@@ -218,7 +186,7 @@ class ActionModule(nn.Module):
         if mouse_kv is not None:
             q = mouse_q.unflatten(1, (f, s))
             k, v = (t.unflatten(1, (-1, s)) for t in mouse_kv)  # (B, G, S, H, D)
-            attn = frame_attention(q, k, v, frame_mask).flatten(1, 2).flatten(2)
+            attn = frame_attention(q, k, v, frame_mask).flatten(1, 2).flatten(2)  # q's dtype
             x = x + self.proj_mouse(attn.to(self.proj_mouse.weight.dtype)).float()
         if keyboard_kv is not None:
             q = self.keyboard_q(x, cos, sin).unflatten(1, (f, s))
@@ -254,8 +222,8 @@ class ActionModule(nn.Module):
         h = self.mouse_mlp(torch.cat([x.view(b, f, s, -1).to(dt), window], dim=-1))
         heads = (self.num_heads, self.head_dim)
         q, k, v = self.t_qkv(h).view(b, x.shape[1], 3, *heads).unbind(2)
-        return self._rotate(self.img_attn_q_norm(q), cos, sin), \
-            self._rotate(self.img_attn_k_norm(k), cos, sin), v  # fmt: skip
+        q, k = head_norm_rope(q, k, cos, sin, self.img_attn_q_norm.eps)  # (both norms' eps)
+        return q, k, v
 
     def keyboard_kv(self, keyboard, cos, sin):
         """One key and value per latent frame (B, F, H, D) of embedded keyboard windows."""
@@ -269,11 +237,4 @@ class ActionModule(nn.Module):
         """Keyboard queries (B, L, H, D) of every token, rotated to its frame's angle."""
         q = self.mouse_attn_q(x.to(self.mouse_attn_q.weight.dtype))
         q = q.view(*x.shape[:2], self.num_heads, self.head_dim)
-        return self._rotate(self.key_attn_q_norm(q), cos, sin)
-
-    @staticmethod
-    def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """RoPE of (B, L, H, D) tokens of F frames at their frame's angle (cos, sin: (F, D/2))."""
-        b, length, h, d = t.shape
-        f = cos.shape[0]
-        return apply_rope(t.view(b, f, length // f * h, d), cos, sin).view(b, length, h, d)
+        return head_norm_rope(q, None, cos, sin, self.key_attn_q_norm.eps)[0]
