@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashdreams.model.base import linear_flops
-from flashdreams.model.layers import apply_rope
-from flashdreams.model.matrix_game.fused import frame_attention, head_norm_rope
+from flashdreams.model.layers import LinearGeluTanh, apply_rope
+from flashdreams.model.matrix_game import fused
 
 
 class HeadRMSNorm(nn.Module):
@@ -121,6 +121,34 @@ class ActionModule(nn.Module):
         self.keyboard_attn_kv = nn.Linear(hidden_size * self.window_frames,
                                           2 * keyboard_hidden_dim, bias=qkv_bias)  # fmt: skip
         self.proj_keyboard = nn.Linear(keyboard_hidden_dim, dim, bias=qkv_bias)
+        self.fused = False  # fuse(): the per-head norm + RoPE and the frame attentions as kernels
+
+    def fuse(self) -> None:
+        """Run the per-head q/k norm + RoPE and each attention along frames as one Triton
+        pass (``flashdreams.model.matrix_game.fused``; same math, same parameters; the torch
+        math where there is no CUDA or Triton). A compile policy's ``fuse_norms`` sets it."""
+        self.fused = True
+
+    @torch.no_grad()
+    def fuse_mlp_gelu(self) -> None:
+        """The mouse MLP's first linear and its GELU(tanh) as one GEMM with a GELU epilogue
+        (``LinearGeluTanh``, same parameters), as the blocks' FFN under ``fuse_gelu``;
+        skipped without a mouse branch or when the linear was replaced (FP8)."""
+        mlp = getattr(self, "mouse_mlp", None)
+        if mlp is not None and type(mlp[0]) is nn.Linear and isinstance(mlp[1], nn.GELU):
+            mlp[0], mlp[1] = LinearGeluTanh(mlp[0]), nn.Identity()
+
+    def _norm_rope(self, q, k, norm, cos, sin):
+        """Per-head RMS norm (``norm``'s eps, no weight) + frame RoPE of q and k (or q alone)."""
+        if self.fused:
+            return fused.head_norm_rope(q, k, cos, sin, norm.eps)
+        return [fused.head_norm_rope_reference(t, cos, sin, norm.eps)
+                for t in ((q,) if k is None else (q, k))]  # fmt: skip
+
+    def _frames(self, q, k, v, mask):
+        """Attention along frames in q's dtype (``fused.frame_attention`` shapes)."""
+        attend = fused.frame_attention if self.fused else fused.frame_attention_unfused
+        return attend(q, k, v, mask)
 
     def forward(self, x: torch.Tensor, *, keyboard: torch.Tensor | None,
                 mouse: torch.Tensor | None, positions: torch.Tensor, cache=None, layer: int = 0,
@@ -176,24 +204,34 @@ class ActionModule(nn.Module):
             keyboard_kv = cache.branch("keyboard").update(layer, *keyboard_kv)[:2]
         return mouse_kv, keyboard_kv
 
-    def attend(self, x, mouse_q, mouse_kv, keyboard_kv, cos, sin, frame_mask=None):
+    def attend(self, x, mouse_q, mouse_kv, keyboard_kv, cos, sin, frame_mask=None,
+               defer_last: bool = False):  # fmt: skip
         """Both attentions along frames and their output residuals: ``x`` (B, L, dim) plus
         the mouse branch (queries ``mouse_q``, keys ``mouse_kv`` (B, G * S, H, D) of G frames),
         then the keyboard branch (its queries from the result, keys ``keyboard_kv``
-        (B, G, H, D)); a branch whose K/V are None is skipped. ``frame_mask``: (F, G)."""
+        (B, G, H, D)); a branch whose K/V are None is skipped. ``frame_mask``: (F, G).
+
+        ``defer_last``: return ``(x, y)``, the last branch's output projection ``y`` (model
+        dtype; None if no branch ran) not yet added, for the caller to add with its next norm
+        in one pass (``x + y.float()`` is the residual)."""
         f = cos.shape[0]
         s = x.shape[1] // f  # tokens per frame
+        pending = None
         if mouse_kv is not None:
             q = mouse_q.unflatten(1, (f, s))
             k, v = (t.unflatten(1, (-1, s)) for t in mouse_kv)  # (B, G, S, H, D)
-            attn = frame_attention(q, k, v, frame_mask).flatten(1, 2).flatten(2)  # q's dtype
-            x = x + self.proj_mouse(attn.to(self.proj_mouse.weight.dtype)).float()
+            attn = self._frames(q, k, v, frame_mask).flatten(1, 2).flatten(2)  # q's dtype
+            pending = self.proj_mouse(attn.to(self.proj_mouse.weight.dtype))
         if keyboard_kv is not None:
+            if pending is not None:
+                x, pending = x + pending.float(), None
             q = self.keyboard_q(x, cos, sin).unflatten(1, (f, s))
             k, v = (t.unsqueeze(2) for t in keyboard_kv)  # (B, G, 1, H, D): one per frame
-            attn = frame_attention(q, k, v, frame_mask).flatten(1, 2).flatten(2)
-            x = x + self.proj_keyboard(attn.to(self.proj_keyboard.weight.dtype)).float()
-        return x
+            attn = self._frames(q, k, v, frame_mask).flatten(1, 2).flatten(2)
+            pending = self.proj_keyboard(attn.to(self.proj_keyboard.weight.dtype))
+        if defer_last:
+            return x, pending
+        return x if pending is None else x + pending.float()
 
     def flops(self, q_tokens: int, kv_tokens: int, tokens_per_frame: int) -> dict[str, float]:
         """FLOPs of this module with both branches given (``DiT.forward_flops``): the mouse
@@ -222,7 +260,7 @@ class ActionModule(nn.Module):
         h = self.mouse_mlp(torch.cat([x.view(b, f, s, -1).to(dt), window], dim=-1))
         heads = (self.num_heads, self.head_dim)
         q, k, v = self.t_qkv(h).view(b, x.shape[1], 3, *heads).unbind(2)
-        q, k = head_norm_rope(q, k, cos, sin, self.img_attn_q_norm.eps)  # (both norms' eps)
+        q, k = self._norm_rope(q, k, self.img_attn_q_norm, cos, sin)  # (both norms' eps)
         return q, k, v
 
     def keyboard_kv(self, keyboard, cos, sin):
@@ -237,4 +275,4 @@ class ActionModule(nn.Module):
         """Keyboard queries (B, L, H, D) of every token, rotated to its frame's angle."""
         q = self.mouse_attn_q(x.to(self.mouse_attn_q.weight.dtype))
         q = q.view(*x.shape[:2], self.num_heads, self.head_dim)
-        return head_norm_rope(q, None, cos, sin, self.key_attn_q_norm.eps)[0]
+        return self._norm_rope(q, None, self.key_attn_q_norm, cos, sin)[0]

@@ -196,6 +196,22 @@ def frame_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (scores.softmax(dim=-1) @ v.permute(0, 2, 3, 1, 4)).permute(0, 3, 1, 2, 4)
 
 
+def frame_attention_unfused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The torch math in q's dtype, for modules without the fused kernels: eager, the batched
+    matmuls of ``frame_attention_reference``; compiled, explicit products and a softmax over
+    the few key frames, which Inductor fuses into a few kernels reading the K/V in place (SDPA
+    would need a transposed copy of each and one tiny attention per token and head)."""
+    if not torch.compiler.is_compiling():
+        return frame_attention_reference(q, k, v, mask).to(q.dtype)
+    scale = q.shape[-1] ** -0.5
+    scores = (q.float().unsqueeze(2) * k.float().unsqueeze(1)).sum(-1) * scale  # (B, F, G, S, H)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[None, :, :, None, None], float("-inf"))
+    weights = scores.softmax(dim=2).unsqueeze(-1)
+    return (weights * v.float().unsqueeze(1)).sum(2).to(q.dtype)
+
+
 @torch.library.custom_op("flashdreams::frame_attention", mutates_args=())
 def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
