@@ -175,6 +175,9 @@ def action_cases(frames: int = 3, per_frame: int = 880, heads: int = 16, head_di
     def copy_frames(q, k, v):  # reads q, k and v once and writes q's size
         return q * 2, k * v
 
+    def copy_keyboard(q, k, v):  # the keys are a few rows: q read, the output written
+        return q * 2
+
     tune = action_fused.TUNE
     return [
         ("action head_norm_rope q+k",
@@ -187,7 +190,7 @@ def action_cases(frames: int = 3, per_frame: int = 880, heads: int = 16, head_di
          ref_frames, copy_frames, (qf, kc, vc), 2 * row16 + 2 * window * per_frame * width * 2,
          tune, "frames"),
         ("action frame_attention keyboard", lambda: action_fused.frame_attention(qf, kk, vk),
-         ref_frames, copy_one, (qf, kk, vk), 2 * row16, tune, "frames"),
+         ref_frames, copy_keyboard, (qf, kk, vk), 2 * row16, tune, "frames"),
     ]  # fmt: skip
 
 

@@ -156,7 +156,9 @@ def head_norm_rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
     b, length, heads, _ = q.shape
     outs = [torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in pair]
     block_h = next_pow2(heads)
-    block_r, warps = TUNE["head"] or (max(1, min(8, 2048 // (block_h * half))), 4)
+    # 1024 words per program (2 rows at the release's 16 x 32 pairs: 6.3 us for q + k on an
+    # H200, 7.7 at 4 rows; scripts/bench_fusions.py --action)
+    block_r, warps = TUNE["head"] or (max(1, min(8, 1024 // (block_h * half))), 4)
     (q_w, q_row), (k_w, k_row) = words[0], words[-1]
     kernels[0][(-(-b * length // block_r),)](
         q_w, k_w, cos.float().contiguous(), sin.float().contiguous(), outs[0].view(torch.int32),
@@ -227,7 +229,9 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key_frames = k.shape[1]
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     block_h, block_d = next_pow2(heads), next_pow2(d)
-    block_r, warps = TUNE["frames"] or (max(1, min(8, 4096 // (block_h * block_d))), 4)
+    # one (token, all heads) row per program at the release's 16 x 64 (the mouse: 13.8 us on
+    # an H200, 16.2 at 4 rows; scripts/bench_fusions.py --action)
+    block_r, warps = TUNE["frames"] or (max(1, min(8, 1024 // (block_h * block_d))), 4)
     one = k.shape[2] == 1  # the keyboard: one key per frame for every position
     m = None if mask is None else mask.to(torch.int8).contiguous()
     rows = b * frames * per_frame
