@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashdreams.model.base import linear_flops
-from flashdreams.model.layers import LinearGeluTanh, apply_rope
+from flashdreams.model.layers import apply_rope
 from flashdreams.model.matrix_game import fused
 
 
@@ -129,15 +129,6 @@ class ActionModule(nn.Module):
         math where there is no CUDA or Triton). A compile policy's ``fuse_norms`` sets it."""
         self.fused = True
 
-    @torch.no_grad()
-    def fuse_mlp_gelu(self) -> None:
-        """The mouse MLP's first linear and its GELU(tanh) as one GEMM with a GELU epilogue
-        (``LinearGeluTanh``, same parameters), as the blocks' FFN under ``fuse_gelu``;
-        skipped without a mouse branch or when the linear was replaced (FP8)."""
-        mlp = getattr(self, "mouse_mlp", None)
-        if mlp is not None and type(mlp[0]) is nn.Linear and isinstance(mlp[1], nn.GELU):
-            mlp[0], mlp[1] = LinearGeluTanh(mlp[0]), nn.Identity()
-
     def _norm_rope(self, q, k, norm, cos, sin):
         """Per-head RMS norm (``norm``'s eps, no weight) + frame RoPE of q and k (or q alone)."""
         if self.fused:
@@ -204,34 +195,24 @@ class ActionModule(nn.Module):
             keyboard_kv = cache.branch("keyboard").update(layer, *keyboard_kv)[:2]
         return mouse_kv, keyboard_kv
 
-    def attend(self, x, mouse_q, mouse_kv, keyboard_kv, cos, sin, frame_mask=None,
-               defer_last: bool = False):  # fmt: skip
+    def attend(self, x, mouse_q, mouse_kv, keyboard_kv, cos, sin, frame_mask=None):
         """Both attentions along frames and their output residuals: ``x`` (B, L, dim) plus
         the mouse branch (queries ``mouse_q``, keys ``mouse_kv`` (B, G * S, H, D) of G frames),
         then the keyboard branch (its queries from the result, keys ``keyboard_kv``
-        (B, G, H, D)); a branch whose K/V are None is skipped. ``frame_mask``: (F, G).
-
-        ``defer_last``: return ``(x, y)``, the last branch's output projection ``y`` (model
-        dtype; None if no branch ran) not yet added, for the caller to add with its next norm
-        in one pass (``x + y.float()`` is the residual)."""
+        (B, G, H, D)); a branch whose K/V are None is skipped. ``frame_mask``: (F, G)."""
         f = cos.shape[0]
         s = x.shape[1] // f  # tokens per frame
-        pending = None
         if mouse_kv is not None:
             q = mouse_q.unflatten(1, (f, s))
             k, v = (t.unflatten(1, (-1, s)) for t in mouse_kv)  # (B, G, S, H, D)
             attn = self._frames(q, k, v, frame_mask).flatten(1, 2).flatten(2)  # q's dtype
-            pending = self.proj_mouse(attn.to(self.proj_mouse.weight.dtype))
+            x = x + self.proj_mouse(attn.to(self.proj_mouse.weight.dtype)).float()
         if keyboard_kv is not None:
-            if pending is not None:
-                x, pending = x + pending.float(), None
             q = self.keyboard_q(x, cos, sin).unflatten(1, (f, s))
             k, v = (t.unsqueeze(2) for t in keyboard_kv)  # (B, G, 1, H, D): one per frame
             attn = self._frames(q, k, v, frame_mask).flatten(1, 2).flatten(2)
-            pending = self.proj_keyboard(attn.to(self.proj_keyboard.weight.dtype))
-        if defer_last:
-            return x, pending
-        return x if pending is None else x + pending.float()
+            x = x + self.proj_keyboard(attn.to(self.proj_keyboard.weight.dtype)).float()
+        return x
 
     def flops(self, q_tokens: int, kv_tokens: int, tokens_per_frame: int) -> dict[str, float]:
         """FLOPs of this module with both branches given (``DiT.forward_flops``): the mouse

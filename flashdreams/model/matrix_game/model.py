@@ -65,11 +65,6 @@ class MatrixGameBlock(WanBlock):
         super().fuse_norms()
         self.action_model.fuse()
 
-    def fuse_ffn_gelu(self) -> None:
-        """The FFN's and the mouse MLP's first linear + GELU as one GEMM each."""
-        super().fuse_ffn_gelu()
-        self.action_model.fuse_mlp_gelu()
-
     def flops(self, q_tokens, kv_tokens, tokens_per_frame, context_tokens):
         """The Wan block's FLOPs plus its action module's."""
         return add_flops(super().flops(q_tokens, kv_tokens, tokens_per_frame, context_tokens),
@@ -93,34 +88,24 @@ class MatrixGameBlock(WanBlock):
     def action_out(self, x, mouse_q, mouse_kv, keyboard_kv, cos, sin, e0, frame_mask=None,
                    next_table=None):  # fmt: skip
         """Region 4: the action attentions and residuals (``ActionModule.attend``), then the
-        FFN (``ffn_out``; with ``next_table`` also the next block's norm1). With fused norms
-        the last action residual and norm2 run as one pass."""
-        x, y = self.action_model.attend(x, mouse_q, mouse_kv, keyboard_kv, cos, sin,
-                                        frame_mask, defer_last=True)  # fmt: skip
-        return self.ffn_out(x, e0, next_table, y)
+        FFN (``ffn_out``; with ``next_table`` also the next block's norm1)."""
+        x = self.action_model.attend(x, mouse_q, mouse_kv, keyboard_kv, cos, sin, frame_mask)
+        return self.ffn_out(x, e0, next_table)
 
     def cross_out(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-attention output projection + residual (fp32)."""
         return x + self.cross_attn.o(y.flatten(2)).float()
 
-    def ffn_out(self, x: torch.Tensor, e0: torch.Tensor, next_table=None, y=None):
-        """(``y``: the residual ``x + y`` first,) norm2 + modulation, FFN, gated residual
-        (``WanBlock.cross_out_ffn`` after its cross-attention residual); with ``next_table``
-        also the next block's norm1."""
+    def ffn_out(self, x: torch.Tensor, e0: torch.Tensor, next_table=None):
+        """norm2 + modulation, FFN, gated residual (``WanBlock.cross_out_ffn`` after its
+        cross-attention residual); with ``next_table`` also the next block's norm1."""
         if self.fused_norms:  # chunks 3, 4: shift, scale of norm2; 5: the FFN gate
-            dt = self.ffn[0].weight.dtype
-            if y is None:
-                h = fused.norm_modulate(x, None, None, e0, self.modulation, 3, 4, self.norm2.eps,
-                                        dt)  # fmt: skip
-            else:  # the action module's last residual and norm2 in one pass
-                x, h = fused.add_norm(x, y, e0, self.modulation, -1, None, None, 3, 4,
-                                      self.norm2.eps, dt)  # fmt: skip
+            h = fused.norm_modulate(x, None, None, e0, self.modulation, 3, 4, self.norm2.eps,
+                                    self.ffn[0].weight.dtype)  # fmt: skip
             if next_table is not None:
                 return fused.add_norm(x, self.ffn(h), e0, self.modulation, 5, None, None, 0, 1,
                                       self.norm1.eps, self.self_attn.q.weight.dtype, next_table)  # fmt: skip
             return fused.gated_add(x, self.ffn(h), e0, self.modulation, 5)
-        if y is not None:
-            x = x + y.float()
         _, _, _, shift, scale, gate = self._mod(e0)
         h = modulate(layer_norm_fp32(x, self.norm2).unflatten(1, (e0.shape[1], -1)), shift, scale)
         return gated_residual(x, self.ffn(h.flatten(1, 2).to(self.ffn[0].weight.dtype)), gate)
