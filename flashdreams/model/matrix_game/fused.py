@@ -74,13 +74,10 @@ def _kernels(triton, tl):
     @triton.jit
     def frame_rows(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, rows, frames, per_frame, key_frames,
                    heads, head_d, qb, qf, qs, qh, kb, kg, ks, kh, vb, vg, vs, vh, scale,
-                   HAS_MASK: tl.constexpr, SHARED: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-        # BLOCK_R (token, all heads) rows; row r = ((b * F) + f) * S + s. SHARED: one key per
-        # frame (the keyboard) and the program's rows in one batch row, so a key frame's K/V
-        # are loaded once per program as (heads, dims) and broadcast over its rows
-        first = tl.program_id(0).to(tl.int64) * BLOCK_R
-        r = first + tl.arange(0, BLOCK_R)
+                   HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_D: tl.constexpr):  # fmt: skip
+        # BLOCK_R (token, all heads) rows; row r = ((b * F) + f) * S + s
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         h = tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         live_r = r < rows
@@ -93,20 +90,13 @@ def _kernels(triton, tl):
             (b * qb + f * qf + s * qs)[:, None, None] + (h * qh)[None, :, None] + d[None, None, :]
         )
         q = tl.load(q_ptr + q_off, mask=live, other=0.0).to(tl.float32)
-        if SHARED:
-            b0 = first // (per_frame * frames)
-            k_row = (b0 * kb + h * kh)[:, None] + d[None, :]
-            v_row = (b0 * vb + h * vh)[:, None] + d[None, :]
-            kv_live = hd
-        else:
-            k_row = (b * kb + s * ks)[:, None, None] + (h * kh)[None, :, None] + d[None, None, :]
-            v_row = (b * vb + s * vs)[:, None, None] + (h * vh)[None, :, None] + d[None, None, :]
-            kv_live = live
+        k_row = (b * kb + s * ks)[:, None, None] + (h * kh)[None, :, None] + d[None, None, :]
+        v_row = (b * vb + s * vs)[:, None, None] + (h * vh)[None, :, None] + d[None, None, :]
         m = tl.full([BLOCK_R, BLOCK_H], -1.0e30, tl.float32)  # finite: a masked first frame
         total = tl.zeros([BLOCK_R, BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_H, BLOCK_D], tl.float32)
         for g in range(0, key_frames):
-            k = tl.load(k_ptr + k_row + g * kg, mask=kv_live, other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + k_row + g * kg, mask=live, other=0.0).to(tl.float32)
             score = tl.sum(q * k, 2) * scale
             if HAS_MASK:
                 ok = tl.load(m_ptr + f * key_frames + g, mask=live_r, other=0)
@@ -114,7 +104,7 @@ def _kernels(triton, tl):
             m_new = tl.maximum(m, score)
             alpha = tl.exp(m - m_new)
             p = tl.exp(score - m_new)
-            v = tl.load(v_ptr + v_row + g * vg, mask=kv_live, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + v_row + g * vg, mask=live, other=0.0).to(tl.float32)
             acc = acc * alpha[:, :, None] + p[:, :, None] * v
             total = total * alpha + p
             m = m_new
@@ -239,14 +229,12 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key_frames = k.shape[1]
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     block_h, block_d = next_pow2(heads), next_pow2(d)
+    # one (token, all heads) row per program at the release's 16 x 64 (on an H200 the mouse
+    # 13.5 us, 16.2 at 4 rows; the keyboard 10.8 us, 13.7 at 4 rows even with each key frame
+    # loaded once per program: the loop over key frames is latency-bound; bench_fusions.py
+    # --action)
+    block_r, warps = TUNE["frames"] or (max(1, min(8, 1024 // (block_h * block_d))), 4)
     one = k.shape[2] == 1  # the keyboard: one key per frame for every position
-    # the mouse: one (token, all heads) row per program at the release's 16 x 64 (13.8 us on
-    # an H200, 16.2 at 4 rows; scripts/bench_fusions.py --action); the keyboard: 4 rows
-    # sharing each key frame's K/V loads
-    per_tile = 4096 if one else 1024
-    block_r, warps = TUNE["frames"] or (max(1, min(8, per_tile // (block_h * block_d))), 4)
-    while (frames * per_frame) % block_r:  # a shared-key program stays in one batch row
-        block_r //= 2
     m = None if mask is None else mask.to(torch.int8).contiguous()
     rows = b * frames * per_frame
     kernels[1][(-(-rows // block_r),)](
@@ -254,7 +242,7 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), 0 if one else k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), 0 if one else v.stride(2), v.stride(3), d**-0.5,
-        HAS_MASK=m is not None, SHARED=one, BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_D=block_d,
+        HAS_MASK=m is not None, BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=warps,
     )  # fmt: skip
     return out
