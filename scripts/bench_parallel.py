@@ -9,6 +9,10 @@ policy, so a run cut short keeps what it measured.
     torchrun --standalone --nproc_per_node=2 scripts/bench_parallel.py --out bench.json \
         --policies ulysses ring single -- recipe=self_forcing_wan21_t2v_1_3b_taehv \
         model.checkpoint=null text_encoder=random vae.checkpoint=null graph=eager
+
+A policy may carry options of its parallel group after ``+`` (``OPTION`` is ``true``, or
+``OPTION=VALUE``), each its own entry in the JSON: ``--policies single ulysses
+ulysses+fp8_all_to_all ulysses+async_qkv ulysses+fp8_all_to_all+async_qkv``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,16 @@ from flashdreams.config import compose_run  # noqa: E402
 from flashdreams.io.image import load_image  # noqa: E402
 from flashdreams.rollout import run_rollout  # noqa: E402
 from flashdreams.stats import summarize  # noqa: E402
+
+
+def policy_overrides(spec: str) -> list[str]:
+    """Hydra overrides of a ``--policies`` entry: ``ulysses+fp8_all_to_all+ulysses_degree=2``
+    -> ``parallel=ulysses parallel.fp8_all_to_all=true parallel.ulysses_degree=2``."""
+    name, *options = spec.split("+")
+    if not name or any(not o or o.startswith("=") for o in options):
+        raise SystemExit(f"bench_parallel: --policies {spec!r}: expected NAME[+OPTION[=VALUE]]...")
+    return [f"parallel={name}"] + [f"parallel.{o}" if "=" in o else f"parallel.{o}=true"
+                                   for o in options]  # fmt: skip
 
 
 def _run(overrides: list[str], prompt: str) -> tuple[dict, torch.Tensor]:
@@ -72,6 +86,8 @@ def main() -> None:
     parser.add_argument("--prompt", default="a red fox running through fresh snow")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every policy")
     args = parser.parse_args()
+    for policy in args.policies:  # a bad entry fails before any process group or model
+        policy_overrides(policy)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and "device=cpu" not in args.overrides
@@ -96,7 +112,7 @@ def main() -> None:
         if policy == "single" and rank != 0:
             dist.barrier()  # rank 0 runs the one-GPU reference alone
             continue
-        summary, latents = _run([*args.overrides, f"parallel={policy}"], args.prompt)
+        summary, latents = _run([*args.overrides, *policy_overrides(policy)], args.prompt)
         if policy == "single" and world > 1:
             dist.barrier()
         if rank == 0:

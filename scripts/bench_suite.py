@@ -481,17 +481,82 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
         ],
         "bidirectional 1.3B 81 frames, 3 CFG steps",
     ),
+    "cp_sf_extras": (
+        "multi",
+        "parallel",
+        [
+            "recipe=self_forcing_wan21_t2v_1_3b_taehv",
+            *RANDOM,
+            "graph=cuda_graph",
+            "attention=sdpa_cudnn",
+        ],  # fmt: skip
+        "Self-Forcing 1.3B: Ulysses with the FP8 all-to-all and the async q/k/v exchanges",
+    ),
+    "cp_14b_extras": (
+        "multi",
+        "parallel",
+        [
+            "recipe=self_forcing_wan21_t2v_1_3b_taehv",
+            "model=wan21_t2v_14b",
+            *RANDOM,
+            "graph=cuda_graph",
+            "attention=sdpa_cudnn",
+            "rollout.total_blocks=7",
+        ],  # fmt: skip
+        "Wan2.1 14B causal shape: Ulysses with the FP8 all-to-all and the async q/k/v exchanges",
+    ),
+    "cp_lingbot_w15": (
+        "multi",
+        "parallel",
+        [
+            "recipe=lingbot_world_fast_taehv_window15_sink3",
+            *RANDOM,
+            "graph=cuda_graph",
+            "attention=sdpa_cudnn",
+            "conditioner.encoder.checkpoint=null",
+            IMAGE,
+        ],  # fmt: skip
+        "LingBot-World-Fast 14B (camera branch, window 15 + sink 3, decode): Ulysses vs one GPU "
+        "(the field: 629 ms per step on 4x H100)",
+    ),
+    "cp_hy_worldplay": (
+        "multi",
+        "parallel",
+        [
+            "recipe=hy_worldplay_wan_i2v_5b",
+            *RANDOM,
+            "conditioner.encoder.checkpoint=null",
+            "graph=cuda_graph",
+            "attention=sdpa_cudnn",
+            "rollout.total_blocks=8",
+            "pose=w-31",
+            IMAGE,
+        ],  # fmt: skip
+        "HY-WorldPlay WAN-5B (memory re-run, both PRoPE branches): Ulysses vs one GPU, per chunk",
+    ),
 }
+# the policies a parallel run compares (``bench_parallel.py --policies``; NAME+OPTION sets
+# parallel.OPTION=true): default single / ulysses / ring
+EXTRAS = ["single", "ulysses", "ulysses+fp8_all_to_all", "ulysses+async_qkv",
+          "ulysses+fp8_all_to_all+async_qkv"]  # fmt: skip
+POLICIES: dict[str, list[str]] = {"cp_sf_extras": EXTRAS, "cp_14b_extras": EXTRAS,
+                                  "cp_lingbot_w15": ["single", "ulysses"],
+                                  "cp_hy_worldplay": ["single", "ulysses"]}  # fmt: skip
 TINY = ["model.dim=64", "model.num_heads=4", "model.num_layers=2", "model.ffn_dim=128",
         "model.text_dim=32", "model.text_len=16", "device=cpu", "dtype=float32", "graph=eager",
         "attention=sdpa", "rollout.height=32", "rollout.width=32", "rollout.total_blocks=3"]  # fmt: skip
 TINY_DROP = ("graph=", "graph.", "attention=", "attention.", "precision", "bench.memory_fraction=",
              "rollout.total_blocks=", "vae.compile=", "rollout.overlap_decode=", "quality=")  # fmt: skip
-TINY_PARTS = {"vae.base_dim=8": ("wan21_t2v", "wan21_i2v", "wan22", "causal_wan22"),
+TINY_PARTS = {"vae.base_dim=8": ("wan21_t2v", "wan21_i2v", "wan22", "causal_wan22", "cp_hy"),
+              # HY-WorldPlay's Wan 2.2 VAE (both sides) at 8x: 4 latent tokens per 32x32 frame
+              **{f"{side}.{k}": ("cp_hy",) for side in ("vae", "conditioner.encoder")
+                 for k in ("dim_mult=[1,2,2]", "temperal_downsample=[true,true]")},
+              "vae.num_res_blocks=1": ("cp_hy",),
+              "model.memory_points=2000": ("cp_hy",),
               "conditioner.encoder.base_dim=8": ("cf_i2v", "wan21_i2v", "causal_wan22", "wan22_ti2v",
-                                                 "lingbot"),
+                                                 "lingbot", "cp_hy"),
               "conditioner.encoder.num_res_blocks=1": ("cf_i2v", "wan21_i2v", "causal_wan22",
-                                                       "wan22_ti2v", "lingbot")}  # fmt: skip
+                                                       "wan22_ti2v", "lingbot", "cp_hy")}  # fmt: skip
 
 
 def command(name: str, out: Path, image: Path, tiny: bool, nproc: int, key: str = "") -> list[str]:
@@ -516,9 +581,10 @@ def command(name: str, out: Path, image: Path, tiny: bool, nproc: int, key: str 
     if entry == "profile":
         return [sys.executable, str(ROOT / "scripts" / "profile_step.py"), *args]
     if entry == "parallel":
+        policies = ["--policies", *POLICIES[name]] if name in POLICIES else []
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={nproc}", str(ROOT / "scripts" / "bench_parallel.py"),
-                "--out", str(out / f"{key}.json"), "--", *args]  # fmt: skip
+                "--out", str(out / f"{key}.json"), *policies, "--", *args]  # fmt: skip
     main = {"bench": "bench_main", "run": "run_main"}[entry]
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from flashdreams.cli import {main}; {main}()"
     return [sys.executable, "-c", code, *args, f"hydra.run.dir={out / key}"]

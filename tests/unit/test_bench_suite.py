@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +34,7 @@ def test_unknown_run_is_one_line_error():
 
 def test_tiny_suite_records_the_metrics(tmp_path):
     out = tmp_path / "suite"
-    runs = ["sf_bf16", "lingbot_w15", "cp_14b"]
+    runs = ["sf_bf16", "lingbot_w15", "cp_14b", "cp_sf_extras", "cp_hy_worldplay"]
     if not torch.cuda.is_available():  # on a GPU machine tests/gpu would really run: not here
         runs.append("gpu_tests")
     proc = _suite("--tiny", "--only", ",".join(runs), "--out", str(out))
@@ -50,6 +51,33 @@ def test_tiny_suite_records_the_metrics(tmp_path):
     policies = suite["cp_14b"]["summary"]
     assert set(policies) == {"single", "ulysses", "ring"}
     assert policies["ring"]["rel_l2_vs_single"] <= 1e-5
+    # issue 29's Ulysses variants, each an entry: the async exchanges change no value, the FP8
+    # all-to-all rounds Q/K/V/O to e4m3 (a bounded error, not none: it really ran)
+    extras = suite["cp_sf_extras"]["summary"]
+    assert set(extras) == set(bench_suite_module().POLICIES["cp_sf_extras"])
+    assert extras["ulysses+async_qkv"]["rel_l2_vs_single"] <= 1e-5
+    assert 1e-4 < extras["ulysses+fp8_all_to_all"]["rel_l2_vs_single"] < 5e-2
+    hy = suite["cp_hy_worldplay"]["summary"]  # the memory re-run under Ulysses
+    assert set(hy) == {"single", "ulysses"} and hy["ulysses"]["rel_l2_vs_single"] <= 1e-5
+
+
+def bench_suite_module():
+    sys.path.insert(0, str(SUITE.parent))
+    import bench_suite
+
+    return bench_suite
+
+
+def test_parallel_policy_specs_become_parallel_options():
+    sys.path.insert(0, str(SUITE.parent))
+    import bench_parallel
+
+    assert bench_parallel.policy_overrides("ring") == ["parallel=ring"]
+    assert bench_parallel.policy_overrides("usp+async_qkv+ulysses_degree=2") == [
+        "parallel=usp", "parallel.async_qkv=true", "parallel.ulysses_degree=2"]  # fmt: skip
+    for bad in ("", "+fp8_all_to_all", "ulysses+", "ulysses+=2"):
+        with pytest.raises(SystemExit, match="expected NAME"):
+            bench_parallel.policy_overrides(bad)
 
 
 def test_schedule_spreads_runs_over_gpus_and_keeps_order(tmp_path):
