@@ -50,6 +50,11 @@ FP8_CAP80 = ["precision=fp8", "precision.kv_cache=fp8", "bench.memory_fraction={
 # one-step (bidirectional) recipes: 3 prompts run as 3 clips, so the median step is a warm one
 # (the first clip compiles); time per denoising step = median diffuse / scheduler.num_steps
 CLIPS3 = "prompt_file={prompts}"
+# context parallelism (bench_parallel.py): Self-Forcing 1.3B, and the 14B causal shape over
+# 7 blocks (3-frame blocks, 21-frame cache)
+CP_SF = ["recipe=self_forcing_wan21_t2v_1_3b_taehv", *RANDOM, "graph=cuda_graph",
+         "attention=sdpa_cudnn"]  # fmt: skip
+CP_14B = [*CP_SF[:1], "model=wan21_t2v_14b", *CP_SF[1:], "rollout.total_blocks=7"]
 H100_BYTES = 79.1 * 2**30  # torch's total_memory of an H100 80GB HBM3 (the {cap80} runs)
 
 # name -> (set, entry, overrides, what it measures)
@@ -448,25 +453,13 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "cp_sf": (
         "multi",
         "parallel",
-        [
-            "recipe=self_forcing_wan21_t2v_1_3b_taehv",
-            *RANDOM,
-            "graph=cuda_graph",
-            "attention=sdpa_cudnn",
-        ],
+        CP_SF,
         "Self-Forcing 1.3B: single vs ulysses vs ring",
     ),
     "cp_14b": (
         "multi",
         "parallel",
-        [
-            "recipe=self_forcing_wan21_t2v_1_3b_taehv",
-            "model=wan21_t2v_14b",
-            *RANDOM,
-            "graph=cuda_graph",
-            "attention=sdpa_cudnn",
-            "rollout.total_blocks=7",
-        ],
+        CP_14B,
         "Wan2.1 14B causal shape (3-frame blocks, 21-frame cache)",
     ),
     "cp_bidir": (
@@ -484,25 +477,13 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
     "cp_sf_extras": (
         "multi",
         "parallel",
-        [
-            "recipe=self_forcing_wan21_t2v_1_3b_taehv",
-            *RANDOM,
-            "graph=cuda_graph",
-            "attention=sdpa_cudnn",
-        ],  # fmt: skip
+        CP_SF,
         "Self-Forcing 1.3B: Ulysses with the FP8 all-to-all and the async q/k/v exchanges",
     ),
     "cp_14b_extras": (
         "multi",
         "parallel",
-        [
-            "recipe=self_forcing_wan21_t2v_1_3b_taehv",
-            "model=wan21_t2v_14b",
-            *RANDOM,
-            "graph=cuda_graph",
-            "attention=sdpa_cudnn",
-            "rollout.total_blocks=7",
-        ],  # fmt: skip
+        CP_14B,
         "Wan2.1 14B causal shape: Ulysses with the FP8 all-to-all and the async q/k/v exchanges",
     ),
     "cp_lingbot_w15": (
@@ -515,7 +496,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
             "attention=sdpa_cudnn",
             "conditioner.encoder.checkpoint=null",
             IMAGE,
-        ],  # fmt: skip
+        ],
         "LingBot-World-Fast 14B (camera branch, window 15 + sink 3, decode): Ulysses vs one GPU "
         "(the field: 629 ms per step on 4x H100)",
     ),
@@ -531,7 +512,7 @@ RUNS: dict[str, tuple[str, str, list[str], str]] = {
             "rollout.total_blocks=8",
             "pose=w-31",
             IMAGE,
-        ],  # fmt: skip
+        ],
         "HY-WorldPlay WAN-5B (memory re-run, both PRoPE branches): Ulysses vs one GPU, per chunk",
     ),
 }
