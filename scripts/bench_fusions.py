@@ -161,11 +161,6 @@ def action_cases(frames: int = 3, per_frame: int = 880, heads: int = 16, head_di
     def ref_head_q(q):
         return action_fused.head_norm_rope_reference(q, cos, sin, 1e-6)
 
-    def ref_frames(q, k, v):  # the compiled modules' math: products, softmax, sums
-        scores = (q.float().unsqueeze(2) * k.float().unsqueeze(1)).sum(-1) * head_dim**-0.5
-        w = scores.softmax(dim=2).unsqueeze(-1)
-        return (w * v.float().unsqueeze(1)).sum(2).to(q.dtype)
-
     def copy_two(q, k):
         return q * 2, k * 2
 
@@ -179,6 +174,8 @@ def action_cases(frames: int = 3, per_frame: int = 880, heads: int = 16, head_di
         return q * 2
 
     tune = action_fused.TUNE
+    # the modules' unfused math: compiled, the products, softmax and sums Inductor fuses
+    ref_frames = action_fused.frame_attention_unfused
     return [
         ("action head_norm_rope q+k",
          lambda: tuple(action_fused.head_norm_rope(q, k, cos, sin, 1e-6)), ref_head_qk,
